@@ -1,0 +1,195 @@
+//! Types shared by the eBPF programs and the daemon.
+//!
+//! Every type here is `#[repr(C)]` plain data: the kernel side writes it into maps and ring
+//! buffers, the user side reads the same bytes. Host-only trait impls sit behind the `user`
+//! feature so the eBPF build stays `no_std` and dependency-free.
+#![no_std]
+
+/// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+/// Bytes of an exec'd file name carried in an event; longer names are truncated.
+pub const FILENAME_LEN: usize = 256;
+/// Bytes of a cgroup path carried in an event; longer paths are resolved by the daemon instead.
+pub const CGROUP_PATH_LEN: usize = 512;
+
+/// Discriminant at offset 0 of every ring buffer record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Exec = 1,
+    OomKill = 2,
+    TcpConnect = 3,
+    TcpAccept = 4,
+    CgroupMkdir = 5,
+    CgroupRmdir = 6,
+}
+
+impl EventKind {
+    pub fn from_u32(value: u32) -> Option<Self> {
+        Some(match value {
+            1 => Self::Exec,
+            2 => Self::OomKill,
+            3 => Self::TcpConnect,
+            4 => Self::TcpAccept,
+            5 => Self::CgroupMkdir,
+            6 => Self::CgroupRmdir,
+            _ => return None,
+        })
+    }
+}
+
+/// A process called execve(): `sched/sched_process_exec`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+    pub filename: [u8; FILENAME_LEN],
+}
+
+/// The OOM killer chose a victim: `oom/mark_victim`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OomKillEvent {
+    pub kind: u32,
+    pub pid: u32,
+    /// The victim's cgroup v2 id; 0 when the kernel did not let us see the victim's task.
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A TCP connection changed state in a way Sentinel reports: `sock/inet_sock_set_state`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TcpEvent {
+    pub kind: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub local_port: u16,
+    pub cgroup_id: u64,
+    pub remote_port: u16,
+    pub _pad: [u16; 3],
+    /// IPv4 addresses use the first 4 bytes, in network order.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// A cgroup v2 directory was created or removed: `cgroup/cgroup_mkdir`, `cgroup/cgroup_rmdir`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CgroupEvent {
+    pub kind: u32,
+    pub _pad: u32,
+    pub cgroup_id: u64,
+    /// NUL-terminated path relative to the cgroup2 root, starting with `/`.
+    pub path: [u8; CGROUP_PATH_LEN],
+}
+
+/// Per-cgroup counters kept in the kernel (a per-CPU hash keyed by cgroup id).
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct ServiceCounters {
+    pub execs: u64,
+    pub tcp_connects: u64,
+    pub tcp_accepts: u64,
+}
+
+impl ServiceCounters {
+    pub fn add(&mut self, other: &Self) {
+        self.execs += other.execs;
+        self.tcp_connects += other.tcp_connects;
+        self.tcp_accepts += other.tcp_accepts;
+    }
+}
+
+/// Why the kernel side dropped an event; the index into the per-CPU `LOST` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossKind {
+    Exec = 0,
+    OomKill = 1,
+    TcpConnect = 2,
+    TcpAccept = 3,
+    Cgroup = 4,
+    /// The per-cgroup counter map was full, so a count could not be recorded.
+    CounterMapFull = 5,
+}
+
+impl LossKind {
+    pub const COUNT: usize = 6;
+    pub const ALL: [Self; Self::COUNT] = [
+        Self::Exec,
+        Self::OomKill,
+        Self::TcpConnect,
+        Self::TcpAccept,
+        Self::Cgroup,
+        Self::CounterMapFull,
+    ];
+
+    /// The `kind` label of `sentinel_events_lost_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::OomKill => "oom_kill",
+            Self::TcpConnect => "tcp_connect",
+            Self::TcpAccept => "tcp_accept",
+            Self::Cgroup => "cgroup",
+            Self::CounterMapFull => "counter_map_full",
+        }
+    }
+}
+
+/// Offsets of kernel struct fields, read from the running kernel's BTF by the daemon and
+/// written into the programs' read-only data before load. Rust eBPF has no CO-RE, so this is
+/// what lets one object run on different kernels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// Non-zero once filled in; programs do nothing until then.
+    pub ready: u32,
+    /// 1 when `mark_victim`'s first argument is the victim's `task_struct *` (kernels >= 6.7);
+    /// 0 when it is only the victim's pid.
+    pub mark_victim_has_task: u32,
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_real_parent: u32,
+    pub task_comm: u32,
+    /// `task_struct.cgroups` (`struct css_set *`).
+    pub task_cgroups: u32,
+    /// `css_set.dfl_cgrp` (`struct cgroup *`).
+    pub css_set_dfl_cgrp: u32,
+    /// `cgroup.kn` (`struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `cgroup.root` (`struct cgroup_root *`).
+    pub cgroup_root: u32,
+    pub cgroup_root_hierarchy_id: u32,
+    /// `kernfs_node.id`, which is the cgroup id.
+    pub kernfs_node_id: u32,
+    pub binprm_filename: u32,
+    /// `sock.__sk_common.skc_family` and friends.
+    pub sock_family: u32,
+    pub sock_num: u32,
+    pub sock_dport: u32,
+    pub sock_daddr: u32,
+    pub sock_rcv_saddr: u32,
+    pub sock_v6_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+    /// `sock.sk_cgrp_data.cgroup` (`struct cgroup *`), the cgroup that created the socket.
+    pub sock_cgroup: u32,
+}
+
+/// Ring buffer bytes queued before a producer wakes the daemon; below it the daemon drains
+/// on its own timer. Wakeups dominate per-event cost, so they are batched.
+pub const EVENTS_WAKEUP_BYTES: u64 = 256 * 1024;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all impls): plain `#[repr(C)]` data with no padding-dependent invariants, valid
+    // for any bit pattern.
+    unsafe impl aya::Pod for super::ServiceCounters {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}

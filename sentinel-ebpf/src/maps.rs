@@ -1,0 +1,67 @@
+//! Maps shared by all hook families, and the accounting helpers every program uses.
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    macros::map,
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use sentinel_common::{EVENTS_WAKEUP_BYTES, LossKind, ServiceCounters};
+
+/// Per-cgroup counters, keyed by cgroup v2 id. The daemon folds and deletes entries of
+/// removed cgroups, so the map only holds live ones.
+#[map]
+pub static COUNTERS: PerCpuHashMap<u64, ServiceCounters> =
+    PerCpuHashMap::with_max_entries(16384, 0);
+
+/// Events that could not be recorded, indexed by `LossKind`.
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LossKind::COUNT as u32, 0);
+
+/// High-volume per-event records (exec, TCP) with batched wakeups.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+/// Rare records that must reach the daemon at once (OOM kills, cgroup lifecycle).
+#[map]
+pub static ALERTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+pub fn record_loss(kind: LossKind) {
+    if let Some(slot) = LOST.get_ptr_mut(kind as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Adds to the counters of `cgroup_id`, creating its entry on first use.
+#[inline(always)]
+pub fn count(cgroup_id: u64, update: impl Fn(&mut ServiceCounters)) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(cgroup_id) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        update(unsafe { &mut *counters });
+        return;
+    }
+    let mut fresh = ServiceCounters::default();
+    update(&mut fresh);
+    if COUNTERS
+        .insert(cgroup_id, fresh, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        return;
+    }
+    // Another CPU created the entry between the lookup and the insert.
+    match COUNTERS.get_ptr_mut(cgroup_id) {
+        // SAFETY: as above.
+        Some(counters) => update(unsafe { &mut *counters }),
+        None => record_loss(LossKind::CounterMapFull),
+    }
+}
+
+/// Submit flags for `EVENTS`: wake the daemon only when enough data is queued.
+#[inline(always)]
+pub fn events_wakeup_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= EVENTS_WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}

@@ -1,0 +1,250 @@
+//! Service labels for cgroups, with bounded cardinality, and per-service totals that stay
+//! monotonic when cgroups come and go.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use sentinel_common::ServiceCounters;
+
+use super::tree::{CgroupTree, Lookup};
+
+/// Label for services beyond the configured maximum.
+pub const OTHER: &str = "other";
+/// Label for cgroups whose path could not be found (removed before Sentinel saw them).
+pub const UNKNOWN: &str = "unknown";
+/// How long a service whose cgroups are all gone keeps its series, so that scrapes see its
+/// final values before it is dropped.
+const RETENTION: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceTotals {
+    pub service: String,
+    pub counters: ServiceCounters,
+    pub oom_kills: u64,
+}
+
+struct Service {
+    /// Counts of this service's cgroups that no longer exist.
+    retired: ServiceCounters,
+    oom_kills: u64,
+    last_live: Instant,
+}
+
+impl Service {
+    fn new() -> Self {
+        Self {
+            retired: ServiceCounters::default(),
+            oom_kills: 0,
+            last_live: Instant::now(),
+        }
+    }
+}
+
+pub struct Attribution {
+    tree: CgroupTree,
+    max_services: usize,
+    services: HashMap<String, Service>,
+    /// When each not-yet-resolvable cgroup id was first seen.
+    unresolved_since: HashMap<u64, Instant>,
+}
+
+/// `system.slice/nginx.service` for `/system.slice/nginx.service`; `/` for the root.
+pub fn service_name(path: &str) -> &str {
+    match path.trim_start_matches('/') {
+        "" => "/",
+        relative => relative,
+    }
+}
+
+impl Attribution {
+    pub fn new(tree: CgroupTree, max_services: usize) -> Self {
+        Self {
+            tree,
+            max_services,
+            services: HashMap::new(),
+            unresolved_since: HashMap::new(),
+        }
+    }
+
+    pub fn tree_mut(&mut self) -> &mut CgroupTree {
+        &mut self.tree
+    }
+
+    /// The label for a service path, claiming one of the bounded label slots if it is new.
+    pub fn label_for_path(&mut self, path: &str) -> String {
+        let name = service_name(path);
+        if let Some(service) = self.services.get_mut(name) {
+            service.last_live = Instant::now();
+            return name.to_string();
+        }
+        let real_labels = self
+            .services
+            .keys()
+            .filter(|label| *label != OTHER && *label != UNKNOWN)
+            .count();
+        let label = if real_labels >= self.max_services {
+            OTHER
+        } else {
+            name
+        };
+        self.services
+            .entry(label.to_string())
+            .or_insert_with(Service::new);
+        label.to_string()
+    }
+
+    /// The label of a cgroup id, for logs and user-space counters.
+    pub fn label_for_id(&mut self, id: u64) -> String {
+        match self.tree.lookup(id) {
+            Lookup::Live(path) | Lookup::Removed(path) => {
+                let path = path.to_string();
+                self.label_for_path(&path)
+            }
+            Lookup::Unknown { .. } => self.label_for_path(UNKNOWN),
+        }
+    }
+
+    pub fn record_oom_kill(&mut self, label: &str) {
+        if let Some(service) = self.services.get_mut(label) {
+            service.oom_kills += 1;
+        }
+    }
+
+    /// Merges the kernel's per-cgroup counters into per-service totals. Returns the totals
+    /// and the cgroup ids whose counts were retired here and must now be deleted from the
+    /// kernel map (their cgroup is gone; deleting keeps the map from filling up).
+    pub fn totals(
+        &mut self,
+        per_cgroup: impl IntoIterator<Item = (u64, ServiceCounters)>,
+    ) -> (Vec<ServiceTotals>, Vec<u64>) {
+        let mut live: HashMap<String, ServiceCounters> = HashMap::new();
+        let mut retired_ids = Vec::new();
+        for (id, counters) in per_cgroup {
+            let (path, is_live) = match self.tree.lookup(id) {
+                Lookup::Live(path) => (path.to_string(), true),
+                Lookup::Removed(path) => (path.to_string(), false),
+                Lookup::Unknown { last_scan } => {
+                    let first_seen = *self.unresolved_since.entry(id).or_insert_with(Instant::now);
+                    // Only give up on an id once a scan made after we first saw it missed it
+                    // too; until then its mkdir event may simply not have arrived yet.
+                    if last_scan.is_none_or(|scan| scan < first_seen) {
+                        continue;
+                    }
+                    (UNKNOWN.to_string(), false)
+                }
+            };
+            self.unresolved_since.remove(&id);
+            let label = self.label_for_path(&path);
+            if is_live {
+                live.entry(label).or_default().add(&counters);
+            } else if let Some(service) = self.services.get_mut(&label) {
+                service.retired.add(&counters);
+                retired_ids.push(id);
+            }
+        }
+        self.services.retain(|label, service| {
+            live.contains_key(label) || service.last_live.elapsed() < RETENTION
+        });
+        let totals = self
+            .services
+            .iter()
+            .map(|(label, service)| {
+                let mut counters = service.retired;
+                if let Some(live) = live.get(label) {
+                    counters.add(live);
+                }
+                ServiceTotals {
+                    service: label.clone(),
+                    counters,
+                    oom_kills: service.oom_kills,
+                }
+            })
+            .collect();
+        (totals, retired_ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn attribution(max: usize) -> Attribution {
+        let mut tree = CgroupTree::new(PathBuf::from("/nonexistent"));
+        tree.rescan();
+        Attribution::new(tree, max)
+    }
+
+    fn execs(n: u64) -> ServiceCounters {
+        ServiceCounters {
+            execs: n,
+            ..Default::default()
+        }
+    }
+
+    fn total_for<'a>(totals: &'a [ServiceTotals], service: &str) -> Option<&'a ServiceTotals> {
+        totals.iter().find(|t| t.service == service)
+    }
+
+    #[test]
+    fn names_services_relative_to_the_root() {
+        assert_eq!(service_name("/"), "/");
+        assert_eq!(
+            service_name("/system.slice/nginx.service"),
+            "system.slice/nginx.service"
+        );
+    }
+
+    #[test]
+    fn totals_stay_monotonic_when_a_cgroup_is_removed() {
+        let mut a = attribution(10);
+        a.tree_mut().created(1, "/svc".into());
+        let (totals, retired) = a.totals([(1, execs(3))]);
+        assert_eq!(total_for(&totals, "svc").unwrap().counters.execs, 3);
+        assert!(retired.is_empty());
+
+        a.tree_mut().removed(1);
+        let (totals, retired) = a.totals([(1, execs(4))]);
+        assert_eq!(retired, vec![1]);
+        assert_eq!(total_for(&totals, "svc").unwrap().counters.execs, 4);
+
+        // The same path created again gets a new id; counts add up.
+        a.tree_mut().created(2, "/svc".into());
+        let (totals, _) = a.totals([(2, execs(5))]);
+        assert_eq!(total_for(&totals, "svc").unwrap().counters.execs, 9);
+    }
+
+    #[test]
+    fn labels_beyond_the_maximum_become_other() {
+        let mut a = attribution(2);
+        for (id, path) in [(1, "/a"), (2, "/b"), (3, "/c"), (4, "/d")] {
+            a.tree_mut().created(id, path.into());
+        }
+        let (totals, _) = a.totals([(1, execs(1)), (2, execs(1)), (3, execs(1)), (4, execs(1))]);
+        let real: Vec<_> = totals.iter().filter(|t| t.service != OTHER).collect();
+        assert_eq!(real.len(), 2);
+        assert_eq!(total_for(&totals, OTHER).unwrap().counters.execs, 2);
+    }
+
+    #[test]
+    fn unknown_ids_wait_for_a_fresh_scan() {
+        let mut a = attribution(10);
+        // The scan in `attribution()` predates this id: keep its counts in the kernel map.
+        let (totals, retired) = a.totals([(99, execs(1))]);
+        assert!(retired.is_empty());
+        assert!(total_for(&totals, UNKNOWN).is_none());
+    }
+
+    #[test]
+    fn oom_kills_are_counted_per_service() {
+        let mut a = attribution(10);
+        a.tree_mut().created(5, "/job".into());
+        let label = a.label_for_id(5);
+        a.record_oom_kill(&label);
+        let (totals, _) = a.totals([]);
+        assert_eq!(total_for(&totals, "job").unwrap().oom_kills, 1);
+    }
+}

@@ -1,0 +1,146 @@
+//! cgroup id to path, kept current by the kernel's mkdir/rmdir events and by rescans.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tracing::debug;
+
+/// Removed cgroups remembered so that counts arriving after removal keep their service.
+const TOMBSTONES: usize = 4096;
+/// Unknown ids trigger a rescan, at most this often (a flood of unknown ids must not turn
+/// into a flood of directory walks).
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct CgroupTree {
+    root: PathBuf,
+    live: HashMap<u64, String>,
+    removed: HashMap<u64, String>,
+    removal_order: VecDeque<u64>,
+    last_scan: Option<Instant>,
+}
+
+impl CgroupTree {
+    /// `root` is the cgroup2 mount point; paths are kept relative to it, starting with `/`.
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            live: HashMap::new(),
+            removed: HashMap::new(),
+            removal_order: VecDeque::new(),
+            last_scan: None,
+        }
+    }
+
+    /// Walks the whole hierarchy. A cgroup's id is its directory's inode number.
+    pub fn rescan(&mut self) {
+        let mut live = HashMap::new();
+        let mut pending = vec![(self.root.clone(), String::from("/"))];
+        while let Some((dir, path)) = pending.pop() {
+            if let Ok(meta) = std::fs::metadata(&dir) {
+                live.insert(meta.ino(), path.clone());
+            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let child = if path == "/" {
+                        format!("/{name}")
+                    } else {
+                        format!("{path}/{name}")
+                    };
+                    pending.push((entry.path(), child));
+                }
+            }
+        }
+        debug!(cgroups = live.len(), "scanned the cgroup2 hierarchy");
+        self.live = live;
+        self.last_scan = Some(Instant::now());
+    }
+
+    pub fn created(&mut self, id: u64, path: String) {
+        self.removed.remove(&id);
+        self.live.insert(id, path);
+    }
+
+    pub fn removed(&mut self, id: u64) {
+        let Some(path) = self.live.remove(&id) else {
+            return;
+        };
+        if self.removal_order.len() == TOMBSTONES
+            && let Some(oldest) = self.removal_order.pop_front()
+        {
+            self.removed.remove(&oldest);
+        }
+        self.removal_order.push_back(id);
+        self.removed.insert(id, path);
+    }
+
+    /// Where `id` stands, rescanning (rate-limited) when it is not known yet.
+    pub fn lookup(&mut self, id: u64) -> Lookup<'_> {
+        if !self.live.contains_key(&id)
+            && !self.removed.contains_key(&id)
+            && self
+                .last_scan
+                .is_none_or(|at| at.elapsed() >= RESCAN_INTERVAL)
+        {
+            self.rescan();
+        }
+        if let Some(path) = self.live.get(&id) {
+            Lookup::Live(path)
+        } else if let Some(path) = self.removed.get(&id) {
+            Lookup::Removed(path)
+        } else {
+            Lookup::Unknown {
+                last_scan: self.last_scan,
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    Live(&'a str),
+    /// Removed, but recently enough that its path is remembered.
+    Removed(&'a str),
+    /// Not found by the most recent scan (if any).
+    Unknown {
+        last_scan: Option<Instant>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scans_ids_and_relative_paths() {
+        let dir = std::env::temp_dir().join(format!("sentinel-tree-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        let mut tree = CgroupTree::new(dir.clone());
+        tree.rescan();
+        let ino = |p: &str| std::fs::metadata(dir.join(p)).unwrap().ino();
+        assert_eq!(tree.lookup(ino("")), Lookup::Live("/"));
+        assert_eq!(tree.lookup(ino("a/b")), Lookup::Live("/a/b"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn removed_cgroups_keep_their_path_until_evicted() {
+        let mut tree = CgroupTree::new(PathBuf::from("/nonexistent"));
+        tree.rescan();
+        tree.created(7, "/svc".into());
+        tree.removed(7);
+        assert_eq!(tree.lookup(7), Lookup::Removed("/svc"));
+        for id in 100..100 + TOMBSTONES as u64 {
+            tree.created(id, format!("/t{id}"));
+            tree.removed(id);
+        }
+        assert!(matches!(tree.lookup(7), Lookup::Unknown { .. }));
+    }
+}

@@ -1,0 +1,101 @@
+//! Per-event records from the kernel's ring buffers: decoding and handling.
+
+mod decode;
+mod reader;
+
+pub use decode::{Event, decode};
+pub use reader::{read_ring, readable};
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, Mutex},
+};
+
+use sentinel_common::TcpEvent;
+use tracing::{Level, debug, enabled, warn};
+
+use crate::cgroup::Attribution;
+
+/// What the daemon does with each event.
+pub struct EventHandler {
+    attribution: Arc<Mutex<Attribution>>,
+}
+
+impl EventHandler {
+    pub fn new(attribution: Arc<Mutex<Attribution>>) -> Self {
+        Self { attribution }
+    }
+
+    pub fn handle(&self, event: Event) {
+        let mut attribution = self.attribution.lock().expect("attribution lock");
+        match event {
+            Event::CgroupCreated { id, path } => match path {
+                Some(path) => attribution.tree_mut().created(id, path),
+                // The path did not fit in the event: read the hierarchy instead.
+                None => attribution.tree_mut().rescan(),
+            },
+            Event::CgroupRemoved { id } => attribution.tree_mut().removed(id),
+            Event::OomKill {
+                pid,
+                cgroup_id,
+                comm,
+            } => {
+                let service = match cgroup_id {
+                    Some(id) => attribution.label_for_id(id),
+                    None => {
+                        let path = cgroup_of_pid(pid).unwrap_or_else(|| "unknown".into());
+                        attribution.label_for_path(&path)
+                    }
+                };
+                attribution.record_oom_kill(&service);
+                warn!(pid, comm, service, "OOM killer killed a process");
+            }
+            Event::Exec(exec) if enabled!(Level::DEBUG) => {
+                let service = attribution.label_for_id(exec.cgroup_id);
+                debug!(
+                    pid = exec.pid,
+                    ppid = exec.ppid,
+                    uid = exec.uid,
+                    service,
+                    comm = %exec.comm,
+                    filename = %exec.filename,
+                    "exec"
+                );
+            }
+            Event::TcpConnect(tcp) | Event::TcpAccept(tcp) if enabled!(Level::DEBUG) => {
+                let service = attribution.label_for_id(tcp.cgroup_id);
+                let kind = if matches!(event, Event::TcpConnect(_)) {
+                    "tcp connect"
+                } else {
+                    "tcp accept"
+                };
+                debug!(
+                    service,
+                    local = %address(&tcp, &tcp.local_addr),
+                    local_port = tcp.local_port,
+                    remote = %address(&tcp, &tcp.remote_addr),
+                    remote_port = tcp.remote_port,
+                    "{kind}"
+                );
+            }
+            Event::Exec(_) | Event::TcpConnect(_) | Event::TcpAccept(_) => {}
+        }
+    }
+}
+
+fn address(tcp: &TcpEvent, bytes: &[u8; 16]) -> IpAddr {
+    if tcp.family == libc::AF_INET6 as u16 {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    }
+}
+
+/// The cgroup v2 path of a process, from `/proc/PID/cgroup` (`0::/path`). Used when the kernel
+/// could not tell us an OOM victim's cgroup; the victim may already be gone.
+fn cgroup_of_pid(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(str::to_string)
+}

@@ -1,0 +1,91 @@
+//! What Sentinel needs from the running kernel: privileges, BTF and struct offsets.
+
+mod btf;
+
+pub use btf::Btf;
+use sentinel_common::KernelOffsets;
+use tracing::warn;
+
+use crate::Error;
+
+/// Fails with a clear error when this process cannot load tracing eBPF programs.
+pub fn check_privileges() -> Result<(), Error> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(Error::NotPrivileged)
+    }
+}
+
+/// Kernels before 5.11 charge eBPF memory to RLIMIT_MEMLOCK; later ones to the memory cgroup,
+/// so a failure here only matters on old kernels.
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        warn!(
+            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Struct offsets for the eBPF programs, and the `type.member` names this kernel lacks.
+pub struct ResolvedOffsets {
+    pub offsets: KernelOffsets,
+    pub missing: Vec<String>,
+}
+
+pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
+    let mut missing = Vec::new();
+    let mut field = |ty: &str, path: &str| {
+        btf.member_offset(ty, path).unwrap_or_else(|_| {
+            missing.push(format!("{ty}.{path}"));
+            0
+        })
+    };
+    let mut offsets = KernelOffsets {
+        ready: 1,
+        mark_victim_has_task: 0,
+        task_pid: field("task_struct", "pid"),
+        task_tgid: field("task_struct", "tgid"),
+        task_real_parent: field("task_struct", "real_parent"),
+        task_comm: field("task_struct", "comm"),
+        task_cgroups: field("task_struct", "cgroups"),
+        css_set_dfl_cgrp: field("css_set", "dfl_cgrp"),
+        cgroup_kn: field("cgroup", "kn"),
+        cgroup_root: field("cgroup", "root"),
+        cgroup_root_hierarchy_id: field("cgroup_root", "hierarchy_id"),
+        kernfs_node_id: field("kernfs_node", "id"),
+        binprm_filename: field("linux_binprm", "filename"),
+        sock_family: field("sock", "__sk_common.skc_family"),
+        sock_num: field("sock", "__sk_common.skc_num"),
+        sock_dport: field("sock", "__sk_common.skc_dport"),
+        sock_daddr: field("sock", "__sk_common.skc_daddr"),
+        sock_rcv_saddr: field("sock", "__sk_common.skc_rcv_saddr"),
+        sock_v6_daddr: field("sock", "__sk_common.skc_v6_daddr"),
+        sock_v6_rcv_saddr: field("sock", "__sk_common.skc_v6_rcv_saddr"),
+        sock_cgroup: field("sock", "sk_cgrp_data.cgroup"),
+    };
+    match btf.tracepoint_param_is_pointer("mark_victim", 0) {
+        Ok(has_task) => offsets.mark_victim_has_task = u32::from(has_task),
+        Err(_) => missing.push("btf_trace_mark_victim".into()),
+    }
+    ResolvedOffsets { offsets, missing }
+}

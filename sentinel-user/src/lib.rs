@@ -1,0 +1,14 @@
+//! Sentinel's daemon: reads kernel events from its eBPF programs, attributes them to services
+//! (cgroups) and serves them as Prometheus metrics.
+
+pub mod cgroup;
+pub mod config;
+pub mod daemon;
+mod error;
+pub mod events;
+pub mod http;
+pub mod kernel;
+pub mod metrics;
+pub mod probes;
+
+pub use error::Error;
