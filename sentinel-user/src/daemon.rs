@@ -8,7 +8,7 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     net::TcpListener,
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -34,6 +34,8 @@ const ALERTS_POLL: Duration = Duration::from_secs(1);
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
 
 pub async fn run(config: Config) -> Result<(), Error> {
+    // Installed first, so that a stop request at any point takes the clean path.
+    let mut signals = Signals::install()?;
     kernel::check_privileges()?;
     let btf = Btf::from_sys_fs()?;
     let cgroup_root = find_cgroup2_mount()?;
@@ -94,7 +96,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         "sentinel is running"
     );
 
-    wait_for_shutdown(&attribution).await?;
+    signals.wait_for_shutdown(&attribution).await;
     info!("shutting down");
     cancel.cancel();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
@@ -164,18 +166,31 @@ fn forward_ebpf_logs(ebpf: &mut aya::Ebpf, tasks: &TaskTracker, cancel: Cancella
     });
 }
 
-/// Returns on SIGINT or SIGTERM. SIGHUP re-reads the cgroup hierarchy.
-async fn wait_for_shutdown(attribution: &Mutex<Attribution>) -> Result<(), Error> {
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = interrupt.recv() => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
-            _ = hangup.recv() => {
-                info!("SIGHUP: rescanning the cgroup hierarchy");
-                attribution.lock().expect("attribution lock").tree_mut().rescan();
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, Error> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Returns on SIGINT or SIGTERM. SIGHUP re-reads the cgroup hierarchy.
+    async fn wait_for_shutdown(&mut self, attribution: &Mutex<Attribution>) {
+        loop {
+            tokio::select! {
+                _ = self.interrupt.recv() => return,
+                _ = self.terminate.recv() => return,
+                _ = self.hangup.recv() => {
+                    info!("SIGHUP: rescanning the cgroup hierarchy");
+                    attribution.lock().expect("attribution lock").tree_mut().rescan();
+                }
             }
         }
     }

@@ -1,1 +1,343 @@
+//! Harness for the privileged tests: a real daemon, real cgroups, real scrapes.
 
+use std::{
+    collections::BTreeSet,
+    fs::{self, File},
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+/// The daemon under test: `SENTINEL_BIN`, or `sentinel` in the test's target directory.
+pub fn sentinel_bin() -> PathBuf {
+    target_binary("sentinel", "SENTINEL_BIN")
+}
+
+/// This package's workload helper: `SENTINEL_TESTKIT`, or from the target directory.
+pub fn testkit_bin() -> PathBuf {
+    target_binary("sentinel-testkit", "SENTINEL_TESTKIT")
+}
+
+fn target_binary(name: &str, override_env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(override_env) {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(name));
+    match candidate {
+        Some(path) if path.exists() => path,
+        _ => panic!(
+            "{name} was not found next to {}; run the suite with `cargo xtask test` or set \
+             {override_env}",
+            exe.display()
+        ),
+    }
+}
+
+/// Tests that load eBPF programs or count them run one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}-{}", tag, unique_suffix()));
+        fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}-{}-{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// A running `sentinel run`, stopped (SIGKILL) on drop if the test did not stop it.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon with an empty configuration and waits until `/metrics` answers.
+    pub fn start(env: &[(&str, &str)]) -> Self {
+        let daemon = Self::spawn(free_port(), env);
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Starts the daemon without waiting for it.
+    pub fn spawn(port: u16, env: &[(&str, &str)]) -> Self {
+        let dir = TempDir::new("sentinel-daemon");
+        let config = dir.path().join("sentinel.yaml");
+        fs::write(&config, "").expect("write config");
+        let log = File::create(dir.path().join("daemon.log")).expect("create log");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Command::new(sentinel_bin())
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(&config)
+            .arg("--metrics-addr")
+            .arg(addr.to_string())
+            .env("SENTINEL_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn sentinel");
+        Self { child, addr, dir }
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http_get(self.addr, "/metrics", None).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "sentinel did not serve /metrics within 20 s; log:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// JSON log records whose fields match every `(key, value)` pair.
+    pub fn log_records(&self, matching: &[(&str, &str)]) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|record| {
+                matching
+                    .iter()
+                    .all(|(key, value)| record.get(key).and_then(|v| v.as_str()) == Some(value))
+            })
+            .collect()
+    }
+
+    pub fn scrape(&self) -> Scrape {
+        Scrape(http_get(self.addr, "/metrics", None).expect("scrape /metrics"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain syscall on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    /// Waits for the daemon to exit by itself, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<(ExitStatus, Duration)> {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some((status, started.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET; returns the body. `accept` sets the Accept header.
+pub fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("malformed HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("HTTP error: {head}")));
+    }
+    Ok(body.to_string())
+}
+
+/// One scrape of `/metrics` in the classic text format.
+pub struct Scrape(pub String);
+
+impl Scrape {
+    /// The value of the sample `name{labels}`, with labels given in exposition order.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let rendered: Vec<String> = labels
+            .iter()
+            .map(|(key, value)| format!("{key}=\"{value}\""))
+            .collect();
+        let series = if labels.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}{{{}}}", rendered.join(","))
+        };
+        self.0.lines().find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == series).then(|| value.parse().ok())?
+        })
+    }
+
+    /// Like `value`, with absent series read as 0 (counters that have not started yet).
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.value(name, labels).unwrap_or(0.0) as u64
+    }
+}
+
+/// A child cgroup under the cgroup2 mount, removed on drop (its processes are killed first).
+pub struct TestCgroup {
+    path: PathBuf,
+    service: String,
+}
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> Self {
+        let root = cgroup2_mount();
+        let name = format!("sentinel-test-{tag}-{}", unique_suffix());
+        let path = root.join(&name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self {
+            path,
+            service: name,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `service` label Sentinel gives this cgroup.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// A command that moves itself into this cgroup before it execs.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut procs = File::options()
+            .write(true)
+            .open(self.path.join("cgroup.procs"))
+            .expect("open cgroup.procs");
+        let mut command = Command::new(program);
+        // SAFETY: only a write(2) on an already open descriptor runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || procs.write_all(b"0"));
+        }
+        command
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|pid| pid.parse::<i32>().ok()) {
+                // SAFETY: plain syscall.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> PathBuf {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    info.lines()
+        .find_map(|line| {
+            let (mount, fs_type) = line.split_once(" - ")?;
+            let fields: Vec<&str> = mount.split_whitespace().collect();
+            (fs_type.starts_with("cgroup2 ") && fields.get(3) == Some(&"/"))
+                .then(|| PathBuf::from(fields[4]))
+        })
+        .expect("no cgroup2 mount in /proc/self/mountinfo")
+}
+
+/// Ids of loaded eBPF programs whose name starts with `sentinel_`.
+pub fn loaded_sentinel_programs() -> BTreeSet<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|program| {
+            program
+                .name_as_str()
+                .is_some_and(|name| name.starts_with("sentinel_"))
+        })
+        .map(|program| program.id())
+        .collect()
+}
+
+/// Polls `condition` until it holds or `limit` passes; returns whether it held.
+pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

@@ -1,0 +1,331 @@
+//! The foundation on the real kernel: exact exec and TCP counts per service, probe failure
+//! isolation, promtool-clean metrics, clean shutdown and clear start-up errors.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use sentinel_tests::{
+    Daemon, TempDir, TestCgroup, eventually, free_port, http_get, loaded_sentinel_programs, serial,
+    testkit_bin, unique_suffix,
+};
+
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Runs `count` connections from `client` to a listener in `server` at `bind`.
+fn connect_loop(server: &TestCgroup, client: &TestCgroup, bind: &str, count: usize) {
+    let mut listener = server
+        .command(testkit_bin())
+        .args(["listen", bind, &count.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start listener");
+    let mut port = String::new();
+    BufReader::new(listener.stdout.take().unwrap())
+        .read_line(&mut port)
+        .expect("read listener port");
+    let host = bind.rsplit_once(':').unwrap().0;
+    let status = client
+        .command(testkit_bin())
+        .args([
+            "connect",
+            &format!("{host}:{}", port.trim()),
+            &count.to_string(),
+        ])
+        .status()
+        .expect("run connector");
+    assert!(status.success(), "connector failed: {status}");
+    assert!(listener.wait().expect("listener").success());
+}
+
+#[test]
+fn exec_count_per_service_is_exact() {
+    let _serial = serial();
+    let daemon = Daemon::start(&[("SENTINEL_LOG", "info,sentinel_user::events=debug")]);
+    let cgroup = TestCgroup::new("exec");
+    let dir = TempDir::new("sentinel-exec");
+    let program = dir.path().join(format!("sntl-{}", unique_suffix()));
+    std::fs::copy("/bin/true", &program).expect("copy /bin/true");
+    let service = [("service", cgroup.service())];
+    let before = daemon.scrape().counter("sentinel_exec_total", &service);
+
+    const RUNS: u64 = 25;
+    for _ in 0..RUNS {
+        assert!(cgroup.command(&program).status().expect("exec").success());
+    }
+
+    let counted = || daemon.scrape().counter("sentinel_exec_total", &service) - before;
+    assert!(eventually(SETTLE, || counted() >= RUNS));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counted(), RUNS, "kernel counter for {}", cgroup.service());
+
+    // Every exec also reached user space as an event, attributed to the same service.
+    let filename = program.to_str().unwrap();
+    let events = || {
+        daemon
+            .log_records(&[("message", "exec"), ("filename", filename)])
+            .into_iter()
+            .filter(|record| record["service"] == cgroup.service())
+            .count() as u64
+    };
+    assert!(
+        eventually(SETTLE, || events() >= RUNS),
+        "log:\n{}",
+        daemon.log()
+    );
+    assert_eq!(events(), RUNS);
+    assert_eq!(
+        daemon
+            .scrape()
+            .counter("sentinel_events_lost_total", &[("kind", "exec")]),
+        0
+    );
+}
+
+#[test]
+fn tcp_connects_and_accepts_per_service_are_exact() {
+    let _serial = serial();
+    let daemon = Daemon::start(&[]);
+    let server = TestCgroup::new("server");
+    let client = TestCgroup::new("client");
+    const PER_FAMILY: usize = 20;
+
+    connect_loop(&server, &client, "127.0.0.1:0", PER_FAMILY);
+    connect_loop(&server, &client, "[::1]:0", PER_FAMILY);
+
+    let expected = 2 * PER_FAMILY as u64;
+    let connects = || {
+        daemon.scrape().counter(
+            "sentinel_tcp_connects_total",
+            &[("service", client.service())],
+        )
+    };
+    let accepts = || {
+        daemon.scrape().counter(
+            "sentinel_tcp_accepts_total",
+            &[("service", server.service())],
+        )
+    };
+    assert!(eventually(SETTLE, || connects() >= expected && accepts() >= expected));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        connects(),
+        expected,
+        "outbound connects from {}",
+        client.service()
+    );
+    assert_eq!(
+        accepts(),
+        expected,
+        "accepted connections in {}",
+        server.service()
+    );
+    // Neither side is credited with the other's direction.
+    let scrape = daemon.scrape();
+    assert_eq!(
+        scrape.counter(
+            "sentinel_tcp_accepts_total",
+            &[("service", client.service())]
+        ),
+        0
+    );
+    assert_eq!(
+        scrape.counter(
+            "sentinel_tcp_connects_total",
+            &[("service", server.service())]
+        ),
+        0
+    );
+}
+
+#[test]
+fn a_probe_that_fails_to_attach_is_reported_and_the_others_keep_working() {
+    let _serial = serial();
+    let daemon = Daemon::start(&[("SENTINEL_FAULT_INJECT_PROBE", "exec")]);
+    let scrape = daemon.scrape();
+    assert_eq!(
+        scrape.value("sentinel_probe_attached", &[("program", "exec")]),
+        Some(0.0)
+    );
+    for program in ["tcp_state", "oom_kill", "cgroup_mkdir", "cgroup_rmdir"] {
+        assert_eq!(
+            scrape.value("sentinel_probe_attached", &[("program", program)]),
+            Some(1.0),
+            "{program} should be attached"
+        );
+    }
+    assert!(
+        !daemon
+            .log_records(&[("level", "WARN"), ("probe", "exec")])
+            .is_empty(),
+        "no warning about the exec probe in:\n{}",
+        daemon.log()
+    );
+
+    let server = TestCgroup::new("server");
+    let client = TestCgroup::new("client");
+    connect_loop(&server, &client, "127.0.0.1:0", 5);
+    assert!(cgroup_exec(&client));
+    let service = [("service", client.service())];
+    assert!(eventually(SETTLE, || {
+        daemon
+            .scrape()
+            .counter("sentinel_tcp_connects_total", &service)
+            == 5
+    }));
+    assert_eq!(daemon.scrape().counter("sentinel_exec_total", &service), 0);
+}
+
+fn cgroup_exec(cgroup: &TestCgroup) -> bool {
+    cgroup
+        .command("/bin/true")
+        .status()
+        .expect("exec")
+        .success()
+}
+
+#[test]
+fn metrics_pass_promtool_and_negotiate_openmetrics() {
+    let _serial = serial();
+    let daemon = Daemon::start(&[]);
+    let cgroup = TestCgroup::new("promtool");
+    assert!(cgroup_exec(&cgroup));
+    let text = daemon.scrape().0;
+    for family in [
+        "sentinel_exec_total",
+        "sentinel_tcp_connects_total",
+        "sentinel_tcp_accepts_total",
+        "sentinel_oom_kills_total",
+        "sentinel_events_lost_total",
+        "sentinel_probe_attached",
+        "sentinel_build_info",
+    ] {
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "no HELP for {family}"
+        );
+    }
+
+    let promtool = std::env::var("SENTINEL_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {promtool} (Debian package prometheus): {e}"));
+    use std::io::Write;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = check.wait_with_output().unwrap();
+    let complaints =
+        String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && complaints.trim().is_empty(),
+        "promtool: {complaints}"
+    );
+
+    let openmetrics = http_get(
+        daemon.addr,
+        "/metrics",
+        Some("application/openmetrics-text"),
+    )
+    .expect("scrape OpenMetrics");
+    assert!(openmetrics.ends_with("# EOF\n"));
+    assert!(openmetrics.contains("# TYPE sentinel_exec counter"));
+}
+
+#[test]
+fn sigterm_detaches_every_program_and_exits_zero_within_two_seconds() {
+    let _serial = serial();
+    let before = loaded_sentinel_programs();
+    let mut daemon = Daemon::start(&[]);
+    let ours: Vec<u32> = loaded_sentinel_programs()
+        .difference(&before)
+        .copied()
+        .collect();
+    assert!(
+        ours.len() >= 5,
+        "expected our programs to be loaded, got {ours:?}"
+    );
+
+    daemon.signal(libc::SIGTERM);
+    let (status, took) = daemon
+        .wait_exit(Duration::from_secs(5))
+        .expect("sentinel did not exit after SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        daemon.log()
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The kernel frees programs shortly after their last reference is closed.
+    let gone = || {
+        !loaded_sentinel_programs()
+            .iter()
+            .any(|id| ours.contains(id))
+    };
+    assert!(
+        eventually(Duration::from_secs(1), gone),
+        "programs {ours:?} still loaded"
+    );
+}
+
+#[test]
+fn sigint_stops_the_daemon_the_same_way() {
+    let _serial = serial();
+    let mut daemon = Daemon::start(&[]);
+    daemon.signal(libc::SIGINT);
+    let (status, took) = daemon
+        .wait_exit(Duration::from_secs(5))
+        .expect("no exit after SIGINT");
+    assert!(
+        status.success() && took < Duration::from_secs(2),
+        "{status} after {took:?}"
+    );
+}
+
+#[test]
+fn a_taken_metrics_port_is_a_clear_error_that_loads_nothing() {
+    let _serial = serial();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let before = loaded_sentinel_programs();
+    let mut daemon = Daemon::spawn(port, &[]);
+    let (status, _) = daemon
+        .wait_exit(Duration::from_secs(10))
+        .expect("sentinel kept running");
+    assert!(!status.success());
+    assert!(
+        daemon.log().contains("already in use"),
+        "log:\n{}",
+        daemon.log()
+    );
+    let new: Vec<u32> = loaded_sentinel_programs()
+        .difference(&before)
+        .copied()
+        .collect();
+    assert!(new.is_empty(), "programs loaded despite the error: {new:?}");
+}
+
+#[test]
+fn an_unprivileged_user_gets_a_clear_error() {
+    let _serial = serial();
+    use std::os::unix::process::CommandExt;
+    let output = Command::new(sentinel_tests::sentinel_bin())
+        .args(["run", "--config", "/dev/null", "--metrics-addr"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run sentinel as nobody");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("must run as root"), "stderr: {stderr}");
+}
