@@ -11,6 +11,8 @@ pub const COMM_LEN: usize = 16;
 pub const FILENAME_LEN: usize = 256;
 /// Bytes of a cgroup path carried in an event; longer paths are resolved by the daemon instead.
 pub const CGROUP_PATH_LEN: usize = 512;
+/// Bytes of a PAM remote host (an IPv6 address in text needs 46 with its NUL).
+pub const RHOST_LEN: usize = 64;
 
 /// Discriminant at offset 0 of every ring buffer record.
 #[repr(u32)]
@@ -22,6 +24,8 @@ pub enum EventKind {
     TcpAccept = 4,
     CgroupMkdir = 5,
     CgroupRmdir = 6,
+    SshAuthFailure = 7,
+    SshSessionOpened = 8,
 }
 
 impl EventKind {
@@ -33,6 +37,8 @@ impl EventKind {
             4 => Self::TcpAccept,
             5 => Self::CgroupMkdir,
             6 => Self::CgroupRmdir,
+            7 => Self::SshAuthFailure,
+            8 => Self::SshSessionOpened,
             _ => return None,
         })
     }
@@ -89,6 +95,22 @@ pub struct CgroupEvent {
     pub path: [u8; CGROUP_PATH_LEN],
 }
 
+/// An sshd process finished a PAM step: a failed `pam_authenticate`, or a successful
+/// `pam_open_session` (a user is logged in from `rhost`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SshAuthEvent {
+    pub kind: u32,
+    pub pid: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when PAM returned.
+    pub timestamp_ns: u64,
+    /// PAM's return code (`PAM_AUTH_ERR`, `PAM_USER_UNKNOWN`, ...; 0 for a session).
+    pub pam_result: i32,
+    pub _pad: u32,
+    /// The remote host sshd gave PAM (`PAM_RHOST`): normally the client's address as text.
+    pub rhost: [u8; RHOST_LEN],
+}
+
 /// Per-cgroup counters kept in the kernel (a per-CPU hash keyed by cgroup id).
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
@@ -117,10 +139,11 @@ pub enum LossKind {
     Cgroup = 4,
     /// The per-cgroup counter map was full, so a count could not be recorded.
     CounterMapFull = 5,
+    Ssh = 6,
 }
 
 impl LossKind {
-    pub const COUNT: usize = 6;
+    pub const COUNT: usize = 7;
     pub const ALL: [Self; Self::COUNT] = [
         Self::Exec,
         Self::OomKill,
@@ -128,6 +151,7 @@ impl LossKind {
         Self::TcpAccept,
         Self::Cgroup,
         Self::CounterMapFull,
+        Self::Ssh,
     ];
 
     /// The `kind` label of `sentinel_events_lost_total`.
@@ -139,6 +163,7 @@ impl LossKind {
             Self::TcpAccept => "tcp_accept",
             Self::Cgroup => "cgroup",
             Self::CounterMapFull => "counter_map_full",
+            Self::Ssh => "ssh",
         }
     }
 }

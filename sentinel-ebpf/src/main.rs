@@ -8,6 +8,7 @@ mod exec;
 mod kernel;
 mod maps;
 mod oom;
+mod ssh;
 mod tcp;
 
 #[cfg(not(test))]

@@ -39,6 +39,21 @@ pub enum Error {
     Map(#[from] aya::maps::MapError),
     #[error("the eBPF object has no map named {0}")]
     MissingMap(&'static str),
+    #[error("{file}: {source}")]
+    CgroupIo { file: PathBuf, source: io::Error },
+    #[error(
+        "cannot enable the {controller} controller for children of {parent}: it has processes of \
+         its own (cgroup v2's no-internal-processes rule); move them into a child cgroup"
+    )]
+    InternalProcesses { parent: String, controller: String },
+    #[error(
+        "the {controller} controller is not available in {parent} (cgroup.controllers: {available})"
+    )]
+    ControllerUnavailable {
+        parent: String,
+        controller: String,
+        available: String,
+    },
     #[error(transparent)]
     Io(#[from] io::Error),
 }

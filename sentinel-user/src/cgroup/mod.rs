@@ -1,6 +1,9 @@
 //! Attribution of kernel events to services: cgroup v2 ids, paths and bounded labels.
 
 mod attribution;
+pub mod cgroupfs;
+pub mod guardian;
+pub mod stats;
 mod mount;
 mod tree;
 

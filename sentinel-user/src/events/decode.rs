@@ -1,6 +1,6 @@
 //! Turning ring buffer records into typed events.
 
-use sentinel_common::{CgroupEvent, EventKind, ExecEvent, OomKillEvent, TcpEvent};
+use sentinel_common::{CgroupEvent, EventKind, ExecEvent, OomKillEvent, SshAuthEvent, TcpEvent};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exec {
@@ -31,6 +31,25 @@ pub enum Event {
     CgroupRemoved {
         id: u64,
     },
+    Ssh(SshAuth),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshAuth {
+    pub outcome: SshOutcome,
+    /// The sshd process that ran PAM.
+    pub pid: u32,
+    /// CLOCK_MONOTONIC nanoseconds when PAM returned.
+    pub timestamp_ns: u64,
+    pub pam_result: i32,
+    /// `PAM_RHOST` as sshd gave it: the client's address unless sshd resolves names.
+    pub remote_host: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SshOutcome {
+    Failure,
+    SessionOpened,
 }
 
 /// Decodes one record; `None` for a record of unknown kind or wrong size.
@@ -64,6 +83,20 @@ pub fn decode(record: &[u8]) -> Option<Event> {
                 id: cgroup.cgroup_id,
                 path: c_string(&cgroup.path),
             }
+        }
+        EventKind::SshAuthFailure | EventKind::SshSessionOpened => {
+            let ssh: SshAuthEvent = read(record)?;
+            Event::Ssh(SshAuth {
+                outcome: if kind == EventKind::SshAuthFailure {
+                    SshOutcome::Failure
+                } else {
+                    SshOutcome::SessionOpened
+                },
+                pid: ssh.pid,
+                timestamp_ns: ssh.timestamp_ns,
+                pam_result: ssh.pam_result,
+                remote_host: c_string(&ssh.rhost)?,
+            })
         }
         EventKind::CgroupRmdir => {
             let cgroup: CgroupEvent = read(record)?;

@@ -3,7 +3,7 @@
 mod decode;
 mod reader;
 
-pub use decode::{Event, decode};
+pub use decode::{Event, SshAuth, SshOutcome, decode};
 pub use reader::{read_ring, readable};
 
 use std::{
@@ -12,7 +12,7 @@ use std::{
 };
 
 use sentinel_common::TcpEvent;
-use tracing::{Level, debug, enabled, warn};
+use tracing::{Level, debug, enabled, info, warn};
 
 use crate::cgroup::Attribution;
 
@@ -76,6 +76,15 @@ impl EventHandler {
                     remote = %address(&tcp, &tcp.remote_addr),
                     remote_port = tcp.remote_port,
                     "{kind}"
+                );
+            }
+            Event::Ssh(auth) => {
+                info!(
+                    outcome = ?auth.outcome,
+                    remote = auth.remote_host,
+                    pid = auth.pid,
+                    pam_result = auth.pam_result,
+                    "ssh authentication"
                 );
             }
             Event::Exec(_) | Event::TcpConnect(_) | Event::TcpAccept(_) => {}

@@ -1,7 +1,10 @@
 //! Loading the eBPF object and attaching its programs, each independently: a program the
 //! kernel refuses is logged and reported, and the others keep running.
 
-use aya::{Ebpf, EbpfLoader, programs::RawTracePoint};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{RawTracePoint, UProbe, uprobe::UProbeScope},
+};
 use tracing::{info, warn};
 
 use crate::{Error, kernel::ResolvedOffsets};
@@ -15,11 +18,34 @@ struct ProbeSpec {
     name: &'static str,
     /// The eBPF function in `sentinel-ebpf`.
     program: &'static str,
-    /// The raw tracepoint it attaches to.
-    tracepoint: &'static str,
+    /// Where it attaches; every point must attach for the probe to count as attached.
+    points: &'static [AttachPoint],
     /// Kernel BTF fields the program reads; without them it is not attached.
     needs: &'static [&'static str],
 }
+
+#[derive(Clone, Copy)]
+enum AttachPoint {
+    RawTracepoint(&'static str),
+    /// A function of a shared library, in every process that maps it. The library is found
+    /// the way the dynamic loader finds it (the ld.so cache), for every sshd flavour alike.
+    Uprobe {
+        library: &'static str,
+        function: &'static str,
+    },
+}
+
+impl std::fmt::Display for AttachPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::RawTracepoint(name) => write!(f, "tracepoint {name}"),
+            Self::Uprobe { library, function } => write!(f, "{library}:{function}"),
+        }
+    }
+}
+
+/// Resolved through the ld.so cache, as the dynamic loader resolves sshd's `libpam.so.0`.
+const LIBPAM: &str = "libpam";
 
 const CGROUP_ID_FIELDS: [&str; 2] = ["cgroup.kn", "kernfs_node.id"];
 
@@ -27,7 +53,7 @@ const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "exec",
         program: "sentinel_exec",
-        tracepoint: "sched_process_exec",
+        points: &[AttachPoint::RawTracepoint("sched_process_exec")],
         needs: &[
             "task_struct.real_parent",
             "task_struct.tgid",
@@ -37,7 +63,7 @@ const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "tcp_state",
         program: "sentinel_tcp",
-        tracepoint: "inet_sock_set_state",
+        points: &[AttachPoint::RawTracepoint("inet_sock_set_state")],
         needs: &[
             "sock.sk_cgrp_data.cgroup",
             "sock.__sk_common.skc_family",
@@ -54,7 +80,7 @@ const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "oom_kill",
         program: "sentinel_oom",
-        tracepoint: "mark_victim",
+        points: &[AttachPoint::RawTracepoint("mark_victim")],
         needs: &[
             "btf_trace_mark_victim",
             "task_struct.tgid",
@@ -68,13 +94,13 @@ const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "oom_kill_signal",
         program: "sentinel_kill",
-        tracepoint: "signal_generate",
+        points: &[AttachPoint::RawTracepoint("signal_generate")],
         needs: &["task_struct.pid"],
     },
     ProbeSpec {
         name: "cgroup_mkdir",
         program: "sentinel_cgmk",
-        tracepoint: "cgroup_mkdir",
+        points: &[AttachPoint::RawTracepoint("cgroup_mkdir")],
         needs: &[
             "cgroup.root",
             "cgroup_root.hierarchy_id",
@@ -85,13 +111,55 @@ const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "cgroup_rmdir",
         program: "sentinel_cgrm",
-        tracepoint: "cgroup_rmdir",
+        points: &[AttachPoint::RawTracepoint("cgroup_rmdir")],
         needs: &[
             "cgroup.root",
             "cgroup_root.hierarchy_id",
             CGROUP_ID_FIELDS[0],
             CGROUP_ID_FIELDS[1],
         ],
+    },
+    ProbeSpec {
+        name: "ssh_pam_rhost",
+        program: "sentinel_pam_rh",
+        points: &[AttachPoint::Uprobe {
+            library: LIBPAM,
+            function: "pam_set_item",
+        }],
+        needs: &[],
+    },
+    ProbeSpec {
+        name: "ssh_pam_call",
+        program: "sentinel_pam_in",
+        points: &[
+            AttachPoint::Uprobe {
+                library: LIBPAM,
+                function: "pam_authenticate",
+            },
+            AttachPoint::Uprobe {
+                library: LIBPAM,
+                function: "pam_open_session",
+            },
+        ],
+        needs: &[],
+    },
+    ProbeSpec {
+        name: "ssh_auth_result",
+        program: "sentinel_pam_rc",
+        points: &[AttachPoint::Uprobe {
+            library: LIBPAM,
+            function: "pam_authenticate",
+        }],
+        needs: &[],
+    },
+    ProbeSpec {
+        name: "ssh_session_open",
+        program: "sentinel_pam_so",
+        points: &[AttachPoint::Uprobe {
+            library: LIBPAM,
+            function: "pam_open_session",
+        }],
+        needs: &[],
     },
 ];
 
@@ -126,12 +194,10 @@ pub fn load(resolved: &ResolvedOffsets) -> Result<Probes, Error> {
             match &result {
                 Ok(()) => info!(
                     probe = spec.name,
-                    tracepoint = spec.tracepoint,
                     "probe attached"
                 ),
                 Err(reason) => warn!(
                     probe = spec.name,
-                    tracepoint = spec.tracepoint,
                     "probe not attached: {reason}; its events will be missing"
                 ),
             }
@@ -157,21 +223,39 @@ fn attach(
     {
         return Err(format!("this kernel's BTF has no {field}"));
     }
-    let program: &mut RawTracePoint = ebpf
+    let program = ebpf
         .program_mut(spec.program)
-        .ok_or_else(|| format!("program {} missing from the eBPF object", spec.program))?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
-    program
-        .load()
-        .map_err(|e| format!("the verifier refused it: {e}"))?;
-    let tracepoint = if fault == Some(spec.name) {
-        "sentinel_fault_injected"
-    } else {
-        spec.tracepoint
-    };
-    program
-        .attach(tracepoint)
-        .map_err(|e| format!("attaching to {tracepoint} failed: {e}"))?;
+        .ok_or_else(|| format!("program {} missing from the eBPF object", spec.program))?;
+    for point in spec.points {
+        // A fault-injected probe attaches to a point that does not exist.
+        let point = match (fault == Some(spec.name), *point) {
+            (false, point) => point,
+            (true, AttachPoint::RawTracepoint(_)) => AttachPoint::RawTracepoint("sentinel_fault_injected"),
+            (true, AttachPoint::Uprobe { library, .. }) => AttachPoint::Uprobe {
+                library,
+                function: "sentinel_fault_injected",
+            },
+        };
+        match point {
+            AttachPoint::RawTracepoint(tracepoint) => {
+                let program: &mut RawTracePoint =
+                    program.try_into().map_err(|e| format!("{e}"))?;
+                if program.fd().is_err() {
+                    program.load().map_err(|e| format!("the verifier refused it: {e}"))?;
+                }
+                program.attach(tracepoint)
+                    .map_err(|e| format!("attaching to {point} failed: {e}"))?;
+            }
+            AttachPoint::Uprobe { library, function } => {
+                let program: &mut UProbe = program.try_into().map_err(|e| format!("{e}"))?;
+                if program.fd().is_err() {
+                    program.load().map_err(|e| format!("the verifier refused it: {e}"))?;
+                }
+                program
+                    .attach(function, library, UProbeScope::AllProcesses)
+                    .map_err(|e| format!("attaching to {point} failed: {e}"))?;
+            }
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,179 @@
+//! The cgroupfs backend: reads and writes cgroup v2 interface files under the cgroup2 mount.
+//!
+//! cgroups-rs is not used: its v2 hierarchy is fixed to `/sys/fs/cgroup` and `auto()` falls
+//! back to the v1 hierarchies on hybrid hosts, which Sentinel must never touch.
+
+use std::{
+    fs,
+    io::ErrorKind,
+    path::{Path, PathBuf},
+};
+
+use crate::Error;
+
+/// Controllers Sentinel's limits need, in the order they are enabled.
+pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+#[derive(Debug, Clone)]
+pub struct CgroupFs {
+    root: PathBuf,
+}
+
+impl CgroupFs {
+    pub fn new(root: PathBuf) -> Self {
+        Self { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of `path` (relative to the root, `/`-prefixed or not).
+    pub fn dir(&self, path: &str) -> PathBuf {
+        self.root.join(path.trim_start_matches('/'))
+    }
+
+    pub fn read(&self, path: &str, file: &str) -> Result<String, Error> {
+        let file = self.dir(path).join(file);
+        fs::read_to_string(&file)
+            .map(|text| text.trim_end().to_string())
+            .map_err(|source| Error::CgroupIo { file, source })
+    }
+
+    pub fn write(&self, path: &str, file: &str, value: &str) -> Result<(), Error> {
+        let file = self.dir(path).join(file);
+        fs::write(&file, value).map_err(|source| Error::CgroupIo { file, source })
+    }
+
+    pub fn exists(&self, path: &str) -> bool {
+        self.dir(path).is_dir()
+    }
+
+    /// Makes `controllers` available to `path` by enabling them in `cgroup.subtree_control` of
+    /// every ancestor from the root down, skipping those that already have them.
+    pub fn enable_controllers(&self, path: &str, controllers: &[&str]) -> Result<(), Error> {
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        for depth in 0..segments.len() {
+            let parent = segments[..depth].join("/");
+            let enabled = self.read(&parent, "cgroup.subtree_control")?;
+            for controller in controllers {
+                if enabled.split_whitespace().any(|c| c == *controller) {
+                    continue;
+                }
+                let available = self.read(&parent, "cgroup.controllers")?;
+                if !available.split_whitespace().any(|c| c == *controller) {
+                    return Err(Error::ControllerUnavailable {
+                        parent: display_path(&parent),
+                        controller: controller.to_string(),
+                        available,
+                    });
+                }
+                match self.write(&parent, "cgroup.subtree_control", &format!("+{controller}")) {
+                    Err(Error::CgroupIo { source, .. })
+                        if source.kind() == ErrorKind::ResourceBusy =>
+                    {
+                        return Err(Error::InternalProcesses {
+                            parent: display_path(&parent),
+                            controller: controller.to_string(),
+                        });
+                    }
+                    other => other?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pids of the processes in `path` and all its descendants.
+    pub fn processes(&self, path: &str) -> Vec<i32> {
+        let mut pids = Vec::new();
+        let mut pending = vec![self.dir(path)];
+        while let Some(dir) = pending.pop() {
+            if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+                pids.extend(procs.lines().filter_map(|pid| pid.parse::<i32>().ok()));
+            }
+            if let Ok(entries) = fs::read_dir(&dir) {
+                pending.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        pids
+    }
+}
+
+fn display_path(path: &str) -> String {
+    if path.is_empty() { "/".into() } else { format!("/{path}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake cgroup tree in a temp dir: plain files stand in for interface files.
+    struct FakeTree(PathBuf);
+
+    impl FakeTree {
+        fn new(controllers: &str) -> Self {
+            let root = std::env::temp_dir().join(format!(
+                "sentinel-cgroupfs-{}-{}",
+                std::process::id(),
+                rand_suffix()
+            ));
+            for dir in ["", "a", "a/b"] {
+                fs::create_dir_all(root.join(dir)).unwrap();
+                fs::write(root.join(dir).join("cgroup.controllers"), controllers).unwrap();
+                fs::write(root.join(dir).join("cgroup.subtree_control"), "").unwrap();
+            }
+            Self(root)
+        }
+    }
+
+    impl Drop for FakeTree {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn rand_suffix() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    }
+
+    #[test]
+    fn enables_controllers_in_every_ancestor() {
+        let tree = FakeTree::new("cpu memory pids io");
+        let fs = CgroupFs::new(tree.0.clone());
+        fs.enable_controllers("/a/b", &CONTROLLERS).unwrap();
+        // A plain file keeps only the last write; the kernel would accumulate them.
+        assert_eq!(fs.read("", "cgroup.subtree_control").unwrap(), "+pids");
+        assert_eq!(fs.read("a", "cgroup.subtree_control").unwrap(), "+pids");
+        assert_eq!(fs.read("a/b", "cgroup.subtree_control").unwrap(), "");
+    }
+
+    #[test]
+    fn missing_controller_is_a_clear_error() {
+        let tree = FakeTree::new("cpu pids");
+        let fs = CgroupFs::new(tree.0.clone());
+        let error = fs.enable_controllers("a", &["memory"]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the memory controller is not available in / (cgroup.controllers: cpu pids)"
+        );
+    }
+
+    #[test]
+    fn lists_processes_recursively() {
+        let tree = FakeTree::new("");
+        fs::write(tree.0.join("a/cgroup.procs"), "10\n11\n").unwrap();
+        fs::write(tree.0.join("a/b/cgroup.procs"), "12\n").unwrap();
+        let mut pids = CgroupFs::new(tree.0.clone()).processes("a");
+        pids.sort();
+        assert_eq!(pids, vec![10, 11, 12]);
+    }
+}

@@ -1,0 +1,204 @@
+//! Graceful stop before the kernel OOM killer: when a cgroup's memory stays above a threshold
+//! for a while, its largest process gets SIGTERM, then SIGKILL if it is still there after a
+//! grace period. Signals go through pidfds, so a recycled pid is never signalled.
+
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+/// What the guard wants done on this tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardAction {
+    /// Send SIGTERM to the largest process.
+    Terminate,
+    /// The grace period is over: SIGKILL the process that got SIGTERM, if it still runs.
+    Kill,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardLimits {
+    pub threshold_bytes: u64,
+    /// How long memory must stay above the threshold.
+    pub sustain: Duration,
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Below,
+    AboveSince(Instant),
+    Terminated(Instant),
+}
+
+#[derive(Debug)]
+pub struct MemoryGuard {
+    limits: GuardLimits,
+    state: State,
+}
+
+impl MemoryGuard {
+    pub fn new(limits: GuardLimits) -> Self {
+        Self {
+            limits,
+            state: State::Below,
+        }
+    }
+
+    pub fn limits(&self) -> GuardLimits {
+        self.limits
+    }
+
+    /// Advances the guard with the cgroup's current memory use.
+    pub fn tick(&mut self, now: Instant, memory_bytes: u64) -> Option<GuardAction> {
+        let above = memory_bytes > self.limits.threshold_bytes;
+        match self.state {
+            State::Terminated(at) if now.duration_since(at) >= self.limits.grace => {
+                self.state = if above { State::AboveSince(now) } else { State::Below };
+                Some(GuardAction::Kill)
+            }
+            State::Terminated(_) => None,
+            State::Below | State::AboveSince(_) if !above => {
+                self.state = State::Below;
+                None
+            }
+            State::Below => {
+                self.state = State::AboveSince(now);
+                self.fire_if_sustained(now, now)
+            }
+            State::AboveSince(since) => self.fire_if_sustained(since, now),
+        }
+    }
+
+    fn fire_if_sustained(&mut self, since: Instant, now: Instant) -> Option<GuardAction> {
+        if now.duration_since(since) >= self.limits.sustain {
+            self.state = State::Terminated(now);
+            Some(GuardAction::Terminate)
+        } else {
+            None
+        }
+    }
+}
+
+/// A process held by pidfd, so that later signals reach it and never a recycled pid.
+#[derive(Debug)]
+pub struct ProcessHandle {
+    pub pid: i32,
+    pidfd: OwnedFd,
+}
+
+impl ProcessHandle {
+    pub fn open(pid: i32) -> std::io::Result<Self> {
+        // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(Self { pid, pidfd })
+    }
+
+    /// Sends `signal`; `Ok(false)` when the process is already gone.
+    pub fn signal(&self, signal: i32) -> std::io::Result<bool> {
+        // SAFETY: plain syscall on a descriptor we own.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if result == 0 {
+            return Ok(true);
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::ESRCH) {
+            Ok(false)
+        } else {
+            Err(error)
+        }
+    }
+}
+
+/// The process with the largest resident set among `pids`.
+pub fn largest_process(pids: &[i32]) -> Option<i32> {
+    pids.iter()
+        .filter_map(|&pid| Some((resident_pages(pid)?, pid)))
+        .max()
+        .map(|(_, pid)| pid)
+}
+
+fn resident_pages(pid: i32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    statm.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: GuardLimits = GuardLimits {
+        threshold_bytes: 100,
+        sustain: Duration::from_secs(2),
+        grace: Duration::from_secs(3),
+    };
+
+    #[test]
+    fn terminates_only_after_sustained_pressure_then_kills_after_grace() {
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut guard = MemoryGuard::new(LIMITS);
+        assert_eq!(guard.tick(at(0), 150), None);
+        assert_eq!(guard.tick(at(1), 150), None);
+        assert_eq!(guard.tick(at(2), 150), Some(GuardAction::Terminate));
+        assert_eq!(guard.tick(at(3), 150), None);
+        assert_eq!(guard.tick(at(5), 150), Some(GuardAction::Kill));
+    }
+
+    #[test]
+    fn a_dip_below_the_threshold_resets_the_clock() {
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut guard = MemoryGuard::new(LIMITS);
+        assert_eq!(guard.tick(at(0), 150), None);
+        assert_eq!(guard.tick(at(1), 50), None);
+        assert_eq!(guard.tick(at(2), 150), None);
+        assert_eq!(guard.tick(at(3), 150), None);
+        assert_eq!(guard.tick(at(4), 150), Some(GuardAction::Terminate));
+    }
+
+    #[test]
+    fn kill_is_still_requested_after_the_process_freed_memory() {
+        // The Kill step only signals if the terminated process still exists.
+        let start = Instant::now();
+        let mut guard = MemoryGuard::new(GuardLimits {
+            sustain: Duration::ZERO,
+            ..LIMITS
+        });
+        assert_eq!(guard.tick(start, 150), Some(GuardAction::Terminate));
+        assert_eq!(
+            guard.tick(start + Duration::from_secs(3), 10),
+            Some(GuardAction::Kill)
+        );
+        assert_eq!(guard.tick(start + Duration::from_secs(4), 10), None);
+    }
+
+    #[test]
+    fn pidfd_signals_a_live_child_and_reports_a_gone_one() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let handle = ProcessHandle::open(child.id() as i32).unwrap();
+        assert!(handle.signal(libc::SIGKILL).unwrap());
+        child.wait().unwrap();
+        assert!(!handle.signal(0).unwrap());
+    }
+
+    #[test]
+    fn finds_the_largest_process() {
+        let me = std::process::id() as i32;
+        assert_eq!(largest_process(&[me, -5]), Some(me));
+        assert_eq!(largest_process(&[]), None);
+    }
+}
