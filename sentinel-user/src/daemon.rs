@@ -1,7 +1,9 @@
 //! Wiring: start-up checks, probes, tasks, and the one shutdown path.
 
 use std::{
-    sync::{Arc, Mutex},
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{Arc, Mutex, mpsc},
     time::Duration,
 };
 
@@ -11,17 +13,22 @@ use tokio::{
     signal::unix::{Signal, SignalKind, signal},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     Error,
-    cgroup::{Attribution, CgroupTree, find_cgroup2_mount},
-    config::Config,
+    cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount},
+    config::{CgroupBackend, Config},
     events::{EventHandler, read_ring, readable},
     http,
     kernel::{self, Btf},
     metrics::{KernelCounters, Metrics},
+    policy::{
+        enforcer::{AppliedView, Backend, Enforcer, Input as EnforcerInput},
+        metrics::PolicyMetrics,
+    },
     probes,
+    ssh_guard::{Input as SshInput, SshGuard, SshGuardMetrics},
 };
 
 /// How long tasks get to finish after SIGINT/SIGTERM before the programs are detached anyway.
@@ -32,8 +39,12 @@ const EVENTS_POLL: Duration = Duration::from_millis(100);
 const ALERTS_POLL: Duration = Duration::from_secs(1);
 /// How often removed cgroups' counters are folded even without scrapes.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
+/// How often the configuration file is checked for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(1);
 
-pub async fn run(config: Config) -> Result<(), Error> {
+/// Runs the daemon until SIGINT or SIGTERM. `config_path` is re-read on SIGHUP and when the
+/// file changes.
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Error> {
     // Installed first, so that a stop request at any point takes the clean path.
     let mut signals = Signals::install()?;
     kernel::check_privileges()?;
@@ -64,8 +75,36 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let counters = take_map(&mut probes.ebpf, "COUNTERS")?.try_into()?;
     let lost = take_map(&mut probes.ebpf, "LOST")?.try_into()?;
     let kernel_counters = Arc::new(KernelCounters::new(counters, lost, attribution.clone()));
-    let metrics = Arc::new(Metrics::new(kernel_counters.clone(), &probes.statuses));
-    let handler = Arc::new(EventHandler::new(attribution.clone()));
+    let mut metrics = Metrics::new(kernel_counters.clone(), &probes.statuses);
+
+    let cgroupfs = CgroupFs::new(cgroup_root.clone());
+    let applied = Arc::new(Mutex::new(AppliedView::default()));
+    let policy_metrics = PolicyMetrics::new(metrics.registry_mut(), cgroupfs.clone(), applied.clone());
+    let backend = match config.services.cgroup_backend {
+        CgroupBackend::Auto => Backend::Auto,
+        CgroupBackend::Cgroupfs => Backend::Cgroupfs,
+    };
+    let enforcer = Enforcer::new(
+        cgroupfs,
+        config.policies.clone(),
+        backend,
+        applied.clone(),
+        policy_metrics.clone(),
+    );
+    let (enforcer_tx, enforcer_rx) = mpsc::channel();
+    let enforcer_thread = std::thread::Builder::new()
+        .name("enforcer".into())
+        .spawn(move || enforcer.run(enforcer_rx))?;
+
+    let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
+    let ssh_guard = start_ssh_guard(&config, ssh_metrics);
+    let metrics = Arc::new(metrics);
+    let handler = Arc::new(EventHandler::new(
+        attribution.clone(),
+        applied,
+        enforcer_tx.clone(),
+        ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
+    ));
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -85,6 +124,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     ));
     tasks.spawn(housekeeping(kernel_counters, cancel.clone()));
     forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
+    let reloader = Reloader {
+        path: config_path,
+        enforcer: enforcer_tx.clone(),
+        metrics: policy_metrics,
+    };
+    tasks.spawn(reloader.clone().watch_file(cancel.clone()));
     tasks.close();
 
     let attached = probes.statuses.iter().filter(|p| p.attached).count();
@@ -93,22 +138,115 @@ pub async fn run(config: Config) -> Result<(), Error> {
         cgroup2 = %cgroup_root.display(),
         probes_attached = attached,
         probes_total = probes.statuses.len(),
+        policies = config.policies.services.len(),
+        ssh_guard = ssh_guard.is_some(),
         "sentinel is running"
     );
 
-    signals.wait_for_shutdown(&attribution).await;
+    signals.wait_for_shutdown(&attribution, &reloader).await;
     info!("shutting down");
     cancel.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
-        .await
-        .is_err()
-    {
+    let _ = enforcer_tx.send(EnforcerInput::Stop);
+    if let Some((guard_tx, guard_thread)) = ssh_guard {
+        let _ = guard_tx.send(SshInput::Stop);
+        join(guard_thread, "ssh guard");
+    }
+    join(enforcer_thread, "enforcer");
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
         warn!("some tasks did not stop within {SHUTDOWN_GRACE:?}; detaching anyway");
     }
     // Dropping the object detaches every program.
     drop(probes);
     info!("stopped; all probes detached");
     Ok(())
+}
+
+/// Starts the SSH guard on its own thread. A guard that cannot start (no nftables, say) is
+/// reported, and the rest of the daemon runs on without it.
+fn start_ssh_guard(
+    config: &Config,
+    metrics: SshGuardMetrics,
+) -> Option<(mpsc::Sender<SshInput>, std::thread::JoinHandle<()>)> {
+    if !config.ssh_guard.enabled {
+        info!("SSH guard disabled by configuration");
+        return None;
+    }
+    let guard = match SshGuard::open(config.ssh_guard.settings(), metrics) {
+        Ok(guard) => guard,
+        Err(error) => {
+            error!("SSH guard not started: {error}");
+            return None;
+        }
+    };
+    let (tx, rx) = mpsc::channel();
+    match std::thread::Builder::new()
+        .name("ssh-guard".into())
+        .spawn(move || guard.run(rx))
+    {
+        Ok(thread) => Some((tx, thread)),
+        Err(error) => {
+            error!("SSH guard not started: {error}");
+            None
+        }
+    }
+}
+
+fn join(thread: std::thread::JoinHandle<()>, name: &str) {
+    if thread.join().is_err() {
+        error!("the {name} thread panicked");
+    }
+}
+
+/// Re-reads the configuration and hands a valid policy to the enforcer; an invalid file is
+/// reported in full and changes nothing.
+#[derive(Clone)]
+struct Reloader {
+    path: Option<PathBuf>,
+    enforcer: mpsc::Sender<EnforcerInput>,
+    metrics: PolicyMetrics,
+}
+
+impl Reloader {
+    fn reload(&self, why: &str) {
+        match Config::load(self.path.as_deref()) {
+            Ok(config) => {
+                info!(why, policies = config.policies.services.len(), "configuration reloaded");
+                self.metrics.reloads.inc();
+                let _ = self.enforcer.send(EnforcerInput::Reload(config.policies));
+            }
+            Err(problem) => {
+                self.metrics.reload_errors.inc();
+                error!(why, "configuration rejected; the running policy stays in force:\n{problem}");
+            }
+        }
+    }
+
+    /// Reloads when the file's size, modification time or inode changes.
+    async fn watch_file(self, cancel: CancellationToken) {
+        let path = self
+            .path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
+        let stamp = |path: &PathBuf| {
+            std::fs::metadata(path)
+                .ok()
+                .map(|meta| (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()))
+        };
+        let mut seen = stamp(&path);
+        let mut tick = tokio::time::interval(CONFIG_POLL);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {
+                    let now = stamp(&path);
+                    if now != seen {
+                        seen = now;
+                        self.reload("the configuration file changed");
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, Error> {
@@ -181,15 +319,16 @@ impl Signals {
         })
     }
 
-    /// Returns on SIGINT or SIGTERM. SIGHUP re-reads the cgroup hierarchy.
-    async fn wait_for_shutdown(&mut self, attribution: &Mutex<Attribution>) {
+    /// Returns on SIGINT or SIGTERM. SIGHUP reloads the configuration and re-reads the
+    /// cgroup hierarchy.
+    async fn wait_for_shutdown(&mut self, attribution: &Mutex<Attribution>, reloader: &Reloader) {
         loop {
             tokio::select! {
                 _ = self.interrupt.recv() => return,
                 _ = self.terminate.recv() => return,
                 _ = self.hangup.recv() => {
-                    info!("SIGHUP: rescanning the cgroup hierarchy");
                     attribution.lock().expect("attribution lock").tree_mut().rescan();
+                    reloader.reload("SIGHUP");
                 }
             }
         }

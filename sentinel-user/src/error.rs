@@ -54,6 +54,10 @@ pub enum Error {
         controller: String,
         available: String,
     },
+    #[error("cannot write the audit log {path}: {source}")]
+    AuditLog { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Firewall(#[from] crate::firewall::FirewallError),
     #[error(transparent)]
     Io(#[from] io::Error),
 }

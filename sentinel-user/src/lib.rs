@@ -6,9 +6,12 @@ pub mod config;
 pub mod daemon;
 mod error;
 pub mod events;
+pub mod firewall;
 pub mod http;
 pub mod kernel;
 pub mod metrics;
+pub mod policy;
 pub mod probes;
+pub mod ssh_guard;
 
 pub use error::Error;

@@ -62,7 +62,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(daemon::run(config))?;
+    runtime.block_on(daemon::run(config, args.config))?;
     Ok(())
 }
 

@@ -100,19 +100,33 @@ pub struct Daemon {
     dir: TempDir,
 }
 
+/// A configuration that keeps the daemon off the machine's own firewall: tests that ban do
+/// so in network namespaces they create.
+pub const NO_FIREWALL: &str = "ssh_guard:\n  enabled: false\n";
+
 impl Daemon {
-    /// Starts the daemon with an empty configuration and waits until `/metrics` answers.
+    /// Starts the daemon with the SSH guard off and waits until `/metrics` answers.
     pub fn start(env: &[(&str, &str)]) -> Self {
-        let daemon = Self::spawn(free_port(), env);
+        Self::start_with_config(NO_FIREWALL, env)
+    }
+
+    /// Starts the daemon with `config` (YAML) and waits until `/metrics` answers.
+    pub fn start_with_config(config: &str, env: &[(&str, &str)]) -> Self {
+        let daemon = Self::spawn_with_config(free_port(), config, env);
         daemon.wait_ready();
         daemon
     }
 
-    /// Starts the daemon without waiting for it.
+    /// Starts the daemon with the SSH guard off, without waiting for it.
     pub fn spawn(port: u16, env: &[(&str, &str)]) -> Self {
+        Self::spawn_with_config(port, NO_FIREWALL, env)
+    }
+
+    /// Starts the daemon without waiting for it.
+    pub fn spawn_with_config(port: u16, config_text: &str, env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new("sentinel-daemon");
         let config = dir.path().join("sentinel.yaml");
-        fs::write(&config, "").expect("write config");
+        fs::write(&config, config_text).expect("write config");
         let log = File::create(dir.path().join("daemon.log")).expect("create log");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let child = Command::new(sentinel_bin())
@@ -128,6 +142,11 @@ impl Daemon {
             .spawn()
             .expect("spawn sentinel");
         Self { child, addr, dir }
+    }
+
+    /// The configuration file the daemon was started with (tests rewrite it to reload).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("sentinel.yaml")
     }
 
     fn wait_ready(&self) {

@@ -95,15 +95,18 @@ impl Attribution {
         label.to_string()
     }
 
+    /// The path of a cgroup id, if known (live or recently removed).
+    pub fn path_of(&mut self, id: u64) -> Option<String> {
+        match self.tree.lookup(id) {
+            Lookup::Live(path) | Lookup::Removed(path) => Some(path.to_string()),
+            Lookup::Unknown { .. } => None,
+        }
+    }
+
     /// The label of a cgroup id, for logs and user-space counters.
     pub fn label_for_id(&mut self, id: u64) -> String {
-        match self.tree.lookup(id) {
-            Lookup::Live(path) | Lookup::Removed(path) => {
-                let path = path.to_string();
-                self.label_for_path(&path)
-            }
-            Lookup::Unknown { .. } => self.label_for_path(UNKNOWN),
-        }
+        let path = self.path_of(id);
+        self.label_for_path(path.as_deref().unwrap_or(UNKNOWN))
     }
 
     pub fn record_oom_kill(&mut self, label: &str) {

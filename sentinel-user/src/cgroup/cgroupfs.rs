@@ -106,7 +106,11 @@ impl CgroupFs {
 }
 
 fn display_path(path: &str) -> String {
-    if path.is_empty() { "/".into() } else { format!("/{path}") }
+    if path.is_empty() {
+        "/".into()
+    } else {
+        format!("/{path}")
+    }
 }
 
 #[cfg(test)]

@@ -54,7 +54,11 @@ impl MemoryGuard {
         let above = memory_bytes > self.limits.threshold_bytes;
         match self.state {
             State::Terminated(at) if now.duration_since(at) >= self.limits.grace => {
-                self.state = if above { State::AboveSince(now) } else { State::Below };
+                self.state = if above {
+                    State::AboveSince(now)
+                } else {
+                    State::Below
+                };
                 Some(GuardAction::Kill)
             }
             State::Terminated(_) => None,
@@ -188,7 +192,10 @@ mod tests {
 
     #[test]
     fn pidfd_signals_a_live_child_and_reports_a_gone_one() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let handle = ProcessHandle::open(child.id() as i32).unwrap();
         assert!(handle.signal(libc::SIGKILL).unwrap());
         child.wait().unwrap();

@@ -3,10 +3,10 @@
 mod attribution;
 pub mod cgroupfs;
 pub mod guardian;
-pub mod stats;
 mod mount;
+pub mod stats;
 mod tree;
 
-pub use attribution::{Attribution, ServiceTotals};
+pub use attribution::{Attribution, ServiceTotals, UNKNOWN, service_name};
 pub use mount::find_cgroup2_mount;
-pub use tree::{CgroupTree, Lookup};
+pub use tree::{CgroupTree, Lookup, walk_hierarchy};

@@ -3,7 +3,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     os::unix::fs::MetadataExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -37,27 +37,7 @@ impl CgroupTree {
 
     /// Walks the whole hierarchy. A cgroup's id is its directory's inode number.
     pub fn rescan(&mut self) {
-        let mut live = HashMap::new();
-        let mut pending = vec![(self.root.clone(), String::from("/"))];
-        while let Some((dir, path)) = pending.pop() {
-            if let Ok(meta) = std::fs::metadata(&dir) {
-                live.insert(meta.ino(), path.clone());
-            }
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    let child = if path == "/" {
-                        format!("/{name}")
-                    } else {
-                        format!("{path}/{name}")
-                    };
-                    pending.push((entry.path(), child));
-                }
-            }
-        }
+        let live: HashMap<u64, String> = walk_hierarchy(&self.root).into_iter().collect();
         debug!(cgroups = live.len(), "scanned the cgroup2 hierarchy");
         self.live = live;
         self.last_scan = Some(Instant::now());
@@ -101,6 +81,33 @@ impl CgroupTree {
             }
         }
     }
+}
+
+/// Every cgroup under `root` as (id, path relative to the root, starting with `/`). A
+/// cgroup's id is its directory's inode number.
+pub fn walk_hierarchy(root: &Path) -> Vec<(u64, String)> {
+    let mut found = Vec::new();
+    let mut pending = vec![(root.to_path_buf(), String::from("/"))];
+    while let Some((dir, path)) = pending.pop() {
+        if let Ok(meta) = std::fs::metadata(&dir) {
+            found.push((meta.ino(), path.clone()));
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let child = if path == "/" {
+                    format!("/{name}")
+                } else {
+                    format!("{path}/{name}")
+                };
+                pending.push((entry.path(), child));
+            }
+        }
+    }
+    found
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -8,29 +8,57 @@ pub use reader::{read_ring, readable};
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, mpsc},
 };
 
 use sentinel_common::TcpEvent;
-use tracing::{Level, debug, enabled, info, warn};
+use tracing::{Level, debug, enabled, warn};
 
-use crate::cgroup::Attribution;
+use crate::{
+    cgroup::{Attribution, UNKNOWN},
+    policy::enforcer::{AppliedView, Input as EnforcerInput},
+    ssh_guard::Input as SshInput,
+};
 
 /// What the daemon does with each event.
 pub struct EventHandler {
     attribution: Arc<Mutex<Attribution>>,
+    applied: Arc<Mutex<AppliedView>>,
+    enforcer: Mutex<mpsc::Sender<EnforcerInput>>,
+    ssh_guard: Option<Mutex<mpsc::Sender<SshInput>>>,
 }
 
 impl EventHandler {
-    pub fn new(attribution: Arc<Mutex<Attribution>>) -> Self {
-        Self { attribution }
+    pub fn new(
+        attribution: Arc<Mutex<Attribution>>,
+        applied: Arc<Mutex<AppliedView>>,
+        enforcer: mpsc::Sender<EnforcerInput>,
+        ssh_guard: Option<mpsc::Sender<SshInput>>,
+    ) -> Self {
+        Self {
+            attribution,
+            applied,
+            enforcer: Mutex::new(enforcer),
+            ssh_guard: ssh_guard.map(Mutex::new),
+        }
     }
 
     pub fn handle(&self, event: Event) {
+        if let Event::Ssh(auth) = event {
+            self.to_ssh_guard(auth);
+            return;
+        }
         let mut attribution = self.attribution.lock().expect("attribution lock");
         match event {
             Event::CgroupCreated { id, path } => match path {
-                Some(path) => attribution.tree_mut().created(id, path),
+                Some(path) => {
+                    let _ = self
+                        .enforcer
+                        .lock()
+                        .expect("enforcer sender lock")
+                        .send(EnforcerInput::CgroupCreated(path.clone()));
+                    attribution.tree_mut().created(id, path);
+                }
                 // The path did not fit in the event: read the hierarchy instead.
                 None => attribution.tree_mut().rescan(),
             },
@@ -40,15 +68,20 @@ impl EventHandler {
                 cgroup_id,
                 comm,
             } => {
-                let service = match cgroup_id {
-                    Some(id) => attribution.label_for_id(id),
-                    None => {
-                        let path = cgroup_of_pid(pid).unwrap_or_else(|| "unknown".into());
-                        attribution.label_for_path(&path)
-                    }
+                let path = match cgroup_id {
+                    Some(id) => attribution.path_of(id),
+                    None => cgroup_of_pid(pid),
                 };
+                let service = attribution.label_for_path(path.as_deref().unwrap_or(UNKNOWN));
                 attribution.record_oom_kill(&service);
-                warn!(pid, comm, service, "OOM killer killed a process");
+                let applied = path.and_then(|path| {
+                    let view = self.applied.lock().expect("applied view lock");
+                    view.cgroups.get(&path).cloned()
+                });
+                let (policy, memory_max) = applied
+                    .map(|a| (a.policy, a.memory_max.unwrap_or_else(|| "max".into())))
+                    .unwrap_or_else(|| ("none".into(), "not set by Sentinel".into()));
+                warn!(pid, comm, service, policy, memory_max, "OOM killer killed a process");
             }
             Event::Exec(exec) if enabled!(Level::DEBUG) => {
                 let service = attribution.label_for_id(exec.cgroup_id);
@@ -78,16 +111,22 @@ impl EventHandler {
                     "{kind}"
                 );
             }
-            Event::Ssh(auth) => {
-                info!(
-                    outcome = ?auth.outcome,
-                    remote = auth.remote_host,
-                    pid = auth.pid,
-                    pam_result = auth.pam_result,
-                    "ssh authentication"
-                );
-            }
-            Event::Exec(_) | Event::TcpConnect(_) | Event::TcpAccept(_) => {}
+            Event::Exec(_) | Event::TcpConnect(_) | Event::TcpAccept(_) | Event::Ssh(_) => {}
+        }
+    }
+}
+
+impl EventHandler {
+    fn to_ssh_guard(&self, auth: SshAuth) {
+        debug!(
+            outcome = ?auth.outcome,
+            remote = auth.remote_host,
+            pid = auth.pid,
+            pam_result = auth.pam_result,
+            "ssh authentication"
+        );
+        if let Some(guard) = &self.ssh_guard {
+            let _ = guard.lock().expect("ssh guard sender lock").send(SshInput::Auth(auth));
         }
     }
 }

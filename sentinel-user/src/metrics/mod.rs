@@ -51,6 +51,11 @@ impl Metrics {
         Self { registry }
     }
 
+    /// For the other concerns to register their metrics before serving starts.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// Every metric in `format`.
     pub fn encode(&self, format: Format) -> Result<String, std::fmt::Error> {
         let mut body = String::new();

@@ -192,10 +192,7 @@ pub fn load(resolved: &ResolvedOffsets) -> Result<Probes, Error> {
         .map(|spec| {
             let result = attach(&mut ebpf, spec, resolved, fault.as_deref());
             match &result {
-                Ok(()) => info!(
-                    probe = spec.name,
-                    "probe attached"
-                ),
+                Ok(()) => info!(probe = spec.name, "probe attached"),
                 Err(reason) => warn!(
                     probe = spec.name,
                     "probe not attached: {reason}; its events will be missing"
@@ -230,7 +227,9 @@ fn attach(
         // A fault-injected probe attaches to a point that does not exist.
         let point = match (fault == Some(spec.name), *point) {
             (false, point) => point,
-            (true, AttachPoint::RawTracepoint(_)) => AttachPoint::RawTracepoint("sentinel_fault_injected"),
+            (true, AttachPoint::RawTracepoint(_)) => {
+                AttachPoint::RawTracepoint("sentinel_fault_injected")
+            }
             (true, AttachPoint::Uprobe { library, .. }) => AttachPoint::Uprobe {
                 library,
                 function: "sentinel_fault_injected",
@@ -238,18 +237,22 @@ fn attach(
         };
         match point {
             AttachPoint::RawTracepoint(tracepoint) => {
-                let program: &mut RawTracePoint =
-                    program.try_into().map_err(|e| format!("{e}"))?;
+                let program: &mut RawTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
                 if program.fd().is_err() {
-                    program.load().map_err(|e| format!("the verifier refused it: {e}"))?;
+                    program
+                        .load()
+                        .map_err(|e| format!("the verifier refused it: {e}"))?;
                 }
-                program.attach(tracepoint)
+                program
+                    .attach(tracepoint)
                     .map_err(|e| format!("attaching to {point} failed: {e}"))?;
             }
             AttachPoint::Uprobe { library, function } => {
                 let program: &mut UProbe = program.try_into().map_err(|e| format!("{e}"))?;
                 if program.fd().is_err() {
-                    program.load().map_err(|e| format!("the verifier refused it: {e}"))?;
+                    program
+                        .load()
+                        .map_err(|e| format!("the verifier refused it: {e}"))?;
                 }
                 program
                     .attach(function, library, UProbeScope::AllProcesses)

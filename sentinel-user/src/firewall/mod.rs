@@ -1,0 +1,249 @@
+//! Bans in nftables. Sentinel owns exactly one table, `table inet sentinel`, and never reads or
+//! writes anything else in the ruleset:
+//!
+//! ```text
+//! table inet sentinel {
+//!     set banned_v4 { type ipv4_addr; flags interval, timeout; }
+//!     set banned_v6 { type ipv6_addr; flags interval, timeout; }
+//!     chain input {
+//!         type filter hook input priority -10; policy accept;
+//!         ip saddr @banned_v4 counter drop
+//!         ip6 saddr @banned_v6 counter drop
+//!     }
+//! }
+//! ```
+//!
+//! A ban is a set element with a timeout, so the kernel lifts it even when the daemon is gone;
+//! bans outlive the daemon unless `flush_on_exit` is set. The table is created and read with the
+//! `nft` command (rare, and in the syntax operators know); bans are sent over netlink, one
+//! transaction per batch, because `nft` must read a whole interval set before adding to it and
+//! so slows down as the set grows (see `netlink`).
+
+mod error;
+mod net;
+mod netlink;
+mod netns;
+mod nft;
+mod view;
+
+use std::{
+    net::Ipv6Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+use tracing::{info, warn};
+
+pub use error::FirewallError;
+pub use net::IpNet;
+use netlink::SetElementSocket;
+use netns::NetNamespace;
+use nft::Nft;
+use view::{BanView, Changes, Expiry};
+
+const TABLE: &str = "sentinel";
+const SET_V4: &str = "banned_v4";
+const SET_V6: &str = "banned_v6";
+
+/// Far beyond any sensible ban, and far inside what the kernel accepts (about 584 years).
+const MAX_BAN_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirewallOptions {
+    /// An IPv6 ban covers the whole prefix of this length around the address: a host usually
+    /// gets a /64 and can move to any address inside it.
+    pub ipv6_prefix_len: u8,
+    /// Delete the table, and so every ban, when the daemon stops. By default bans stay in the
+    /// kernel until they expire, protecting the host while the daemon restarts.
+    pub flush_on_exit: bool,
+    /// The network namespace to work in, e.g. `/run/netns/NAME`; the daemon's own when unset.
+    pub netns: Option<PathBuf>,
+}
+
+impl Default for FirewallOptions {
+    fn default() -> Self {
+        Self {
+            ipv6_prefix_len: 64,
+            flush_on_exit: false,
+            netns: None,
+        }
+    }
+}
+
+/// Drop every packet from `net` for `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ban {
+    pub net: IpNet,
+    pub timeout: Duration,
+}
+
+/// A ban in force, as found in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActiveBan {
+    pub net: IpNet,
+    /// `None` for an element added by hand without a timeout.
+    pub expires_in: Option<Duration>,
+}
+
+/// What the drop rules have dropped since the table was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounters {
+    pub ipv4: Dropped,
+    pub ipv6: Dropped,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Sentinel's nftables table and the bans in it. Calls block: `ban` and `unban` for tens of
+/// microseconds, the others for an `nft` run of a few milliseconds.
+#[derive(Debug)]
+pub struct Firewall {
+    options: FirewallOptions,
+    nft: Nft,
+    socket: SetElementSocket,
+    /// The daemon's mirror of the sets, so that a batch needs no read from the kernel.
+    view: BanView,
+}
+
+impl Firewall {
+    /// Makes sure the table exists with the right shape and adopts the bans already in it. A
+    /// missing table is created; a table of another shape is replaced, keeping its bans.
+    pub fn open(options: FirewallOptions) -> Result<Self, FirewallError> {
+        IpNet::new(
+            std::net::Ipv6Addr::UNSPECIFIED.into(),
+            options.ipv6_prefix_len,
+        )?;
+        let netns = options
+            .netns
+            .as_deref()
+            .map(NetNamespace::open)
+            .transpose()?;
+        let socket = match &netns {
+            Some(netns) => netns.run(SetElementSocket::open)?,
+            None => SetElementSocket::open()?,
+        };
+        let nft = Nft::new(netns);
+        let view = ensure_table(&nft)?;
+        Ok(Self {
+            options,
+            nft,
+            socket,
+            view,
+        })
+    }
+
+    /// Bans every network of `batch` in one transaction. An IPv6 ban covers the whole prefix
+    /// of `ipv6_prefix_len` around its address. Banning a banned network again extends its
+    /// timeout and never shortens it; overlapping bans merge (see `view`).
+    pub fn ban(&mut self, batch: &[Ban]) -> Result<(), FirewallError> {
+        let bans = batch
+            .iter()
+            .map(|ban| self.ban_net(ban))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.apply(|view, now| {
+            let expiring = bans
+                .iter()
+                .map(|(net, timeout)| (*net, Expiry::At(now + *timeout)));
+            view.ban(expiring, now)
+        })
+    }
+
+    /// Lifts every ban that overlaps one of `nets`, wider or narrower, in one transaction.
+    pub fn unban(&mut self, nets: &[IpNet]) -> Result<(), FirewallError> {
+        self.apply(|view, now| view.unban(nets.iter().copied(), now))
+    }
+
+    /// The bans in force, read from the kernel.
+    pub fn list(&mut self) -> Result<Vec<ActiveBan>, FirewallError> {
+        self.view = ensure_table(&self.nft)?;
+        Ok(self.view.active(Instant::now()))
+    }
+
+    pub fn drop_counters(&self) -> Result<DropCounters, FirewallError> {
+        self.nft.drop_counters()
+    }
+
+    /// Stops managing the table: the bans stay unless `flush_on_exit` is set.
+    pub fn close(self) -> Result<(), FirewallError> {
+        if self.options.flush_on_exit {
+            self.remove_table()?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the table with every ban in it.
+    pub fn remove_table(self) -> Result<(), FirewallError> {
+        self.nft.delete_table()
+    }
+
+    /// The network a ban really covers, with its timeout checked.
+    fn ban_net(&self, ban: &Ban) -> Result<(IpNet, Duration), FirewallError> {
+        if ban.timeout.is_zero() || ban.timeout > MAX_BAN_TIMEOUT {
+            return Err(FirewallError::InvalidTimeout {
+                net: ban.net,
+                timeout: ban.timeout,
+                max: MAX_BAN_TIMEOUT,
+            });
+        }
+        let net = match ban.net.is_ipv4() {
+            true => ban.net,
+            false => ban.net.widened_to(self.options.ipv6_prefix_len),
+        };
+        Ok((net, ban.timeout))
+    }
+
+    /// Plans a batch against the mirror and commits it. When the kernel refuses it, the mirror
+    /// has drifted (an element expired a moment early, someone edited or deleted the table), so
+    /// the table is read again (and recreated if needed) and the batch planned once more.
+    fn apply(
+        &mut self,
+        plan: impl Fn(&mut BanView, Instant) -> Changes,
+    ) -> Result<(), FirewallError> {
+        let now = Instant::now();
+        let changes = plan(&mut self.view, now);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let Err(error) = self.socket.commit(&changes, now) else {
+            return Ok(());
+        };
+        warn!("re-reading the firewall table after a failed update: {error}");
+        self.view = ensure_table(&self.nft)?;
+        let now = Instant::now();
+        let changes = plan(&mut self.view, now);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let result = self.socket.commit(&changes, now);
+        if result.is_err() {
+            // Keep the mirror true to the kernel even though the batch failed.
+            self.view = ensure_table(&self.nft)?;
+        }
+        result
+    }
+}
+
+/// Creates or repairs the table and returns the mirror of its bans.
+fn ensure_table(nft: &Nft) -> Result<BanView, FirewallError> {
+    let now = Instant::now();
+    let Some(table) = nft.table()? else {
+        info!("creating nftables table inet {TABLE}");
+        nft.recreate_table(&[], now)?;
+        return Ok(BanView::default());
+    };
+    let bans = table.bans(now);
+    if !table.has_expected_shape() {
+        warn!(
+            "nftables table inet {TABLE} has an unexpected shape; recreating it with its {} bans",
+            bans.len()
+        );
+        nft.recreate_table(&bans, now)?;
+    }
+    Ok(BanView::new(bans))
+}

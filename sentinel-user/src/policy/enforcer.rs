@@ -1,0 +1,402 @@
+//! Enforcement: writes each matching cgroup's limits, keeps them there, restores what was
+//! there before when a policy lets go of a cgroup, and stops runaway processes before the
+//! kernel's OOM killer does.
+//!
+//! The enforcer runs on its own thread and owns all cgroup writes; everything else talks to it
+//! through [`Input`]. What it applied is published in an [`AppliedView`] for `/metrics` and
+//! for OOM log lines.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        mpsc::{Receiver, RecvTimeoutError},
+    },
+    time::{Duration, Instant},
+};
+
+use tracing::{error, info, warn};
+
+use super::{
+    Mode, Policy, ServicePolicy,
+    metrics::{Action, PolicyMetrics},
+};
+use crate::cgroup::{
+    cgroupfs::{CONTROLLERS, CgroupFs},
+    guardian::{GuardAction, GuardLimits, MemoryGuard, ProcessHandle, largest_process},
+    service_name, walk_hierarchy,
+};
+
+/// How often limits are checked for drift and memory guards are evaluated.
+const TICK: Duration = Duration::from_millis(500);
+
+pub enum Input {
+    /// A cgroup was created (path relative to the cgroup2 root).
+    CgroupCreated(String),
+    /// A new, already validated policy replaces the current one.
+    Reload(Policy),
+    Stop,
+}
+
+/// How cgroups of systemd units may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Refuse cgroups that systemd manages (on a host booted with systemd).
+    Auto,
+    /// Write every matched cgroup directly (the operator takes responsibility for systemd).
+    Cgroupfs,
+}
+
+/// What is applied where, shared with the metrics collector and the event handler.
+#[derive(Debug, Default)]
+pub struct AppliedView {
+    /// By cgroup path: the policy in force there.
+    pub cgroups: HashMap<String, AppliedSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedSummary {
+    pub policy: String,
+    pub mode: Mode,
+    /// `memory.max` as written (`max` or bytes), for OOM reports.
+    pub memory_max: Option<String>,
+}
+
+/// Interface files and their values, e.g. `("memory.max", "67108864")`.
+type Files = Vec<(&'static str, String)>;
+
+struct Applied {
+    policy: ServicePolicy,
+    /// The values Sentinel keeps in place, as the kernel reads them back.
+    expected: Files,
+    /// The values before Sentinel changed them, restored when the policy lets go.
+    originals: Files,
+    guard: Option<MemoryGuard>,
+    terminated: Option<ProcessHandle>,
+}
+
+pub struct Enforcer {
+    fs: CgroupFs,
+    policy: Policy,
+    backend: Backend,
+    systemd_booted: bool,
+    applied: HashMap<String, Applied>,
+    view: Arc<Mutex<AppliedView>>,
+    metrics: PolicyMetrics,
+}
+
+impl Enforcer {
+    pub fn new(
+        fs: CgroupFs,
+        policy: Policy,
+        backend: Backend,
+        view: Arc<Mutex<AppliedView>>,
+        metrics: PolicyMetrics,
+    ) -> Self {
+        Self {
+            fs,
+            policy,
+            backend,
+            systemd_booted: Path::new("/run/systemd/system").is_dir(),
+            applied: HashMap::new(),
+            view,
+            metrics,
+        }
+    }
+
+    /// Applies the policy to every existing cgroup.
+    pub fn apply_all(&mut self) {
+        let started = Instant::now();
+        for (_, path) in walk_hierarchy(self.fs.root()) {
+            self.reconcile(&path);
+        }
+        self.publish();
+        info!(
+            cgroups = self.applied.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "policies applied"
+        );
+    }
+
+    /// Handles inputs until `Stop`; limits stay in place when the daemon stops.
+    pub fn run(mut self, inputs: Receiver<Input>) {
+        self.apply_all();
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            match inputs.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+                Ok(Input::CgroupCreated(path)) => {
+                    self.reconcile(&path);
+                    self.publish();
+                }
+                Ok(Input::Reload(policy)) => self.reload(policy),
+                Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.tick();
+                    next_tick = Instant::now() + TICK;
+                }
+            }
+        }
+    }
+
+    fn reload(&mut self, policy: Policy) {
+        let started = Instant::now();
+        self.policy = policy;
+        let paths: Vec<String> = self.applied.keys().cloned().collect();
+        for path in paths {
+            let wanted = self.policy_for(&path).cloned();
+            if wanted.as_ref() != self.applied.get(&path).map(|a| &a.policy) {
+                self.release(&path);
+            }
+        }
+        self.apply_all();
+        info!(took_ms = started.elapsed().as_millis() as u64, "policy reloaded");
+    }
+
+    /// The first policy, in file order, that matches `path`.
+    fn policy_for(&self, path: &str) -> Option<&ServicePolicy> {
+        self.policy
+            .services
+            .iter()
+            .find(|service| service.target.matches(path))
+    }
+
+    /// Brings one cgroup in line with the policy.
+    fn reconcile(&mut self, path: &str) {
+        if self.applied.contains_key(path) || !self.fs.exists(path) {
+            return;
+        }
+        let Some(policy) = self.policy_for(path).cloned() else {
+            return;
+        };
+        let service = service_name(path).to_string();
+        if self.backend == Backend::Auto && self.systemd_booted && is_systemd_unit_path(path) {
+            error!(
+                service,
+                policy = policy.name,
+                "refusing to write the cgroup of a systemd unit: systemd owns it and would undo \
+                 the limits; set `services.cgroup_backend: cgroupfs` to write it anyway"
+            );
+            self.metrics.action(&service, Action::RefusedSystemdUnit);
+            return;
+        }
+        let desired = policy.limits.to_cgroup_files();
+        if policy.mode == Mode::Observe {
+            for (file, value) in &desired {
+                let current = self.fs.read(path, file).unwrap_or_else(|_| "?".into());
+                if current != *value {
+                    info!(service, policy = policy.name, file, current, would_set = value, "observe: would set limit");
+                }
+            }
+            self.metrics.action(&service, Action::WouldSetLimits);
+            self.applied.insert(path.to_string(), self.tracked(policy, Vec::new(), Vec::new()));
+            return;
+        }
+        match self.write_limits(path, &desired) {
+            Ok((expected, originals)) => {
+                info!(service, policy = policy.name, limits = ?desired, "limits applied");
+                self.metrics.action(&service, Action::SetLimits);
+                self.applied.insert(path.to_string(), self.tracked(policy, expected, originals));
+            }
+            Err(reason) => {
+                error!(service, policy = policy.name, "cannot apply limits: {reason}");
+                self.metrics.action(&service, Action::Failed);
+            }
+        }
+    }
+
+    fn tracked(&self, policy: ServicePolicy, expected: Files, originals: Files) -> Applied {
+        let guard = policy.graceful_stop.map(|stop| {
+            MemoryGuard::new(GuardLimits {
+                threshold_bytes: stop.terminate_above,
+                sustain: stop.sustained_for,
+                grace: stop.grace,
+            })
+        });
+        Applied {
+            policy,
+            expected,
+            originals,
+            guard,
+            terminated: None,
+        }
+    }
+
+    /// Writes `desired`; returns what the kernel reads back and what was there before.
+    fn write_limits(&self, path: &str, desired: &Files) -> Result<(Files, Files), crate::Error> {
+        let needed: Vec<&str> = CONTROLLERS
+            .iter()
+            .copied()
+            .filter(|controller| desired.iter().any(|(file, _)| file.starts_with(controller)))
+            .collect();
+        self.fs.enable_controllers(path, &needed)?;
+        let mut originals = Vec::new();
+        let mut expected = Vec::new();
+        for (file, value) in desired {
+            originals.push((*file, self.fs.read(path, file)?));
+            self.fs.write(path, file, value)?;
+            // The kernel may normalise a value (page-aligned sizes); keep what it reads back.
+            expected.push((*file, self.fs.read(path, file)?));
+        }
+        Ok((expected, originals))
+    }
+
+    /// Stops enforcing on `path`, restoring its previous limits if it still exists.
+    fn release(&mut self, path: &str) {
+        let Some(applied) = self.applied.remove(path) else {
+            return;
+        };
+        if !self.fs.exists(path) {
+            return;
+        }
+        // Reverse order: memory.high before memory.max, so the pair stays consistent.
+        for (file, value) in applied.originals.iter().rev() {
+            if let Err(error) = self.fs.write(path, file, value) {
+                warn!(service = service_name(path), file, "cannot restore the previous limit: {error}");
+            }
+        }
+        info!(service = service_name(path), policy = applied.policy.name, "policy released; previous limits restored");
+        self.metrics.action(service_name(path), Action::RestoredLimits);
+        self.publish();
+    }
+
+    fn tick(&mut self) {
+        let gone: Vec<String> = self
+            .applied
+            .keys()
+            .filter(|path| !self.fs.exists(path))
+            .cloned()
+            .collect();
+        for path in &gone {
+            self.applied.remove(path);
+        }
+        let now = Instant::now();
+        let paths: Vec<String> = self.applied.keys().cloned().collect();
+        for path in paths {
+            self.restore_drift(&path);
+            self.guard_memory(&path, now);
+        }
+        if !gone.is_empty() {
+            self.publish();
+        }
+    }
+
+    /// Puts back limits someone changed behind Sentinel's back.
+    fn restore_drift(&mut self, path: &str) {
+        let Some(applied) = self.applied.get(path) else {
+            return;
+        };
+        let service = service_name(path).to_string();
+        for (file, expected) in &applied.expected {
+            let Ok(current) = self.fs.read(path, file) else {
+                continue;
+            };
+            if current == *expected {
+                continue;
+            }
+            warn!(service, file, current, expected, "limit changed behind Sentinel's back; restoring it");
+            self.metrics.drift(&service);
+            if let Err(error) = self.fs.write(path, file, expected) {
+                error!(service, file, "cannot restore the limit: {error}");
+            }
+        }
+    }
+
+    fn guard_memory(&mut self, path: &str, now: Instant) {
+        let service = service_name(path).to_string();
+        let memory = self
+            .fs
+            .read(path, "memory.current")
+            .ok()
+            .and_then(|value| value.parse().ok());
+        let Some(applied) = self.applied.get_mut(path) else {
+            return;
+        };
+        let (Some(guard), Some(memory)) = (applied.guard.as_mut(), memory) else {
+            return;
+        };
+        let observe = applied.policy.mode == Mode::Observe;
+        match guard.tick(now, memory) {
+            None => {}
+            Some(GuardAction::Terminate) => {
+                let threshold = guard.limits().threshold_bytes;
+                let Some(pid) = largest_process(&self.fs.processes(path)) else {
+                    return;
+                };
+                if observe {
+                    info!(service, pid, memory, threshold, "observe: would send SIGTERM");
+                    self.metrics.action(&service, Action::WouldTerminate);
+                    return;
+                }
+                match ProcessHandle::open(pid) {
+                    Ok(process) => {
+                        warn!(service, pid, memory, threshold, "memory above terminate_above: sending SIGTERM to the largest process");
+                        if process.signal(libc::SIGTERM).unwrap_or(false) {
+                            self.metrics.action(&service, Action::Terminate);
+                        }
+                        applied.terminated = Some(process);
+                    }
+                    Err(error) => warn!(service, pid, "cannot open the process: {error}"),
+                }
+            }
+            Some(GuardAction::Kill) => {
+                let Some(process) = applied.terminated.take() else {
+                    return;
+                };
+                if observe {
+                    return;
+                }
+                match process.signal(libc::SIGKILL) {
+                    Ok(true) => {
+                        warn!(service, pid = process.pid, "still running after the grace period: sent SIGKILL");
+                        self.metrics.action(&service, Action::Kill);
+                    }
+                    Ok(false) => info!(service, pid = process.pid, "stopped after SIGTERM"),
+                    Err(error) => error!(service, pid = process.pid, "SIGKILL failed: {error}"),
+                }
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let cgroups = self
+            .applied
+            .iter()
+            .map(|(path, applied)| {
+                let memory_max = applied
+                    .expected
+                    .iter()
+                    .chain(applied.policy.limits.to_cgroup_files().iter())
+                    .find(|(file, _)| *file == "memory.max")
+                    .map(|(_, value)| value.clone());
+                (
+                    path.clone(),
+                    AppliedSummary {
+                        policy: applied.policy.name.clone(),
+                        mode: applied.policy.mode,
+                        memory_max,
+                    },
+                )
+            })
+            .collect();
+        self.view.lock().expect("applied view lock").cgroups = cgroups;
+    }
+}
+
+/// A cgroup systemd manages: one whose path names a unit (`.service`, `.scope`, `.slice`).
+fn is_systemd_unit_path(path: &str) -> bool {
+    path.split('/')
+        .any(|segment| [".service", ".scope", ".slice"].iter().any(|s| segment.ends_with(s)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_systemd_unit_cgroups() {
+        assert!(is_systemd_unit_path("/system.slice/nginx.service"));
+        assert!(is_systemd_unit_path("/user.slice/user-1000.slice/session-2.scope"));
+        assert!(!is_systemd_unit_path("/workers/job-1"));
+    }
+}

@@ -1,0 +1,106 @@
+//! The SSH guard's metrics. No address ever becomes a label.
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+#[derive(Clone)]
+pub struct SshGuardMetrics {
+    pub auth_failures: Counter,
+    bans: Family<Labels, Counter>,
+    skipped: Family<Labels, Counter>,
+    banned: Family<Labels, Gauge>,
+    tracked: Gauge,
+    evicted: Counter,
+    pub ban_latency_seconds: Histogram,
+}
+
+impl SshGuardMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            auth_failures: Counter::default(),
+            bans: Family::default(),
+            skipped: Family::default(),
+            banned: Family::default(),
+            tracked: Gauge::default(),
+            evicted: Counter::default(),
+            // 100 us .. ~3.3 s
+            ban_latency_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
+            ),
+        };
+        registry.register(
+            "sentinel_ssh_auth_failures",
+            "Failed SSH authentications seen in sshd's PAM calls",
+            metrics.auth_failures.clone(),
+        );
+        registry.register(
+            "sentinel_bans",
+            "Addresses banned, by reason (ssh_failures, ssh_repeat_offender, operator)",
+            metrics.bans.clone(),
+        );
+        registry.register(
+            "sentinel_bans_skipped",
+            "Bans the failure threshold called for but that were not made, by reason",
+            metrics.skipped.clone(),
+        );
+        registry.register(
+            "sentinel_banned_addresses",
+            "Bans in force, by address family",
+            metrics.banned.clone(),
+        );
+        registry.register(
+            "sentinel_ssh_tracked_addresses",
+            "Addresses with recent failures being tracked",
+            metrics.tracked.clone(),
+        );
+        registry.register(
+            "sentinel_ssh_tracking_evictions",
+            "Addresses with recent failures forgotten because the tracking table was full",
+            metrics.evicted.clone(),
+        );
+        registry.register(
+            "sentinel_ban_latency_seconds",
+            "From the failing authentication (kernel timestamp) to the ban committed in nftables",
+            metrics.ban_latency_seconds.clone(),
+        );
+        for family in ["ipv4", "ipv6"] {
+            metrics
+                .banned
+                .get_or_create(&vec![("family", family)])
+                .set(0);
+        }
+        metrics
+    }
+
+    pub fn bans(&self, reason: &'static str) -> Counter {
+        self.bans.get_or_create(&vec![("reason", reason)]).clone()
+    }
+
+    pub fn skipped(&self, reason: &'static str) -> Counter {
+        self.skipped
+            .get_or_create(&vec![("reason", reason)])
+            .clone()
+    }
+
+    pub fn set_banned(&self, ipv4: usize, ipv6: usize) {
+        self.banned
+            .get_or_create(&vec![("family", "ipv4")])
+            .set(ipv4 as i64);
+        self.banned
+            .get_or_create(&vec![("family", "ipv6")])
+            .set(ipv6 as i64);
+    }
+
+    /// `evicted_total` is the engine's running total; the counter catches up to it.
+    pub fn set_tracked(&self, tracked: usize, evicted_total: u64) {
+        self.tracked.set(tracked as i64);
+        let seen = self.evicted.get();
+        if evicted_total > seen {
+            self.evicted.inc_by(evicted_total - seen);
+        }
+    }
+}
