@@ -15,7 +15,7 @@ pub const DEFAULT_PATH: &str = "/etc/sentinel/sentinel.yaml";
 /// Larger files are refused before parsing.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub metrics: MetricsConfig,
@@ -47,17 +47,6 @@ pub struct ServicesConfig {
 pub enum CgroupBackend {
     Auto,
     Cgroupfs,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            metrics: MetricsConfig::default(),
-            services: ServicesConfig::default(),
-            policies: Policy::default(),
-            ssh_guard: SshGuardConfig::default(),
-        }
-    }
 }
 
 impl Default for MetricsConfig {
@@ -95,8 +84,12 @@ impl Config {
             Err(error) => return Err(read_error(error)),
             Ok(meta) if meta.len() > MAX_FILE_BYTES => {
                 return Err(Error::ConfigInvalid {
+                    message: format!(
+                        "{}: the file is {} bytes; the limit is 1 MiB",
+                        path.display(),
+                        meta.len()
+                    ),
                     path,
-                    message: format!("file is {} bytes; the limit is 1 MiB", meta.len()),
                 });
             }
             Ok(_) => {}
@@ -120,7 +113,8 @@ impl Config {
         if let Err(diagnostics) = crate::policy::check_str(name, text) {
             return Err(diagnostics.iter().map(ToString::to_string).collect());
         }
-        let config: Self = serde_saphyr::from_str(text).map_err(|e| vec![e.to_string()])?;
+        let config: Self =
+            serde_saphyr::from_str(text).map_err(|e| vec![format!("{name}: {e}")])?;
         let mut problems = config.ssh_guard.problems();
         if config.services.max_labels == 0 {
             problems.push("services.max_labels must be at least 1".into());
@@ -128,7 +122,10 @@ impl Config {
         if problems.is_empty() {
             Ok(config)
         } else {
-            Err(problems)
+            Err(problems
+                .into_iter()
+                .map(|problem| format!("{name}: {problem}"))
+                .collect())
         }
     }
 }

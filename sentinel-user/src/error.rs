@@ -1,6 +1,13 @@
 //! The daemon library's one error type; the binary adds context with anyhow at the edge.
 
-use std::{io, net::SocketAddr, path::PathBuf};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use crate::firewall::IpNet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -31,7 +38,8 @@ pub enum Error {
     MetricsListen { addr: SocketAddr, source: io::Error },
     #[error("cannot read the configuration file {path}: {source}")]
     ConfigRead { path: PathBuf, source: io::Error },
-    #[error("{path}: {message}")]
+    /// `message` holds every problem, one per line, each starting with the file name.
+    #[error("{message}")]
     ConfigInvalid { path: PathBuf, message: String },
     #[error("loading the eBPF object failed: {0}")]
     Ebpf(#[from] aya::EbpfError),
@@ -56,8 +64,58 @@ pub enum Error {
     },
     #[error("cannot write the audit log {path}: {source}")]
     AuditLog { path: PathBuf, source: io::Error },
-    #[error(transparent)]
-    Firewall(#[from] crate::firewall::FirewallError),
+    #[error("cannot create the control socket {path}: {source}")]
+    ControlSocket { path: PathBuf, source: io::Error },
+    #[error("another sentinel is running: it is listening on {path}")]
+    ControlSocketInUse { path: PathBuf },
+    #[error(
+        "cannot reach the sentinel daemon at {path}: is it running? (start it with `sentinel run`)"
+    )]
+    DaemonUnreachable { path: PathBuf },
+    #[error("permission denied: the control socket is root-only; use sudo")]
+    ControlPermissionDenied,
+    #[error("talking to the sentinel daemon at {path} failed: {source}")]
+    ControlIo { path: PathBuf, source: io::Error },
+    #[error("the sentinel daemon sent an invalid answer: {0}")]
+    ControlProtocol(String),
+    /// The daemon understood the request and refused it; the message is the daemon's.
+    #[error("{0}")]
+    ControlRejected(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error(
+        "the `nft` command is not installed; install the Debian package `nftables` \
+         (`apt-get install nftables`)"
+    )]
+    NftMissing,
+    #[error("cannot run `nft`: {0}")]
+    NftSpawn(#[source] io::Error),
+    #[error("`nft {command}` failed: {stderr}")]
+    NftFailed { command: String, stderr: String },
+    #[error("cannot read the JSON printed by `nft {command}`: {source}")]
+    NftOutput {
+        command: String,
+        source: serde_json::Error,
+    },
+    #[error("cannot enter the network namespace {path}: {source}")]
+    Netns { path: PathBuf, source: io::Error },
+    #[error("cannot open a netfilter netlink socket: {0}")]
+    NetlinkSocket(#[source] io::Error),
+    #[error("the kernel refused to update the banned sets: {source}")]
+    Netlink { source: io::Error },
+    #[error("prefix length /{prefix_len} is too long for {addr}")]
+    InvalidPrefixLength { addr: IpAddr, prefix_len: u8 },
+    #[error("{0:?} is not an IP address or network")]
+    InvalidNet(String),
+    #[error(
+        "the ban of {net} has a timeout of {timeout:?}; it must be above zero and at most {max:?}"
+    )]
+    InvalidTimeout {
+        net: IpNet,
+        timeout: Duration,
+        max: Duration,
+    },
     #[error(transparent)]
     Io(#[from] io::Error),
 }

@@ -17,6 +17,12 @@ struct Cli {
 enum Command {
     /// Run the daemon in the foreground.
     Run(RunArgs),
+    /// Check a configuration file without touching anything: exit 0 when it is valid,
+    /// otherwise print every problem as file:line:column: reason and exit 1.
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -42,6 +48,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Check { file } => return check(&file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,6 +71,25 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(daemon::run(config, args.config))?;
     Ok(())
+}
+
+fn check(file: &std::path::Path) -> ExitCode {
+    match Config::load(Some(file)) {
+        Ok(config) => {
+            println!(
+                "{}: valid ({} {}, SSH guard {})",
+                file.display(),
+                config.policies.services.len(),
+                if config.policies.services.len() == 1 { "policy" } else { "policies" },
+                if config.ssh_guard.enabled { "on" } else { "off" },
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -19,7 +19,6 @@
 //! transaction per batch, because `nft` must read a whole interval set before adding to it and
 //! so slows down as the set grows (see `netlink`).
 
-mod error;
 mod net;
 mod netlink;
 mod netns;
@@ -35,7 +34,8 @@ use std::{
 use serde::Deserialize;
 use tracing::{info, warn};
 
-pub use error::FirewallError;
+use crate::Error;
+
 pub use net::IpNet;
 use netlink::SetElementSocket;
 use netns::NetNamespace;
@@ -112,13 +112,12 @@ pub struct Firewall {
 }
 
 impl Firewall {
-    /// Makes sure the table exists with the right shape and adopts the bans already in it. A
-    /// missing table is created; a table of another shape is replaced, keeping its bans.
-    pub fn open(options: FirewallOptions) -> Result<Self, FirewallError> {
-        IpNet::new(
-            std::net::Ipv6Addr::UNSPECIFIED.into(),
-            options.ipv6_prefix_len,
-        )?;
+    /// Makes sure the table exists with the right shape and adopts the bans already in it
+    /// (`list` returns them). A missing table is created; a table of another shape is replaced
+    /// in one transaction that keeps its bans. No other table is read or changed.
+    pub fn open(options: FirewallOptions) -> Result<Self, Error> {
+        // Refuses a prefix length beyond /128 before anything changes.
+        IpNet::new(Ipv6Addr::UNSPECIFIED.into(), options.ipv6_prefix_len)?;
         let netns = options
             .netns
             .as_deref()
@@ -141,7 +140,7 @@ impl Firewall {
     /// Bans every network of `batch` in one transaction. An IPv6 ban covers the whole prefix
     /// of `ipv6_prefix_len` around its address. Banning a banned network again extends its
     /// timeout and never shortens it; overlapping bans merge (see `view`).
-    pub fn ban(&mut self, batch: &[Ban]) -> Result<(), FirewallError> {
+    pub fn ban(&mut self, batch: &[Ban]) -> Result<(), Error> {
         let bans = batch
             .iter()
             .map(|ban| self.ban_net(ban))
@@ -155,22 +154,22 @@ impl Firewall {
     }
 
     /// Lifts every ban that overlaps one of `nets`, wider or narrower, in one transaction.
-    pub fn unban(&mut self, nets: &[IpNet]) -> Result<(), FirewallError> {
+    pub fn unban(&mut self, nets: &[IpNet]) -> Result<(), Error> {
         self.apply(|view, now| view.unban(nets.iter().copied(), now))
     }
 
     /// The bans in force, read from the kernel.
-    pub fn list(&mut self) -> Result<Vec<ActiveBan>, FirewallError> {
+    pub fn list(&mut self) -> Result<Vec<ActiveBan>, Error> {
         self.view = ensure_table(&self.nft)?;
         Ok(self.view.active(Instant::now()))
     }
 
-    pub fn drop_counters(&self) -> Result<DropCounters, FirewallError> {
+    pub fn drop_counters(&self) -> Result<DropCounters, Error> {
         self.nft.drop_counters()
     }
 
     /// Stops managing the table: the bans stay unless `flush_on_exit` is set.
-    pub fn close(self) -> Result<(), FirewallError> {
+    pub fn close(self) -> Result<(), Error> {
         if self.options.flush_on_exit {
             self.remove_table()?;
         }
@@ -178,22 +177,23 @@ impl Firewall {
     }
 
     /// Deletes the table with every ban in it.
-    pub fn remove_table(self) -> Result<(), FirewallError> {
+    pub fn remove_table(self) -> Result<(), Error> {
         self.nft.delete_table()
     }
 
     /// The network a ban really covers, with its timeout checked.
-    fn ban_net(&self, ban: &Ban) -> Result<(IpNet, Duration), FirewallError> {
+    fn ban_net(&self, ban: &Ban) -> Result<(IpNet, Duration), Error> {
         if ban.timeout.is_zero() || ban.timeout > MAX_BAN_TIMEOUT {
-            return Err(FirewallError::InvalidTimeout {
+            return Err(Error::InvalidTimeout {
                 net: ban.net,
                 timeout: ban.timeout,
                 max: MAX_BAN_TIMEOUT,
             });
         }
-        let net = match ban.net.is_ipv4() {
-            true => ban.net,
-            false => ban.net.widened_to(self.options.ipv6_prefix_len),
+        let net = if ban.net.is_ipv4() {
+            ban.net
+        } else {
+            ban.net.widened_to(self.options.ipv6_prefix_len)
         };
         Ok((net, ban.timeout))
     }
@@ -204,33 +204,35 @@ impl Firewall {
     fn apply(
         &mut self,
         plan: impl Fn(&mut BanView, Instant) -> Changes,
-    ) -> Result<(), FirewallError> {
-        let now = Instant::now();
-        let changes = plan(&mut self.view, now);
-        if changes.is_empty() {
-            return Ok(());
-        }
-        let Err(error) = self.socket.commit(&changes, now) else {
+    ) -> Result<(), Error> {
+        let Err(error) = self.plan_and_commit(&plan) else {
             return Ok(());
         };
         warn!("re-reading the firewall table after a failed update: {error}");
         self.view = ensure_table(&self.nft)?;
-        let now = Instant::now();
-        let changes = plan(&mut self.view, now);
-        if changes.is_empty() {
-            return Ok(());
-        }
-        let result = self.socket.commit(&changes, now);
+        let result = self.plan_and_commit(&plan);
         if result.is_err() {
             // Keep the mirror true to the kernel even though the batch failed.
             self.view = ensure_table(&self.nft)?;
         }
         result
     }
+
+    fn plan_and_commit(
+        &mut self,
+        plan: &impl Fn(&mut BanView, Instant) -> Changes,
+    ) -> Result<(), Error> {
+        let now = Instant::now();
+        let changes = plan(&mut self.view, now);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.socket.commit(&changes, now)
+    }
 }
 
 /// Creates or repairs the table and returns the mirror of its bans.
-fn ensure_table(nft: &Nft) -> Result<BanView, FirewallError> {
+fn ensure_table(nft: &Nft) -> Result<BanView, Error> {
     let now = Instant::now();
     let Some(table) = nft.table()? else {
         info!("creating nftables table inet {TABLE}");

@@ -6,7 +6,7 @@ use std::{
     str::FromStr,
 };
 
-use super::FirewallError;
+use crate::Error;
 
 /// An IPv4 or IPv6 network with its host bits cleared; a single address is a /32 or /128.
 ///
@@ -20,9 +20,9 @@ pub struct IpNet {
 
 impl IpNet {
     /// The network of `addr` with `prefix_len` leading bits; the host bits are cleared.
-    pub fn new(addr: IpAddr, prefix_len: u8) -> Result<Self, FirewallError> {
+    pub fn new(addr: IpAddr, prefix_len: u8) -> Result<Self, Error> {
         if prefix_len > address_bits(addr) {
-            return Err(FirewallError::InvalidPrefixLength { addr, prefix_len });
+            return Err(Error::InvalidPrefixLength { addr, prefix_len });
         }
         let network = from_bits(addr, to_bits(addr) & network_mask(addr, prefix_len));
         Ok(Self {
@@ -100,10 +100,10 @@ impl fmt::Display for IpNet {
 
 /// Accepts `192.0.2.7`, `192.0.2.0/24`, `2001:db8::1` and `2001:db8::/64`.
 impl FromStr for IpNet {
-    type Err = FirewallError;
+    type Err = Error;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let invalid = || FirewallError::InvalidNet(text.to_owned());
+        let invalid = || Error::InvalidNet(text.to_owned());
         match text.split_once('/') {
             None => text
                 .parse::<IpAddr>()

@@ -15,7 +15,8 @@ use std::{
     time::Instant,
 };
 
-use super::{FirewallError, IpNet, SET_V4, SET_V6, TABLE, view::Changes};
+use super::{IpNet, SET_V4, SET_V6, TABLE, view::Changes};
+use crate::Error;
 
 // From linux/netfilter/nfnetlink.h and linux/netfilter/nf_tables.h.
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -54,7 +55,7 @@ enum Operation {
 
 impl SetElementSocket {
     /// Opens the socket in the calling thread's network namespace.
-    pub(super) fn open() -> Result<Self, FirewallError> {
+    pub(super) fn open() -> Result<Self, Error> {
         // SAFETY: plain system call; the result is checked before use.
         let raw = unsafe {
             libc::socket(
@@ -64,15 +65,15 @@ impl SetElementSocket {
             )
         };
         if raw == -1 {
-            return Err(FirewallError::NetlinkSocket(io::Error::last_os_error()));
+            return Err(Error::NetlinkSocket(io::Error::last_os_error()));
         }
         // SAFETY: `raw` is a fresh descriptor owned by nothing else.
         let socket = unsafe { OwnedFd::from_raw_fd(raw) };
-        // Acknowledgements then carry only the header of the acknowledged message, not a copy of it.
+        // Acknowledgements carry only the header of the acknowledged message, not all of it.
         set_socket_option(&socket, libc::SOL_NETLINK, libc::NETLINK_CAP_ACK, 1)
-            .map_err(FirewallError::NetlinkSocket)?;
+            .map_err(Error::NetlinkSocket)?;
         let send_buffer_len = socket_option(&socket, libc::SOL_SOCKET, libc::SO_SNDBUF)
-            .map_err(FirewallError::NetlinkSocket)?;
+            .map_err(Error::NetlinkSocket)?;
         Ok(Self {
             socket,
             send_buffer_len,
@@ -81,7 +82,7 @@ impl SetElementSocket {
     }
 
     /// Applies `changes` in one transaction: the kernel applies all of it or none of it.
-    pub(super) fn commit(&mut self, changes: &Changes, now: Instant) -> Result<(), FirewallError> {
+    pub(super) fn commit(&mut self, changes: &Changes, now: Instant) -> Result<(), Error> {
         let removals = by_set(changes.removed.iter().map(|net| (*net, None)));
         let additions = by_set(
             changes
@@ -111,13 +112,13 @@ impl SetElementSocket {
 
         self.send(&batch.bytes)?;
         self.read_acknowledgements()
-            .map_err(|source| FirewallError::Netlink { source })
+            .map_err(|source| Error::Netlink { source })
     }
 
-    fn send(&mut self, bytes: &[u8]) -> Result<(), FirewallError> {
-        let netlink = |source| FirewallError::Netlink { source };
+    fn send(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let netlink = |source| Error::Netlink { source };
         if bytes.len() > self.send_buffer_len {
-            // A batch must fit the send buffer whole; the root-only FORCE variant lifts the
+            // A batch must fit the send buffer whole; the FORCE variant (CAP_NET_ADMIN) lifts the
             // net.core.wmem_max cap, as `nft` does for large rulesets.
             set_socket_option(
                 &self.socket,

@@ -14,7 +14,7 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
-use super::FirewallError;
+use crate::Error;
 
 #[derive(Debug)]
 pub(super) struct NetNamespace {
@@ -25,8 +25,8 @@ pub(super) struct NetNamespace {
 impl NetNamespace {
     /// `path` names a namespace, e.g. `/run/netns/NAME` (from `ip netns add NAME`) or
     /// `/proc/PID/ns/net`.
-    pub(super) fn open(path: &Path) -> Result<Self, FirewallError> {
-        let handle = File::open(path).map_err(|source| FirewallError::Netns {
+    pub(super) fn open(path: &Path) -> Result<Self, Error> {
+        let handle = File::open(path).map_err(|source| Error::Netns {
             path: path.to_owned(),
             source,
         })?;
@@ -39,13 +39,13 @@ impl NetNamespace {
     /// Runs `task` on a thread inside the namespace and returns its result.
     pub(super) fn run<T: Send>(
         &self,
-        task: impl FnOnce() -> Result<T, FirewallError> + Send,
-    ) -> Result<T, FirewallError> {
+        task: impl FnOnce() -> Result<T, Error> + Send,
+    ) -> Result<T, Error> {
         thread::scope(|scope| {
             scope
                 .spawn(|| {
                     setns(&self.handle, CloneFlags::CLONE_NEWNET).map_err(|errno| {
-                        FirewallError::Netns {
+                        Error::Netns {
                             path: self.path.clone(),
                             source: errno.into(),
                         }

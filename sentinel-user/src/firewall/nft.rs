@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tracing::warn;
 
 use super::{
-    DropCounters, Dropped, FirewallError, IpNet, SET_V4, SET_V6, TABLE, netns::NetNamespace,
+    DropCounters, Dropped, Error, IpNet, SET_V4, SET_V6, TABLE, netns::NetNamespace,
     view::Expiry,
 };
 
@@ -67,7 +67,7 @@ impl Nft {
         &self,
         bans: &[(IpNet, Expiry)],
         now: Instant,
-    ) -> Result<(), FirewallError> {
+    ) -> Result<(), Error> {
         let mut script = format!("add table inet {TABLE}\ndelete table inet {TABLE}\n");
         script.push_str(&ruleset());
         for (net, expiry) in bans {
@@ -86,25 +86,23 @@ impl Nft {
     }
 
     /// Deletes the table and every ban in it; no error when there is none.
-    pub(super) fn delete_table(&self) -> Result<(), FirewallError> {
+    pub(super) fn delete_table(&self) -> Result<(), Error> {
         self.run_script(&format!(
             "add table inet {TABLE}\ndelete table inet {TABLE}\n"
         ))
     }
 
     /// The table as it is in the kernel, or `None` when there is no such table.
-    pub(super) fn table(&self) -> Result<Option<TableListing>, FirewallError> {
+    pub(super) fn table(&self) -> Result<Option<TableListing>, Error> {
         match self.list(&["list", "table", "inet", TABLE]) {
             Ok(listing) => Ok(Some(TableListing(listing))),
             // The failure may have another cause than a missing table: look before saying so.
-            Err(error) => match self.table_exists()? {
-                true => Err(error),
-                false => Ok(None),
-            },
+            Err(error) if self.table_exists()? => Err(error),
+            Err(_) => Ok(None),
         }
     }
 
-    pub(super) fn drop_counters(&self) -> Result<DropCounters, FirewallError> {
+    pub(super) fn drop_counters(&self) -> Result<DropCounters, Error> {
         let listing = self.list(&["list", "chain", "inet", TABLE, CHAIN])?;
         let dropped_from = |set: &str| {
             listing
@@ -119,7 +117,7 @@ impl Nft {
         })
     }
 
-    fn table_exists(&self) -> Result<bool, FirewallError> {
+    fn table_exists(&self) -> Result<bool, Error> {
         let tables = self.list(&["list", "tables", "inet"])?;
         Ok(tables
             .nftables
@@ -128,7 +126,7 @@ impl Nft {
             .any(|table| table.name == TABLE))
     }
 
-    fn run_script(&self, script: &str) -> Result<(), FirewallError> {
+    fn run_script(&self, script: &str) -> Result<(), Error> {
         let args = ["-f", "-"];
         let mut child = self
             .command(&args)
@@ -138,17 +136,17 @@ impl Nft {
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let written = stdin.write_all(script.as_bytes());
         drop(stdin);
-        let output = child.wait_with_output().map_err(FirewallError::NftSpawn)?;
+        let output = child.wait_with_output().map_err(Error::NftSpawn)?;
         check(&args, &output)?;
         // A write error without an nft error would mean nft exited without reading its input.
-        written.map_err(FirewallError::NftSpawn)
+        written.map_err(Error::NftSpawn)
     }
 
-    fn list(&self, args: &[&str]) -> Result<Listing, FirewallError> {
+    fn list(&self, args: &[&str]) -> Result<Listing, Error> {
         let args: Vec<&str> = ["-j"].iter().chain(args).copied().collect();
         let output = self.command(&args).output().map_err(spawn_error)?;
         check(&args, &output)?;
-        serde_json::from_slice(&output.stdout).map_err(|source| FirewallError::NftOutput {
+        serde_json::from_slice(&output.stdout).map_err(|source| Error::NftOutput {
             command: args.join(" "),
             source,
         })
@@ -168,19 +166,19 @@ impl Nft {
     }
 }
 
-fn spawn_error(error: io::Error) -> FirewallError {
+fn spawn_error(error: io::Error) -> Error {
     if error.kind() == io::ErrorKind::NotFound {
-        FirewallError::NftMissing
+        Error::NftMissing
     } else {
-        FirewallError::NftSpawn(error)
+        Error::NftSpawn(error)
     }
 }
 
-fn check(args: &[&str], output: &Output) -> Result<(), FirewallError> {
+fn check(args: &[&str], output: &Output) -> Result<(), Error> {
     if output.status.success() {
         return Ok(());
     }
-    Err(FirewallError::NftFailed {
+    Err(Error::NftFailed {
         command: args.join(" "),
         stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
     })

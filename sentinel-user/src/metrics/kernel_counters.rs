@@ -13,6 +13,9 @@ use tracing::warn;
 
 use crate::cgroup::{Attribution, ServiceTotals};
 
+/// Picks one count out of a service's totals.
+type CountOf = fn(&ServiceTotals) -> u64;
+
 pub struct KernelCounters {
     maps: Mutex<Maps>,
     attribution: Arc<Mutex<Attribution>>,
@@ -89,7 +92,7 @@ impl Collector for KernelCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut totals = self.service_totals();
         totals.sort_by(|a, b| a.service.cmp(&b.service));
-        let families: [(&str, &str, fn(&ServiceTotals) -> u64); 4] = [
+        let families: [(&str, &str, CountOf); 4] = [
             (
                 "sentinel_exec",
                 "Processes executed (execve), per service",

@@ -326,7 +326,7 @@ impl SshGuard {
 
     fn commit(
         &mut self,
-        change: impl FnOnce(&mut Firewall) -> Result<(), crate::firewall::FirewallError>,
+        change: impl FnOnce(&mut Firewall) -> Result<(), crate::Error>,
     ) -> Result<(), String> {
         match &mut self.firewall {
             Some(firewall) => change(firewall).map_err(|e| e.to_string()),

@@ -1,34 +1,105 @@
 //! Workloads the privileged tests run inside their cgroups:
-//!   sentinel-testkit listen ADDR COUNT    bind, print the port, accept COUNT connections
-//!   sentinel-testkit connect ADDR COUNT   open and close COUNT connections
+//!   listen ADDR COUNT           bind, print the port, accept COUNT connections
+//!   connect ADDR COUNT          open and close COUNT connections
+//!   hog MIB                     allocate and touch MIB mebibytes at once, then sleep
+//!   leak MIB_PER_SEC [ignore-term]
+//!                               grow by MIB_PER_SEC; on SIGTERM print "terminated" and exit
+//!                               0, or ignore SIGTERM with `ignore-term`
+//!   spin SECONDS                burn one CPU for SECONDS
+//!   forkbomb COUNT              try to start COUNT sleeping children; print how many started
 
 use std::{
     io::Write,
     net::{SocketAddr, TcpListener, TcpStream},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
 };
+
+const MIB: usize = 1024 * 1024;
+
+static TERMINATED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    TERMINATED.store(true, Ordering::SeqCst);
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [mode, addr, count] = args.as_slice() else {
-        anyhow::bail!("usage: sentinel-testkit listen|connect ADDR COUNT");
+    let arg = |i: usize| -> anyhow::Result<&str> {
+        args.get(i).map(String::as_str).ok_or_else(|| anyhow::anyhow!("missing argument {i}"))
     };
-    let addr: SocketAddr = addr.parse()?;
-    let count: usize = count.parse()?;
-    match mode.as_str() {
+    match arg(0)? {
         "listen" => {
-            let listener = TcpListener::bind(addr)?;
+            let listener = TcpListener::bind(arg(1)?.parse::<SocketAddr>()?)?;
             println!("{}", listener.local_addr()?.port());
             std::io::stdout().flush()?;
-            for _ in 0..count {
+            for _ in 0..arg(2)?.parse::<usize>()? {
                 drop(listener.accept()?);
             }
         }
         "connect" => {
-            for _ in 0..count {
+            let addr: SocketAddr = arg(1)?.parse()?;
+            for _ in 0..arg(2)?.parse::<usize>()? {
                 drop(TcpStream::connect(addr)?);
             }
+        }
+        "hog" => {
+            let memory = touched(arg(1)?.parse::<usize>()? * MIB);
+            println!("allocated {} bytes", memory.len());
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        "leak" => leak(arg(1)?.parse()?, args.get(2).map(String::as_str) == Some("ignore-term"))?,
+        "spin" => {
+            let until = Instant::now() + Duration::from_secs(arg(1)?.parse()?);
+            let mut x = 0u64;
+            while Instant::now() < until {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        "forkbomb" => {
+            let mut started = 0;
+            for _ in 0..arg(1)?.parse::<usize>()? {
+                // SAFETY: the child only sleeps and exits.
+                match unsafe { libc::fork() } {
+                    0 => {
+                        std::thread::sleep(Duration::from_secs(30));
+                        // SAFETY: leaving the forked child without running destructors.
+                        unsafe { libc::_exit(0) };
+                    }
+                    -1 => break,
+                    _ => started += 1,
+                }
+            }
+            println!("{started}");
+            std::io::stdout().flush()?;
         }
         other => anyhow::bail!("unknown mode {other}"),
     }
     Ok(())
+}
+
+fn leak(mib_per_second: usize, ignore_term: bool) -> anyhow::Result<()> {
+    let handler = if ignore_term { libc::SIG_IGN } else { on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t };
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe { libc::signal(libc::SIGTERM, handler) };
+    let mut held = Vec::new();
+    let step = Duration::from_millis(100);
+    loop {
+        if TERMINATED.load(Ordering::SeqCst) {
+            println!("terminated");
+            std::io::stdout().flush()?;
+            return Ok(());
+        }
+        held.push(touched(mib_per_second * MIB / 10));
+        std::thread::sleep(step);
+    }
+}
+
+/// `bytes` of memory with every page written, so it is really resident.
+fn touched(bytes: usize) -> Vec<u8> {
+    let mut memory = vec![0u8; bytes];
+    for page in memory.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    memory
 }

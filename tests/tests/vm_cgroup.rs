@@ -1,0 +1,251 @@
+//! cgroup v2 enforcement on a real kernel with the memory, cpu and pids controllers: run
+//! inside the VM by `cargo xtask vm-test` (build hosts have hybrid cgroups without them).
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    os::unix::process::ExitStatusExt,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use sentinel_tests::{Daemon, NO_FIREWALL, TestCgroup, cgroup2_mount, eventually, serial, testkit_bin};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Fails loudly, never skips, where the controllers are missing.
+fn require_controllers() {
+    let root = cgroup2_mount();
+    let enabled = fs::read_to_string(root.join("cgroup.subtree_control")).unwrap_or_default();
+    for controller in ["memory", "cpu", "pids"] {
+        assert!(
+            enabled.split_whitespace().any(|c| c == controller),
+            "this suite needs cgroup v2 with the {controller} controller enabled at {} \
+             (found {enabled:?}); run it with `cargo xtask vm-test`",
+            root.display()
+        );
+    }
+}
+
+/// A daemon whose configuration holds `policies` (YAML list items, indented by two).
+fn daemon_with(policies: &str) -> Daemon {
+    require_controllers();
+    Daemon::start_with_config(&format!("{NO_FIREWALL}policies:\n{policies}"), &[])
+}
+
+fn read(cgroup: &TestCgroup, file: &str) -> String {
+    fs::read_to_string(cgroup.path().join(file))
+        .unwrap_or_else(|e| panic!("read {file}: {e}"))
+        .trim()
+        .to_string()
+}
+
+fn flat_key(cgroup: &TestCgroup, file: &str, key: &str) -> u64 {
+    read(cgroup, file)
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{key} "))?.parse().ok())
+        .unwrap_or_else(|| panic!("{file} has no {key}"))
+}
+
+/// Waits until `file` reads `expected`; returns how long that took.
+fn wait_for(cgroup: &TestCgroup, file: &str, expected: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let held = eventually(limit, || {
+        fs::read_to_string(cgroup.path().join(file)).is_ok_and(|value| value.trim() == expected)
+    });
+    assert!(held, "{file} is {:?}, expected {expected:?} within {limit:?}", read(cgroup, file));
+    started.elapsed()
+}
+
+fn counter(daemon: &Daemon, name: &str, labels: &[(&str, &str)]) -> u64 {
+    daemon.scrape().counter(name, labels)
+}
+
+#[test]
+fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
+    let _serial = serial();
+    let daemon = daemon_with("  - name: hog\n    cgroup: sentinel-test-oom-*\n    memory.max: 64M\n");
+    let cgroup = TestCgroup::new("oom");
+    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string(), Duration::from_secs(1));
+    let service = [("service", cgroup.service())];
+
+    let status = cgroup
+        .command(testkit_bin())
+        .args(["hog", "200"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run the hog");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog should be OOM-killed: {status}");
+
+    assert!(eventually(Duration::from_secs(5), || {
+        counter(&daemon, "sentinel_oom_kills_total", &service) >= 1
+    }));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(counter(&daemon, "sentinel_oom_kills_total", &service), 1);
+    assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 1);
+    let reports = daemon.log_records(&[("message", "OOM killer killed a process")]);
+    let report = reports
+        .iter()
+        .find(|r| r["service"] == cgroup.service())
+        .unwrap_or_else(|| panic!("no OOM report for {}:\n{}", cgroup.service(), daemon.log()));
+    assert_eq!(report["policy"], "hog");
+    assert_eq!(report["memory_max"], (64 * MIB).to_string());
+    assert_eq!(report["comm"], "sentinel-testki");
+}
+
+const GRACEFUL: &str = "    memory.max: 128M\n    terminate_above: 48M\n    for: 1s\n    grace: 2s\n";
+
+#[test]
+fn terminate_above_stops_a_leak_with_sigterm_before_the_oom_killer() {
+    let _serial = serial();
+    let daemon = daemon_with(&format!("  - name: leaky\n    cgroup: sentinel-test-term-*\n{GRACEFUL}"));
+    let cgroup = TestCgroup::new("term");
+    wait_for(&cgroup, "memory.max", &(128 * MIB).to_string(), Duration::from_secs(1));
+
+    let output = cgroup
+        .command(testkit_bin())
+        .args(["leak", "8"])
+        .output()
+        .expect("run the leak");
+    assert!(output.status.success(), "the leak should exit by itself: {:?}", output.status);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "terminated");
+
+    let action = |action| {
+        counter(&daemon, "sentinel_actions_total", &[("service", cgroup.service()), ("action", action)])
+    };
+    assert_eq!(action("sigterm"), 1);
+    assert_eq!(action("sigkill"), 0);
+    assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 0);
+}
+
+#[test]
+fn terminate_above_kills_a_leak_that_ignores_sigterm_after_the_grace_period() {
+    let _serial = serial();
+    let daemon = daemon_with(&format!("  - name: stubborn\n    cgroup: sentinel-test-kill-*\n{GRACEFUL}"));
+    let cgroup = TestCgroup::new("kill");
+    wait_for(&cgroup, "memory.max", &(128 * MIB).to_string(), Duration::from_secs(1));
+
+    let status = cgroup
+        .command(testkit_bin())
+        .args(["leak", "8", "ignore-term"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run the leak");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+
+    let action = |action| {
+        counter(&daemon, "sentinel_actions_total", &[("service", cgroup.service()), ("action", action)])
+    };
+    assert!(eventually(Duration::from_secs(2), || action("sigkill") == 1));
+    assert_eq!(action("sigterm"), 1);
+    // Sentinel's SIGKILL came first: the kernel's OOM killer never ran.
+    assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 0);
+}
+
+#[test]
+fn cpu_max_holds_a_busy_loop_near_its_share() {
+    let _serial = serial();
+    let daemon = daemon_with("  - name: spinner\n    cgroup: sentinel-test-cpu-*\n    cpu.max: 20%\n");
+    let cgroup = TestCgroup::new("cpu");
+    wait_for(&cgroup, "cpu.max", "20000 100000", Duration::from_secs(1));
+
+    let usage_before = flat_key(&cgroup, "cpu.stat", "usage_usec");
+    let started = Instant::now();
+    let status = cgroup
+        .command(testkit_bin())
+        .args(["spin", "4"])
+        .status()
+        .expect("run the spinner");
+    assert!(status.success());
+    let wall = started.elapsed().as_micros() as f64;
+    let share = (flat_key(&cgroup, "cpu.stat", "usage_usec") - usage_before) as f64 / wall;
+    // Emulated CPUs make scheduling approximate; 20 % must still be far from a free 100 %.
+    assert!((0.10..=0.35).contains(&share), "measured CPU share {share:.3}");
+    assert!(flat_key(&cgroup, "cpu.stat", "nr_throttled") > 0);
+    let throttled = daemon
+        .scrape()
+        .value("sentinel_cpu_throttled_seconds_total", &[("service", cgroup.service())])
+        .expect("throttled seconds exported");
+    assert!(throttled > 0.0, "throttled {throttled}");
+}
+
+#[test]
+fn pids_max_stops_a_fork_bomb_and_the_system_stays_responsive() {
+    let _serial = serial();
+    let _daemon = daemon_with("  - name: bomb\n    cgroup: sentinel-test-pids-*\n    pids.max: 32\n");
+    let cgroup = TestCgroup::new("pids");
+    wait_for(&cgroup, "pids.max", "32", Duration::from_secs(1));
+
+    let mut bomb = cgroup
+        .command(testkit_bin())
+        .args(["forkbomb", "500"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the fork bomb");
+    let mut started = String::new();
+    BufReader::new(bomb.stdout.take().unwrap())
+        .read_line(&mut started)
+        .expect("read the fork count");
+    let started: u32 = started.trim().parse().expect("fork count");
+    assert!((20..32).contains(&started), "{started} children started under pids.max 32");
+    assert!(flat_key(&cgroup, "pids.events", "max") > 0);
+
+    let responsive = Instant::now();
+    let other = TestCgroup::new("responsive");
+    assert!(other.command("/bin/true").status().expect("run true").success());
+    assert!(responsive.elapsed() < Duration::from_secs(2));
+    bomb.wait().expect("bomb exits");
+}
+
+#[test]
+fn a_later_cgroup_gets_its_limits_within_a_second_and_drift_is_restored() {
+    let _serial = serial();
+    let daemon = daemon_with("  - name: late\n    cgroup: sentinel-test-late-*\n    memory.max: 64M\n    pids.max: 100\n");
+    let cgroup = TestCgroup::new("late");
+    let took = wait_for(&cgroup, "memory.max", &(64 * MIB).to_string(), Duration::from_secs(1));
+    wait_for(&cgroup, "pids.max", "100", Duration::from_secs(1));
+    println!("limits applied {took:?} after the cgroup was created");
+
+    fs::write(cgroup.path().join("memory.max"), "max").expect("change memory.max by hand");
+    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string(), Duration::from_secs(2));
+    let drift = [("service", cgroup.service())];
+    assert!(eventually(Duration::from_secs(1), || counter(&daemon, "sentinel_policy_drift_total", &drift) == 1));
+}
+
+#[test]
+fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
+    let _serial = serial();
+    let good = |memory| {
+        format!("{NO_FIREWALL}policies:\n  - name: app\n    cgroup: sentinel-test-reload-*\n    memory.max: {memory}\n    pids.max: 64\n")
+    };
+    require_controllers();
+    let cgroup = TestCgroup::new("reload");
+    let original_memory = read(&cgroup, "memory.max");
+    let original_pids = read(&cgroup, "pids.max");
+    let mut daemon = Daemon::start_with_config(&good("64M"), &[]);
+    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string(), Duration::from_secs(2));
+    let limits = || (read(&cgroup, "memory.max"), read(&cgroup, "pids.max"));
+    let before = limits();
+
+    // A broken file: noticed by the file watcher, and again on SIGHUP.
+    fs::write(daemon.config_path(), format!("{}    memory.high: 1G\n", good("64M"))).unwrap();
+    assert!(eventually(Duration::from_secs(3), || {
+        counter(&daemon, "sentinel_policy_reload_errors_total", &[]) == 1
+    }));
+    daemon.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(3), || {
+        counter(&daemon, "sentinel_policy_reload_errors_total", &[]) == 2
+    }));
+    assert_eq!(limits(), before, "a rejected reload changed the limits");
+    assert!(daemon.log().contains("memory.high (1G) must not be above memory.max (64M)"));
+
+    // A valid change is applied...
+    fs::write(daemon.config_path(), good("96M")).unwrap();
+    wait_for(&cgroup, "memory.max", &(96 * MIB).to_string(), Duration::from_secs(3));
+    // ...and removing the policy restores what was there before Sentinel.
+    fs::write(daemon.config_path(), NO_FIREWALL).unwrap();
+    wait_for(&cgroup, "memory.max", &original_memory, Duration::from_secs(3));
+    assert_eq!(read(&cgroup, "pids.max"), original_pids);
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(3)).is_some_and(|(s, _)| s.success()));
+}
