@@ -95,11 +95,9 @@ impl Config {
             Ok(_) => {}
         }
         let text = std::fs::read_to_string(&path).map_err(read_error)?;
-        Self::parse(&path.display().to_string(), &text).map_err(|problems| {
-            Error::ConfigInvalid {
-                path,
-                message: problems.join("\n"),
-            }
+        Self::parse(&path.display().to_string(), &text).map_err(|problems| Error::ConfigInvalid {
+            path,
+            message: problems.join("\n"),
         })
     }
 
@@ -150,7 +148,10 @@ mod tests {
             "metrics:\n  listen: 0.0.0.0:9000\nservices:\n  max_labels: 3\nssh_guard:\n  ban_for: 1h\n  allow: [10.0.0.0/8]\n",
         )
         .unwrap();
-        assert_eq!(config.ssh_guard.ban_for, std::time::Duration::from_secs(3600));
+        assert_eq!(
+            config.ssh_guard.ban_for,
+            std::time::Duration::from_secs(3600)
+        );
         assert_eq!(config.ssh_guard.allow, vec!["10.0.0.0/8".parse().unwrap()]);
         assert_eq!(config.metrics.listen.to_string(), "0.0.0.0:9000");
         assert_eq!(config.services.max_labels, 3);
@@ -158,7 +159,9 @@ mod tests {
 
     #[test]
     fn rejects_unknown_keys_with_a_location() {
-        let error = Config::parse("t", "metrics:\n  lisen: 1.2.3.4:1\n").unwrap_err().join("\n");
+        let error = Config::parse("t", "metrics:\n  lisen: 1.2.3.4:1\n")
+            .unwrap_err()
+            .join("\n");
         assert!(error.contains("listen"), "{error}");
         assert!(error.contains("line 2"), "no line number in: {error}");
     }
@@ -174,15 +177,21 @@ mod tests {
         let text = "policies:\n  - name: web\n    cgroup: web\n    memroy.max: 1G\n";
         let problems = Config::parse("f.yaml", text).unwrap_err();
         assert!(
-            problems.contains(&r#"f.yaml:4:5: unknown policy key "memroy.max"; did you mean "memory.max"?"#.to_string()),
+            problems.contains(
+                &r#"f.yaml:4:5: unknown policy key "memroy.max"; did you mean "memory.max"?"#
+                    .to_string()
+            ),
             "{problems:?}"
         );
     }
 
     #[test]
     fn nonsense_guard_settings_are_refused() {
-        let problems = Config::parse("t", "ssh_guard:\n  max_failures: 0\n  ban_for: 2h\n  max_ban: 1h\n")
-            .unwrap_err();
+        let problems = Config::parse(
+            "t",
+            "ssh_guard:\n  max_failures: 0\n  ban_for: 2h\n  max_ban: 1h\n",
+        )
+        .unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
     }
 

@@ -19,6 +19,7 @@ use crate::{
     Error,
     cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount},
     config::{CgroupBackend, Config},
+    control::ControlSocket,
     events::{EventHandler, read_ring, readable},
     http,
     kernel::{self, Btf},
@@ -42,9 +43,21 @@ const HOUSEKEEPING: Duration = Duration::from_secs(60);
 /// How often the configuration file is checked for changes.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
 
-/// Runs the daemon until SIGINT or SIGTERM. `config_path` is re-read on SIGHUP and when the
-/// file changes.
-pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Error> {
+/// What `sentinel run` was asked to do.
+pub struct RunOptions {
+    pub config: Config,
+    /// Re-read on SIGHUP and when the file changes; `None` means the default path.
+    pub config_path: Option<PathBuf>,
+    pub control_socket: PathBuf,
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(options: RunOptions) -> Result<(), Error> {
+    let RunOptions {
+        config,
+        config_path,
+        control_socket,
+    } = options;
     // Installed first, so that a stop request at any point takes the clean path.
     let mut signals = Signals::install()?;
     kernel::check_privileges()?;
@@ -58,6 +71,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Err
             addr: listen,
             source,
         })?;
+    let control = ControlSocket::bind(&control_socket)?;
     kernel::raise_memlock_limit();
 
     let resolved = kernel::resolve_offsets(&btf);
@@ -79,7 +93,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Err
 
     let cgroupfs = CgroupFs::new(cgroup_root.clone());
     let applied = Arc::new(Mutex::new(AppliedView::default()));
-    let policy_metrics = PolicyMetrics::new(metrics.registry_mut(), cgroupfs.clone(), applied.clone());
+    let policy_metrics =
+        PolicyMetrics::new(metrics.registry_mut(), cgroupfs.clone(), applied.clone());
     let backend = match config.services.cgroup_backend {
         CgroupBackend::Auto => Backend::Auto,
         CgroupBackend::Cgroupfs => Backend::Cgroupfs,
@@ -123,6 +138,15 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Err
         http::serve(listener, metrics, cancel.clone()),
     ));
     tasks.spawn(housekeeping(kernel_counters, cancel.clone()));
+    // Without a guard, requests get "the SSH guard is not running" from a closed channel.
+    let guard_for_control = match &ssh_guard {
+        Some((tx, _)) => tx.clone(),
+        None => mpsc::channel().0,
+    };
+    tasks.spawn(log_failure_of(
+        "control socket",
+        control.serve(guard_for_control, cancel.clone()),
+    ));
     forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
     let reloader = Reloader {
         path: config_path,
@@ -152,7 +176,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Err
         join(guard_thread, "ssh guard");
     }
     join(enforcer_thread, "enforcer");
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
         warn!("some tasks did not stop within {SHUTDOWN_GRACE:?}; detaching anyway");
     }
     // Dropping the object detaches every program.
@@ -210,13 +237,20 @@ impl Reloader {
     fn reload(&self, why: &str) {
         match Config::load(self.path.as_deref()) {
             Ok(config) => {
-                info!(why, policies = config.policies.services.len(), "configuration reloaded");
+                info!(
+                    why,
+                    policies = config.policies.services.len(),
+                    "configuration reloaded"
+                );
                 self.metrics.reloads.inc();
                 let _ = self.enforcer.send(EnforcerInput::Reload(config.policies));
             }
             Err(problem) => {
                 self.metrics.reload_errors.inc();
-                error!(why, "configuration rejected; the running policy stays in force:\n{problem}");
+                error!(
+                    why,
+                    "configuration rejected; the running policy stays in force:\n{problem}"
+                );
             }
         }
     }
@@ -254,6 +288,13 @@ fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, 
 }
 
 async fn log_failure(task: &'static str, work: impl Future<Output = std::io::Result<()>>) {
+    log_failure_of(task, work).await;
+}
+
+async fn log_failure_of<E: std::fmt::Display>(
+    task: &'static str,
+    work: impl Future<Output = Result<(), E>>,
+) {
     if let Err(error) = work.await {
         tracing::error!("{task} failed: {error}");
     }

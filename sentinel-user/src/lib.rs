@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod control;
 pub mod daemon;
 mod error;
 pub mod events;

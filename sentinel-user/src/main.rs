@@ -3,7 +3,11 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use sentinel_user::{config::Config, daemon};
+use sentinel_user::{
+    config::Config,
+    control,
+    daemon::{self, RunOptions},
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -23,6 +27,30 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// List the bans in force (address, reason, failures, expiry).
+    Bans(SocketArg),
+    /// Ban an address (IPv6: its whole prefix) now.
+    Ban {
+        address: String,
+        /// How long, e.g. 30m, 1h, 7d
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Lift the ban of an address at once.
+    Unban {
+        address: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct SocketArg {
+    /// The daemon's control socket
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    socket: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -36,6 +64,9 @@ struct RunArgs {
     /// Log format
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    /// Root-only Unix socket for `sentinel bans`, `ban` and `unban`
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    control_socket: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -49,6 +80,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Check { file } => return check(&file),
+        Command::Bans(SocketArg { socket }) => print(control::bans(&socket)),
+        Command::Ban {
+            address,
+            duration,
+            socket,
+        } => print(control::ban(&socket.socket, &address, &duration)),
+        Command::Unban { address, socket } => print(control::unban(&socket.socket, &address)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,7 +107,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(daemon::run(config, args.config))?;
+    runtime.block_on(daemon::run(RunOptions {
+        config,
+        config_path: args.config,
+        control_socket: args.control_socket,
+    }))?;
+    Ok(())
+}
+
+fn print(text: Result<String, sentinel_user::Error>) -> anyhow::Result<()> {
+    println!("{}", text?);
     Ok(())
 }
 
@@ -80,8 +127,16 @@ fn check(file: &std::path::Path) -> ExitCode {
                 "{}: valid ({} {}, SSH guard {})",
                 file.display(),
                 config.policies.services.len(),
-                if config.policies.services.len() == 1 { "policy" } else { "policies" },
-                if config.ssh_guard.enabled { "on" } else { "off" },
+                if config.policies.services.len() == 1 {
+                    "policy"
+                } else {
+                    "policies"
+                },
+                if config.ssh_guard.enabled {
+                    "on"
+                } else {
+                    "off"
+                },
             );
             ExitCode::SUCCESS
         }

@@ -134,6 +134,8 @@ impl Daemon {
             .arg(&config)
             .arg("--metrics-addr")
             .arg(addr.to_string())
+            .arg("--control-socket")
+            .arg(dir.path().join("control.sock"))
             .env("SENTINEL_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -142,6 +144,11 @@ impl Daemon {
             .spawn()
             .expect("spawn sentinel");
         Self { child, addr, dir }
+    }
+
+    /// The daemon's control socket, for `sentinel bans|ban|unban --socket`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
     }
 
     /// The configuration file the daemon was started with (tests rewrite it to reload).

@@ -81,7 +81,10 @@ impl EventHandler {
                 let (policy, memory_max) = applied
                     .map(|a| (a.policy, a.memory_max.unwrap_or_else(|| "max".into())))
                     .unwrap_or_else(|| ("none".into(), "not set by Sentinel".into()));
-                warn!(pid, comm, service, policy, memory_max, "OOM killer killed a process");
+                warn!(
+                    pid,
+                    comm, service, policy, memory_max, "OOM killer killed a process"
+                );
             }
             Event::Exec(exec) if enabled!(Level::DEBUG) => {
                 let service = attribution.label_for_id(exec.cgroup_id);
@@ -126,7 +129,10 @@ impl EventHandler {
             "ssh authentication"
         );
         if let Some(guard) = &self.ssh_guard {
-            let _ = guard.lock().expect("ssh guard sender lock").send(SshInput::Auth(auth));
+            let _ = guard
+                .lock()
+                .expect("ssh guard sender lock")
+                .send(SshInput::Auth(auth));
         }
     }
 }

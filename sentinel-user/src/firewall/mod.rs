@@ -201,10 +201,7 @@ impl Firewall {
     /// Plans a batch against the mirror and commits it. When the kernel refuses it, the mirror
     /// has drifted (an element expired a moment early, someone edited or deleted the table), so
     /// the table is read again (and recreated if needed) and the batch planned once more.
-    fn apply(
-        &mut self,
-        plan: impl Fn(&mut BanView, Instant) -> Changes,
-    ) -> Result<(), Error> {
+    fn apply(&mut self, plan: impl Fn(&mut BanView, Instant) -> Changes) -> Result<(), Error> {
         let Err(error) = self.plan_and_commit(&plan) else {
             return Ok(());
         };

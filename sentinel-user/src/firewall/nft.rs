@@ -15,8 +15,7 @@ use serde_json::{Value, json};
 use tracing::warn;
 
 use super::{
-    DropCounters, Dropped, Error, IpNet, SET_V4, SET_V6, TABLE, netns::NetNamespace,
-    view::Expiry,
+    DropCounters, Dropped, Error, IpNet, SET_V4, SET_V6, TABLE, netns::NetNamespace, view::Expiry,
 };
 
 const CHAIN: &str = "input";

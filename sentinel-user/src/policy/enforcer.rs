@@ -150,7 +150,10 @@ impl Enforcer {
             }
         }
         self.apply_all();
-        info!(took_ms = started.elapsed().as_millis() as u64, "policy reloaded");
+        info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "policy reloaded"
+        );
     }
 
     /// The first policy, in file order, that matches `path`.
@@ -185,21 +188,36 @@ impl Enforcer {
             for (file, value) in &desired {
                 let current = self.fs.read(path, file).unwrap_or_else(|_| "?".into());
                 if current != *value {
-                    info!(service, policy = policy.name, file, current, would_set = value, "observe: would set limit");
+                    info!(
+                        service,
+                        policy = policy.name,
+                        file,
+                        current,
+                        would_set = value,
+                        "observe: would set limit"
+                    );
                 }
             }
             self.metrics.action(&service, Action::WouldSetLimits);
-            self.applied.insert(path.to_string(), self.tracked(policy, Vec::new(), Vec::new()));
+            self.applied.insert(
+                path.to_string(),
+                self.tracked(policy, Vec::new(), Vec::new()),
+            );
             return;
         }
         match self.write_limits(path, &desired) {
             Ok((expected, originals)) => {
                 info!(service, policy = policy.name, limits = ?desired, "limits applied");
                 self.metrics.action(&service, Action::SetLimits);
-                self.applied.insert(path.to_string(), self.tracked(policy, expected, originals));
+                self.applied
+                    .insert(path.to_string(), self.tracked(policy, expected, originals));
             }
             Err(reason) => {
-                error!(service, policy = policy.name, "cannot apply limits: {reason}");
+                error!(
+                    service,
+                    policy = policy.name,
+                    "cannot apply limits: {reason}"
+                );
                 self.metrics.action(&service, Action::Failed);
             }
         }
@@ -252,11 +270,19 @@ impl Enforcer {
         // Reverse order: memory.high before memory.max, so the pair stays consistent.
         for (file, value) in applied.originals.iter().rev() {
             if let Err(error) = self.fs.write(path, file, value) {
-                warn!(service = service_name(path), file, "cannot restore the previous limit: {error}");
+                warn!(
+                    service = service_name(path),
+                    file, "cannot restore the previous limit: {error}"
+                );
             }
         }
-        info!(service = service_name(path), policy = applied.policy.name, "policy released; previous limits restored");
-        self.metrics.action(service_name(path), Action::RestoredLimits);
+        info!(
+            service = service_name(path),
+            policy = applied.policy.name,
+            "policy released; previous limits restored"
+        );
+        self.metrics
+            .action(service_name(path), Action::RestoredLimits);
         self.publish();
     }
 
@@ -294,7 +320,10 @@ impl Enforcer {
             if current == *expected {
                 continue;
             }
-            warn!(service, file, current, expected, "limit changed behind Sentinel's back; restoring it");
+            warn!(
+                service,
+                file, current, expected, "limit changed behind Sentinel's back; restoring it"
+            );
             self.metrics.drift(&service);
             if let Err(error) = self.fs.write(path, file, expected) {
                 error!(service, file, "cannot restore the limit: {error}");
@@ -324,13 +353,22 @@ impl Enforcer {
                     return;
                 };
                 if observe {
-                    info!(service, pid, memory, threshold, "observe: would send SIGTERM");
+                    info!(
+                        service,
+                        pid, memory, threshold, "observe: would send SIGTERM"
+                    );
                     self.metrics.action(&service, Action::WouldTerminate);
                     return;
                 }
                 match ProcessHandle::open(pid) {
                     Ok(process) => {
-                        warn!(service, pid, memory, threshold, "memory above terminate_above: sending SIGTERM to the largest process");
+                        warn!(
+                            service,
+                            pid,
+                            memory,
+                            threshold,
+                            "memory above terminate_above: sending SIGTERM to the largest process"
+                        );
                         if process.signal(libc::SIGTERM).unwrap_or(false) {
                             self.metrics.action(&service, Action::Terminate);
                         }
@@ -348,7 +386,11 @@ impl Enforcer {
                 }
                 match process.signal(libc::SIGKILL) {
                     Ok(true) => {
-                        warn!(service, pid = process.pid, "still running after the grace period: sent SIGKILL");
+                        warn!(
+                            service,
+                            pid = process.pid,
+                            "still running after the grace period: sent SIGKILL"
+                        );
                         self.metrics.action(&service, Action::Kill);
                     }
                     Ok(false) => info!(service, pid = process.pid, "stopped after SIGTERM"),
@@ -385,8 +427,11 @@ impl Enforcer {
 
 /// A cgroup systemd manages: one whose path names a unit (`.service`, `.scope`, `.slice`).
 fn is_systemd_unit_path(path: &str) -> bool {
-    path.split('/')
-        .any(|segment| [".service", ".scope", ".slice"].iter().any(|s| segment.ends_with(s)))
+    path.split('/').any(|segment| {
+        [".service", ".scope", ".slice"]
+            .iter()
+            .any(|s| segment.ends_with(s))
+    })
 }
 
 #[cfg(test)]
@@ -396,7 +441,9 @@ mod tests {
     #[test]
     fn recognises_systemd_unit_cgroups() {
         assert!(is_systemd_unit_path("/system.slice/nginx.service"));
-        assert!(is_systemd_unit_path("/user.slice/user-1000.slice/session-2.scope"));
+        assert!(is_systemd_unit_path(
+            "/user.slice/user-1000.slice/session-2.scope"
+        ));
         assert!(!is_systemd_unit_path("/workers/job-1"));
     }
 }

@@ -88,12 +88,17 @@ impl PolicyMetrics {
 
     pub fn action(&self, service: &str, action: Action) {
         self.actions
-            .get_or_create(&vec![("service", service.to_string()), ("action", action.label().to_string())])
+            .get_or_create(&vec![
+                ("service", service.to_string()),
+                ("action", action.label().to_string()),
+            ])
             .inc();
     }
 
     pub fn drift(&self, service: &str) {
-        self.drift.get_or_create(&vec![("service", service.to_string())]).inc();
+        self.drift
+            .get_or_create(&vec![("service", service.to_string())])
+            .inc();
     }
 }
 
@@ -122,20 +127,60 @@ impl Collector for ResourceCollector {
             .map(|(path, applied)| (path.clone(), applied.policy.clone()))
             .collect();
         paths.sort();
-        let gauge = |name, help| Samples { name, help, counter: false, rows: Vec::new() };
-        let counter = |name, help| Samples { name, help, counter: true, rows: Vec::new() };
+        let gauge = |name, help| Samples {
+            name,
+            help,
+            counter: false,
+            rows: Vec::new(),
+        };
+        let counter = |name, help| Samples {
+            name,
+            help,
+            counter: true,
+            rows: Vec::new(),
+        };
         let mut families = [
-            gauge("sentinel_policy_applied", "Cgroups a policy applies to (1), by service and policy"),
-            gauge("sentinel_memory_current_bytes", "Memory used by the service's cgroup"),
-            gauge("sentinel_memory_limit_bytes", "memory.max of the service's cgroup"),
-            gauge("sentinel_memory_high_bytes", "memory.high of the service's cgroup"),
-            counter("sentinel_cpu_usage_seconds", "CPU time used by the service's cgroup"),
-            counter("sentinel_cpu_throttled_seconds", "Time the service's cgroup was throttled by cpu.max"),
-            counter("sentinel_cpu_throttled_periods", "Scheduler periods in which the service's cgroup was throttled"),
-            gauge("sentinel_pids_current", "Processes and threads in the service's cgroup"),
+            gauge(
+                "sentinel_policy_applied",
+                "Cgroups a policy applies to (1), by service and policy",
+            ),
+            gauge(
+                "sentinel_memory_current_bytes",
+                "Memory used by the service's cgroup",
+            ),
+            gauge(
+                "sentinel_memory_limit_bytes",
+                "memory.max of the service's cgroup",
+            ),
+            gauge(
+                "sentinel_memory_high_bytes",
+                "memory.high of the service's cgroup",
+            ),
+            counter(
+                "sentinel_cpu_usage_seconds",
+                "CPU time used by the service's cgroup",
+            ),
+            counter(
+                "sentinel_cpu_throttled_seconds",
+                "Time the service's cgroup was throttled by cpu.max",
+            ),
+            counter(
+                "sentinel_cpu_throttled_periods",
+                "Scheduler periods in which the service's cgroup was throttled",
+            ),
+            gauge(
+                "sentinel_pids_current",
+                "Processes and threads in the service's cgroup",
+            ),
             gauge("sentinel_pids_limit", "pids.max of the service's cgroup"),
-            counter("sentinel_memory_events", "memory.events of the service's cgroup (high, max, oom, oom_kill)"),
-            counter("sentinel_pressure_stall_seconds", "Pressure stall time (PSI) of the service's cgroup, by resource and scope"),
+            counter(
+                "sentinel_memory_events",
+                "memory.events of the service's cgroup (high, max, oom, oom_kill)",
+            ),
+            counter(
+                "sentinel_pressure_stall_seconds",
+                "Pressure stall time (PSI) of the service's cgroup, by resource and scope",
+            ),
         ];
         for (path, policy) in &paths {
             let service = service_name(path).to_string();
@@ -162,12 +207,15 @@ impl Collector for ResourceCollector {
                 }
             }
             for (event, count) in &stats.memory_events {
-                families[9].rows.push((labels(&[("event", event)]), *count as f64));
+                families[9]
+                    .rows
+                    .push((labels(&[("event", event)]), *count as f64));
             }
             for (resource, scope, seconds) in &stats.pressure_stall_seconds {
-                families[10]
-                    .rows
-                    .push((labels(&[("resource", resource), ("scope", scope)]), *seconds));
+                families[10].rows.push((
+                    labels(&[("resource", resource), ("scope", scope)]),
+                    *seconds,
+                ));
             }
         }
         for family in families {
@@ -176,7 +224,8 @@ impl Collector for ResourceCollector {
             } else {
                 ConstGauge::new(0.0).metric_type()
             };
-            let mut encoder = encoder.encode_descriptor(family.name, family.help, None, metric_type)?;
+            let mut encoder =
+                encoder.encode_descriptor(family.name, family.help, None, metric_type)?;
             for (labels, value) in &family.rows {
                 let sample = encoder.encode_family(labels)?;
                 if family.counter {

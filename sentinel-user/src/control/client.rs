@@ -1,0 +1,245 @@
+//! The command line's side of the control socket: one blocking request per command.
+
+use std::{
+    fmt::Write as _,
+    io::{self, BufRead, BufReader, Write},
+    net::IpAddr,
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use super::protocol::{Request, Response, to_line};
+use crate::{Error, firewall::IpNet, policy::parse_duration_setting, ssh_guard::BanInfo};
+
+/// Longer than the daemon gives the SSH guard, so that its "did not answer" arrives first.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends `request` to the daemon listening at `path` and returns its answer.
+pub fn request(path: &Path, request: &Request) -> Result<Response, Error> {
+    let mut stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => Error::DaemonUnreachable {
+            path: path.to_owned(),
+        },
+        io::ErrorKind::PermissionDenied => Error::ControlPermissionDenied,
+        _ => Error::ControlIo {
+            path: path.to_owned(),
+            source,
+        },
+    })?;
+    let io_error = |source: io::Error| Error::ControlIo {
+        path: path.to_owned(),
+        source: match source.kind() {
+            // What a socket timeout looks like.
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {} s", ANSWER_TIMEOUT.as_secs()),
+            ),
+            _ => source,
+        },
+    };
+    stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(ANSWER_TIMEOUT)))
+        .map_err(io_error)?;
+    stream.write_all(&to_line(request)).map_err(io_error)?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(io_error)?;
+    if line.is_empty() {
+        return Err(Error::ControlProtocol(
+            "it closed the connection without answering".into(),
+        ));
+    }
+    serde_json::from_str(&line).map_err(|error| Error::ControlProtocol(error.to_string()))
+}
+
+/// `sentinel bans`: the bans in force as a table sorted by address.
+pub fn bans(path: &Path) -> Result<String, Error> {
+    match request(path, &Request::Bans)? {
+        Response::Bans(bans) => Ok(ban_table(bans)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `sentinel ban ADDRESS --for DURATION`.
+pub fn ban(path: &Path, address: &str, duration: &str) -> Result<String, Error> {
+    let address = parse_address(address)?;
+    let duration = duration.trim();
+    let parsed = parse_duration_setting(duration).map_err(Error::InvalidArgument)?;
+    if parsed.is_zero() || parsed.subsec_nanos() != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{duration:?} is not a whole number of seconds, one or more"
+        )));
+    }
+    let net = changed(request(
+        path,
+        &Request::Ban {
+            address,
+            for_seconds: parsed.as_secs(),
+        },
+    )?)?;
+    Ok(format!("banned {net} for {duration}"))
+}
+
+/// `sentinel unban ADDRESS`.
+pub fn unban(path: &Path, address: &str) -> Result<String, Error> {
+    let address = parse_address(address)?;
+    let net = changed(request(path, &Request::Unban { address })?)?;
+    Ok(format!("unbanned {net}"))
+}
+
+fn parse_address(text: &str) -> Result<IpAddr, Error> {
+    text.parse().map_err(|_| {
+        Error::InvalidArgument(format!(
+            "{text:?} is not an IP address; write it like 203.0.113.7 or 2001:db8::7"
+        ))
+    })
+}
+
+fn changed(response: Response) -> Result<IpNet, Error> {
+    match response {
+        Response::Changed(net) => Ok(net),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The daemon's refusal, or an answer that does not fit the request.
+fn unexpected(response: Response) -> Error {
+    match response {
+        Response::Error(message) => Error::ControlRejected(message),
+        other => Error::ControlProtocol(format!("unexpected answer {other:?}")),
+    }
+}
+
+fn ban_table(mut bans: Vec<BanInfo>) -> String {
+    if bans.is_empty() {
+        return "no bans in force".into();
+    }
+    // Numeric order: 10.0.0.2 before 10.0.0.10, IPv4 before IPv6.
+    bans.sort_by_cached_key(|ban| (ban.address.parse::<IpNet>().ok(), ban.address.clone()));
+    let header = ["ADDRESS", "REASON", "FAILURES", "EXPIRES"].map(String::from);
+    let rows: Vec<[String; 4]> = std::iter::once(header)
+        .chain(bans.into_iter().map(|ban| {
+            [
+                ban.address,
+                ban.reason,
+                ban.failures.to_string(),
+                format!(
+                    "in {}",
+                    format_duration(Duration::from_secs(ban.expires_in_seconds))
+                ),
+            ]
+        }))
+        .collect();
+    let widths: [usize; 4] =
+        std::array::from_fn(|column| rows.iter().map(|row| row[column].len()).max().unwrap_or(0));
+    let mut table = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(widths) {
+            write!(line, "{cell:<width$}  ").expect("writing to a String cannot fail");
+        }
+        table.push_str(line.trim_end());
+        table.push('\n');
+    }
+    table.pop();
+    table
+}
+
+/// The largest unit and the one below it, e.g. `9m 58s` or `1h`: enough to read at a glance.
+fn format_duration(duration: Duration) -> String {
+    const UNITS: [(u64, &str); 4] = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    let mut rest = duration.as_secs();
+    let Some(largest) = UNITS.iter().position(|&(size, _)| rest >= size) else {
+        return "0s".into();
+    };
+    let mut parts = Vec::new();
+    for &(size, suffix) in UNITS[largest..].iter().take(2) {
+        let count = rest / size;
+        rest %= size;
+        if count > 0 {
+            parts.push(format!("{count}{suffix}"));
+        }
+    }
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ban_info(address: &str, reason: &str, failures: u32, expires_in_seconds: u64) -> BanInfo {
+        BanInfo {
+            address: address.into(),
+            reason: reason.into(),
+            failures,
+            expires_in_seconds,
+        }
+    }
+
+    #[test]
+    fn durations_show_two_units() {
+        let text = |seconds| format_duration(Duration::from_secs(seconds));
+        assert_eq!(text(0), "0s");
+        assert_eq!(text(45), "45s");
+        assert_eq!(text(598), "9m 58s");
+        assert_eq!(text(3600), "1h");
+        assert_eq!(text(3661), "1h 1m");
+        assert_eq!(text(7 * 86_400), "7d");
+        assert_eq!(text(86_400 + 59), "1d");
+    }
+
+    #[test]
+    fn table_is_aligned_and_sorted_by_address() {
+        let table = ban_table(vec![
+            ban_info("2001:db8::/64", "ssh_failures", 5, 3600),
+            ban_info("10.0.0.10", "ssh_repeat_offender", 12, 86_400),
+            ban_info("10.0.0.2", "operator", 0, 598),
+        ]);
+        assert_eq!(
+            table,
+            "ADDRESS        REASON               FAILURES  EXPIRES\n\
+             10.0.0.2       operator             0         in 9m 58s\n\
+             10.0.0.10      ssh_repeat_offender  12        in 1d\n\
+             2001:db8::/64  ssh_failures         5         in 1h"
+        );
+    }
+
+    #[test]
+    fn empty_table_says_so() {
+        assert_eq!(ban_table(Vec::new()), "no bans in force");
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_before_connecting() {
+        let nowhere = Path::new("/nonexistent/control.sock");
+        let message = |result: Result<String, Error>| match result {
+            Err(Error::InvalidArgument(message)) => message,
+            other => panic!("expected an invalid argument, got {other:?}"),
+        };
+        assert_eq!(
+            message(unban(nowhere, "1.2.3")),
+            "\"1.2.3\" is not an IP address; write it like 203.0.113.7 or 2001:db8::7"
+        );
+        assert!(message(ban(nowhere, "1.2.3.4/24", "1h")).contains("not an IP address"));
+        assert!(message(ban(nowhere, "1.2.3.4", "soon")).contains("is not a duration"));
+        for too_fine in ["0s", "1500ms"] {
+            assert_eq!(
+                message(ban(nowhere, "1.2.3.4", too_fine)),
+                format!("{too_fine:?} is not a whole number of seconds, one or more")
+            );
+        }
+    }
+
+    #[test]
+    fn missing_daemon_is_explained() {
+        let error = bans(Path::new("/nonexistent/control.sock")).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "cannot reach the sentinel daemon at /nonexistent/control.sock: is it running? \
+             (start it with `sentinel run`)"
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! The control channel: `sentinel bans`, `sentinel ban` and `sentinel unban` talk to the running
+//! daemon over a root-only Unix socket.
+//!
+//! One exchange per connection: the client sends one JSON line and reads one JSON line back.
+//!
+//! ```text
+//! {"command":"bans"}                                       {"ok":true,"bans":[...]}
+//! {"command":"ban","address":"192.0.2.7","for_seconds":3600} {"ok":true,"address":"192.0.2.7"}
+//! {"command":"unban","address":"192.0.2.7"}                {"ok":true,"address":"192.0.2.7"}
+//!                                                          {"ok":false,"error":"..."}
+//! ```
+//!
+//! Only root gets in: the socket is mode 0600 in a 0700 directory, and the daemon checks each
+//! peer's uid as well, so a loosened file mode does not open it up.
+
+mod client;
+mod protocol;
+mod server;
+
+#[cfg(test)]
+mod tests;
+
+pub use client::{ban, bans, request, unban};
+pub use protocol::{Request, Response};
+pub use server::ControlSocket;
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/sentinel/control.sock";

@@ -1,0 +1,167 @@
+//! The messages on the control socket, one JSON object per line.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{firewall::IpNet, ssh_guard::BanInfo};
+
+/// Longer request lines are refused: no request comes near it.
+pub(super) const MAX_REQUEST_BYTES: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Bans,
+    Ban { address: IpAddr, for_seconds: u64 },
+    Unban { address: IpAddr },
+}
+
+/// The daemon's answer. On the wire an `ok` flag says which kind it is, which serde's tagged
+/// enums cannot express with a boolean, so it goes through [`WireResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "WireResponse", try_from = "WireResponse")]
+pub enum Response {
+    Bans(Vec<BanInfo>),
+    /// The network a ban or unban applied to (an IPv6 address is widened to its prefix).
+    Changed(IpNet),
+    Error(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireResponse {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bans: Option<Vec<BanInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl From<Response> for WireResponse {
+    fn from(response: Response) -> Self {
+        let (ok, bans, address, error) = match response {
+            Response::Bans(bans) => (true, Some(bans), None, None),
+            Response::Changed(net) => (true, None, Some(net.to_string()), None),
+            Response::Error(error) => (false, None, None, Some(error)),
+        };
+        Self {
+            ok,
+            bans,
+            address,
+            error,
+        }
+    }
+}
+
+impl TryFrom<WireResponse> for Response {
+    type Error = String;
+
+    fn try_from(wire: WireResponse) -> Result<Self, String> {
+        match wire {
+            WireResponse {
+                ok: true,
+                bans: Some(bans),
+                address: None,
+                error: None,
+            } => Ok(Self::Bans(bans)),
+            WireResponse {
+                ok: true,
+                bans: None,
+                address: Some(address),
+                error: None,
+            } => address
+                .parse()
+                .map(Self::Changed)
+                .map_err(|_| format!("{address:?} is not an IP address or network")),
+            WireResponse {
+                ok: false,
+                bans: None,
+                address: None,
+                error: Some(error),
+            } => Ok(Self::Error(error)),
+            _ => Err("expected `ok` with `bans` or `address`, or `ok: false` with `error`".into()),
+        }
+    }
+}
+
+/// `message` as one JSON line.
+pub(super) fn to_line(message: &impl Serialize) -> Vec<u8> {
+    let mut line = serde_json::to_vec(message).expect("requests and responses always serialize");
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(message: &impl Serialize) -> String {
+        String::from_utf8(to_line(message)).unwrap()
+    }
+
+    #[test]
+    fn requests_are_tagged_by_command() {
+        let address: IpAddr = "1.2.3.4".parse().unwrap();
+        assert_eq!(json(&Request::Bans), "{\"command\":\"bans\"}\n");
+        assert_eq!(
+            json(&Request::Ban {
+                address,
+                for_seconds: 3600
+            }),
+            "{\"command\":\"ban\",\"address\":\"1.2.3.4\",\"for_seconds\":3600}\n"
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"unban","address":"1.2.3.4"}"#).unwrap(),
+            Request::Unban { address }
+        );
+        for bad in [
+            r#"{"command":"reboot"}"#,
+            r#"{"command":"unban","address":"1.2.3"}"#,
+            r#"{"command":"ban","address":"1.2.3.4","for":"1h"}"#,
+            r#"{"command":"ban","address":"1.2.3.4","for_seconds":-1}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn responses_carry_an_ok_flag() {
+        let ban = BanInfo {
+            address: "1.2.3.4".into(),
+            reason: "operator".into(),
+            failures: 0,
+            expires_in_seconds: 60,
+        };
+        let cases = [
+            (
+                Response::Bans(vec![ban]),
+                r#"{"ok":true,"bans":[{"address":"1.2.3.4","reason":"operator","failures":0,"expires_in_seconds":60}]}"#,
+            ),
+            (
+                Response::Changed("2001:db8::/64".parse().unwrap()),
+                r#"{"ok":true,"address":"2001:db8::/64"}"#,
+            ),
+            (Response::Error("no".into()), r#"{"ok":false,"error":"no"}"#),
+        ];
+        for (response, text) in cases {
+            assert_eq!(json(&response), format!("{text}\n"));
+            assert_eq!(serde_json::from_str::<Response>(text).unwrap(), response);
+        }
+    }
+
+    #[test]
+    fn inconsistent_responses_are_rejected() {
+        for bad in [
+            r#"{"ok":true}"#,
+            r#"{"ok":false}"#,
+            r#"{"ok":true,"error":"no"}"#,
+            r#"{"ok":false,"address":"1.2.3.4"}"#,
+            r#"{"ok":true,"address":"1.2.3.4","bans":[]}"#,
+            r#"{"ok":true,"address":"banned"}"#,
+        ] {
+            assert!(serde_json::from_str::<Response>(bad).is_err(), "{bad}");
+        }
+    }
+}

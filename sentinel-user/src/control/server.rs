@@ -1,0 +1,259 @@
+//! The daemon's side of the control socket.
+
+use std::{
+    convert::identity,
+    fs::{self, DirBuilder, Permissions},
+    io,
+    os::unix::{
+        fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
+        net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::mpsc::{self, RecvTimeoutError, Sender},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::protocol::{MAX_REQUEST_BYTES, Request, Response, to_line};
+use crate::{
+    Error,
+    ssh_guard::{Control, Input},
+};
+
+const PERMISSION_DENIED: &str = "permission denied: root only";
+const GUARD_STOPPED: &str = "the SSH guard is not running";
+/// A failed accept (e.g. out of file descriptors) would fail again at once; pause before retrying.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Timeouts {
+    /// How long a client may take to send its request, and to read the answer.
+    pub(super) client: Duration,
+    /// How long the SSH guard may take to answer.
+    pub(super) guard: Duration,
+}
+
+/// The control socket, bound and not yet serving; the socket file goes when this does.
+pub struct ControlSocket {
+    listener: StdUnixListener,
+    socket_file: SocketFile,
+    pub(super) timeouts: Timeouts,
+}
+
+impl ControlSocket {
+    /// Binds the socket at `path`, creating its directory (mode 0700) if needed. Call it before
+    /// reporting the daemon as started, so that a second daemon fails at start-up.
+    ///
+    /// Replaces a socket file nobody listens on (left by a daemon that died); fails if a daemon
+    /// is listening on it.
+    pub fn bind(path: &Path) -> Result<Self, Error> {
+        let error = |source| Error::ControlSocket {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(error)?;
+        }
+        remove_stale_socket(path)?;
+        let listener = StdUnixListener::bind(path).map_err(error)?;
+        let socket_file = SocketFile(path.to_owned());
+        fs::set_permissions(path, Permissions::from_mode(0o600)).map_err(error)?;
+        listener.set_nonblocking(true).map_err(error)?;
+        Ok(Self {
+            listener,
+            socket_file,
+            timeouts: Timeouts {
+                client: Duration::from_secs(5),
+                guard: Duration::from_secs(5),
+            },
+        })
+    }
+
+    /// Answers requests, each connection in its own task, until `cancel`; then removes the
+    /// socket file.
+    pub async fn serve(self, guard: Sender<Input>, cancel: CancellationToken) -> Result<(), Error> {
+        let Self {
+            listener,
+            socket_file,
+            timeouts,
+        } = self;
+        let listener = UnixListener::from_std(listener).map_err(|source| Error::ControlSocket {
+            path: socket_file.0.clone(),
+            source,
+        })?;
+        loop {
+            let accepted = tokio::select! {
+                () = cancel.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, guard.clone(), timeouts));
+                }
+                Err(error) => {
+                    warn!("accepting a control connection failed: {error}");
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes the socket file when dropped, so that neither a clean shutdown nor a failed
+/// start-up leaves it behind.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Err(error) = fs::remove_file(&self.0) {
+            warn!(
+                "cannot remove the control socket {}: {error}",
+                self.0.display()
+            );
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> Result<(), Error> {
+    let error = |source| Error::ControlSocket {
+        path: path.to_owned(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Err(missing) if missing.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(other) => return Err(error(other)),
+        Ok(metadata) if !metadata.file_type().is_socket() => {
+            return Err(error(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            )));
+        }
+        Ok(_) => {}
+    }
+    match StdUnixStream::connect(path) {
+        Ok(_) => Err(Error::ControlSocketInUse {
+            path: path.to_owned(),
+        }),
+        Err(refused) if refused.kind() == io::ErrorKind::ConnectionRefused => {
+            fs::remove_file(path).map_err(error)
+        }
+        Err(other) => Err(error(other)),
+    }
+}
+
+async fn serve_connection(mut stream: UnixStream, guard: Sender<Input>, timeouts: Timeouts) {
+    let authorized = check_peer(&stream);
+    let request = read_request_line(&mut stream, timeouts.client).await;
+    let response = match (authorized, request) {
+        // Closed without a word: a starting daemon checking whether this one is alive.
+        (_, Ok(None)) => return,
+        (Err(denied), _) => Response::Error(denied),
+        (Ok(()), Err(unreadable)) => Response::Error(unreadable),
+        (Ok(()), Ok(Some(line))) => respond(&line, &guard, timeouts.guard).await,
+    };
+    match tokio::time::timeout(timeouts.client, stream.write_all(&to_line(&response))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => debug!("cannot answer a control client: {error}"),
+        Err(_) => debug!("a control client did not read its answer"),
+    }
+}
+
+/// The socket file's mode already keeps others out; this holds even if it is loosened.
+fn check_peer(stream: &UnixStream) -> Result<(), String> {
+    let peer = stream
+        .peer_cred()
+        .map_err(|error| format!("cannot read the client's credentials: {error}"))?;
+    if peer.uid() == 0 {
+        return Ok(());
+    }
+    warn!(uid = peer.uid(), pid = ?peer.pid(), "control connection refused: not root");
+    Err(PERMISSION_DENIED.into())
+}
+
+/// One line of at most [`MAX_REQUEST_BYTES`], without its newline; `None` if the client closed
+/// the connection without sending anything.
+async fn read_request_line(
+    stream: &mut UnixStream,
+    timeout: Duration,
+) -> Result<Option<Vec<u8>>, String> {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(stream.take(MAX_REQUEST_BYTES as u64 + 1));
+    let read = tokio::time::timeout(timeout, reader.read_until(b'\n', &mut line))
+        .await
+        .map_err(|_| "timed out waiting for the request".to_owned())?
+        .map_err(|error| format!("cannot read the request: {error}"))?;
+    if read == 0 {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    } else if line.len() > MAX_REQUEST_BYTES {
+        return Err(format!(
+            "request too long: the limit is {MAX_REQUEST_BYTES} bytes"
+        ));
+    }
+    Ok(Some(line))
+}
+
+async fn respond(line: &[u8], guard: &Sender<Input>, wait: Duration) -> Response {
+    let request = match serde_json::from_slice(line) {
+        Ok(request) => request,
+        Err(error) => return Response::Error(format!("malformed request: {error}")),
+    };
+    let answer = match request {
+        Request::Bans => ask_guard(guard, wait, Control::List)
+            .await
+            .map(Response::Bans),
+        Request::Ban {
+            address,
+            for_seconds,
+        } => ask_guard(guard, wait, |reply| Control::Ban {
+            addr: address,
+            duration: Duration::from_secs(for_seconds),
+            reply,
+        })
+        .await
+        .and_then(identity)
+        .map(Response::Changed),
+        Request::Unban { address } => ask_guard(guard, wait, |reply| Control::Unban {
+            addr: address,
+            reply,
+        })
+        .await
+        .and_then(identity)
+        .map(Response::Changed),
+    };
+    answer.unwrap_or_else(Response::Error)
+}
+
+/// Sends the guard's thread the `Control` that `control` makes around a fresh reply channel,
+/// and waits for the reply off the async workers.
+async fn ask_guard<T: Send + 'static>(
+    guard: &Sender<Input>,
+    wait: Duration,
+    control: impl FnOnce(Sender<T>) -> Control,
+) -> Result<T, String> {
+    let (reply, answer) = mpsc::channel();
+    guard
+        .send(Input::Control(control(reply)))
+        .map_err(|_| GUARD_STOPPED.to_owned())?;
+    match tokio::task::spawn_blocking(move || answer.recv_timeout(wait)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(RecvTimeoutError::Timeout)) => Err("the SSH guard did not answer".into()),
+        Ok(Err(RecvTimeoutError::Disconnected)) | Err(_) => Err(GUARD_STOPPED.into()),
+    }
+}

@@ -1,0 +1,357 @@
+//! The control socket end to end: a real socket in a temporary directory, served to the real
+//! client by a fake SSH guard thread that keeps its bans in memory.
+
+use std::{
+    env, fs,
+    io::{BufRead, BufReader, Write},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream},
+        process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc::{self, Sender},
+    },
+    thread,
+    time::Duration,
+};
+
+use tokio::{runtime::Runtime, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use super::{ControlSocket, Response, ban, bans, unban};
+use crate::{
+    Error,
+    ssh_guard::{BanInfo, Control, Input},
+};
+
+/// Where `client_as_nobody` finds the socket, and the error it must get.
+const NOBODY_SOCKET: &str = "SENTINEL_CONTROL_TEST_SOCKET";
+const NOBODY_EXPECTS: &str = "SENTINEL_CONTROL_TEST_EXPECTS";
+const NOBODY_UID: u32 = 65534;
+
+/// A fresh directory under the system's temporary directory, removed with its contents.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = env::temp_dir().join(format!(
+            "sentinel-control-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir(&path).unwrap();
+        Self(path)
+    }
+
+    /// In a directory that does not exist yet, so that binding creates it.
+    fn socket_path(&self) -> PathBuf {
+        self.0.join("run/control.sock")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Answers `Control` messages from an in-memory list of bans until every sender is gone.
+fn fake_guard() -> Sender<Input> {
+    let (guard, inputs) = mpsc::channel();
+    thread::spawn(move || {
+        let mut bans: Vec<BanInfo> = Vec::new();
+        for input in inputs {
+            let Input::Control(control) = input else {
+                continue;
+            };
+            match control {
+                Control::List(reply) => {
+                    let _ = reply.send(bans.clone());
+                }
+                Control::Ban {
+                    addr,
+                    duration,
+                    reply,
+                } => {
+                    bans.retain(|ban| ban.address != addr.to_string());
+                    bans.push(BanInfo {
+                        address: addr.to_string(),
+                        reason: "operator".into(),
+                        failures: 0,
+                        expires_in_seconds: duration.as_secs(),
+                    });
+                    let _ = reply.send(Ok(addr.into()));
+                }
+                Control::Unban { addr, reply } => {
+                    let before = bans.len();
+                    bans.retain(|ban| ban.address != addr.to_string());
+                    let _ = reply.send(if bans.len() < before {
+                        Ok(addr.into())
+                    } else {
+                        Err(format!("{addr} is not banned"))
+                    });
+                }
+            }
+        }
+    });
+    guard
+}
+
+/// A control socket served on its own runtime, as the daemon would.
+struct Daemon {
+    path: PathBuf,
+    runtime: Runtime,
+    cancel: CancellationToken,
+    server: JoinHandle<Result<(), Error>>,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    fn start(guard: Sender<Input>) -> Self {
+        Self::start_with(guard, |_| {})
+    }
+
+    fn start_with(guard: Sender<Input>, adjust: impl FnOnce(&mut ControlSocket)) -> Self {
+        let dir = TempDir::new();
+        let path = dir.socket_path();
+        let mut socket = ControlSocket::bind(&path).unwrap();
+        adjust(&mut socket);
+        let runtime = Runtime::new().unwrap();
+        let cancel = CancellationToken::new();
+        let server = runtime.spawn(socket.serve(guard, cancel.clone()));
+        Self {
+            path,
+            runtime,
+            cancel,
+            server,
+            _dir: dir,
+        }
+    }
+
+    /// Sends `request` exactly as given and decodes the answer.
+    fn exchange(&self, request: &[u8]) -> Response {
+        let mut stream = StdUnixStream::connect(&self.path).unwrap();
+        stream.write_all(request).unwrap();
+        serde_json::from_str(&read_answer(stream)).unwrap()
+    }
+
+    /// Stops serving and checks that the socket file went with it.
+    fn stop(self) {
+        self.cancel.cancel();
+        self.runtime.block_on(self.server).unwrap().unwrap();
+        assert!(!self.path.exists(), "the socket file outlived the server");
+    }
+}
+
+/// One line, as the client reads it: the server may close without reading all of an
+/// over-long request, and then the kernel reports a reset after the answer.
+fn read_answer(stream: StdUnixStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).unwrap();
+    answer
+}
+
+fn error_message(response: Response) -> String {
+    match response {
+        Response::Error(message) => message,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn bans_ban_and_unban_round_trip() {
+    let daemon = Daemon::start(fake_guard());
+    let path = &daemon.path;
+    assert_eq!(bans(path).unwrap(), "no bans in force");
+    assert_eq!(
+        ban(path, "192.0.2.7", "1h").unwrap(),
+        "banned 192.0.2.7 for 1h"
+    );
+    assert_eq!(
+        ban(path, "2001:db8::7", "10m").unwrap(),
+        "banned 2001:db8::7 for 10m"
+    );
+    assert_eq!(
+        bans(path).unwrap(),
+        "ADDRESS      REASON    FAILURES  EXPIRES\n\
+         192.0.2.7    operator  0         in 1h\n\
+         2001:db8::7  operator  0         in 10m"
+    );
+    assert_eq!(unban(path, "192.0.2.7").unwrap(), "unbanned 192.0.2.7");
+    match unban(path, "192.0.2.7") {
+        Err(Error::ControlRejected(message)) => assert_eq!(message, "192.0.2.7 is not banned"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        bans(path).unwrap(),
+        "ADDRESS      REASON    FAILURES  EXPIRES\n\
+         2001:db8::7  operator  0         in 10m"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn malformed_requests_get_an_error_and_the_server_keeps_serving() {
+    let daemon = Daemon::start(fake_guard());
+    for request in [
+        "{not json\n",
+        "\n",
+        "{\"command\":\"reboot\"}\n",
+        "{\"command\":\"ban\",\"address\":\"192.0.2.7\"}\n",
+    ] {
+        let message = error_message(daemon.exchange(request.as_bytes()));
+        assert!(message.starts_with("malformed request: "), "{message}");
+    }
+    assert_eq!(
+        daemon.exchange(b"{\"command\":\"bans\"}\n"),
+        Response::Bans(Vec::new())
+    );
+    daemon.stop();
+}
+
+#[test]
+fn over_long_request_is_refused() {
+    let daemon = Daemon::start(fake_guard());
+    let padding = "x".repeat(super::protocol::MAX_REQUEST_BYTES);
+    let request = format!("{{\"command\":\"bans\",\"padding\":\"{padding}\"}}\n");
+    assert_eq!(
+        error_message(daemon.exchange(request.as_bytes())),
+        "request too long: the limit is 4096 bytes"
+    );
+    assert_eq!(bans(&daemon.path).unwrap(), "no bans in force");
+    daemon.stop();
+}
+
+#[test]
+fn silent_client_is_timed_out() {
+    let daemon = Daemon::start_with(fake_guard(), |socket| {
+        socket.timeouts.client = Duration::from_millis(200);
+    });
+    let stream = StdUnixStream::connect(&daemon.path).unwrap();
+    let answer = serde_json::from_str(&read_answer(stream)).unwrap();
+    assert_eq!(error_message(answer), "timed out waiting for the request");
+    daemon.stop();
+}
+
+#[test]
+fn guard_that_does_not_answer_times_out() {
+    let (guard, inputs) = mpsc::channel();
+    let daemon = Daemon::start_with(guard, |socket| {
+        socket.timeouts.guard = Duration::from_millis(200);
+    });
+    let message = |result: Result<String, Error>| match result {
+        Err(Error::ControlRejected(message)) => message,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(message(bans(&daemon.path)), "the SSH guard did not answer");
+    drop(inputs);
+    assert_eq!(
+        message(unban(&daemon.path, "192.0.2.7")),
+        "the SSH guard is not running"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn second_daemon_fails_and_stale_socket_is_replaced() {
+    let dir = TempDir::new();
+    let path = dir.socket_path();
+    let first = ControlSocket::bind(&path).unwrap();
+    let Err(error) = ControlSocket::bind(&path) else {
+        panic!("a second daemon bound the same socket");
+    };
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "another sentinel is running: it is listening on {}",
+            path.display()
+        )
+    );
+    assert!(path.exists(), "the running daemon's socket was removed");
+    drop(first);
+    assert!(!path.exists());
+
+    // What a daemon that was killed leaves behind: the file, with nobody listening.
+    drop(StdUnixListener::bind(&path).unwrap());
+    assert!(matches!(bans(&path), Err(Error::DaemonUnreachable { .. })));
+    let replacement = ControlSocket::bind(&path).unwrap();
+    StdUnixStream::connect(&path).unwrap();
+    drop(replacement);
+
+    fs::write(&path, "not a socket").unwrap();
+    let Err(error) = ControlSocket::bind(&path) else {
+        panic!("a regular file was replaced by the socket");
+    };
+    assert!(
+        error
+            .to_string()
+            .ends_with("the path exists and is not a socket")
+    );
+    assert_eq!(fs::read_to_string(&path).unwrap(), "not a socket");
+}
+
+#[test]
+fn socket_is_0600_in_a_0700_directory() {
+    let daemon = Daemon::start(fake_guard());
+    assert!(fs::metadata(&daemon.path).unwrap().file_type().is_socket());
+    assert_eq!(mode(&daemon.path), 0o600);
+    assert_eq!(mode(daemon.path.parent().unwrap()), 0o700);
+    daemon.stop();
+}
+
+#[test]
+fn non_root_clients_are_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: running a client as another user needs root");
+        return;
+    }
+    let daemon = Daemon::start(fake_guard());
+    let run_as_nobody = |expects: &str| {
+        let child = Command::new(env::current_exe().unwrap())
+            .args(["control::tests::client_as_nobody", "--exact", "--nocapture"])
+            .env(NOBODY_SOCKET, &daemon.path)
+            .env(NOBODY_EXPECTS, expects)
+            .uid(NOBODY_UID)
+            .gid(NOBODY_UID)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&child.stdout);
+        assert!(
+            child.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&child.stderr)
+        );
+    };
+    run_as_nobody("permission denied: the control socket is root-only; use sudo");
+
+    // With the file modes opened up, the peer check alone keeps the client out.
+    let run_dir = daemon.path.parent().unwrap();
+    for dir in [run_dir, run_dir.parent().unwrap()] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::set_permissions(&daemon.path, fs::Permissions::from_mode(0o666)).unwrap();
+    run_as_nobody("permission denied: root only");
+    daemon.stop();
+}
+
+/// The client half of `non_root_clients_are_refused`, run in a child process as nobody;
+/// does nothing in an ordinary test run.
+#[test]
+fn client_as_nobody() {
+    let (Some(path), Ok(expects)) = (env::var_os(NOBODY_SOCKET), env::var(NOBODY_EXPECTS)) else {
+        return;
+    };
+    assert_eq!(bans(Path::new(&path)).unwrap_err().to_string(), expects);
+}
