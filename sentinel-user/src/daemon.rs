@@ -61,7 +61,9 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     // Installed first, so that a stop request at any point takes the clean path.
     let mut signals = Signals::install()?;
     kernel::check_privileges()?;
-    let btf = Btf::from_sys_fs()?;
+    // Parsed BTF is tens of MB and only needed for the offsets: drop it right after.
+    let resolved = kernel::resolve_offsets(&Btf::from_sys_fs()?);
+    kernel::release_freed_memory();
     let cgroup_root = find_cgroup2_mount()?;
     // Bind before loading anything, so a taken port fails fast and changes nothing.
     let listen = config.metrics.listen;
@@ -74,7 +76,6 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let control = ControlSocket::bind(&control_socket)?;
     kernel::raise_memlock_limit();
 
-    let resolved = kernel::resolve_offsets(&btf);
     if !resolved.missing.is_empty() {
         warn!(missing = ?resolved.missing, "this kernel's BTF lacks some fields; probes that need them stay off");
     }

@@ -1,24 +1,161 @@
-//! Developer tasks: `cargo xtask run | test | vm-test | bench | setup`.
+//! Developer tasks: `cargo xtask run | test | lint | vm-test | setup`.
 
+mod bench;
+mod host;
+mod setup;
 mod vm;
 
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+
+use crate::host::{privileged, run};
 
 #[derive(Parser)]
 #[command(about = "Build, run, test and benchmark Sentinel")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Task,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Task {
+    /// Install what is missing, build, and run the daemon in the foreground (as root).
+    /// Arguments after `--` go to `sentinel run`, e.g. `cargo xtask run -- --log-format json`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Install what is missing, then run every check: formatting, lints, unit tests, the
+    /// privileged tests on this kernel, and the cgroup v2 tests in a VM.
+    Test {
+        /// Skip the VM suite (it is part of the full test; use only while iterating).
+        #[arg(long)]
+        skip_vm: bool,
+    },
+    /// Formatting and clippy, for the user-space crates and the eBPF crate separately.
+    Lint,
+    /// Install the build and test dependencies only.
+    Setup,
     /// Boot a Debian kernel under QEMU and run the privileged suites inside it.
     VmTest(vm::VmTestArgs),
+    /// Measure Sentinel's overhead and footprint side by side with its peers (as root).
+    Bench(bench::BenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> Result<()> {
+    let workspace = workspace_root();
     match Cli::parse().command {
-        Command::VmTest(args) => vm::vm_test(&args),
+        Task::Run { args } => run_daemon(&workspace, &args),
+        Task::Test { skip_vm } => test(&workspace, skip_vm),
+        Task::Lint => lint(&workspace),
+        Task::Setup => setup::test_tools(&workspace).map(drop),
+        Task::VmTest(args) => vm::vm_test(&args),
+        Task::Bench(args) => bench::bench(&args),
     }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+fn cargo(workspace: &Path) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace);
+    command
+}
+
+/// Privileged suites that run on the build host's own kernel (the VM suite needs cgroup v2
+/// controllers, which build hosts lack).
+const HOST_SUITES: [&str; 2] = ["foundation", "firewall"];
+
+fn step(title: &str) {
+    println!("[xtask] === {title}");
+}
+
+fn run_daemon(workspace: &Path, args: &[OsString]) -> Result<()> {
+    setup::build_tools()?;
+    step("building the daemon (release)");
+    run(cargo(workspace).args(["build", "--release", "-p", "sentinel-user"]))?;
+    let daemon = workspace.join("target/release/sentinel");
+    step("starting sentinel (Ctrl-C to stop)");
+    run(privileged(&daemon, &["SENTINEL_LOG"]).arg("run").args(args))
+        .context("sentinel exited with an error")
+}
+
+fn lint(workspace: &Path) -> Result<()> {
+    step("rustfmt");
+    run(cargo(workspace).args(["fmt", "--all", "--check"]))?;
+    step("clippy: user space");
+    run(cargo(workspace).args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "sentinel-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("clippy: eBPF");
+    run(cargo(workspace).args([
+        "+nightly",
+        "clippy",
+        "-p",
+        "sentinel-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn test(workspace: &Path, skip_vm: bool) -> Result<()> {
+    let promtool = setup::test_tools(workspace)?;
+    lint(workspace)?;
+    step("Prometheus rules");
+    run(Command::new(&promtool).current_dir(workspace).args([
+        "check",
+        "rules",
+        "deploy/prometheus/sentinel-rules.yml",
+    ]))?;
+    step("unit tests");
+    run(cargo(workspace).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "sentinel-ebpf",
+        "--exclude",
+        "sentinel-tests",
+    ]))?;
+    step("privileged tests on this kernel");
+    run(cargo(workspace).args(["build", "-p", "sentinel-user"]))?;
+    let mut privileged_tests = cargo(workspace);
+    privileged_tests
+        .args(["test", "-p", "sentinel-tests"])
+        .args(HOST_SUITES.iter().flat_map(|suite| ["--test", suite]))
+        .env("SENTINEL_PROMTOOL", &promtool);
+    if !host::is_root() {
+        // Only the test binaries need root; cargo itself runs as the user.
+        privileged_tests.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    run(&mut privileged_tests)?;
+    if skip_vm {
+        println!("[xtask] VM suite SKIPPED (--skip-vm): cgroup v2 enforcement was not tested");
+        return Ok(());
+    }
+    step("cgroup v2 tests in a VM");
+    vm::vm_test(&vm::VmTestArgs::default())
 }

@@ -46,6 +46,13 @@ pub fn raise_memlock_limit() {
     }
 }
 
+/// Hands memory freed by start-up work back to the kernel, so the daemon's resident size
+/// reflects what it keeps, not what it once parsed.
+pub fn release_freed_memory() {
+    // SAFETY: glibc call without preconditions.
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// Struct offsets for the eBPF programs, and the `type.member` names this kernel lacks.
 pub struct ResolvedOffsets {
     pub offsets: KernelOffsets,

@@ -1,0 +1,896 @@
+//! The SSH brute-force guard end to end: a real OpenSSH server in a network namespace, real
+//! `ssh` clients failing to log in from attacker namespaces, the daemon seeing each failure in
+//! libpam and banning in the server namespace's nftables. Nothing touches the root namespace's
+//! ruleset. Needs root, openssh-server, sshpass and nft:
+//! `cargo test -p sentinel-tests --test ssh_guard -- --test-threads=1`.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File},
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::Range,
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::Duration,
+};
+
+use sentinel_tests::{
+    Daemon, TempDir, eventually,
+    netlab::{Netns, SetElement, run},
+    sentinel_bin, serial, unique_suffix,
+};
+
+const SSHD: &str = "/usr/sbin/sshd";
+const SSH_PORT: u16 = 22;
+const MAX_FAILURES: u64 = 5;
+/// How long the daemon may take to count a failure, ban, or see a ban lifted.
+const WAIT: Duration = Duration::from_secs(15);
+
+const FIRST_ATTACKER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const FIRST_SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const SECOND_ATTACKER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const SECOND_SERVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const V6_ATTACKER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 6, 0, 0, 0, 0, 0x10);
+/// Another address in the IPv6 attacker's /64.
+const V6_NEIGHBOUR: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 6, 0, 0, 0, 0, 0x11);
+const V6_PREFIX: &str = "2001:db8:6::/64";
+const V6_SERVER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 6, 0, 0, 0, 0, 1);
+/// Inside `ALLOWED`.
+const TRUSTED_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const TRUSTED_SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const ALLOWED: &str = "192.0.2.0/24";
+
+const USER_PASSWORD: &str = "Sentinel-test-7c41e9";
+const WRONG_PASSWORD: &str = "not-the-password";
+
+const FAILURES: &str = "sentinel_ssh_auth_failures_total";
+const BANS: &str = "sentinel_bans_total";
+const SKIPPED: &str = "sentinel_bans_skipped_total";
+const BANNED: &str = "sentinel_banned_addresses";
+const BAN_REASONS: [&str; 3] = ["ssh_failures", "ssh_repeat_offender", "operator"];
+const SKIP_REASONS: [&str; 3] = ["allowlisted", "active_session", "ban_table_full"];
+
+const SSH_OPTIONS: &[&str] = &[
+    "-F",
+    "/dev/null",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "PreferredAuthentications=password",
+    "-o",
+    "PubkeyAuthentication=no",
+    // One password per connection: each attempt is exactly one PAM failure.
+    "-o",
+    "NumberOfPasswordPrompts=1",
+    "-o",
+    "ConnectTimeout=3",
+    // A session whose packets are dropped ends within seconds instead of hanging the test.
+    "-o",
+    "ServerAliveInterval=1",
+    "-o",
+    "ServerAliveCountMax=3",
+];
+
+/// A server namespace running sshd, joined by one veth pair each to two IPv4 attackers, an
+/// IPv6 attacker and a client inside the allow list; plus a local account to log in with.
+struct SshLab {
+    // Dropped in this order: sshd, the clients' namespaces, the server's (with the sessions
+    // still inside), then the account and the files.
+    sshd: Sshd,
+    first: Peer,
+    second: Peer,
+    v6: Peer,
+    trusted: Peer,
+    server: Netns,
+    user: TestUser,
+    dir: TempDir,
+}
+
+impl SshLab {
+    fn new() -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the SSH guard tests need root"
+        );
+        let dir = TempDir::new("sentinel-ssh-lab");
+        let server = Netns::new("ssh-srv");
+        let first = Peer::link(&server, "atk1", FIRST_SERVER, &[FIRST_ATTACKER.into()]);
+        let second = Peer::link(&server, "atk2", SECOND_SERVER, &[SECOND_ATTACKER.into()]);
+        let v6 = Peer::link(
+            &server,
+            "atk6",
+            V6_SERVER,
+            &[V6_ATTACKER.into(), V6_NEIGHBOUR.into()],
+        );
+        let trusted = Peer::link(&server, "trusted", TRUSTED_SERVER, &[TRUSTED_CLIENT.into()]);
+        let user = TestUser::create(dir.path());
+        let sshd = Sshd::start(
+            &server,
+            &[first.server, second.server, v6.server, trusted.server],
+            dir.path(),
+        );
+        Self {
+            sshd,
+            first,
+            second,
+            v6,
+            trusted,
+            server,
+            user,
+            dir,
+        }
+    }
+
+    /// The guard's configuration for this lab: the defaults of `deploy/sentinel.yaml`, with
+    /// bans of `ban_for` made in the server namespace.
+    fn config(&self, ban_for: &str) -> String {
+        format!(
+            "ssh_guard:
+  enabled: true
+  mode: enforce
+  max_failures: {MAX_FAILURES}
+  window: 10m
+  ban_for: {ban_for}
+  multiplier: 2
+  max_ban: 1w
+  allow: [{ALLOWED}]
+  ipv6_prefix: 64
+  flush_on_exit: false
+  audit_log: {}
+  netns: {}
+",
+            self.audit_log().display(),
+            self.server.path().display()
+        )
+    }
+
+    /// Starts the daemon and checks that its guard opened the server namespace's firewall.
+    fn start_daemon(&self, ban_for: &str) -> Daemon {
+        let daemon = Daemon::start_with_config(&self.config(ban_for), &[]);
+        assert!(
+            !daemon.log().contains("SSH guard not started"),
+            "{}",
+            daemon.log()
+        );
+        let tables = self.server.nft(&["list", "tables"], "");
+        assert!(tables.contains("table inet sentinel"), "{tables}");
+        daemon
+    }
+
+    /// Runs `count` failing logins from each peer, all at once, and checks that every one was
+    /// refused by sshd. Half name an account that does not exist, half give a wrong password.
+    fn fail_logins(&self, attempts: &[(&Peer, u64)]) {
+        let mut clients = Vec::new();
+        for (peer, count) in attempts {
+            for attempt in 0..*count {
+                let user = if attempt % 2 == 0 {
+                    format!("no-such-user-{attempt}")
+                } else {
+                    self.user.name.clone()
+                };
+                let client = peer
+                    .ssh(&user, WRONG_PASSWORD, "true")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("run sshpass ssh");
+                clients.push((peer.address, client));
+            }
+        }
+        for (source, client) in clients {
+            let output = client.wait_with_output().expect("wait for ssh");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                !output.status.success() && stderr.contains("Permission denied"),
+                "a failing login from {source} ended otherwise ({}): {stderr}\nsshd:\n{}",
+                output.status,
+                self.sshd.log()
+            );
+        }
+    }
+
+    /// Logs the test user in from `peer` with the right password.
+    fn login(&self, peer: &Peer) -> Session {
+        let mut client = peer
+            .ssh(&self.user.name, USER_PASSWORD, "cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run sshpass ssh");
+        let input = client.stdin.take();
+        let output = BufReader::new(client.stdout.take().expect("ssh's stdout"));
+        Session {
+            client,
+            input,
+            output,
+        }
+    }
+
+    /// sshd's privileged monitor processes of the test user's sessions: each lives as long as
+    /// its session, and it is the process the guard watches.
+    fn session_monitors(&self) -> Vec<i32> {
+        let title = format!("sshd: {} [priv]", self.user.name);
+        self.server
+            .pids()
+            .into_iter()
+            .filter(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmdline| cmdline.starts_with(title.as_bytes()))
+            })
+            .collect()
+    }
+
+    /// Every ban in the server namespace's firewall, IPv4 then IPv6.
+    fn bans(&self) -> Vec<SetElement> {
+        let mut bans = self.server.sentinel_set("banned_v4");
+        bans.extend(self.server.sentinel_set("banned_v6"));
+        bans
+    }
+
+    fn banned_nets(&self) -> Vec<String> {
+        self.bans().into_iter().map(|ban| ban.net).collect()
+    }
+
+    fn ban_of(&self, net: &str) -> Option<SetElement> {
+        self.bans().into_iter().find(|ban| ban.net == net)
+    }
+
+    /// Waits until the kernel holds a ban of `net`, and returns it.
+    fn await_ban(&self, net: &str) -> SetElement {
+        let mut found = None;
+        let banned = eventually(WAIT, || {
+            found = self.ban_of(net);
+            found.is_some()
+        });
+        assert!(banned, "{net} was not banned; bans: {:?}", self.bans());
+        found.expect("the ban just seen")
+    }
+
+    /// Clients inside the server namespace still reach its sshd.
+    fn assert_server_reaches_itself(&self) {
+        for peer in [&self.first, &self.second, &self.v6, &self.trusted] {
+            let server = peer.server;
+            self.server
+                .assert_connects(server, SocketAddr::new(server, SSH_PORT));
+        }
+    }
+
+    fn audit_log(&self) -> std::path::PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    fn audit_records(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.audit_log())
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("an audit record is one JSON object"))
+            .collect()
+    }
+}
+
+/// A client namespace with one veth link to the server.
+struct Peer {
+    netns: Netns,
+    /// The address its SSH clients and probes use (its first address).
+    address: IpAddr,
+    /// The server's address on this link.
+    server: IpAddr,
+}
+
+impl Peer {
+    /// A namespace linked to `server` by a veth pair named `link` on the server's side, with
+    /// `server_address` there and `addresses` here, all in one /24 or /64.
+    fn link(
+        server: &Netns,
+        link: &str,
+        server_address: impl Into<IpAddr>,
+        addresses: &[IpAddr],
+    ) -> Self {
+        let netns = Netns::new(link);
+        server.veth(link, &netns, "eth0");
+        let server_address = server_address.into();
+        server.ip(&address_command(server_address, link));
+        for address in addresses {
+            netns.ip(&address_command(*address, "eth0"));
+        }
+        Self {
+            netns,
+            address: addresses[0],
+            server: server_address,
+        }
+    }
+
+    fn sshd(&self) -> SocketAddr {
+        SocketAddr::new(self.server, SSH_PORT)
+    }
+
+    /// What the guard counts and bans for this peer: its address, or its IPv6 /64.
+    fn offender(&self) -> String {
+        match self.address {
+            IpAddr::V4(address) => address.to_string(),
+            IpAddr::V6(_) => V6_PREFIX.to_string(),
+        }
+    }
+
+    /// `ssh -l USER SERVER REMOTE_COMMAND` from this peer's address, the password given by
+    /// sshpass.
+    fn ssh(&self, user: &str, password: &str, remote_command: &str) -> Command {
+        let mut command = self.netns.command("sshpass");
+        command
+            .env("SSHPASS", password)
+            .args(["-e", "ssh"])
+            .args(SSH_OPTIONS)
+            .arg("-b")
+            .arg(self.address.to_string())
+            .args(["-l", user])
+            .arg(self.server.to_string())
+            .arg(remote_command)
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn can_connect(&self) -> bool {
+        self.netns.connect(self.address, self.sshd()).is_ok()
+    }
+
+    fn assert_connects(&self) {
+        self.netns.assert_connects(self.address, self.sshd());
+    }
+
+    fn assert_blocked(&self) {
+        self.assert_blocked_from(self.address);
+    }
+
+    fn assert_blocked_from(&self, source: impl Into<IpAddr>) {
+        self.netns.assert_blocked(source.into(), self.sshd());
+    }
+}
+
+/// `addr add ADDRESS/LEN dev LINK`; IPv6 addresses skip duplicate address detection so that
+/// they work at once.
+fn address_command(address: IpAddr, link: &str) -> String {
+    match address {
+        IpAddr::V4(_) => format!("addr add {address}/24 dev {link}"),
+        IpAddr::V6(_) => format!("addr add {address}/64 dev {link} nodad"),
+    }
+}
+
+/// The test's own OpenSSH server in the server namespace, with its own configuration, host key
+/// and pid file: nothing of the machine's sshd setup is used or changed.
+struct Sshd {
+    process: Child,
+    log: std::path::PathBuf,
+}
+
+impl Sshd {
+    fn start(server: &Netns, listen: &[IpAddr], dir: &Path) -> Self {
+        assert!(
+            Path::new(SSHD).exists(),
+            "{SSHD} is missing: install openssh-server"
+        );
+        // sshd refuses to start without its privilege separation directory.
+        fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        let host_key = dir.join("ssh_host_ed25519_key");
+        run(
+            "ssh-keygen",
+            &["-q", "-t", "ed25519", "-N", "", "-f", &host_key.to_string_lossy()],
+        );
+        let listen_lines: String = listen
+            .iter()
+            .map(|address| format!("ListenAddress {}\n", SocketAddr::new(*address, SSH_PORT)))
+            .collect();
+        let config = dir.join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "{listen_lines}HostKey {}
+PidFile {}
+UsePAM yes
+PasswordAuthentication yes
+KbdInteractiveAuthentication no
+PubkeyAuthentication no
+PermitRootLogin no
+UseDNS no
+# Attackers connect many at a time; sshd's own throttling must not turn them away.
+MaxStartups 100
+",
+                host_key.display(),
+                dir.join("sshd.pid").display()
+            ),
+        )
+        .expect("write sshd_config");
+        let log = dir.join("sshd.log");
+        let log_file = File::create(&log).expect("create sshd.log");
+        let process = server
+            .command(SSHD)
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("clone sshd.log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start sshd");
+        let sshd = Self { process, log };
+        let listening = eventually(WAIT, || {
+            listen.iter().all(|address| {
+                server
+                    .connect(*address, SocketAddr::new(*address, SSH_PORT))
+                    .is_ok()
+            })
+        });
+        assert!(listening, "sshd did not listen:\n{}", sshd.log());
+        sshd
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// A local account with a known password for the successful logins, removed on drop.
+struct TestUser {
+    name: String,
+}
+
+impl TestUser {
+    fn create(home: &Path) -> Self {
+        // User names are limited to 32 characters; this one is 25 at most.
+        let name = format!("sntl-{}", unique_suffix());
+        run(
+            "useradd",
+            &[
+                "--no-create-home",
+                "--home-dir",
+                &home.to_string_lossy(),
+                "--shell",
+                "/bin/sh",
+                &name,
+            ],
+        );
+        let user = Self { name };
+        let mut chpasswd = Command::new("chpasswd")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run chpasswd");
+        writeln!(
+            chpasswd.stdin.take().expect("chpasswd's stdin"),
+            "{}:{USER_PASSWORD}",
+            user.name
+        )
+        .expect("write to chpasswd");
+        assert!(chpasswd.wait().expect("wait for chpasswd").success());
+        user
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        // --force: a session process may still be on its way out.
+        let _ = Command::new("userdel")
+            .args(["--force", &self.name])
+            .status();
+    }
+}
+
+/// A logged-in SSH session running `cat`, so that it can show it still works.
+struct Session {
+    client: Child,
+    input: Option<ChildStdin>,
+    output: BufReader<ChildStdout>,
+}
+
+impl Session {
+    /// A line sent through the session comes back.
+    fn assert_works(&mut self, line: &str) {
+        let input = self.input.as_mut().expect("the session is open");
+        writeln!(input, "{line}").expect("write to the session");
+        input.flush().expect("flush the session");
+        let mut echoed = String::new();
+        self.output
+            .read_line(&mut echoed)
+            .expect("read from the session");
+        assert_eq!(echoed.trim_end(), line, "the session did not echo");
+    }
+
+    /// Ends `cat` with end of input, and the session with it.
+    fn close(&mut self) {
+        drop(self.input.take());
+        let mut status = None;
+        let ended = eventually(WAIT, || {
+            status = self.client.try_wait().expect("try_wait ssh");
+            status.is_some()
+        });
+        assert!(ended, "the session did not end");
+        assert!(status.is_some_and(|status| status.success()), "{status:?}");
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+    }
+}
+
+/// Polls the daemon's metrics until the sample `name{labels}` reads `expected`.
+fn await_metric(daemon: &Daemon, name: &str, labels: &[(&str, &str)], expected: u64) {
+    let reached = eventually(WAIT, || daemon.scrape().counter(name, labels) == expected);
+    assert!(
+        reached,
+        "{name}{labels:?} is {} after {WAIT:?}, not {expected}\ndaemon log:\n{}",
+        daemon.scrape().counter(name, labels),
+        daemon.log()
+    );
+}
+
+fn bans_for(daemon: &Daemon, reason: &str) -> u64 {
+    daemon.scrape().counter(BANS, &[("reason", reason)])
+}
+
+fn skipped_for(daemon: &Daemon, reason: &str) -> u64 {
+    daemon.scrape().counter(SKIPPED, &[("reason", reason)])
+}
+
+fn banned_in_family(daemon: &Daemon, family: &str) -> u64 {
+    daemon.scrape().counter(BANNED, &[("family", family)])
+}
+
+/// Audit records with `action` and `reason`.
+fn records_of<'a>(
+    records: &'a [serde_json::Value],
+    action: &str,
+    reason: &str,
+) -> Vec<&'a serde_json::Value> {
+    records
+        .iter()
+        .filter(|record| record["action"] == action && record["reason"] == reason)
+        .collect()
+}
+
+/// How long the ban of an audit record was made for: its `expires` minus its `time`.
+fn audited_ban_length(record: &serde_json::Value) -> Duration {
+    let millis = |key: &str| rfc3339_millis(record[key].as_str().expect("a timestamp"));
+    let length = millis("expires") - millis("time");
+    Duration::from_millis(length.try_into().expect("expires after time"))
+}
+
+/// Milliseconds since the epoch of an audit timestamp like `2026-11-21T15:04:05.123Z`.
+fn rfc3339_millis(text: &str) -> i64 {
+    let field = |range: Range<usize>| -> i64 {
+        text[range]
+            .parse()
+            .unwrap_or_else(|_| panic!("{text:?} is not an audit timestamp"))
+    };
+    let (year, month, day) = (field(0..4), field(5..7), field(8..10));
+    // Days since 1970-01-01 of a Gregorian date (Howard Hinnant's days_from_civil).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let seconds = ((days * 24 + field(11..13)) * 60 + field(14..16)) * 60 + field(17..19);
+    seconds * 1000 + field(20..23)
+}
+
+fn assert_ban_length(record: &serde_json::Value, expected: Duration) {
+    let length = audited_ban_length(record);
+    // `expires` and `time` are read from the clock a moment apart.
+    let tolerance = Duration::from_millis(250);
+    assert!(
+        length.abs_diff(expected) <= tolerance,
+        "{record}: banned for {length:?}, not {expected:?}"
+    );
+}
+
+#[test]
+fn each_attacker_is_banned_at_exactly_max_failures() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let daemon = lab.start_daemon("1h");
+    let attackers = [&lab.first, &lab.second, &lab.v6];
+
+    lab.fail_logins(&attackers.map(|attacker| (attacker, MAX_FAILURES - 1)));
+    let mut failures = 3 * (MAX_FAILURES - 1);
+    await_metric(&daemon, FAILURES, &[], failures);
+    for attacker in attackers {
+        attacker.assert_connects();
+    }
+    assert_eq!(bans_for(&daemon, "ssh_failures"), 0);
+    assert_eq!(lab.bans(), []);
+
+    for (banned, attacker) in attackers.iter().enumerate() {
+        lab.fail_logins(&[(attacker, 1)]);
+        failures += 1;
+        await_metric(&daemon, FAILURES, &[], failures);
+        lab.await_ban(&attacker.offender());
+        attacker.assert_blocked();
+        for not_yet_banned in &attackers[banned + 1..] {
+            not_yet_banned.assert_connects();
+        }
+        lab.trusted.assert_connects();
+        lab.assert_server_reaches_itself();
+        assert_eq!(bans_for(&daemon, "ssh_failures"), banned as u64 + 1);
+    }
+
+    lab.v6.assert_blocked_from(V6_NEIGHBOUR);
+    assert_eq!(
+        lab.banned_nets(),
+        ["198.51.100.10", "203.0.113.10", V6_PREFIX]
+    );
+    await_metric(&daemon, BANNED, &[("family", "ipv4")], 2);
+    await_metric(&daemon, BANNED, &[("family", "ipv6")], 1);
+    assert_eq!(daemon.scrape().counter(FAILURES, &[]), failures);
+}
+
+#[test]
+fn allowlisted_attacker_is_never_banned() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let daemon = lab.start_daemon("1h");
+
+    lab.fail_logins(&[(&lab.trusted, 12)]);
+
+    await_metric(&daemon, FAILURES, &[], 12);
+    // The count starts over after each skipped ban: one at failure 5, one at failure 10.
+    await_metric(&daemon, SKIPPED, &[("reason", "allowlisted")], 2);
+    lab.trusted.assert_connects();
+    assert_eq!(lab.bans(), []);
+    assert_eq!(bans_for(&daemon, "ssh_failures"), 0);
+    assert_eq!(banned_in_family(&daemon, "ipv4"), 0);
+    let records = lab.audit_records();
+    assert_eq!(records.len(), 2, "{records:?}");
+    for record in &records {
+        assert_eq!(record["action"], "skip", "{record}");
+        assert_eq!(record["reason"], "allowlisted", "{record}");
+        assert_eq!(record["address"], TRUSTED_CLIENT.to_string(), "{record}");
+        assert_eq!(record["failures"], MAX_FAILURES, "{record}");
+    }
+}
+
+#[test]
+fn address_with_an_open_session_is_not_banned_until_it_closes() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let daemon = lab.start_daemon("1h");
+    let mut session = lab.login(&lab.second);
+    session.assert_works("logged in");
+    let monitors = lab.session_monitors();
+    assert_eq!(monitors.len(), 1, "sshd:\n{}", lab.sshd.log());
+    assert_eq!(daemon.scrape().counter(FAILURES, &[]), 0);
+
+    lab.fail_logins(&[(&lab.second, MAX_FAILURES)]);
+
+    await_metric(&daemon, FAILURES, &[], MAX_FAILURES);
+    await_metric(&daemon, SKIPPED, &[("reason", "active_session")], 1);
+    lab.second.assert_connects();
+    session.assert_works("still working");
+    assert_eq!(lab.bans(), []);
+    assert_eq!(bans_for(&daemon, "ssh_failures"), 0);
+
+    // Once the session is over, the same failures ban the address.
+    session.close();
+    let monitors_gone = eventually(WAIT, || {
+        monitors
+            .iter()
+            .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    });
+    assert!(monitors_gone, "sshd's session monitor outlived the session");
+    lab.fail_logins(&[(&lab.second, MAX_FAILURES)]);
+    await_metric(&daemon, FAILURES, &[], 2 * MAX_FAILURES);
+    lab.await_ban(&lab.second.offender());
+    lab.second.assert_blocked();
+    assert_eq!(bans_for(&daemon, "ssh_failures"), 1);
+    assert_eq!(skipped_for(&daemon, "active_session"), 1);
+}
+
+#[test]
+fn ban_expires_and_a_repeat_offender_is_banned_longer() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let first_length = Duration::from_secs(3);
+    let daemon = lab.start_daemon("3s");
+    let offender = lab.first.offender();
+
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
+    let first_ban = lab.await_ban(&offender);
+    assert_eq!(first_ban.timeout, Some(3));
+    lab.first.assert_blocked();
+    assert!(
+        eventually(WAIT, || lab.first.can_connect()),
+        "the first ban was not lifted"
+    );
+    assert_eq!(lab.bans(), []);
+    await_metric(&daemon, BANNED, &[("family", "ipv4")], 0);
+
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
+    let second_ban = lab.await_ban(&offender);
+    assert_eq!(second_ban.timeout, Some(6), "multiplier 2");
+    await_metric(&daemon, BANS, &[("reason", "ssh_repeat_offender")], 1);
+    assert_eq!(bans_for(&daemon, "ssh_failures"), 1);
+
+    // The kernel's own countdown shows when the first ban's length has passed: under 3 s left
+    // of 6 s.
+    let past_first_length = eventually(WAIT, || {
+        lab.ban_of(&offender)
+            .and_then(|ban| ban.expires)
+            .is_some_and(|left| left < 3)
+    });
+    assert!(past_first_length, "bans: {:?}", lab.bans());
+    lab.first.assert_blocked();
+    assert!(
+        eventually(WAIT, || lab.first.can_connect()),
+        "the second ban was not lifted"
+    );
+
+    let records = lab.audit_records();
+    let first = records_of(&records, "ban", "ssh_failures");
+    let repeat = records_of(&records, "ban", "ssh_repeat_offender");
+    assert_eq!((first.len(), repeat.len()), (1, 1), "{records:?}");
+    assert_ban_length(first[0], first_length);
+    assert_ban_length(repeat[0], 2 * first_length);
+}
+
+#[test]
+fn bans_survive_a_killed_daemon_and_are_adopted_once() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let mut daemon = lab.start_daemon("1h");
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
+    lab.await_ban(&lab.first.offender());
+
+    daemon.signal(libc::SIGKILL);
+    assert!(daemon.wait_exit(WAIT).is_some(), "SIGKILL did not end it");
+
+    lab.first.assert_blocked();
+    lab.second.assert_connects();
+    assert_eq!(lab.banned_nets(), ["198.51.100.10"]);
+
+    let daemon = lab.start_daemon("1h");
+    let adopted = daemon.log_records(&[("message", "adopted the bans already in the kernel")]);
+    assert_eq!(adopted.len(), 1, "{}", daemon.log());
+    assert_eq!(adopted[0]["bans"], 1);
+    assert_eq!(banned_in_family(&daemon, "ipv4"), 1);
+    assert_eq!(lab.banned_nets(), ["198.51.100.10"]);
+    lab.first.assert_blocked();
+
+    lab.fail_logins(&[(&lab.second, MAX_FAILURES)]);
+    lab.await_ban(&lab.second.offender());
+    assert_eq!(lab.banned_nets(), ["198.51.100.10", "203.0.113.10"]);
+    await_metric(&daemon, BANNED, &[("family", "ipv4")], 2);
+    lab.first.assert_blocked();
+    lab.second.assert_blocked();
+}
+
+#[test]
+fn metrics_audit_log_and_firewall_agree() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let daemon = lab.start_daemon("1h");
+
+    lab.fail_logins(&[
+        (&lab.first, MAX_FAILURES),
+        (&lab.second, MAX_FAILURES),
+        (&lab.v6, MAX_FAILURES),
+        (&lab.trusted, 2 * MAX_FAILURES),
+    ]);
+    let attempts = 5 * MAX_FAILURES;
+    await_metric(&daemon, FAILURES, &[], attempts);
+    await_metric(&daemon, BANNED, &[("family", "ipv4")], 2);
+    await_metric(&daemon, BANNED, &[("family", "ipv6")], 1);
+
+    let records = lab.audit_records();
+    for reason in BAN_REASONS {
+        assert_eq!(
+            bans_for(&daemon, reason),
+            records_of(&records, "ban", reason).len() as u64,
+            "{reason}: {records:?}"
+        );
+    }
+    for reason in SKIP_REASONS {
+        assert_eq!(
+            skipped_for(&daemon, reason),
+            records_of(&records, "skip", reason).len() as u64,
+            "{reason}: {records:?}"
+        );
+    }
+    let by_action_and_address: BTreeMap<(String, String), usize> =
+        records.iter().fold(BTreeMap::new(), |mut counts, record| {
+            let key = (
+                record["action"].as_str().unwrap_or_default().to_string(),
+                record["address"].as_str().unwrap_or_default().to_string(),
+            );
+            *counts.entry(key).or_default() += 1;
+            counts
+        });
+    let expected: BTreeMap<(String, String), usize> = [
+        ("ban", "198.51.100.10", 1),
+        ("ban", "203.0.113.10", 1),
+        ("ban", V6_PREFIX, 1),
+        ("skip", "192.0.2.10", 2),
+    ]
+    .into_iter()
+    .map(|(action, address, count)| ((action.to_string(), address.to_string()), count))
+    .collect();
+    assert_eq!(by_action_and_address, expected);
+
+    // Every failure went into exactly one ban or skipped ban.
+    let audited_failures: u64 = records
+        .iter()
+        .map(|record| record["failures"].as_u64().expect("failures"))
+        .sum();
+    assert_eq!(audited_failures, attempts);
+    for ban in records_of(&records, "ban", "ssh_failures") {
+        assert_ban_length(ban, Duration::from_secs(3600));
+    }
+
+    let banned_in_kernel: Vec<String> = records_of(&records, "ban", "ssh_failures")
+        .iter()
+        .map(|record| record["address"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(lab.banned_nets(), banned_in_kernel);
+    assert_eq!(
+        daemon.scrape().counter("sentinel_ban_latency_seconds_count", &[]),
+        3,
+        "one latency sample per committed ban"
+    );
+    assert_eq!(daemon.log_records(&[("message", "ban")]).len(), 3);
+    assert_eq!(daemon.log_records(&[("message", "ban skipped")]).len(), 2);
+}
+
+#[test]
+fn operator_unban_lifts_a_ban_at_once() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let daemon = lab.start_daemon("1h");
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES), (&lab.v6, MAX_FAILURES)]);
+    lab.await_ban(&lab.first.offender());
+    lab.await_ban(V6_PREFIX);
+    lab.first.assert_blocked();
+    lab.v6.assert_blocked();
+
+    let unban = |address: &str| {
+        let output = Command::new(sentinel_bin())
+            .args(["unban", address, "--socket"])
+            .arg(daemon.control_socket())
+            .output()
+            .expect("run sentinel unban");
+        assert!(
+            output.status.success(),
+            "sentinel unban {address}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    assert_eq!(unban("198.51.100.10"), "unbanned 198.51.100.10");
+    // Any address of the banned /64 names the ban.
+    assert_eq!(
+        unban(&V6_NEIGHBOUR.to_string()),
+        format!("unbanned {V6_PREFIX}")
+    );
+
+    lab.first.assert_connects();
+    lab.v6.assert_connects();
+    assert_eq!(lab.bans(), []);
+    assert_eq!(banned_in_family(&daemon, "ipv4"), 0);
+    assert_eq!(banned_in_family(&daemon, "ipv6"), 0);
+    let records = lab.audit_records();
+    let unbans: Vec<&str> = records_of(&records, "unban", "operator")
+        .iter()
+        .map(|record| record["address"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(unbans, ["198.51.100.10", V6_PREFIX]);
+}

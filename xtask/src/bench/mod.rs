@@ -1,0 +1,280 @@
+//! `cargo xtask bench`: what Sentinel costs the workloads it watches, next to the tools an
+//! operator would otherwise run for the same visibility (bpftrace, execsnoop-bpfcc).
+//!
+//! Two loops run in a cgroup of their own: spawning a tiny static program, and loopback TCP
+//! connects closed with RST. Baseline runs (nothing attached) alternate with runs under each
+//! tool, and each tool run is compared with the baseline runs on either side of it. The
+//! bench reports timings and never asserts them. It fails when Sentinel cannot run, when a
+//! tool fails during the measured runs, or when Sentinel's counters for the cgroup differ
+//! from the iteration counts; a peer that cannot run here is reported instead.
+//!
+//! Under `target/bench/`: the tiny program, Sentinel's configuration and control socket, and
+//! each tool's output from its latest run.
+
+mod cgroup;
+mod interrupt;
+mod report;
+mod system;
+mod tools;
+mod workload;
+
+use std::{fs, time::Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use self::{
+    cgroup::BenchCgroup,
+    report::{Report, ToolResults},
+    system::{BpfStatsSysctl, Machine, TracefsMount, attachments, kernel_has_kprobes},
+    tools::{RunSetup, Tool, measured_run, preflight},
+    workload::{LoopTimes, run_loops},
+};
+use crate::{
+    host::{ensure_packages, is_root, run},
+    setup,
+};
+
+/// bpftool reads the programs' statistics; gcc and libc6-dev build the static no-op program.
+const PACKAGES: &[&str] = &["bpftool", "gcc", "libc6-dev"];
+const PEER_PACKAGES: &[&str] = &["bpftrace", "bpfcc-tools"];
+/// The whole bench, peers included, took 5 to 7 minutes with this on a 2-vCPU VM: room to
+/// stay under ten on a busier machine.
+const DEFAULT_PAIRS: u32 = 10;
+/// Where the loops' events are traced.
+const LOOP_TRACEPOINTS: [&str; 2] = ["sched_process_exec", "inet_sock_set_state"];
+/// Rough cost of starting and stopping a tool around a run, for the time estimate.
+const TOOL_START_STOP_SECS: f64 = 3.0;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Iterations of each loop (execs, then TCP connects) per run.
+    #[arg(long, value_name = "N", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    iterations: u32,
+    /// Runs per tool, each paired with the baseline runs around it. Single pairs vary by
+    /// ±20 % on a noisy VM: the medians need several.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_PAIRS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pairs: u32,
+    /// Measure Sentinel only, without bpftrace and execsnoop-bpfcc.
+    #[arg(long)]
+    skip_peers: bool,
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    ensure!(
+        is_root(),
+        "cargo xtask bench must run as root: it loads eBPF programs, creates a cgroup and \
+         sets kernel.bpf_stats_enabled"
+    );
+    let started = Instant::now();
+    let workspace = crate::workspace_root();
+    let out_dir = workspace.join("target/bench");
+    fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+
+    crate::step("bench: installing what is missing");
+    ensure_packages("bench tools", PACKAGES)?;
+    if !args.skip_peers {
+        ensure_packages("peers to compare with", PEER_PACKAGES)?;
+    }
+    setup::build_tools()?;
+    crate::step("bench: building the daemon (release)");
+    run(crate::cargo(&workspace).args(["build", "--release", "-p", "sentinel-user"]))?;
+    let daemon = workspace.join("target/release/sentinel");
+    let daemon_config = out_dir.join("sentinel.yaml");
+    tools::write_daemon_config(&daemon_config)?;
+    let nop = workload::build_nop_program(&out_dir)?;
+    let machine = Machine::read()?;
+
+    // From here on the bench changes the host: every change below is undone on drop.
+    interrupt::install()?;
+    let _tracefs = if args.skip_peers {
+        None
+    } else {
+        TracefsMount::mount_if_missing()?
+    };
+    let cgroup = BenchCgroup::create()?;
+    let _bpf_stats = BpfStatsSysctl::enable()?;
+    let setup = RunSetup {
+        daemon: &daemon,
+        daemon_config: &daemon_config,
+        daemon_socket: &out_dir.join("sentinel.sock"),
+        nop: &nop,
+        out_dir: &out_dir,
+        cgroup: &cgroup,
+        iterations: args.iterations,
+        own_comm: fs::read_to_string("/proc/self/comm")
+            .context("cannot read /proc/self/comm")?
+            .trim()
+            .to_owned(),
+    };
+
+    crate::step("bench: checking that each tool runs here");
+    let lineup = lineup(&setup, args.skip_peers)?;
+    crate::step("bench: measuring");
+    warn_about_other_tracers()?;
+    let (baselines, results) = measure(&setup, &lineup.tools, args.pairs)?;
+
+    let report = Report {
+        machine: &machine,
+        iterations: args.iterations,
+        baselines: &baselines,
+        results: &results,
+        unavailable: &lineup.unavailable,
+        elapsed: started.elapsed(),
+    };
+    crate::step("bench: results");
+    println!("\n{report}");
+    check_sentinel_counts(&results, args.iterations)
+}
+
+struct Lineup {
+    tools: Vec<Tool>,
+    /// Peers that cannot run here, and why.
+    unavailable: Vec<(Tool, String)>,
+}
+
+/// Sentinel must run; a peer that cannot is reported instead.
+fn lineup(setup: &RunSetup, skip_peers: bool) -> Result<Lineup> {
+    preflight(Tool::Sentinel, setup).context("Sentinel cannot run on this host")?;
+    println!("[bench] {}: runs", Tool::Sentinel.label());
+    let mut tools = vec![Tool::Sentinel];
+    let mut unavailable = Vec::new();
+    if !skip_peers {
+        for peer in Tool::PEERS {
+            match preflight(peer, setup) {
+                Ok(()) => {
+                    println!("[bench] {}: runs", peer.label());
+                    tools.push(peer);
+                }
+                Err(error) => {
+                    interrupt::check()?;
+                    let reason = unavailable_reason(peer, &error);
+                    println!("[bench] {}: CANNOT RUN HERE: {reason}", peer.label());
+                    unavailable.push((peer, reason));
+                }
+            }
+        }
+    }
+    Ok(Lineup { tools, unavailable })
+}
+
+fn unavailable_reason(peer: Tool, error: &anyhow::Error) -> String {
+    let mut reason = format!("{error:#}");
+    if peer == Tool::Execsnoop && !kernel_has_kprobes() {
+        reason.push_str(
+            "; besides, this kernel has no kprobes (CONFIG_KPROBES is off), which \
+             execsnoop-bpfcc attaches to execve with",
+        );
+    }
+    reason
+}
+
+/// Another tracer on the loops' tracepoints (a Sentinel service, a test suite) would slow
+/// the baseline runs too and shrink every ratio.
+fn warn_about_other_tracers() -> Result<()> {
+    let others: Vec<String> = attachments()?
+        .iter()
+        .filter(|attachment| LOOP_TRACEPOINTS.contains(&attachment.target.as_str()))
+        .map(|attachment| format!("pid {} on {}", attachment.pid, attachment.target))
+        .collect();
+    if !others.is_empty() {
+        println!(
+            "[bench] WARNING: BPF programs of other processes are attached to the loops' \
+             tracepoints ({}); the baseline runs are not free of tracing",
+            others.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Baseline runs alternating with the tools' runs: B T1 B T2 B ... T1 B T2 B.
+fn measure(
+    setup: &RunSetup,
+    tools: &[Tool],
+    pairs: u32,
+) -> Result<(Vec<LoopTimes>, Vec<ToolResults>)> {
+    // A short unrecorded run warms the page cache and the allocators.
+    let warmup_iterations = (setup.iterations / 10).max(1);
+    let warmup = run_loops(setup.nop, warmup_iterations, setup.cgroup)?;
+    let loops_secs = (warmup.exec.wall + warmup.connect.wall) * f64::from(setup.iterations) / 1e6;
+    let tool_runs = pairs as usize * tools.len();
+    let estimate =
+        (2 * tool_runs + 1) as f64 * loops_secs + tool_runs as f64 * TOOL_START_STOP_SECS;
+    println!(
+        "[bench] {tool_runs} tool runs and {} baseline runs; about {:.0} minutes",
+        tool_runs + 1,
+        estimate / 60.0
+    );
+
+    let mut baselines = vec![baseline_run(setup, "start")?];
+    let mut results: Vec<ToolResults> = tools.iter().map(|&tool| ToolResults::new(tool)).collect();
+    for pair in 1..=pairs {
+        for results in &mut results {
+            let label = results.tool.label();
+            let run = measured_run(results.tool, setup)
+                .with_context(|| format!("run {pair} of {label} failed"))?;
+            print_times(&format!("{pair}/{pairs} {label}"), run.times);
+            let before = *baselines
+                .last()
+                .expect("the first baseline run is recorded");
+            let after = baseline_run(setup, &format!("{pair}/{pairs}"))?;
+            baselines.push(after);
+            let ratios = results.push(run, before, after);
+            println!(
+                "[bench]   {label} against the baselines around it: exec {:.3}x (CPU {:.3}x), \
+                 connect {:.3}x (CPU {:.3}x)",
+                ratios.exec.wall, ratios.exec.cpu, ratios.connect.wall, ratios.connect.cpu,
+            );
+        }
+    }
+    Ok((baselines, results))
+}
+
+fn baseline_run(setup: &RunSetup, when: &str) -> Result<LoopTimes> {
+    let times = run_loops(setup.nop, setup.iterations, setup.cgroup)
+        .with_context(|| format!("baseline run ({when}) failed"))?;
+    print_times(&format!("{when} baseline"), times);
+    Ok(times)
+}
+
+fn print_times(what: &str, times: LoopTimes) {
+    println!(
+        "[bench] {what:<34} µs per exec {:>6.1} (CPU {:>6.1}), per connect {:>5.1} (CPU {:>5.1})",
+        times.exec.wall, times.exec.cpu, times.connect.wall, times.connect.cpu
+    );
+}
+
+/// Sentinel must have counted every exec and connect of the bench's cgroup, and lost nothing.
+fn check_sentinel_counts(results: &[ToolResults], iterations: u32) -> Result<()> {
+    let expected = Some(u64::from(iterations));
+    let wrong: Vec<String> = results
+        .iter()
+        .filter(|results| results.tool == Tool::Sentinel)
+        .flat_map(|results| results.runs.iter().enumerate())
+        .filter(|(_, run)| {
+            run.seen.execs != expected || run.seen.connects != expected || run.seen.lost != Some(0)
+        })
+        .map(|(index, run)| {
+            format!(
+                "run {}: execs {:?}, connects {:?}, lost {:?}",
+                index + 1,
+                run.seen.execs,
+                run.seen.connects,
+                run.seen.lost
+            )
+        })
+        .collect();
+    if !wrong.is_empty() {
+        bail!(
+            "Sentinel's counters for the bench cgroup differ from the {iterations} iterations \
+             per loop (or events were lost):\n  {}",
+            wrong.join("\n  ")
+        );
+    }
+    println!(
+        "[bench] Sentinel counted every exec and connect of the bench's cgroup exactly and lost \
+         no events"
+    );
+    Ok(())
+}

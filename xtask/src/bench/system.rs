@@ -1,0 +1,254 @@
+//! Host state the bench reads or changes: kernel BPF statistics, tracefs, and /proc.
+
+use std::{collections::BTreeSet, fs, path::Path, process::Command, thread::available_parallelism};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::host::{command_output, run};
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// `kernel.bpf_stats_enabled=1` while alive, so the kernel times every BPF program run; the
+/// previous value comes back on drop.
+pub struct BpfStatsSysctl {
+    previous: String,
+}
+
+impl BpfStatsSysctl {
+    pub fn enable() -> Result<Self> {
+        let previous = fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("cannot read {BPF_STATS}"))?
+            .trim()
+            .to_owned();
+        fs::write(BPF_STATS, "1").with_context(|| format!("cannot write 1 to {BPF_STATS}"))?;
+        println!("[bench] kernel.bpf_stats_enabled=1 (was {previous}; restored at the end)");
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for BpfStatsSysctl {
+    fn drop(&mut self) {
+        match fs::write(BPF_STATS, &self.previous) {
+            Ok(()) => println!(
+                "[bench] kernel.bpf_stats_enabled={} restored",
+                self.previous
+            ),
+            Err(error) => eprintln!(
+                "[bench] WARNING: could not restore kernel.bpf_stats_enabled={}: {error}",
+                self.previous
+            ),
+        }
+    }
+}
+
+/// tracefs, mounted by the bench because bpftrace and BCC find tracepoints there; unmounted
+/// on drop.
+pub struct TracefsMount;
+
+impl TracefsMount {
+    /// `None` when tracefs is already mounted (and then stays so).
+    pub fn mount_if_missing() -> Result<Option<Self>> {
+        if Path::new(TRACEFS).join("events").is_dir() {
+            return Ok(None);
+        }
+        run(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]))
+            .context("mounting tracefs failed")?;
+        println!("[bench] mounted tracefs on {TRACEFS} (unmounted at the end)");
+        Ok(Some(Self))
+    }
+}
+
+impl Drop for TracefsMount {
+    fn drop(&mut self) {
+        if let Err(error) = run(Command::new("umount").arg(TRACEFS)) {
+            eprintln!("[bench] WARNING: {error:#}");
+        }
+    }
+}
+
+/// Kernels built without CONFIG_KPROBES have no kprobe_events file in tracefs.
+pub fn kernel_has_kprobes() -> bool {
+    Path::new(TRACEFS).join("kprobe_events").exists()
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessUsage {
+    /// User plus system time since the process started.
+    pub cpu_seconds: f64,
+    pub rss_kib: u64,
+    /// Peak resident set size.
+    pub hwm_kib: u64,
+}
+
+pub fn process_usage(pid: u32) -> Result<ProcessUsage> {
+    let status_path = format!("/proc/{pid}/status");
+    let status =
+        fs::read_to_string(&status_path).with_context(|| format!("cannot read {status_path}"))?;
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("{status_path} has no {field}"))
+    };
+    let stat_path = format!("/proc/{pid}/stat");
+    let stat =
+        fs::read_to_string(&stat_path).with_context(|| format!("cannot read {stat_path}"))?;
+    // The command name (field 2) may hold spaces; utime and stime are fields 14 and 15, the
+    // 12th and 13th after its closing parenthesis.
+    let ticks: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, fields)| fields.split_whitespace().skip(11).take(2))
+        .into_iter()
+        .flatten()
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    let [utime, stime] = ticks[..] else {
+        anyhow::bail!("cannot parse utime and stime in {stat_path}: {stat}");
+    };
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ProcessUsage {
+        cpu_seconds: (utime + stime) / ticks_per_second,
+        rss_kib: kib("VmRSS:")?,
+        hwm_kib: kib("VmHWM:")?,
+    })
+}
+
+/// A BPF program attached by a process, from `bpftool perf show`.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub pid: u32,
+    pub program_id: u64,
+    /// Tracepoint or kernel function.
+    pub target: String,
+}
+
+/// Every tracepoint, raw tracepoint and kprobe attachment on the host.
+pub fn attachments() -> Result<Vec<Attachment>> {
+    let listing = bpftool(&["perf", "show"])?;
+    Ok(listing
+        .iter()
+        .filter_map(|entry| {
+            let target = entry["tracepoint"].as_str().or(entry["func"].as_str())?;
+            Some(Attachment {
+                pid: u32::try_from(entry["pid"].as_u64()?).ok()?,
+                program_id: entry["prog_id"].as_u64()?,
+                target: target.to_owned(),
+            })
+        })
+        .collect())
+}
+
+/// The kernel's accounting of one program since it was loaded.
+#[derive(Debug, Clone)]
+pub struct ProgramCost {
+    pub name: String,
+    /// Where it is attached, or its program type where `bpftool perf show` does not say.
+    pub target: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+/// Every BPF program `pid` holds, with the kernel's accounting since each was loaded.
+pub fn program_costs(pid: u32) -> Result<Vec<ProgramCost>> {
+    let attached = attachments()?;
+    let programs = bpftool(&["prog", "show"])?;
+    program_ids(pid)?
+        .into_iter()
+        .map(|id| {
+            let program = programs
+                .iter()
+                .find(|program| program["id"].as_u64() == Some(id))
+                .with_context(|| {
+                    format!("program {id} of pid {pid} is not in `bpftool prog show`")
+                })?;
+            // `bpftool perf show` leaves out some links (Sentinel's uprobes, for one).
+            let target = attached
+                .iter()
+                .find(|attachment| attachment.program_id == id)
+                .map_or_else(
+                    || format!("({} program)", program["type"].as_str().unwrap_or("?")),
+                    |attachment| attachment.target.clone(),
+                );
+            // bpftool leaves the statistics out while they are zero.
+            Ok(ProgramCost {
+                name: program["name"].as_str().unwrap_or("?").to_owned(),
+                target,
+                run_count: program["run_cnt"].as_u64().unwrap_or(0),
+                run_time_ns: program["run_time_ns"].as_u64().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// The programs behind `pid`'s descriptors: the fdinfo of a program or link names its program.
+fn program_ids(pid: u32) -> Result<BTreeSet<u64>> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = BTreeSet::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
+        // A descriptor closed since the listing has nothing to say.
+        let Ok(info) = fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        ids.extend(
+            info.lines()
+                .filter_map(|line| line.strip_prefix("prog_id:"))
+                .filter_map(|id| id.trim().parse::<u64>().ok()),
+        );
+    }
+    Ok(ids)
+}
+
+fn bpftool(args: &[&str]) -> Result<Vec<Value>> {
+    let output = command_output(Command::new("bpftool").args(args).arg("--json"))?;
+    let parsed: Value = serde_json::from_str(&output)
+        .with_context(|| format!("`bpftool {}` printed invalid JSON", args.join(" ")))?;
+    parsed
+        .as_array()
+        .cloned()
+        .with_context(|| format!("`bpftool {}` did not print a JSON array", args.join(" ")))
+}
+
+/// What the final table says about the machine.
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub os: String,
+    pub virtual_machine: bool,
+}
+
+impl Machine {
+    pub fn read() -> Result<Self> {
+        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+            .context("cannot read the kernel release")?
+            .trim()
+            .to_owned();
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").context("cannot read /proc/cpuinfo")?;
+        let cpuinfo_field = |name: &str| {
+            cpuinfo.lines().find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                (key.trim() == name).then(|| value.trim().to_owned())
+            })
+        };
+        let os_release = fs::read_to_string("/etc/os-release").unwrap_or_default();
+        let os = os_release
+            .lines()
+            .find_map(|line| line.strip_prefix("PRETTY_NAME="))
+            .map_or_else(
+                || "unknown OS".to_owned(),
+                |name| name.trim_matches('"').to_owned(),
+            );
+        Ok(Self {
+            kernel,
+            cpus: available_parallelism().map_or(1, usize::from),
+            cpu_model: cpuinfo_field("model name").unwrap_or_else(|| "unknown CPU".to_owned()),
+            os,
+            virtual_machine: cpuinfo_field("flags")
+                .is_some_and(|flags| flags.split(' ').any(|flag| flag == "hypervisor")),
+        })
+    }
+}

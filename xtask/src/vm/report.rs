@@ -1,0 +1,77 @@
+//! Reads what the guest wrote to its second serial port (see guest_init.sh).
+
+const JOB_START: &str = "SENTINEL-JOB-START ";
+const JOB_END: &str = "SENTINEL-JOB-END ";
+const DMESG_START: &str = "SENTINEL-DMESG-START";
+const DMESG_END: &str = "SENTINEL-DMESG-END";
+const VERDICT: &str = "SENTINEL-VERDICT ";
+
+pub struct JobResult {
+    pub name: String,
+    /// None if the job never finished (the guest died or hung during it).
+    pub status: Option<i32>,
+    pub seconds: Option<String>,
+    /// libtest's "test result: ..." lines.
+    pub summaries: Vec<String>,
+    /// Tests for which libtest printed a "---- NAME stdout ----" failure block.
+    pub failed_tests: Vec<String>,
+}
+
+pub struct GuestResults {
+    pub jobs: Vec<JobResult>,
+    /// "pass", "fail ..." or "setup-failed REASON".
+    pub verdict: Option<String>,
+}
+
+pub fn parse(text: &str) -> GuestResults {
+    let mut results = GuestResults {
+        jobs: Vec::new(),
+        verdict: None,
+    };
+    let mut in_dmesg = false;
+    for raw_line in text.lines() {
+        let line = raw_line.trim_end_matches('\r');
+        if in_dmesg {
+            in_dmesg = line != DMESG_END;
+        } else if line == DMESG_START {
+            in_dmesg = true;
+        } else if let Some(name) = line.strip_prefix(JOB_START) {
+            results.jobs.push(JobResult {
+                name: name.to_owned(),
+                status: None,
+                seconds: None,
+                summaries: Vec::new(),
+                failed_tests: Vec::new(),
+            });
+        } else if let Some(verdict) = line.strip_prefix(VERDICT) {
+            results.verdict = Some(verdict.to_owned());
+        } else if let Some(job) = results.jobs.last_mut() {
+            // Output without a final newline puts the end marker mid-line.
+            if let Some(at) = line.find(JOB_END) {
+                for field in line[at + JOB_END.len()..].split_whitespace() {
+                    if let Some(status) = field.strip_prefix("status=") {
+                        job.status = status.parse().ok();
+                    } else if let Some(seconds) = field.strip_prefix("seconds=") {
+                        job.seconds = Some(seconds.to_owned());
+                    }
+                }
+            } else if line.starts_with("test result: ") {
+                job.summaries.push(line.to_owned());
+            } else if let Some(test) = line
+                .strip_prefix("---- ")
+                .and_then(|rest| rest.strip_suffix(" stdout ----"))
+            {
+                job.failed_tests.push(test.to_owned());
+            }
+        }
+    }
+    results
+}
+
+/// The first "Kernel panic" line of the console log, if any.
+pub fn kernel_panic(console: &str) -> Option<&str> {
+    console
+        .lines()
+        .find(|line| line.contains("Kernel panic"))
+        .map(str::trim)
+}
