@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sentinel_tests::{Daemon, NO_FIREWALL, TestCgroup, cgroup2_mount, eventually, serial, testkit_bin};
+use sentinel_tests::{
+    Daemon, NO_FIREWALL, TestCgroup, cgroup2_mount, eventually, serial, testkit_bin,
+};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -53,7 +55,11 @@ fn wait_for(cgroup: &TestCgroup, file: &str, expected: &str, limit: Duration) ->
     let held = eventually(limit, || {
         fs::read_to_string(cgroup.path().join(file)).is_ok_and(|value| value.trim() == expected)
     });
-    assert!(held, "{file} is {:?}, expected {expected:?} within {limit:?}", read(cgroup, file));
+    assert!(
+        held,
+        "{file} is {:?}, expected {expected:?} within {limit:?}",
+        read(cgroup, file)
+    );
     started.elapsed()
 }
 
@@ -64,9 +70,15 @@ fn counter(daemon: &Daemon, name: &str, labels: &[(&str, &str)]) -> u64 {
 #[test]
 fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
     let _serial = serial();
-    let daemon = daemon_with("  - name: hog\n    cgroup: sentinel-test-oom-*\n    memory.max: 64M\n");
+    let daemon =
+        daemon_with("  - name: hog\n    cgroup: sentinel-test-oom-*\n    memory.max: 64M\n");
     let cgroup = TestCgroup::new("oom");
-    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string(), Duration::from_secs(1));
+    wait_for(
+        &cgroup,
+        "memory.max",
+        &(64 * MIB).to_string(),
+        Duration::from_secs(1),
+    );
     let service = [("service", cgroup.service())];
 
     let status = cgroup
@@ -75,7 +87,11 @@ fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
         .stdout(Stdio::null())
         .status()
         .expect("run the hog");
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "the hog should be OOM-killed: {status}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the hog should be OOM-killed: {status}"
+    );
 
     assert!(eventually(Duration::from_secs(5), || {
         counter(&daemon, "sentinel_oom_kills_total", &service) >= 1
@@ -93,25 +109,41 @@ fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
     assert_eq!(report["comm"], "sentinel-testki");
 }
 
-const GRACEFUL: &str = "    memory.max: 128M\n    terminate_above: 48M\n    for: 1s\n    grace: 2s\n";
+const GRACEFUL: &str =
+    "    memory.max: 128M\n    terminate_above: 48M\n    for: 1s\n    grace: 2s\n";
 
 #[test]
 fn terminate_above_stops_a_leak_with_sigterm_before_the_oom_killer() {
     let _serial = serial();
-    let daemon = daemon_with(&format!("  - name: leaky\n    cgroup: sentinel-test-term-*\n{GRACEFUL}"));
+    let daemon = daemon_with(&format!(
+        "  - name: leaky\n    cgroup: sentinel-test-term-*\n{GRACEFUL}"
+    ));
     let cgroup = TestCgroup::new("term");
-    wait_for(&cgroup, "memory.max", &(128 * MIB).to_string(), Duration::from_secs(1));
+    wait_for(
+        &cgroup,
+        "memory.max",
+        &(128 * MIB).to_string(),
+        Duration::from_secs(1),
+    );
 
     let output = cgroup
         .command(testkit_bin())
         .args(["leak", "8"])
         .output()
         .expect("run the leak");
-    assert!(output.status.success(), "the leak should exit by itself: {:?}", output.status);
+    assert!(
+        output.status.success(),
+        "the leak should exit by itself: {:?}",
+        output.status
+    );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "terminated");
 
     let action = |action| {
-        counter(&daemon, "sentinel_actions_total", &[("service", cgroup.service()), ("action", action)])
+        counter(
+            &daemon,
+            "sentinel_actions_total",
+            &[("service", cgroup.service()), ("action", action)],
+        )
     };
     assert_eq!(action("sigterm"), 1);
     assert_eq!(action("sigkill"), 0);
@@ -121,9 +153,16 @@ fn terminate_above_stops_a_leak_with_sigterm_before_the_oom_killer() {
 #[test]
 fn terminate_above_kills_a_leak_that_ignores_sigterm_after_the_grace_period() {
     let _serial = serial();
-    let daemon = daemon_with(&format!("  - name: stubborn\n    cgroup: sentinel-test-kill-*\n{GRACEFUL}"));
+    let daemon = daemon_with(&format!(
+        "  - name: stubborn\n    cgroup: sentinel-test-kill-*\n{GRACEFUL}"
+    ));
     let cgroup = TestCgroup::new("kill");
-    wait_for(&cgroup, "memory.max", &(128 * MIB).to_string(), Duration::from_secs(1));
+    wait_for(
+        &cgroup,
+        "memory.max",
+        &(128 * MIB).to_string(),
+        Duration::from_secs(1),
+    );
 
     let status = cgroup
         .command(testkit_bin())
@@ -134,7 +173,11 @@ fn terminate_above_kills_a_leak_that_ignores_sigterm_after_the_grace_period() {
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
 
     let action = |action| {
-        counter(&daemon, "sentinel_actions_total", &[("service", cgroup.service()), ("action", action)])
+        counter(
+            &daemon,
+            "sentinel_actions_total",
+            &[("service", cgroup.service()), ("action", action)],
+        )
     };
     assert!(eventually(Duration::from_secs(2), || action("sigkill") == 1));
     assert_eq!(action("sigterm"), 1);
@@ -145,26 +188,38 @@ fn terminate_above_kills_a_leak_that_ignores_sigterm_after_the_grace_period() {
 #[test]
 fn cpu_max_holds_a_busy_loop_near_its_share() {
     let _serial = serial();
-    let daemon = daemon_with("  - name: spinner\n    cgroup: sentinel-test-cpu-*\n    cpu.max: 20%\n");
+    let daemon =
+        daemon_with("  - name: spinner\n    cgroup: sentinel-test-cpu-*\n    cpu.max: 20%\n");
     let cgroup = TestCgroup::new("cpu");
     wait_for(&cgroup, "cpu.max", "20000 100000", Duration::from_secs(1));
 
+    // The spinner runs until killed; the test, outside the throttled cgroup, keeps the time.
+    let mut spinner = cgroup
+        .command(testkit_bin())
+        .args(["spin", "3600"])
+        .spawn()
+        .expect("start the spinner");
+    std::thread::sleep(Duration::from_millis(500));
     let usage_before = flat_key(&cgroup, "cpu.stat", "usage_usec");
     let started = Instant::now();
-    let status = cgroup
-        .command(testkit_bin())
-        .args(["spin", "4"])
-        .status()
-        .expect("run the spinner");
-    assert!(status.success());
+    std::thread::sleep(Duration::from_secs(4));
+    let usage = flat_key(&cgroup, "cpu.stat", "usage_usec") - usage_before;
     let wall = started.elapsed().as_micros() as f64;
-    let share = (flat_key(&cgroup, "cpu.stat", "usage_usec") - usage_before) as f64 / wall;
+    spinner.kill().expect("stop the spinner");
+    spinner.wait().expect("reap the spinner");
+    let share = usage as f64 / wall;
     // Emulated CPUs make scheduling approximate; 20 % must still be far from a free 100 %.
-    assert!((0.10..=0.35).contains(&share), "measured CPU share {share:.3}");
+    assert!(
+        (0.10..=0.35).contains(&share),
+        "measured CPU share {share:.3}"
+    );
     assert!(flat_key(&cgroup, "cpu.stat", "nr_throttled") > 0);
     let throttled = daemon
         .scrape()
-        .value("sentinel_cpu_throttled_seconds_total", &[("service", cgroup.service())])
+        .value(
+            "sentinel_cpu_throttled_seconds_total",
+            &[("service", cgroup.service())],
+        )
         .expect("throttled seconds exported");
     assert!(throttled > 0.0, "throttled {throttled}");
 }
@@ -172,7 +227,8 @@ fn cpu_max_holds_a_busy_loop_near_its_share() {
 #[test]
 fn pids_max_stops_a_fork_bomb_and_the_system_stays_responsive() {
     let _serial = serial();
-    let _daemon = daemon_with("  - name: bomb\n    cgroup: sentinel-test-pids-*\n    pids.max: 32\n");
+    let _daemon =
+        daemon_with("  - name: bomb\n    cgroup: sentinel-test-pids-*\n    pids.max: 32\n");
     let cgroup = TestCgroup::new("pids");
     wait_for(&cgroup, "pids.max", "32", Duration::from_secs(1));
 
@@ -187,12 +243,21 @@ fn pids_max_stops_a_fork_bomb_and_the_system_stays_responsive() {
         .read_line(&mut started)
         .expect("read the fork count");
     let started: u32 = started.trim().parse().expect("fork count");
-    assert!((20..32).contains(&started), "{started} children started under pids.max 32");
+    assert!(
+        (20..32).contains(&started),
+        "{started} children started under pids.max 32"
+    );
     assert!(flat_key(&cgroup, "pids.events", "max") > 0);
 
     let responsive = Instant::now();
     let other = TestCgroup::new("responsive");
-    assert!(other.command("/bin/true").status().expect("run true").success());
+    assert!(
+        other
+            .command("/bin/true")
+            .status()
+            .expect("run true")
+            .success()
+    );
     assert!(responsive.elapsed() < Duration::from_secs(2));
     bomb.wait().expect("bomb exits");
 }
@@ -200,35 +265,62 @@ fn pids_max_stops_a_fork_bomb_and_the_system_stays_responsive() {
 #[test]
 fn a_later_cgroup_gets_its_limits_within_a_second_and_drift_is_restored() {
     let _serial = serial();
-    let daemon = daemon_with("  - name: late\n    cgroup: sentinel-test-late-*\n    memory.max: 64M\n    pids.max: 100\n");
+    let daemon = daemon_with(
+        "  - name: late\n    cgroup: sentinel-test-late-*\n    memory.max: 64M\n    pids.max: 100\n",
+    );
     let cgroup = TestCgroup::new("late");
-    let took = wait_for(&cgroup, "memory.max", &(64 * MIB).to_string(), Duration::from_secs(1));
+    let took = wait_for(
+        &cgroup,
+        "memory.max",
+        &(64 * MIB).to_string(),
+        Duration::from_secs(1),
+    );
     wait_for(&cgroup, "pids.max", "100", Duration::from_secs(1));
     println!("limits applied {took:?} after the cgroup was created");
 
     fs::write(cgroup.path().join("memory.max"), "max").expect("change memory.max by hand");
-    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string(), Duration::from_secs(2));
+    wait_for(
+        &cgroup,
+        "memory.max",
+        &(64 * MIB).to_string(),
+        Duration::from_secs(2),
+    );
     let drift = [("service", cgroup.service())];
-    assert!(eventually(Duration::from_secs(1), || counter(&daemon, "sentinel_policy_drift_total", &drift) == 1));
+    assert!(eventually(Duration::from_secs(1), || counter(
+        &daemon,
+        "sentinel_policy_drift_total",
+        &drift
+    ) == 1));
 }
 
 #[test]
 fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
     let _serial = serial();
     let good = |memory| {
-        format!("{NO_FIREWALL}policies:\n  - name: app\n    cgroup: sentinel-test-reload-*\n    memory.max: {memory}\n    pids.max: 64\n")
+        format!(
+            "{NO_FIREWALL}policies:\n  - name: app\n    cgroup: sentinel-test-reload-*\n    memory.max: {memory}\n    pids.max: 64\n"
+        )
     };
     require_controllers();
     let cgroup = TestCgroup::new("reload");
     let original_memory = read(&cgroup, "memory.max");
     let original_pids = read(&cgroup, "pids.max");
     let mut daemon = Daemon::start_with_config(&good("64M"), &[]);
-    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string(), Duration::from_secs(2));
+    wait_for(
+        &cgroup,
+        "memory.max",
+        &(64 * MIB).to_string(),
+        Duration::from_secs(2),
+    );
     let limits = || (read(&cgroup, "memory.max"), read(&cgroup, "pids.max"));
     let before = limits();
 
     // A broken file: noticed by the file watcher, and again on SIGHUP.
-    fs::write(daemon.config_path(), format!("{}    memory.high: 1G\n", good("64M"))).unwrap();
+    fs::write(
+        daemon.config_path(),
+        format!("{}    memory.high: 1G\n", good("64M")),
+    )
+    .unwrap();
     assert!(eventually(Duration::from_secs(3), || {
         counter(&daemon, "sentinel_policy_reload_errors_total", &[]) == 1
     }));
@@ -237,15 +329,33 @@ fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
         counter(&daemon, "sentinel_policy_reload_errors_total", &[]) == 2
     }));
     assert_eq!(limits(), before, "a rejected reload changed the limits");
-    assert!(daemon.log().contains("memory.high (1G) must not be above memory.max (64M)"));
+    assert!(
+        daemon
+            .log()
+            .contains("memory.high (1G) must not be above memory.max (64M)")
+    );
 
     // A valid change is applied...
     fs::write(daemon.config_path(), good("96M")).unwrap();
-    wait_for(&cgroup, "memory.max", &(96 * MIB).to_string(), Duration::from_secs(3));
+    wait_for(
+        &cgroup,
+        "memory.max",
+        &(96 * MIB).to_string(),
+        Duration::from_secs(3),
+    );
     // ...and removing the policy restores what was there before Sentinel.
     fs::write(daemon.config_path(), NO_FIREWALL).unwrap();
-    wait_for(&cgroup, "memory.max", &original_memory, Duration::from_secs(3));
+    wait_for(
+        &cgroup,
+        "memory.max",
+        &original_memory,
+        Duration::from_secs(3),
+    );
     assert_eq!(read(&cgroup, "pids.max"), original_pids);
     daemon.signal(libc::SIGTERM);
-    assert!(daemon.wait_exit(Duration::from_secs(3)).is_some_and(|(s, _)| s.success()));
+    assert!(
+        daemon
+            .wait_exit(Duration::from_secs(3))
+            .is_some_and(|(s, _)| s.success())
+    );
 }

@@ -97,7 +97,7 @@ pub fn ensure_packages(purpose: &str, packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn is_installed(package: &str) -> bool {
+pub fn is_installed(package: &str) -> bool {
     // dpkg-query fails for a package it has never seen: that is "not installed" too.
     Command::new("dpkg-query")
         .args(["--show", "--showformat=${db:Status-Status}", package])

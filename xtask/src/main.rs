@@ -106,8 +106,11 @@ fn lint(workspace: &Path) -> Result<()> {
         "warnings",
     ]))?;
     step("clippy: eBPF");
-    run(cargo(workspace).args([
-        "+nightly",
+    // The eBPF crate builds with the nightly toolchain (-Z build-std), through rustup.
+    run(Command::new("rustup").current_dir(workspace).args([
+        "run",
+        "nightly",
+        "cargo",
         "clippy",
         "-p",
         "sentinel-ebpf",

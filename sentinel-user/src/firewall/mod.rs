@@ -7,6 +7,7 @@
 //!     set banned_v6 { type ipv6_addr; flags interval, timeout; }
 //!     chain input {
 //!         type filter hook input priority -10; policy accept;
+//!         iif "lo" accept
 //!         ip saddr @banned_v4 counter drop
 //!         ip6 saddr @banned_v6 counter drop
 //!     }

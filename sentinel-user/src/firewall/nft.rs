@@ -28,7 +28,9 @@ const CHAIN_PRIORITY: i32 = -10;
 
 /// The whole table, as created. `interval` lets a set hold networks (IPv6 /64s, CIDR ranges),
 /// `timeout` lets the kernel expire bans without the daemon. The rules match every packet, not
-/// only new connections, so a banned attacker's open sessions die as well.
+/// only new connections, so a banned attacker's open sessions die as well. Packets on `lo` are
+/// the host talking to itself, never an attacker: they pass even when a ban covers one of the
+/// host's own addresses (an IPv6 prefix shared with an attacker).
 pub(super) fn ruleset() -> String {
     format!(
         "table inet {TABLE} {{
@@ -42,6 +44,7 @@ pub(super) fn ruleset() -> String {
 	}}
 	chain {CHAIN} {{
 		type filter hook input priority {CHAIN_PRIORITY}; policy accept;
+		iif \"lo\" accept
 		ip saddr @{SET_V4} counter drop
 		ip6 saddr @{SET_V6} counter drop
 	}}
@@ -307,6 +310,7 @@ impl TableListing {
             .map(|rule| (rule.chain.as_str(), rule.statements_without_counts()))
             .collect();
         let expected_rules = [
+            (CHAIN, loopback_rule()),
             (CHAIN, drop_rule("ip", SET_V4)),
             (CHAIN, drop_rule("ip6", SET_V6)),
         ];
@@ -331,6 +335,13 @@ impl TableListing {
         }
         bans
     }
+}
+
+fn loopback_rule() -> Vec<Value> {
+    vec![
+        json!({ "match": { "op": "==", "left": { "meta": { "key": "iif" } }, "right": "lo" } }),
+        json!({ "accept": null }),
+    ]
 }
 
 fn drop_rule(protocol: &str, set: &str) -> Vec<Value> {
@@ -383,9 +394,11 @@ mod tests {
             "elem": [{"elem": {"val": {"prefix": {"addr": "2001:db8:1:2::", "len": 64}}, "timeout": 10800, "expires": 10609}}]}},
         {"chain": {"family": "inet", "table": "sentinel", "name": "input", "handle": 3, "type": "filter", "hook": "input", "prio": -10, "policy": "accept"}},
         {"rule": {"family": "inet", "table": "sentinel", "chain": "input", "handle": 4, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "lo"}}, {"accept": null}]}},
+        {"rule": {"family": "inet", "table": "sentinel", "chain": "input", "handle": 5, "expr": [
             {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": "@banned_v4"}},
             {"counter": {"packets": 3, "bytes": 180}}, {"drop": null}]}},
-        {"rule": {"family": "inet", "table": "sentinel", "chain": "input", "handle": 5, "expr": [
+        {"rule": {"family": "inet", "table": "sentinel", "chain": "input", "handle": 6, "expr": [
             {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": "@banned_v6"}},
             {"counter": {"packets": 0, "bytes": 0}}, {"drop": null}]}}
     ]}"#;
@@ -405,6 +418,7 @@ mod tests {
             (r#""prio": -10"#, r#""prio": 0"#),
             (r#""interval", "timeout""#, r#""timeout""#),
             (r#""ip6", "field": "saddr""#, r#""ip6", "field": "daddr""#),
+            (r#""right": "lo""#, r#""right": "eth0""#),
             (
                 r#"{"drop": null}]}}
     ]}"#,

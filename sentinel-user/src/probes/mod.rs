@@ -48,6 +48,12 @@ impl std::fmt::Display for AttachPoint {
 const LIBPAM: &str = "libpam";
 
 const CGROUP_ID_FIELDS: [&str; 2] = ["cgroup.kn", "kernfs_node.id"];
+const CGROUP_LIFECYCLE_FIELDS: [&str; 4] = [
+    "cgroup.root",
+    "cgroup_root.hierarchy_id",
+    CGROUP_ID_FIELDS[0],
+    CGROUP_ID_FIELDS[1],
+];
 
 const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
@@ -101,23 +107,13 @@ const PROBES: &[ProbeSpec] = &[
         name: "cgroup_mkdir",
         program: "sentinel_cgmk",
         points: &[AttachPoint::RawTracepoint("cgroup_mkdir")],
-        needs: &[
-            "cgroup.root",
-            "cgroup_root.hierarchy_id",
-            CGROUP_ID_FIELDS[0],
-            CGROUP_ID_FIELDS[1],
-        ],
+        needs: &CGROUP_LIFECYCLE_FIELDS,
     },
     ProbeSpec {
         name: "cgroup_rmdir",
         program: "sentinel_cgrm",
         points: &[AttachPoint::RawTracepoint("cgroup_rmdir")],
-        needs: &[
-            "cgroup.root",
-            "cgroup_root.hierarchy_id",
-            CGROUP_ID_FIELDS[0],
-            CGROUP_ID_FIELDS[1],
-        ],
+        needs: &CGROUP_LIFECYCLE_FIELDS,
     },
     ProbeSpec {
         name: "ssh_pam_rhost",

@@ -1,12 +1,14 @@
 //! `cargo xtask bench`: what Sentinel costs the workloads it watches, next to the tools an
-//! operator would otherwise run for the same visibility (bpftrace, execsnoop-bpfcc).
+//! operator would otherwise run for the same visibility (bpftrace, execsnoop-bpfcc); then how
+//! fast it bans SSH brute force, next to fail2ban and sshguard (the `ssh` section, see
+//! `ssh/mod.rs`).
 //!
-//! Two loops run in a cgroup of their own: spawning a tiny static program, and loopback TCP
-//! connects closed with RST. Baseline runs (nothing attached) alternate with runs under each
-//! tool, and each tool run is compared with the baseline runs on either side of it. The
-//! bench reports timings and never asserts them. It fails when Sentinel cannot run, when a
-//! tool fails during the measured runs, or when Sentinel's counters for the cgroup differ
-//! from the iteration counts; a peer that cannot run here is reported instead.
+//! Overhead section: two loops run in a cgroup of their own: spawning a tiny static program,
+//! and loopback TCP connects closed with RST. Baseline runs (nothing attached) alternate with
+//! runs under each tool, and each tool run is compared with the baseline runs on either side
+//! of it. The bench reports timings and never asserts them. It fails when Sentinel cannot run,
+//! when a tool fails during the measured runs, or when Sentinel's counters for the cgroup
+//! differ from the iteration counts; a peer that cannot run here is reported instead.
 //!
 //! Under `target/bench/`: the tiny program, Sentinel's configuration and control socket, and
 //! each tool's output from its latest run.
@@ -14,11 +16,12 @@
 mod cgroup;
 mod interrupt;
 mod report;
+mod ssh;
 mod system;
 mod tools;
 mod workload;
 
-use std::{fs, time::Instant};
+use std::{fs, path::Path, time::Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -56,16 +59,44 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_PAIRS,
           value_parser = clap::value_parser!(u32).range(1..))]
     pairs: u32,
-    /// Measure Sentinel only, without bpftrace and execsnoop-bpfcc.
+    /// SSH brute-force attacks per tool, each from a fresh address.
+    #[arg(long, value_name = "N", default_value_t = 9,
+          value_parser = clap::value_parser!(u32).range(1..=50))]
+    ssh_attacks: u32,
+    /// Measure Sentinel only, without its peers (bpftrace and execsnoop-bpfcc; fail2ban and
+    /// sshguard).
     #[arg(long)]
     skip_peers: bool,
+    /// Run one section only.
+    #[arg(long, value_enum, value_name = "SECTION")]
+    only: Option<Section>,
+    /// Leave out the SSH brute-force section.
+    #[arg(long, conflicts_with = "only")]
+    skip_ssh: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    /// Exec and connect loops under each tracer.
+    Overhead,
+    /// SSH brute force against Sentinel, fail2ban and sshguard, and the flood.
+    Ssh,
+}
+
+impl BenchArgs {
+    fn runs(&self, section: Section) -> bool {
+        match self.only {
+            Some(only) => only == section,
+            None => section != Section::Ssh || !self.skip_ssh,
+        }
+    }
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     ensure!(
         is_root(),
-        "cargo xtask bench must run as root: it loads eBPF programs, creates a cgroup and \
-         sets kernel.bpf_stats_enabled"
+        "cargo xtask bench must run as root: it loads eBPF programs, creates cgroups and \
+         network namespaces, and sets kernel.bpf_stats_enabled"
     );
     let started = Instant::now();
     let workspace = crate::workspace_root();
@@ -73,21 +104,47 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
 
     crate::step("bench: installing what is missing");
-    ensure_packages("bench tools", PACKAGES)?;
-    if !args.skip_peers {
-        ensure_packages("peers to compare with", PEER_PACKAGES)?;
+    if args.runs(Section::Overhead) {
+        ensure_packages("bench tools", PACKAGES)?;
+        if !args.skip_peers {
+            ensure_packages("peers to compare with", PEER_PACKAGES)?;
+        }
+    }
+    if args.runs(Section::Ssh) {
+        ssh::ensure_packages(!args.skip_peers)?;
     }
     setup::build_tools()?;
     crate::step("bench: building the daemon (release)");
     run(crate::cargo(&workspace).args(["build", "--release", "-p", "sentinel-user"]))?;
     let daemon = workspace.join("target/release/sentinel");
-    let daemon_config = out_dir.join("sentinel.yaml");
-    tools::write_daemon_config(&daemon_config)?;
-    let nop = workload::build_nop_program(&out_dir)?;
     let machine = Machine::read()?;
 
-    // From here on the bench changes the host: every change below is undone on drop.
+    // From here on the bench changes the host: every change is undone on drop.
     interrupt::install()?;
+    if args.runs(Section::Overhead) {
+        overhead(args, &daemon, &out_dir, &machine)?;
+    }
+    if args.runs(Section::Ssh) {
+        ssh::bench(&ssh::SshBench {
+            daemon: &daemon,
+            out_dir: &out_dir,
+            attacks: args.ssh_attacks,
+            with_peers: !args.skip_peers,
+            machine: &machine,
+        })?;
+    }
+    println!(
+        "[bench] done in {:.1} minutes",
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
+}
+
+fn overhead(args: &BenchArgs, daemon: &Path, out_dir: &Path, machine: &Machine) -> Result<()> {
+    let started = Instant::now();
+    let daemon_config = out_dir.join("sentinel.yaml");
+    tools::write_daemon_config(&daemon_config)?;
+    let nop = workload::build_nop_program(out_dir)?;
     let _tracefs = if args.skip_peers {
         None
     } else {
@@ -96,11 +153,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let cgroup = BenchCgroup::create()?;
     let _bpf_stats = BpfStatsSysctl::enable()?;
     let setup = RunSetup {
-        daemon: &daemon,
+        daemon,
         daemon_config: &daemon_config,
         daemon_socket: &out_dir.join("sentinel.sock"),
         nop: &nop,
-        out_dir: &out_dir,
+        out_dir,
         cgroup: &cgroup,
         iterations: args.iterations,
         own_comm: fs::read_to_string("/proc/self/comm")
@@ -116,7 +173,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let (baselines, results) = measure(&setup, &lineup.tools, args.pairs)?;
 
     let report = Report {
-        machine: &machine,
+        machine,
         iterations: args.iterations,
         baselines: &baselines,
         results: &results,

@@ -86,17 +86,8 @@ impl Display for Report<'_> {
         writeln!(f, "## Overhead benchmark (`cargo xtask bench`)\n")?;
         writeln!(
             f,
-            "Linux {}, {} vCPUs ({}){}, {}. {} execs and {} TCP connects per run; {pairs} runs \
-             per tool, alternating with {} baseline runs; {:.1} minutes in all.\n",
-            machine.kernel,
-            machine.cpus,
-            machine.cpu_model,
-            if machine.virtual_machine {
-                ", virtual machine"
-            } else {
-                ""
-            },
-            machine.os,
+            "{machine}. {} execs and {} TCP connects per run; {pairs} runs per tool, \
+             alternating with {} baseline runs; {:.1} minutes in all.\n",
             self.iterations,
             self.iterations,
             self.baselines.len(),
@@ -300,7 +291,7 @@ fn median_of(values: &[LoopTimes], measure: Measure) -> f64 {
     median(&values)
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(super) fn median(values: &[f64]) -> f64 {
     percentile(values, 0.5)
 }
 
@@ -331,7 +322,7 @@ fn verdicts(results: &ToolResults, wall: Measure, cpu: Measure, target: f64) -> 
     format!("wall {}, CPU {}", verdict(wall), verdict(cpu))
 }
 
-fn mebibytes(kib: u64) -> f64 {
+pub(super) fn mebibytes(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 

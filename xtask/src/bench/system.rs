@@ -1,6 +1,13 @@
 //! Host state the bench reads or changes: kernel BPF statistics, tracefs, and /proc.
 
-use std::{collections::BTreeSet, fs, path::Path, process::Command, thread::available_parallelism};
+use std::{
+    collections::BTreeSet,
+    fmt::{self, Display, Formatter},
+    fs,
+    path::Path,
+    process::Command,
+    thread::available_parallelism,
+};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -212,7 +219,7 @@ fn bpftool(args: &[&str]) -> Result<Vec<Value>> {
         .with_context(|| format!("`bpftool {}` did not print a JSON array", args.join(" ")))
 }
 
-/// What the final table says about the machine.
+/// What the reports say about the machine.
 pub struct Machine {
     pub kernel: String,
     pub cpus: usize,
@@ -250,5 +257,24 @@ impl Machine {
             virtual_machine: cpuinfo_field("flags")
                 .is_some_and(|flags| flags.split(' ').any(|flag| flag == "hypervisor")),
         })
+    }
+}
+
+/// "Linux 6.1.0, 2 vCPUs (CPU model), virtual machine, Debian GNU/Linux 12 (bookworm)"
+impl Display for Machine {
+    fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Linux {}, {} vCPUs ({}){}, {}",
+            self.kernel,
+            self.cpus,
+            self.cpu_model,
+            if self.virtual_machine {
+                ", virtual machine"
+            } else {
+                ""
+            },
+            self.os
+        )
     }
 }

@@ -8,6 +8,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    str::FromStr,
     thread,
     time::{Duration, Instant},
 };
@@ -325,7 +326,7 @@ fn create(path: &Path) -> Result<File> {
     File::create(path).with_context(|| format!("cannot create {}", path.display()))
 }
 
-fn free_loopback_address() -> Result<SocketAddr> {
+pub(super) fn free_loopback_address() -> Result<SocketAddr> {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|listener| listener.local_addr())
         .context("cannot find a free loopback port for Sentinel's /metrics")
@@ -398,7 +399,7 @@ fn peer_seen(tool: Tool, setup: &RunSetup) -> Result<Seen> {
     })
 }
 
-fn scrape(address: SocketAddr) -> Result<String> {
+pub(super) fn scrape(address: SocketAddr) -> Result<String> {
     let mut stream = TcpStream::connect_timeout(&address, SCRAPE_TIMEOUT)
         .with_context(|| format!("cannot connect to Sentinel's /metrics at {address}"))?;
     stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
@@ -422,7 +423,7 @@ fn scrape(address: SocketAddr) -> Result<String> {
 }
 
 /// The value of one series in Prometheus text, e.g. `name{label="value"}`.
-fn sample(metrics: &str, series: &str) -> Option<u64> {
+pub(super) fn sample<T: FromStr>(metrics: &str, series: &str) -> Option<T> {
     metrics.lines().find_map(|line| {
         line.strip_prefix(series)?
             .strip_prefix(' ')?

@@ -9,6 +9,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
+use super::elf::is_static_executable;
 use super::payload::Payload;
 use crate::host::command_output;
 
@@ -44,6 +45,10 @@ pub fn add_to(payload: &mut Payload, programs: Vec<(PathBuf, String)>) -> Result
 
 /// The absolute paths ldd resolves for `program`, its loader included.
 fn shared_libraries(program: &Path) -> Result<Vec<String>> {
+    // ldd fails on static executables.
+    if is_static_executable(program)? {
+        return Ok(Vec::new());
+    }
     let listing = command_output(Command::new("ldd").arg(program))
         .with_context(|| format!("cannot list the shared libraries of {}", program.display()))?;
     // Lines look like "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or

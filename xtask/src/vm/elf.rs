@@ -1,6 +1,6 @@
-//! Check that guest executables are static: the guest has no dynamic loader and
-//! no shared libraries, so a dynamic executable fails there with a puzzling
-//! "not found".
+//! Static or dynamic? The guest has shared libraries only for the programs it
+//! borrows from the host, so any other dynamic executable fails there with a
+//! puzzling "not found".
 
 use std::fs::File;
 use std::io::Read;
@@ -11,6 +11,17 @@ use anyhow::{Context, Result};
 const PT_INTERP: u32 = 3;
 
 pub fn require_static_executable(path: &Path) -> Result<()> {
+    anyhow::ensure!(
+        is_static_executable(path)?,
+        "{} is dynamically linked and cannot run in the VM guest, which has no shared \
+         libraries (is RUSTFLAGS or CARGO_ENCODED_RUSTFLAGS overriding +crt-static?)",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Whether the ELF file at `path` runs without a dynamic loader.
+pub fn is_static_executable(path: &Path) -> Result<bool> {
     let mut head = Vec::new();
     File::open(path)
         .with_context(|| format!("cannot open {}", path.display()))?
@@ -18,13 +29,7 @@ pub fn require_static_executable(path: &Path) -> Result<()> {
         .read_to_end(&mut head)?;
     let interpreter = has_interpreter(&head)
         .with_context(|| format!("{} is not a 64-bit little-endian ELF file", path.display()))?;
-    anyhow::ensure!(
-        !interpreter,
-        "{} is dynamically linked and cannot run in the VM guest, which has no shared \
-         libraries (is RUSTFLAGS or CARGO_ENCODED_RUSTFLAGS overriding +crt-static?)",
-        path.display()
-    );
-    Ok(())
+    Ok(!interpreter)
 }
 
 /// Whether the program headers name a dynamic loader (PT_INTERP); None if the

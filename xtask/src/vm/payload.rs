@@ -60,8 +60,13 @@ pub fn from_dir(dir: &Path, commands: &[String]) -> Result<Payload> {
     })
 }
 
-/// Builds the daemon and every bin and test target of sentinel-tests as static
-/// executables; one job per test executable.
+/// The suites that run in the VM: the cgroup v2 suite, which needs its controllers, and the
+/// foundation and firewall suites, which prove the same programs on this second kernel. (The
+/// SSH suite runs on the host, which has OpenSSH.)
+const VM_SUITES: [&str; 3] = ["vm_cgroup", "foundation", "firewall"];
+
+/// Builds the daemon, the bins of sentinel-tests and the VM suites as static executables;
+/// one job per suite.
 pub fn build_suites(workspace: &Path, build_dir: &Path, filter: Option<&str>) -> Result<Payload> {
     println!(
         "[xtask] building static guest executables in {} (target {GUEST_TRIPLE})",
@@ -80,11 +85,9 @@ pub fn build_suites(workspace: &Path, build_dir: &Path, filter: Option<&str>) ->
             "--bins",
         ],
     )?;
-    let tests = cargo_executables(
-        workspace,
-        build_dir,
-        &["test", "--release", "-p", TESTS_PACKAGE, "--no-run"],
-    )?;
+    let mut test_build = vec!["test", "--release", "-p", TESTS_PACKAGE, "--no-run"];
+    test_build.extend(VM_SUITES.iter().flat_map(|suite| ["--test", suite]));
+    let tests = cargo_executables(workspace, build_dir, &test_build)?;
 
     let mut payload = Payload {
         copies: Vec::new(),
