@@ -1,7 +1,7 @@
 //! A small reader of the kernel's BTF (`/sys/kernel/btf/vmlinux`): just enough to find struct
 //! member offsets and tracepoint prototypes. It stands in for CO-RE, which Rust eBPF lacks.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, path::Path};
 
 use crate::Error;
 
@@ -58,7 +58,10 @@ pub struct Btf {
 
 impl Btf {
     pub fn from_sys_fs() -> Result<Self, Error> {
-        let path = "/sys/kernel/btf/vmlinux";
+        Self::from_file(Path::new("/sys/kernel/btf/vmlinux"))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
         let data = std::fs::read(path).map_err(|source| Error::NoBtf {
             path: path.into(),
             source,
@@ -247,5 +250,42 @@ impl Btf {
                 None
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_without_btf_is_a_clear_error() {
+        let error = Btf::from_file(Path::new("/nonexistent/vmlinux"))
+            .err()
+            .unwrap();
+        let message = error.to_string();
+        assert!(message.contains("CONFIG_DEBUG_INFO_BTF=y"), "{message}");
+        assert!(message.contains("/nonexistent/vmlinux"), "{message}");
+    }
+
+    #[test]
+    fn garbage_is_not_btf() {
+        assert!(matches!(
+            Btf::parse(b"not btf at all"),
+            Err(Error::BadBtf(_))
+        ));
+    }
+
+    /// The running kernel's BTF must give every offset the probes need (Sentinel requires
+    /// BTF, so a host without it fails here, loudly).
+    #[test]
+    fn the_running_kernel_has_every_field() {
+        let btf = Btf::from_sys_fs().expect("this kernel's BTF");
+        let resolved = crate::kernel::resolve_offsets(&btf);
+        assert!(
+            resolved.missing.is_empty(),
+            "missing: {:?}",
+            resolved.missing
+        );
+        assert!(resolved.offsets.task_cgroups > 0 && resolved.offsets.sock_cgroup > 0);
     }
 }
