@@ -288,6 +288,22 @@ fn ipv6_ban_covers_the_attackers_whole_prefix() {
     lab.assert_other_table_untouched();
 }
 
+/// An attacker in the server's own /64 gets the prefix banned, the server's address with it; the
+/// server's connections to itself (over `lo`) must still work.
+#[test]
+fn a_ban_covering_the_servers_own_address_spares_its_own_traffic() {
+    let lab = Lab::new();
+    let mut firewall = lab.open_firewall();
+    firewall.ban(&[ban(SERVER_V6, HOUR)]).unwrap();
+
+    for server in [IpAddr::from(SERVER_V6), SERVER_V4.into()] {
+        lab.server
+            .assert_connects(server, SocketAddr::new(server, PORT));
+    }
+    assert!(find(&firewall.list().unwrap(), "2001:db8:a::/64").is_some());
+    lab.assert_other_table_untouched();
+}
+
 #[test]
 fn reopening_adopts_bans_without_duplicating_them() {
     let lab = Lab::new();

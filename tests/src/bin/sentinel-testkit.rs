@@ -26,7 +26,9 @@ extern "C" fn on_sigterm(_: libc::c_int) {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| -> anyhow::Result<&str> {
-        args.get(i).map(String::as_str).ok_or_else(|| anyhow::anyhow!("missing argument {i}"))
+        args.get(i)
+            .map(String::as_str)
+            .ok_or_else(|| anyhow::anyhow!("missing argument {i}"))
     };
     match arg(0)? {
         "listen" => {
@@ -48,7 +50,10 @@ fn main() -> anyhow::Result<()> {
             println!("allocated {} bytes", memory.len());
             std::thread::sleep(Duration::from_secs(3600));
         }
-        "leak" => leak(arg(1)?.parse()?, args.get(2).map(String::as_str) == Some("ignore-term"))?,
+        "leak" => leak(
+            arg(1)?.parse()?,
+            args.get(2).map(String::as_str) == Some("ignore-term"),
+        )?,
         "spin" => {
             let until = Instant::now() + Duration::from_secs(arg(1)?.parse()?);
             let mut x = 0u64;
@@ -79,7 +84,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn leak(mib_per_second: usize, ignore_term: bool) -> anyhow::Result<()> {
-    let handler = if ignore_term { libc::SIG_IGN } else { on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t };
+    let handler = if ignore_term {
+        libc::SIG_IGN
+    } else {
+        on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t
+    };
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe { libc::signal(libc::SIGTERM, handler) };
     let mut held = Vec::new();
