@@ -15,6 +15,7 @@
 
 mod cgroup;
 mod interrupt;
+mod policy;
 mod report;
 mod ssh;
 mod system;
@@ -73,6 +74,9 @@ pub struct BenchArgs {
     /// Leave out the SSH brute-force section.
     #[arg(long, conflicts_with = "only")]
     skip_ssh: bool,
+    /// Leave out the policy section (500 services in a VM).
+    #[arg(long, conflicts_with = "only")]
+    skip_policy: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -81,13 +85,19 @@ enum Section {
     Overhead,
     /// SSH brute force against Sentinel, fail2ban and sshguard, and the flood.
     Ssh,
+    /// A policy of 500 services applied, reloaded and scraped, in a VM.
+    Policy,
 }
 
 impl BenchArgs {
     fn runs(&self, section: Section) -> bool {
         match self.only {
             Some(only) => only == section,
-            None => section != Section::Ssh || !self.skip_ssh,
+            None => match section {
+                Section::Overhead => true,
+                Section::Ssh => !self.skip_ssh,
+                Section::Policy => !self.skip_policy,
+            },
         }
     }
 }
@@ -132,6 +142,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             with_peers: !args.skip_peers,
             machine: &machine,
         })?;
+    }
+    if args.runs(Section::Policy) {
+        policy::bench()?;
     }
     println!(
         "[bench] done in {:.1} minutes",

@@ -90,20 +90,71 @@ impl Default for VmTestArgs {
 }
 
 pub fn vm_test(args: &VmTestArgs) -> Result<()> {
+    let work = match &args.payload_dir {
+        Some(dir) => GuestWork::Dir {
+            dir,
+            commands: &args.payload_cmd,
+        },
+        None => GuestWork::Suites {
+            filter: args.filter.as_deref(),
+        },
+    };
+    run_vm(args, work).map(drop)
+}
+
+/// Boots the guest to run `command` next to the daemon and the bins of sentinel-tests, as a
+/// job named `name`; returns the lines the command printed (stdout and stderr).
+pub fn run_job(name: &str, command: &str, timeout: Duration) -> Result<Vec<String>> {
+    let args = VmTestArgs {
+        timeout: timeout.as_secs(),
+        ..VmTestArgs::default()
+    };
+    let job = payload::Job {
+        name: name.to_owned(),
+        command: command.to_owned(),
+    };
+    let results = run_vm(&args, GuestWork::Job(job))?;
+    let job = results
+        .jobs
+        .into_iter()
+        .next()
+        .with_context(|| format!("the guest reported nothing of the job {name}"))?;
+    Ok(job.output)
+}
+
+/// What the guest runs.
+enum GuestWork<'a> {
+    /// The VM suites, each test filtered by name.
+    Suites { filter: Option<&'a str> },
+    /// A developer's directory of executables and commands (--payload-dir, --payload-cmd).
+    Dir {
+        dir: &'a Path,
+        commands: &'a [String],
+    },
+    /// One job, next to the daemon and the bins of sentinel-tests.
+    Job(payload::Job),
+}
+
+fn run_vm(args: &VmTestArgs, work: GuestWork) -> Result<report::GuestResults> {
     let started = Instant::now();
     let workspace = crate::workspace_root();
     let vm_dir = target_dir(&workspace).join("vm");
+    let build_dir = vm_dir.join("build");
 
     crate::host::ensure_packages("VM host tools", HOST_PACKAGES)?;
     let kernel = kernel::prepare(&vm_dir.join("cache"))?;
     let mut borrowed_programs = borrowed::standard_programs();
-    let mut payload = match &args.payload_dir {
-        Some(dir) => payload::from_dir(dir, &args.payload_cmd)?,
-        None => {
+    let mut payload = match work {
+        GuestWork::Dir { dir, commands } => payload::from_dir(dir, commands)?,
+        GuestWork::Suites { filter } => {
             // The daemon's build needs the eBPF toolchain, its metrics test promtool.
             let promtool = crate::setup::test_tools(&workspace)?;
             borrowed_programs.push((promtool, "/usr/bin/promtool".to_owned()));
-            payload::build_suites(&workspace, &vm_dir.join("build"), args.filter.as_deref())?
+            payload::build_suites(&workspace, &build_dir, filter)?
+        }
+        GuestWork::Job(job) => {
+            crate::setup::build_tools()?;
+            payload::build_for_job(&workspace, &build_dir, job)?
         }
     };
     borrowed::add_to(&mut payload, borrowed_programs)?;
@@ -112,7 +163,7 @@ pub fn vm_test(args: &VmTestArgs) -> Result<()> {
     fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     let result = boot_and_judge(args, &kernel, &payload, &run_dir);
     println!(
-        "[xtask] vm-test took {:.1} s in all",
+        "[xtask] the VM run took {:.1} s in all",
         started.elapsed().as_secs_f64()
     );
     if result.is_err() {
@@ -134,7 +185,7 @@ fn boot_and_judge(
     kernel: &kernel::Kernel,
     payload: &Payload,
     run_dir: &Path,
-) -> Result<()> {
+) -> Result<report::GuestResults> {
     let initramfs = run_dir.join("initramfs.cpio");
     initramfs::assemble(&kernel.base_initramfs, payload, &initramfs)?;
     let timeout = Duration::from_secs(args.timeout);
@@ -158,7 +209,7 @@ fn boot_and_judge(
             "[xtask] guest shell session ended after {:.1} s",
             outcome.wall.as_secs_f64()
         );
-        return Ok(());
+        return Ok(report::GuestResults::default());
     }
     let boot = outcome.boot.map_or_else(
         || "unknown (/init never printed a line)".to_owned(),
@@ -173,7 +224,11 @@ fn boot_and_judge(
 
 /// Turns the QEMU exit and the guest's results into a verdict. Anything short
 /// of an explicit pass for every job is an error.
-fn judge(outcome: &VmOutcome, expected_jobs: usize, timeout: Duration) -> Result<()> {
+fn judge(
+    outcome: &VmOutcome,
+    expected_jobs: usize,
+    timeout: Duration,
+) -> Result<report::GuestResults> {
     let results_text = fs::read_to_string(&outcome.results_log).unwrap_or_default();
     let results = report::parse(&results_text);
     print_job_results(&results);
@@ -195,7 +250,7 @@ fn judge(outcome: &VmOutcome, expected_jobs: usize, timeout: Duration) -> Result
                 results.verdict
             );
             println!("[xtask] VM TESTS PASSED: all {expected_jobs} job(s) exited 0");
-            Ok(())
+            Ok(results)
         }
         GuestEnd::Failed => {
             let failed = results

@@ -68,6 +68,41 @@ const VM_SUITES: [&str; 3] = ["vm_cgroup", "foundation", "firewall"];
 /// Builds the daemon, the bins of sentinel-tests and the VM suites as static executables;
 /// one job per suite.
 pub fn build_suites(workspace: &Path, build_dir: &Path, filter: Option<&str>) -> Result<Payload> {
+    let (mut payload, mut guest_paths) = build_bins(workspace, build_dir)?;
+    let mut test_build = vec!["test", "--release", "-p", TESTS_PACKAGE, "--no-run"];
+    test_build.extend(VM_SUITES.iter().flat_map(|suite| ["--test", suite]));
+    let tests = cargo_executables(workspace, build_dir, &test_build)?;
+    let filter_argument = filter.map(shell_quote).unwrap_or_default();
+    for test in tests.iter().filter(|artifact| artifact.test_harness) {
+        // A bin and its unit-test harness share a target name; the kind tells them apart.
+        let name = format!("{}-{}", test.kind, test.target);
+        let guest_path = format!("{GUEST_TESTS_DIR}/{name}");
+        payload.jobs.push(Job {
+            name,
+            command: format!("{guest_path} --test-threads=1 {filter_argument}")
+                .trim_end()
+                .to_owned(),
+        });
+        add_executable(&mut payload, &mut guest_paths, test, guest_path)?;
+    }
+    payload.jobs.sort_by(|a, b| a.name.cmp(&b.name));
+    anyhow::ensure!(
+        !payload.jobs.is_empty(),
+        "cargo built no test executable for {TESTS_PACKAGE}: nothing to run in the VM"
+    );
+    Ok(payload)
+}
+
+/// Builds the daemon and the bins of sentinel-tests as static executables, to run `job`.
+pub fn build_for_job(workspace: &Path, build_dir: &Path, job: Job) -> Result<Payload> {
+    let (mut payload, _) = build_bins(workspace, build_dir)?;
+    payload.jobs.push(job);
+    Ok(payload)
+}
+
+/// The daemon and the bins of sentinel-tests, built as static executables, in a payload
+/// without jobs; with the guest paths they take.
+fn build_bins(workspace: &Path, build_dir: &Path) -> Result<(Payload, HashSet<String>)> {
     println!(
         "[xtask] building static guest executables in {} (target {GUEST_TRIPLE})",
         build_dir.display()
@@ -85,10 +120,6 @@ pub fn build_suites(workspace: &Path, build_dir: &Path, filter: Option<&str>) ->
             "--bins",
         ],
     )?;
-    let mut test_build = vec!["test", "--release", "-p", TESTS_PACKAGE, "--no-run"];
-    test_build.extend(VM_SUITES.iter().flat_map(|suite| ["--test", suite]));
-    let tests = cargo_executables(workspace, build_dir, &test_build)?;
-
     let mut payload = Payload {
         copies: Vec::new(),
         links: Vec::new(),
@@ -109,25 +140,7 @@ pub fn build_suites(workspace: &Path, build_dir: &Path, filter: Option<&str>) ->
         guest_paths.contains(&format!("{GUEST_BIN_DIR}/{DAEMON_BIN}")),
         "cargo built no `{DAEMON_BIN}` executable for {DAEMON_PACKAGE}"
     );
-    let filter_argument = filter.map(shell_quote).unwrap_or_default();
-    for test in tests.iter().filter(|artifact| artifact.test_harness) {
-        // A bin and its unit-test harness share a target name; the kind tells them apart.
-        let name = format!("{}-{}", test.kind, test.target);
-        let guest_path = format!("{GUEST_TESTS_DIR}/{name}");
-        payload.jobs.push(Job {
-            name,
-            command: format!("{guest_path} --test-threads=1 {filter_argument}")
-                .trim_end()
-                .to_owned(),
-        });
-        add_executable(&mut payload, &mut guest_paths, test, guest_path)?;
-    }
-    payload.jobs.sort_by(|a, b| a.name.cmp(&b.name));
-    anyhow::ensure!(
-        !payload.jobs.is_empty(),
-        "cargo built no test executable for {TESTS_PACKAGE}: nothing to run in the VM"
-    );
-    Ok(payload)
+    Ok((payload, guest_paths))
 }
 
 struct Artifact {

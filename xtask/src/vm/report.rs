@@ -15,8 +15,11 @@ pub struct JobResult {
     pub summaries: Vec<String>,
     /// Tests for which libtest printed a "---- NAME stdout ----" failure block.
     pub failed_tests: Vec<String>,
+    /// Every line the job printed (stdout and stderr).
+    pub output: Vec<String>,
 }
 
+#[derive(Default)]
 pub struct GuestResults {
     pub jobs: Vec<JobResult>,
     /// "pass", "fail ..." or "setup-failed REASON".
@@ -24,10 +27,7 @@ pub struct GuestResults {
 }
 
 pub fn parse(text: &str) -> GuestResults {
-    let mut results = GuestResults {
-        jobs: Vec::new(),
-        verdict: None,
-    };
+    let mut results = GuestResults::default();
     let mut in_dmesg = false;
     for raw_line in text.lines() {
         let line = raw_line.trim_end_matches('\r');
@@ -42,12 +42,16 @@ pub fn parse(text: &str) -> GuestResults {
                 seconds: None,
                 summaries: Vec::new(),
                 failed_tests: Vec::new(),
+                output: Vec::new(),
             });
         } else if let Some(verdict) = line.strip_prefix(VERDICT) {
             results.verdict = Some(verdict.to_owned());
         } else if let Some(job) = results.jobs.last_mut() {
             // Output without a final newline puts the end marker mid-line.
             if let Some(at) = line.find(JOB_END) {
+                if at > 0 {
+                    job.output.push(line[..at].to_owned());
+                }
                 for field in line[at + JOB_END.len()..].split_whitespace() {
                     if let Some(status) = field.strip_prefix("status=") {
                         job.status = status.parse().ok();
@@ -55,7 +59,10 @@ pub fn parse(text: &str) -> GuestResults {
                         job.seconds = Some(seconds.to_owned());
                     }
                 }
-            } else if line.starts_with("test result: ") {
+                continue;
+            }
+            job.output.push(line.to_owned());
+            if line.starts_with("test result: ") {
                 job.summaries.push(line.to_owned());
             } else if let Some(test) = line
                 .strip_prefix("---- ")

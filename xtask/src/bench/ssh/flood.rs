@@ -164,7 +164,9 @@ pub fn measure(lab: &SshLab, setup: &GuardSetup) -> Result<FloodResults> {
     feed(&feeder, &dir, SPRAY_FIRST, 1)?;
     let sprayed = u64::from(ADDRESSES);
     let after_spray = await_counters(&running, |counters| {
+        // Each address is tracked or was evicted, once the guard has published its gauges.
         counters.failures + counters.lost >= sprayed
+            && counters.tracked + counters.evictions + counters.lost >= sprayed
     })?;
     let spray_usage = running.usage()?;
 

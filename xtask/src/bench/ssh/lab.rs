@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use sentinel_tests::{eventually, netlab::Netns};
 
-use super::timeline::{Stamped, Timeline, lock};
+use super::timeline::{REALTIME_PRIORITY, Stamped, Timeline, lock};
 use crate::{bench::interrupt, host::run};
 
 pub const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -58,9 +58,12 @@ const SSHD: &str = "/usr/sbin/sshd";
 /// sshd refuses to start without its privilege separation directory.
 const SSHD_PRIVSEP_DIR: &str = "/run/sshd";
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// Between probes of one attacker: the resolution of the end-to-end time-to-ban.
-const PROBE_INTERVAL: Duration = Duration::from_millis(2);
-/// How long a log line or a set element may take to reach this process once it exists.
+/// Between probes of one attacker: with the probe's own ~0.2 ms, the resolution of the
+/// end-to-end time-to-ban.
+const PROBE_INTERVAL: Duration = Duration::from_millis(1);
+/// How often the log is looked at while a failure is awaited.
+const LOG_POLL: Duration = Duration::from_micros(200);
+/// How long a set element may take to reach this process once the kernel has it.
 const READ_GRACE: Duration = Duration::from_secs(2);
 
 pub struct SshLab {
@@ -138,25 +141,32 @@ impl SshLab {
     /// has exited, each refused by sshd.
     pub fn fail_logins(&self, source: Ipv4Addr, count: u32) -> Result<()> {
         let clients = (0..count)
-            .map(|_| {
-                self.failing_login(source)
-                    .spawn()
-                    .context("cannot start sshpass (is it installed?)")
-            })
+            .map(|_| self.start_failing_login(source))
             .collect::<Result<Vec<_>>>()?;
-        for client in clients {
-            let output = client
-                .wait_with_output()
-                .context("waiting for ssh failed")?;
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            ensure!(
-                !output.status.success() && stderr.contains("Permission denied"),
-                "a failing login from {source} ended otherwise ({}): {}; sshd's last line: {:?}",
-                output.status,
-                stderr.trim(),
-                self.sshd.log.last_line()
-            );
-        }
+        clients
+            .into_iter()
+            .try_for_each(|client| self.expect_refused(client, source))
+    }
+
+    pub fn start_failing_login(&self, source: Ipv4Addr) -> Result<Child> {
+        self.failing_login(source)
+            .spawn()
+            .context("cannot start sshpass (is it installed?)")
+    }
+
+    /// Waits for a client of `start_failing_login`, which sshd must have refused.
+    pub fn expect_refused(&self, client: Child, source: Ipv4Addr) -> Result<()> {
+        let output = client
+            .wait_with_output()
+            .context("waiting for ssh failed")?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(
+            !output.status.success() && stderr.contains("Permission denied"),
+            "a failing login from {source} ended otherwise ({}): {}; sshd's last line: {:?}",
+            output.status,
+            stderr.trim(),
+            self.sshd.log.last_line()
+        );
         Ok(())
     }
 
@@ -218,25 +228,33 @@ impl SshLab {
         }
     }
 
-    /// When sshd logged each failed password from `source` since `bookmark`, waiting a little
-    /// for `expected` of them to arrive.
-    pub fn failures_logged(
+    /// When sshd logged the `nth` failed password from `source` since `bookmark` (as this
+    /// process read it); fails after `limit`.
+    pub fn await_failure_logged(
         &self,
         source: Ipv4Addr,
         bookmark: &Bookmark,
-        expected: usize,
-    ) -> Vec<Instant> {
+        nth: usize,
+        limit: Duration,
+    ) -> Result<Instant> {
         let prefix = format!("Failed password for {ACCOUNT} from {source} port ");
-        let stamps = || -> Vec<Instant> {
-            self.sshd
+        let started = Instant::now();
+        loop {
+            let logged = self
+                .sshd
                 .log
-                .since(bookmark.log, |line| line.starts_with(&prefix))
-                .iter()
-                .map(|line| line.at)
-                .collect()
-        };
-        eventually(READ_GRACE, || stamps().len() >= expected);
-        stamps()
+                .since(bookmark.log, |line| line.starts_with(&prefix));
+            if let Some(line) = logged.get(nth - 1) {
+                return Ok(line.at);
+            }
+            interrupt::check()?;
+            ensure!(
+                started.elapsed() < limit,
+                "sshd logged {} failed passwords from {source} within {limit:?}, not {nth}",
+                logged.len()
+            );
+            thread::sleep(LOG_POLL);
+        }
     }
 
     /// When `nft monitor` showed the first set element holding `source` since `bookmark`,
@@ -388,8 +406,8 @@ fn syslog_line(pid: u32, message: &str) -> String {
     )
 }
 
-/// `nft monitor new elements` inside the server namespace: every element any guard adds,
-/// stamped when read.
+/// `nft monitor new elements` inside the server namespace, under a real-time policy like its
+/// reader: every element any guard adds, stamped when read.
 struct ElementMonitor {
     process: Child,
     elements: Timeline,
@@ -398,8 +416,9 @@ struct ElementMonitor {
 impl ElementMonitor {
     fn start(server: &Netns, output: &Path) -> Result<Self> {
         let mut process = server
-            .command("nft")
-            .args(["monitor", "new", "elements"])
+            .command("chrt")
+            .args(["--fifo", &REALTIME_PRIORITY.to_string()])
+            .args(["nft", "monitor", "new", "elements"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -62,8 +62,8 @@ impl SshReport<'_> {
         writeln!(
             f,
             "| Tool | attacks banned | time-to-ban end to end, median / max | 5th failure logged \
-             → ban element committed, median / max | CPU-s per attack | RSS (peak) | \
-             allow-listed address banned |"
+             → ban element committed, median / max | CPU-s per attack | RSS during the \
+             attacks (peak since start) | allow-listed address banned |"
         )?;
         writeln!(f, "|---|--:|--:|--:|--:|--:|--:|")?;
         for results in self.results {
@@ -78,8 +78,8 @@ impl SshReport<'_> {
                 median_and_max(&ends, 1),
                 median_and_max(&commits, 2),
                 results.cpu_seconds_per_attack,
-                mebibytes(results.usage.rss_kib),
-                mebibytes(results.usage.hwm_kib),
+                mebibytes(results.rss_kib),
+                mebibytes(results.hwm_kib),
                 if results.allowlisted_banned {
                     "YES"
                 } else {
@@ -116,12 +116,14 @@ impl SshReport<'_> {
         }
         writeln!(
             f,
-            "- End to end: from the exit of the client whose login was the 5th failure to the \
-             first dropped probe. Probes, every 2 ms: a TCP connect from the attacker's address \
-             to a closed port of the server, reset until the ban and dropped after it (every \
-             tool drops all TCP from a banned address; after each ban a connect to sshd's port \
-             is checked to be dropped too). A tool that bans before the client has exited has \
-             its first probe dropped: its figure is then the probe's own delay."
+            "- End to end: from sshd's 5th `Failed password` line to the first dropped probe. \
+             Probes start as that line is read, one every millisecond: a TCP connect from the \
+             attacker's address to a closed port of the server, reset until the ban and \
+             dropped after it (every tool drops all TCP from a banned address; after each ban a \
+             connect to sshd's port is checked to be dropped too). Resolution about 1.2 ms. The \
+             client's own exit is no useful start: sshd holds a failure back for at least as \
+             long as the attempt took (about 2 s with PAM's delay), and every tool had banned \
+             before the client knew it had failed."
         )?;
         writeln!(
             f,
@@ -145,7 +147,8 @@ impl SshReport<'_> {
             "- CPU: the tool's cgroup (`cpu.stat`, every process including the `nft` commands \
              the peers start) from the first attack to the last ban, per attack; for Sentinel \
              this includes all its other monitoring of the host meanwhile. RSS: summed over the \
-             tool's processes after the attacks; peak: their VmHWM, summed."
+             tool's processes, the most seen after any attack; peak: each process's VmHWM \
+             since it started, summed."
         )?;
         writeln!(
             f,
@@ -172,7 +175,8 @@ impl SshReport<'_> {
     fn verdicts(&self, sentinel: &AttackResults) -> String {
         let commits = commits_ms(sentinel);
         let ends = end_to_end_ms(sentinel);
-        let rss_mb = sentinel.usage.hwm_kib as f64 * 1024.0 / 1e6;
+        let megabytes = |kib: u64| kib as f64 * 1024.0 / 1e6;
+        let rss_mb = megabytes(sentinel.rss_kib);
         let mut verdicts = vec![
             verdict(
                 &format!("commit median ≤ {COMMIT_MEDIAN_TARGET_MS} ms"),
@@ -186,7 +190,10 @@ impl SshReport<'_> {
             ),
             verdict(
                 &format!("daemon under {RSS_TARGET_MB} MB RSS"),
-                &format!("peak {rss_mb:.1} MB"),
+                &format!(
+                    "{rss_mb:.1} MB during the attacks (peak since start {:.1} MB)",
+                    megabytes(sentinel.hwm_kib)
+                ),
                 rss_mb < RSS_TARGET_MB,
             ),
         ];

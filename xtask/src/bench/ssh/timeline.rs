@@ -1,6 +1,7 @@
 //! Lines of a child's output, each stamped with the moment this process read it. sshd's log
 //! and `nft monitor` are read the same way, so the delay of a pipe and a thread wake-up is in
-//! both stamps and cancels out of the time between them.
+//! both stamps and cancels out of the time between them. The reading threads run under a
+//! real-time policy, so that a busy CPU does not hold a stamp back by milliseconds.
 
 use std::{
     io::{BufRead, BufReader, Read},
@@ -8,6 +9,9 @@ use std::{
     thread,
     time::Instant,
 };
+
+/// SCHED_FIFO priority of the reading threads, and of the processes they read from.
+pub const REALTIME_PRIORITY: i32 = 10;
 
 #[derive(Clone)]
 pub struct Stamped {
@@ -29,6 +33,7 @@ impl Timeline {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let recorded = Arc::clone(&lines);
         thread::spawn(move || {
+            run_in_realtime();
             for text in BufReader::new(source).lines() {
                 let Ok(text) = text else { break };
                 let line = Stamped {
@@ -69,4 +74,21 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn run_in_realtime() {
+    let parameters = libc::sched_param {
+        sched_priority: REALTIME_PRIORITY,
+    };
+    // SAFETY: pthread_self is always valid for the calling thread, and the parameters are a
+    // valid sched_param for the call.
+    let error =
+        unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &parameters) };
+    if error != 0 {
+        eprintln!(
+            "[bench] WARNING: no real-time priority for a log reader ({}): its stamps may be \
+             late on a busy machine",
+            std::io::Error::from_raw_os_error(error)
+        );
+    }
 }
