@@ -131,25 +131,44 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 
     // From here on the bench changes the host: every change is undone on drop.
     interrupt::install()?;
+    // A section that fails does not keep the next from running; the bench fails at the end.
+    let mut failed = Vec::new();
     if args.runs(Section::Overhead) {
-        overhead(args, &daemon, &out_dir, &machine)?;
+        let outcome = overhead(args, &daemon, &out_dir, &machine);
+        note_failure(&mut failed, "overhead", outcome)?;
     }
     if args.runs(Section::Ssh) {
-        ssh::bench(&ssh::SshBench {
+        let outcome = ssh::bench(&ssh::SshBench {
             daemon: &daemon,
             out_dir: &out_dir,
             attacks: args.ssh_attacks,
             with_peers: !args.skip_peers,
             machine: &machine,
-        })?;
+        });
+        note_failure(&mut failed, "ssh", outcome)?;
     }
     if args.runs(Section::Policy) {
-        policy::bench()?;
+        note_failure(&mut failed, "policy", policy::bench())?;
     }
     println!(
         "[bench] done in {:.1} minutes",
         started.elapsed().as_secs_f64() / 60.0
     );
+    ensure!(
+        failed.is_empty(),
+        "bench sections failed: {}",
+        failed.join("; ")
+    );
+    Ok(())
+}
+
+/// Records a failed section; Ctrl-C or SIGTERM still ends the whole bench at once.
+fn note_failure(failed: &mut Vec<String>, section: &str, outcome: Result<()>) -> Result<()> {
+    if let Err(error) = outcome {
+        interrupt::check()?;
+        eprintln!("[bench] the {section} section FAILED: {error:#}");
+        failed.push(format!("{section}: {error:#}"));
+    }
     Ok(())
 }
 

@@ -40,7 +40,8 @@ const PEER_ATTACHMENTS: usize = 2;
 const SENTINEL_PROBES: [&str; 2] = ["exec", "tcp_state"];
 /// BCC compiles its programs with clang at start-up, which takes a while.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// bpftrace prints its maps on SIGINT; on a loaded machine that took over 10 s once.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 

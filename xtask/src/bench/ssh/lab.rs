@@ -336,10 +336,13 @@ impl Sshd {
             .context("cannot make the lab's host key")?;
         }
         // No configuration file: OpenSSH's defaults (password logins on), none of this
-        // host's /etc/ssh, and PAM as Debian's sshd uses it.
+        // host's /etc/ssh, and PAM as Debian's sshd uses it. MaxStartups: each banned
+        // attacker leaves a connection sshd waits on until LoginGraceTime (its packets are
+        // dropped), and by default sshd starts refusing at 10 of those.
         let mut process = server
             .command(SSHD)
-            .args(["-D", "-e", "-f", "/dev/null", "-o", "UsePAM=yes", "-o"])
+            .args(["-D", "-e", "-f", "/dev/null", "-o", "UsePAM=yes"])
+            .args(["-o", "MaxStartups=200", "-o"])
             .arg(format!("HostKey={}", host_key.display()))
             .arg("-o")
             .arg(format!("PidFile={}", dir.join("sshd.pid").display()))
