@@ -17,9 +17,15 @@ const BUILD_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
 ];
-/// Tools the privileged tests drive: bpftool lists loaded programs, iproute2 and nftables
-/// build the firewall tests' network namespaces.
-const TEST_PACKAGES: &[&str] = &["bpftool", "iproute2", "nftables"];
+/// Tools the privileged tests drive: iproute2 and nftables build the firewall tests' network
+/// namespaces; the SSH suite runs a real sshd and attacks it with ssh through sshpass.
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "openssh-server",
+    "openssh-client",
+    "sshpass",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Everything `cargo build` of the daemon needs: the nightly toolchain with rust-src (the
