@@ -144,7 +144,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         Some((tx, _)) => tx.clone(),
         None => mpsc::channel().0,
     };
-    tasks.spawn(log_failure_of(
+    tasks.spawn(log_failure(
         "control socket",
         control.serve(guard_for_control, cancel.clone()),
     ));
@@ -288,11 +288,7 @@ fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, 
     ebpf.take_map(name).ok_or(Error::MissingMap(name))
 }
 
-async fn log_failure(task: &'static str, work: impl Future<Output = std::io::Result<()>>) {
-    log_failure_of(task, work).await;
-}
-
-async fn log_failure_of<E: std::fmt::Display>(
+async fn log_failure<E: std::fmt::Display>(
     task: &'static str,
     work: impl Future<Output = Result<(), E>>,
 ) {

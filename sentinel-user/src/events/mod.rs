@@ -24,8 +24,8 @@ use crate::{
 pub struct EventHandler {
     attribution: Arc<Mutex<Attribution>>,
     applied: Arc<Mutex<AppliedView>>,
-    enforcer: Mutex<mpsc::Sender<EnforcerInput>>,
-    ssh_guard: Option<Mutex<mpsc::Sender<SshInput>>>,
+    enforcer: mpsc::Sender<EnforcerInput>,
+    ssh_guard: Option<mpsc::Sender<SshInput>>,
 }
 
 impl EventHandler {
@@ -38,8 +38,8 @@ impl EventHandler {
         Self {
             attribution,
             applied,
-            enforcer: Mutex::new(enforcer),
-            ssh_guard: ssh_guard.map(Mutex::new),
+            enforcer,
+            ssh_guard,
         }
     }
 
@@ -54,8 +54,6 @@ impl EventHandler {
                 Some(path) => {
                     let _ = self
                         .enforcer
-                        .lock()
-                        .expect("enforcer sender lock")
                         .send(EnforcerInput::CgroupCreated(path.clone()));
                     attribution.tree_mut().created(id, path);
                 }
@@ -129,10 +127,7 @@ impl EventHandler {
             "ssh authentication"
         );
         if let Some(guard) = &self.ssh_guard {
-            let _ = guard
-                .lock()
-                .expect("ssh guard sender lock")
-                .send(SshInput::Auth(auth));
+            let _ = guard.send(SshInput::Auth(auth));
         }
     }
 }
