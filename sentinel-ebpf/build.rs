@@ -1,13 +1,13 @@
-use std::env;
+use sentinel_toolchain::BPF_LINKER_VARIABLE;
 
-/// The eBPF object is linked by `bpf-linker`, which cargo does not know about: rebuild when the
-/// linker binary changes.
+/// The eBPF object is linked by `bpf-linker`, which cargo does not track: relink when the linker
+/// named by the daemon's build script changes.
 fn main() {
-    let Ok(linker) = which::which("bpf-linker") else {
-        println!("cargo:warning=bpf-linker not found on PATH; run `cargo xtask setup`");
-        return;
-    };
-    println!("cargo:rerun-if-changed={}", linker.display());
-    println!("cargo:rerun-if-env-changed=PATH");
-    let _ = env::var_os("PATH");
+    println!("cargo:rerun-if-env-changed={BPF_LINKER_VARIABLE}");
+    if let Some(linker) = std::env::var_os(BPF_LINKER_VARIABLE) {
+        println!(
+            "cargo:rerun-if-changed={}",
+            std::path::Path::new(&linker).display()
+        );
+    }
 }

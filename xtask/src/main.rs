@@ -1,6 +1,7 @@
-//! Developer tasks: `cargo xtask run | test | lint | vm-test | setup`.
+//! Developer tasks: `cargo xtask run | test | lint | setup | vm-test | fresh-check | bench`.
 
 mod bench;
+mod fresh_check;
 mod host;
 mod setup;
 mod vm;
@@ -44,6 +45,9 @@ enum Task {
     Setup,
     /// Boot a Debian kernel under QEMU and run the privileged suites inside it.
     VmTest(vm::VmTestArgs),
+    /// Prove that a fresh machine builds and tests Sentinel: a clean clone, empty RUSTUP_HOME
+    /// and CARGO_HOME with a floating nightly as default, then the steps CI runs.
+    FreshCheck(fresh_check::FreshCheckArgs),
     /// Measure Sentinel's overhead and footprint side by side with its peers (as root).
     Bench(bench::BenchArgs),
 }
@@ -56,6 +60,7 @@ fn main() -> Result<()> {
         Task::Lint => lint(&workspace),
         Task::Setup => setup::test_tools(&workspace).map(drop),
         Task::VmTest(args) => vm::vm_test(&args),
+        Task::FreshCheck(args) => fresh_check::fresh_check(&workspace, &args),
         Task::Bench(args) => bench::bench(&args),
     }
 }
@@ -82,7 +87,7 @@ fn step(title: &str) {
 }
 
 fn run_daemon(workspace: &Path, args: &[OsString]) -> Result<()> {
-    setup::build_tools()?;
+    setup::build_tools(workspace)?;
     step("building the daemon (release)");
     run(cargo(workspace).args(["build", "--release", "-p", "sentinel-user"]))?;
     let daemon = workspace.join("target/release/sentinel");
@@ -106,10 +111,10 @@ fn lint(workspace: &Path) -> Result<()> {
         "warnings",
     ]))?;
     step("clippy: eBPF");
-    // The eBPF crate builds with the nightly toolchain (-Z build-std), through rustup.
+    // The eBPF crate builds with its pinned nightly (-Z build-std), through rustup.
     run(Command::new("rustup").current_dir(workspace).args([
         "run",
-        "nightly",
+        sentinel_toolchain::ebpf_pin().channel,
         "cargo",
         "clippy",
         "-p",

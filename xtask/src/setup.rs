@@ -1,5 +1,7 @@
 //! Installing what building and testing Sentinel needs on a fresh Debian 12 host,
-//! idempotently: each step checks first and says what it does.
+//! idempotently: each step checks first and says what it does. The toolchains are the ones
+//! pinned in the two `rust-toolchain.toml` files (see `sentinel-toolchain`), never whatever
+//! `nightly` the machine happens to have.
 
 use std::{
     path::{Path, PathBuf},
@@ -7,16 +9,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use sentinel_toolchain::{BPF_LINKER_VERSION, EbpfToolchain, Pin, ebpf_pin, stable_pin};
 
-use crate::host::{ensure_packages, run};
+use crate::host::{command_output, ensure_packages, run};
 
-/// LLVM 22 to build bpf-linker against (the nightly's LLVM), and the libraries it links.
-const BUILD_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "zlib1g-dev",
-];
 /// Tools the privileged tests drive: iproute2 and nftables build the firewall tests' network
 /// namespaces; the SSH suite runs a real sshd and attacks it with ssh through sshpass.
 const TEST_PACKAGES: &[&str] = &[
@@ -26,74 +22,141 @@ const TEST_PACKAGES: &[&str] = &[
     "openssh-client",
     "sshpass",
 ];
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
-/// Everything `cargo build` of the daemon needs: the nightly toolchain with rust-src (the
-/// eBPF crate is built with -Z build-std=core) and bpf-linker.
-pub fn build_tools() -> Result<()> {
-    ensure_packages("build dependencies", BUILD_PACKAGES)?;
-    ensure_nightly_rust_src()?;
-    ensure_bpf_linker()
+/// Everything `cargo build` of the daemon needs: both pinned toolchains with their components,
+/// and a bpf-linker built for the eBPF toolchain's LLVM.
+pub fn build_tools(workspace: &Path) -> Result<()> {
+    ensure_toolchain("user-space toolchain", &stable_pin())?;
+    ensure_toolchain("eBPF toolchain", &ebpf_pin())?;
+    let toolchain = EbpfToolchain::installed()?;
+    println!(
+        "[xtask] eBPF toolchain {} emits LLVM {} bitcode",
+        toolchain.channel, toolchain.llvm_major
+    );
+    ensure_bpf_linker(workspace, &toolchain)
 }
 
 /// Build tools plus what the test suites run.
 pub fn test_tools(workspace: &Path) -> Result<PathBuf> {
-    build_tools()?;
+    build_tools(workspace)?;
     ensure_packages("test tools", TEST_PACKAGES)?;
     promtool(workspace)
 }
 
-fn ensure_nightly_rust_src() -> Result<()> {
+/// Installs a pinned toolchain and the components its file lists, unless all are there.
+fn ensure_toolchain(purpose: &str, pin: &Pin) -> Result<()> {
     let installed = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            pin.channel,
+        ])
         .output()
-        .context("rustup is required (https://rustup.rs) to build the eBPF programs")?;
-    if installed.status.success() && String::from_utf8_lossy(&installed.stdout).contains("rust-src")
-    {
-        println!("[xtask] nightly toolchain with rust-src: already installed");
+        .context("rustup is required (https://rustup.rs): it installs the pinned toolchains")?;
+    let listed = String::from_utf8_lossy(&installed.stdout);
+    let missing: Vec<&str> = pin
+        .components
+        .iter()
+        .copied()
+        .filter(|component| {
+            // Components are listed with their target (`clippy-x86_64-unknown-linux-gnu`),
+            // except target-independent ones (`rust-src`).
+            !listed.lines().any(|line| {
+                line.strip_prefix(component)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+            })
+        })
+        .collect();
+    if installed.status.success() && missing.is_empty() {
+        println!(
+            "[xtask] {purpose} {} with {}: already installed",
+            pin.channel,
+            pin.components.join(", ")
+        );
         return Ok(());
     }
-    println!("[xtask] installing the nightly toolchain with rust-src (builds the eBPF programs)");
-    run(Command::new("rustup").args([
-        "toolchain",
-        "install",
-        "nightly",
-        "--profile",
-        "minimal",
-        "--component",
-        "rust-src",
-    ]))
+    println!(
+        "[xtask] installing the {purpose} {} with {}",
+        pin.channel,
+        pin.components.join(", ")
+    );
+    run(Command::new("rustup")
+        .args(["toolchain", "install", pin.channel, "--profile", "minimal"])
+        .args(
+            pin.components
+                .iter()
+                .flat_map(|component| ["--component", component]),
+        ))
+    .with_context(|| format!("installing the toolchain {} failed", pin.channel))
 }
 
-fn ensure_bpf_linker() -> Result<()> {
-    if Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|output| output.status.success())
-    {
-        println!("[xtask] bpf-linker: already installed");
-        return Ok(());
+/// Builds bpf-linker for the eBPF toolchain's LLVM into its own root under target/tools, unless
+/// a working one made for that LLVM is there; a broken or mismatched one is rebuilt.
+fn ensure_bpf_linker(workspace: &Path, toolchain: &EbpfToolchain) -> Result<()> {
+    let major = toolchain.llvm_major;
+    match toolchain.bpf_linker(workspace) {
+        Ok(path) => {
+            println!(
+                "[xtask] bpf-linker {BPF_LINKER_VERSION} for LLVM {major}: already installed ({})",
+                path.display()
+            );
+            return Ok(());
+        }
+        Err(sentinel_toolchain::Error::LinkerMissing { .. }) => {}
+        Err(problem) => println!("[xtask] {problem}; rebuilding it"),
     }
-    println!("[xtask] building bpf-linker against LLVM 22 (takes 1-2 minutes, once)");
-    // Without LLVM's bin directory first on PATH its build script looks in /usr and fails.
+    ensure_packages(
+        &format!("LLVM {major} to build bpf-linker against"),
+        &[
+            &format!("llvm-{major}-dev"),
+            &format!("libpolly-{major}-dev"),
+            "libzstd-dev",
+            "zlib1g-dev",
+        ],
+    )
+    .with_context(|| {
+        format!(
+            "the eBPF toolchain {} emits LLVM {major} bitcode, so bpf-linker must be built \
+             against LLVM {major} from Debian's llvm-{major}-dev; if Debian has no such package, \
+             pin a nightly whose LLVM it has (README: Toolchains)",
+            toolchain.channel
+        )
+    })?;
+    let root = toolchain.bpf_linker_root(workspace);
+    if root.exists() {
+        std::fs::remove_dir_all(&root)
+            .with_context(|| format!("cannot remove the old {}", root.display()))?;
+    }
+    println!(
+        "[xtask] building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} into {} \
+         (1-2 minutes, once)",
+        root.display()
+    );
+    let llvm_prefix = format!("/usr/lib/llvm-{major}");
+    // Without LLVM's bin directory first on PATH, llvm-sys looks in /usr and fails.
     let path = format!(
-        "{LLVM_PREFIX}/bin:{}",
+        "{llvm_prefix}/bin:{}",
         std::env::var("PATH").unwrap_or_default()
     );
     run(Command::new("cargo")
-        .args([
-            "install",
-            "--locked",
-            "bpf-linker",
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ])
+        .args(["install", "--locked", "bpf-linker", "--version"])
+        .arg(format!("={BPF_LINKER_VERSION}"))
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{major}"))
+        .arg("--root")
+        .arg(&root)
         .env("PATH", path)
-        .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
-    .context("installing bpf-linker failed")
+        .env(format!("LLVM_SYS_{major}1_PREFIX"), &llvm_prefix))
+    .context("building bpf-linker failed")?;
+    let linker = toolchain.bpf_linker(workspace)?;
+    println!(
+        "[xtask] bpf-linker: {}",
+        command_output(Command::new(&linker).arg("--version"))?.trim()
+    );
+    Ok(())
 }
-
 /// promtool, unpacked from Debian's prometheus package into the target directory instead of
 /// installing the package, which would also start a Prometheus server on the host.
 fn promtool(workspace: &Path) -> Result<PathBuf> {

@@ -123,7 +123,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.runs(Section::Ssh) {
         ssh::ensure_packages(!args.skip_peers)?;
     }
-    setup::build_tools()?;
+    setup::build_tools(&workspace)?;
     crate::step("bench: building the daemon (release)");
     run(crate::cargo(&workspace).args(["build", "--release", "-p", "sentinel-user"]))?;
     let daemon = workspace.join("target/release/sentinel");

@@ -153,7 +153,7 @@ fn run_vm(args: &VmTestArgs, work: GuestWork) -> Result<report::GuestResults> {
             payload::build_suites(&workspace, &build_dir, filter)?
         }
         GuestWork::Job(job) => {
-            crate::setup::build_tools()?;
+            crate::setup::build_tools(&workspace)?;
             payload::build_for_job(&workspace, &build_dir, job)?
         }
     };
