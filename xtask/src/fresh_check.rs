@@ -82,8 +82,8 @@ pub fn fresh_check(workspace: &Path, args: &FreshCheckArgs) -> Result<()> {
     ]))?;
     let default_nightly = command_output(
         environment
-            .command(cargo_home.join("bin/rustc"), &base)
-            .arg("-vV"),
+            .command(cargo_home.join("bin/rustup"), &base)
+            .args(["run", "nightly", "rustc", "-vV"]),
     )?;
     phases.push(("toolchain homes", started.elapsed()));
 
