@@ -14,6 +14,10 @@ pub const CGROUP_PATH_LEN: usize = 512;
 /// Bytes of a PAM remote host (an IPv6 address in text needs 46 with its NUL).
 pub const RHOST_LEN: usize = 64;
 
+/// sshd executables (by inode) the SSH probes accept at once: current and recently replaced
+/// binaries of every sshd flavour.
+pub const MAX_SSHD_EXECUTABLES: usize = 64;
+
 /// Discriminant at offset 0 of every ring buffer record.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,6 +209,12 @@ pub struct KernelOffsets {
     pub sock_v6_rcv_saddr: u32,
     /// `sock.sk_cgrp_data.cgroup` (`struct cgroup *`), the cgroup that created the socket.
     pub sock_cgroup: u32,
+    /// `task_struct.mm`, `mm_struct.exe_file`, `file.f_inode`, `inode.i_ino`: the inode of the
+    /// executable a task runs, which tells the real sshd from a process merely named so.
+    pub task_mm: u32,
+    pub mm_exe_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
 }
 
 /// Ring buffer bytes queued before a producer wakes the daemon; below it the daemon drains

@@ -27,6 +27,10 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     sock_v6_daddr: 0,
     sock_v6_rcv_saddr: 0,
     sock_cgroup: 0,
+    task_mm: 0,
+    mm_exe_file: 0,
+    file_inode: 0,
+    inode_ino: 0,
 };
 
 /// One field of `OFFSETS`, read through a volatile load so the compiler cannot fold the zero
@@ -62,6 +66,15 @@ pub fn task_cgroup_id(task: *const u8) -> Result<u64, i32> {
     let css_set: *const u8 = read(task, offset!(task_cgroups))?;
     let cgroup: *const u8 = read(css_set, offset!(css_set_dfl_cgrp))?;
     cgroup_id(cgroup)
+}
+
+/// `task->mm->exe_file->f_inode->i_ino`: the inode of the executable `task` runs.
+#[inline(always)]
+pub fn task_executable_inode(task: *const u8) -> Result<u64, i32> {
+    let mm: *const u8 = read(task, offset!(task_mm))?;
+    let exe_file: *const u8 = read(mm, offset!(mm_exe_file))?;
+    let inode: *const u8 = read(exe_file, offset!(file_inode))?;
+    read(inode, offset!(inode_ino))
 }
 
 /// `cgroup->kn->id`, the id user space sees as the cgroup directory's inode number.

@@ -4,19 +4,27 @@
 //! per PAM handle. `pam_authenticate` failing, or `pam_open_session` succeeding, is then
 //! reported with that address. No libpam struct is read, and never the password: only the
 //! `PAM_RHOST` item's string and the return codes.
+//!
+//! The uprobes fire in every process that calls libpam, so only the real sshd counts: a task
+//! running as root (sshd's PAM monitor does; an unprivileged user, even root in a user
+//! namespace, does not) whose executable is one of the sshd binaries the daemon lists by inode.
+//! Anyone else can name a process `sshd` and call libpam with any `PAM_RHOST`.
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         bpf_probe_read_user_str_bytes,
     },
     macros::{map, uprobe, uretprobe},
-    maps::LruHashMap,
+    maps::{HashMap, LruHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
-use sentinel_common::{EventKind, LossKind, RHOST_LEN, SshAuthEvent};
+use sentinel_common::{EventKind, LossKind, MAX_SSHD_EXECUTABLES, RHOST_LEN, SshAuthEvent};
 
-use crate::maps::{ALERTS, record_loss};
+use crate::{
+    kernel::task_executable_inode,
+    maps::{ALERTS, record_loss},
+};
 
 const PAM_RHOST: i32 = 4;
 const PAM_SUCCESS: i32 = 0;
@@ -29,9 +37,25 @@ static PAM_RHOSTS: LruHashMap<u64, [u8; RHOST_LEN]> = LruHashMap::with_max_entri
 #[map]
 static PAM_CALLS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
-/// sshd, sshd-session and sshd-auth: every flavour OpenSSH has shipped.
+/// Inodes of the sshd executables (sshd, sshd-session, sshd-auth), kept current by the daemon.
+#[map]
+static SSHD_EXECUTABLES: HashMap<u64, u8> =
+    HashMap::with_max_entries(MAX_SSHD_EXECUTABLES as u32, 0);
+
+/// Whether the current task is the real sshd acting with root privileges.
+#[inline(always)]
 fn is_sshd() -> bool {
-    matches!(bpf_get_current_comm(), Ok(comm) if comm.starts_with(b"sshd"))
+    // The low half is the real uid, in the initial user namespace.
+    if bpf_get_current_uid_gid() as u32 != 0 {
+        return false;
+    }
+    // SAFETY: helper without preconditions; the pointer is only read through probe reads.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    match task_executable_inode(task) {
+        // SAFETY: map lookup; only presence is used.
+        Ok(inode) => unsafe { SSHD_EXECUTABLES.get(inode) }.is_some(),
+        Err(_) => false,
+    }
 }
 
 /// `int pam_set_item(pam_handle_t *pamh, int item_type, const void *item)`.

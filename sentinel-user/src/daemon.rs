@@ -28,7 +28,7 @@ use crate::{
         enforcer::{AppliedView, Backend, Enforcer, Input as EnforcerInput},
         metrics::PolicyMetrics,
     },
-    probes,
+    probes::{self, SshFiles},
     ssh_guard::{Input as SshInput, SshGuard, SshGuardMetrics},
 };
 
@@ -49,6 +49,8 @@ pub struct RunOptions {
     /// Re-read on SIGHUP and when the file changes; `None` means the default path.
     pub config_path: Option<PathBuf>,
     pub control_socket: PathBuf,
+    /// Where state that must survive a restart is kept (the SSH guard's bans).
+    pub state_dir: PathBuf,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -57,6 +59,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         config,
         config_path,
         control_socket,
+        state_dir,
     } = options;
     // Installed first, so that a stop request at any point takes the clean path.
     let mut signals = Signals::install()?;
@@ -79,7 +82,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     if !resolved.missing.is_empty() {
         warn!(missing = ?resolved.missing, "this kernel's BTF lacks some fields; probes that need them stay off");
     }
-    let mut probes = probes::load(&resolved)?;
+    let mut probes = probes::load(resolved)?;
 
     let mut tree = CgroupTree::new(cgroup_root.clone());
     tree.rescan();
@@ -90,7 +93,12 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let counters = take_map(&mut probes.ebpf, "COUNTERS")?.try_into()?;
     let lost = take_map(&mut probes.ebpf, "LOST")?.try_into()?;
     let kernel_counters = Arc::new(KernelCounters::new(counters, lost, attribution.clone()));
-    let mut metrics = Metrics::new(kernel_counters.clone(), &probes.statuses);
+    let mut metrics = Metrics::new(kernel_counters.clone());
+    probes.register_metrics(metrics.registry_mut());
+    let ssh_files = SshFiles::new(
+        take_map(&mut probes.ebpf, "SSHD_EXECUTABLES")?.try_into()?,
+        config.ssh_guard.sshd_paths.clone(),
+    );
 
     let cgroupfs = CgroupFs::new(cgroup_root.clone());
     let applied = Arc::new(Mutex::new(AppliedView::default()));
@@ -113,7 +121,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         .spawn(move || enforcer.run(enforcer_rx))?;
 
     let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
-    let ssh_guard = start_ssh_guard(&config, ssh_metrics);
+    let ssh_guard = start_ssh_guard(&config, &state_dir, ssh_metrics);
     let metrics = Arc::new(metrics);
     let handler = Arc::new(EventHandler::new(
         attribution.clone(),
@@ -158,11 +166,16 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     tasks.close();
 
     let attached = probes.statuses.iter().filter(|p| p.attached).count();
+    let probes_total = probes.statuses.len();
+    let (keeper_tx, keeper_rx) = mpsc::channel();
+    let keeper_thread = std::thread::Builder::new()
+        .name("probe-keeper".into())
+        .spawn(move || keep_probes(probes, ssh_files, keeper_rx))?;
     info!(
         metrics = %format!("http://{listen}/metrics"),
         cgroup2 = %cgroup_root.display(),
         probes_attached = attached,
-        probes_total = probes.statuses.len(),
+        probes_total,
         policies = config.policies.services.len(),
         ssh_guard = ssh_guard.is_some(),
         "sentinel is running"
@@ -177,13 +190,15 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         join(guard_thread, "ssh guard");
     }
     join(enforcer_thread, "enforcer");
+    let _ = keeper_tx.send(());
+    let probes = keeper_thread.join();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
         .await
         .is_err()
     {
         warn!("some tasks did not stop within {SHUTDOWN_GRACE:?}; detaching anyway");
     }
-    // Dropping the object detaches every program.
+    // Dropping the object detaches every program (a panicked keeper dropped it while unwinding).
     drop(probes);
     info!("stopped; all probes detached");
     Ok(())
@@ -193,13 +208,14 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
 /// reported, and the rest of the daemon runs on without it.
 fn start_ssh_guard(
     config: &Config,
+    state_dir: &std::path::Path,
     metrics: SshGuardMetrics,
 ) -> Option<(mpsc::Sender<SshInput>, std::thread::JoinHandle<()>)> {
     if !config.ssh_guard.enabled {
         info!("SSH guard disabled by configuration");
         return None;
     }
-    let guard = match SshGuard::open(config.ssh_guard.settings(), metrics) {
+    let mut guard = match SshGuard::open(config.ssh_guard.settings(state_dir), metrics) {
         Ok(guard) => guard,
         Err(error) => {
             error!("SSH guard not started: {error}");
@@ -207,6 +223,26 @@ fn start_ssh_guard(
         }
     };
     let (tx, rx) = mpsc::channel();
+    if let Some(watch) = guard.take_table_watch() {
+        let changed = tx.clone();
+        // Blocks in recv for the daemon's whole life; the process exit ends it.
+        let spawned = std::thread::Builder::new()
+            .name("table-watch".into())
+            .spawn(move || {
+                loop {
+                    if let Err(error) = watch.wait() {
+                        error!("watching the firewall table failed; removed bans are not restored: {error}");
+                        return;
+                    }
+                    if changed.send(SshInput::TableChanged).is_err() {
+                        return;
+                    }
+                }
+            });
+        if let Err(error) = spawned {
+            error!("cannot watch the firewall table; removed bans are not restored: {error}");
+        }
+    }
     match std::thread::Builder::new()
         .name("ssh-guard".into())
         .spawn(move || guard.run(rx))
@@ -217,6 +253,23 @@ fn start_ssh_guard(
             None
         }
     }
+}
+
+/// How often the files the SSH probes follow (libpam, the sshd executables) are looked at.
+const FOLLOW_FILES: Duration = Duration::from_secs(1);
+
+/// Owns the loaded programs: follows libpam and the sshd executables through package upgrades
+/// until told to stop, then hands the programs back for detaching.
+fn keep_probes(
+    mut probes: probes::Probes,
+    mut ssh_files: SshFiles,
+    stop: mpsc::Receiver<()>,
+) -> probes::Probes {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(FOLLOW_FILES) {
+        probes.follow_libpam();
+        ssh_files.refresh();
+    }
+    probes
 }
 
 fn join(thread: std::thread::JoinHandle<()>, name: &str) {

@@ -64,6 +64,8 @@ pub enum Error {
     },
     #[error("cannot write the audit log {path}: {source}")]
     AuditLog { path: PathBuf, source: io::Error },
+    #[error("the saved SSH guard state {path}: {source}")]
+    State { path: PathBuf, source: io::Error },
     #[error("cannot create the control socket {path}: {source}")]
     ControlSocket { path: PathBuf, source: io::Error },
     #[error("another sentinel is running: it is listening on {path}")]

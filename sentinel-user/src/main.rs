@@ -67,6 +67,9 @@ struct RunArgs {
     /// Root-only Unix socket for `sentinel bans`, `ban` and `unban`
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
     control_socket: PathBuf,
+    /// Where state that must survive restarts and reboots is kept (the bans in force)
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/sentinel")]
+    state_dir: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -111,6 +114,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         config,
         config_path: args.config,
         control_socket: args.control_socket,
+        state_dir: args.state_dir,
     }))?;
     Ok(())
 }

@@ -124,9 +124,27 @@ impl Daemon {
         Self::spawn_with_config(port, NO_FIREWALL, env)
     }
 
-    /// Starts the daemon without waiting for it.
+    /// Starts the daemon without waiting for it; its state lives in its own directory.
     pub fn spawn_with_config(port: u16, config_text: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_with_state(port, config_text, env, None)
+    }
+
+    /// Starts the daemon with `config` and its state in `state_dir` (kept across daemons by
+    /// the caller), and waits until `/metrics` answers.
+    pub fn start_with_state(config: &str, state_dir: &Path) -> Self {
+        let daemon = Self::spawn_with_state(free_port(), config, &[], Some(state_dir));
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn spawn_with_state(
+        port: u16,
+        config_text: &str,
+        env: &[(&str, &str)],
+        state_dir: Option<&Path>,
+    ) -> Self {
         let dir = TempDir::new("sentinel-daemon");
+        let state_dir = state_dir.map_or_else(|| dir.path().join("state"), Path::to_path_buf);
         let config = dir.path().join("sentinel.yaml");
         fs::write(&config, config_text).expect("write config");
         let log = File::create(dir.path().join("daemon.log")).expect("create log");
@@ -138,6 +156,8 @@ impl Daemon {
             .arg(addr.to_string())
             .arg("--control-socket")
             .arg(dir.path().join("control.sock"))
+            .arg("--state-dir")
+            .arg(state_dir)
             .env("SENTINEL_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

@@ -270,12 +270,14 @@ fn ban_expires_by_itself() {
 }
 
 #[test]
-fn ipv6_ban_covers_the_attackers_whole_prefix() {
+fn an_ipv6_prefix_ban_covers_the_whole_prefix() {
     let lab = Lab::new();
     let mut firewall = lab.open_firewall();
     lab.assert_connects(ATTACKER_V6_NEIGHBOUR);
 
-    firewall.ban(&[ban(ATTACKER_V6, HOUR)]).unwrap();
+    firewall
+        .ban(&[ban("2001:db8:b::/64".parse::<IpNet>().unwrap(), HOUR)])
+        .unwrap();
 
     lab.assert_blocked(ATTACKER_V6);
     lab.assert_blocked(ATTACKER_V6_NEIGHBOUR);
@@ -294,7 +296,9 @@ fn ipv6_ban_covers_the_attackers_whole_prefix() {
 fn a_ban_covering_the_servers_own_address_spares_its_own_traffic() {
     let lab = Lab::new();
     let mut firewall = lab.open_firewall();
-    firewall.ban(&[ban(SERVER_V6, HOUR)]).unwrap();
+    firewall
+        .ban(&[ban("2001:db8:a::/64".parse::<IpNet>().unwrap(), HOUR)])
+        .unwrap();
 
     for server in [IpAddr::from(SERVER_V6), SERVER_V4.into()] {
         lab.server

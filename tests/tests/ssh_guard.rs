@@ -18,7 +18,7 @@ use std::{
 use sentinel_tests::{
     Daemon, TempDir, eventually,
     netlab::{Netns, SetElement, run},
-    sentinel_bin, serial, unique_suffix,
+    sentinel_bin, serial, testkit_bin, unique_suffix,
 };
 
 const SSHD: &str = "/usr/sbin/sshd";
@@ -40,6 +40,8 @@ const V6_SERVER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 6, 0, 0, 0, 0, 1);
 const TRUSTED_CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const TRUSTED_SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const ALLOWED: &str = "192.0.2.0/24";
+/// An address that never attacks; only forged failures name it.
+const FORGED_VICTIM: &str = "198.51.100.77";
 
 const USER_PASSWORD: &str = "Sentinel-test-7c41e9";
 const WRONG_PASSWORD: &str = "not-the-password";
@@ -130,6 +132,11 @@ impl SshLab {
     /// The guard's configuration for this lab: the defaults of `deploy/sentinel.yaml`, with
     /// bans of `ban_for` made in the server namespace.
     fn config(&self, ban_for: &str) -> String {
+        self.config_allowing(ban_for, ALLOWED)
+    }
+
+    /// `config` with `allow` as the allow list.
+    fn config_allowing(&self, ban_for: &str, allow: &str) -> String {
         format!(
             "ssh_guard:
   enabled: true
@@ -139,7 +146,7 @@ impl SshLab {
   ban_for: {ban_for}
   multiplier: 2
   max_ban: 1w
-  allow: [{ALLOWED}]
+  allow: [{allow}]
   ipv6_prefix: 64
   flush_on_exit: false
   audit_log: {}
@@ -357,6 +364,10 @@ impl Peer {
 
     fn assert_blocked_from(&self, source: impl Into<IpAddr>) {
         self.netns.assert_blocked(source.into(), self.sshd());
+    }
+
+    fn assert_connects_from(&self, source: impl Into<IpAddr>) {
+        self.netns.assert_connects(source.into(), self.sshd());
     }
 }
 
@@ -914,4 +925,279 @@ fn operator_unban_lifts_a_ban_at_once() {
         .map(|record| record["address"].as_str().unwrap_or_default())
         .collect();
     assert_eq!(unbans, ["198.51.100.10", V6_PREFIX]);
+}
+
+/// A local user's program that names itself `sshd` and calls libpam with a `PAM_RHOST` of its
+/// choice (the testkit's `pam` mode, copied as `sshd`), with a PAM service of its own.
+struct Forger {
+    program: PathBuf,
+    confdir: PathBuf,
+}
+
+impl Forger {
+    fn new(dir: &Path) -> Self {
+        let home = dir.join("forger");
+        let confdir = home.join("pam.d");
+        fs::create_dir_all(&confdir).expect("create the forger's directory");
+        fs::write(
+            confdir.join("sentinel-forge"),
+            "auth requisite pam_deny.so\nsession required pam_permit.so\n",
+        )
+        .expect("write the forger's PAM service");
+        let program = home.join("sshd");
+        fs::copy(testkit_bin(), &program).expect("copy the testkit as sshd");
+        Self { program, confdir }
+    }
+
+    /// The forger as the unprivileged user nobody.
+    fn command(&self, rhost: &str, failures: u32, session: bool) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(&self.program);
+        command
+            .arg("pam")
+            .arg(&self.confdir)
+            .args([rhost, &failures.to_string()])
+            .args(session.then_some("session"))
+            .uid(65534)
+            .gid(65534);
+        command
+    }
+}
+
+#[test]
+fn a_local_user_cannot_forge_failures_or_sessions() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let daemon = lab.start_daemon("1h");
+    let forger = Forger::new(lab.dir.path());
+
+    // Eight failed authentications "from" an address that never attacked.
+    let forged = forger
+        .command(FORGED_VICTIM, 8, false)
+        .output()
+        .expect("run the forger");
+    let printed = String::from_utf8_lossy(&forged.stdout);
+    assert!(
+        forged.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&forged.stderr)
+    );
+    // PAM_AUTH_ERR each time: libpam really ran the failing authentications.
+    assert_eq!(
+        printed
+            .lines()
+            .filter(|line| *line == "authenticate 7")
+            .count(),
+        8,
+        "{printed}"
+    );
+
+    // A "session" from the real attacker's address, open while it attacks.
+    let mut session = forger
+        .command(&FIRST_ATTACKER.to_string(), 0, true)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run the forger");
+    let mut opened = String::new();
+    BufReader::new(session.stdout.take().expect("the forger's stdout"))
+        .read_line(&mut opened)
+        .expect("read the forger's session");
+    assert_eq!(opened.trim(), "session 0");
+
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
+    lab.await_ban(&lab.first.offender());
+    lab.first.assert_blocked();
+    // The ring buffer keeps order: forged events, had they counted, came before the real ones.
+    assert_eq!(daemon.scrape().counter(FAILURES, &[]), MAX_FAILURES);
+    assert_eq!(skipped_for(&daemon, "active_session"), 0);
+    assert_eq!(lab.banned_nets(), [lab.first.offender()]);
+    drop(session.stdin.take());
+    assert!(session.wait().expect("wait for the forger").success());
+}
+
+const RESTORED: &str = "sentinel_bans_restored_total";
+
+#[test]
+fn bans_removed_behind_the_guards_back_come_back_with_their_remaining_time() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let daemon = lab.start_daemon("1h");
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES), (&lab.second, MAX_FAILURES)]);
+    let first = lab.await_ban(&lab.first.offender());
+    lab.await_ban(&lab.second.offender());
+    assert_eq!(daemon.scrape().value(RESTORED, &[]), Some(0.0));
+
+    // What Debian's nftables.service does on every (re)start.
+    lab.server.nft(&["flush", "ruleset"], "");
+    await_metric(&daemon, RESTORED, &[], 2);
+    let restored = lab.await_ban(&lab.first.offender());
+    lab.await_ban(&lab.second.offender());
+    lab.first.assert_blocked();
+    lab.second.assert_blocked();
+    lab.trusted.assert_connects();
+    // Put back with what was left of the hour, not a new hour.
+    let (left, given) = (first.expires, restored.timeout);
+    assert!(
+        matches!((left, given), (Some(left), Some(given)) if given <= left && given < 3600),
+        "banned with {left:?} s left, restored with a timeout of {given:?} s"
+    );
+
+    lab.server.nft(&["delete", "table", "inet", "sentinel"], "");
+    await_metric(&daemon, RESTORED, &[], 4);
+    lab.await_ban(&lab.first.offender());
+    lab.await_ban(&lab.second.offender());
+
+    lab.server.nft(
+        &["-f", "-"],
+        "delete element inet sentinel banned_v4 { 198.51.100.10 }\n",
+    );
+    await_metric(&daemon, RESTORED, &[], 5);
+    lab.first.assert_blocked();
+    assert_eq!(lab.banned_nets(), ["198.51.100.10", "203.0.113.10"]);
+    // The guard's own view never changed: two bans in force throughout.
+    assert_eq!(banned_in_family(&daemon, "ipv4"), 2);
+}
+
+/// The file behind the dynamic loader's `libpam.so.0`, as a package upgrade replaces it.
+fn libpam_file() -> PathBuf {
+    let listing = Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .expect("ldconfig -p");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let path = listing
+        .lines()
+        .filter(|line| line.trim_start().starts_with("libpam.so.0 ("))
+        .find(|line| line.contains("x86-64") || !cfg!(target_arch = "x86_64"))
+        .and_then(|line| line.split(" => ").nth(1))
+        .expect("libpam.so.0 in the loader's cache");
+    fs::canonicalize(path.trim()).expect("libpam's file")
+}
+
+#[test]
+fn failures_still_count_after_libpam_is_replaced() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = serial();
+    let lab = SshLab::new();
+    let daemon = lab.start_daemon("1h");
+    let reattached = "sentinel_probe_reattachments_total";
+    assert_eq!(daemon.scrape().value(reattached, &[]), Some(0.0));
+
+    // As dpkg unpacks an upgrade: the new file written beside the old one, renamed over it.
+    let libpam = libpam_file();
+    let before = fs::metadata(&libpam).expect("libpam").ino();
+    let staged = PathBuf::from(format!("{}.dpkg-new", libpam.display()));
+    fs::copy(&libpam, &staged).expect("stage the new libpam");
+    fs::rename(&staged, &libpam).expect("replace libpam");
+    assert_ne!(fs::metadata(&libpam).expect("libpam").ino(), before);
+
+    await_metric(&daemon, reattached, &[], 1);
+    let scrape = daemon.scrape();
+    for program in [
+        "ssh_pam_rhost",
+        "ssh_pam_call",
+        "ssh_auth_result",
+        "ssh_session_open",
+    ] {
+        assert_eq!(
+            scrape.value("sentinel_probe_attached", &[("program", program)]),
+            Some(1.0),
+            "{program}"
+        );
+    }
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
+    lab.await_ban(&lab.first.offender());
+    assert_eq!(daemon.scrape().counter(FAILURES, &[]), MAX_FAILURES);
+}
+
+/// The bans the daemon keeps on disk in `state_dir`.
+fn saved_bans(state_dir: &Path) -> Vec<String> {
+    let Ok(text) = fs::read_to_string(state_dir.join("ssh-guard.json")) else {
+        return Vec::new();
+    };
+    let state: serde_json::Value = serde_json::from_str(&text).expect("the state is JSON");
+    state["bans"]
+        .as_array()
+        .expect("a list of bans")
+        .iter()
+        .map(|ban| ban["net"].as_str().expect("a network").to_owned())
+        .collect()
+}
+
+fn kill(mut daemon: Daemon) {
+    daemon.signal(libc::SIGKILL);
+    assert!(daemon.wait_exit(WAIT).is_some(), "SIGKILL did not end it");
+}
+
+#[test]
+fn bans_and_escalation_survive_a_lost_table_and_a_restart() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let state = TempDir::new("sentinel-state");
+    let config = lab.config("1h");
+    let first = lab.first.offender();
+
+    let daemon = Daemon::start_with_state(&config, state.path());
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
+    let banned = lab.await_ban(&first);
+    assert!(eventually(WAIT, || saved_bans(state.path()) == [first.clone()]));
+    kill(daemon);
+    // As after a reboot: the kernel's table is gone, the state on disk stays.
+    lab.server.nft(&["delete", "table", "inet", "sentinel"], "");
+    lab.first.assert_connects();
+
+    let daemon = Daemon::start_with_state(&config, state.path());
+    let restored = lab.await_ban(&first);
+    lab.first.assert_blocked();
+    assert_eq!(daemon.scrape().value(RESTORED, &[]), Some(1.0));
+    let (left, given) = (banned.expires, restored.timeout);
+    assert!(
+        matches!((left, given), (Some(left), Some(given)) if given <= left && given < 3600),
+        "banned with {left:?} s left, restored with a timeout of {given:?} s"
+    );
+    let listed = Command::new(sentinel_bin())
+        .args(["bans", "--socket"])
+        .arg(daemon.control_socket())
+        .output()
+        .expect("run sentinel bans");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed
+            .lines()
+            .any(|line| line.contains(&first) && line.contains("ssh_failures")),
+        "{listed}"
+    );
+
+    // Escalation is remembered too: lifted by the operator, the next ban is the second.
+    let unban = Command::new(sentinel_bin())
+        .args(["unban", &first, "--socket"])
+        .arg(daemon.control_socket())
+        .output()
+        .expect("run sentinel unban");
+    assert!(unban.status.success());
+    assert!(eventually(WAIT, || saved_bans(state.path()).is_empty()));
+    kill(daemon);
+    let daemon = Daemon::start_with_state(&config, state.path());
+    lab.assert_no_bans();
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
+    let second = lab.await_ban(&first);
+    assert_eq!(second.timeout, Some(2 * 3600), "{second:?}");
+    assert_eq!(bans_for(&daemon, "ssh_repeat_offender"), 1);
+    assert_eq!(bans_for(&daemon, "ssh_failures"), 0);
+}
+
+#[test]
+fn an_ipv6_attacker_next_to_an_allowlisted_admin_is_banned_alone() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    // The admin's address lies in the attacker's /64.
+    let config = lab.config_allowing("1h", &format!("{ALLOWED}, {V6_NEIGHBOUR}/128"));
+    let daemon = Daemon::start_with_config(&config, &[]);
+    lab.fail_logins(&[(&lab.v6, MAX_FAILURES)]);
+    lab.await_ban(&V6_ATTACKER.to_string());
+    lab.v6.assert_blocked();
+    lab.v6.assert_connects_from(V6_NEIGHBOUR);
+    assert_eq!(lab.banned_nets(), [V6_ATTACKER.to_string()]);
+    assert_eq!(bans_for(&daemon, "ssh_failures"), 1);
 }

@@ -27,18 +27,17 @@ mod nft;
 mod view;
 
 use std::{
-    net::Ipv6Addr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::Error;
 
 pub use net::IpNet;
 use netlink::SetElementSocket;
+pub use netlink::TableWatch;
 use netns::NetNamespace;
 use nft::Nft;
 use view::{BanView, Changes, Expiry};
@@ -50,27 +49,13 @@ const SET_V6: &str = "banned_v6";
 /// Far beyond any sensible ban, and far inside what the kernel accepts (about 584 years).
 const MAX_BAN_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FirewallOptions {
-    /// An IPv6 ban covers the whole prefix of this length around the address: a host usually
-    /// gets a /64 and can move to any address inside it.
-    pub ipv6_prefix_len: u8,
     /// Delete the table, and so every ban, when the daemon stops. By default bans stay in the
     /// kernel until they expire, protecting the host while the daemon restarts.
     pub flush_on_exit: bool,
     /// The network namespace to work in, e.g. `/run/netns/NAME`; the daemon's own when unset.
     pub netns: Option<PathBuf>,
-}
-
-impl Default for FirewallOptions {
-    fn default() -> Self {
-        Self {
-            ipv6_prefix_len: 64,
-            flush_on_exit: false,
-            netns: None,
-        }
-    }
 }
 
 /// Drop every packet from `net` for `timeout`.
@@ -110,6 +95,8 @@ pub struct Firewall {
     socket: SetElementSocket,
     /// The daemon's mirror of the sets, so that a batch needs no read from the kernel.
     view: BanView,
+    /// Until taken by whoever restores what others remove from the table.
+    watch: Option<TableWatch>,
 }
 
 impl Firewall {
@@ -117,16 +104,15 @@ impl Firewall {
     /// (`list` returns them). A missing table is created; a table of another shape is replaced
     /// in one transaction that keeps its bans. No other table is read or changed.
     pub fn open(options: FirewallOptions) -> Result<Self, Error> {
-        // Refuses a prefix length beyond /128 before anything changes.
-        IpNet::new(Ipv6Addr::UNSPECIFIED.into(), options.ipv6_prefix_len)?;
         let netns = options
             .netns
             .as_deref()
             .map(NetNamespace::open)
             .transpose()?;
-        let socket = match &netns {
-            Some(netns) => netns.run(SetElementSocket::open)?,
-            None => SetElementSocket::open()?,
+        let open_sockets = || Ok((SetElementSocket::open()?, TableWatch::open()?));
+        let (socket, watch) = match &netns {
+            Some(netns) => netns.run(open_sockets)?,
+            None => open_sockets()?,
         };
         let nft = Nft::new(netns);
         let view = ensure_table(&nft)?;
@@ -135,16 +121,22 @@ impl Firewall {
             nft,
             socket,
             view,
+            watch: Some(watch),
         })
     }
 
-    /// Bans every network of `batch` in one transaction. An IPv6 ban covers the whole prefix
-    /// of `ipv6_prefix_len` around its address. Banning a banned network again extends its
-    /// timeout and never shortens it; overlapping bans merge (see `view`).
+    /// What tells of changes that may have removed bans from the table (see `TableWatch`);
+    /// subscribed before the table was read, so no change after that read is missed.
+    pub fn take_table_watch(&mut self) -> Option<TableWatch> {
+        self.watch.take()
+    }
+
+    /// Bans every network of `batch` in one transaction. Banning a banned network again extends
+    /// its timeout and never shortens it; overlapping bans merge (see `view`).
     pub fn ban(&mut self, batch: &[Ban]) -> Result<(), Error> {
         let bans = batch
             .iter()
-            .map(|ban| self.ban_net(ban))
+            .map(Self::ban_net)
             .collect::<Result<Vec<_>, _>>()?;
         self.apply(|view, now| {
             let expiring = bans
@@ -182,8 +174,9 @@ impl Firewall {
         self.nft.delete_table()
     }
 
-    /// The network a ban really covers, with its timeout checked.
-    fn ban_net(&self, ban: &Ban) -> Result<(IpNet, Duration), Error> {
+    /// The network of a ban, with its timeout checked. The caller decides how wide a ban is
+    /// (the SSH guard widens IPv6 offenders to their prefix, except next to allowed addresses).
+    fn ban_net(ban: &Ban) -> Result<(IpNet, Duration), Error> {
         if ban.timeout.is_zero() || ban.timeout > MAX_BAN_TIMEOUT {
             return Err(Error::InvalidTimeout {
                 net: ban.net,
@@ -191,12 +184,7 @@ impl Firewall {
                 max: MAX_BAN_TIMEOUT,
             });
         }
-        let net = if ban.net.is_ipv4() {
-            ban.net
-        } else {
-            ban.net.widened_to(self.options.ipv6_prefix_len)
-        };
-        Ok((net, ban.timeout))
+        Ok((ban.net, ban.timeout))
     }
 
     /// Plans a batch against the mirror and commits it. When the kernel refuses it, the mirror

@@ -118,6 +118,20 @@ impl FromStr for IpNet {
     }
 }
 
+/// As text (`198.51.100.7`, `2001:db8::/64`), the way operators write it.
+impl serde::Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 fn address_bits(addr: IpAddr) -> u8 {
     match addr {
         IpAddr::V4(_) => 32,

@@ -183,6 +183,95 @@ impl SetElementSocket {
     }
 }
 
+/// nf_tables announces every committed ruleset change to this netlink multicast group.
+const NFNLGRP_NFTABLES: libc::c_int = 7;
+/// Changes that can remove a ban: a deleted table, chain, rule, set or set element (the first
+/// attribute of each of these messages names the table).
+const REMOVALS: [u16; 5] = [2, 5, 8, 11, NFT_MSG_DELSETELEM];
+
+/// Listens for ruleset changes that may have removed something from Sentinel's table, made by
+/// anyone: `nft flush ruleset` (which Debian's nftables.service runs on every restart), a deleted
+/// table, flushed set or deleted element.
+#[derive(Debug)]
+pub struct TableWatch {
+    socket: OwnedFd,
+}
+
+impl TableWatch {
+    /// Subscribes in the calling thread's network namespace.
+    pub(super) fn open() -> Result<Self, Error> {
+        let socket = SetElementSocket::open()?.socket;
+        let group = NFNLGRP_NFTABLES;
+        set_socket_option(
+            &socket,
+            libc::SOL_NETLINK,
+            libc::NETLINK_ADD_MEMBERSHIP,
+            group as usize,
+        )
+        .map_err(Error::NetlinkSocket)?;
+        Ok(Self { socket })
+    }
+
+    /// Blocks until a change may have removed something from Sentinel's table. An overflowed
+    /// socket lost notifications, so it counts as such a change too.
+    pub fn wait(&self) -> Result<(), Error> {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: the pointer and length describe `buffer`.
+            let received = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    0,
+                )
+            };
+            if received == -1 {
+                let error = io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::ENOBUFS) => return Ok(()),
+                    Some(libc::EINTR) => continue,
+                    _ => return Err(Error::Netlink { source: error }),
+                }
+            }
+            if removes_from_our_table(&buffer[..received as usize]) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Whether a datagram of nf_tables notifications holds a removal in `table inet sentinel`.
+fn removes_from_our_table(mut datagram: &[u8]) -> bool {
+    let ours = nul_terminated(TABLE);
+    while datagram.len() >= 16 {
+        let length = u32::from_ne_bytes(datagram[0..4].try_into().expect("4 bytes")) as usize;
+        let message_type = u16::from_ne_bytes(datagram[4..6].try_into().expect("2 bytes"));
+        let message = datagram.get(..length.max(16)).unwrap_or(datagram);
+        datagram = datagram.get(align(length).max(16)..).unwrap_or_default();
+        let (subsystem, operation) = (message_type >> 8, message_type & 0xff);
+        // nlmsghdr (16 bytes), nfgenmsg (4 bytes: family first), then the first attribute.
+        if subsystem != NFNL_SUBSYS_NFTABLES
+            || !REMOVALS.contains(&operation)
+            || message.get(16) != Some(&NFPROTO_INET)
+        {
+            continue;
+        }
+        let Some(attribute) = message.get(20..) else {
+            continue;
+        };
+        if attribute.len() < 4 {
+            continue;
+        }
+        let attribute_length = u16::from_ne_bytes([attribute[0], attribute[1]]) as usize;
+        let attribute_type = u16::from_ne_bytes([attribute[2], attribute[3]]) & !NLA_F_NESTED;
+        if attribute_type == 1 && attribute.get(4..attribute_length) == Some(ours.as_slice()) {
+            return true;
+        }
+    }
+    false
+}
+
 /// The error code of each NLMSG_ERROR message (0 for an acknowledgement) in a datagram.
 fn error_codes(mut datagram: &[u8]) -> impl Iterator<Item = i32> {
     std::iter::from_fn(move || {

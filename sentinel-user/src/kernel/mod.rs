@@ -89,6 +89,10 @@ pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
         sock_v6_daddr: field("sock", "__sk_common.skc_v6_daddr"),
         sock_v6_rcv_saddr: field("sock", "__sk_common.skc_v6_rcv_saddr"),
         sock_cgroup: field("sock", "sk_cgrp_data.cgroup"),
+        task_mm: field("task_struct", "mm"),
+        mm_exe_file: field("mm_struct", "exe_file"),
+        file_inode: field("file", "f_inode"),
+        inode_ino: field("inode", "i_ino"),
     };
     match btf.tracepoint_param_is_pointer("mark_victim", 0) {
         Ok(has_task) => offsets.mark_victim_has_task = u32::from(has_task),

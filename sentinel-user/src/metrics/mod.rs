@@ -13,8 +13,6 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::probes::ProbeStatus;
-
 type Labels = Vec<(&'static str, String)>;
 
 pub struct Metrics {
@@ -22,7 +20,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(kernel: Arc<KernelCounters>, probes: &[ProbeStatus]) -> Self {
+    pub fn new(kernel: Arc<KernelCounters>) -> Self {
         let mut registry = Registry::default();
 
         let build_info = Family::<Labels, Gauge>::default();
@@ -33,18 +31,6 @@ impl Metrics {
             "sentinel_build_info",
             "Sentinel's version; the value is always 1",
             build_info,
-        );
-
-        let attached = Family::<Labels, Gauge>::default();
-        for probe in probes {
-            attached
-                .get_or_create(&vec![("program", probe.name.to_string())])
-                .set(i64::from(probe.attached));
-        }
-        registry.register(
-            "sentinel_probe_attached",
-            "Whether an eBPF program is attached (1) or failed to attach (0)",
-            attached,
         );
 
         registry.register_collector(Box::new(kernel));

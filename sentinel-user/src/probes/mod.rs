@@ -1,12 +1,21 @@
 //! Loading the eBPF object and attaching its programs, each independently: a program the
 //! kernel refuses is logged and reported, and the others keep running.
 
+mod ssh;
+
+use std::path::Path;
+
 use aya::{
     Ebpf, EbpfLoader,
     programs::{RawTracePoint, UProbe, uprobe::UProbeScope},
 };
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use tracing::{info, warn};
 
+pub use self::ssh::{DEFAULT_SSHD_PATHS, SshFiles};
 use crate::{Error, kernel::ResolvedOffsets};
 
 /// Set to a probe's name to make its attachment fail, so that tests can prove a failed probe
@@ -27,25 +36,26 @@ struct ProbeSpec {
 #[derive(Clone, Copy)]
 enum AttachPoint {
     RawTracepoint(&'static str),
-    /// A function of a shared library, in every process that maps it. The library is found
-    /// the way the dynamic loader finds it (the ld.so cache), for every sshd flavour alike.
-    Uprobe {
-        library: &'static str,
-        function: &'static str,
-    },
+    /// A function of libpam, in every process that maps it (see `ssh`).
+    Libpam(&'static str),
 }
 
 impl std::fmt::Display for AttachPoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::RawTracepoint(name) => write!(f, "tracepoint {name}"),
-            Self::Uprobe { library, function } => write!(f, "{library}:{function}"),
+            Self::Libpam(function) => write!(f, "libpam:{function}"),
         }
     }
 }
 
-/// Resolved through the ld.so cache, as the dynamic loader resolves sshd's `libpam.so.0`.
-const LIBPAM: &str = "libpam";
+/// What the SSH programs read to tell the real sshd (see `ssh`).
+const SSHD_FIELDS: [&str; 4] = [
+    "task_struct.mm",
+    "mm_struct.exe_file",
+    "file.f_inode",
+    "inode.i_ino",
+];
 
 const CGROUP_ID_FIELDS: [&str; 2] = ["cgroup.kn", "kernfs_node.id"];
 const CGROUP_LIFECYCLE_FIELDS: [&str; 4] = [
@@ -118,44 +128,29 @@ const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "ssh_pam_rhost",
         program: "sentinel_pam_rh",
-        points: &[AttachPoint::Uprobe {
-            library: LIBPAM,
-            function: "pam_set_item",
-        }],
-        needs: &[],
+        points: &[AttachPoint::Libpam("pam_set_item")],
+        needs: &SSHD_FIELDS,
     },
     ProbeSpec {
         name: "ssh_pam_call",
         program: "sentinel_pam_in",
         points: &[
-            AttachPoint::Uprobe {
-                library: LIBPAM,
-                function: "pam_authenticate",
-            },
-            AttachPoint::Uprobe {
-                library: LIBPAM,
-                function: "pam_open_session",
-            },
+            AttachPoint::Libpam("pam_authenticate"),
+            AttachPoint::Libpam("pam_open_session"),
         ],
-        needs: &[],
+        needs: &SSHD_FIELDS,
     },
     ProbeSpec {
         name: "ssh_auth_result",
         program: "sentinel_pam_rc",
-        points: &[AttachPoint::Uprobe {
-            library: LIBPAM,
-            function: "pam_authenticate",
-        }],
-        needs: &[],
+        points: &[AttachPoint::Libpam("pam_authenticate")],
+        needs: &SSHD_FIELDS,
     },
     ProbeSpec {
         name: "ssh_session_open",
         program: "sentinel_pam_so",
-        points: &[AttachPoint::Uprobe {
-            library: LIBPAM,
-            function: "pam_open_session",
-        }],
-        needs: &[],
+        points: &[AttachPoint::Libpam("pam_open_session")],
+        needs: &SSHD_FIELDS,
     },
 ];
 
@@ -165,19 +160,31 @@ pub struct ProbeStatus {
     pub attached: bool,
 }
 
+type Labels = Vec<(&'static str, String)>;
+
 /// The loaded object; dropping it detaches every program.
 pub struct Probes {
     pub ebpf: Ebpf,
     pub statuses: Vec<ProbeStatus>,
+    offsets: ResolvedOffsets,
+    /// libpam's path and the inode its uprobes are attached to.
+    libpam: Option<(std::path::PathBuf, Option<u64>)>,
+    attached: Family<Labels, Gauge>,
+    reattached: Counter,
 }
 
-pub fn load(resolved: &ResolvedOffsets) -> Result<Probes, Error> {
+pub fn load(resolved: ResolvedOffsets) -> Result<Probes, Error> {
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &resolved.offsets, true)
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
             "/sentinel"
         )))?;
+    let libpam = ssh::find_libpam();
+    if libpam.is_none() {
+        warn!("libpam is not in the dynamic loader's cache (ldconfig -p): no SSH detection");
+    }
+    let libpam_inode = libpam.as_deref().and_then(ssh::inode);
     let fault = std::env::var(FAULT_INJECTION_ENV).ok();
     let statuses = PROBES
         .iter()
@@ -186,7 +193,13 @@ pub fn load(resolved: &ResolvedOffsets) -> Result<Probes, Error> {
             spec.name != "oom_kill_signal" || resolved.offsets.mark_victim_has_task == 0
         })
         .map(|spec| {
-            let result = attach(&mut ebpf, spec, resolved, fault.as_deref());
+            let result = attach(
+                &mut ebpf,
+                spec,
+                &resolved,
+                libpam.as_deref(),
+                fault.as_deref(),
+            );
             match &result {
                 Ok(()) => info!(probe = spec.name, "probe attached"),
                 Err(reason) => warn!(
@@ -199,14 +212,85 @@ pub fn load(resolved: &ResolvedOffsets) -> Result<Probes, Error> {
                 attached: result.is_ok(),
             }
         })
-        .collect();
-    Ok(Probes { ebpf, statuses })
+        .collect::<Vec<_>>();
+    let attached = Family::<Labels, Gauge>::default();
+    for status in &statuses {
+        attached
+            .get_or_create(&vec![("program", status.name.to_string())])
+            .set(i64::from(status.attached));
+    }
+    Ok(Probes {
+        ebpf,
+        statuses,
+        offsets: resolved,
+        libpam: libpam.map(|path| (path, libpam_inode)),
+        attached,
+        reattached: Counter::default(),
+    })
+}
+
+impl Probes {
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        registry.register(
+            "sentinel_probe_attached",
+            "Whether an eBPF program is attached (1) or failed to attach (0)",
+            self.attached.clone(),
+        );
+        registry.register(
+            "sentinel_probe_reattachments",
+            "Times the libpam uprobes were attached again because the library was replaced",
+            self.reattached.clone(),
+        );
+    }
+
+    /// Attaches the libpam programs again when the library's file was replaced (a package
+    /// upgrade writes a new file and renames it over the old one): uprobes belong to an inode,
+    /// and processes started after the upgrade map the new one. The old attachments stay for
+    /// the processes still mapping the old library.
+    pub fn follow_libpam(&mut self) {
+        let Some((path, attached_inode)) = &self.libpam else {
+            return;
+        };
+        let inode = ssh::inode(path);
+        if inode.is_none() || inode == *attached_inode {
+            return;
+        }
+        let path = path.clone();
+        let fault = std::env::var(FAULT_INJECTION_ENV).ok();
+        for spec in PROBES.iter().filter(|spec| {
+            spec.points
+                .iter()
+                .any(|point| matches!(point, AttachPoint::Libpam(_)))
+        }) {
+            let result = attach(
+                &mut self.ebpf,
+                spec,
+                &self.offsets,
+                Some(&path),
+                fault.as_deref(),
+            );
+            if let Err(reason) = &result {
+                warn!(
+                    probe = spec.name,
+                    "probe not attached to the new libpam: {reason}"
+                );
+            }
+            self.attached
+                .get_or_create(&vec![("program", spec.name.to_string())])
+                .set(i64::from(result.is_ok()));
+        }
+        info!(library = %path.display(), "libpam was replaced; its probes are attached to the new file");
+        self.reattached.inc();
+        // A failed attempt is not retried until the file changes again; the gauge shows it.
+        self.libpam = Some((path, inode));
+    }
 }
 
 fn attach(
     ebpf: &mut Ebpf,
     spec: &ProbeSpec,
     resolved: &ResolvedOffsets,
+    libpam: Option<&Path>,
     fault: Option<&str>,
 ) -> Result<(), String> {
     if let Some(field) = spec
@@ -226,10 +310,7 @@ fn attach(
             (true, AttachPoint::RawTracepoint(_)) => {
                 AttachPoint::RawTracepoint("sentinel_fault_injected")
             }
-            (true, AttachPoint::Uprobe { library, .. }) => AttachPoint::Uprobe {
-                library,
-                function: "sentinel_fault_injected",
-            },
+            (true, AttachPoint::Libpam(_)) => AttachPoint::Libpam("sentinel_fault_injected"),
         };
         match point {
             AttachPoint::RawTracepoint(tracepoint) => {
@@ -243,7 +324,8 @@ fn attach(
                     .attach(tracepoint)
                     .map_err(|e| format!("attaching to {point} failed: {e}"))?;
             }
-            AttachPoint::Uprobe { library, function } => {
+            AttachPoint::Libpam(function) => {
+                let library = libpam.ok_or("libpam is not in the dynamic loader's cache")?;
                 let program: &mut UProbe = program.try_into().map_err(|e| format!("{e}"))?;
                 if program.fd().is_err() {
                     program

@@ -65,14 +65,22 @@ pub enum Verdict {
     },
 }
 
+/// An offender's ban count, and when its latest ban ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offense {
+    pub count: u32,
+    pub ends: Instant,
+}
+
 pub struct BanEngine {
     rules: GuardRules,
     /// Failure times within the window, per offender.
     failures: HashMap<IpNet, VecDeque<Instant>>,
     /// Offenders in the order they were first tracked, for eviction (may hold stale keys).
     tracked_order: VecDeque<IpNet>,
-    /// Bans so far per offender, for growing ban durations.
-    offenses: HashMap<IpNet, u32>,
+    /// Bans so far per offender, for growing ban durations; forgotten once an offender has
+    /// stayed unbanned for `max_ban`.
+    offenses: HashMap<IpNet, Offense>,
     /// Bans in force and when they end.
     banned: HashMap<IpNet, Instant>,
     /// Addresses with an open SSH session, and whether it is still open.
@@ -99,22 +107,28 @@ impl BanEngine {
         }
     }
 
-    /// The unit of counting and banning for `addr`: the address, or its IPv6 prefix.
+    /// The unit of counting and banning for `addr`: the address, or its IPv6 prefix, unless
+    /// that prefix holds an allowed address: then only the address itself, so that an attacker
+    /// next to an allow-listed admin never gets the admin banned.
     pub fn offender(&self, addr: IpAddr) -> IpNet {
         let net = IpNet::from(addr);
-        if addr.is_ipv6() {
-            net.widened_to(self.rules.ipv6_prefix_len)
-        } else {
+        if !addr.is_ipv6() {
+            return net;
+        }
+        let prefix = net.widened_to(self.rules.ipv6_prefix_len);
+        if self.covers_allowed(&prefix) {
             net
+        } else {
+            prefix
         }
     }
 
-    pub fn is_allowed(&self, addr: IpAddr) -> bool {
-        let net = IpNet::from(addr);
+    /// Whether banning `net` would drop an allowed address: the one rule for both families.
+    pub fn covers_allowed(&self, net: &IpNet) -> bool {
         self.rules
             .allow
             .iter()
-            .any(|allowed| allowed.contains(&net))
+            .any(|allowed| allowed.contains(net) || net.contains(allowed))
     }
 
     /// A user logged in from `addr`; `still_open` tells whether that session still runs.
@@ -154,7 +168,7 @@ impl BanEngine {
             return Verdict::Counted;
         }
         self.failures.remove(&net);
-        let skip = if self.is_allowed(addr) {
+        let skip = if self.covers_allowed(&net) {
             Some(SkipReason::Allowlisted)
         } else if self.has_open_session(&net) {
             Some(SkipReason::ActiveSession)
@@ -170,7 +184,7 @@ impl BanEngine {
                 failures,
             };
         }
-        let offense = self.offenses.get(&net).copied().unwrap_or(0) + 1;
+        let offense = self.offenses.get(&net).map_or(0, |known| known.count) + 1;
         let duration = self.ban_duration(offense);
         self.record_ban(net, now, duration, offense);
         Verdict::Ban {
@@ -190,14 +204,63 @@ impl BanEngine {
 
     /// Records a ban made elsewhere (by the operator, or found in the kernel at start).
     pub fn record_ban(&mut self, net: IpNet, now: Instant, duration: Duration, offense: u32) {
-        self.banned.insert(net, now + duration);
-        let known = self.offenses.entry(net).or_insert(0);
-        *known = (*known).max(offense);
+        let ends = now + duration;
+        self.banned.insert(net, ends);
+        self.record_offense(net, offense, ends);
+    }
+
+    /// Remembers that `net` was banned `count` times, the latest ban ending at `ends` (from the
+    /// state kept on disk, or a ban just made).
+    pub fn record_offense(&mut self, net: IpNet, count: u32, ends: Instant) {
+        let known = self.offenses.entry(net).or_insert(Offense { count, ends });
+        known.count = known.count.max(count);
+        known.ends = known.ends.max(ends);
+    }
+
+    /// Takes back a ban `failure` called for but that could not be made: it is not in force and
+    /// does not count as an offense.
+    pub fn withdraw(&mut self, net: &IpNet, offense: u32) {
+        self.banned.remove(net);
+        if let Some(known) = self.offenses.get_mut(net)
+            && known.count == offense
+        {
+            known.count -= 1;
+            if known.count == 0 {
+                self.offenses.remove(net);
+            }
+        }
+    }
+
+    /// Offenders whose latest ban ended more than `max_ban` ago start over; at most as many
+    /// are remembered as can be tracked and banned at once, the longest quiet forgotten first.
+    pub fn forget_old_offenses(&mut self, now: Instant) {
+        let quiet_for = self.rules.max_ban;
+        self.offenses
+            .retain(|_, offense| now.saturating_duration_since(offense.ends) < quiet_for);
+        let bound = self.rules.max_tracked.saturating_add(self.rules.max_banned);
+        if self.offenses.len() > bound {
+            let mut ends: Vec<Instant> = self.offenses.values().map(|o| o.ends).collect();
+            let cut = self.offenses.len() - bound;
+            ends.select_nth_unstable(cut - 1);
+            let oldest_kept = ends[cut - 1];
+            self.offenses
+                .retain(|_, offense| offense.ends > oldest_kept);
+        }
+    }
+
+    /// The offenses remembered, for the state kept on disk.
+    pub fn offenses(&self) -> impl Iterator<Item = (&IpNet, &Offense)> {
+        self.offenses.iter()
     }
 
     pub fn lift(&mut self, net: &IpNet) -> bool {
         self.failures.remove(net);
         self.banned.remove(net).is_some()
+    }
+
+    /// Lifts every ban; offense counts stay.
+    pub fn lift_all(&mut self) {
+        self.banned.clear();
     }
 
     /// Bans in force at `now`, with when they end; expired ones are dropped.
@@ -411,5 +474,85 @@ mod tests {
         }
         assert_eq!(engine.tracked(), 2);
         assert_eq!(engine.evicted, 1);
+    }
+
+    #[test]
+    fn an_ipv6_attacker_next_to_an_allowed_address_is_banned_alone() {
+        let mut rules = rules();
+        rules.allow.push("2001:db8:1::10/128".parse().unwrap());
+        let mut engine = BanEngine::new(rules);
+        let now = Instant::now();
+        let attacker = fail_n(&mut engine, now, "2001:db8:1::66", 5);
+        assert_eq!(
+            attacker[4],
+            Verdict::Ban {
+                net: "2001:db8:1::66/128".parse().unwrap(),
+                duration: Duration::from_secs(600),
+                failures: 5,
+                offense: 1,
+            }
+        );
+        // The allowed address itself: never, by the same rule.
+        let admin = fail_n(&mut engine, now, "2001:db8:1::10", 5);
+        assert_eq!(
+            admin[4],
+            Verdict::Skip {
+                net: "2001:db8:1::10/128".parse().unwrap(),
+                reason: SkipReason::Allowlisted,
+                failures: 5,
+            }
+        );
+        // Elsewhere, the whole prefix.
+        let other = fail_n(&mut engine, now, "2001:db8:2::66", 5);
+        assert!(
+            matches!(other[4], Verdict::Ban { net, .. } if net == "2001:db8:2::/64".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn offenses_are_forgotten_after_a_quiet_max_ban_and_bounded() {
+        let mut rules = rules();
+        rules.max_tracked = 1;
+        rules.max_banned = 1;
+        let mut engine = BanEngine::new(rules);
+        let start = Instant::now();
+        for (i, addr) in ["203.0.113.1", "203.0.113.2", "203.0.113.3"]
+            .iter()
+            .enumerate()
+        {
+            engine.record_ban(
+                ip(addr).into(),
+                start + Duration::from_secs(i as u64),
+                Duration::from_secs(600),
+                1,
+            );
+        }
+        engine.forget_old_offenses(start);
+        // Bounded to max_tracked + max_banned, the longest quiet forgotten first.
+        let mut kept: Vec<String> = engine.offenses().map(|(net, _)| net.to_string()).collect();
+        kept.sort();
+        assert_eq!(kept, ["203.0.113.2", "203.0.113.3"]);
+        // Quiet for max_ban (a week) after the last ban ended: forgotten.
+        engine.forget_old_offenses(start + Duration::from_secs(602 + 7 * 86400));
+        assert_eq!(engine.offenses().count(), 0);
+    }
+
+    #[test]
+    fn a_withdrawn_ban_is_neither_in_force_nor_an_offense() {
+        let mut engine = BanEngine::new(rules());
+        let now = Instant::now();
+        let verdicts = fail_n(&mut engine, now, "203.0.113.7", 5);
+        let Verdict::Ban { net, offense, .. } = verdicts[4] else {
+            panic!("{verdicts:?}");
+        };
+        engine.withdraw(&net, offense);
+        assert_eq!(engine.active_bans(now), 0);
+        assert_eq!(engine.offenses().count(), 0);
+        // The next threshold is a first offense again.
+        let again = fail_n(&mut engine, now, "203.0.113.7", 5);
+        assert!(
+            matches!(again[4], Verdict::Ban { offense: 1, .. }),
+            "{again:?}"
+        );
     }
 }

@@ -16,6 +16,9 @@ pub struct SshGuardMetrics {
     tracked: Gauge,
     evicted: Counter,
     pub ban_latency_seconds: Histogram,
+    pub restored: Counter,
+    pub commit_failures: Counter,
+    pub state_write_failures: Counter,
 }
 
 impl SshGuardMetrics {
@@ -27,6 +30,9 @@ impl SshGuardMetrics {
             banned: Family::default(),
             tracked: Gauge::default(),
             evicted: Counter::default(),
+            restored: Counter::default(),
+            commit_failures: Counter::default(),
+            state_write_failures: Counter::default(),
             // 100 us .. ~3.3 s
             ban_latency_seconds: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 16),
@@ -66,6 +72,22 @@ impl SshGuardMetrics {
             "sentinel_ban_latency_seconds",
             "From the failing authentication (kernel timestamp) to the ban committed in nftables",
             metrics.ban_latency_seconds.clone(),
+        );
+        registry.register(
+            "sentinel_bans_restored",
+            "Bans in force that were found missing from the kernel (ruleset flushed, table or \
+             element deleted by someone else) and put back with their remaining time",
+            metrics.restored.clone(),
+        );
+        registry.register(
+            "sentinel_ban_commit_failures",
+            "Bans that could not be committed to nftables, and so were not made",
+            metrics.commit_failures.clone(),
+        );
+        registry.register(
+            "sentinel_state_write_failures",
+            "Failed writes of the saved bans and offense counts (they would not survive a reboot)",
+            metrics.state_write_failures.clone(),
         );
         for family in ["ipv4", "ipv6"] {
             metrics

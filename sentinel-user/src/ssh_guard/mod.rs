@@ -8,8 +8,10 @@ pub mod audit;
 pub mod engine;
 mod metrics;
 pub mod settings;
+mod state;
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
     path::PathBuf,
     sync::mpsc::{Receiver, RecvTimeoutError, Sender},
@@ -22,12 +24,13 @@ pub use self::metrics::SshGuardMetrics;
 use self::{
     audit::{AuditAction, AuditLog, AuditRecord},
     engine::{BanEngine, GuardRules, Verdict},
+    state::{Clocks, SavedBan, SavedOffense, SavedState, StateFile},
 };
 use crate::{
     Error,
     cgroup::guardian::ProcessHandle,
     events::{SshAuth, SshOutcome},
-    firewall::{Ban, Firewall, FirewallOptions, IpNet},
+    firewall::{Ban, Firewall, FirewallOptions, IpNet, TableWatch},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,14 +45,33 @@ pub struct SshGuardSettings {
     pub rules: GuardRules,
     pub firewall: FirewallOptions,
     pub audit_log: PathBuf,
+    /// Where the bans in force and the offense counts are kept across restarts.
+    pub state_file: PathBuf,
 }
 
 /// What reaches the guard's thread.
 pub enum Input {
     Auth(SshAuth),
     Control(Control),
+    /// Something may have removed bans from the table (see `firewall::TableWatch`).
+    TableChanged,
     Stop,
 }
+
+/// A ban the engine called for, made once nftables has it.
+struct Decided {
+    ban: Ban,
+    reason: &'static str,
+    failures: u32,
+    offense: u32,
+    failed_at_ns: u64,
+}
+
+/// The state file is rewritten at most this often while bans change.
+const STATE_WRITE_SPACING: Duration = Duration::from_secs(1);
+
+/// Bans about to end anyway are not put back when found missing.
+const RESTORE_AT_LEAST: Duration = Duration::from_secs(1);
 
 /// Operator requests from the control socket.
 pub enum Control {
@@ -80,19 +102,52 @@ pub struct SshGuard {
     audit: AuditLog,
     metrics: SshGuardMetrics,
     /// Why each ban in force was made, for `sentinel bans`.
-    reasons: std::collections::HashMap<IpNet, (String, u32)>,
+    reasons: HashMap<IpNet, (String, u32)>,
+    state: StateFile,
+    /// `flush_on_exit`: the bans end with the daemon, on disk too.
+    forget_bans_on_exit: bool,
 }
 
 impl SshGuard {
-    /// Opens the firewall (enforce mode) and adopts the bans already in the kernel.
+    /// Opens the firewall (enforce mode), adopts the bans already in the kernel and puts back
+    /// the saved bans still in force that the kernel lost (a reboot, a flushed ruleset).
     pub fn open(settings: SshGuardSettings, metrics: SshGuardMetrics) -> Result<Self, Error> {
         let mut engine = BanEngine::new(settings.rules);
         let audit = AuditLog::open(&settings.audit_log)?;
+        let forget_bans_on_exit = settings.firewall.flush_on_exit;
+        let state = StateFile::new(settings.state_file);
+        let saved = match state.load() {
+            Ok(saved) => saved.unwrap_or_default(),
+            Err(error) => {
+                error!("{error}; starting without the saved bans (those in the kernel stay)");
+                SavedState::default()
+            }
+        };
+        let clocks = Clocks::read();
+        let now = clocks.now;
+        for offense in &saved.offenses {
+            let ends = clocks.to_instant(offense.ends_unix_ms);
+            engine.record_offense(offense.net, offense.count, ends);
+        }
+        let saved_bans: Vec<(Ban, &SavedBan)> = saved
+            .bans
+            .iter()
+            .filter_map(|saved| {
+                let until = clocks.to_instant(saved.expires_unix_ms);
+                let timeout = until.saturating_duration_since(now);
+                (timeout >= RESTORE_AT_LEAST).then_some((
+                    Ban {
+                        net: saved.net,
+                        timeout,
+                    },
+                    saved,
+                ))
+            })
+            .collect();
         let firewall = match settings.mode {
             GuardMode::Observe => None,
             GuardMode::Enforce => {
                 let mut firewall = Firewall::open(settings.firewall)?;
-                let now = Instant::now();
                 let adopted = firewall.list()?;
                 for ban in &adopted {
                     let remaining = ban
@@ -106,19 +161,45 @@ impl SshGuard {
                         "adopted the bans already in the kernel"
                     );
                 }
+                let lost: Vec<Ban> = saved_bans
+                    .iter()
+                    .map(|(ban, _)| *ban)
+                    .filter(|ban| !adopted.iter().any(|kept| kept.net.contains(&ban.net)))
+                    .collect();
+                if !lost.is_empty() {
+                    firewall.ban(&lost)?;
+                    info!(
+                        bans = lost.len(),
+                        "restored the saved bans the kernel no longer had, with their remaining time"
+                    );
+                    metrics.restored.inc_by(lost.len() as u64);
+                }
                 Some(firewall)
             }
         };
+        let mut reasons = HashMap::new();
+        for (ban, saved) in &saved_bans {
+            engine.record_ban(ban.net, now, ban.timeout, 1);
+            reasons.insert(ban.net, (saved.reason.clone(), saved.failures));
+        }
         let mut guard = Self {
             mode: settings.mode,
             engine,
             firewall,
             audit,
             metrics,
-            reasons: Default::default(),
+            reasons,
+            state,
+            forget_bans_on_exit,
         };
         guard.update_gauges();
         Ok(guard)
+    }
+
+    /// What tells of bans removed behind the guard's back, for a thread that forwards it as
+    /// `Input::TableChanged` (enforce mode only).
+    pub fn take_table_watch(&mut self) -> Option<TableWatch> {
+        self.firewall.as_mut()?.take_table_watch()
     }
 
     /// Handles inputs until `Stop` (or every sender is gone); bans stay unless the firewall
@@ -128,7 +209,9 @@ impl SshGuard {
             let first = match inputs.recv_timeout(Duration::from_secs(1)) {
                 Ok(input) => input,
                 Err(RecvTimeoutError::Timeout) => {
+                    self.engine.forget_old_offenses(Instant::now());
                     self.update_gauges();
+                    self.save_state(STATE_WRITE_SPACING);
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -138,10 +221,17 @@ impl SshGuard {
             batch.extend(inputs.try_iter());
             let stop = batch.iter().any(|input| matches!(input, Input::Stop));
             self.handle(batch);
+            self.save_state(STATE_WRITE_SPACING);
             if stop {
                 break;
             }
         }
+        if self.forget_bans_on_exit {
+            // The table goes with its bans: a restart must not bring them back.
+            self.engine.lift_all();
+            self.state.mark_changed();
+        }
+        self.save_state(Duration::ZERO);
         if let Some(firewall) = self.firewall.take()
             && let Err(error) = firewall.close()
         {
@@ -151,42 +241,118 @@ impl SshGuard {
 
     fn handle(&mut self, inputs: Vec<Input>) {
         let now = Instant::now();
-        let mut bans = Vec::new();
-        let mut failure_times = Vec::new();
+        let mut decided = Vec::new();
+        let mut table_changed = false;
         for input in inputs {
             match input {
-                Input::Auth(auth) => {
-                    if let Some(ban) = self.on_auth(now, &auth) {
-                        bans.push(ban);
-                        failure_times.push(auth.timestamp_ns);
-                    }
-                }
+                Input::Auth(auth) => decided.extend(self.on_auth(now, &auth)),
                 Input::Control(control) => self.on_control(now, control),
+                Input::TableChanged => table_changed = true,
                 Input::Stop => {}
             }
         }
-        if bans.is_empty() {
-            return;
+        if table_changed {
+            self.restore_missing_bans();
         }
-        if let Some(firewall) = &mut self.firewall {
-            if let Err(error) = firewall.ban(&bans) {
-                error!(
-                    "committing {} ban(s) to nftables failed: {error}",
-                    bans.len()
-                );
-                return;
-            }
-            let committed = monotonic_ns();
-            for failed_at in failure_times {
-                let latency = committed.saturating_sub(failed_at) as f64 / 1e9;
-                self.metrics.ban_latency_seconds.observe(latency);
-            }
+        if !decided.is_empty() {
+            self.make_bans(decided);
         }
         self.update_gauges();
     }
 
-    /// Returns the ban to commit, if this authentication calls for one.
-    fn on_auth(&mut self, now: Instant, auth: &SshAuth) -> Option<Ban> {
+    /// Commits the bans in one transaction; only then are they counted, audited and listed.
+    /// Bans the kernel refused are not recorded as made.
+    fn make_bans(&mut self, decided: Vec<Decided>) {
+        if let Some(firewall) = &mut self.firewall {
+            let bans: Vec<Ban> = decided.iter().map(|decision| decision.ban).collect();
+            if let Err(error) = firewall.ban(&bans) {
+                error!(
+                    "committing {} ban(s) to nftables failed; they are not in force: {error}",
+                    bans.len()
+                );
+                for decision in &decided {
+                    self.engine.withdraw(&decision.ban.net, decision.offense);
+                }
+                self.metrics.commit_failures.inc_by(bans.len() as u64);
+                return;
+            }
+            let committed = monotonic_ns();
+            for decision in &decided {
+                let latency = committed.saturating_sub(decision.failed_at_ns) as f64 / 1e9;
+                self.metrics.ban_latency_seconds.observe(latency);
+            }
+        }
+        let action = match self.mode {
+            GuardMode::Enforce => AuditAction::Ban,
+            GuardMode::Observe => AuditAction::WouldBan,
+        };
+        for Decided {
+            ban,
+            reason,
+            failures,
+            ..
+        } in decided
+        {
+            self.metrics.bans(reason).inc();
+            self.reasons.insert(ban.net, (reason.to_string(), failures));
+            self.state.mark_changed();
+            self.audit(AuditRecord::new(
+                action,
+                &ban.net,
+                reason,
+                failures,
+                Some(SystemTime::now() + ban.timeout),
+            ));
+        }
+    }
+
+    /// Puts back every ban in force that the kernel no longer has, with its remaining time.
+    fn restore_missing_bans(&mut self) {
+        let Some(firewall) = &mut self.firewall else {
+            return;
+        };
+        // Reading the table also recreates it when it is gone.
+        let in_kernel = match firewall.list() {
+            Ok(bans) => bans,
+            Err(error) => {
+                error!("cannot read the firewall table to restore bans: {error}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let missing: Vec<Ban> = self
+            .engine
+            .bans(now)
+            .filter(|(net, _)| !in_kernel.iter().any(|ban| ban.net.contains(net)))
+            .filter_map(|(net, until)| {
+                let remaining = until.saturating_duration_since(now);
+                (remaining >= RESTORE_AT_LEAST).then_some(Ban {
+                    net: *net,
+                    timeout: remaining,
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        match firewall.ban(&missing) {
+            Ok(()) => {
+                warn!(
+                    bans = missing.len(),
+                    "bans in force were missing from nftables (ruleset flushed or table edited); \
+                     restored with their remaining time"
+                );
+                self.metrics.restored.inc_by(missing.len() as u64);
+            }
+            Err(error) => error!(
+                "restoring {} ban(s) missing from nftables failed: {error}",
+                missing.len()
+            ),
+        }
+    }
+
+    /// Returns the ban to make, if this authentication calls for one.
+    fn on_auth(&mut self, now: Instant, auth: &SshAuth) -> Option<Decided> {
         let Ok(addr) = auth.remote_host.parse::<IpAddr>() else {
             warn!(
                 remote = auth.remote_host,
@@ -233,24 +399,16 @@ impl SshGuard {
                 } else {
                     "ssh_failures"
                 };
-                let expires = SystemTime::now() + duration;
-                let action = match self.mode {
-                    GuardMode::Enforce => AuditAction::Ban,
-                    GuardMode::Observe => AuditAction::WouldBan,
-                };
                 info!(address = %net, failures, offense, ban_seconds = duration.as_secs(), mode = ?self.mode, "ban");
-                self.metrics.bans(reason).inc();
-                self.reasons.insert(net, (reason.to_string(), failures));
-                self.audit(AuditRecord::new(
-                    action,
-                    &net,
+                Some(Decided {
+                    ban: Ban {
+                        net,
+                        timeout: duration,
+                    },
                     reason,
                     failures,
-                    Some(expires),
-                ));
-                (self.mode == GuardMode::Enforce).then_some(Ban {
-                    net,
-                    timeout: duration,
+                    offense,
+                    failed_at_ns: auth.timestamp_ns,
                 })
             }
         }
@@ -293,6 +451,7 @@ impl SshGuard {
                 if result.is_ok() {
                     self.engine.record_ban(net, now, duration, 1);
                     self.reasons.insert(net, ("operator".into(), 0));
+                    self.state.mark_changed();
                     self.metrics.bans("operator").inc();
                     self.audit(AuditRecord::new(
                         AuditAction::Ban,
@@ -309,6 +468,7 @@ impl SshGuard {
                 let result = self.commit(|firewall| firewall.unban(&[net]));
                 if result.is_ok() {
                     self.engine.lift(&net);
+                    self.state.mark_changed();
                     self.reasons.remove(&net);
                     self.audit(AuditRecord::new(
                         AuditAction::Unban,
@@ -331,6 +491,48 @@ impl SshGuard {
         match &mut self.firewall {
             Some(firewall) => change(firewall).map_err(|e| e.to_string()),
             None => Err("the SSH guard is in observe mode: the firewall is not touched".into()),
+        }
+    }
+
+    /// Writes the bans in force and the offense counts when they changed and the last write
+    /// is at least `spacing` old.
+    fn save_state(&mut self, spacing: Duration) {
+        let clocks = Clocks::read();
+        if !self.state.due(clocks.now, spacing) {
+            return;
+        }
+        let reasons = &self.reasons;
+        let bans = self
+            .engine
+            .bans(clocks.now)
+            .map(|(net, until)| {
+                let (reason, failures) = reasons
+                    .get(net)
+                    .cloned()
+                    .unwrap_or_else(|| ("adopted".into(), 0));
+                SavedBan {
+                    net: *net,
+                    expires_unix_ms: clocks.to_unix_ms(*until),
+                    reason,
+                    failures,
+                }
+            })
+            .collect();
+        let offenses = self
+            .engine
+            .offenses()
+            .map(|(net, offense)| SavedOffense {
+                net: *net,
+                count: offense.count,
+                ends_unix_ms: clocks.to_unix_ms(offense.ends),
+            })
+            .collect();
+        if let Err(error) = self
+            .state
+            .write(&SavedState::new(bans, offenses), clocks.now)
+        {
+            error!("{error}; the bans stay in the kernel but would not survive a reboot");
+            self.metrics.state_write_failures.inc();
         }
     }
 

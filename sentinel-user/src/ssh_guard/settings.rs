@@ -40,6 +40,8 @@ pub struct SshGuardConfig {
     /// Manage the firewall of this network namespace (`/run/netns/NAME`) instead of the
     /// daemon's own.
     pub netns: Option<PathBuf>,
+    /// The sshd executables whose authentications count; a process merely named sshd does not.
+    pub sshd_paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -66,6 +68,10 @@ impl Default for SshGuardConfig {
             flush_on_exit: false,
             audit_log: PathBuf::from("/var/log/sentinel/audit.log"),
             netns: None,
+            sshd_paths: crate::probes::DEFAULT_SSHD_PATHS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
         }
     }
 }
@@ -95,7 +101,8 @@ impl SshGuardConfig {
         problems
     }
 
-    pub fn settings(&self) -> SshGuardSettings {
+    /// The guard's settings; its state is kept in `state_dir`.
+    pub fn settings(&self, state_dir: &std::path::Path) -> SshGuardSettings {
         SshGuardSettings {
             mode: match self.mode {
                 ModeSetting::Enforce => GuardMode::Enforce,
@@ -113,11 +120,11 @@ impl SshGuardConfig {
                 max_banned: self.max_banned,
             },
             firewall: FirewallOptions {
-                ipv6_prefix_len: self.ipv6_prefix,
                 flush_on_exit: self.flush_on_exit,
                 netns: self.netns.clone(),
             },
             audit_log: self.audit_log.clone(),
+            state_file: state_dir.join("ssh-guard.json"),
         }
     }
 }

@@ -7,6 +7,10 @@
 //!                               0, or ignore SIGTERM with `ignore-term`
 //!   spin SECONDS                burn one CPU for SECONDS
 //!   forkbomb COUNT              try to start COUNT sleeping children; print how many started
+//!   pam CONFDIR RHOST FAILURES [session]
+//!                               call libpam as sshd does (service `sentinel-forge` from
+//!                               CONFDIR, PAM_RHOST=RHOST): fail FAILURES authentications, then
+//!                               optionally open a session and keep it until stdin closes
 
 use std::{
     io::Write,
@@ -78,7 +82,99 @@ fn main() -> anyhow::Result<()> {
             println!("{started}");
             std::io::stdout().flush()?;
         }
+        "pam" => pam(
+            arg(1)?,
+            arg(2)?,
+            arg(3)?.parse()?,
+            args.get(4).map(String::as_str) == Some("session"),
+        )?,
         other => anyhow::bail!("unknown mode {other}"),
+    }
+    Ok(())
+}
+
+/// libpam's C interface, loaded at run time so that nothing else of this program needs it.
+#[repr(C)]
+struct PamConversation {
+    conv: extern "C" fn(
+        libc::c_int,
+        *const *const libc::c_void,
+        *mut *mut libc::c_void,
+        *mut libc::c_void,
+    ) -> libc::c_int,
+    appdata: *mut libc::c_void,
+}
+
+extern "C" fn refuse_questions(
+    _: libc::c_int,
+    _: *const *const libc::c_void,
+    _: *mut *mut libc::c_void,
+    _: *mut libc::c_void,
+) -> libc::c_int {
+    const PAM_CONV_ERR: libc::c_int = 19;
+    PAM_CONV_ERR
+}
+
+fn pam(confdir: &str, rhost: &str, failures: u32, session: bool) -> anyhow::Result<()> {
+    use std::ffi::CString;
+    type Start = unsafe extern "C" fn(
+        *const libc::c_char,
+        *const libc::c_char,
+        *const PamConversation,
+        *const libc::c_char,
+        *mut *mut libc::c_void,
+    ) -> libc::c_int;
+    type SetItem =
+        unsafe extern "C" fn(*mut libc::c_void, libc::c_int, *const libc::c_void) -> libc::c_int;
+    type Step = unsafe extern "C" fn(*mut libc::c_void, libc::c_int) -> libc::c_int;
+    const PAM_RHOST: libc::c_int = 4;
+
+    // SAFETY: loading a system library and looking up functions whose C signatures are
+    // declared above, as libpam's headers declare them.
+    let (start, set_item, authenticate, open_session) = unsafe {
+        let library = libc::dlopen(c"libpam.so.0".as_ptr(), libc::RTLD_NOW);
+        anyhow::ensure!(!library.is_null(), "cannot load libpam.so.0");
+        let symbol = |name: &std::ffi::CStr| {
+            let address = libc::dlsym(library, name.as_ptr());
+            anyhow::ensure!(!address.is_null(), "libpam has no {name:?}");
+            Ok(address)
+        };
+        (
+            std::mem::transmute::<*mut libc::c_void, Start>(symbol(c"pam_start_confdir")?),
+            std::mem::transmute::<*mut libc::c_void, SetItem>(symbol(c"pam_set_item")?),
+            std::mem::transmute::<*mut libc::c_void, Step>(symbol(c"pam_authenticate")?),
+            std::mem::transmute::<*mut libc::c_void, Step>(symbol(c"pam_open_session")?),
+        )
+    };
+    let conversation = PamConversation {
+        conv: refuse_questions,
+        appdata: std::ptr::null_mut(),
+    };
+    let (service, user) = (CString::new("sentinel-forge")?, CString::new("nobody")?);
+    let (confdir, rhost) = (CString::new(confdir)?, CString::new(rhost)?);
+    let mut handle = std::ptr::null_mut();
+    // SAFETY: valid C strings and pointers that outlive the calls.
+    unsafe {
+        let status = start(
+            service.as_ptr(),
+            user.as_ptr(),
+            &conversation,
+            confdir.as_ptr(),
+            &mut handle,
+        );
+        anyhow::ensure!(status == 0, "pam_start_confdir failed: {status}");
+        set_item(handle, PAM_RHOST, rhost.as_ptr().cast());
+        for _ in 0..failures {
+            println!("authenticate {}", authenticate(handle, 0));
+        }
+        if session {
+            println!("session {}", open_session(handle, 0));
+        }
+    }
+    std::io::stdout().flush()?;
+    if session {
+        // Keeps the "session" open until the test closes stdin.
+        std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
     }
     Ok(())
 }

@@ -156,6 +156,7 @@ pub fn measure(lab: &SshLab, setup: &GuardSetup) -> Result<FloodResults> {
         ban_seconds: BAN_SECONDS,
         max_tracked: BOUND,
         max_banned: BOUND,
+        feeder: Some(feeder.clone()),
     };
     let running = RunningGuard::sentinel(setup, &settings, "sentinel-flood")?;
     let idle = running.usage()?;

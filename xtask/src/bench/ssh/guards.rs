@@ -84,6 +84,8 @@ pub struct SentinelSettings {
     pub ban_seconds: u32,
     pub max_tracked: usize,
     pub max_banned: usize,
+    /// A program that calls libpam as sshd does, to be trusted like sshd (the flood's feeder).
+    pub feeder: Option<PathBuf>,
 }
 
 impl SentinelSettings {
@@ -93,9 +95,14 @@ impl SentinelSettings {
         ban_seconds: BAN_SECONDS,
         max_tracked: 100_000,
         max_banned: 100_000,
+        feeder: None,
     };
 
     fn yaml(&self, server: &Netns, audit_log: &Path) -> String {
+        let sshd_paths = match &self.feeder {
+            Some(feeder) => format!("  sshd_paths: [/usr/sbin/sshd, {}]\n", feeder.display()),
+            None => String::new(),
+        };
         format!(
             "ssh_guard:
   enabled: true
@@ -110,7 +117,7 @@ impl SentinelSettings {
   flush_on_exit: true
   audit_log: {}
   netns: {}
-",
+{sshd_paths}",
             self.max_failures,
             self.ban_seconds,
             self.max_tracked,
@@ -178,7 +185,9 @@ impl RunningGuard {
             .arg("--metrics-addr")
             .arg(metrics.to_string())
             .arg("--control-socket")
-            .arg(dir.join("sentinel.sock"));
+            .arg(dir.join("sentinel.sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"));
         let mut running = Self::spawn(Guard::Sentinel, command, cgroup, &dir)?;
         running.metrics = Some(metrics);
         running.wait_ready(|| {

@@ -293,8 +293,9 @@ fn write_flood_notes(f: &mut Formatter<'_>) -> fmt::Result {
     writeln!(
         f,
         "- A real flood of SSH logins is impractical (each takes sshd seconds), so a program \
-         named `sshd-flood` calls libpam the way sshd does, with a PAM service that always \
-         fails: Sentinel's real uprobes, guard and firewall see {ADDRESSES} addresses fail once \
+         named `sshd-flood` calls libpam the way sshd does (run as root and listed in this run's \
+         `ssh_guard.sshd_paths`, as only sshd's executables are trusted), with a PAM service \
+         that always fails: Sentinel's real uprobes, guard and firewall see {ADDRESSES} addresses fail once \
          each (the spray, which only fills the tracking table), then {ADDRESSES} others fail \
          twice each, the threshold of this run."
     )
