@@ -184,7 +184,7 @@ impl SetElementSocket {
 }
 
 /// nf_tables announces every committed ruleset change to this netlink multicast group.
-const NFNLGRP_NFTABLES: libc::c_int = 7;
+const NFNLGRP_NFTABLES: u32 = 7;
 /// Changes that can remove a ban: a deleted table, chain, rule, set or set element (the first
 /// attribute of each of these messages names the table).
 const REMOVALS: [u16; 5] = [2, 5, 8, 11, NFT_MSG_DELSETELEM];
@@ -201,14 +201,23 @@ impl TableWatch {
     /// Subscribes in the calling thread's network namespace.
     pub(super) fn open() -> Result<Self, Error> {
         let socket = SetElementSocket::open()?.socket;
-        let group = NFNLGRP_NFTABLES;
-        set_socket_option(
-            &socket,
-            libc::SOL_NETLINK,
-            libc::NETLINK_ADD_MEMBERSHIP,
-            group as usize,
-        )
-        .map_err(Error::NetlinkSocket)?;
+        // Joining the group by bind: the kernel delivers its notifications to bound members
+        // (a membership added by setsockopt alone received nothing here).
+        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
+        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        address.nl_groups = 1 << (NFNLGRP_NFTABLES - 1);
+        // SAFETY: the pointer and length describe `address`.
+        let bound = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&raw const address).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if bound == -1 {
+            return Err(Error::NetlinkSocket(io::Error::last_os_error()));
+        }
         Ok(Self { socket })
     }
 
@@ -491,4 +500,67 @@ fn socket_option(socket: &OwnedFd, level: i32, name: i32) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(usize::try_from(value).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A notification as nf_tables sends it: header, nfgenmsg, then the table name attribute.
+    fn notification(operation: u16, family: u8, table: &str) -> Vec<u8> {
+        let name = nul_terminated(table);
+        let attribute_length = 4 + name.len();
+        let length = 16 + 4 + align(attribute_length);
+        let mut bytes = Vec::new();
+        bytes.extend((length as u32).to_ne_bytes());
+        bytes.extend((NFNL_SUBSYS_NFTABLES << 8 | operation).to_ne_bytes());
+        bytes.extend([0u8; 10]);
+        bytes.extend([family, 0, 0, 0]);
+        bytes.extend((attribute_length as u16).to_ne_bytes());
+        bytes.extend(1u16.to_ne_bytes());
+        bytes.extend(&name);
+        bytes.resize(length, 0);
+        bytes
+    }
+
+    #[test]
+    fn removals_in_sentinels_table_are_noticed_and_nothing_else() {
+        const DELTABLE: u16 = 2;
+        const NEWSETELEM: u16 = 12;
+        assert!(removes_from_our_table(&notification(
+            DELTABLE,
+            NFPROTO_INET,
+            "sentinel"
+        )));
+        assert!(removes_from_our_table(&notification(
+            NFT_MSG_DELSETELEM,
+            NFPROTO_INET,
+            "sentinel"
+        )));
+        // Additions, other tables, other families of the same name: not ours to restore.
+        assert!(!removes_from_our_table(&notification(
+            NEWSETELEM,
+            NFPROTO_INET,
+            "sentinel"
+        )));
+        assert!(!removes_from_our_table(&notification(
+            DELTABLE,
+            NFPROTO_INET,
+            "filter"
+        )));
+        assert!(!removes_from_our_table(&notification(
+            DELTABLE, 2, "sentinel"
+        )));
+        assert!(!removes_from_our_table(&notification(
+            DELTABLE,
+            NFPROTO_INET,
+            "sentinelx"
+        )));
+        // Several messages in one datagram: any removal of ours counts.
+        let mut datagram = notification(DELTABLE, NFPROTO_INET, "filter");
+        datagram.extend(notification(DELTABLE, NFPROTO_INET, "sentinel"));
+        assert!(removes_from_our_table(&datagram));
+        // Truncated input is not a removal and does not panic.
+        assert!(!removes_from_our_table(&datagram[..7]));
+    }
 }
