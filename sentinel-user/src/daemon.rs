@@ -23,7 +23,7 @@ use crate::{
     events::{EventHandler, read_ring, readable},
     http,
     kernel::{self, Btf},
-    metrics::{KernelCounters, Metrics},
+    metrics::{ConnectionMetrics, KernelCounters, Metrics},
     policy::{
         enforcer::{AppliedView, Backend, Enforcer, Input as EnforcerInput},
         metrics::PolicyMetrics,
@@ -114,6 +114,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
 
     let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
     let ssh_guard = start_ssh_guard(&config, ssh_metrics);
+    let connections = ConnectionMetrics::new(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let handler = Arc::new(EventHandler::new(
         attribution.clone(),
@@ -134,9 +135,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         "alerts reader",
         read_ring(alerts, handler, ALERTS_POLL, cancel.clone()),
     ));
-    tasks.spawn(log_failure(
-        "metrics server",
-        http::serve(listener, metrics, cancel.clone()),
+    tasks.spawn(http::serve(
+        listener,
+        metrics,
+        connections.clone(),
+        cancel.clone(),
     ));
     tasks.spawn(housekeeping(kernel_counters, cancel.clone()));
     // Without a guard, requests get "the SSH guard is not running" from a closed channel.
@@ -146,7 +149,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     };
     tasks.spawn(log_failure(
         "control socket",
-        control.serve(guard_for_control, cancel.clone()),
+        control.serve(guard_for_control, connections, cancel.clone()),
     ));
     forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
     let reloader = Reloader {
