@@ -61,6 +61,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     // Installed first, so that a stop request at any point takes the clean path.
     let mut signals = Signals::install()?;
     kernel::check_privileges()?;
+    kernel::raise_open_files_limit();
     // Parsed BTF is tens of MB and only needed for the offsets: drop it right after.
     let resolved = kernel::resolve_offsets(&Btf::from_sys_fs()?);
     kernel::release_freed_memory();
