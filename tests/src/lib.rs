@@ -126,12 +126,45 @@ impl Daemon {
 
     /// Starts the daemon without waiting for it.
     pub fn spawn_with_config(port: u16, config_text: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_command(port, config_text, env, |_| {})
+    }
+
+    /// Starts the daemon with `config` (YAML) under an open-file limit of `soft` and `hard`
+    /// descriptors, as a service manager would set it, and waits until `/metrics` answers.
+    pub fn start_with_open_files_limit(config: &str, soft: u64, hard: u64) -> Self {
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        let daemon = Self::spawn_command(free_port(), config, &[], |command| {
+            // SAFETY: only setrlimit(2), async-signal-safe, runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        });
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn spawn_command(
+        port: u16,
+        config_text: &str,
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
         let dir = TempDir::new("sentinel-daemon");
         let config = dir.path().join("sentinel.yaml");
         fs::write(&config, config_text).expect("write config");
         let log = File::create(dir.path().join("daemon.log")).expect("create log");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = Command::new(sentinel_bin())
+        let mut command = Command::new(sentinel_bin());
+        command
             .args(["run", "--log-format", "json", "--config"])
             .arg(&config)
             .arg("--metrics-addr")
@@ -142,9 +175,9 @@ impl Daemon {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn sentinel");
+            .stderr(log);
+        adjust(&mut command);
+        let child = command.spawn().expect("spawn sentinel");
         Self { child, addr, dir }
     }
 
