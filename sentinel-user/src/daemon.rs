@@ -23,7 +23,7 @@ use crate::{
     events::{EventHandler, read_ring, readable},
     http,
     kernel::{self, Btf},
-    metrics::{KernelCounters, Metrics},
+    metrics::{ConnectionMetrics, KernelCounters, Metrics},
     policy::{
         enforcer::{AppliedView, Backend, Enforcer, Input as EnforcerInput},
         metrics::PolicyMetrics,
@@ -64,6 +64,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     // Installed first, so that a stop request at any point takes the clean path.
     let mut signals = Signals::install()?;
     kernel::check_privileges()?;
+    kernel::raise_open_files_limit();
     // Parsed BTF is tens of MB and only needed for the offsets: drop it right after.
     let resolved = kernel::resolve_offsets(&Btf::from_sys_fs()?);
     kernel::release_freed_memory();
@@ -122,6 +123,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
 
     let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
     let ssh_guard = start_ssh_guard(&config, &state_dir, ssh_metrics);
+    let connections = ConnectionMetrics::new(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let handler = Arc::new(EventHandler::new(
         attribution.clone(),
@@ -142,9 +144,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         "alerts reader",
         read_ring(alerts, handler, ALERTS_POLL, cancel.clone()),
     ));
-    tasks.spawn(log_failure(
-        "metrics server",
-        http::serve(listener, metrics, cancel.clone()),
+    tasks.spawn(http::serve(
+        listener,
+        metrics,
+        connections.clone(),
+        cancel.clone(),
     ));
     tasks.spawn(housekeeping(kernel_counters, cancel.clone()));
     // Without a guard, requests get "the SSH guard is not running" from a closed channel.
@@ -154,7 +158,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     };
     tasks.spawn(log_failure(
         "control socket",
-        control.serve(guard_for_control, cancel.clone()),
+        control.serve(guard_for_control, connections, cancel.clone()),
     ));
     forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
     let reloader = Reloader {

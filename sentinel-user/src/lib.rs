@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod policy;
 pub mod probes;
+mod slots;
 pub mod ssh_guard;
 
 pub use error::Error;

@@ -126,22 +126,47 @@ impl Daemon {
 
     /// Starts the daemon without waiting for it; its state lives in its own directory.
     pub fn spawn_with_config(port: u16, config_text: &str, env: &[(&str, &str)]) -> Self {
-        Self::spawn_with_state(port, config_text, env, None)
+        Self::spawn_command(port, config_text, env, None, |_| {})
     }
 
     /// Starts the daemon with `config` and its state in `state_dir` (kept across daemons by
     /// the caller), and waits until `/metrics` answers.
     pub fn start_with_state(config: &str, state_dir: &Path) -> Self {
-        let daemon = Self::spawn_with_state(free_port(), config, &[], Some(state_dir));
+        let daemon = Self::spawn_command(free_port(), config, &[], Some(state_dir), |_| {});
         daemon.wait_ready();
         daemon
     }
 
-    fn spawn_with_state(
+    /// Starts the daemon with `config` (YAML) under an open-file limit of `soft` and `hard`
+    /// descriptors, as a service manager would set it, and waits until `/metrics` answers.
+    pub fn start_with_open_files_limit(config: &str, soft: u64, hard: u64) -> Self {
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        let daemon = Self::spawn_command(free_port(), config, &[], None, |command| {
+            // SAFETY: only setrlimit(2), async-signal-safe, runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        });
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// Spawns the daemon; its state lives in `state_dir`, or in its own directory.
+    fn spawn_command(
         port: u16,
         config_text: &str,
         env: &[(&str, &str)],
         state_dir: Option<&Path>,
+        adjust: impl FnOnce(&mut Command),
     ) -> Self {
         let dir = TempDir::new("sentinel-daemon");
         let state_dir = state_dir.map_or_else(|| dir.path().join("state"), Path::to_path_buf);
@@ -149,7 +174,8 @@ impl Daemon {
         fs::write(&config, config_text).expect("write config");
         let log = File::create(dir.path().join("daemon.log")).expect("create log");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = Command::new(sentinel_bin())
+        let mut command = Command::new(sentinel_bin());
+        command
             .args(["run", "--log-format", "json", "--config"])
             .arg(&config)
             .arg("--metrics-addr")
@@ -162,9 +188,9 @@ impl Daemon {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn sentinel");
+            .stderr(log);
+        adjust(&mut command);
+        let child = command.spawn().expect("spawn sentinel");
         Self { child, addr, dir }
     }
 

@@ -3,7 +3,7 @@
 use std::{
     convert::identity,
     fs::{self, DirBuilder, Permissions},
-    io,
+    io::{self, Write},
     os::unix::{
         fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
         net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream},
@@ -23,11 +23,17 @@ use tracing::{debug, warn};
 use super::protocol::{MAX_REQUEST_BYTES, Request, Response, to_line};
 use crate::{
     Error,
+    metrics::{ConnectionMetrics, Endpoint, Rejection, Stage},
+    slots::{Slot, Slots},
     ssh_guard::{Control, Input},
 };
 
 const PERMISSION_DENIED: &str = "permission denied: root only";
 const GUARD_STOPPED: &str = "the SSH guard is not running";
+const EVICTED: &str = "closed to make room for another client: send the request at once";
+/// Clients at a time. Only root gets in and each exchange is one short line, so a few suffice;
+/// the bound keeps a misbehaving local client from taking the daemon's file descriptors.
+pub(super) const MAX_CLIENTS: usize = 16;
 /// A failed accept (e.g. out of file descriptors) would fail again at once; pause before retrying.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -83,8 +89,15 @@ impl ControlSocket {
     }
 
     /// Answers requests, each connection in its own task, until `cancel`; then removes the
-    /// socket file.
-    pub async fn serve(self, guard: Sender<Input>, cancel: CancellationToken) -> Result<(), Error> {
+    /// socket file. At most [`MAX_CLIENTS`] at a time: a client that has not sent its request
+    /// is closed to make room for a new one, and when all are being answered a new client is
+    /// refused at once.
+    pub async fn serve(
+        self,
+        guard: Sender<Input>,
+        connections: ConnectionMetrics,
+        cancel: CancellationToken,
+    ) -> Result<(), Error> {
         let Self {
             listener,
             socket_file,
@@ -94,22 +107,51 @@ impl ControlSocket {
             path: socket_file.0.clone(),
             source,
         })?;
+        let mut slots = Slots::new(MAX_CLIENTS);
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
-            match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, guard.clone(), timeouts));
-                }
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
                 Err(error) => {
                     warn!("accepting a control connection failed: {error}");
                     tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                    continue;
+                }
+            };
+            let admitted = tokio::select! {
+                () = cancel.cancelled() => break,
+                admitted = slots.admit() => admitted,
+            };
+            match admitted {
+                Some(slot) => {
+                    let client = Client {
+                        guard: guard.clone(),
+                        timeouts,
+                        connections: connections.clone(),
+                    };
+                    tokio::spawn(client.serve(stream, slot));
+                }
+                None => {
+                    connections.rejected(Endpoint::Control, Rejection::Busy);
+                    refuse(stream);
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Answers "busy" if the socket takes it at once, and closes: the accept loop never waits on
+/// a client, and a refused client keeps no descriptor.
+fn refuse(stream: UnixStream) {
+    let busy = Response::Error(format!(
+        "busy: {MAX_CLIENTS} clients are being answered; try again"
+    ));
+    if let Ok(mut stream) = stream.into_std() {
+        let _ = stream.write(&to_line(&busy));
     }
 }
 
@@ -155,20 +197,47 @@ fn remove_stale_socket(path: &Path) -> Result<(), Error> {
     }
 }
 
-async fn serve_connection(mut stream: UnixStream, guard: Sender<Input>, timeouts: Timeouts) {
-    let authorized = check_peer(&stream);
-    let request = read_request_line(&mut stream, timeouts.client).await;
-    let response = match (authorized, request) {
-        // Closed without a word: a starting daemon checking whether this one is alive.
-        (_, Ok(None)) => return,
-        (Err(denied), _) => Response::Error(denied),
-        (Ok(()), Err(unreadable)) => Response::Error(unreadable),
-        (Ok(()), Ok(Some(line))) => respond(&line, &guard, timeouts.guard).await,
-    };
-    match tokio::time::timeout(timeouts.client, stream.write_all(&to_line(&response))).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => debug!("cannot answer a control client: {error}"),
-        Err(_) => debug!("a control client did not read its answer"),
+/// What serving one client needs.
+struct Client {
+    guard: Sender<Input>,
+    timeouts: Timeouts,
+    connections: ConnectionMetrics,
+}
+
+impl Client {
+    async fn serve(self, mut stream: UnixStream, slot: Slot) {
+        let authorized = check_peer(&stream);
+        let read = tokio::time::timeout(self.timeouts.client, read_request_line(&mut stream));
+        let request = match slot.read_request(read).await {
+            None => {
+                self.connections
+                    .rejected(Endpoint::Control, Rejection::IdleEvicted);
+                Err(EVICTED.to_owned())
+            }
+            Some(Err(_)) => {
+                self.connections
+                    .timed_out(Endpoint::Control, Stage::Request);
+                Err("timed out waiting for the request".to_owned())
+            }
+            Some(Ok(request)) => request,
+        };
+        let response = match (authorized, request) {
+            // Closed without a word: a starting daemon checking whether this one is alive.
+            (_, Ok(None)) => return,
+            (Err(denied), _) => Response::Error(denied),
+            (Ok(()), Err(unreadable)) => Response::Error(unreadable),
+            (Ok(()), Ok(Some(line))) => respond(&line, &self.guard, self.timeouts.guard).await,
+        };
+        let answer = to_line(&response);
+        match tokio::time::timeout(self.timeouts.client, stream.write_all(&answer)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => debug!("cannot answer a control client: {error}"),
+            Err(_) => {
+                self.connections
+                    .timed_out(Endpoint::Control, Stage::Response);
+                debug!("a control client did not read its answer");
+            }
+        }
     }
 }
 
@@ -185,16 +254,13 @@ fn check_peer(stream: &UnixStream) -> Result<(), String> {
 }
 
 /// One line of at most [`MAX_REQUEST_BYTES`], without its newline; `None` if the client closed
-/// the connection without sending anything.
-async fn read_request_line(
-    stream: &mut UnixStream,
-    timeout: Duration,
-) -> Result<Option<Vec<u8>>, String> {
+/// the connection without sending anything. A longer line is refused without reading the rest.
+async fn read_request_line(stream: &mut UnixStream) -> Result<Option<Vec<u8>>, String> {
     let mut line = Vec::new();
     let mut reader = BufReader::new(stream.take(MAX_REQUEST_BYTES as u64 + 1));
-    let read = tokio::time::timeout(timeout, reader.read_until(b'\n', &mut line))
+    let read = reader
+        .read_until(b'\n', &mut line)
         .await
-        .map_err(|_| "timed out waiting for the request".to_owned())?
         .map_err(|error| format!("cannot read the request: {error}"))?;
     if read == 0 {
         return Ok(None);

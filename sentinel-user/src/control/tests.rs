@@ -3,7 +3,7 @@
 
 use std::{
     env, fs,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     os::unix::{
         fs::{FileTypeExt, PermissionsExt},
         net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream},
@@ -19,12 +19,14 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{runtime::Runtime, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use super::{ControlSocket, Response, ban, bans, unban};
+use super::{ControlSocket, Response, ban, bans, server::MAX_CLIENTS, unban};
 use crate::{
     Error,
+    metrics::ConnectionMetrics,
     ssh_guard::{BanInfo, Control, Input},
 };
 
@@ -108,6 +110,7 @@ struct Daemon {
     runtime: Runtime,
     cancel: CancellationToken,
     server: JoinHandle<Result<(), Error>>,
+    registry: Registry,
     _dir: TempDir,
 }
 
@@ -123,14 +126,29 @@ impl Daemon {
         adjust(&mut socket);
         let runtime = Runtime::new().unwrap();
         let cancel = CancellationToken::new();
-        let server = runtime.spawn(socket.serve(guard, cancel.clone()));
+        let mut registry = Registry::default();
+        let connections = ConnectionMetrics::new(&mut registry);
+        let server = runtime.spawn(socket.serve(guard, connections, cancel.clone()));
         Self {
             path,
             runtime,
             cancel,
             server,
+            registry,
             _dir: dir,
         }
+    }
+
+    /// The value of one of the control endpoint's connection counters, e.g.
+    /// `sentinel_connections_rejected_total{endpoint="control",reason="busy"}`.
+    fn counter(&self, series: &str) -> u64 {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no series {series} in\n{text}"))
+            .parse()
+            .unwrap()
     }
 
     /// Sends `request` exactly as given and decodes the answer.
@@ -235,13 +253,94 @@ fn over_long_request_is_refused() {
 }
 
 #[test]
-fn silent_client_is_timed_out() {
+fn silent_client_is_timed_out_and_counted() {
     let daemon = Daemon::start_with(fake_guard(), |socket| {
         socket.timeouts.client = Duration::from_millis(200);
     });
     let stream = StdUnixStream::connect(&daemon.path).unwrap();
     let answer = serde_json::from_str(&read_answer(stream)).unwrap();
     assert_eq!(error_message(answer), "timed out waiting for the request");
+    assert_eq!(
+        daemon
+            .counter(r#"sentinel_connections_timed_out_total{endpoint="control",stage="request"}"#),
+        1
+    );
+    daemon.stop();
+}
+
+/// Clients that connect and say nothing hold every slot; each new client closes the oldest.
+#[test]
+fn silent_clients_make_room_for_a_client_that_asks() {
+    let daemon = Daemon::start(fake_guard());
+    const EXTRA: usize = 3;
+    let silent: Vec<StdUnixStream> = (0..MAX_CLIENTS + EXTRA)
+        .map(|_| StdUnixStream::connect(&daemon.path).unwrap())
+        .collect();
+    assert_eq!(bans(&daemon.path).unwrap(), "no bans in force");
+
+    // The oldest EXTRA + 1 were closed (one for each newer silent client, one for `bans`).
+    let evicted = EXTRA + 1;
+    for stream in &silent[..evicted] {
+        let answer = serde_json::from_str(&read_answer(stream.try_clone().unwrap())).unwrap();
+        assert_eq!(
+            error_message(answer),
+            "closed to make room for another client: send the request at once"
+        );
+    }
+    for stream in &silent[evicted..] {
+        stream.set_nonblocking(true).unwrap();
+        let mut byte = [0u8];
+        let still_open = (&*stream).read(&mut byte).unwrap_err();
+        assert_eq!(still_open.kind(), std::io::ErrorKind::WouldBlock);
+    }
+    assert_eq!(
+        daemon.counter(
+            r#"sentinel_connections_rejected_total{endpoint="control",reason="idle_evicted"}"#
+        ),
+        evicted as u64
+    );
+    assert_eq!(
+        daemon.counter(r#"sentinel_connections_rejected_total{endpoint="control",reason="busy"}"#),
+        0
+    );
+    daemon.stop();
+}
+
+/// When every slot is waiting on the SSH guard, a new client is told at once to come back.
+#[test]
+fn clients_beyond_the_cap_are_refused_when_all_are_being_answered() {
+    let (guard, inputs) = mpsc::channel();
+    let daemon = Daemon::start(guard);
+    let waiting: Vec<StdUnixStream> = (0..MAX_CLIENTS)
+        .map(|_| {
+            let mut stream = StdUnixStream::connect(&daemon.path).unwrap();
+            stream.write_all(b"{\"command\":\"bans\"}\n").unwrap();
+            stream
+        })
+        .collect();
+    // Every request has reached the guard, so every slot is being answered.
+    let held: Vec<Input> = inputs.iter().take(MAX_CLIENTS).collect();
+    match bans(&daemon.path) {
+        Err(Error::ControlRejected(message)) => assert_eq!(
+            message,
+            format!("busy: {MAX_CLIENTS} clients are being answered; try again")
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        daemon.counter(r#"sentinel_connections_rejected_total{endpoint="control",reason="busy"}"#),
+        1
+    );
+    for input in held {
+        let Input::Control(Control::List(reply)) = input else {
+            panic!("expected a list request");
+        };
+        reply.send(Vec::new()).unwrap();
+    }
+    for stream in waiting {
+        let answer = serde_json::from_str::<Response>(&read_answer(stream)).unwrap();
+        assert_eq!(answer, Response::Bans(Vec::new()));
+    }
     daemon.stop();
 }
 

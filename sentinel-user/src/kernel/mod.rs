@@ -4,7 +4,7 @@ mod btf;
 
 pub use btf::Btf;
 use sentinel_common::KernelOffsets;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::Error;
 
@@ -41,6 +41,49 @@ pub fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         warn!(
             "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, so that the daemon does not depend
+/// on its unit file for it: the soft limit is often 1024 (kept low for select(2) users), and
+/// Sentinel needs descriptors for its eBPF objects, connections, cgroup files, pidfds and nft.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(
+            "cannot read the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        info!(
+            limit = limit.rlim_cur,
+            "the open-file limit is already at its hard limit"
+        );
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        info!(
+            from = limit.rlim_cur,
+            to = limit.rlim_max,
+            "raised the open-file limit to its hard limit"
+        );
+    } else {
+        warn!(
+            limit = limit.rlim_cur,
+            "cannot raise the open-file limit: {}",
             std::io::Error::last_os_error()
         );
     }

@@ -1,8 +1,11 @@
 //! The Prometheus registry behind `/metrics`. Kernel-side counters are read from the eBPF maps
 //! at scrape time by a collector, so a scrape always sees the current counts.
 
+mod connections;
 mod kernel_counters;
 
+pub use connections::ConnectionMetrics;
+pub(crate) use connections::{Endpoint, Rejection, Stage};
 pub use kernel_counters::KernelCounters;
 
 use std::sync::Arc;
