@@ -1,6 +1,7 @@
 //! Wiring: start-up checks, probes, tasks, and the one shutdown path.
 
 use std::{
+    convert::Infallible,
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Arc, Mutex, mpsc},
@@ -18,6 +19,7 @@ use tracing::{error, info, warn};
 use crate::{
     Error,
     cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount},
+    components::{Components, Stopped, supervised},
     config::{CgroupBackend, Config},
     control::ControlSocket,
     events::{EventHandler, read_ring, readable},
@@ -96,6 +98,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let kernel_counters = Arc::new(KernelCounters::new(counters, lost, attribution.clone()));
     let mut metrics = Metrics::new(kernel_counters.clone());
     probes.register_metrics(metrics.registry_mut());
+    let (components, mut stopped) = Components::new(metrics.registry_mut());
     let ssh_files = SshFiles::new(
         take_map(&mut probes.ebpf, "SSHD_EXECUTABLES")?.try_into()?,
         config.ssh_guard.sshd_paths.clone(),
@@ -117,12 +120,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         policy_metrics.clone(),
     );
     let (enforcer_tx, enforcer_rx) = mpsc::channel();
-    let enforcer_thread = std::thread::Builder::new()
-        .name("enforcer".into())
-        .spawn(move || enforcer.run(enforcer_rx))?;
+    let enforcer_thread =
+        spawn_component(&components, "enforcer", move || enforcer.run(enforcer_rx))?;
 
     let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
-    let ssh_guard = start_ssh_guard(&config, &state_dir, ssh_metrics);
+    let ssh_guard = start_ssh_guard(&config, &state_dir, ssh_metrics, &components)?;
     let connections = ConnectionMetrics::new(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let handler = Arc::new(EventHandler::new(
@@ -136,28 +138,27 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let tasks = TaskTracker::new();
     let events: RingBuf<MapData> = take_map(&mut probes.ebpf, "EVENTS")?.try_into()?;
     let alerts: RingBuf<MapData> = take_map(&mut probes.ebpf, "ALERTS")?.try_into()?;
-    tasks.spawn(log_failure(
-        "events reader",
+    tasks.spawn(supervised(
+        components.start("events reader"),
         read_ring(events, handler.clone(), EVENTS_POLL, cancel.clone()),
     ));
-    tasks.spawn(log_failure(
-        "alerts reader",
+    tasks.spawn(supervised(
+        components.start("alerts reader"),
         read_ring(alerts, handler, ALERTS_POLL, cancel.clone()),
     ));
-    tasks.spawn(http::serve(
-        listener,
-        metrics,
-        connections.clone(),
-        cancel.clone(),
-    ));
+    let serve_metrics = http::serve(listener, metrics, connections.clone(), cancel.clone());
+    tasks.spawn(supervised(components.start("metrics server"), async move {
+        serve_metrics.await;
+        Ok::<(), Infallible>(())
+    }));
     tasks.spawn(housekeeping(kernel_counters, cancel.clone()));
     // Without a guard, requests get "the SSH guard is not running" from a closed channel.
     let guard_for_control = match &ssh_guard {
         Some((tx, _)) => tx.clone(),
         None => mpsc::channel().0,
     };
-    tasks.spawn(log_failure(
-        "control socket",
+    tasks.spawn(supervised(
+        components.start("control socket"),
         control.serve(guard_for_control, connections, cancel.clone()),
     ));
     forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
@@ -166,15 +167,19 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         enforcer: enforcer_tx.clone(),
         metrics: policy_metrics,
     };
-    tasks.spawn(reloader.clone().watch_file(cancel.clone()));
+    let watch_config = reloader.clone().watch_file(cancel.clone());
+    tasks.spawn(supervised(components.start("config watcher"), async move {
+        watch_config.await;
+        Ok::<(), Infallible>(())
+    }));
     tasks.close();
 
     let attached = probes.statuses.iter().filter(|p| p.attached).count();
     let probes_total = probes.statuses.len();
     let (keeper_tx, keeper_rx) = mpsc::channel();
-    let keeper_thread = std::thread::Builder::new()
-        .name("probe-keeper".into())
-        .spawn(move || keep_probes(probes, ssh_files, keeper_rx))?;
+    let keeper_thread = spawn_component(&components, "probe keeper", move || {
+        keep_probes(probes, ssh_files, keeper_rx)
+    })?;
     info!(
         metrics = %format!("http://{listen}/metrics"),
         cgroup2 = %cgroup_root.display(),
@@ -185,8 +190,16 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         "sentinel is running"
     );
 
-    signals.wait_for_shutdown(&attribution, &reloader).await;
-    info!("shutting down");
+    let failure = signals
+        .wait_for_shutdown(&attribution, &reloader, &mut stopped)
+        .await;
+    match &failure {
+        None => info!("shutting down"),
+        Some(Stopped { component, reason }) => error!(
+            component,
+            reason, "a part of Sentinel stopped; exiting so that the service manager restarts it"
+        ),
+    }
     cancel.cancel();
     let _ = enforcer_tx.send(EnforcerInput::Stop);
     if let Some((guard_tx, guard_thread)) = ssh_guard {
@@ -205,58 +218,62 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     // Dropping the object detaches every program (a panicked keeper dropped it while unwinding).
     drop(probes);
     info!("stopped; all probes detached");
-    Ok(())
+    match failure {
+        None => Ok(()),
+        Some(Stopped { component, reason }) => Err(Error::ComponentStopped { component, reason }),
+    }
 }
 
-/// Starts the SSH guard on its own thread. A guard that cannot start (no nftables, say) is
-/// reported, and the rest of the daemon runs on without it.
+/// Runs `work` on a thread named after `component`; its end, however it comes, is reported.
+fn spawn_component<T: Send + 'static>(
+    components: &Components,
+    component: &'static str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    let running = components.start(component);
+    std::thread::Builder::new()
+        .name(component.replace(' ', "-"))
+        .spawn(move || {
+            running.begin();
+            let result = work();
+            drop(running);
+            result
+        })
+}
+
+/// The SSH guard's inputs and its thread.
+type RunningGuard = (mpsc::Sender<SshInput>, std::thread::JoinHandle<()>);
+
+/// Starts the SSH guard on its own thread, and the thread that tells it of bans removed behind
+/// its back. A guard the configuration asks for but that cannot start (no nftables, an audit log
+/// that cannot be written) stops the daemon from starting: it must not run on unguarded.
 fn start_ssh_guard(
     config: &Config,
     state_dir: &std::path::Path,
     metrics: SshGuardMetrics,
-) -> Option<(mpsc::Sender<SshInput>, std::thread::JoinHandle<()>)> {
+    components: &Components,
+) -> Result<Option<RunningGuard>, Error> {
     if !config.ssh_guard.enabled {
         info!("SSH guard disabled by configuration");
-        return None;
+        return Ok(None);
     }
-    let mut guard = match SshGuard::open(config.ssh_guard.settings(state_dir), metrics) {
-        Ok(guard) => guard,
-        Err(error) => {
-            error!("SSH guard not started: {error}");
-            return None;
-        }
-    };
+    let mut guard = SshGuard::open(config.ssh_guard.settings(state_dir), metrics)
+        .map_err(|error| Error::SshGuardStart(Box::new(error)))?;
     let (tx, rx) = mpsc::channel();
     if let Some(watch) = guard.take_table_watch() {
         let changed = tx.clone();
         // Blocks in recv for the daemon's whole life; the process exit ends it.
-        let spawned = std::thread::Builder::new()
-            .name("table-watch".into())
-            .spawn(move || {
-                loop {
-                    if let Err(error) = watch.wait() {
-                        error!("watching the firewall table failed; removed bans are not restored: {error}");
-                        return;
-                    }
-                    if changed.send(SshInput::TableChanged).is_err() {
-                        return;
-                    }
+        spawn_component(components, "table watch", move || {
+            loop {
+                watch.wait()?;
+                if changed.send(SshInput::TableChanged).is_err() {
+                    return Ok::<(), Error>(());
                 }
-            });
-        if let Err(error) = spawned {
-            error!("cannot watch the firewall table; removed bans are not restored: {error}");
-        }
+            }
+        })?;
     }
-    match std::thread::Builder::new()
-        .name("ssh-guard".into())
-        .spawn(move || guard.run(rx))
-    {
-        Ok(thread) => Some((tx, thread)),
-        Err(error) => {
-            error!("SSH guard not started: {error}");
-            None
-        }
-    }
+    let thread = spawn_component(components, "ssh guard", move || guard.run(rx))?;
+    Ok(Some((tx, thread)))
 }
 
 /// How often the files the SSH probes follow (libpam, the sshd executables) are looked at.
@@ -345,15 +362,6 @@ fn take_map(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<aya::maps::Map, 
     ebpf.take_map(name).ok_or(Error::MissingMap(name))
 }
 
-async fn log_failure<E: std::fmt::Display>(
-    task: &'static str,
-    work: impl Future<Output = Result<(), E>>,
-) {
-    if let Err(error) = work.await {
-        tracing::error!("{task} failed: {error}");
-    }
-}
-
 async fn housekeeping(counters: Arc<KernelCounters>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(HOUSEKEEPING);
     loop {
@@ -414,13 +422,19 @@ impl Signals {
         })
     }
 
-    /// Returns on SIGINT or SIGTERM. SIGHUP reloads the configuration and re-reads the
-    /// cgroup hierarchy.
-    async fn wait_for_shutdown(&mut self, attribution: &Mutex<Attribution>, reloader: &Reloader) {
+    /// Returns on SIGINT or SIGTERM, or with the component that stopped. SIGHUP reloads the
+    /// configuration and re-reads the cgroup hierarchy.
+    async fn wait_for_shutdown(
+        &mut self,
+        attribution: &Mutex<Attribution>,
+        reloader: &Reloader,
+        stopped: &mut tokio::sync::mpsc::Receiver<Stopped>,
+    ) -> Option<Stopped> {
         loop {
             tokio::select! {
-                _ = self.interrupt.recv() => return,
-                _ = self.terminate.recv() => return,
+                _ = self.interrupt.recv() => return None,
+                _ = self.terminate.recv() => return None,
+                report = stopped.recv() => return report,
                 _ = self.hangup.recv() => {
                     attribution.lock().expect("attribution lock").tree_mut().rescan();
                     reloader.reload("SIGHUP");

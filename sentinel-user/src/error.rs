@@ -64,6 +64,13 @@ pub enum Error {
     },
     #[error("cannot write the audit log {path}: {source}")]
     AuditLog { path: PathBuf, source: io::Error },
+    #[error("the {component} stopped: {reason}")]
+    ComponentStopped {
+        component: &'static str,
+        reason: String,
+    },
+    #[error("the SSH guard could not start: {0}")]
+    SshGuardStart(Box<Error>),
     #[error("the saved SSH guard state {path}: {source}")]
     State { path: PathBuf, source: io::Error },
     #[error("cannot create the control socket {path}: {source}")]

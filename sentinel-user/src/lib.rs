@@ -2,6 +2,7 @@
 //! (cgroups) and serves them as Prometheus metrics.
 
 pub mod cgroup;
+mod components;
 pub mod config;
 pub mod control;
 pub mod daemon;

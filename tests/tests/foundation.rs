@@ -241,54 +241,141 @@ fn metrics_pass_promtool_and_negotiate_openmetrics() {
     assert!(openmetrics.contains("# TYPE sentinel_exec counter"));
 }
 
-#[test]
-fn sigterm_detaches_every_program_and_exits_zero_within_two_seconds() {
-    let _serial = serial();
-    let before = loaded_sentinel_programs();
-    let mut daemon = Daemon::start(&[]);
-    let ours: Vec<u32> = loaded_sentinel_programs()
-        .difference(&before)
-        .copied()
-        .collect();
-    assert!(
-        ours.len() >= 5,
-        "expected our programs to be loaded, got {ours:?}"
-    );
+/// A generous bound on how long a stop may take before the test calls it hung; how long it
+/// really takes is measured by `cargo xtask bench`, not asserted here.
+const HANG_GUARD: Duration = Duration::from_secs(30);
 
-    daemon.signal(libc::SIGTERM);
-    let (status, took) = daemon
-        .wait_exit(Duration::from_secs(5))
-        .expect("sentinel did not exit after SIGTERM");
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        daemon.log()
-    );
-    assert!(took < Duration::from_secs(2), "took {took:?}");
-    // The kernel frees programs shortly after their last reference is closed.
+/// The probes `sentinel_probe_attached` reports attached (value 1).
+fn attached_probes(daemon: &Daemon) -> usize {
+    daemon
+        .scrape()
+        .0
+        .lines()
+        .filter(|line| line.starts_with("sentinel_probe_attached{") && line.ends_with(" 1"))
+        .count()
+}
+
+/// Waits until none of `ours` is loaded any more; the kernel frees programs shortly after
+/// their last reference is closed.
+fn assert_unloaded(ours: &[u32]) {
     let gone = || {
         !loaded_sentinel_programs()
             .iter()
             .any(|id| ours.contains(id))
     };
     assert!(
-        eventually(Duration::from_secs(1), gone),
+        eventually(HANG_GUARD, gone),
         "programs {ours:?} still loaded"
     );
+}
+
+/// Every program the daemon loaded is attached and reported: exactly as many as
+/// `sentinel_probe_attached` counts.
+fn loaded_by(daemon: &Daemon, before: &std::collections::BTreeSet<u32>) -> Vec<u32> {
+    let ours: Vec<u32> = loaded_sentinel_programs()
+        .difference(before)
+        .copied()
+        .collect();
+    assert_eq!(ours.len(), attached_probes(daemon), "{ours:?}");
+    assert!(!ours.is_empty());
+    ours
+}
+
+#[test]
+fn sigterm_detaches_every_program_and_exits_zero() {
+    let _serial = serial();
+    let before = loaded_sentinel_programs();
+    let mut daemon = Daemon::start(&[]);
+    let ours = loaded_by(&daemon, &before);
+
+    daemon.signal(libc::SIGTERM);
+    let (status, _) = daemon
+        .wait_exit(HANG_GUARD)
+        .expect("sentinel did not exit after SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        daemon.log()
+    );
+    assert_unloaded(&ours);
 }
 
 #[test]
 fn sigint_stops_the_daemon_the_same_way() {
     let _serial = serial();
+    let before = loaded_sentinel_programs();
     let mut daemon = Daemon::start(&[]);
+    let ours = loaded_by(&daemon, &before);
     daemon.signal(libc::SIGINT);
-    let (status, took) = daemon
-        .wait_exit(Duration::from_secs(5))
-        .expect("no exit after SIGINT");
-    assert!(
-        status.success() && took < Duration::from_secs(2),
-        "{status} after {took:?}"
-    );
+    let (status, _) = daemon.wait_exit(HANG_GUARD).expect("no exit after SIGINT");
+    assert!(status.success(), "{status}; log:\n{}", daemon.log());
+    assert_unloaded(&ours);
+}
+
+/// The parts of a daemon without the SSH guard.
+const COMPONENTS: [&str; 7] = [
+    "alerts reader",
+    "config watcher",
+    "control socket",
+    "enforcer",
+    "events reader",
+    "metrics server",
+    "probe keeper",
+];
+
+#[test]
+fn every_part_of_the_daemon_reports_itself_up() {
+    let _serial = serial();
+    let daemon = Daemon::start(&[]);
+    let scrape = daemon.scrape();
+    let mut up: Vec<(String, String)> = scrape
+        .0
+        .lines()
+        .filter_map(|line| line.strip_prefix("sentinel_component_up{component=\""))
+        .filter_map(|rest| rest.split_once("\"} "))
+        .map(|(component, value)| (component.to_owned(), value.to_owned()))
+        .collect();
+    up.sort();
+    let expected: Vec<(String, String)> = COMPONENTS
+        .iter()
+        .map(|component| (component.to_string(), "1".to_owned()))
+        .collect();
+    assert_eq!(up, expected);
+}
+
+#[test]
+fn a_part_that_stops_stops_the_daemon_with_an_error() {
+    let _serial = serial();
+    // A thread, a task, and the thread that owns the programs.
+    for component in ["enforcer", "alerts reader", "probe keeper"] {
+        let before = loaded_sentinel_programs();
+        let mut daemon = Daemon::spawn(free_port(), &[("SENTINEL_FAULT_INJECT_STOP", component)]);
+        let (status, _) = daemon
+            .wait_exit(HANG_GUARD)
+            .unwrap_or_else(|| panic!("sentinel ran on without its {component}"));
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "{component}: {status}\n{}",
+            daemon.log()
+        );
+        let reports = daemon.log_records(&[
+            (
+                "message",
+                "a part of Sentinel stopped; exiting so that the service manager restarts it",
+            ),
+            ("component", component),
+            ("reason", "it panicked"),
+        ]);
+        assert_eq!(reports.len(), 1, "{component}:\n{}", daemon.log());
+        let stderr_error = format!("the {component} stopped: it panicked");
+        assert!(daemon.log().contains(&stderr_error), "{}", daemon.log());
+        let left: Vec<u32> = loaded_sentinel_programs()
+            .difference(&before)
+            .copied()
+            .collect();
+        assert_unloaded(&left);
+    }
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, TempDir, eventually,
+    Daemon, TempDir, eventually, free_port,
     netlab::{Netns, SetElement, run},
     sentinel_bin, serial, testkit_bin, unique_suffix,
 };
@@ -167,6 +167,11 @@ impl SshLab {
         );
         let tables = self.server.nft(&["list", "tables"], "");
         assert!(tables.contains("table inet sentinel"), "{tables}");
+        let scrape = daemon.scrape();
+        for component in ["ssh guard", "table watch"] {
+            let up = scrape.value("sentinel_component_up", &[("component", component)]);
+            assert_eq!(up, Some(1.0), "{component}");
+        }
         daemon
     }
 
@@ -1200,4 +1205,23 @@ fn an_ipv6_attacker_next_to_an_allowlisted_admin_is_banned_alone() {
     lab.v6.assert_connects_from(V6_NEIGHBOUR);
     assert_eq!(lab.banned_nets(), [V6_ATTACKER.to_string()]);
     assert_eq!(bans_for(&daemon, "ssh_failures"), 1);
+}
+
+#[test]
+fn a_guard_that_cannot_write_its_audit_log_stops_the_daemon_from_starting() {
+    let _serial = serial();
+    let server = Netns::new("ssh-noaudit");
+    let audit_log = "/proc/sentinel-nowhere/audit.log";
+    let config = format!(
+        "ssh_guard:\n  enabled: true\n  audit_log: {audit_log}\n  netns: {}\n",
+        server.path().display()
+    );
+    let mut daemon = Daemon::spawn_with_config(free_port(), &config, &[]);
+    let (status, _) = daemon
+        .wait_exit(4 * WAIT)
+        .expect("sentinel ran on without its SSH guard");
+    assert_eq!(status.code(), Some(1), "{}", daemon.log());
+    let reason = format!("the SSH guard could not start: cannot write the audit log {audit_log}");
+    assert!(daemon.log().contains(&reason), "{}", daemon.log());
+    assert_eq!(server.nft(&["list", "tables"], ""), "");
 }

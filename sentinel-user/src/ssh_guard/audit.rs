@@ -59,17 +59,18 @@ pub struct AuditLog {
 
 impl AuditLog {
     pub fn open(path: &Path) -> Result<Self, Error> {
+        let unwritable = |source| Error::AuditLog {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).map_err(unwritable)?;
         }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| Error::AuditLog {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(unwritable)?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
