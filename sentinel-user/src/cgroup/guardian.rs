@@ -103,6 +103,19 @@ impl ProcessHandle {
         Ok(Self { pid, pidfd })
     }
 
+    /// Opens `pid` only while it is in `cgroup` (a cgroup2 path relative to the root) or below
+    /// it. Between reading `cgroup.procs` and opening, the process may have exited and its pid
+    /// gone to another process, which must never get the signal. The pidfd pins the process: if
+    /// it still runs after `/proc/PID/cgroup` was read, what was read was its own.
+    pub fn open_in_cgroup(pid: i32, cgroup: &str) -> std::io::Result<Option<Self>> {
+        let handle = Self::open(pid)?;
+        let member = process_cgroup(pid).is_some_and(|path| is_within(&path, cgroup));
+        if !member || !handle.signal(0)? {
+            return Ok(None);
+        }
+        Ok(Some(handle))
+    }
+
     /// Sends `signal`; `Ok(false)` when the process is already gone.
     pub fn signal(&self, signal: i32) -> std::io::Result<bool> {
         // SAFETY: plain syscall on a descriptor we own.
@@ -125,6 +138,24 @@ impl ProcessHandle {
             Err(error)
         }
     }
+}
+
+/// The cgroup2 path of `pid`, from the `0::` line of `/proc/PID/cgroup`.
+fn process_cgroup(pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// Whether cgroup `path` is `cgroup` or lies below it.
+fn is_within(path: &str, cgroup: &str) -> bool {
+    let (path, cgroup) = (path.trim_matches('/'), cgroup.trim_matches('/'));
+    cgroup.is_empty()
+        || path == cgroup
+        || path
+            .strip_prefix(cgroup)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The process with the largest resident set among `pids`.
@@ -203,9 +234,36 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_largest_process() {
+    fn a_process_is_opened_only_inside_the_cgroup_it_was_found_in() {
         let me = std::process::id() as i32;
-        assert_eq!(largest_process(&[me, -5]), Some(me));
+        let mine = process_cgroup(me).expect("this process's cgroup2 path");
+        assert!(ProcessHandle::open_in_cgroup(me, &mine).unwrap().is_some());
+        let elsewhere = format!("{}-elsewhere", mine.trim_end_matches('/'));
+        assert!(
+            ProcessHandle::open_in_cgroup(me, &elsewhere)
+                .unwrap()
+                .is_none()
+        );
+        assert!(is_within("/a/b/c", "a/b"));
+        assert!(is_within("/a/b", "/a/b/"));
+        assert!(!is_within("/a/bc", "a/b"));
+        assert!(is_within("/anything", "/"));
+    }
+
+    #[test]
+    fn finds_the_largest_process() {
+        // This test process (its whole test harness resident) against a bare `sleep`.
+        let mut small = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let (me, sleep) = (std::process::id() as i32, small.id() as i32);
+        assert!(resident_pages(me) > resident_pages(sleep));
+        assert_eq!(largest_process(&[sleep, me]), Some(me));
+        assert_eq!(largest_process(&[me, sleep]), Some(me));
+        assert_eq!(largest_process(&[sleep, -5]), Some(sleep));
         assert_eq!(largest_process(&[]), None);
+        small.kill().unwrap();
+        small.wait().unwrap();
     }
 }

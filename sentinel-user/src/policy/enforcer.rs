@@ -360,8 +360,12 @@ impl Enforcer {
                     self.metrics.action(&service, Action::WouldTerminate);
                     return;
                 }
-                match ProcessHandle::open(pid) {
-                    Ok(process) => {
+                match ProcessHandle::open_in_cgroup(pid, path) {
+                    Ok(None) => info!(
+                        service,
+                        pid, "the largest process left the cgroup before it could be signalled"
+                    ),
+                    Ok(Some(process)) => {
                         warn!(
                             service,
                             pid,
