@@ -109,7 +109,7 @@ impl ProcessHandle {
     /// it still runs after `/proc/PID/cgroup` was read, what was read was its own.
     pub fn open_in_cgroup(pid: i32, cgroup: &str) -> std::io::Result<Option<Self>> {
         let handle = Self::open(pid)?;
-        let member = process_cgroup(pid).is_some_and(|path| is_within(&path, cgroup));
+        let member = super::cgroup_of_pid(pid).is_some_and(|path| is_within(&path, cgroup));
         if !member || !handle.signal(0)? {
             return Ok(None);
         }
@@ -138,14 +138,6 @@ impl ProcessHandle {
             Err(error)
         }
     }
-}
-
-/// The cgroup2 path of `pid`, from the `0::` line of `/proc/PID/cgroup`.
-fn process_cgroup(pid: i32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .map(str::to_owned)
 }
 
 /// Whether cgroup `path` is `cgroup` or lies below it.
@@ -236,7 +228,7 @@ mod tests {
     #[test]
     fn a_process_is_opened_only_inside_the_cgroup_it_was_found_in() {
         let me = std::process::id() as i32;
-        let mine = process_cgroup(me).expect("this process's cgroup2 path");
+        let mine = crate::cgroup::cgroup_of_pid(me).expect("this process's cgroup2 path");
         assert!(ProcessHandle::open_in_cgroup(me, &mine).unwrap().is_some());
         let elsewhere = format!("{}-elsewhere", mine.trim_end_matches('/'));
         assert!(

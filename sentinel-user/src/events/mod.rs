@@ -15,7 +15,7 @@ use sentinel_common::TcpEvent;
 use tracing::{Level, debug, enabled, warn};
 
 use crate::{
-    cgroup::{Attribution, UNKNOWN},
+    cgroup::{Attribution, UNKNOWN, cgroup_of_pid},
     policy::enforcer::{AppliedView, Input as EnforcerInput},
     ssh_guard::Input as SshInput,
 };
@@ -68,7 +68,8 @@ impl EventHandler {
             } => {
                 let path = match cgroup_id {
                     Some(id) => attribution.path_of(id),
-                    None => cgroup_of_pid(pid),
+                    // The kernel could not tell the victim's cgroup; it may already be gone.
+                    None => cgroup_of_pid(pid as i32),
                 };
                 let service = attribution.label_for_path(path.as_deref().unwrap_or(UNKNOWN));
                 attribution.record_oom_kill(&service);
@@ -138,13 +139,4 @@ fn address(tcp: &TcpEvent, bytes: &[u8; 16]) -> IpAddr {
     } else {
         IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
     }
-}
-
-/// The cgroup v2 path of a process, from `/proc/PID/cgroup` (`0::/path`). Used when the kernel
-/// could not tell us an OOM victim's cgroup; the victim may already be gone.
-fn cgroup_of_pid(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .map(str::to_string)
 }
