@@ -25,6 +25,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 #[map]
 pub static ALERTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
+/// SSH authentication outcomes, on a ring of their own: a storm of cgroup creations (anyone
+/// can start containers or transient units) must not push an attacker's failures out.
+#[map]
+pub static SSH_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
 pub fn record_loss(kind: LossKind) {
     if let Some(slot) = LOST.get_ptr_mut(kind as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.

@@ -23,7 +23,7 @@ use sentinel_common::{EventKind, LossKind, MAX_SSHD_EXECUTABLES, RHOST_LEN, SshA
 
 use crate::{
     kernel::task_executable_inode,
-    maps::{ALERTS, record_loss},
+    maps::{SSH_EVENTS, record_loss},
 };
 
 const PAM_RHOST: i32 = 4;
@@ -121,7 +121,7 @@ fn report(kind: EventKind, result: i32, wanted: bool) {
     let Some(rhost) = (unsafe { PAM_RHOSTS.get(pamh) }).copied() else {
         return;
     };
-    let Some(mut entry) = ALERTS.reserve::<SshAuthEvent>(0) else {
+    let Some(mut entry) = SSH_EVENTS.reserve::<SshAuthEvent>(0) else {
         record_loss(LossKind::Ssh);
         return;
     };

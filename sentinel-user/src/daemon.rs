@@ -31,14 +31,21 @@ use crate::{
         metrics::PolicyMetrics,
     },
     probes::{self, SshFiles},
+    queue::{self, Queue, QueueDrops},
     ssh_guard::{Input as SshInput, SshGuard, SshGuardMetrics},
 };
+
+/// Messages waiting for the enforcer (cgroups created, reloads) before new ones are dropped.
+const ENFORCER_QUEUE: usize = 4096;
+/// Authentications and operator requests waiting for the SSH guard before new ones are
+/// dropped: a flood's worth, at about a hundred bytes each.
+const SSH_GUARD_QUEUE: usize = 65_536;
 
 /// How long tasks get to finish after SIGINT/SIGTERM before the programs are detached anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// How often batched (no-wakeup) events are drained.
 const EVENTS_POLL: Duration = Duration::from_millis(100);
-/// Alerts wake the daemon per record; the timer is only a safety net.
+/// Alerts and SSH events wake the daemon per record; the timer is only a safety net.
 const ALERTS_POLL: Duration = Duration::from_secs(1);
 /// How often removed cgroups' counters are folded even without scrapes.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
@@ -99,6 +106,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let mut metrics = Metrics::new(kernel_counters.clone());
     probes.register_metrics(metrics.registry_mut());
     let (components, mut stopped) = Components::new(metrics.registry_mut());
+    let queue_drops = QueueDrops::new(metrics.registry_mut());
     let ssh_files = SshFiles::new(
         take_map(&mut probes.ebpf, "SSHD_EXECUTABLES")?.try_into()?,
         config.ssh_guard.sshd_paths.clone(),
@@ -119,12 +127,12 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         applied.clone(),
         policy_metrics.clone(),
     );
-    let (enforcer_tx, enforcer_rx) = mpsc::channel();
+    let (enforcer_tx, enforcer_rx) = queue::bounded("enforcer", ENFORCER_QUEUE, &queue_drops);
     let enforcer_thread =
         spawn_component(&components, "enforcer", move || enforcer.run(enforcer_rx))?;
 
     let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
-    let ssh_guard = start_ssh_guard(&config, &state_dir, ssh_metrics, &components)?;
+    let ssh_guard = start_ssh_guard(&config, &state_dir, ssh_metrics, &components, &queue_drops)?;
     let connections = ConnectionMetrics::new(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let handler = Arc::new(EventHandler::new(
@@ -138,28 +146,28 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let tasks = TaskTracker::new();
     let events: RingBuf<MapData> = take_map(&mut probes.ebpf, "EVENTS")?.try_into()?;
     let alerts: RingBuf<MapData> = take_map(&mut probes.ebpf, "ALERTS")?.try_into()?;
+    let ssh_events: RingBuf<MapData> = take_map(&mut probes.ebpf, "SSH_EVENTS")?.try_into()?;
     tasks.spawn(supervised(
         components.start("events reader"),
         read_ring(events, handler.clone(), EVENTS_POLL, cancel.clone()),
     ));
     tasks.spawn(supervised(
         components.start("alerts reader"),
-        read_ring(alerts, handler, ALERTS_POLL, cancel.clone()),
+        read_ring(alerts, handler.clone(), ALERTS_POLL, cancel.clone()),
     ));
-    let serve_metrics = http::serve(listener, metrics, connections.clone(), cancel.clone());
-    tasks.spawn(supervised(components.start("metrics server"), async move {
-        serve_metrics.await;
-        Ok::<(), Infallible>(())
-    }));
+    tasks.spawn(supervised(
+        components.start("ssh events reader"),
+        read_ring(ssh_events, handler, ALERTS_POLL, cancel.clone()),
+    ));
     tasks.spawn(housekeeping(kernel_counters, cancel.clone()));
-    // Without a guard, requests get "the SSH guard is not running" from a closed channel.
+    // Without a guard, requests get "the SSH guard is not running" from a closed queue.
     let guard_for_control = match &ssh_guard {
         Some((tx, _)) => tx.clone(),
-        None => mpsc::channel().0,
+        None => queue::bounded("ssh_guard", 1, &queue_drops).0,
     };
     tasks.spawn(supervised(
         components.start("control socket"),
-        control.serve(guard_for_control, connections, cancel.clone()),
+        control.serve(guard_for_control, connections.clone(), cancel.clone()),
     ));
     forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
     let reloader = Reloader {
@@ -172,7 +180,6 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         watch_config.await;
         Ok::<(), Infallible>(())
     }));
-    tasks.close();
 
     let attached = probes.statuses.iter().filter(|p| p.attached).count();
     let probes_total = probes.statuses.len();
@@ -180,6 +187,13 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let keeper_thread = spawn_component(&components, "probe keeper", move || {
         keep_probes(probes, ssh_files, keeper_rx)
     })?;
+    // Served last, so that the first scrape already sees every part running.
+    let serve_metrics = http::serve(listener, metrics, connections, cancel.clone());
+    tasks.spawn(supervised(components.start("metrics server"), async move {
+        serve_metrics.await;
+        Ok::<(), Infallible>(())
+    }));
+    tasks.close();
     info!(
         metrics = %format!("http://{listen}/metrics"),
         cgroup2 = %cgroup_root.display(),
@@ -242,7 +256,7 @@ fn spawn_component<T: Send + 'static>(
 }
 
 /// The SSH guard's inputs and its thread.
-type RunningGuard = (mpsc::Sender<SshInput>, std::thread::JoinHandle<()>);
+type RunningGuard = (Queue<SshInput>, std::thread::JoinHandle<()>);
 
 /// Starts the SSH guard on its own thread, and the thread that tells it of bans removed behind
 /// its back. A guard the configuration asks for but that cannot start (no nftables, an audit log
@@ -252,6 +266,7 @@ fn start_ssh_guard(
     state_dir: &std::path::Path,
     metrics: SshGuardMetrics,
     components: &Components,
+    queue_drops: &QueueDrops,
 ) -> Result<Option<RunningGuard>, Error> {
     if !config.ssh_guard.enabled {
         info!("SSH guard disabled by configuration");
@@ -259,13 +274,14 @@ fn start_ssh_guard(
     }
     let mut guard = SshGuard::open(config.ssh_guard.settings(state_dir), metrics)
         .map_err(|error| Error::SshGuardStart(Box::new(error)))?;
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = queue::bounded("ssh_guard", SSH_GUARD_QUEUE, queue_drops);
     if let Some(watch) = guard.take_table_watch() {
         let changed = tx.clone();
         // Blocks in recv for the daemon's whole life; the process exit ends it.
         spawn_component(components, "table watch", move || {
             loop {
                 watch.wait()?;
+                // Waits for room: a missed change would leave removed bans unrestored.
                 if changed.send(SshInput::TableChanged).is_err() {
                     return Ok::<(), Error>(());
                 }
@@ -304,7 +320,7 @@ fn join(thread: std::thread::JoinHandle<()>, name: &str) {
 #[derive(Clone)]
 struct Reloader {
     path: Option<PathBuf>,
-    enforcer: mpsc::Sender<EnforcerInput>,
+    enforcer: Queue<EnforcerInput>,
     metrics: PolicyMetrics,
 }
 

@@ -24,6 +24,7 @@ use super::protocol::{MAX_REQUEST_BYTES, Request, Response, to_line};
 use crate::{
     Error,
     metrics::{ConnectionMetrics, Endpoint, Rejection, Stage},
+    queue::{Queue, Refused},
     slots::{Slot, Slots},
     ssh_guard::{Control, Input},
 };
@@ -94,7 +95,7 @@ impl ControlSocket {
     /// refused at once.
     pub async fn serve(
         self,
-        guard: Sender<Input>,
+        guard: Queue<Input>,
         connections: ConnectionMetrics,
         cancel: CancellationToken,
     ) -> Result<(), Error> {
@@ -199,7 +200,7 @@ fn remove_stale_socket(path: &Path) -> Result<(), Error> {
 
 /// What serving one client needs.
 struct Client {
-    guard: Sender<Input>,
+    guard: Queue<Input>,
     timeouts: Timeouts,
     connections: ConnectionMetrics,
 }
@@ -275,7 +276,7 @@ async fn read_request_line(stream: &mut UnixStream) -> Result<Option<Vec<u8>>, S
     Ok(Some(line))
 }
 
-async fn respond(line: &[u8], guard: &Sender<Input>, wait: Duration) -> Response {
+async fn respond(line: &[u8], guard: &Queue<Input>, wait: Duration) -> Response {
     let request = match serde_json::from_slice(line) {
         Ok(request) => request,
         Err(error) => return Response::Error(format!("malformed request: {error}")),
@@ -309,14 +310,16 @@ async fn respond(line: &[u8], guard: &Sender<Input>, wait: Duration) -> Response
 /// Sends the guard's thread the `Control` that `control` makes around a fresh reply channel,
 /// and waits for the reply off the async workers.
 async fn ask_guard<T: Send + 'static>(
-    guard: &Sender<Input>,
+    guard: &Queue<Input>,
     wait: Duration,
     control: impl FnOnce(Sender<T>) -> Control,
 ) -> Result<T, String> {
     let (reply, answer) = mpsc::channel();
-    guard
-        .send(Input::Control(control(reply)))
-        .map_err(|_| GUARD_STOPPED.to_owned())?;
+    match guard.offer(Input::Control(control(reply))) {
+        Ok(()) => {}
+        Err(Refused::Full) => return Err("the SSH guard is busy; try again".into()),
+        Err(Refused::Closed) => return Err(GUARD_STOPPED.into()),
+    }
     match tokio::task::spawn_blocking(move || answer.recv_timeout(wait)).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(RecvTimeoutError::Timeout)) => Err("the SSH guard did not answer".into()),

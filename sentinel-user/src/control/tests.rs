@@ -13,7 +13,7 @@ use std::{
     process::Command,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        mpsc::{self, Sender},
+        mpsc,
     },
     thread,
     time::Duration,
@@ -27,6 +27,7 @@ use super::{ControlSocket, Response, ban, bans, server::MAX_CLIENTS, unban};
 use crate::{
     Error,
     metrics::ConnectionMetrics,
+    queue::{self, Queue, QueueDrops},
     ssh_guard::{BanInfo, Control, Input},
 };
 
@@ -62,9 +63,15 @@ impl Drop for TempDir {
     }
 }
 
+/// A queue to the SSH guard, as the daemon makes it.
+fn test_queue() -> (Queue<Input>, mpsc::Receiver<Input>) {
+    queue::bounded("ssh_guard", 64, &QueueDrops::new(&mut Registry::default()))
+}
+
 /// Answers `Control` messages from an in-memory list of bans until every sender is gone.
-fn fake_guard() -> Sender<Input> {
-    let (guard, inputs) = mpsc::channel();
+fn fake_guard() -> Queue<Input> {
+    let (guard, inputs) =
+        queue::bounded("ssh_guard", 16, &QueueDrops::new(&mut Registry::default()));
     thread::spawn(move || {
         let mut bans: Vec<BanInfo> = Vec::new();
         for input in inputs {
@@ -115,11 +122,11 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(guard: Sender<Input>) -> Self {
+    fn start(guard: Queue<Input>) -> Self {
         Self::start_with(guard, |_| {})
     }
 
-    fn start_with(guard: Sender<Input>, adjust: impl FnOnce(&mut ControlSocket)) -> Self {
+    fn start_with(guard: Queue<Input>, adjust: impl FnOnce(&mut ControlSocket)) -> Self {
         let dir = TempDir::new();
         let path = dir.socket_path();
         let mut socket = ControlSocket::bind(&path).unwrap();
@@ -309,7 +316,7 @@ fn silent_clients_make_room_for_a_client_that_asks() {
 /// When every slot is waiting on the SSH guard, a new client is told at once to come back.
 #[test]
 fn clients_beyond_the_cap_are_refused_when_all_are_being_answered() {
-    let (guard, inputs) = mpsc::channel();
+    let (guard, inputs) = test_queue();
     let daemon = Daemon::start(guard);
     let waiting: Vec<StdUnixStream> = (0..MAX_CLIENTS)
         .map(|_| {
@@ -346,7 +353,7 @@ fn clients_beyond_the_cap_are_refused_when_all_are_being_answered() {
 
 #[test]
 fn guard_that_does_not_answer_times_out() {
-    let (guard, inputs) = mpsc::channel();
+    let (guard, inputs) = test_queue();
     let daemon = Daemon::start_with(guard, |socket| {
         socket.timeouts.guard = Duration::from_millis(200);
     });

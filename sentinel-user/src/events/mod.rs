@@ -8,7 +8,7 @@ pub use reader::{read_ring, readable};
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, Mutex},
 };
 
 use sentinel_common::TcpEvent;
@@ -17,6 +17,7 @@ use tracing::{Level, debug, enabled, warn};
 use crate::{
     cgroup::{Attribution, UNKNOWN, cgroup_of_pid},
     policy::enforcer::{AppliedView, Input as EnforcerInput},
+    queue::Queue,
     ssh_guard::Input as SshInput,
 };
 
@@ -24,16 +25,16 @@ use crate::{
 pub struct EventHandler {
     attribution: Arc<Mutex<Attribution>>,
     applied: Arc<Mutex<AppliedView>>,
-    enforcer: mpsc::Sender<EnforcerInput>,
-    ssh_guard: Option<mpsc::Sender<SshInput>>,
+    enforcer: Queue<EnforcerInput>,
+    ssh_guard: Option<Queue<SshInput>>,
 }
 
 impl EventHandler {
     pub fn new(
         attribution: Arc<Mutex<Attribution>>,
         applied: Arc<Mutex<AppliedView>>,
-        enforcer: mpsc::Sender<EnforcerInput>,
-        ssh_guard: Option<mpsc::Sender<SshInput>>,
+        enforcer: Queue<EnforcerInput>,
+        ssh_guard: Option<Queue<SshInput>>,
     ) -> Self {
         Self {
             attribution,
@@ -52,9 +53,10 @@ impl EventHandler {
         match event {
             Event::CgroupCreated { id, path } => match path {
                 Some(path) => {
+                    // A full queue is counted; the cgroup then waits for the next reload.
                     let _ = self
                         .enforcer
-                        .send(EnforcerInput::CgroupCreated(path.clone()));
+                        .offer(EnforcerInput::CgroupCreated(path.clone()));
                     attribution.tree_mut().created(id, path);
                 }
                 // The path did not fit in the event: read the hierarchy instead.
@@ -128,7 +130,7 @@ impl EventHandler {
             "ssh authentication"
         );
         if let Some(guard) = &self.ssh_guard {
-            let _ = guard.send(SshInput::Auth(auth));
+            let _ = guard.offer(SshInput::Auth(auth));
         }
     }
 }
