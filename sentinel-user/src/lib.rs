@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod policy;
 pub mod probes;
 pub mod ssh_guard;
+mod yaml;
 
 pub use error::Error;
