@@ -172,9 +172,9 @@ fn each_value_that_would_break_the_daemon_is_refused_where_it_is_written() {
              sets, found \"36501d\"",
         ),
         (
-            "ssh_guard:\n  max_ban: 5000w\n",
+            "ssh_guard:\n  max_ban: 5300w\n",
             "2:12: max_ban: must be at most 36500d (100 years), the longest ban the firewall \
-             sets, found \"5000w\"",
+             sets, found \"5300w\"",
         ),
         (
             "ssh_guard:\n  ban_for: 1d\n  max_ban: 1h\n",
