@@ -2,6 +2,7 @@
 
 use std::{
     convert::Infallible,
+    net::SocketAddr,
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Arc, Mutex, mpsc},
@@ -20,7 +21,7 @@ use crate::{
     Error,
     cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount},
     components::{Components, Stopped, supervised},
-    config::{CgroupBackend, Config},
+    config::{CgroupBackend, Config, DEFAULT_PATH, RestartRequired},
     control::ControlSocket,
     events::{EventHandler, read_ring, readable},
     http,
@@ -49,14 +50,17 @@ const EVENTS_POLL: Duration = Duration::from_millis(100);
 const ALERTS_POLL: Duration = Duration::from_secs(1);
 /// How often removed cgroups' counters are folded even without scrapes.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
-/// How often the configuration file is checked for changes.
-const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// How often the configuration file is checked for changes; a change is read once two polls
+/// in a row agree, so a file an editor is still writing is left alone.
+const CONFIG_POLL: Duration = Duration::from_millis(250);
 
 /// What `sentinel run` was asked to do.
 pub struct RunOptions {
     pub config: Config,
     /// Re-read on SIGHUP and when the file changes; `None` means the default path.
     pub config_path: Option<PathBuf>,
+    /// Overrides `metrics.listen` of the first configuration and of every reloaded one.
+    pub metrics_addr: Option<SocketAddr>,
     pub control_socket: PathBuf,
     /// Where state that must survive a restart is kept (the SSH guard's bans).
     pub state_dir: PathBuf,
@@ -67,9 +71,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let RunOptions {
         config,
         config_path,
+        metrics_addr,
         control_socket,
         state_dir,
     } = options;
+    let config = config.with_metrics_addr(metrics_addr);
     // Installed first, so that a stop request at any point takes the clean path.
     let mut signals = Signals::install()?;
     kernel::check_privileges()?;
@@ -132,6 +138,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         spawn_component(&components, "enforcer", move || enforcer.run(enforcer_rx))?;
 
     let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
+    let restart_required = RestartRequired::register(metrics.registry_mut());
     let ssh_guard = start_ssh_guard(&config, &state_dir, ssh_metrics, &components, &queue_drops)?;
     let connections = ConnectionMetrics::new(metrics.registry_mut());
     let metrics = Arc::new(metrics);
@@ -170,11 +177,14 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         control.serve(guard_for_control, connections.clone(), cancel.clone()),
     ));
     forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
-    let reloader = Reloader {
-        path: config_path,
-        enforcer: enforcer_tx.clone(),
-        metrics: policy_metrics,
-    };
+    let reloader = Reloader::new(
+        config_path,
+        metrics_addr,
+        &config,
+        enforcer_tx.clone(),
+        policy_metrics,
+        restart_required,
+    );
     let watch_config = reloader.clone().watch_file(cancel.clone());
     tasks.spawn(supervised(components.start("config watcher"), async move {
         watch_config.await;
@@ -315,59 +325,104 @@ fn join(thread: std::thread::JoinHandle<()>, name: &str) {
     }
 }
 
-/// Re-reads the configuration and hands a valid policy to the enforcer; an invalid file is
-/// reported in full and changes nothing.
+/// Re-reads the configuration and hands a valid policy to the enforcer; an invalid or empty
+/// file is reported in full and changes nothing. The other settings are read only at start:
+/// a change to them is named in the log and in `sentinel_config_restart_required`.
 #[derive(Clone)]
 struct Reloader {
-    path: Option<PathBuf>,
+    path: PathBuf,
+    metrics_addr: Option<SocketAddr>,
+    /// The configuration the daemon started with; its start-only settings stay in force.
+    started_with: Arc<Config>,
     enforcer: Queue<EnforcerInput>,
     metrics: PolicyMetrics,
+    restart_required: RestartRequired,
 }
 
 impl Reloader {
+    fn new(
+        path: Option<PathBuf>,
+        metrics_addr: Option<SocketAddr>,
+        started_with: &Config,
+        enforcer: Queue<EnforcerInput>,
+        metrics: PolicyMetrics,
+        restart_required: RestartRequired,
+    ) -> Self {
+        // Every start-only setting is exposed from the start, at 0.
+        restart_required.set(&started_with.restart_only_changes(started_with));
+        Self {
+            path: path.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH)),
+            metrics_addr,
+            started_with: Arc::new(started_with.clone()),
+            enforcer,
+            metrics,
+            restart_required,
+        }
+    }
+
     fn reload(&self, why: &str) {
-        match Config::load(self.path.as_deref()) {
-            Ok(config) => {
-                info!(
-                    why,
-                    policies = config.policies.services.len(),
-                    "configuration reloaded"
-                );
-                self.metrics.reloads.inc();
-                let _ = self.enforcer.send(EnforcerInput::Reload(config.policies));
-            }
+        let config = match Config::reload(&self.path) {
+            Ok(config) => config.with_metrics_addr(self.metrics_addr),
             Err(problem) => {
                 self.metrics.reload_errors.inc();
                 error!(
                     why,
-                    "configuration rejected; the running policy stays in force:\n{problem}"
+                    "configuration rejected; the running configuration stays in force:\n{problem}"
                 );
+                return;
             }
+        };
+        let changes = self.started_with.restart_only_changes(&config);
+        self.restart_required.set(&changes);
+        let restart_required: Vec<&str> = changes
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(setting, _)| *setting)
+            .collect();
+        let policies = config.policies.services.len();
+        if let Err(refused) = self.enforcer.offer(EnforcerInput::Reload(config.policies)) {
+            self.metrics.reload_errors.inc();
+            error!(
+                why,
+                ?refused,
+                "the enforcer cannot take the new policies now; the running ones stay in force"
+            );
+            return;
+        }
+        self.metrics.reloads.inc();
+        if restart_required.is_empty() {
+            info!(why, policies, "configuration reloaded");
+        } else {
+            warn!(
+                why,
+                policies,
+                restart_required = restart_required.join(", "),
+                "policies reloaded; the other changed settings apply only after a restart"
+            );
         }
     }
 
-    /// Reloads when the file's size, modification time or inode changes.
+    /// Reloads when the file's size, modification time or inode changes and then stays put
+    /// for one poll.
     async fn watch_file(self, cancel: CancellationToken) {
-        let path = self
-            .path
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
         let stamp = |path: &PathBuf| {
             std::fs::metadata(path)
                 .ok()
                 .map(|meta| (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()))
         };
-        let mut seen = stamp(&path);
+        let mut handled = stamp(&self.path);
+        let mut previous = handled;
         let mut tick = tokio::time::interval(CONFIG_POLL);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 _ = tick.tick() => {
-                    let now = stamp(&path);
-                    if now != seen {
-                        seen = now;
+                    let now = stamp(&self.path);
+                    if now != handled && now == previous {
+                        handled = now;
                         self.reload("the configuration file changed");
                     }
+                    previous = now;
                 }
             }
         }

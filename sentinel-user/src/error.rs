@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use crate::firewall::IpNet;
+use crate::{firewall::IpNet, yaml::Diagnostics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,11 +36,9 @@ pub enum Error {
         }
     )]
     MetricsListen { addr: SocketAddr, source: io::Error },
-    #[error("cannot read the configuration file {path}: {source}")]
-    ConfigRead { path: PathBuf, source: io::Error },
-    /// `message` holds every problem, one per line, each starting with the file name.
-    #[error("{message}")]
-    ConfigInvalid { path: PathBuf, message: String },
+    /// Every problem of the file, one per line as `file:line:column: reason`.
+    #[error("{0}")]
+    ConfigInvalid(Diagnostics),
     #[error("loading the eBPF object failed: {0}")]
     Ebpf(#[from] aya::EbpfError),
     #[error("eBPF map error: {0}")]

@@ -17,5 +17,6 @@ pub mod probes;
 pub mod queue;
 mod slots;
 pub mod ssh_guard;
+mod yaml;
 
 pub use error::Error;

@@ -102,10 +102,7 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    let mut config = Config::load(args.config.as_deref())?;
-    if let Some(addr) = args.metrics_addr {
-        config.metrics.listen = addr;
-    }
+    let config = Config::load(args.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -113,6 +110,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     runtime.block_on(daemon::run(RunOptions {
         config,
         config_path: args.config,
+        metrics_addr: args.metrics_addr,
         control_socket: args.control_socket,
         state_dir: args.state_dir,
     }))?;

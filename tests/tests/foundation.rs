@@ -406,8 +406,14 @@ fn a_taken_metrics_port_is_a_clear_error_that_loads_nothing() {
 fn an_unprivileged_user_gets_a_clear_error() {
     let _serial = serial();
     use std::os::unix::process::CommandExt;
+    // Readable by nobody; a device such as /dev/null is refused as a configuration.
+    let dir = TempDir::new("sentinel-unprivileged");
+    let config = dir.path().join("sentinel.yaml");
+    std::fs::write(&config, "").expect("write an empty configuration");
     let output = Command::new(sentinel_tests::sentinel_bin())
-        .args(["run", "--config", "/dev/null", "--metrics-addr"])
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{}", free_port()))
         .uid(65534)
         .gid(65534)

@@ -80,7 +80,13 @@ fn cargo(workspace: &Path) -> Command {
 
 /// Privileged suites that run on the build host's own kernel (the VM suite needs cgroup v2
 /// controllers, which build hosts lack).
-const HOST_SUITES: [&str; 4] = ["foundation", "firewall", "ssh_guard", "exhaustion"];
+const HOST_SUITES: [&str; 5] = [
+    "foundation",
+    "firewall",
+    "ssh_guard",
+    "exhaustion",
+    "config_input",
+];
 
 fn step(title: &str) {
     println!("[xtask] === {title}");

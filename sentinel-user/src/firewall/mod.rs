@@ -47,7 +47,7 @@ const SET_V4: &str = "banned_v4";
 const SET_V6: &str = "banned_v6";
 
 /// Far beyond any sensible ban, and far inside what the kernel accepts (about 584 years).
-const MAX_BAN_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+pub(crate) const MAX_BAN_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FirewallOptions {

@@ -2,18 +2,12 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
-use serde_saphyr::Spanned;
-
-use super::{diagnostics, glob::CgroupGlob, node::Node, validate};
+use super::glob::CgroupGlob;
 
 /// Grace between SIGTERM and SIGKILL when a policy does not set `grace`.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
 
 /// The `policies` section: one entry per service.
-///
-/// Deserializing it (e.g. as a field of the daemon's configuration) runs the same checks as
-/// [`check_str`](super::check_str) and fails with the problems found, positions included.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     pub services: Vec<ServicePolicy>,
@@ -146,23 +140,6 @@ impl Limits {
             files.push(("pids.max", cgroup_value(limit)));
         }
         files
-    }
-}
-
-impl<'de> Deserialize<'de> for Policy {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let node = Spanned::<Node>::deserialize(deserializer)?;
-        validate::collect(|checker| checker.policies(&node)).map_err(diagnostics::serde_error)
-    }
-}
-
-/// A single policy; duplicate names across policies are only seen when deserializing a
-/// [`Policy`].
-impl<'de> Deserialize<'de> for ServicePolicy {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let node = Spanned::<Node>::deserialize(deserializer)?;
-        validate::collect(|checker| checker.service(&node, &mut Default::default()))
-            .map_err(diagnostics::serde_error)
     }
 }
 

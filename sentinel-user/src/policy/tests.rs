@@ -1,53 +1,32 @@
-//! `check_str` and `check_file` end to end: each refusal with its exact position and reason.
+//! The `policies` section through the whole configuration's checks: each refusal with its
+//! exact position and reason.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
-use super::{
-    validate::{NESTED_GROUPS, POLICY_KEYS, TOP_LEVEL_KEYS},
-    *,
-};
+use super::*;
+use crate::config::Config;
 
 const SAMPLE: &str = include_str!("../../../deploy/sentinel.yaml");
-const SCHEMA: &str = include_str!("../../../deploy/sentinel.schema.json");
 
 fn accepted(yaml: &str) -> Policy {
-    check_str("p.yaml", yaml).unwrap_or_else(|problems| {
-        let problems: Vec<_> = problems.iter().map(ToString::to_string).collect();
-        panic!("refused:\n{}", problems.join("\n"))
-    })
+    match Config::parse("p.yaml", yaml) {
+        Ok(config) => config.policies,
+        Err(problems) => {
+            let problems: Vec<_> = problems.iter().map(ToString::to_string).collect();
+            panic!("refused:\n{}", problems.join("\n"))
+        }
+    }
 }
 
 fn problems(yaml: &str) -> Vec<String> {
-    match check_str("p.yaml", yaml) {
-        Ok(policy) => panic!("accepted: {policy:?}"),
+    match Config::parse("p.yaml", yaml) {
+        Ok(config) => panic!("accepted: {:?}", config.policies),
         Err(problems) => problems.iter().map(ToString::to_string).collect(),
     }
 }
 
 fn glob(pattern: &str) -> CgroupGlob {
     CgroupGlob::new(pattern).unwrap()
-}
-
-/// A file that is deleted when dropped.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, contents: &[u8]) -> Self {
-        let path = std::env::temp_dir().join(format!("{}-{name}", std::process::id()));
-        std::fs::write(&path, contents).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 #[test]
@@ -492,121 +471,9 @@ fn alias_bombs_are_cut_short() {
         problems,
         [format!(
             "p.yaml:6:9: YAML document too large or too complex: total_replayed_events={} > {}",
-            node::MAX_ALIAS_EVENTS + 1,
-            node::MAX_ALIAS_EVENTS
+            crate::yaml::MAX_ALIAS_EVENTS + 1,
+            crate::yaml::MAX_ALIAS_EVENTS
         )]
-    );
-}
-
-#[test]
-fn files_over_one_mebibyte_are_refused_before_parsing() {
-    // Unparsable: any YAML error would show that parsing had started.
-    let oversized = "[".repeat(MAX_FILE_BYTES as usize + 1);
-    assert_eq!(
-        problems(&oversized),
-        ["p.yaml:1:1: the file is 1048577 bytes; the limit is 1 MiB"]
-    );
-    let file = TempFile::new("oversized.yaml", oversized.as_bytes());
-    let name = file.0.display();
-    let diagnostics: Vec<_> = check_file(&file.0)
-        .unwrap_err()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    assert_eq!(
-        diagnostics,
-        [format!(
-            "{name}:1:1: the file is 1048577 bytes; the limit is 1 MiB"
-        )]
-    );
-
-    let mut at_the_limit = "#".repeat(MAX_FILE_BYTES as usize - 1);
-    at_the_limit.push('\n');
-    assert_eq!(accepted(&at_the_limit), Policy::default());
-}
-
-#[test]
-fn check_file_reads_and_labels_with_the_path() {
-    let file = TempFile::new("broken.yaml", b"policies:\n  - name: web\n    unit: web\n");
-    let name = file.0.display();
-    let diagnostics: Vec<_> = check_file(&file.0)
-        .unwrap_err()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    assert_eq!(
-        diagnostics,
-        [
-            format!(
-                "{name}:2:5: policy sets nothing; add one of memory.max, memory.high, cpu.max, cpu.weight, pids.max, terminate_above"
-            ),
-            format!(
-                "{name}:3:11: unit: must be a unit with a cgroup: a name ending in .service, .scope or .slice, found \"web\""
-            ),
-        ]
-    );
-
-    let missing = PathBuf::from("/nonexistent/sentinel.yaml");
-    let diagnostics = check_file(&missing).unwrap_err();
-    assert_eq!(diagnostics.len(), 1);
-    assert!(
-        diagnostics[0]
-            .to_string()
-            .starts_with("/nonexistent/sentinel.yaml:1:1: cannot read the file: "),
-        "{}",
-        diagnostics[0]
-    );
-
-    let binary = TempFile::new("binary.yaml", &[0xff, 0xfe, b'\n']);
-    let diagnostics = check_file(&binary.0).unwrap_err();
-    assert!(diagnostics[0].reason.starts_with("cannot read the file: "));
-}
-
-#[test]
-fn deserializes_inside_the_configuration() {
-    /// How the daemon's configuration embeds the section; other sections are its business.
-    #[derive(Debug, Deserialize)]
-    struct Config {
-        policies: Vec<ServicePolicy>,
-    }
-    let yaml = "services: {max_labels: 8}
-policies:
-  - name: web
-    unit: web.service
-    memory.max: 512M
-";
-    let config: Config = serde_saphyr::from_str(yaml).unwrap();
-    assert_eq!(config.policies, accepted(yaml).services);
-
-    let broken = "policies:
-  - name: web
-    unit: web.service
-    memory.max: 512M
-    memory.high: 600M
-";
-    let error = serde_saphyr::from_str::<Config>(broken)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error
-            .contains("memory.high (600M) must not be above memory.max (512M) (line 5, column 18)"),
-        "{error}"
-    );
-
-    // Only the whole section can see that two policies share a name.
-    let same_names = "- {name: web, unit: a.service, cpu.weight: 1}
-- {name: web, unit: b.service, cpu.weight: 1}
-";
-    let services: Vec<ServicePolicy> = serde_saphyr::from_str(same_names).unwrap();
-    assert_eq!(services.len(), 2);
-    let error = serde_saphyr::from_str::<Policy>(same_names)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains(
-            "duplicate policy name \"web\" (first at line 1, column 10) (line 2, column 10)"
-        ),
-        "{error}"
     );
 }
 
@@ -623,34 +490,27 @@ fn the_sample_configuration_is_valid() {
 }
 
 #[test]
-fn the_schema_knows_every_key() {
-    let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
-    let keys = |properties: &serde_json::Value| {
-        let mut keys: Vec<String> = properties.as_object().unwrap().keys().cloned().collect();
-        keys.sort();
-        keys
-    };
-    let sorted = |keys: &[&str]| {
-        let mut keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
-        keys.sort();
-        keys
-    };
-    assert_eq!(keys(&schema["properties"]), sorted(TOP_LEVEL_KEYS));
-    let policy_keys: Vec<&str> = POLICY_KEYS.iter().chain(NESTED_GROUPS).copied().collect();
+fn memory_below_one_mebibyte_is_refused() {
+    let floor = "must be at least 1M; a number without a suffix is bytes";
     assert_eq!(
-        keys(&schema["definitions"]["policy"]["properties"]),
-        sorted(&policy_keys)
+        problems(
+            "policies:
+  - name: web
+    unit: web.service
+    memory.max: 512
+    memory.high: 1023K
+    terminate_above: 4096
+"
+        ),
+        [
+            format!("p.yaml:4:17: memory.max: {floor}, found 512"),
+            format!("p.yaml:5:18: memory.high: {floor}, found \"1023K\""),
+            format!("p.yaml:6:22: terminate_above: {floor}, found 4096"),
+        ]
     );
-    for group in NESTED_GROUPS {
-        let nested: Vec<String> =
-            keys(&schema["definitions"][format!("{group}_group")]["properties"])
-                .into_iter()
-                .map(|key| format!("{group}.{key}"))
-                .collect();
-        let dotted: Vec<String> = sorted(POLICY_KEYS)
-            .into_iter()
-            .filter(|key| key.starts_with(&format!("{group}.")))
-            .collect();
-        assert_eq!(nested, dotted);
-    }
+    let policy = accepted("policies:\n  - {name: web, unit: web.service, memory.max: 1M}\n");
+    assert_eq!(
+        policy.services[0].limits.memory_max,
+        Some(Limit::Limited(1 << 20))
+    );
 }

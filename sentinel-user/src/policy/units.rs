@@ -3,18 +3,9 @@
 use std::time::Duration;
 
 use super::model::CpuQuota;
+use crate::yaml::{Invalid, TOO_LARGE, parse_duration, parse_whole};
 
-/// Why a value was refused. `Unrecognized` leaves it to the caller to say what it expected,
-/// since the same spelling rules serve several settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Invalid {
-    Unrecognized,
-    Because(&'static str),
-}
-
-const NEGATIVE: Invalid = Invalid::Because("must not be negative");
 const ZERO: Invalid = Invalid::Because("must be greater than zero");
-const TOO_LARGE: Invalid = Invalid::Because("does not fit in 64 bits");
 
 /// Size suffixes and their powers of two: 1024-based, like the kernel and systemd.
 const SIZE_UNITS: [(u8, u32); 6] = [
@@ -26,32 +17,10 @@ const SIZE_UNITS: [(u8, u32); 6] = [
     (b'E', 60),
 ];
 
-/// Duration suffixes in milliseconds; `ms` precedes `s` and `m`, which it ends with.
-const DURATION_UNITS: [(&str, u64); 6] = [
-    ("ms", 1),
-    ("s", 1_000),
-    ("m", 60_000),
-    ("h", 3_600_000),
-    ("d", 86_400_000),
-    ("w", 604_800_000),
-];
-
 /// The kernel refuses a CPU quota below 1 ms per period (`min_cfs_quota_period`).
 const MIN_CPU_QUOTA_MICROS: u64 = 1_000;
 /// The kernel refuses a CPU quota above 2^44 - 1 µs (`max_cfs_runtime`).
 const MAX_CPU_QUOTA_MICROS: u64 = (1 << 44) - 1;
-
-/// Decimal digits only.
-pub(super) fn parse_whole(text: &str) -> Result<u64, Invalid> {
-    let digits = text.strip_prefix('-').unwrap_or(text);
-    if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
-        return Err(Invalid::Unrecognized);
-    }
-    if digits.len() != text.len() {
-        return Err(NEGATIVE);
-    }
-    text.parse().map_err(|_| TOO_LARGE)
-}
 
 /// `512M`, `2G`, `4096`: bytes, with an optional K, M, G, T, P or E suffix in either case.
 pub(super) fn parse_size(text: &str) -> Result<u64, Invalid> {
@@ -112,7 +81,7 @@ fn scaled_decimal(text: &str, scale: u64) -> Result<u64, Invalid> {
     u64::try_from(scaled).map_err(|_| TOO_LARGE)
 }
 
-/// A duration setting outside the policies (`ssh_guard`), with a readable reason.
+/// A duration given on the command line (`sentinel ban --for`), with a readable reason.
 pub(crate) fn parse_duration_setting(text: &str) -> Result<Duration, String> {
     parse_duration(text.trim()).map_err(|invalid| match invalid {
         Invalid::Because(reason) => format!("{text:?} {reason}"),
@@ -120,18 +89,6 @@ pub(crate) fn parse_duration_setting(text: &str) -> Result<Duration, String> {
             format!("{text:?} is not a duration; write it like 30s, 10m, 4h, 7d or 1w")
         }
     })
-}
-
-/// `10s`, `500ms`, `2m`, `1h`, `7d`, `1w`; a bare number is seconds.
-pub(super) fn parse_duration(text: &str) -> Result<Duration, Invalid> {
-    let (number, millis_per_unit) = DURATION_UNITS
-        .iter()
-        .find_map(|&(suffix, millis)| Some((text.strip_suffix(suffix)?, millis)))
-        .unwrap_or((text, 1_000));
-    parse_whole(number)?
-        .checked_mul(millis_per_unit)
-        .map(Duration::from_millis)
-        .ok_or(TOO_LARGE)
 }
 
 #[cfg(test)]
@@ -147,7 +104,10 @@ mod tests {
         assert_eq!(parse_size("16E"), Err(TOO_LARGE));
         assert_eq!(parse_size("18446744073709551616"), Err(TOO_LARGE));
         assert_eq!(parse_size("0M"), Err(ZERO));
-        assert_eq!(parse_size("-1G"), Err(NEGATIVE));
+        assert_eq!(
+            parse_size("-1G"),
+            Err(Invalid::Because("must not be negative"))
+        );
         for bad in ["", "M", "1.5G", "512MB", "512 M", "1e9", "max"] {
             assert_eq!(parse_size(bad), Err(Invalid::Unrecognized), "{bad}");
         }
@@ -176,26 +136,9 @@ mod tests {
         assert!(matches!(micros("0.9%"), Err(Invalid::Because(_))));
         assert!(matches!(micros("0"), Err(Invalid::Because(_))));
         assert!(matches!(micros("200000000"), Err(Invalid::Because(_))));
-        assert_eq!(micros("-1"), Err(NEGATIVE));
+        assert_eq!(micros("-1"), Err(Invalid::Because("must not be negative")));
         for bad in ["", "%", "half", "1.5.0", ".5", "50 %", "1e3"] {
             assert_eq!(micros(bad), Err(Invalid::Unrecognized), "{bad}");
-        }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("10d"), Ok(Duration::from_secs(864_000)));
-        assert_eq!(parse_duration("1w"), Ok(Duration::from_secs(604_800)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("-3s"), Err(NEGATIVE));
-        assert_eq!(parse_duration("99999999999999999h"), Err(TOO_LARGE));
-        for bad in ["", "s", "1.5s", "10 s", "10y", "ten"] {
-            assert_eq!(parse_duration(bad), Err(Invalid::Unrecognized), "{bad}");
         }
     }
 }

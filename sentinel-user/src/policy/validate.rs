@@ -1,22 +1,18 @@
 //! From the located YAML tree to the typed model, collecting every problem on the way.
 
-use std::{collections::HashMap, time::Duration};
+use std::collections::HashMap;
 
 use serde_saphyr::{Location, Spanned};
 
 use super::{
-    diagnostics::{Problem, did_you_mean},
     glob::CgroupGlob,
     model::{DEFAULT_GRACE, GracefulStop, Limit, Limits, Mode, Policy, ServicePolicy, Target},
-    node::Node,
-    units::{self, Invalid},
+    units,
 };
-
-/// The configuration file's sections; the others belong to other parts of the daemon.
-pub(super) const TOP_LEVEL_KEYS: &[&str] = &["metrics", "services", "policies", "ssh_guard"];
+use crate::yaml::{Checker, Entry, Field, Fields, Invalid, Node, parse_whole};
 
 /// A policy's settings, dotted as the cgroup interface files are named.
-pub(super) const POLICY_KEYS: &[&str] = &[
+pub(crate) const POLICY_KEYS: &[&str] = &[
     "name",
     "cgroup",
     "unit",
@@ -32,7 +28,7 @@ pub(super) const POLICY_KEYS: &[&str] = &[
 ];
 
 /// Prefixes that may also be written nested: `memory: {max: 1G}` is `memory.max: 1G`.
-pub(super) const NESTED_GROUPS: &[&str] = &["memory", "cpu", "pids"];
+pub(crate) const NESTED_GROUPS: &[&str] = &["memory", "cpu", "pids"];
 
 /// Settings of which a policy needs at least one to do anything.
 const EFFECTS: &[&str] = &[
@@ -43,6 +39,10 @@ const EFFECTS: &[&str] = &[
     "pids.max",
     "terminate_above",
 ];
+
+/// Memory settings below this are refused: no service runs in less, and a bare number is
+/// bytes, so `memory.max: 512` (meant as 512M) would otherwise stall or kill the service.
+const MIN_MEMORY_BYTES: u64 = 1 << 20;
 
 /// The kernel's `PID_MAX_LIMIT`; `pids.max` refuses more.
 const MAX_PIDS: u32 = 4_194_304;
@@ -59,63 +59,10 @@ const EXPECTED_SIZE_OR_MAX: &str = "a size such as 512M or 2G, a number of bytes
 const EXPECTED_CPU: &str = "a CPU share such as 50% or 1.5 (CPUs), or max";
 const EXPECTED_WEIGHT: &str = "a whole number from 1 to 10000";
 const EXPECTED_PIDS: &str = "a whole number of processes, or max";
-const EXPECTED_DURATION: &str = "a duration such as 10s, 500ms or 2m, or a number of seconds";
-
-/// Runs `check` and returns its result only if it found no problem.
-pub(super) fn collect<T>(check: impl FnOnce(&mut Checker) -> Option<T>) -> Result<T, Vec<Problem>> {
-    let mut checker = Checker {
-        problems: Vec::new(),
-    };
-    match check(&mut checker) {
-        Some(value) if checker.problems.is_empty() => Ok(value),
-        _ => Err(checker.problems),
-    }
-}
-
-pub(super) struct Checker {
-    problems: Vec<Problem>,
-}
-
-/// A mapping entry whose key is text.
-struct Entry<'n> {
-    key: String,
-    key_at: Location,
-    value: &'n Spanned<Node>,
-}
-
-/// The known settings of a mapping, by key.
-type Fields<'n> = HashMap<&'static str, Field<'n>>;
-
-/// A known setting, found in a mapping.
-struct Field<'n> {
-    key: &'static str,
-    key_at: Location,
-    value: &'n Spanned<Node>,
-}
 
 impl Checker {
-    fn report(&mut self, at: Location, reason: String) {
-        self.problems.push(Problem { at, reason });
-    }
-
-    /// The whole configuration file; only `policies` is read, the other sections are checked
-    /// by their owners.
-    pub(super) fn file(&mut self, root: &Spanned<Node>) -> Option<Policy> {
-        if root.value == Node::Null {
-            return Some(Policy::default());
-        }
-        let expected = "expected a mapping with the sections metrics, services, policies and \
-                        ssh_guard";
-        let entries = self.entries(root, expected)?;
-        let mut fields = self.fields(entries, TOP_LEVEL_KEYS, "top-level key");
-        match fields.remove("policies") {
-            Some(policies) => self.policies(policies.value),
-            None => Some(Policy::default()),
-        }
-    }
-
     /// The `policies` list; empty (`policies:`) means none.
-    pub(super) fn policies(&mut self, node: &Spanned<Node>) -> Option<Policy> {
+    pub(crate) fn policies(&mut self, node: &Spanned<Node>) -> Option<Policy> {
         let items = match &node.value {
             Node::Null => return Some(Policy::default()),
             Node::List(items) => items,
@@ -139,7 +86,7 @@ impl Checker {
     }
 
     /// One policy. `names` holds the names seen so far and where, to refuse duplicates.
-    pub(super) fn service(
+    fn service(
         &mut self,
         node: &Spanned<Node>,
         names: &mut HashMap<String, Location>,
@@ -226,7 +173,7 @@ impl Checker {
         });
         let cpu_weight = fields.remove("cpu.weight").and_then(|field| {
             self.value(&field, EXPECTED_WEIGHT, |text| {
-                match u16::try_from(units::parse_whole(text)?) {
+                match u16::try_from(parse_whole(text)?) {
                     Ok(weight @ 1..=10_000) => Ok(weight),
                     _ => Err(Invalid::Because("must be between 1 and 10000")),
                 }
@@ -234,13 +181,11 @@ impl Checker {
         });
         let pids_max = fields.remove("pids.max").and_then(|field| {
             self.value(&field, EXPECTED_PIDS, |text| {
-                unlimited_or(text, |text| {
-                    match u32::try_from(units::parse_whole(text)?) {
-                        Ok(pids @ 1..=MAX_PIDS) => Ok(pids),
-                        _ => Err(Invalid::Because(
-                            "must be between 1 and 4194304, the kernel's limit",
-                        )),
-                    }
+                unlimited_or(text, |text| match u32::try_from(parse_whole(text)?) {
+                    Ok(pids @ 1..=MAX_PIDS) => Ok(pids),
+                    _ => Err(Invalid::Because(
+                        "must be between 1 and 4194304, the kernel's limit",
+                    )),
                 })
             })
         });
@@ -270,7 +215,7 @@ impl Checker {
         };
         let sustained_for = sustained_for.and_then(|field| self.duration(&field));
         let grace = grace.and_then(|field| self.duration(&field));
-        let terminate_above = self.value(&threshold, EXPECTED_SIZE, units::parse_size)?;
+        let terminate_above = self.value(&threshold, EXPECTED_SIZE, parse_memory)?;
         if let Some(Limit::Limited(max)) = memory_max
             && terminate_above >= max
         {
@@ -288,30 +233,6 @@ impl Checker {
             sustained_for: sustained_for.unwrap_or_default(),
             grace: grace.unwrap_or(DEFAULT_GRACE),
         })
-    }
-
-    /// The entries of a mapping with text keys; anything else is reported against `expected`.
-    fn entries<'n>(&mut self, node: &'n Spanned<Node>, expected: &str) -> Option<Vec<Entry<'n>>> {
-        let Node::Mapping(pairs) = &node.value else {
-            let found = node.value.describe();
-            self.report(node.referenced, format!("{expected}, found {found}"));
-            return None;
-        };
-        let mut entries = Vec::new();
-        for (key, value) in pairs {
-            match &key.value {
-                Node::Text(text) => entries.push(Entry {
-                    key: text.clone(),
-                    key_at: key.referenced,
-                    value,
-                }),
-                other => {
-                    let found = other.describe();
-                    self.report(key.referenced, format!("keys must be text, found {found}"));
-                }
-            }
-        }
-        Some(entries)
     }
 
     /// Spells nested groups the dotted way: `memory: {max: 1G}` becomes `memory.max: 1G`.
@@ -334,71 +255,10 @@ impl Checker {
         flat
     }
 
-    /// Picks the `known` settings out of `entries`, reporting unknown and repeated keys.
-    fn fields<'n>(
-        &mut self,
-        entries: Vec<Entry<'n>>,
-        known: &[&'static str],
-        what: &str,
-    ) -> Fields<'n> {
-        let mut fields = Fields::new();
-        for entry in entries {
-            let Some(&key) = known.iter().find(|&&known| known == entry.key) else {
-                let hint = match did_you_mean(&entry.key, known) {
-                    Some(suggestion) => format!("did you mean {suggestion:?}?"),
-                    None => format!("expected one of {}", known.join(", ")),
-                };
-                let unknown = &entry.key;
-                self.report(entry.key_at, format!("unknown {what} {unknown:?}; {hint}"));
-                continue;
-            };
-            if let Some(first) = fields.get(key) {
-                let (line, column) = (first.key_at.line(), first.key_at.column());
-                self.report(
-                    entry.key_at,
-                    format!("duplicate key {key:?} (first at line {line}, column {column})"),
-                );
-                continue;
-            }
-            let field = Field {
-                key,
-                key_at: entry.key_at,
-                value: entry.value,
-            };
-            fields.insert(key, field);
-        }
-        fields
-    }
-
-    /// Reads a scalar setting with `parse`, reporting what was expected when it fails.
-    fn value<T>(
-        &mut self,
-        field: &Field<'_>,
-        expected: &str,
-        parse: impl FnOnce(&str) -> Result<T, Invalid>,
-    ) -> Option<T> {
-        let node = &field.value.value;
-        let reason = match node.scalar_text().map(|text| parse(&text)) {
-            Some(Ok(value)) => return Some(value),
-            Some(Err(Invalid::Because(reason))) => reason.to_owned(),
-            Some(Err(Invalid::Unrecognized)) | None => format!("expected {expected}"),
-        };
-        let (key, found) = (field.key, node.describe());
-        self.report(
-            field.value.referenced,
-            format!("{key}: {reason}, found {found}"),
-        );
-        None
-    }
-
     fn size_limit(&mut self, field: &Field<'_>) -> Option<Limit<u64>> {
         self.value(field, EXPECTED_SIZE_OR_MAX, |text| {
-            unlimited_or(text, units::parse_size)
+            unlimited_or(text, parse_memory)
         })
-    }
-
-    fn duration(&mut self, field: &Field<'_>) -> Option<Duration> {
-        self.value(field, EXPECTED_DURATION, units::parse_duration)
     }
 
     fn name(&mut self, field: &Field<'_>, names: &mut HashMap<String, Location>) -> Option<String> {
@@ -428,6 +288,15 @@ fn unlimited_or<T>(
     match text {
         "max" => Ok(Limit::Unlimited),
         _ => parse(text).map(Limit::Limited),
+    }
+}
+
+fn parse_memory(text: &str) -> Result<u64, Invalid> {
+    match units::parse_size(text)? {
+        bytes if bytes < MIN_MEMORY_BYTES => Err(Invalid::Because(
+            "must be at least 1M; a number without a suffix is bytes",
+        )),
+        bytes => Ok(bytes),
     }
 }
 

@@ -2,33 +2,61 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use serde::{Deserialize, Deserializer};
+use serde_saphyr::Spanned;
 
 use super::{GuardMode, SshGuardSettings, engine::GuardRules};
 use crate::{
-    firewall::{FirewallOptions, IpNet},
-    policy::parse_duration_setting,
+    firewall::{FirewallOptions, IpNet, MAX_BAN_TIMEOUT},
+    yaml::{Checker, Field, Invalid, Node, format_duration, parse_duration, parse_whole},
 };
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// The section's settings, as written in the file.
+pub(crate) const SSH_GUARD_KEYS: &[&str] = &[
+    "enabled",
+    "mode",
+    "max_failures",
+    "window",
+    "ban_for",
+    "multiplier",
+    "max_ban",
+    "allow",
+    "ipv6_prefix",
+    "max_tracked",
+    "max_banned",
+    "flush_on_exit",
+    "audit_log",
+    "netns",
+    "sshd_paths",
+];
+
+const EXPECTED_MODE: &str = "enforce or observe";
+const EXPECTED_COUNT: &str = "a whole number of at least 1";
+const EXPECTED_DURATION: &str = "a duration such as 10m, 4h or 7d, or a number of seconds";
+const EXPECTED_MULTIPLIER: &str = "a number of at least 1, such as 2 or 1.5";
+const EXPECTED_PREFIX: &str = "a prefix length from 1 to 128";
+const EXPECTED_PATH: &str = "an absolute path";
+const EXPECTED_NETWORK: &str =
+    "an address or network such as 192.0.2.7, 10.0.0.0/8 or 2001:db8::/32";
+const EXPECTED_NETWORKS: &str = "a list of addresses and networks";
+const EXPECTED_PATHS: &str = "a list of absolute paths";
+
+// The message in `ban_length` names the firewall's bound; keep them together.
+const _: () = assert!(MAX_BAN_TIMEOUT.as_secs() == 36_500 * 86_400);
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct SshGuardConfig {
     /// Off: no nftables table is created and nothing is banned.
     pub enabled: bool,
     pub mode: ModeSetting,
     /// Failures from one address within `window` that trigger a ban.
     pub max_failures: u32,
-    #[serde(deserialize_with = "duration")]
     pub window: Duration,
-    #[serde(deserialize_with = "duration")]
     pub ban_for: Duration,
     /// Each further ban of the same address lasts this many times longer...
     pub multiplier: f64,
     /// ...up to this.
-    #[serde(deserialize_with = "duration")]
     pub max_ban: Duration,
     /// Addresses and networks never banned; loopback always is.
-    #[serde(deserialize_with = "networks")]
     pub allow: Vec<IpNet>,
     /// IPv6 offenders are counted and banned per prefix of this length.
     pub ipv6_prefix: u8,
@@ -44,8 +72,7 @@ pub struct SshGuardConfig {
     pub sshd_paths: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModeSetting {
     Enforce,
     Observe,
@@ -77,30 +104,6 @@ impl Default for SshGuardConfig {
 }
 
 impl SshGuardConfig {
-    /// Problems serde cannot see: values that parse but make no sense.
-    pub fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        if self.max_failures == 0 {
-            problems.push("ssh_guard.max_failures must be at least 1".to_string());
-        }
-        if self.ban_for.is_zero() {
-            problems.push("ssh_guard.ban_for must be longer than 0s".to_string());
-        }
-        if self.max_ban < self.ban_for {
-            problems.push("ssh_guard.max_ban must not be shorter than ban_for".to_string());
-        }
-        if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            problems.push("ssh_guard.multiplier must be a number of at least 1".to_string());
-        }
-        if !(1..=128).contains(&self.ipv6_prefix) {
-            problems.push("ssh_guard.ipv6_prefix must be between 1 and 128".to_string());
-        }
-        if self.max_tracked == 0 || self.max_banned == 0 {
-            problems.push("ssh_guard.max_tracked and max_banned must be at least 1".to_string());
-        }
-        problems
-    }
-
     /// The guard's settings; its state is kept in `state_dir`.
     pub fn settings(&self, state_dir: &std::path::Path) -> SshGuardSettings {
         SshGuardSettings {
@@ -127,22 +130,261 @@ impl SshGuardConfig {
             state_file: state_dir.join("ssh-guard.json"),
         }
     }
+
+    /// Every setting by its name in the file, and whether `other` sets it differently. The
+    /// guard reads its settings once, at start.
+    pub(crate) fn differences(&self, other: &Self) -> Vec<(&'static str, bool)> {
+        // Destructured, so that a new setting cannot be left out here.
+        let Self {
+            enabled,
+            mode,
+            max_failures,
+            window,
+            ban_for,
+            multiplier,
+            max_ban,
+            allow,
+            ipv6_prefix,
+            max_tracked,
+            max_banned,
+            flush_on_exit,
+            audit_log,
+            netns,
+            sshd_paths,
+        } = self;
+        vec![
+            ("ssh_guard.enabled", *enabled != other.enabled),
+            ("ssh_guard.mode", *mode != other.mode),
+            (
+                "ssh_guard.max_failures",
+                *max_failures != other.max_failures,
+            ),
+            ("ssh_guard.window", *window != other.window),
+            ("ssh_guard.ban_for", *ban_for != other.ban_for),
+            ("ssh_guard.multiplier", *multiplier != other.multiplier),
+            ("ssh_guard.max_ban", *max_ban != other.max_ban),
+            ("ssh_guard.allow", *allow != other.allow),
+            ("ssh_guard.ipv6_prefix", *ipv6_prefix != other.ipv6_prefix),
+            ("ssh_guard.max_tracked", *max_tracked != other.max_tracked),
+            ("ssh_guard.max_banned", *max_banned != other.max_banned),
+            (
+                "ssh_guard.flush_on_exit",
+                *flush_on_exit != other.flush_on_exit,
+            ),
+            ("ssh_guard.audit_log", *audit_log != other.audit_log),
+            ("ssh_guard.netns", *netns != other.netns),
+            ("ssh_guard.sshd_paths", *sshd_paths != other.sshd_paths),
+        ]
+    }
 }
 
-fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    parse_duration_setting(&text).map_err(serde::de::Error::custom)
-}
-
-fn networks<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
-    Vec::<String>::deserialize(deserializer)?
-        .iter()
-        .map(|text| {
-            text.parse().map_err(|_| {
-                serde::de::Error::custom(format!(
-                    "{text:?} is not an address or network (like 192.0.2.7, 10.0.0.0/8, 2001:db8::/32)"
-                ))
+impl Checker {
+    /// The `ssh_guard` section; every setting is checked even after one has failed.
+    pub(crate) fn ssh_guard(&mut self, node: &Spanned<Node>) -> Option<SshGuardConfig> {
+        let mut fields = self.section(node, "ssh_guard", SSH_GUARD_KEYS)?;
+        let defaults = SshGuardConfig::default();
+        let enabled = self.setting(&mut fields, "enabled", defaults.enabled, Self::flag);
+        let mode = self.setting(&mut fields, "mode", defaults.mode, |checker, field| {
+            checker.value(field, EXPECTED_MODE, parse_mode)
+        });
+        let max_failures = self.setting(
+            &mut fields,
+            "max_failures",
+            defaults.max_failures,
+            |checker, field| checker.value(field, EXPECTED_COUNT, |text| count(text, u32::MAX)),
+        );
+        let window = self.setting(&mut fields, "window", defaults.window, |checker, field| {
+            checker.value(field, EXPECTED_DURATION, |text| {
+                match parse_duration(text)? {
+                    Duration::ZERO => Err(Invalid::Because("must be longer than 0s")),
+                    window => Ok(window),
+                }
             })
+        });
+        let ban_for_field = fields.remove("ban_for");
+        let ban_for = match &ban_for_field {
+            Some(field) => self.value(field, EXPECTED_DURATION, ban_length),
+            None => Some(defaults.ban_for),
+        };
+        let multiplier = self.setting(
+            &mut fields,
+            "multiplier",
+            defaults.multiplier,
+            |checker, field| checker.value(field, EXPECTED_MULTIPLIER, parse_multiplier),
+        );
+        let max_ban_field = fields.remove("max_ban");
+        let max_ban = match &max_ban_field {
+            Some(field) => self.value(field, EXPECTED_DURATION, ban_length),
+            None => Some(defaults.max_ban),
+        };
+        if let (Some(ban_for), Some(max_ban)) = (ban_for, max_ban)
+            && max_ban < ban_for
+        {
+            // Reported where the operator wrote the one that is out of line.
+            let at = match (&max_ban_field, &ban_for_field) {
+                (Some(field), _) | (None, Some(field)) => field.value.referenced,
+                (None, None) => node.referenced,
+            };
+            let (max_ban, ban_for) = (format_duration(max_ban), format_duration(ban_for));
+            self.report(
+                at,
+                format!("max_ban ({max_ban}) must not be shorter than ban_for ({ban_for})"),
+            );
+        }
+        let allow = self.setting(&mut fields, "allow", Vec::new(), |checker, field| {
+            checker.list(field, EXPECTED_NETWORKS, EXPECTED_NETWORK, |text| {
+                text.parse().map_err(|_| Invalid::Unrecognized)
+            })
+        });
+        let ipv6_prefix = self.setting(
+            &mut fields,
+            "ipv6_prefix",
+            defaults.ipv6_prefix,
+            |checker, field| {
+                checker.value(field, EXPECTED_PREFIX, |text| {
+                    match u8::try_from(parse_whole(text)?) {
+                        Ok(prefix @ 1..=128) => Ok(prefix),
+                        _ => Err(Invalid::Because("must be between 1 and 128")),
+                    }
+                })
+            },
+        );
+        let max_tracked = self.setting(
+            &mut fields,
+            "max_tracked",
+            defaults.max_tracked,
+            |checker, field| checker.value(field, EXPECTED_COUNT, table_size),
+        );
+        let max_banned = self.setting(
+            &mut fields,
+            "max_banned",
+            defaults.max_banned,
+            |checker, field| checker.value(field, EXPECTED_COUNT, table_size),
+        );
+        let flush_on_exit = self.setting(
+            &mut fields,
+            "flush_on_exit",
+            defaults.flush_on_exit,
+            Self::flag,
+        );
+        let audit_log = self.setting(
+            &mut fields,
+            "audit_log",
+            defaults.audit_log,
+            |checker, field| checker.value(field, EXPECTED_PATH, absolute_path),
+        );
+        let netns = self.setting(&mut fields, "netns", None, |checker, field| {
+            checker.value(field, EXPECTED_PATH, absolute_path).map(Some)
+        });
+        let sshd_paths = self.setting(
+            &mut fields,
+            "sshd_paths",
+            defaults.sshd_paths,
+            |checker, field| checker.list(field, EXPECTED_PATHS, EXPECTED_PATH, absolute_path),
+        );
+        Some(SshGuardConfig {
+            enabled: enabled?,
+            mode: mode?,
+            max_failures: max_failures?,
+            window: window?,
+            ban_for: ban_for?,
+            multiplier: multiplier?,
+            max_ban: max_ban?,
+            allow: allow?,
+            ipv6_prefix: ipv6_prefix?,
+            max_tracked: max_tracked?,
+            max_banned: max_banned?,
+            flush_on_exit: flush_on_exit?,
+            audit_log: audit_log?,
+            netns: netns?,
+            sshd_paths: sshd_paths?,
         })
-        .collect()
+    }
+
+    /// A list setting (`allow`, `sshd_paths`), each item checked where it is written.
+    fn list<T>(
+        &mut self,
+        field: &Field<'_>,
+        expected_list: &'static str,
+        expected_item: &'static str,
+        parse: impl Fn(&str) -> Result<T, Invalid>,
+    ) -> Option<Vec<T>> {
+        let items = match &field.value.value {
+            Node::Null => return Some(Vec::new()),
+            Node::List(items) => items,
+            other => {
+                let found = other.describe();
+                self.report(
+                    field.value.referenced,
+                    format!("{}: expected {expected_list}, found {found}", field.key),
+                );
+                return None;
+            }
+        };
+        let parsed: Vec<_> = items
+            .iter()
+            .map(|item| {
+                let item = Field {
+                    value: item,
+                    ..*field
+                };
+                self.value(&item, expected_item, &parse)
+            })
+            .collect();
+        parsed.into_iter().collect()
+    }
+}
+
+fn parse_mode(text: &str) -> Result<ModeSetting, Invalid> {
+    match text {
+        "enforce" => Ok(ModeSetting::Enforce),
+        "observe" => Ok(ModeSetting::Observe),
+        _ => Err(Invalid::Unrecognized),
+    }
+}
+
+/// A count from 1 to `max`.
+fn count<T: TryFrom<u64>>(text: &str, max: T) -> Result<T, Invalid>
+where
+    u64: From<T>,
+{
+    match parse_whole(text)? {
+        0 => Err(Invalid::Because("must be at least 1")),
+        value if value > u64::from(max) => Err(Invalid::Because("is too large")),
+        value => T::try_from(value).map_err(|_| Invalid::Because("is too large")),
+    }
+}
+
+/// The size of a tracking or ban table: at least one entry.
+fn table_size(text: &str) -> Result<usize, Invalid> {
+    let entries = count(text, u64::MAX)?;
+    usize::try_from(entries).map_err(|_| Invalid::Because("is too large"))
+}
+
+/// A ban's length: the kernel would refuse zero and lengths beyond the firewall's bound.
+fn ban_length(text: &str) -> Result<Duration, Invalid> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(Invalid::Because("must be longer than 0s")),
+        length if length > MAX_BAN_TIMEOUT => Err(Invalid::Because(
+            "must be at most 36500d (100 years), the longest ban the firewall sets",
+        )),
+        length => Ok(length),
+    }
+}
+
+fn parse_multiplier(text: &str) -> Result<f64, Invalid> {
+    match text.parse::<f64>() {
+        Ok(multiplier) if multiplier.is_finite() && multiplier >= 1.0 => Ok(multiplier),
+        Ok(_) => Err(Invalid::Because(
+            "must be at least 1 (1 keeps every ban as long as the first)",
+        )),
+        Err(_) => Err(Invalid::Unrecognized),
+    }
+}
+
+fn absolute_path(text: &str) -> Result<PathBuf, Invalid> {
+    match PathBuf::from(text) {
+        path if path.is_absolute() => Ok(path),
+        _ => Err(Invalid::Unrecognized),
+    }
 }

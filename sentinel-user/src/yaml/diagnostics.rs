@@ -1,11 +1,12 @@
-//! Problems found in a policy file, reported as `file:line:column: reason`.
+//! Problems found in a configuration file, reported as `file:line:column: reason`.
 
 use std::fmt;
 
 use serde_saphyr::{Location, MessageFormatter, UserMessageFormatter};
 
 /// One problem in a checked file. Lines and columns count from 1; problems with the file as a
-/// whole (unreadable, too large) point at 1:1 so that every line has the same shape.
+/// whole (unreadable, too large, not a regular file) point at 1:1 so that every line has the
+/// same shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
     pub file: String,
@@ -24,16 +25,47 @@ impl fmt::Display for Diagnostic {
     }
 }
 
-/// A problem before the file name is attached; the validator also serves `Deserialize`,
-/// which has no file name.
+/// Every problem of one file, one per line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Problem {
-    pub(super) at: Location,
-    pub(super) reason: String,
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, diagnostic) in self.0.iter().enumerate() {
+            if index > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{diagnostic}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A problem before the file name is attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Problem {
+    pub(crate) at: Location,
+    pub(crate) reason: String,
+}
+
+/// How far the parser looks ahead for a key's colon (its default `simple_key_max_lookahead`).
+const MAX_KEY_CHARS: u64 = 1024;
+const MISPLACED_COLON: &str = "mapping values are not allowed in this context";
+
+/// Quoted text is cut to this many characters in messages: a 1 MiB key must not become a
+/// 1 MiB error line.
+const QUOTED_CHARS: usize = 40;
+
+/// `text` quoted for a message, cut short (with its full length) when it is long.
+pub(crate) fn quoted(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+    }
 }
 
 impl Diagnostic {
-    pub(super) fn whole_file(file: &str, reason: String) -> Self {
+    pub(crate) fn whole_file(file: &str, reason: String) -> Self {
         Self {
             file: file.to_owned(),
             line: 1,
@@ -42,7 +74,7 @@ impl Diagnostic {
         }
     }
 
-    pub(super) fn from_problem(file: &str, problem: Problem) -> Self {
+    pub(crate) fn from_problem(file: &str, problem: Problem) -> Self {
         Self {
             file: file.to_owned(),
             line: problem.at.line(),
@@ -52,7 +84,7 @@ impl Diagnostic {
     }
 
     /// A YAML error stops parsing, so it comes alone.
-    pub(super) fn from_yaml_error(file: &str, error: &serde_saphyr::Error) -> Self {
+    pub(crate) fn from_yaml_error(file: &str, error: &serde_saphyr::Error) -> Self {
         // Alias errors wrap the error that happened while replaying the alias.
         let mut original = error.without_snippet();
         while let serde_saphyr::Error::AliasError { error, .. } = original {
@@ -68,37 +100,38 @@ impl Diagnostic {
             }
         }
         match error.location().filter(|at| at.line() > 0) {
-            Some(at) => Self::from_problem(file, Problem { at, reason }),
+            Some(at) => {
+                // The parser looks for a key's colon at most this far ahead and calls a longer
+                // key a misplaced colon.
+                if at.column() > MAX_KEY_CHARS && reason == MISPLACED_COLON {
+                    reason.push_str("; a key may be at most 1024 characters long");
+                }
+                Self::from_problem(file, Problem { at, reason })
+            }
             None => Self::whole_file(file, reason),
         }
     }
 }
 
-/// For `Deserialize`: every problem in one message, each with its position.
-pub(super) fn serde_error<E: serde::de::Error>(problems: Vec<Problem>) -> E {
-    let described: Vec<String> = problems
-        .iter()
-        .map(|problem| {
-            let (line, column) = (problem.at.line(), problem.at.column());
-            format!("{} (line {line}, column {column})", problem.reason)
-        })
-        .collect();
-    E::custom(described.join("; "))
-}
-
 /// The candidate `word` was most likely meant to be, if any is close enough to be a typo:
 /// at most a third of the longer word differs (case aside), counting a swap of neighbouring
 /// letters as one edit.
-pub(super) fn did_you_mean<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn did_you_mean<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     let word: Vec<char> = word.to_lowercase().chars().collect();
+    let close_enough = |distance: usize, longer: usize| distance <= (longer / 3).max(1);
     candidates
         .iter()
-        .map(|&candidate| {
+        .filter_map(|&candidate| {
             let chars: Vec<char> = candidate.chars().collect();
-            let distance = edit_distance(&word, &chars);
-            (distance, candidate, word.len().max(chars.len()))
+            let longer = word.len().max(chars.len());
+            // The lengths alone bound the distance from below; checking them first keeps a
+            // huge key from costing a huge distance table.
+            if !close_enough(word.len().abs_diff(chars.len()), longer) {
+                return None;
+            }
+            Some((edit_distance(&word, &chars), candidate, longer))
         })
-        .filter(|&(distance, _, longer)| distance <= (longer / 3).max(1))
+        .filter(|&(distance, _, longer)| close_enough(distance, longer))
         .min_by_key(|&(distance, _, _)| distance)
         .map(|(_, candidate, _)| candidate)
 }
@@ -166,5 +199,16 @@ mod tests {
         assert_eq!(did_you_mean("units", &keys), Some("unit"));
         assert_eq!(did_you_mean("limit", &keys), None);
         assert_eq!(did_you_mean("xyz", &keys), None);
+        assert_eq!(did_you_mean(&"m".repeat(1 << 20), &keys), None);
+    }
+
+    #[test]
+    fn long_text_is_quoted_short() {
+        assert_eq!(quoted("web"), "\"web\"");
+        let long = "k".repeat(1 << 20);
+        assert_eq!(
+            quoted(&long),
+            format!("{:?}… (1048576 bytes)", "k".repeat(40))
+        );
     }
 }

@@ -6,12 +6,21 @@ use std::fmt;
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::{DuplicateKeyPolicy, NonFiniteFloatPolicy, Spanned};
 
-/// Aliases may replay at most this many YAML events in total. Policy files reuse a few
-/// anchors; an alias bomb needs millions, and is refused here within milliseconds.
-pub(super) const MAX_ALIAS_EVENTS: usize = 10_000;
+use super::diagnostics::quoted;
+
+/// Aliases may replay at most this many YAML events in total. Configuration files reuse a
+/// few anchors; an alias bomb needs millions, and is refused here within milliseconds. The
+/// parser's other limits (250,000 nodes, 1,000,000 events) stay at their defaults.
+pub(crate) const MAX_ALIAS_EVENTS: usize = 10_000;
+
+/// Mappings and lists nest at most this deep. The deepest setting is four levels down
+/// (`policies`, a policy, `memory`, `max`); reading the tree recurses once per level, and a
+/// reload runs on a worker thread with a small stack, which the parser's default (64) could
+/// exhaust in a debug build.
+pub(crate) const MAX_DEPTH: usize = 16;
 
 #[derive(Debug, Clone, PartialEq)]
-pub(super) enum Node {
+pub(crate) enum Node {
     Null,
     Bool(bool),
     Integer(i128),
@@ -23,13 +32,13 @@ pub(super) enum Node {
 
 impl Node {
     /// The node as the operator would recognise it, for "found …" in messages.
-    pub(super) fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Self::Null => "nothing".into(),
             Self::Bool(value) => value.to_string(),
             Self::Integer(value) => value.to_string(),
             Self::Float(value) => value.to_string(),
-            Self::Text(text) => format!("{text:?}"),
+            Self::Text(text) => quoted(text),
             Self::List(_) => "a list".into(),
             Self::Mapping(_) => "a mapping".into(),
         }
@@ -37,7 +46,7 @@ impl Node {
 
     /// Scalars that can be read as text; YAML turns `512` into a number and `512M` into text,
     /// and both are sizes. Booleans are excluded: `yes` would come back as `true`.
-    pub(super) fn scalar_text(&self) -> Option<String> {
+    pub(crate) fn scalar_text(&self) -> Option<String> {
         match self {
             Self::Integer(value) => Some(value.to_string()),
             Self::Float(value) => Some(value.to_string()),
@@ -47,11 +56,14 @@ impl Node {
     }
 }
 
-/// Parses one YAML document with the limits a policy file needs.
-pub(super) fn parse(text: &str) -> Result<Spanned<Node>, serde_saphyr::Error> {
+/// Parses one YAML document with the limits a configuration file needs.
+pub(crate) fn parse(text: &str) -> Result<Spanned<Node>, serde_saphyr::Error> {
     let options = serde_saphyr::options! {
         // The validator reports every duplicate together with its first occurrence.
         duplicate_keys: DuplicateKeyPolicy::PassThrough,
+        budget: serde_saphyr::budget! {
+            max_depth: MAX_DEPTH,
+        },
         alias_limits: serde_saphyr::alias_limits! {
             max_total_replayed_events: MAX_ALIAS_EVENTS,
         },

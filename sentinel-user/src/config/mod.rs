@@ -1,0 +1,390 @@
+//! The daemon's configuration file (YAML). Every setting has a safe default, so no file is
+//! needed for a first run.
+//!
+//! The file is read with bounds (a regular file of at most [`MAX_FILE_BYTES`]), parsed once
+//! into a tree that remembers where each value was written, and checked section by section
+//! by the sections' owners; the typed configuration comes out of that same walk, so what
+//! `sentinel check` accepts is exactly what the daemon runs with.
+
+use std::{
+    fs::File,
+    io::{self, Read},
+    net::SocketAddr,
+    os::unix::fs::{FileTypeExt, OpenOptionsExt},
+    path::Path,
+};
+
+use prometheus_client::{
+    metrics::{family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use serde_saphyr::Spanned;
+
+use crate::{
+    Error,
+    policy::Policy,
+    ssh_guard::settings::SshGuardConfig,
+    yaml::{self, Checker, Diagnostic, Diagnostics, Invalid, Node, parse_whole},
+};
+
+#[cfg(test)]
+mod tests;
+
+/// Where the daemon looks when `--config` is not given; a missing file there is not an error.
+pub const DEFAULT_PATH: &str = "/etc/sentinel/sentinel.yaml";
+/// Larger files are refused before parsing: a configuration is a few kilobytes.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The configuration file's sections.
+pub(crate) const TOP_LEVEL_KEYS: &[&str] = &["metrics", "services", "policies", "ssh_guard"];
+const METRICS_KEYS: &[&str] = &["listen"];
+const SERVICES_KEYS: &[&str] = &["max_labels", "cgroup_backend"];
+
+const EXPECTED_LISTEN: &str = "an address and port such as 127.0.0.1:9848 or [::1]:9848";
+const EXPECTED_LABELS: &str = "a whole number of at least 1";
+const EXPECTED_BACKEND: &str = "auto or cgroupfs";
+
+/// Why a reload refuses a file without settings.
+const NOTHING_TO_RELOAD: &str = "the file holds no settings (it is empty or only comments, as \
+    while an editor is still writing it); a reload would lift every policy, so it is refused \
+    and the running configuration stays; to remove every policy, write `policies: []`";
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Config {
+    pub metrics: MetricsConfig,
+    pub services: ServicesConfig,
+    /// Per-service cgroup limits.
+    pub policies: Policy,
+    pub ssh_guard: SshGuardConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Loopback unless the operator decides otherwise.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicesConfig {
+    /// Distinct `service` label values; further services are reported as `other`.
+    pub max_labels: usize,
+    /// `auto` refuses to write the cgroups of systemd units on a systemd host (systemd owns
+    /// them); `cgroupfs` writes every matched cgroup.
+    pub cgroup_backend: CgroupBackend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupBackend {
+    Auto,
+    Cgroupfs,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9848)),
+        }
+    }
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        Self {
+            max_labels: 512,
+            cgroup_backend: CgroupBackend::Auto,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the configuration at start: `None` means the default path, which may be absent.
+    /// An empty file means every default.
+    pub fn load(path: Option<&Path>) -> Result<Self, Error> {
+        let path = match path {
+            Some(path) => path,
+            None if !Path::new(DEFAULT_PATH).exists() => return Ok(Self::default()),
+            None => Path::new(DEFAULT_PATH),
+        };
+        Ok(Self::read(path)?.unwrap_or_default())
+    }
+
+    /// Reads the file that is to replace a running configuration. Unlike at start, a file
+    /// without settings is refused: it is far more likely a save in progress than a wish to
+    /// lift every limit.
+    pub fn reload(path: &Path) -> Result<Self, Error> {
+        Self::read(path)?.ok_or_else(|| {
+            let name = path.display().to_string();
+            invalid(vec![Diagnostic::whole_file(
+                &name,
+                NOTHING_TO_RELOAD.into(),
+            )])
+        })
+    }
+
+    /// Parses and checks a whole file; on failure returns every problem found, in file order.
+    pub fn parse(name: &str, text: &str) -> Result<Self, Vec<Diagnostic>> {
+        Self::parse_document(name, text).map(Option::unwrap_or_default)
+    }
+
+    /// `metrics.listen` as `--metrics-addr` overrides it, at start and on every reload.
+    pub fn with_metrics_addr(mut self, addr: Option<SocketAddr>) -> Self {
+        if let Some(addr) = addr {
+            self.metrics.listen = addr;
+        }
+        self
+    }
+
+    /// Every setting that takes effect only when the daemon starts, by its name in the file,
+    /// and whether `new` sets it differently. Only `policies` applies while running.
+    pub fn restart_only_changes(&self, new: &Self) -> Vec<(&'static str, bool)> {
+        // Destructured, so that a new setting cannot be left out here.
+        let Self {
+            metrics: MetricsConfig { listen },
+            services:
+                ServicesConfig {
+                    max_labels,
+                    cgroup_backend,
+                },
+            policies: _,
+            ssh_guard,
+        } = self;
+        let mut changes = vec![
+            ("metrics.listen", *listen != new.metrics.listen),
+            (
+                "services.max_labels",
+                *max_labels != new.services.max_labels,
+            ),
+            (
+                "services.cgroup_backend",
+                *cgroup_backend != new.services.cgroup_backend,
+            ),
+        ];
+        changes.extend(ssh_guard.differences(&new.ssh_guard));
+        changes
+    }
+
+    /// The file at `path`, bounded and checked; `None` when it holds no document.
+    fn read(path: &Path) -> Result<Option<Self>, Error> {
+        let name = path.display().to_string();
+        let text = read_bounded(path, &name).map_err(|problem| invalid(vec![problem]))?;
+        Self::parse_document(&name, &text).map_err(invalid)
+    }
+
+    /// `None` when the text holds no document: empty, blank or only comments.
+    fn parse_document(name: &str, text: &str) -> Result<Option<Self>, Vec<Diagnostic>> {
+        let root =
+            yaml::parse(text).map_err(|error| vec![Diagnostic::from_yaml_error(name, &error)])?;
+        if root.value == Node::Null {
+            return Ok(None);
+        }
+        yaml::collect(|checker| checker.file(&root))
+            .map(Some)
+            .map_err(|problems| {
+                let mut diagnostics: Vec<_> = problems
+                    .into_iter()
+                    .map(|problem| Diagnostic::from_problem(name, problem))
+                    .collect();
+                diagnostics.sort_by_key(|diagnostic| (diagnostic.line, diagnostic.column));
+                diagnostics
+            })
+    }
+}
+
+fn invalid(diagnostics: Vec<Diagnostic>) -> Error {
+    Error::ConfigInvalid(Diagnostics(diagnostics))
+}
+
+/// Reads the file, refusing what would hang or exhaust the reader: anything but a regular
+/// file (a FIFO blocks until some writer comes, a device may never end) and files over
+/// [`MAX_FILE_BYTES`]. `name` labels the problem.
+fn read_bounded(path: &Path, name: &str) -> Result<String, Diagnostic> {
+    let whole_file = |reason| Diagnostic::whole_file(name, reason);
+    let cannot_read = |error: io::Error| whole_file(format!("cannot read the file: {error}"));
+    // Non-blocking, so that opening a FIFO returns at once instead of waiting for a writer;
+    // regular files read the same either way.
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(cannot_read)?;
+    // Checked on the open file, so a file swapped in after the check is never read.
+    let meta = file.metadata().map_err(cannot_read)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let found = if kind.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_dir() {
+            "a directory"
+        } else {
+            "a special file"
+        };
+        return Err(whole_file(format!(
+            "not a regular file but {found}; the configuration must be a regular file"
+        )));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(whole_file(too_large(meta.len())));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(whole_file(
+            "the file grew beyond the limit of 1 MiB while it was read".into(),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|error| not_utf8(name, &error))
+}
+
+fn too_large(bytes: u64) -> String {
+    format!("the file is {bytes} bytes; the limit is 1 MiB ({MAX_FILE_BYTES} bytes)")
+}
+
+/// Points at the first byte that is not UTF-8.
+fn not_utf8(name: &str, error: &std::string::FromUtf8Error) -> Diagnostic {
+    let bytes = error.as_bytes();
+    let valid = &bytes[..error.utf8_error().valid_up_to()];
+    let line_start = valid
+        .iter()
+        .rposition(|&byte| byte == b'\n')
+        .map_or(0, |at| at + 1);
+    let column = String::from_utf8_lossy(&valid[line_start..])
+        .chars()
+        .count()
+        + 1;
+    let line = valid.iter().filter(|&&byte| byte == b'\n').count() + 1;
+    Diagnostic {
+        file: name.to_owned(),
+        line: line as u64,
+        column: column as u64,
+        reason: format!(
+            "the file is not UTF-8 text: byte 0x{:02x} here is not valid",
+            bytes[valid.len()]
+        ),
+    }
+}
+
+impl Checker {
+    /// The whole file: a mapping of sections, each checked by its owner, all of them even
+    /// after one has failed.
+    fn file(&mut self, root: &Spanned<Node>) -> Option<Config> {
+        let expected = "expected a mapping with the sections metrics, services, policies and \
+                        ssh_guard";
+        let entries = self.entries(root, expected)?;
+        let mut fields = self.fields(entries, TOP_LEVEL_KEYS, "top-level key");
+        let defaults = Config::default();
+        let metrics = self.setting(
+            &mut fields,
+            "metrics",
+            defaults.metrics,
+            |checker, field| checker.metrics(field.value),
+        );
+        let services = self.setting(
+            &mut fields,
+            "services",
+            defaults.services,
+            |checker, field| checker.services(field.value),
+        );
+        let policies = self.setting(
+            &mut fields,
+            "policies",
+            defaults.policies,
+            |checker, field| checker.policies(field.value),
+        );
+        let ssh_guard = self.setting(
+            &mut fields,
+            "ssh_guard",
+            defaults.ssh_guard,
+            |checker, field| checker.ssh_guard(field.value),
+        );
+        Some(Config {
+            metrics: metrics?,
+            services: services?,
+            policies: policies?,
+            ssh_guard: ssh_guard?,
+        })
+    }
+
+    fn metrics(&mut self, node: &Spanned<Node>) -> Option<MetricsConfig> {
+        let mut fields = self.section(node, "metrics", METRICS_KEYS)?;
+        let defaults = MetricsConfig::default();
+        let listen = self.setting(&mut fields, "listen", defaults.listen, |checker, field| {
+            checker.value(field, EXPECTED_LISTEN, |text| {
+                match text.parse::<SocketAddr>() {
+                    Ok(addr) if addr.port() == 0 => Err(Invalid::Because(
+                        "needs a port: 0 would pick a different one at every start",
+                    )),
+                    Ok(addr) => Ok(addr),
+                    Err(_) => Err(Invalid::Unrecognized),
+                }
+            })
+        });
+        Some(MetricsConfig { listen: listen? })
+    }
+
+    fn services(&mut self, node: &Spanned<Node>) -> Option<ServicesConfig> {
+        let mut fields = self.section(node, "services", SERVICES_KEYS)?;
+        let defaults = ServicesConfig::default();
+        let max_labels = self.setting(
+            &mut fields,
+            "max_labels",
+            defaults.max_labels,
+            |checker, field| {
+                checker.value(field, EXPECTED_LABELS, |text| match parse_whole(text)? {
+                    0 => Err(Invalid::Because("must be at least 1")),
+                    labels => usize::try_from(labels).map_err(|_| yaml::TOO_LARGE),
+                })
+            },
+        );
+        let cgroup_backend = self.setting(
+            &mut fields,
+            "cgroup_backend",
+            defaults.cgroup_backend,
+            |checker, field| {
+                checker.value(field, EXPECTED_BACKEND, |text| match text {
+                    "auto" => Ok(CgroupBackend::Auto),
+                    "cgroupfs" => Ok(CgroupBackend::Cgroupfs),
+                    _ => Err(Invalid::Unrecognized),
+                })
+            },
+        );
+        Some(ServicesConfig {
+            max_labels: max_labels?,
+            cgroup_backend: cgroup_backend?,
+        })
+    }
+}
+
+/// `sentinel_config_restart_required{setting}`: whether the file sets a setting that applies
+/// only at start to a value the daemon does not run with.
+#[derive(Clone)]
+pub struct RestartRequired(Family<Vec<(&'static str, String)>, Gauge>);
+
+impl RestartRequired {
+    pub fn register(registry: &mut Registry) -> Self {
+        let family = Family::default();
+        registry.register(
+            "sentinel_config_restart_required",
+            "1 when the configuration file changed this setting since the daemon started; it \
+             applies only after a restart",
+            family.clone(),
+        );
+        Self(family)
+    }
+
+    /// Records `changes`, as [`Config::restart_only_changes`] lists them.
+    pub fn set(&self, changes: &[(&'static str, bool)]) {
+        for &(setting, changed) in changes {
+            self.0
+                .get_or_create(&vec![("setting", setting.to_owned())])
+                .set(i64::from(changed));
+        }
+    }
+}
