@@ -6,7 +6,7 @@ use std::{
     io::{BufRead, BufReader},
     os::unix::process::ExitStatusExt,
     process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use sentinel_tests::{
@@ -49,18 +49,20 @@ fn flat_key(cgroup: &TestCgroup, file: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{file} has no {key}"))
 }
 
-/// Waits until `file` reads `expected`; returns how long that took.
-fn wait_for(cgroup: &TestCgroup, file: &str, expected: &str, limit: Duration) -> Duration {
-    let started = Instant::now();
-    let held = eventually(limit, || {
+/// A generous bound after which a wait counts as hung. How fast limits are applied is
+/// measured by `cargo xtask bench`, not asserted here.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// Waits until `file` reads `expected`.
+fn wait_for(cgroup: &TestCgroup, file: &str, expected: &str) {
+    let held = eventually(HANG_GUARD, || {
         fs::read_to_string(cgroup.path().join(file)).is_ok_and(|value| value.trim() == expected)
     });
     assert!(
         held,
-        "{file} is {:?}, expected {expected:?} within {limit:?}",
+        "{file} is {:?}, expected {expected:?} (waited {HANG_GUARD:?})",
         read(cgroup, file)
     );
-    started.elapsed()
 }
 
 fn counter(daemon: &Daemon, name: &str, labels: &[(&str, &str)]) -> u64 {
@@ -73,12 +75,7 @@ fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
     let daemon =
         daemon_with("  - name: hog\n    cgroup: sentinel-test-oom-*\n    memory.max: 64M\n");
     let cgroup = TestCgroup::new("oom");
-    wait_for(
-        &cgroup,
-        "memory.max",
-        &(64 * MIB).to_string(),
-        Duration::from_secs(1),
-    );
+    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string());
     let service = [("service", cgroup.service())];
 
     let status = cgroup
@@ -93,7 +90,7 @@ fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
         "the hog should be OOM-killed: {status}"
     );
 
-    assert!(eventually(Duration::from_secs(5), || {
+    assert!(eventually(HANG_GUARD, || {
         counter(&daemon, "sentinel_oom_kills_total", &service) >= 1
     }));
     std::thread::sleep(Duration::from_millis(500));
@@ -119,12 +116,7 @@ fn terminate_above_stops_a_leak_with_sigterm_before_the_oom_killer() {
         "  - name: leaky\n    cgroup: sentinel-test-term-*\n{GRACEFUL}"
     ));
     let cgroup = TestCgroup::new("term");
-    wait_for(
-        &cgroup,
-        "memory.max",
-        &(128 * MIB).to_string(),
-        Duration::from_secs(1),
-    );
+    wait_for(&cgroup, "memory.max", &(128 * MIB).to_string());
 
     let output = cgroup
         .command(testkit_bin())
@@ -157,12 +149,7 @@ fn terminate_above_kills_a_leak_that_ignores_sigterm_after_the_grace_period() {
         "  - name: stubborn\n    cgroup: sentinel-test-kill-*\n{GRACEFUL}"
     ));
     let cgroup = TestCgroup::new("kill");
-    wait_for(
-        &cgroup,
-        "memory.max",
-        &(128 * MIB).to_string(),
-        Duration::from_secs(1),
-    );
+    wait_for(&cgroup, "memory.max", &(128 * MIB).to_string());
 
     let status = cgroup
         .command(testkit_bin())
@@ -179,58 +166,60 @@ fn terminate_above_kills_a_leak_that_ignores_sigterm_after_the_grace_period() {
             &[("service", cgroup.service()), ("action", action)],
         )
     };
-    assert!(eventually(Duration::from_secs(2), || action("sigkill") == 1));
+    assert!(eventually(HANG_GUARD, || action("sigkill") == 1));
     assert_eq!(action("sigterm"), 1);
     // Sentinel's SIGKILL came first: the kernel's OOM killer never ran.
     assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 0);
 }
 
 #[test]
-fn cpu_max_holds_a_busy_loop_near_its_share() {
+fn cpu_max_throttles_a_busy_loop_and_the_export_matches_the_kernel() {
     let _serial = serial();
     let daemon =
         daemon_with("  - name: spinner\n    cgroup: sentinel-test-cpu-*\n    cpu.max: 20%\n");
     let cgroup = TestCgroup::new("cpu");
-    wait_for(&cgroup, "cpu.max", "20000 100000", Duration::from_secs(1));
+    wait_for(&cgroup, "cpu.max", "20000 100000");
 
-    // The spinner runs until killed; the test, outside the throttled cgroup, keeps the time.
     let mut spinner = cgroup
         .command(testkit_bin())
         .args(["spin", "3600"])
         .spawn()
         .expect("start the spinner");
-    std::thread::sleep(Duration::from_millis(500));
-    let usage_before = flat_key(&cgroup, "cpu.stat", "usage_usec");
-    let started = Instant::now();
-    std::thread::sleep(Duration::from_secs(4));
-    let usage = flat_key(&cgroup, "cpu.stat", "usage_usec") - usage_before;
-    let wall = started.elapsed().as_micros() as f64;
+    // A 20 % quota over 100 ms periods: a busy loop exhausts it in every period it runs.
+    let throttled = eventually(HANG_GUARD, || {
+        flat_key(&cgroup, "cpu.stat", "nr_throttled") >= 10
+    });
     spinner.kill().expect("stop the spinner");
     spinner.wait().expect("reap the spinner");
-    let share = usage as f64 / wall;
-    // Emulated CPUs make scheduling approximate; 20 % must still be far from a free 100 %.
+    assert!(throttled, "cpu.stat: {}", read(&cgroup, "cpu.stat"));
+
+    // With the spinner gone the kernel's figures stand still; the export must equal them.
+    let periods = flat_key(&cgroup, "cpu.stat", "nr_throttled");
+    let seconds = flat_key(&cgroup, "cpu.stat", "throttled_usec") as f64 / 1e6;
+    let service = [("service", cgroup.service())];
+    let exported = |name: &str| daemon.scrape().value(name, &service);
     assert!(
-        (0.10..=0.35).contains(&share),
-        "measured CPU share {share:.3}"
+        eventually(HANG_GUARD, || {
+            exported("sentinel_cpu_throttled_periods_total") == Some(periods as f64)
+        }),
+        "exported {:?}, cpu.stat nr_throttled {periods}",
+        exported("sentinel_cpu_throttled_periods_total")
     );
-    assert!(flat_key(&cgroup, "cpu.stat", "nr_throttled") > 0);
-    let throttled = daemon
-        .scrape()
-        .value(
-            "sentinel_cpu_throttled_seconds_total",
-            &[("service", cgroup.service())],
-        )
-        .expect("throttled seconds exported");
-    assert!(throttled > 0.0, "throttled {throttled}");
+    let exported_seconds = exported("sentinel_cpu_throttled_seconds_total")
+        .expect("sentinel_cpu_throttled_seconds_total exported");
+    assert!(
+        (exported_seconds - seconds).abs() < 1e-6,
+        "exported {exported_seconds} s, cpu.stat {seconds} s"
+    );
 }
 
 #[test]
-fn pids_max_stops_a_fork_bomb_and_the_system_stays_responsive() {
+fn pids_max_stops_a_fork_bomb_at_exactly_its_limit() {
     let _serial = serial();
     let _daemon =
         daemon_with("  - name: bomb\n    cgroup: sentinel-test-pids-*\n    pids.max: 32\n");
     let cgroup = TestCgroup::new("pids");
-    wait_for(&cgroup, "pids.max", "32", Duration::from_secs(1));
+    wait_for(&cgroup, "pids.max", "32");
 
     let mut bomb = cgroup
         .command(testkit_bin())
@@ -243,13 +232,11 @@ fn pids_max_stops_a_fork_bomb_and_the_system_stays_responsive() {
         .read_line(&mut started)
         .expect("read the fork count");
     let started: u32 = started.trim().parse().expect("fork count");
-    assert!(
-        (20..32).contains(&started),
-        "{started} children started under pids.max 32"
-    );
-    assert!(flat_key(&cgroup, "pids.events", "max") > 0);
+    // The bomb itself is one of the 32 tasks; it stops at its first refused fork.
+    assert_eq!(started, 31, "children started under pids.max 32");
+    assert_eq!(flat_key(&cgroup, "pids.events", "max"), 1);
 
-    let responsive = Instant::now();
+    // Outside the cgroup, processes still start.
     let other = TestCgroup::new("responsive");
     assert!(
         other
@@ -258,35 +245,23 @@ fn pids_max_stops_a_fork_bomb_and_the_system_stays_responsive() {
             .expect("run true")
             .success()
     );
-    assert!(responsive.elapsed() < Duration::from_secs(2));
     bomb.wait().expect("bomb exits");
 }
 
 #[test]
-fn a_later_cgroup_gets_its_limits_within_a_second_and_drift_is_restored() {
+fn a_later_cgroup_gets_its_limits_and_drift_is_restored() {
     let _serial = serial();
     let daemon = daemon_with(
         "  - name: late\n    cgroup: sentinel-test-late-*\n    memory.max: 64M\n    pids.max: 100\n",
     );
     let cgroup = TestCgroup::new("late");
-    let took = wait_for(
-        &cgroup,
-        "memory.max",
-        &(64 * MIB).to_string(),
-        Duration::from_secs(1),
-    );
-    wait_for(&cgroup, "pids.max", "100", Duration::from_secs(1));
-    println!("limits applied {took:?} after the cgroup was created");
+    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string());
+    wait_for(&cgroup, "pids.max", "100");
 
     fs::write(cgroup.path().join("memory.max"), "max").expect("change memory.max by hand");
-    wait_for(
-        &cgroup,
-        "memory.max",
-        &(64 * MIB).to_string(),
-        Duration::from_secs(2),
-    );
+    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string());
     let drift = [("service", cgroup.service())];
-    assert!(eventually(Duration::from_secs(1), || counter(
+    assert!(eventually(HANG_GUARD, || counter(
         &daemon,
         "sentinel_policy_drift_total",
         &drift
@@ -306,12 +281,7 @@ fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
     let original_memory = read(&cgroup, "memory.max");
     let original_pids = read(&cgroup, "pids.max");
     let mut daemon = Daemon::start_with_config(&good("64M"), &[]);
-    wait_for(
-        &cgroup,
-        "memory.max",
-        &(64 * MIB).to_string(),
-        Duration::from_secs(2),
-    );
+    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string());
     let limits = || (read(&cgroup, "memory.max"), read(&cgroup, "pids.max"));
     let before = limits();
 
@@ -321,11 +291,11 @@ fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
         format!("{}    memory.high: 1G\n", good("64M")),
     )
     .unwrap();
-    assert!(eventually(Duration::from_secs(3), || {
+    assert!(eventually(HANG_GUARD, || {
         counter(&daemon, "sentinel_policy_reload_errors_total", &[]) == 1
     }));
     daemon.signal(libc::SIGHUP);
-    assert!(eventually(Duration::from_secs(3), || {
+    assert!(eventually(HANG_GUARD, || {
         counter(&daemon, "sentinel_policy_reload_errors_total", &[]) == 2
     }));
     assert_eq!(limits(), before, "a rejected reload changed the limits");
@@ -337,25 +307,15 @@ fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
 
     // A valid change is applied...
     fs::write(daemon.config_path(), good("96M")).unwrap();
-    wait_for(
-        &cgroup,
-        "memory.max",
-        &(96 * MIB).to_string(),
-        Duration::from_secs(3),
-    );
+    wait_for(&cgroup, "memory.max", &(96 * MIB).to_string());
     // ...and removing the policy restores what was there before Sentinel.
     fs::write(daemon.config_path(), NO_FIREWALL).unwrap();
-    wait_for(
-        &cgroup,
-        "memory.max",
-        &original_memory,
-        Duration::from_secs(3),
-    );
+    wait_for(&cgroup, "memory.max", &original_memory);
     assert_eq!(read(&cgroup, "pids.max"), original_pids);
     daemon.signal(libc::SIGTERM);
     assert!(
         daemon
-            .wait_exit(Duration::from_secs(3))
+            .wait_exit(HANG_GUARD)
             .is_some_and(|(s, _)| s.success())
     );
 }
