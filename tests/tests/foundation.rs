@@ -423,3 +423,41 @@ fn an_unprivileged_user_gets_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("must run as root"), "stderr: {stderr}");
 }
+
+#[test]
+fn only_root_may_use_the_control_socket() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    let _serial = serial();
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.control_socket();
+    let bans_as = |uid: u32| {
+        let output = Command::new(sentinel_tests::sentinel_bin())
+            .args(["bans", "--socket"])
+            .arg(&socket)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .expect("run sentinel bans");
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    // The socket's mode keeps other users out...
+    let refused = bans_as(65534);
+    assert!(
+        refused.contains("permission denied: the control socket is root-only; use sudo"),
+        "{refused}"
+    );
+    // ...and with it opened up, the daemon's peer-credential check alone does.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let refused = bans_as(65534);
+    assert!(
+        refused.contains("permission denied: root only"),
+        "{refused}"
+    );
+    // Root is answered (this daemon runs without the SSH guard, and says so).
+    let answered = bans_as(0);
+    assert!(
+        answered.contains("the SSH guard is not running"),
+        "{answered}"
+    );
+}
