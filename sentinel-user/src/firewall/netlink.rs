@@ -152,23 +152,12 @@ impl SetElementSocket {
         let mut acknowledged = false;
         let mut first_error = None;
         loop {
-            // SAFETY: the pointer and length describe `buffer`.
-            let received = unsafe {
-                libc::recv(
-                    self.socket.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    libc::MSG_DONTWAIT,
-                )
+            let received = match receive(&self.socket, &mut buffer, libc::MSG_DONTWAIT) {
+                Ok(received) => received,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(error),
             };
-            if received == -1 {
-                let error = io::Error::last_os_error();
-                if error.kind() == io::ErrorKind::WouldBlock {
-                    break;
-                }
-                return Err(error);
-            }
-            for errno in error_codes(&buffer[..received as usize]) {
+            for errno in error_codes(&buffer[..received]) {
                 acknowledged = true;
                 if errno != 0 && first_error.is_none() {
                     first_error = Some(io::Error::from_raw_os_error(-errno));
@@ -226,28 +215,33 @@ impl TableWatch {
     pub fn wait(&self) -> Result<(), Error> {
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
-            // SAFETY: the pointer and length describe `buffer`.
-            let received = unsafe {
-                libc::recv(
-                    self.socket.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    0,
-                )
-            };
-            if received == -1 {
-                let error = io::Error::last_os_error();
-                match error.raw_os_error() {
+            let received = match receive(&self.socket, &mut buffer, 0) {
+                Ok(received) => received,
+                Err(error) => match error.raw_os_error() {
                     Some(libc::ENOBUFS) => return Ok(()),
                     Some(libc::EINTR) => continue,
                     _ => return Err(Error::Netlink { source: error }),
-                }
-            }
-            if removes_from_our_table(&buffer[..received as usize]) {
+                },
+            };
+            if removes_from_our_table(&buffer[..received]) {
                 return Ok(());
             }
         }
     }
+}
+
+/// Receives one datagram into `buffer`; returns its length.
+fn receive(socket: &OwnedFd, buffer: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: the pointer and length describe `buffer`.
+    let received = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            flags,
+        )
+    };
+    usize::try_from(received).map_err(|_| io::Error::last_os_error())
 }
 
 /// Whether a datagram of nf_tables notifications holds a removal in `table inet sentinel`.
