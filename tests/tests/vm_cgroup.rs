@@ -319,3 +319,32 @@ fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
             .is_some_and(|(s, _)| s.success())
     );
 }
+
+#[test]
+fn a_nested_cgroup_gets_its_controllers_enabled_in_its_parent() {
+    let _serial = serial();
+    let _daemon = daemon_with(
+        "  - name: nested\n    cgroup: sentinel-test-nest-*/inner\n    memory.max: 64M\n    cpu.max: 50%\n    pids.max: 50\n",
+    );
+    let cgroup = TestCgroup::new("nest");
+    assert_eq!(read(&cgroup, "cgroup.subtree_control"), "");
+    let inner = cgroup.path().join("inner");
+    fs::create_dir(&inner).expect("create the nested cgroup");
+    let nested_reads =
+        |file: &str| fs::read_to_string(inner.join(file)).map(|value| value.trim().to_owned());
+    assert!(
+        eventually(HANG_GUARD, || nested_reads("memory.max")
+            .is_ok_and(|value| value == (64 * MIB).to_string())),
+        "memory.max of the nested cgroup: {:?}",
+        nested_reads("memory.max")
+    );
+    assert_eq!(nested_reads("cpu.max").unwrap(), "50000 100000");
+    assert_eq!(nested_reads("pids.max").unwrap(), "50");
+    let mut enabled: Vec<String> = read(&cgroup, "cgroup.subtree_control")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    enabled.sort();
+    assert_eq!(enabled, ["cpu", "memory", "pids"]);
+    fs::remove_dir(&inner).expect("remove the nested cgroup");
+}

@@ -56,29 +56,35 @@ impl CgroupFs {
         for depth in 0..segments.len() {
             let parent = segments[..depth].join("/");
             let enabled = self.read(&parent, "cgroup.subtree_control")?;
-            for controller in controllers {
-                if enabled.split_whitespace().any(|c| c == *controller) {
-                    continue;
-                }
-                let available = self.read(&parent, "cgroup.controllers")?;
-                if !available.split_whitespace().any(|c| c == *controller) {
-                    return Err(Error::ControllerUnavailable {
+            let missing: Vec<&str> = controllers
+                .iter()
+                .copied()
+                .filter(|controller| !enabled.split_whitespace().any(|c| c == *controller))
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let available = self.read(&parent, "cgroup.controllers")?;
+            if let Some(controller) = missing
+                .iter()
+                .find(|controller| !available.split_whitespace().any(|c| c == **controller))
+            {
+                return Err(Error::ControllerUnavailable {
+                    parent: display_path(&parent),
+                    controller: controller.to_string(),
+                    available,
+                });
+            }
+            // One write enables them all: the kernel takes space-separated tokens.
+            let enable: Vec<String> = missing.iter().map(|c| format!("+{c}")).collect();
+            match self.write(&parent, "cgroup.subtree_control", &enable.join(" ")) {
+                Err(Error::CgroupIo { source, .. }) if source.kind() == ErrorKind::ResourceBusy => {
+                    return Err(Error::InternalProcesses {
                         parent: display_path(&parent),
-                        controller: controller.to_string(),
-                        available,
+                        controller: missing.join(" "),
                     });
                 }
-                match self.write(&parent, "cgroup.subtree_control", &format!("+{controller}")) {
-                    Err(Error::CgroupIo { source, .. })
-                        if source.kind() == ErrorKind::ResourceBusy =>
-                    {
-                        return Err(Error::InternalProcesses {
-                            parent: display_path(&parent),
-                            controller: controller.to_string(),
-                        });
-                    }
-                    other => other?,
-                }
+                other => other?,
             }
         }
         Ok(())
@@ -153,10 +159,17 @@ mod tests {
     fn enables_controllers_in_every_ancestor() {
         let tree = FakeTree::new("cpu memory pids io");
         let fs = CgroupFs::new(tree.0.clone());
+        fs.write("a", "cgroup.subtree_control", "memory").unwrap();
         fs.enable_controllers("/a/b", &CONTROLLERS).unwrap();
-        // A plain file keeps only the last write; the kernel would accumulate them.
-        assert_eq!(fs.read("", "cgroup.subtree_control").unwrap(), "+pids");
-        assert_eq!(fs.read("a", "cgroup.subtree_control").unwrap(), "+pids");
+        // Each ancestor gets one write naming every controller it lacks.
+        assert_eq!(
+            fs.read("", "cgroup.subtree_control").unwrap(),
+            "+memory +cpu +pids"
+        );
+        assert_eq!(
+            fs.read("a", "cgroup.subtree_control").unwrap(),
+            "+cpu +pids"
+        );
         assert_eq!(fs.read("a/b", "cgroup.subtree_control").unwrap(), "");
     }
 

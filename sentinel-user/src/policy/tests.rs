@@ -1,7 +1,7 @@
 //! The `policies` section through the whole configuration's checks: each refusal with its
 //! exact position and reason.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::*;
 use crate::config::Config;
@@ -460,13 +460,8 @@ fn alias_bombs_are_cut_short() {
         let aliases = vec![format!("*{previous}"); 9].join(", ");
         bomb.push_str(&format!("  - &{next} [{aliases}]\n"));
     }
-    let started = Instant::now();
+    // Refused where the replay limit was hit (how fast is the bench's business, not a test's).
     let problems = problems(&bomb);
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
     assert_eq!(
         problems,
         [format!(

@@ -365,16 +365,25 @@ mod tests {
         let mut engine = BanEngine::new(rules());
         let mut now = Instant::now();
         let mut durations = Vec::new();
-        for _ in 0..12 {
-            if let Some(Verdict::Ban { duration, .. }) =
-                fail_n(&mut engine, now, "198.51.100.1", 5).pop()
-            {
-                durations.push(duration.as_secs());
-                now += duration + Duration::from_secs(1);
-            }
+        for round in 1..=12 {
+            let verdict = fail_n(&mut engine, now, "198.51.100.1", 5).pop();
+            let Some(Verdict::Ban {
+                duration, offense, ..
+            }) = verdict
+            else {
+                panic!("round {round} made no ban: {verdict:?}");
+            };
+            assert_eq!(offense, round);
+            durations.push(duration.as_secs());
+            now += duration + Duration::from_secs(1);
         }
-        assert_eq!(&durations[..4], &[600, 1200, 2400, 4800]);
-        assert_eq!(*durations.last().unwrap(), 7 * 86400);
+        let week = 7 * 86400;
+        assert_eq!(
+            durations,
+            [
+                600, 1200, 2400, 4800, 9600, 19200, 38400, 76800, 153600, 307200, week, week
+            ]
+        );
     }
 
     #[test]
@@ -474,6 +483,20 @@ mod tests {
         }
         assert_eq!(engine.tracked(), 2);
         assert_eq!(engine.evicted, 1);
+        // The two newest kept their first failure: four more make five, a ban each...
+        for kept in ["192.0.2.3", "192.0.2.2"] {
+            let verdicts = fail_n(&mut engine, now, kept, 4);
+            assert!(
+                matches!(verdicts[3], Verdict::Ban { failures: 5, .. }),
+                "{kept}: {verdicts:?}"
+            );
+        }
+        // ...while the oldest was forgotten: four more are only four.
+        let forgotten = fail_n(&mut engine, now, "192.0.2.1", 4);
+        assert!(
+            forgotten.iter().all(|verdict| *verdict == Verdict::Counted),
+            "{forgotten:?}"
+        );
     }
 
     #[test]
