@@ -132,6 +132,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         backend,
         applied.clone(),
         policy_metrics.clone(),
+        &state_dir,
     );
     let (enforcer_tx, enforcer_rx) = queue::bounded("enforcer", ENFORCER_QUEUE, &queue_drops);
     let enforcer_thread =

@@ -69,7 +69,7 @@ pub enum Error {
     },
     #[error("the SSH guard could not start: {0}")]
     SshGuardStart(Box<Error>),
-    #[error("the saved SSH guard state {path}: {source}")]
+    #[error("the saved state {path}: {source}")]
     State { path: PathBuf, source: io::Error },
     #[error("cannot create the control socket {path}: {source}")]
     ControlSocket { path: PathBuf, source: io::Error },

@@ -17,6 +17,7 @@ pub mod probes;
 pub mod queue;
 mod slots;
 pub mod ssh_guard;
+mod state;
 mod yaml;
 
 pub use error::Error;

@@ -10,7 +10,7 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, NO_FIREWALL, TestCgroup, cgroup2_mount, eventually, serial, testkit_bin,
+    Daemon, NO_FIREWALL, TempDir, TestCgroup, cgroup2_mount, eventually, serial, testkit_bin,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -347,4 +347,45 @@ fn a_nested_cgroup_gets_its_controllers_enabled_in_its_parent() {
     enabled.sort();
     assert_eq!(enabled, ["cpu", "memory", "pids"]);
     fs::remove_dir(&inner).expect("remove the nested cgroup");
+}
+
+fn kill(mut daemon: Daemon) {
+    daemon.signal(libc::SIGKILL);
+    assert!(
+        daemon.wait_exit(HANG_GUARD).is_some(),
+        "SIGKILL did not end it"
+    );
+}
+
+#[test]
+fn the_true_originals_come_back_after_a_killed_daemon() {
+    let _serial = serial();
+    require_controllers();
+    let state = TempDir::new("sentinel-vm-state");
+    let cgroup = TestCgroup::new("orig");
+    let original = read(&cgroup, "memory.max");
+    let limited = (64 * MIB).to_string();
+    assert_ne!(original, limited);
+    let policy = format!(
+        "{NO_FIREWALL}policies:\n  - name: app\n    cgroup: sentinel-test-orig-*\n    memory.max: 64M\n"
+    );
+    let applied = [("service", cgroup.service()), ("policy", "app")];
+
+    let daemon = Daemon::start_with_state(&policy, state.path());
+    wait_for(&cgroup, "memory.max", &limited);
+    kill(daemon);
+    // Restarted while its own 64M is in place: that must not become "the original".
+    let daemon = Daemon::start_with_state(&policy, state.path());
+    assert!(eventually(HANG_GUARD, || {
+        daemon.scrape().value("sentinel_policy_applied", &applied) == Some(1.0)
+    }));
+    fs::write(daemon.config_path(), NO_FIREWALL).expect("remove the policy");
+    wait_for(&cgroup, "memory.max", &original);
+
+    // A policy removed while the daemon was down: given back at the next start.
+    let daemon = Daemon::start_with_state(&policy, state.path());
+    wait_for(&cgroup, "memory.max", &limited);
+    kill(daemon);
+    let _daemon = Daemon::start_with_state(NO_FIREWALL, state.path());
+    wait_for(&cgroup, "memory.max", &original);
 }

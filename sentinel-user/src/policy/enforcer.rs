@@ -7,7 +7,7 @@
 //! for OOM log lines.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::Path,
     sync::{
         Arc, Mutex,
@@ -22,10 +22,13 @@ use super::{
     Mode, Policy, ServicePolicy,
     metrics::{Action, PolicyMetrics},
 };
-use crate::cgroup::{
-    cgroupfs::{CONTROLLERS, CgroupFs},
-    guardian::{GuardAction, GuardLimits, MemoryGuard, ProcessHandle, largest_process},
-    service_name, walk_hierarchy,
+use crate::{
+    cgroup::{
+        cgroupfs::{CONTROLLERS, CgroupFs},
+        guardian::{GuardAction, GuardLimits, MemoryGuard, ProcessHandle, largest_process},
+        service_name, walk_hierarchy,
+    },
+    state::StateFile,
 };
 
 /// How often limits are checked for drift and memory guards are evaluated.
@@ -66,6 +69,13 @@ pub struct AppliedSummary {
 /// Interface files and their values, e.g. `("memory.max", "67108864")`.
 type Files = Vec<(&'static str, String)>;
 
+/// By cgroup path, the values found there before Sentinel first wrote it: kept on disk so that
+/// after a crash or reboot Sentinel's own values are never taken for the originals.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct SavedOriginals {
+    cgroups: BTreeMap<String, BTreeMap<String, String>>,
+}
+
 struct Applied {
     policy: ServicePolicy,
     /// The values Sentinel keeps in place, as the kernel reads them back.
@@ -82,6 +92,9 @@ pub struct Enforcer {
     backend: Backend,
     systemd_booted: bool,
     applied: HashMap<String, Applied>,
+    /// The true originals of every cgroup Sentinel has written and not yet given back.
+    saved: SavedOriginals,
+    saved_file: StateFile<SavedOriginals>,
     view: Arc<Mutex<AppliedView>>,
     metrics: PolicyMetrics,
 }
@@ -93,13 +106,21 @@ impl Enforcer {
         backend: Backend,
         view: Arc<Mutex<AppliedView>>,
         metrics: PolicyMetrics,
+        state_dir: &Path,
     ) -> Self {
+        let saved_file = StateFile::new(state_dir.join("cgroup-originals.json"));
+        let saved = saved_file.load().unwrap_or_else(|error| {
+            error!("{error}; limits written before this start cannot be given back exactly");
+            None
+        });
         Self {
             fs,
             policy,
             backend,
             systemd_booted: Path::new("/run/systemd/system").is_dir(),
             applied: HashMap::new(),
+            saved: saved.unwrap_or_default(),
+            saved_file,
             view,
             metrics,
         }
@@ -121,9 +142,11 @@ impl Enforcer {
 
     /// Handles inputs until `Stop`; limits stay in place when the daemon stops.
     pub fn run(mut self, inputs: Receiver<Input>) {
+        self.give_back_unclaimed();
         self.apply_all();
         let mut next_tick = Instant::now() + TICK;
         loop {
+            self.save_originals();
             match inputs.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
                 Ok(Input::CgroupCreated(path)) => {
                     self.reconcile(&path);
@@ -136,6 +159,57 @@ impl Enforcer {
                     next_tick = Instant::now() + TICK;
                 }
             }
+        }
+    }
+
+    /// Cgroups written before a restart that no policy wants any more (the policy was removed
+    /// while the daemon was down) get their true originals back.
+    fn give_back_unclaimed(&mut self) {
+        let unclaimed: Vec<String> = self
+            .saved
+            .cgroups
+            .keys()
+            .filter(|path| self.policy_for(path).is_none())
+            .cloned()
+            .collect();
+        for path in unclaimed {
+            let originals = self.saved_files(&path);
+            if self.fs.exists(&path) {
+                self.restore(&path, &originals);
+                info!(
+                    service = service_name(&path),
+                    "no policy wants this cgroup since the restart; previous limits restored"
+                );
+            }
+            self.forget_originals(&path);
+        }
+    }
+
+    /// The saved originals of `path`, as interface files this version knows.
+    fn saved_files(&self, path: &str) -> Files {
+        let Some(saved) = self.saved.cgroups.get(path) else {
+            return Vec::new();
+        };
+        super::model::INTERFACE_FILES
+            .iter()
+            .filter_map(|file| Some((*file, saved.get(*file)?.clone())))
+            .collect()
+    }
+
+    fn forget_originals(&mut self, path: &str) {
+        if self.saved.cgroups.remove(path).is_some() {
+            self.saved_file.mark_changed();
+        }
+    }
+
+    /// Writes the saved originals when they changed.
+    fn save_originals(&mut self) {
+        let now = Instant::now();
+        if !self.saved_file.due(now, Duration::ZERO) {
+            return;
+        }
+        if let Err(error) = self.saved_file.write(&self.saved, now) {
+            error!("{error}; after a restart the limits could not be given back exactly");
         }
     }
 
@@ -207,6 +281,12 @@ impl Enforcer {
         }
         match self.write_limits(path, &desired) {
             Ok((expected, originals)) => {
+                let saved = originals
+                    .iter()
+                    .map(|(file, value)| (file.to_string(), value.clone()))
+                    .collect();
+                self.saved.cgroups.insert(path.to_string(), saved);
+                self.saved_file.mark_changed();
                 info!(service, policy = policy.name, limits = ?desired, "limits applied");
                 self.metrics.action(&service, Action::SetLimits);
                 self.applied
@@ -248,10 +328,16 @@ impl Enforcer {
             .filter(|controller| desired.iter().any(|(file, _)| file.starts_with(controller)))
             .collect();
         self.fs.enable_controllers(path, &needed)?;
+        // Written before a restart: what is there now is Sentinel's own value.
+        let saved = self.saved_files(path);
         let mut originals = Vec::new();
         let mut expected = Vec::new();
         for (file, value) in desired {
-            originals.push((*file, self.fs.read(path, file)?));
+            let original = match saved.iter().find(|(saved, _)| saved == file) {
+                Some((_, original)) => original.clone(),
+                None => self.fs.read(path, file)?,
+            };
+            originals.push((*file, original));
             self.fs.write(path, file, value)?;
             // The kernel may normalise a value (page-aligned sizes); keep what it reads back.
             expected.push((*file, self.fs.read(path, file)?));
@@ -264,18 +350,11 @@ impl Enforcer {
         let Some(applied) = self.applied.remove(path) else {
             return;
         };
+        self.forget_originals(path);
         if !self.fs.exists(path) {
             return;
         }
-        // Reverse order: memory.high before memory.max, so the pair stays consistent.
-        for (file, value) in applied.originals.iter().rev() {
-            if let Err(error) = self.fs.write(path, file, value) {
-                warn!(
-                    service = service_name(path),
-                    file, "cannot restore the previous limit: {error}"
-                );
-            }
-        }
+        self.restore(path, &applied.originals);
         info!(
             service = service_name(path),
             policy = applied.policy.name,
@@ -284,6 +363,19 @@ impl Enforcer {
         self.metrics
             .action(service_name(path), Action::RestoredLimits);
         self.publish();
+    }
+
+    /// Writes `originals` back to `path`.
+    fn restore(&self, path: &str, originals: &Files) {
+        // Reverse order: memory.high before memory.max, so the pair stays consistent.
+        for (file, value) in originals.iter().rev() {
+            if let Err(error) = self.fs.write(path, file, value) {
+                warn!(
+                    service = service_name(path),
+                    file, "cannot restore the previous limit: {error}"
+                );
+            }
+        }
     }
 
     fn tick(&mut self) {
@@ -295,6 +387,7 @@ impl Enforcer {
             .collect();
         for path in &gone {
             self.applied.remove(path);
+            self.forget_originals(path);
         }
         let now = Instant::now();
         let paths: Vec<String> = self.applied.keys().cloned().collect();

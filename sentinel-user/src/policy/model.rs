@@ -108,6 +108,15 @@ fn is_unit_cgroup(cgroup_path: &str, unit: &str) -> bool {
     cgroup_path.trim_end_matches('/').rsplit('/').next() == Some(unit)
 }
 
+/// Every interface file a policy writes, in the order `to_cgroup_files` lists them.
+pub const INTERFACE_FILES: [&str; 5] = [
+    "memory.max",
+    "memory.high",
+    "cpu.max",
+    "cpu.weight",
+    "pids.max",
+];
+
 impl Limits {
     /// The cgroup interface files to write and their contents, in a fixed order. Holds only
     /// the limits that are set; the caller decides whether `Mode::Observe` writes them.

@@ -8,7 +8,6 @@ pub mod audit;
 pub mod engine;
 mod metrics;
 pub mod settings;
-mod state;
 
 use std::{
     collections::HashMap,
@@ -24,13 +23,13 @@ pub use self::metrics::SshGuardMetrics;
 use self::{
     audit::{AuditAction, AuditLog, AuditRecord},
     engine::{BanEngine, GuardRules, Verdict},
-    state::{Clocks, SavedBan, SavedOffense, SavedState, StateFile},
 };
 use crate::{
     Error,
     cgroup::guardian::ProcessHandle,
     events::{SshAuth, SshOutcome},
     firewall::{Ban, Firewall, FirewallOptions, IpNet, TableWatch},
+    state::{Clocks, SavedBan, SavedOffense, SavedState, StateFile},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +102,7 @@ pub struct SshGuard {
     metrics: SshGuardMetrics,
     /// Why each ban in force was made, for `sentinel bans`.
     reasons: HashMap<IpNet, (String, u32)>,
-    state: StateFile,
+    state: StateFile<SavedState>,
     /// `flush_on_exit`: the bans end with the daemon, on disk too.
     forget_bans_on_exit: bool,
 }
@@ -527,10 +526,7 @@ impl SshGuard {
                 ends_unix_ms: clocks.to_unix_ms(offense.ends),
             })
             .collect();
-        if let Err(error) = self
-            .state
-            .write(&SavedState::new(bans, offenses), clocks.now)
-        {
+        if let Err(error) = self.state.write(&SavedState { bans, offenses }, clocks.now) {
             error!("{error}; the bans stay in the kernel but would not survive a reboot");
             self.metrics.state_write_failures.inc();
         }

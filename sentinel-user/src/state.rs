@@ -1,7 +1,7 @@
-//! The guard's state kept on disk: the bans in force and each offender's ban count, so that a
-//! reboot, or a lost table and a restart, neither lifts a ban early nor resets escalation
-//! (fail2ban restores its bans from its database; sshguard forgets them). Written whole and
-//! atomically (a new file, synced, renamed over the old one), at most once a second.
+//! State kept on disk across restarts and reboots (in `--state-dir`): the SSH guard's bans and
+//! offense counts, and the cgroup values the enforcer must put back. Each file is written whole
+//! and atomically (a new file, synced, renamed over the old one), so a crash leaves the old or
+//! the new state, never a mix.
 
 use std::{
     fs::{self, File},
@@ -10,15 +10,23 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{Error, firewall::IpNet};
 
+/// The format of every state file; a file of another version is refused, not misread.
 const VERSION: u32 = 1;
 
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    version: u32,
+    #[serde(flatten)]
+    state: T,
+}
+
+/// The SSH guard's state: bans in force, and how often each offender was banned.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SavedState {
-    pub version: u32,
     pub bans: Vec<SavedBan>,
     pub offenses: Vec<SavedOffense>,
 }
@@ -79,35 +87,37 @@ impl Clocks {
     }
 }
 
-/// Where the state lives, and whether it changed since it was last written.
-pub struct StateFile {
+/// Where a state lives, and whether it changed since it was last written.
+pub struct StateFile<T> {
     path: PathBuf,
     dirty: bool,
     written: Option<Instant>,
+    kind: std::marker::PhantomData<T>,
 }
 
-impl StateFile {
+impl<T: Serialize + DeserializeOwned> StateFile<T> {
     pub fn new(path: PathBuf) -> Self {
         Self {
             path,
             dirty: false,
             written: None,
+            kind: std::marker::PhantomData,
         }
     }
 
     /// The saved state; none if there is no file yet. A file that cannot be read as state is
     /// moved aside (to `<file>.corrupt`) so that it is kept for inspection and not read again.
-    pub fn load(&self) -> Result<Option<SavedState>, Error> {
+    pub fn load(&self) -> Result<Option<T>, Error> {
         let text = match fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(self.error(source)),
         };
-        match serde_json::from_str::<SavedState>(&text) {
-            Ok(state) if state.version == VERSION => Ok(Some(state)),
-            Ok(state) => Err(self.error(std::io::Error::other(format!(
+        match serde_json::from_str::<Envelope<T>>(&text) {
+            Ok(saved) if saved.version == VERSION => Ok(Some(saved.state)),
+            Ok(saved) => Err(self.error(std::io::Error::other(format!(
                 "version {} is not {VERSION}",
-                state.version
+                saved.version
             )))),
             Err(problem) => {
                 let aside = self.path.with_extension("corrupt");
@@ -133,14 +143,18 @@ impl StateFile {
     }
 
     /// Replaces the file with `state`: a crash at any moment leaves the old or the new file.
-    pub fn write(&mut self, state: &SavedState, now: Instant) -> Result<(), Error> {
+    pub fn write(&mut self, state: &T, now: Instant) -> Result<(), Error> {
         let io = |source| self.error(source);
         if let Some(dir) = self.path.parent() {
             fs::create_dir_all(dir).map_err(io)?;
         }
         let staged = self.path.with_extension("new");
         let mut file = File::create(&staged).map_err(io)?;
-        let bytes = serde_json::to_vec(state).map_err(|error| io(error.into()))?;
+        let envelope = Envelope {
+            version: VERSION,
+            state,
+        };
+        let bytes = serde_json::to_vec(&envelope).map_err(|error| io(error.into()))?;
         file.write_all(&bytes).map_err(io)?;
         file.sync_all().map_err(io)?;
         fs::rename(&staged, &self.path).map_err(io)?;
@@ -160,16 +174,6 @@ impl StateFile {
     }
 }
 
-impl SavedState {
-    pub fn new(bans: Vec<SavedBan>, offenses: Vec<SavedOffense>) -> Self {
-        Self {
-            version: VERSION,
-            bans,
-            offenses,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,19 +187,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sentinel-state-{}", std::process::id()));
         let mut file = StateFile::new(dir.join("ssh-guard.json"));
         assert_eq!(file.load().unwrap(), None);
-        let state = SavedState::new(
-            vec![SavedBan {
+        let state = SavedState {
+            bans: vec![SavedBan {
                 net: net("198.51.100.10"),
                 expires_unix_ms: 1_900_000_000_000,
                 reason: "ssh_failures".into(),
                 failures: 5,
             }],
-            vec![SavedOffense {
+            offenses: vec![SavedOffense {
                 net: net("2001:db8:6::/64"),
                 count: 3,
                 ends_unix_ms: 1_800_000_000_000,
             }],
-        );
+        };
         file.mark_changed();
         assert!(file.due(Instant::now(), Duration::from_secs(1)));
         file.write(&state, Instant::now()).unwrap();
@@ -210,7 +214,10 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ssh-guard.json");
         fs::write(&path, "{\"version\": 1, \"bans\": [tru").unwrap();
-        let error = StateFile::new(path.clone()).load().unwrap_err().to_string();
+        let error = StateFile::<SavedState>::new(path.clone())
+            .load()
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("moved aside"), "{error}");
         assert!(!path.exists());
         assert!(dir.join("ssh-guard.corrupt").exists());
