@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod policy;
 pub mod probes;
+pub mod service;
 mod slots;
 pub mod ssh_guard;
 
