@@ -229,15 +229,19 @@ fn boot_and_judge(
         );
         return Ok(report::GuestResults::default());
     }
+    print_timing("VM", &outcome);
+    judge(&outcome, payload.jobs.len(), timeout)
+}
+
+fn print_timing(vm: &str, outcome: &VmOutcome) {
     let boot = outcome.boot.map_or_else(
         || "unknown (/init never printed a line)".to_owned(),
         |boot| format!("{:.1} s", boot.as_secs_f64()),
     );
     println!(
-        "[xtask] VM: boot to /init {boot}, whole VM run {:.1} s",
+        "[xtask] {vm}: boot to /init {boot}, whole VM run {:.1} s",
         outcome.wall.as_secs_f64()
     );
-    judge(&outcome, payload.jobs.len(), timeout)
 }
 
 /// Turns the QEMU exit and the guest's results into a verdict. Anything short

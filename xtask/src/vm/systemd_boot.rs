@@ -9,15 +9,14 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 use super::qemu::{self, Disk, VmConfig};
 use super::systemd_image::{self, Image};
-use super::{HOST_PACKAGES, cache_dir, in_run_dir, judge, vm_dir};
-use crate::host::{ensure_packages, run};
+use super::{HOST_PACKAGES, cache_dir, in_run_dir, judge, print_timing, vm_dir};
+use crate::host::ensure_packages;
 
 /// The suite's assertions, in order: each is `test_NAME` in systemd_suite.sh and must report
 /// a pass.
@@ -105,14 +104,7 @@ fn boot_and_judge(args: &SystemdTestArgs, image: &Image, deb: &Path, run_dir: &P
         shell: false,
         kernel_log: args.kernel_log,
     })?;
-    let boot = outcome.boot.map_or_else(
-        || "unknown (the initramfs never printed a line)".to_owned(),
-        |boot| format!("{:.1} s", boot.as_secs_f64()),
-    );
-    println!(
-        "[xtask] systemd VM: QEMU start to initramfs {boot}, whole VM run {:.1} s",
-        outcome.wall.as_secs_f64()
-    );
+    print_timing("systemd VM", &outcome);
     judge(&outcome, ASSERTIONS.len(), timeout).map(drop)
 }
 
@@ -127,10 +119,5 @@ fn write_run_disk(deb: &Path, dir: &Path, image: &Path) -> Result<()> {
     fs::write(dir.join("suite.sh"), SUITE)?;
     fs::write(dir.join("assertions"), ASSERTIONS.join("\n") + "\n")?;
     let size_mib = fs::metadata(deb)?.len() / (1 << 20) + 32;
-    run(Command::new("mke2fs")
-        .args(["-q", "-t", "ext4", "-L", "sentinel-run", "-d"])
-        .arg(dir)
-        .arg(image)
-        .arg(format!("{size_mib}M")))
-    .context("cannot make the run disk")
+    systemd_image::ext4_from_dir(dir, "sentinel-run", size_mib, image)
 }

@@ -129,7 +129,7 @@ pub fn prepare(cache_dir: &Path) -> Result<Image> {
         &staged_entry.join("initramfs.cpio"),
     )?;
     configure(&root)?;
-    make_ext4(&root, &staged_entry.join("rootfs.img"))?;
+    root_image(&root, &staged_entry.join("rootfs.img"))?;
     match fs::rename(&staged_entry, &entry) {
         Err(error) if entry.is_dir() => {
             println!("[xtask] systemd image appeared meanwhile ({error}); using it")
@@ -210,7 +210,7 @@ fn configure(root: &Path) -> Result<()> {
 }
 
 /// An ext4 image of `root`, with room for the package, its state and Prometheus's data.
-fn make_ext4(root: &Path, image: &Path) -> Result<()> {
+fn root_image(root: &Path, image: &Path) -> Result<()> {
     let used = command_output(Command::new("du").args(["-s", "--block-size=1M"]).arg(root))?;
     let used_mib: u64 = used
         .split_whitespace()
@@ -219,12 +219,18 @@ fn make_ext4(root: &Path, image: &Path) -> Result<()> {
         .context("cannot read the size of the image's tree from du")?;
     let size_mib = used_mib * 5 / 4 + 512;
     println!("[xtask] systemd image: {used_mib} MiB of files into a {size_mib} MiB ext4 image");
+    ext4_from_dir(root, "sentinel-root", size_mib, image)
+}
+
+/// Writes an ext4 file system of `size_mib` holding the tree `dir` to `image`, without mounting
+/// anything (loop devices are not available everywhere).
+pub fn ext4_from_dir(dir: &Path, label: &str, size_mib: u64, image: &Path) -> Result<()> {
     run(Command::new("mke2fs")
-        .args(["-q", "-t", "ext4", "-L", "sentinel-root", "-d"])
-        .arg(root)
+        .args(["-q", "-t", "ext4", "-L", label, "-d"])
+        .arg(dir)
         .arg(image)
         .arg(format!("{size_mib}M")))
-    .context("mke2fs failed")
+    .with_context(|| format!("cannot make {} from {}", image.display(), dir.display()))
 }
 
 /// Images of older recipes or kernels: each is about a gigabyte.
