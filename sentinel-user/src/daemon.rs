@@ -214,6 +214,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         ssh_guard = ssh_guard.is_some(),
         "sentinel is running"
     );
+    crate::service::notify_ready();
 
     let failure = signals
         .wait_for_shutdown(&attribution, &reloader, &mut stopped)

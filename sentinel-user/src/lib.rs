@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod policy;
 pub mod probes;
 pub mod queue;
+pub mod service;
 mod slots;
 pub mod ssh_guard;
 mod state;

@@ -1,6 +1,8 @@
-//! Developer tasks: `cargo xtask run | test | lint | setup | vm-test | fresh-check | bench`.
+//! Developer tasks: `cargo xtask run | test | lint | setup | deb | vm-test | systemd-test |
+//! fresh-check | bench`.
 
 mod bench;
+mod deb;
 mod fresh_check;
 mod host;
 mod setup;
@@ -33,9 +35,10 @@ enum Task {
         args: Vec<OsString>,
     },
     /// Install what is missing, then run every check: formatting, lints, unit tests, the
-    /// privileged tests on this kernel, and the cgroup v2 tests in a VM.
+    /// privileged tests on this kernel, the cgroup v2 tests in a VM, and the package on a
+    /// systemd VM.
     Test {
-        /// Skip the VM suite (it is part of the full test; use only while iterating).
+        /// Skip the VM suites (they are part of the full test; use only while iterating).
         #[arg(long)]
         skip_vm: bool,
     },
@@ -43,8 +46,13 @@ enum Task {
     Lint,
     /// Install the build and test dependencies only.
     Setup,
+    /// Build the Debian package, target/debian/sentinel_<version>_amd64.deb, and lintian it.
+    Deb,
     /// Boot a Debian kernel under QEMU and run the privileged suites inside it.
     VmTest(vm::VmTestArgs),
+    /// Boot a Debian 12 guest with real systemd under QEMU, install the package and check the
+    /// service (as root: the guest image is built with mmdebstrap).
+    SystemdTest(vm::SystemdTestArgs),
     /// Prove that a fresh machine builds and tests Sentinel: a clean clone, empty RUSTUP_HOME
     /// and CARGO_HOME with a floating nightly as default, then the steps CI runs.
     FreshCheck(fresh_check::FreshCheckArgs),
@@ -59,7 +67,9 @@ fn main() -> Result<()> {
         Task::Test { skip_vm } => test(&workspace, skip_vm),
         Task::Lint => lint(&workspace),
         Task::Setup => setup::test_tools(&workspace).map(drop),
+        Task::Deb => deb::build(&workspace).map(drop),
         Task::VmTest(args) => vm::vm_test(&args),
+        Task::SystemdTest(args) => vm::systemd_test(&args),
         Task::FreshCheck(args) => fresh_check::fresh_check(&workspace, &args),
         Task::Bench(args) => bench::bench(&args),
     }
@@ -167,9 +177,14 @@ fn test(workspace: &Path, skip_vm: bool) -> Result<()> {
     }
     run(&mut privileged_tests)?;
     if skip_vm {
-        println!("[xtask] VM suite SKIPPED (--skip-vm): cgroup v2 enforcement was not tested");
+        println!(
+            "[xtask] VM suites SKIPPED (--skip-vm): cgroup v2 enforcement and the package on \
+             systemd were not tested"
+        );
         return Ok(());
     }
     step("cgroup v2 tests in a VM");
-    vm::vm_test(&vm::VmTestArgs::default())
+    vm::vm_test(&vm::VmTestArgs::default())?;
+    step("the Debian package on a systemd VM");
+    vm::systemd_test(&vm::SystemdTestArgs::default())
 }

@@ -90,7 +90,15 @@ pub fn prepare(cache_dir: &Path) -> Result<Kernel> {
         &staged_entry.join("vmlinux"),
     )?;
     let modules_root = work.path.join("modules");
-    let preload = stage_modules(&unpacked, &kernel.version, &modules_root)?;
+    // The package ships no modules.dep.
+    depmod(&unpacked, &kernel.version)?;
+    let preload = stage_modules(
+        &unpacked,
+        &kernel.version,
+        PRELOADED_MODULES,
+        SHIPPED_MODULE_DIRS,
+        &modules_root,
+    )?;
     initramfs::write_base(
         &modules_root,
         &kernel.version,
@@ -116,21 +124,28 @@ pub fn prepare(cache_dir: &Path) -> Result<Kernel> {
 /// The cache entry is keyed by the kernel version and by everything that shapes
 /// its files: the code that builds them and the busybox binary.
 fn cache_key() -> Result<u64> {
-    let busybox = fs::metadata(BUSYBOX).with_context(|| format!("cannot stat {BUSYBOX}"))?;
-    let inputs = [
+    Ok(fnv1a(&[
         include_str!("kernel.rs").as_bytes(),
         include_str!("initramfs.rs").as_bytes(),
         include_str!("cpio.rs").as_bytes(),
-        &busybox.len().to_le_bytes(),
-        &busybox.mtime().to_le_bytes(),
-    ];
-    // FNV-1a: stable across toolchains, unlike std's DefaultHasher.
-    Ok(inputs
+        &busybox_stamp()?,
+    ]))
+}
+
+/// Size and modification time of the busybox binary that initramfs archives are made of.
+pub(super) fn busybox_stamp() -> Result<Vec<u8>> {
+    let busybox = fs::metadata(BUSYBOX).with_context(|| format!("cannot stat {BUSYBOX}"))?;
+    Ok([busybox.len().to_le_bytes(), busybox.mtime().to_le_bytes()].concat())
+}
+
+/// FNV-1a of the concatenated inputs: stable across toolchains, unlike std's DefaultHasher.
+pub(super) fn fnv1a(inputs: &[&[u8]]) -> u64 {
+    inputs
         .iter()
         .flat_map(|input| input.iter())
         .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
             (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-        }))
+        })
 }
 
 fn newest_available_version() -> Result<String> {
@@ -171,7 +186,7 @@ fn available_versions() -> Result<Vec<(u32, String)>> {
         .collect())
 }
 
-fn cached_or_downloaded_deb(cache_dir: &Path, version: &str) -> Result<PathBuf> {
+pub(super) fn cached_or_downloaded_deb(cache_dir: &Path, version: &str) -> Result<PathBuf> {
     let package = format!("linux-image-{version}-unsigned");
     let debs = cache_dir.join("debs");
     fs::create_dir_all(&debs)?;
@@ -245,12 +260,16 @@ fn extract_vmlinux(vmlinuz: &Path, compressed: &Path, vmlinux: &Path) -> Result<
     Ok(())
 }
 
-/// Copies the wanted modules and their dependencies from the unpacked package
-/// into `stage/lib/modules/VERSION` with a matching modules.dep, and returns the
-/// modules /init must load.
-fn stage_modules(unpacked: &Path, version: &str, stage: &Path) -> Result<Vec<String>> {
-    // The package ships no modules.dep.
-    depmod(unpacked, version)?;
+/// Copies `preload_modules`, every module under `shipped_dirs` and their dependencies from the
+/// unpacked package (depmod already run on it) into `stage/lib/modules/VERSION` with a matching
+/// modules.dep, and returns the modules /init must load, built-in ones left out.
+pub(super) fn stage_modules(
+    unpacked: &Path,
+    version: &str,
+    preload_modules: &[&str],
+    shipped_dirs: &[&str],
+    stage: &Path,
+) -> Result<Vec<String>> {
     let source = unpacked.join("lib/modules").join(version);
     let modules_dep = fs::read_to_string(source.join("modules.dep"))?;
     // Each line lists a module and all of its dependencies, transitively.
@@ -274,9 +293,9 @@ fn stage_modules(unpacked: &Path, version: &str, stage: &Path) -> Result<Vec<Str
     let mut wanted: BTreeSet<&str> = dependencies
         .keys()
         .copied()
-        .filter(|path| SHIPPED_MODULE_DIRS.iter().any(|dir| path.starts_with(dir)))
+        .filter(|path| shipped_dirs.iter().any(|dir| path.starts_with(dir)))
         .collect();
-    for module in PRELOADED_MODULES {
+    for module in preload_modules {
         if builtin.contains(*module) {
             continue;
         }
@@ -315,7 +334,7 @@ fn stage_modules(unpacked: &Path, version: &str, stage: &Path) -> Result<Vec<Str
     Ok(preload)
 }
 
-fn depmod(root: &Path, version: &str) -> Result<()> {
+pub(super) fn depmod(root: &Path, version: &str) -> Result<()> {
     run(Command::new("depmod").arg("-b").arg(root).arg(version))
         .with_context(|| format!("depmod failed for {}", root.display()))
 }
@@ -355,14 +374,14 @@ fn remove_superseded(cache_dir: &Path, entry: &Path, deb: &Path) -> Result<()> {
 
 /// A scratch directory in the cache, removed when dropped. If the process dies
 /// first, the next run removes it (its name holds the dead owner's pid).
-struct WorkDir {
-    path: PathBuf,
+pub(super) struct WorkDir {
+    pub(super) path: PathBuf,
 }
 
 const WORK_DIR_PREFIX: &str = ".work-";
 
 impl WorkDir {
-    fn create(cache_dir: &Path, purpose: &str) -> Result<Self> {
+    pub(super) fn create(cache_dir: &Path, purpose: &str) -> Result<Self> {
         let path = cache_dir.join(format!("{WORK_DIR_PREFIX}{purpose}-{}", std::process::id()));
         if path.exists() {
             fs::remove_dir_all(&path)?;

@@ -14,6 +14,8 @@ mod kernel;
 mod payload;
 mod qemu;
 mod report;
+mod systemd_boot;
+mod systemd_image;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use anyhow::{Context, Result};
 
 use payload::Payload;
 use qemu::{GuestEnd, VmConfig, VmOutcome};
+pub use systemd_boot::{SystemdTestArgs, systemd_test};
 
 /// qemu-system-x86 brings qemu-system-x86_64 and the qboot firmware, busybox-static
 /// the guest's userland, kmod depmod, xz-utils the kernel image decompressor;
@@ -138,11 +141,11 @@ enum GuestWork<'a> {
 fn run_vm(args: &VmTestArgs, work: GuestWork) -> Result<report::GuestResults> {
     let started = Instant::now();
     let workspace = crate::workspace_root();
-    let vm_dir = target_dir(&workspace).join("vm");
+    let vm_dir = vm_dir(&workspace);
     let build_dir = vm_dir.join("build");
 
     crate::host::ensure_packages("VM host tools", HOST_PACKAGES)?;
-    let kernel = kernel::prepare(&vm_dir.join("cache"))?;
+    let kernel = kernel::prepare(&cache_dir(&vm_dir))?;
     let mut borrowed_programs = borrowed::standard_programs();
     let mut payload = match work {
         GuestWork::Dir { dir, commands } => payload::from_dir(dir, commands)?,
@@ -159,9 +162,22 @@ fn run_vm(args: &VmTestArgs, work: GuestWork) -> Result<report::GuestResults> {
     };
     borrowed::add_to(&mut payload, borrowed_programs)?;
 
+    in_run_dir(&vm_dir, args.keep, started, |run_dir| {
+        boot_and_judge(args, &kernel, &payload, run_dir)
+    })
+}
+
+/// Runs `boot` in a fresh `runs/<id>/` directory, which is kept after a failure (or with
+/// `keep`) and removed otherwise.
+fn in_run_dir<T>(
+    vm_dir: &Path,
+    keep: bool,
+    started: Instant,
+    boot: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
     let run_dir = vm_dir.join("runs").join(run_id());
     fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let result = boot_and_judge(args, &kernel, &payload, &run_dir);
+    let result = boot(&run_dir);
     println!(
         "[xtask] the VM run took {:.1} s in all",
         started.elapsed().as_secs_f64()
@@ -171,7 +187,7 @@ fn run_vm(args: &VmTestArgs, work: GuestWork) -> Result<report::GuestResults> {
             "[xtask] run files kept for the post-mortem: {}",
             run_dir.display()
         );
-    } else if args.keep {
+    } else if keep {
         println!("[xtask] run files kept (--keep): {}", run_dir.display());
     } else {
         fs::remove_dir_all(&run_dir)
@@ -200,6 +216,8 @@ fn boot_and_judge(
         vmlinux: &kernel.vmlinux,
         initramfs: &initramfs,
         run_dir,
+        disks: &[],
+        kernel_args: "",
         timeout,
         shell: args.shell,
         kernel_log: args.kernel_log,
@@ -211,15 +229,19 @@ fn boot_and_judge(
         );
         return Ok(report::GuestResults::default());
     }
+    print_timing("VM", &outcome);
+    judge(&outcome, payload.jobs.len(), timeout)
+}
+
+fn print_timing(vm: &str, outcome: &VmOutcome) {
     let boot = outcome.boot.map_or_else(
         || "unknown (/init never printed a line)".to_owned(),
         |boot| format!("{:.1} s", boot.as_secs_f64()),
     );
     println!(
-        "[xtask] VM: boot to /init {boot}, whole VM run {:.1} s",
+        "[xtask] {vm}: boot to /init {boot}, whole VM run {:.1} s",
         outcome.wall.as_secs_f64()
     );
-    judge(&outcome, payload.jobs.len(), timeout)
 }
 
 /// Turns the QEMU exit and the guest's results into a verdict. Anything short
@@ -309,6 +331,14 @@ fn print_job_results(results: &report::GuestResults) {
             println!("[xtask]       failed: {test}");
         }
     }
+}
+
+fn vm_dir(workspace: &Path) -> PathBuf {
+    target_dir(workspace).join("vm")
+}
+
+fn cache_dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("cache")
 }
 
 fn target_dir(workspace: &Path) -> PathBuf {

@@ -32,11 +32,21 @@ pub struct VmConfig<'a> {
     pub vmlinux: &'a Path,
     pub initramfs: &'a Path,
     pub run_dir: &'a Path,
+    /// Virtio disks, /dev/vda first.
+    pub disks: &'a [Disk<'a>],
+    /// Appended to the kernel command line.
+    pub kernel_args: &'a str,
     pub timeout: Duration,
     /// Interactive shell on this terminal instead of the jobs.
     pub shell: bool,
     /// Show every kernel message on the console, not only warnings and errors.
     pub kernel_log: bool,
+}
+
+pub struct Disk<'a> {
+    pub image: &'a Path,
+    /// Writes go to a temporary overlay and are dropped with QEMU: the image stays unchanged.
+    pub snapshot: bool,
 }
 
 pub enum GuestEnd {
@@ -67,6 +77,10 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome> {
     if config.shell {
         kernel_cmdline.push_str(" sentinel.shell");
     }
+    if !config.kernel_args.is_empty() {
+        kernel_cmdline.push(' ');
+        kernel_cmdline.push_str(config.kernel_args);
+    }
 
     let mut qemu = Command::new(QEMU);
     qemu.args(accelerator_args(config.run_dir)?)
@@ -94,6 +108,13 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome> {
         ))
         .args(["-serial", "chardev:results"])
         .args(["-device", DEBUG_EXIT_DEVICE]);
+    for disk in config.disks {
+        let snapshot = if disk.snapshot { ",snapshot=on" } else { "" };
+        qemu.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio{snapshot}",
+            qemu_option_value(disk.image)?
+        ));
+    }
 
     let started = Instant::now();
     let (status, boot) = if config.shell {

@@ -5,13 +5,15 @@ const JOB_END: &str = "SENTINEL-JOB-END ";
 const DMESG_START: &str = "SENTINEL-DMESG-START";
 const DMESG_END: &str = "SENTINEL-DMESG-END";
 const VERDICT: &str = "SENTINEL-VERDICT ";
+/// A line a job wants shown on the host with its result (a measurement, say).
+const NOTE: &str = "SENTINEL-NOTE ";
 
 pub struct JobResult {
     pub name: String,
     /// None if the job never finished (the guest died or hung during it).
     pub status: Option<i32>,
     pub seconds: Option<String>,
-    /// libtest's "test result: ..." lines.
+    /// libtest's "test result: ..." lines and the job's notes.
     pub summaries: Vec<String>,
     /// Tests for which libtest printed a "---- NAME stdout ----" failure block.
     pub failed_tests: Vec<String>,
@@ -64,6 +66,8 @@ pub fn parse(text: &str) -> GuestResults {
             job.output.push(line.to_owned());
             if line.starts_with("test result: ") {
                 job.summaries.push(line.to_owned());
+            } else if let Some(note) = line.strip_prefix(NOTE) {
+                job.summaries.push(note.to_owned());
             } else if let Some(test) = line
                 .strip_prefix("---- ")
                 .and_then(|rest| rest.strip_suffix(" stdout ----"))
