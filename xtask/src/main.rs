@@ -1,7 +1,8 @@
-//! Developer tasks: `cargo xtask run | test | lint | setup | vm-test | fresh-check | bench`.
+//! Developer tasks: `cargo xtask run | test | lint | setup | fuzz | vm-test | fresh-check | bench`.
 
 mod bench;
 mod fresh_check;
+mod fuzz;
 mod host;
 mod setup;
 mod vm;
@@ -43,6 +44,8 @@ enum Task {
     Lint,
     /// Install the build and test dependencies only.
     Setup,
+    /// Build the fuzz targets in fuzz/ and run each for a while; fails on any crash.
+    Fuzz(fuzz::FuzzArgs),
     /// Boot a Debian kernel under QEMU and run the privileged suites inside it.
     VmTest(vm::VmTestArgs),
     /// Prove that a fresh machine builds and tests Sentinel: a clean clone, empty RUSTUP_HOME
@@ -58,7 +61,14 @@ fn main() -> Result<()> {
         Task::Run { args } => run_daemon(&workspace, &args),
         Task::Test { skip_vm } => test(&workspace, skip_vm),
         Task::Lint => lint(&workspace),
-        Task::Setup => setup::test_tools(&workspace).map(drop),
+        Task::Setup => {
+            setup::test_tools(&workspace)?;
+            setup::cargo_fuzz(&workspace).map(drop)
+        }
+        Task::Fuzz(args) => {
+            setup::build_tools(&workspace)?;
+            fuzz::fuzz(&workspace, &setup::cargo_fuzz(&workspace)?, &args)
+        }
         Task::VmTest(args) => vm::vm_test(&args),
         Task::FreshCheck(args) => fresh_check::fresh_check(&workspace, &args),
         Task::Bench(args) => bench::bench(&args),
@@ -81,6 +91,9 @@ fn cargo(workspace: &Path) -> Command {
 /// Privileged suites that run on the build host's own kernel (the VM suite needs cgroup v2
 /// controllers, which build hosts lack).
 const HOST_SUITES: [&str; 4] = ["foundation", "firewall", "ssh_guard", "exhaustion"];
+
+/// Each fuzz target's share of `cargo xtask test`; longer runs are `cargo xtask fuzz --seconds N`.
+const FUZZ_SECONDS_IN_TEST: u64 = 60;
 
 fn step(title: &str) {
     println!("[xtask] === {title}");
@@ -132,6 +145,7 @@ fn lint(workspace: &Path) -> Result<()> {
 
 fn test(workspace: &Path, skip_vm: bool) -> Result<()> {
     let promtool = setup::test_tools(workspace)?;
+    let cargo_fuzz = setup::cargo_fuzz(workspace)?;
     lint(workspace)?;
     step("Prometheus rules");
     run(Command::new(&promtool).current_dir(workspace).args([
@@ -148,6 +162,14 @@ fn test(workspace: &Path, skip_vm: bool) -> Result<()> {
         "--exclude",
         "sentinel-tests",
     ]))?;
+    fuzz::fuzz(
+        workspace,
+        &cargo_fuzz,
+        &fuzz::FuzzArgs {
+            seconds: FUZZ_SECONDS_IN_TEST,
+            target: None,
+        },
+    )?;
     step("privileged tests on this kernel");
     run(cargo(workspace).args(["build", "-p", "sentinel-user"]))?;
     let mut privileged_tests = cargo(workspace);
