@@ -34,6 +34,9 @@ struct Change {
     address: u128,
     prefix_len: u8,
     timeout_ms: Option<u64>,
+    /// Copies beyond the first (up to 63), so that inputs of a few hundred bytes make batches
+    /// too large for one message per set; more would slow every run down.
+    copies: u8,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -71,10 +74,11 @@ fn check_batch(transaction: &Transaction) {
             IpNet::new(address.into(), change.prefix_len % 33)
         }
         .expect("the prefix length fits the family");
+        let count = usize::from(change.copies % 64) + 1;
         if change.remove {
-            removed.push(net);
+            removed.extend(std::iter::repeat_n(net, count));
         } else {
-            added.push((net, change.timeout_ms));
+            added.extend(std::iter::repeat_n((net, change.timeout_ms), count));
         }
     }
     let batch = netlink_batch(transaction.first_sequence, &removed, &added);
