@@ -9,6 +9,9 @@ pub mod daemon;
 mod error;
 pub mod events;
 pub mod firewall;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod kernel;
 pub mod metrics;

@@ -1,9 +1,10 @@
-//! Developer tasks: `cargo xtask run | test | lint | setup | deb | vm-test | systemd-test |
-//! fresh-check | bench`.
+//! Developer tasks: `cargo xtask run | test | lint | setup | fuzz | deb | vm-test |
+//! systemd-test | fresh-check | bench`.
 
 mod bench;
 mod deb;
 mod fresh_check;
+mod fuzz;
 mod host;
 mod setup;
 mod vm;
@@ -48,6 +49,8 @@ enum Task {
     Setup,
     /// Build the Debian package, target/debian/sentinel_<version>_amd64.deb, and lintian it.
     Deb,
+    /// Build the fuzz targets in fuzz/ and run each for a while; fails on any crash.
+    Fuzz(fuzz::FuzzArgs),
     /// Boot a Debian kernel under QEMU and run the privileged suites inside it.
     VmTest(vm::VmTestArgs),
     /// Boot a Debian 12 guest with real systemd under QEMU, install the package and check the
@@ -66,7 +69,14 @@ fn main() -> Result<()> {
         Task::Run { args } => run_daemon(&workspace, &args),
         Task::Test { skip_vm } => test(&workspace, skip_vm),
         Task::Lint => lint(&workspace),
-        Task::Setup => setup::test_tools(&workspace).map(drop),
+        Task::Setup => {
+            setup::test_tools(&workspace)?;
+            setup::cargo_fuzz(&workspace).map(drop)
+        }
+        Task::Fuzz(args) => {
+            setup::build_tools(&workspace)?;
+            fuzz::fuzz(&workspace, &setup::cargo_fuzz(&workspace)?, &args)
+        }
         Task::Deb => deb::build(&workspace).map(drop),
         Task::VmTest(args) => vm::vm_test(&args),
         Task::SystemdTest(args) => vm::systemd_test(&args),
@@ -97,6 +107,9 @@ const HOST_SUITES: [&str; 5] = [
     "exhaustion",
     "config_input",
 ];
+
+/// Each fuzz target's share of `cargo xtask test`; longer runs are `cargo xtask fuzz --seconds N`.
+const FUZZ_SECONDS_IN_TEST: u64 = 60;
 
 fn step(title: &str) {
     println!("[xtask] === {title}");
@@ -148,6 +161,7 @@ fn lint(workspace: &Path) -> Result<()> {
 
 fn test(workspace: &Path, skip_vm: bool) -> Result<()> {
     let promtool = setup::test_tools(workspace)?;
+    let cargo_fuzz = setup::cargo_fuzz(workspace)?;
     lint(workspace)?;
     step("Prometheus rules");
     run(Command::new(&promtool).current_dir(workspace).args([
@@ -164,6 +178,14 @@ fn test(workspace: &Path, skip_vm: bool) -> Result<()> {
         "--exclude",
         "sentinel-tests",
     ]))?;
+    fuzz::fuzz(
+        workspace,
+        &cargo_fuzz,
+        &fuzz::FuzzArgs {
+            seconds: FUZZ_SECONDS_IN_TEST,
+            target: None,
+        },
+    )?;
     step("privileged tests on this kernel");
     run(cargo(workspace).args(["build", "-p", "sentinel-user"]))?;
     let mut privileged_tests = cargo(workspace);

@@ -43,6 +43,43 @@ pub fn test_tools(workspace: &Path) -> Result<PathBuf> {
     promtool(workspace)
 }
 
+/// The cargo-fuzz release that builds and runs the fuzz targets.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, built into its own root under target/tools unless that version is there. It runs
+/// with the eBPF nightly, which needs none of its components for that: the sanitizers' runtimes
+/// ship with the compiler, and rust-src would only be needed for `--build-std`.
+pub fn cargo_fuzz(workspace: &Path) -> Result<PathBuf> {
+    let root = workspace
+        .join("target/tools")
+        .join(format!("cargo-fuzz-{CARGO_FUZZ_VERSION}"));
+    let cargo_fuzz = root.join("bin/cargo-fuzz");
+    let expected = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    match command_output(Command::new(&cargo_fuzz).arg("--version")) {
+        Ok(version) if version.trim() == expected => {
+            println!("[xtask] {expected}: already installed");
+            return Ok(cargo_fuzz);
+        }
+        Ok(version) => println!(
+            "[xtask] {} is {}; rebuilding it",
+            cargo_fuzz.display(),
+            version.trim()
+        ),
+        Err(_) => {}
+    }
+    println!(
+        "[xtask] building cargo-fuzz {CARGO_FUZZ_VERSION} into {} (about 2 minutes, once)",
+        root.display()
+    );
+    run(Command::new("cargo")
+        .args(["install", "--locked", "cargo-fuzz", "--version"])
+        .arg(format!("={CARGO_FUZZ_VERSION}"))
+        .arg("--root")
+        .arg(&root))
+    .context("building cargo-fuzz failed")?;
+    Ok(cargo_fuzz)
+}
+
 /// Installs a pinned toolchain and the components its file lists, unless all are there.
 fn ensure_toolchain(purpose: &str, pin: &Pin) -> Result<()> {
     let installed = Command::new("rustup")

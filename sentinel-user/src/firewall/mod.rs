@@ -38,13 +38,15 @@ use crate::Error;
 pub use net::IpNet;
 use netlink::SetElementSocket;
 pub use netlink::TableWatch;
+#[cfg(feature = "fuzzing")]
+pub(crate) use netlink::{Batch, error_codes, removes_from_our_table};
 use netns::NetNamespace;
 use nft::Nft;
 use view::{BanView, Changes, Expiry};
 
-const TABLE: &str = "sentinel";
-const SET_V4: &str = "banned_v4";
-const SET_V6: &str = "banned_v6";
+pub(crate) const TABLE: &str = "sentinel";
+pub(crate) const SET_V4: &str = "banned_v4";
+pub(crate) const SET_V6: &str = "banned_v6";
 
 /// Far beyond any sensible ban, and far inside what the kernel accepts (about 584 years).
 pub(crate) const MAX_BAN_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);

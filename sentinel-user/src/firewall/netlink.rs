@@ -83,33 +83,15 @@ impl SetElementSocket {
 
     /// Applies `changes` in one transaction: the kernel applies all of it or none of it.
     pub(super) fn commit(&mut self, changes: &Changes, now: Instant) -> Result<(), Error> {
-        let removals = by_set(changes.removed.iter().map(|net| (*net, None)));
-        let additions = by_set(
+        let batch = Batch::transaction(
+            self.next_sequence,
+            changes.removed.iter().copied(),
             changes
                 .added
                 .iter()
                 .map(|(net, expiry)| (*net, expiry.timeout_ms(now))),
         );
-        let messages: Vec<_> = [(Operation::Remove, &removals), (Operation::Add, &additions)]
-            .into_iter()
-            .flat_map(|(operation, sets)| {
-                sets.iter().flat_map(move |(set, elements)| {
-                    elements
-                        .chunks(MAX_NETS_PER_MESSAGE)
-                        .map(move |chunk| (operation, *set, chunk))
-                })
-            })
-            .collect();
-
-        let mut batch = Batch::new(self.next_sequence);
-        batch.control_message(NFNL_MSG_BATCH_BEGIN);
-        for (index, (operation, set, elements)) in messages.iter().enumerate() {
-            let acknowledge = index + 1 == messages.len();
-            batch.element_message(*operation, set, elements, acknowledge);
-        }
-        batch.control_message(NFNL_MSG_BATCH_END);
         self.next_sequence = batch.next_sequence;
-
         self.send(&batch.bytes)?;
         self.read_acknowledgements()
             .map_err(|source| Error::Netlink { source })
@@ -245,7 +227,7 @@ fn receive(socket: &OwnedFd, buffer: &mut [u8], flags: libc::c_int) -> io::Resul
 }
 
 /// Whether a datagram of nf_tables notifications holds a removal in `table inet sentinel`.
-fn removes_from_our_table(mut datagram: &[u8]) -> bool {
+pub(crate) fn removes_from_our_table(mut datagram: &[u8]) -> bool {
     let ours = nul_terminated(TABLE);
     while datagram.len() >= 16 {
         let length = u32::from_ne_bytes(datagram[0..4].try_into().expect("4 bytes")) as usize;
@@ -276,7 +258,7 @@ fn removes_from_our_table(mut datagram: &[u8]) -> bool {
 }
 
 /// The error code of each NLMSG_ERROR message (0 for an acknowledgement) in a datagram.
-fn error_codes(mut datagram: &[u8]) -> impl Iterator<Item = i32> {
+pub(crate) fn error_codes(mut datagram: &[u8]) -> impl Iterator<Item = i32> {
     std::iter::from_fn(move || {
         loop {
             if datagram.len() < 16 {
@@ -302,17 +284,45 @@ fn by_set(elements: impl Iterator<Item = (IpNet, Option<u64>)>) -> [(&'static st
 }
 
 /// One netlink datagram holding a whole nfnetlink batch.
-struct Batch {
-    bytes: Vec<u8>,
-    next_sequence: u32,
+pub(crate) struct Batch {
+    pub(crate) bytes: Vec<u8>,
+    /// The sequence number after the batch's last message.
+    pub(crate) next_sequence: u32,
 }
 
 impl Batch {
-    fn new(first_sequence: u32) -> Self {
-        Self {
+    /// One transaction that deletes `removed`, then adds `added` (network, timeout in ms), with
+    /// sequence numbers from `first_sequence` on. Only its last message asks for an
+    /// acknowledgement: errors are answered anyway.
+    pub(crate) fn transaction(
+        first_sequence: u32,
+        removed: impl Iterator<Item = IpNet>,
+        added: impl Iterator<Item = (IpNet, Option<u64>)>,
+    ) -> Self {
+        let removals = by_set(removed.map(|net| (net, None)));
+        let additions = by_set(added);
+        let messages: Vec<_> = [(Operation::Remove, &removals), (Operation::Add, &additions)]
+            .into_iter()
+            .flat_map(|(operation, sets)| {
+                sets.iter().flat_map(move |(set, elements)| {
+                    elements
+                        .chunks(MAX_NETS_PER_MESSAGE)
+                        .map(move |chunk| (operation, *set, chunk))
+                })
+            })
+            .collect();
+
+        let mut batch = Self {
             bytes: Vec::new(),
             next_sequence: first_sequence,
+        };
+        batch.control_message(NFNL_MSG_BATCH_BEGIN);
+        for (index, (operation, set, elements)) in messages.iter().enumerate() {
+            let acknowledge = index + 1 == messages.len();
+            batch.element_message(*operation, set, elements, acknowledge);
         }
+        batch.control_message(NFNL_MSG_BATCH_END);
+        batch
     }
 
     fn control_message(&mut self, message_type: u16) {
