@@ -160,19 +160,6 @@ impl SshGuard {
                         "adopted the bans already in the kernel"
                     );
                 }
-                let lost: Vec<Ban> = saved_bans
-                    .iter()
-                    .map(|(ban, _)| *ban)
-                    .filter(|ban| !adopted.iter().any(|kept| kept.net.contains(&ban.net)))
-                    .collect();
-                if !lost.is_empty() {
-                    firewall.ban(&lost)?;
-                    info!(
-                        bans = lost.len(),
-                        "restored the saved bans the kernel no longer had, with their remaining time"
-                    );
-                    metrics.restored.inc_by(lost.len() as u64);
-                }
                 Some(firewall)
             }
         };
@@ -191,6 +178,14 @@ impl SshGuard {
             state,
             forget_bans_on_exit,
         };
+        // Saved bans the kernel lost (a reboot, a flushed ruleset while the daemon was down).
+        let restored = guard.restore_missing_bans()?;
+        if restored > 0 {
+            info!(
+                bans = restored,
+                "restored the saved bans the kernel no longer had, with their remaining time"
+            );
+        }
         guard.update_gauges();
         Ok(guard)
     }
@@ -251,7 +246,15 @@ impl SshGuard {
             }
         }
         if table_changed {
-            self.restore_missing_bans();
+            match self.restore_missing_bans() {
+                Ok(0) => {}
+                Ok(restored) => warn!(
+                    bans = restored,
+                    "bans in force were missing from nftables (ruleset flushed or table edited); \
+                     restored with their remaining time"
+                ),
+                Err(error) => error!("restoring the bans missing from nftables failed: {error}"),
+            }
         }
         if !decided.is_empty() {
             self.make_bans(decided);
@@ -305,19 +308,13 @@ impl SshGuard {
         }
     }
 
-    /// Puts back every ban in force that the kernel no longer has, with its remaining time.
-    fn restore_missing_bans(&mut self) {
+    /// Puts back every ban in force that the kernel no longer has, with its remaining time;
+    /// returns how many. Reading the table also recreates it when it is gone.
+    fn restore_missing_bans(&mut self) -> Result<usize, Error> {
         let Some(firewall) = &mut self.firewall else {
-            return;
+            return Ok(0);
         };
-        // Reading the table also recreates it when it is gone.
-        let in_kernel = match firewall.list() {
-            Ok(bans) => bans,
-            Err(error) => {
-                error!("cannot read the firewall table to restore bans: {error}");
-                return;
-            }
-        };
+        let in_kernel = firewall.list()?;
         let now = Instant::now();
         let missing: Vec<Ban> = self
             .engine
@@ -331,23 +328,11 @@ impl SshGuard {
                 })
             })
             .collect();
-        if missing.is_empty() {
-            return;
+        if !missing.is_empty() {
+            firewall.ban(&missing)?;
+            self.metrics.restored.inc_by(missing.len() as u64);
         }
-        match firewall.ban(&missing) {
-            Ok(()) => {
-                warn!(
-                    bans = missing.len(),
-                    "bans in force were missing from nftables (ruleset flushed or table edited); \
-                     restored with their remaining time"
-                );
-                self.metrics.restored.inc_by(missing.len() as u64);
-            }
-            Err(error) => error!(
-                "restoring {} ban(s) missing from nftables failed: {error}",
-                missing.len()
-            ),
-        }
+        Ok(missing.len())
     }
 
     /// Returns the ban to make, if this authentication calls for one.
