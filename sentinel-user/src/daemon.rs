@@ -183,6 +183,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         metrics_addr,
         &config,
         enforcer_tx.clone(),
+        ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
         policy_metrics,
         restart_required,
     );
@@ -327,9 +328,10 @@ fn join(thread: std::thread::JoinHandle<()>, name: &str) {
     }
 }
 
-/// Re-reads the configuration and hands a valid policy to the enforcer; an invalid or empty
-/// file is reported in full and changes nothing. The other settings are read only at start:
-/// a change to them is named in the log and in `sentinel_config_restart_required`.
+/// Re-reads the configuration and hands a valid one to the enforcer (policies) and the SSH
+/// guard (its thresholds, ban times and allow list); an invalid or empty file is reported in
+/// full and changes nothing. The other settings are read only at start: a change to them is
+/// named in the log and in `sentinel_config_restart_required`.
 #[derive(Clone)]
 struct Reloader {
     path: PathBuf,
@@ -337,6 +339,8 @@ struct Reloader {
     /// The configuration the daemon started with; its start-only settings stay in force.
     started_with: Arc<Config>,
     enforcer: Queue<EnforcerInput>,
+    /// `None` when the guard is disabled.
+    ssh_guard: Option<Queue<SshInput>>,
     metrics: PolicyMetrics,
     restart_required: RestartRequired,
 }
@@ -347,6 +351,7 @@ impl Reloader {
         metrics_addr: Option<SocketAddr>,
         started_with: &Config,
         enforcer: Queue<EnforcerInput>,
+        ssh_guard: Option<Queue<SshInput>>,
         metrics: PolicyMetrics,
         restart_required: RestartRequired,
     ) -> Self {
@@ -357,6 +362,7 @@ impl Reloader {
             metrics_addr,
             started_with: Arc::new(started_with.clone()),
             enforcer,
+            ssh_guard,
             metrics,
             restart_required,
         }
@@ -391,6 +397,18 @@ impl Reloader {
             );
             return;
         }
+        if let Some(guard) = &self.ssh_guard
+            && let Err(refused) = guard.offer(SshInput::Reload(config.ssh_guard.live()))
+        {
+            self.metrics.reload_errors.inc();
+            error!(
+                why,
+                ?refused,
+                "policies reloaded, but the SSH guard cannot take its new settings now; its \
+                 running ones stay in force"
+            );
+            return;
+        }
         self.metrics.reloads.inc();
         if restart_required.is_empty() {
             info!(why, policies, "configuration reloaded");
@@ -399,7 +417,8 @@ impl Reloader {
                 why,
                 policies,
                 restart_required = restart_required.join(", "),
-                "policies reloaded; the other changed settings apply only after a restart"
+                "configuration reloaded, except the changed settings that apply only after a \
+                 restart"
             );
         }
     }

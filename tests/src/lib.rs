@@ -199,6 +199,23 @@ impl Daemon {
         self.dir.path().join("control.sock")
     }
 
+    /// `sentinel ARGS --socket` against this daemon; returns stdout, panics unless it succeeds.
+    pub fn client(&self, args: &[&str]) -> String {
+        let output = Command::new(sentinel_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.control_socket())
+            .output()
+            .expect("run the sentinel client");
+        assert!(
+            output.status.success(),
+            "sentinel {args:?} failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8(output.stdout).expect("UTF-8")
+    }
+
     /// The configuration file the daemon was started with (tests rewrite it to reload).
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("sentinel.yaml")

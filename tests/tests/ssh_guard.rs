@@ -1216,6 +1216,24 @@ fn a_guard_that_cannot_write_its_audit_log_stops_the_daemon_from_starting() {
         "ssh_guard:\n  enabled: true\n  audit_log: {audit_log}\n  netns: {}\n",
         server.path().display()
     );
+    // `sentinel check` (the unit's ExecStartPre) says so before any start is tried.
+    let dir = TempDir::new("ssh-noaudit");
+    let file = dir.path().join("sentinel.yaml");
+    fs::write(&file, &config).expect("write the configuration");
+    let checked = Command::new(sentinel_bin())
+        .arg("check")
+        .arg(&file)
+        .output()
+        .expect("run sentinel check");
+    assert_eq!(checked.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&checked.stderr),
+        format!(
+            "{}: ssh_guard.audit_log: cannot write the audit log {audit_log}: Operation not \
+             supported (os error 95); the daemon would refuse to start\n",
+            file.display()
+        )
+    );
     let mut daemon = Daemon::spawn_with_config(free_port(), &config, &[]);
     let (status, _) = daemon
         .wait_exit(4 * WAIT)

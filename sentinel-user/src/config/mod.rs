@@ -135,7 +135,8 @@ impl Config {
     }
 
     /// Every setting that takes effect only when the daemon starts, by its name in the file,
-    /// and whether `new` sets it differently. Only `policies` applies while running.
+    /// and whether `new` sets it differently. `policies` and most of `ssh_guard` apply while
+    /// running.
     pub fn restart_only_changes(&self, new: &Self) -> Vec<(&'static str, bool)> {
         // Destructured, so that a new setting cannot be left out here.
         let Self {

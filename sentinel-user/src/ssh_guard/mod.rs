@@ -54,6 +54,8 @@ pub enum Input {
     Control(Control),
     /// Something may have removed bans from the table (see `firewall::TableWatch`).
     TableChanged,
+    /// The configuration file was reloaded.
+    Reload(LiveSettings),
     Stop,
 }
 
@@ -73,6 +75,13 @@ const STATE_WRITE_SPACING: Duration = Duration::from_secs(1);
 const RESTORE_AT_LEAST: Duration = Duration::from_secs(1);
 
 /// Operator requests from the control socket.
+/// What a reload changes in a running guard; the rest of its settings need a restart.
+#[derive(Debug, Clone)]
+pub struct LiveSettings {
+    pub rules: GuardRules,
+    pub flush_on_exit: bool,
+}
+
 pub enum Control {
     List(Sender<Vec<BanInfo>>),
     Ban {
@@ -242,6 +251,7 @@ impl SshGuard {
                 Input::Auth(auth) => decided.extend(self.on_auth(now, &auth)),
                 Input::Control(control) => self.on_control(now, control),
                 Input::TableChanged => table_changed = true,
+                Input::Reload(live) => self.reload(now, live),
                 Input::Stop => {}
             }
         }
@@ -260,6 +270,41 @@ impl SshGuard {
             self.make_bans(decided);
         }
         self.update_gauges();
+    }
+
+    /// Takes the reloaded settings, and lifts the bans the allow list now covers.
+    fn reload(&mut self, now: Instant, live: LiveSettings) {
+        self.engine.set_rules(live.rules);
+        self.forget_bans_on_exit = live.flush_on_exit;
+        if let Some(firewall) = &mut self.firewall {
+            firewall.set_flush_on_exit(live.flush_on_exit);
+        }
+        let allowed = self.engine.allowed_bans(now);
+        if allowed.is_empty() {
+            return;
+        }
+        if let Some(firewall) = &mut self.firewall
+            && let Err(error) = firewall.unban(&allowed)
+        {
+            error!(
+                bans = allowed.len(),
+                "lifting the bans the allow list now covers failed; they stay until they expire \
+                 or the next reload: {error}"
+            );
+            return;
+        }
+        for net in &allowed {
+            self.engine.lift(net);
+            warn!(address = %net, "ban lifted: the reloaded allow list covers it");
+            self.audit(AuditRecord::new(
+                AuditAction::Unban,
+                net,
+                "allowlisted",
+                0,
+                None,
+            ));
+        }
+        self.state.mark_changed();
     }
 
     /// Commits the bans in one transaction; only then are they counted, audited and listed.
