@@ -120,8 +120,12 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
 
     let cgroupfs = CgroupFs::new(cgroup_root.clone());
     let applied = Arc::new(Mutex::new(AppliedView::default()));
-    let policy_metrics =
-        PolicyMetrics::new(metrics.registry_mut(), cgroupfs.clone(), applied.clone());
+    let policy_metrics = PolicyMetrics::new(
+        metrics.registry_mut(),
+        cgroupfs.clone(),
+        applied.clone(),
+        attribution.clone(),
+    );
     let backend = match config.services.cgroup_backend {
         CgroupBackend::Auto => Backend::Auto,
         CgroupBackend::Cgroupfs => Backend::Cgroupfs,

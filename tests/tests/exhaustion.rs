@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use sentinel_tests::{Daemon, Scrape, TempDir, netlab::Netns, serial};
+use sentinel_tests::{Daemon, Scrape, TempDir, TestCgroup, eventually, netlab::Netns, serial};
 
 /// What systemd gives a service unless its unit says otherwise.
 const SERVICE_OPEN_FILES: u64 = 1024;
@@ -305,4 +305,53 @@ fn soft_open_files_limit_is_raised_to_the_hard_limit() {
         .take(2)
         .collect();
     assert_eq!(open_files, ["2048", "2048"]);
+}
+
+#[test]
+fn enforcement_series_share_the_service_label_cap() {
+    let _serial = serial();
+    let cgroups: Vec<TestCgroup> = (0..3).map(|_| TestCgroup::new("cap")).collect();
+    let mut config =
+        "ssh_guard:\n  enabled: false\nservices:\n  max_labels: 1\npolicies:\n".to_string();
+    for (n, cgroup) in cgroups.iter().enumerate() {
+        config += &format!(
+            "  - name: p{n}\n    cgroup: {}\n    mode: observe\n    memory.max: 64M\n",
+            cgroup.service()
+        );
+    }
+    let daemon = Daemon::start_with_config(&config, &[]);
+    let actions = || -> Vec<(String, u64)> {
+        daemon
+            .scrape()
+            .0
+            .lines()
+            .filter_map(|line| {
+                let labels = line.strip_prefix("sentinel_actions_total{")?;
+                let (labels, value) = labels.rsplit_once("} ")?;
+                labels
+                    .contains("action=\"would_set_limits\"")
+                    .then_some(())?;
+                let service = labels.split_once("service=\"")?.1.split_once('"')?.0;
+                Some((service.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    };
+    assert!(
+        eventually(HANG_GUARD, || actions().iter().map(|(_, n)| n).sum::<u64>()
+            == 3),
+        "{:?}; log:\n{}",
+        actions(),
+        daemon.log()
+    );
+    // One label slot: at most one series with a real service name, the rest under `other`.
+    let named = actions()
+        .iter()
+        .filter(|(service, _)| service != "other")
+        .count();
+    assert!(named <= 1, "{:?}", actions());
+    assert!(
+        actions().iter().any(|(service, _)| service == "other"),
+        "{:?}",
+        actions()
+    );
 }

@@ -15,7 +15,7 @@ use prometheus_client::{
 };
 
 use super::enforcer::AppliedView;
-use crate::cgroup::{cgroupfs::CgroupFs, service_name, stats::read_stats};
+use crate::cgroup::{Attribution, cgroupfs::CgroupFs, service_name, stats::read_stats};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -50,15 +50,24 @@ impl Action {
 pub struct PolicyMetrics {
     actions: Family<Labels, Counter>,
     drift: Family<Labels, Counter>,
+    /// Service labels come from the attribution, so that these series share its cap
+    /// (`services.max_labels`, then `other`).
+    labels: Arc<Mutex<Attribution>>,
     pub reload_errors: Counter,
     pub reloads: Counter,
 }
 
 impl PolicyMetrics {
-    pub fn new(registry: &mut Registry, fs: CgroupFs, view: Arc<Mutex<AppliedView>>) -> Self {
+    pub fn new(
+        registry: &mut Registry,
+        fs: CgroupFs,
+        view: Arc<Mutex<AppliedView>>,
+        labels: Arc<Mutex<Attribution>>,
+    ) -> Self {
         let metrics = Self {
             actions: Family::default(),
             drift: Family::default(),
+            labels,
             reload_errors: Counter::default(),
             reloads: Counter::default(),
         };
@@ -89,7 +98,7 @@ impl PolicyMetrics {
     pub fn action(&self, service: &str, action: Action) {
         self.actions
             .get_or_create(&vec![
-                ("service", service.to_string()),
+                ("service", self.label(service)),
                 ("action", action.label().to_string()),
             ])
             .inc();
@@ -97,8 +106,15 @@ impl PolicyMetrics {
 
     pub fn drift(&self, service: &str) {
         self.drift
-            .get_or_create(&vec![("service", service.to_string())])
+            .get_or_create(&vec![("service", self.label(service))])
             .inc();
+    }
+
+    fn label(&self, service: &str) -> String {
+        self.labels
+            .lock()
+            .expect("attribution lock")
+            .label_for_path(service)
     }
 }
 
