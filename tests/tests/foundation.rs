@@ -156,6 +156,15 @@ fn a_probe_that_fails_to_attach_is_reported_and_the_others_keep_working() {
             "{program} should be attached"
         );
     }
+    // This host has libpam: every program is wanted, so the failed one is alerted on
+    // (sentinel-rules.test.yml proves the alert's side of it).
+    for program in ["exec", "ssh_auth_result"] {
+        assert_eq!(
+            scrape.value("sentinel_probe_wanted", &[("program", program)]),
+            Some(1.0),
+            "{program} should be wanted"
+        );
+    }
     assert!(
         !daemon
             .log_records(&[("level", "WARN"), ("probe", "exec")])

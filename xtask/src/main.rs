@@ -169,6 +169,10 @@ fn test(workspace: &Path, skip_vm: bool) -> Result<()> {
         "rules",
         "deploy/prometheus/sentinel-rules.yml",
     ]))?;
+    // Every alert fires when it must and stays quiet when it must.
+    run(Command::new(&promtool)
+        .current_dir(workspace.join("deploy/prometheus"))
+        .args(["test", "rules", "sentinel-rules.test.yml"]))?;
     step("unit tests");
     run(cargo(workspace).args([
         "test",

@@ -33,6 +33,14 @@ struct ProbeSpec {
     needs: &'static [&'static str],
 }
 
+impl ProbeSpec {
+    fn uses_libpam(&self) -> bool {
+        self.points
+            .iter()
+            .any(|point| matches!(point, AttachPoint::Libpam(_)))
+    }
+}
+
 #[derive(Clone, Copy)]
 enum AttachPoint {
     RawTracepoint(&'static str),
@@ -158,6 +166,9 @@ const PROBES: &[ProbeSpec] = &[
 pub struct ProbeStatus {
     pub name: &'static str,
     pub attached: bool,
+    /// Whether this host has what the probe watches: the SSH probes are not wanted where
+    /// there is no libpam (no sshd to guard), and their alert must stay quiet there.
+    pub wanted: bool,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -170,6 +181,7 @@ pub struct Probes {
     /// libpam's path and the inode its uprobes are attached to.
     libpam: Option<(std::path::PathBuf, Option<u64>)>,
     attached: Family<Labels, Gauge>,
+    wanted: Family<Labels, Gauge>,
     reattached: Counter,
 }
 
@@ -210,14 +222,18 @@ pub fn load(resolved: ResolvedOffsets) -> Result<Probes, Error> {
             ProbeStatus {
                 name: spec.name,
                 attached: result.is_ok(),
+                wanted: libpam.is_some() || !spec.uses_libpam(),
             }
         })
         .collect::<Vec<_>>();
     let attached = Family::<Labels, Gauge>::default();
+    let wanted = Family::<Labels, Gauge>::default();
     for status in &statuses {
+        let program = vec![("program", status.name.to_string())];
         attached
-            .get_or_create(&vec![("program", status.name.to_string())])
+            .get_or_create(&program)
             .set(i64::from(status.attached));
+        wanted.get_or_create(&program).set(i64::from(status.wanted));
     }
     Ok(Probes {
         ebpf,
@@ -225,6 +241,7 @@ pub fn load(resolved: ResolvedOffsets) -> Result<Probes, Error> {
         offsets: resolved,
         libpam: libpam.map(|path| (path, libpam_inode)),
         attached,
+        wanted,
         reattached: Counter::default(),
     })
 }
@@ -235,6 +252,12 @@ impl Probes {
             "sentinel_probe_attached",
             "Whether an eBPF program is attached (1) or failed to attach (0)",
             self.attached.clone(),
+        );
+        registry.register(
+            "sentinel_probe_wanted",
+            "Whether this host has what the program watches (0: the SSH programs where there \
+             is no libpam); the probe alert covers only wanted programs",
+            self.wanted.clone(),
         );
         registry.register(
             "sentinel_probe_reattachments",
