@@ -10,9 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sentinel_tests::{
-    Daemon, NO_FIREWALL, Scrape, TempDir, TestCgroup, eventually, sentinel_bin, serial,
-};
+use sentinel_tests::{Daemon, NO_FIREWALL, TempDir, TestCgroup, eventually, sentinel_bin, serial};
 
 /// Far longer than any check takes: a `sentinel check` still running then is hung.
 const HANG_GUARD: Duration = Duration::from_secs(30);
@@ -299,15 +297,9 @@ fn config_observing(cgroup: &TestCgroup, policy: &str, ssh_guard_extra: &str) ->
     )
 }
 
-/// The value of a series that must exist: absent fails the test.
-fn series(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .value(name, labels)
-        .unwrap_or_else(|| panic!("no series {name}{labels:?} in:\n{}", scrape.0))
-}
-
+/// `sentinel_policy_applied` of `policy` on `cgroup`; `None` while it is not exported.
 fn applied(daemon: &Daemon, cgroup: &TestCgroup, policy: &str) -> Option<f64> {
-    daemon.scrape().value(
+    daemon.scrape().find(
         "sentinel_policy_applied",
         &[("service", cgroup.service()), ("policy", policy)],
     )
@@ -327,8 +319,8 @@ fn an_empty_or_cut_short_file_is_refused_on_reload_and_the_policy_stays() {
     let counters = || {
         let scrape = daemon.scrape();
         (
-            series(&scrape, "sentinel_policy_reload_errors_total", &[]),
-            series(&scrape, "sentinel_policy_reloads_total", &[]),
+            scrape.value("sentinel_policy_reload_errors_total", &[]),
+            scrape.value("sentinel_policy_reloads_total", &[]),
         )
     };
     let (errors, reloads) = counters();
@@ -418,14 +410,12 @@ fn a_changed_ssh_guard_setting_is_named_as_needing_a_restart() {
         daemon.log()
     );
     let restart_required = |setting: &str| {
-        series(
-            &daemon.scrape(),
-            "sentinel_config_restart_required",
-            &[("setting", setting)],
-        )
+        daemon
+            .scrape()
+            .value("sentinel_config_restart_required", &[("setting", setting)])
     };
     assert_eq!(restart_required("ssh_guard.max_failures"), 0.0);
-    let reloads = series(&daemon.scrape(), "sentinel_policy_reloads_total", &[]);
+    let reloads = daemon.scrape().value("sentinel_policy_reloads_total", &[]);
 
     // A new policy name (applied at once) and a new max_failures (read only at start).
     fs::write(
@@ -443,11 +433,14 @@ fn a_changed_ssh_guard_setting_is_named_as_needing_a_restart() {
         "the reloaded policy was not applied; log:\n{}",
         daemon.log()
     );
-    assert_eq!(applied(&daemon, &cgroup, "web"), None);
+    daemon.scrape().assert_absent(
+        "sentinel_policy_applied",
+        &[("service", cgroup.service()), ("policy", "web")],
+    );
     assert_eq!(restart_required("ssh_guard.enabled"), 0.0);
     assert_eq!(restart_required("metrics.listen"), 0.0);
     assert_eq!(
-        series(&daemon.scrape(), "sentinel_policy_reloads_total", &[]),
+        daemon.scrape().value("sentinel_policy_reloads_total", &[]),
         reloads + 1.0
     );
     let partial = daemon.log_records(&[

@@ -65,8 +65,8 @@ fn wait_for(cgroup: &TestCgroup, file: &str, expected: &str) {
     );
 }
 
-fn counter(daemon: &Daemon, name: &str, labels: &[(&str, &str)]) -> u64 {
-    daemon.scrape().counter(name, labels)
+fn count(daemon: &Daemon, name: &str, labels: &[(&str, &str)]) -> u64 {
+    daemon.scrape().count(name, labels)
 }
 
 #[test]
@@ -90,12 +90,22 @@ fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
         "the hog should be OOM-killed: {status}"
     );
 
-    assert!(eventually(HANG_GUARD, || {
-        counter(&daemon, "sentinel_oom_kills_total", &service) >= 1
-    }));
+    daemon.await_count("sentinel_oom_kills_total", &service, 1, HANG_GUARD);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(counter(&daemon, "sentinel_oom_kills_total", &service), 1);
+    let scrape = daemon.scrape();
+    assert_eq!(scrape.count("sentinel_oom_kills_total", &service), 1);
     assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 1);
+    // The kernel's own counts, exported for reconciliation: equal to memory.events.
+    for event in ["oom", "oom_kill", "max", "high"] {
+        assert_eq!(
+            scrape.count(
+                "sentinel_memory_events_total",
+                &[("service", cgroup.service()), ("event", event)]
+            ),
+            flat_key(&cgroup, "memory.events", event),
+            "{event}"
+        );
+    }
     let reports = daemon.log_records(&[("message", "OOM killer killed a process")]);
     let report = reports
         .iter()
@@ -130,15 +140,14 @@ fn terminate_above_stops_a_leak_with_sigterm_before_the_oom_killer() {
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "terminated");
 
-    let action = |action| {
-        counter(
-            &daemon,
-            "sentinel_actions_total",
-            &[("service", cgroup.service()), ("action", action)],
-        )
-    };
-    assert_eq!(action("sigterm"), 1);
-    assert_eq!(action("sigkill"), 0);
+    let action = |action| [("service", cgroup.service()), ("action", action)];
+    assert_eq!(
+        count(&daemon, "sentinel_actions_total", &action("sigterm")),
+        1
+    );
+    daemon
+        .scrape()
+        .assert_absent("sentinel_actions_total", &action("sigkill"));
     assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 0);
 }
 
@@ -159,15 +168,12 @@ fn terminate_above_kills_a_leak_that_ignores_sigterm_after_the_grace_period() {
         .expect("run the leak");
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
 
-    let action = |action| {
-        counter(
-            &daemon,
-            "sentinel_actions_total",
-            &[("service", cgroup.service()), ("action", action)],
-        )
-    };
-    assert!(eventually(HANG_GUARD, || action("sigkill") == 1));
-    assert_eq!(action("sigterm"), 1);
+    let action = |action| [("service", cgroup.service()), ("action", action)];
+    daemon.await_count("sentinel_actions_total", &action("sigkill"), 1, HANG_GUARD);
+    assert_eq!(
+        count(&daemon, "sentinel_actions_total", &action("sigterm")),
+        1
+    );
     // Sentinel's SIGKILL came first: the kernel's OOM killer never ran.
     assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 0);
 }
@@ -197,16 +203,15 @@ fn cpu_max_throttles_a_busy_loop_and_the_export_matches_the_kernel() {
     let periods = flat_key(&cgroup, "cpu.stat", "nr_throttled");
     let seconds = flat_key(&cgroup, "cpu.stat", "throttled_usec") as f64 / 1e6;
     let service = [("service", cgroup.service())];
-    let exported = |name: &str| daemon.scrape().value(name, &service);
-    assert!(
-        eventually(HANG_GUARD, || {
-            exported("sentinel_cpu_throttled_periods_total") == Some(periods as f64)
-        }),
-        "exported {:?}, cpu.stat nr_throttled {periods}",
-        exported("sentinel_cpu_throttled_periods_total")
+    daemon.await_count(
+        "sentinel_cpu_throttled_periods_total",
+        &service,
+        periods,
+        HANG_GUARD,
     );
-    let exported_seconds = exported("sentinel_cpu_throttled_seconds_total")
-        .expect("sentinel_cpu_throttled_seconds_total exported");
+    let exported_seconds = daemon
+        .scrape()
+        .value("sentinel_cpu_throttled_seconds_total", &service);
     assert!(
         (exported_seconds - seconds).abs() < 1e-6,
         "exported {exported_seconds} s, cpu.stat {seconds} s"
@@ -261,11 +266,7 @@ fn a_later_cgroup_gets_its_limits_and_drift_is_restored() {
     fs::write(cgroup.path().join("memory.max"), "max").expect("change memory.max by hand");
     wait_for(&cgroup, "memory.max", &(64 * MIB).to_string());
     let drift = [("service", cgroup.service())];
-    assert!(eventually(HANG_GUARD, || counter(
-        &daemon,
-        "sentinel_policy_drift_total",
-        &drift
-    ) == 1));
+    daemon.await_count("sentinel_policy_drift_total", &drift, 1, HANG_GUARD);
 }
 
 #[test]
@@ -291,13 +292,10 @@ fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
         format!("{}    memory.high: 1G\n", good("64M")),
     )
     .unwrap();
-    assert!(eventually(HANG_GUARD, || {
-        counter(&daemon, "sentinel_policy_reload_errors_total", &[]) == 1
-    }));
+    daemon.await_count("sentinel_policy_reload_errors_total", &[], 1, HANG_GUARD);
     daemon.signal(libc::SIGHUP);
-    assert!(eventually(HANG_GUARD, || {
-        counter(&daemon, "sentinel_policy_reload_errors_total", &[]) == 2
-    }));
+    daemon.await_count("sentinel_policy_reload_errors_total", &[], 2, HANG_GUARD);
+    assert_eq!(count(&daemon, "sentinel_policy_reloads_total", &[]), 0);
     assert_eq!(limits(), before, "a rejected reload changed the limits");
     assert!(
         daemon
@@ -308,6 +306,7 @@ fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
     // A valid change is applied...
     fs::write(daemon.config_path(), good("96M")).unwrap();
     wait_for(&cgroup, "memory.max", &(96 * MIB).to_string());
+    daemon.await_count("sentinel_policy_reloads_total", &[], 1, HANG_GUARD);
     // ...and removing the policy restores what was there before Sentinel.
     fs::write(daemon.config_path(), NO_FIREWALL).unwrap();
     wait_for(&cgroup, "memory.max", &original_memory);
@@ -376,9 +375,7 @@ fn the_true_originals_come_back_after_a_killed_daemon() {
     kill(daemon);
     // Restarted while its own 64M is in place: that must not become "the original".
     let daemon = Daemon::start_with_state(&policy, state.path());
-    assert!(eventually(HANG_GUARD, || {
-        daemon.scrape().value("sentinel_policy_applied", &applied) == Some(1.0)
-    }));
+    daemon.await_count("sentinel_policy_applied", &applied, 1, HANG_GUARD);
     fs::write(daemon.config_path(), NO_FIREWALL).expect("remove the policy");
     wait_for(&cgroup, "memory.max", &original);
 
