@@ -610,7 +610,7 @@ fn unit_memory_high_and_cpu_weight_on_a_real_cgroup_with_their_metrics() {
     assert_eq!(read(&unit, "memory.high"), (48 * MIB).to_string());
     assert_eq!(read(&unit, "cpu.weight"), "200");
     assert_eq!(read(&unit, "pids.max"), "50");
-    let _hog = hog(&unit, 8);
+    let mut hog = hog(&unit, 8);
 
     let service = unit.service();
     let labels = [("service", service)];
@@ -683,4 +683,6 @@ fn unit_memory_high_and_cpu_weight_on_a_real_cgroup_with_their_metrics() {
     wait_for(&unit, "cpu.weight", "300");
     daemon.await_count("sentinel_policy_reloads_total", &[], 1, HANG_GUARD);
     assert_eq!(read(&unit, "memory.high"), (48 * MIB).to_string());
+    hog.kill().expect("stop the hog");
+    hog.wait().expect("reap the hog");
 }
