@@ -9,7 +9,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -197,6 +197,28 @@ impl Daemon {
     /// The daemon's control socket, for `sentinel bans|ban|unban --socket`.
     pub fn control_socket(&self) -> PathBuf {
         self.dir.path().join("control.sock")
+    }
+
+    /// `sentinel ARGS --socket SOCKET` (`bans`, `ban`, `unban`) against this daemon.
+    pub fn control_output(&self, args: &[&str]) -> Output {
+        Command::new(sentinel_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.control_socket())
+            .output()
+            .expect("run the sentinel client")
+    }
+
+    /// `control_output` of a command that must succeed; returns what it printed.
+    pub fn control(&self, args: &[&str]) -> String {
+        let output = self.control_output(args);
+        assert!(
+            output.status.success(),
+            "sentinel {args:?} failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8(output.stdout).expect("UTF-8")
     }
 
     /// The configuration file the daemon was started with (tests rewrite it to reload).

@@ -11,11 +11,10 @@ use std::{
     net::TcpStream,
     os::unix::net::UnixStream,
     path::Path,
-    process::Command,
     time::Duration,
 };
 
-use sentinel_tests::{Daemon, Scrape, TempDir, netlab::Netns, sentinel_bin, serial};
+use sentinel_tests::{Daemon, Scrape, TempDir, netlab::Netns, serial};
 
 /// What systemd gives a service unless its unit says otherwise.
 const SERVICE_OPEN_FILES: u64 = 1024;
@@ -54,23 +53,6 @@ fn raise_own_open_files_limit(needed: u64) {
         limit.rlim_cur = limit.rlim_max;
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
     }
-}
-
-/// `sentinel ARGS --socket SOCKET`; returns stdout, panics unless it succeeds.
-fn sentinel(daemon: &Daemon, args: &[&str]) -> String {
-    let output = Command::new(sentinel_bin())
-        .args(args)
-        .arg("--socket")
-        .arg(daemon.control_socket())
-        .output()
-        .expect("run the sentinel client");
-    assert!(
-        output.status.success(),
-        "sentinel {args:?} failed: {}\ndaemon log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        daemon.log()
-    );
-    String::from_utf8(output.stdout).expect("UTF-8")
 }
 
 fn rejected(scrape: &Scrape, endpoint: &str, reason: &str) -> u64 {
@@ -150,9 +132,11 @@ fn idle_metrics_connections_leave_scrapes_control_and_bans_working() {
         ),
         1
     );
-    assert_eq!(sentinel(&daemon, &["bans"]).trim_end(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim_end(), "no bans in force");
     assert_eq!(
-        sentinel(&daemon, &["ban", "192.0.2.7", "--for", "1h"]).trim_end(),
+        daemon
+            .control(&["ban", "192.0.2.7", "--for", "1h"])
+            .trim_end(),
         "banned 192.0.2.7 for 1h"
     );
     let banned: Vec<String> = netns
@@ -239,7 +223,7 @@ fn a_control_line_without_end_is_refused_and_the_next_client_answered() {
     );
     assert_closed(&stream);
 
-    assert_eq!(sentinel(&daemon, &["bans"]).trim_end(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim_end(), "no bans in force");
 }
 
 #[test]
@@ -253,7 +237,7 @@ fn silent_control_clients_do_not_lock_out_the_operator() {
     let silent: Vec<UnixStream> = (0..SILENT_CONTROL_CLIENTS)
         .map(|_| UnixStream::connect(daemon.control_socket()).expect("connect"))
         .collect();
-    assert_eq!(sentinel(&daemon, &["bans"]).trim_end(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim_end(), "no bans in force");
 
     // Each silent client is told why it was closed: to make room, or for its silence.
     let (mut evicted, mut late) = (0, 0);

@@ -18,7 +18,7 @@ use std::{
 use sentinel_tests::{
     Daemon, Scrape, TempDir, assert_promtool_clean, eventually, free_port,
     netlab::{Netns, SetElement, run},
-    sentinel_bin, serial, testkit_bin, unique_suffix,
+    serial, testkit_bin, unique_suffix,
 };
 
 const SSHD: &str = "/usr/sbin/sshd";
@@ -906,19 +906,7 @@ fn operator_unban_lifts_a_ban_at_once() {
     lab.first.assert_blocked();
     lab.v6.assert_blocked();
 
-    let unban = |address: &str| {
-        let output = Command::new(sentinel_bin())
-            .args(["unban", address, "--socket"])
-            .arg(daemon.control_socket())
-            .output()
-            .expect("run sentinel unban");
-        assert!(
-            output.status.success(),
-            "sentinel unban {address}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_string()
-    };
+    let unban = |address: &str| daemon.control(&["unban", address]).trim().to_string();
     assert_eq!(unban("198.51.100.10"), "unbanned 198.51.100.10");
     // Any address of the banned /64 names the ban.
     assert_eq!(
@@ -1168,12 +1156,7 @@ fn bans_and_escalation_survive_a_lost_table_and_a_restart() {
         matches!((left, given), (Some(left), Some(given)) if given <= left && given < 3600),
         "banned with {left:?} s left, restored with a timeout of {given:?} s"
     );
-    let listed = Command::new(sentinel_bin())
-        .args(["bans", "--socket"])
-        .arg(daemon.control_socket())
-        .output()
-        .expect("run sentinel bans");
-    let listed = String::from_utf8_lossy(&listed.stdout);
+    let listed = daemon.control(&["bans"]);
     assert!(
         listed
             .lines()
@@ -1182,12 +1165,7 @@ fn bans_and_escalation_survive_a_lost_table_and_a_restart() {
     );
 
     // Escalation is remembered too: lifted by the operator, the next ban is the second.
-    let unban = Command::new(sentinel_bin())
-        .args(["unban", &first, "--socket"])
-        .arg(daemon.control_socket())
-        .output()
-        .expect("run sentinel unban");
-    assert!(unban.status.success());
+    daemon.control(&["unban", &first]);
     assert!(eventually(WAIT, || saved_bans(state.path()).is_empty()));
     kill(daemon);
     let daemon = Daemon::start_with_state(&config, state.path());
@@ -1233,23 +1211,6 @@ fn a_guard_that_cannot_write_its_audit_log_stops_the_daemon_from_starting() {
     assert_eq!(server.nft(&["list", "tables"], ""), "");
 }
 
-/// `sentinel SUBCOMMAND ARGS --socket SOCKET` against `daemon`; returns what it printed, and
-/// fails the test if it failed.
-fn control(daemon: &Daemon, args: &[&str]) -> String {
-    let output = Command::new(sentinel_bin())
-        .args(args)
-        .arg("--socket")
-        .arg(daemon.control_socket())
-        .output()
-        .expect("run sentinel");
-    assert!(
-        output.status.success(),
-        "sentinel {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("UTF-8")
-}
-
 #[test]
 fn observe_mode_counts_and_audits_but_never_bans() {
     let _serial = serial();
@@ -1276,11 +1237,7 @@ fn observe_mode_counts_and_audits_but_never_bans() {
             .count("sentinel_ban_latency_seconds_count", &[]),
         0
     );
-    let refused = Command::new(sentinel_bin())
-        .args(["ban", "203.0.113.10", "--for", "1h", "--socket"])
-        .arg(daemon.control_socket())
-        .output()
-        .expect("run sentinel ban");
+    let refused = daemon.control_output(&["ban", "203.0.113.10", "--for", "1h"]);
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -1295,10 +1252,12 @@ fn the_operator_bans_lists_and_unbans_through_the_daemon() {
     let _serial = serial();
     let lab = SshLab::new();
     let daemon = lab.start_daemon("1h");
-    assert_eq!(control(&daemon, &["bans"]).trim(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim(), "no bans in force");
 
     assert_eq!(
-        control(&daemon, &["ban", "203.0.113.10", "--for", "2h"]).trim(),
+        daemon
+            .control(&["ban", "203.0.113.10", "--for", "2h"])
+            .trim(),
         "banned 203.0.113.10 for 2h"
     );
     let ban = lab.await_ban("203.0.113.10");
@@ -1308,7 +1267,7 @@ fn the_operator_bans_lists_and_unbans_through_the_daemon() {
     assert_eq!(bans_for(&daemon, "operator"), 1);
     assert_eq!(banned_in_family(&daemon, "ipv4"), 1);
 
-    let listed = control(&daemon, &["bans"]);
+    let listed = daemon.control(&["bans"]);
     let lines: Vec<Vec<&str>> = listed
         .lines()
         .map(|l| l.split_whitespace().collect())
@@ -1332,11 +1291,11 @@ fn the_operator_bans_lists_and_unbans_through_the_daemon() {
     assert_ban_length(operator_bans[0], Duration::from_secs(2 * 3600));
 
     assert_eq!(
-        control(&daemon, &["unban", "203.0.113.10"]).trim(),
+        daemon.control(&["unban", "203.0.113.10"]).trim(),
         "unbanned 203.0.113.10"
     );
     lab.second.assert_connects();
-    assert_eq!(control(&daemon, &["bans"]).trim(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim(), "no bans in force");
 }
 
 #[test]
