@@ -11,8 +11,7 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, NO_FIREWALL, Scrape, TempDir, TestCgroup, eventually, netlab::Netns, sentinel_bin,
-    serial,
+    Daemon, NO_FIREWALL, TempDir, TestCgroup, eventually, netlab::Netns, sentinel_bin, serial,
 };
 
 /// Far longer than any check takes: a `sentinel check` still running then is hung.
@@ -300,15 +299,9 @@ fn config_observing(cgroup: &TestCgroup, policy: &str, ssh_guard_extra: &str) ->
     )
 }
 
-/// The value of a series that must exist: absent fails the test.
-fn series(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .value(name, labels)
-        .unwrap_or_else(|| panic!("no series {name}{labels:?} in:\n{}", scrape.0))
-}
-
+/// `sentinel_policy_applied` of `policy` on `cgroup`; `None` while it is not exported.
 fn applied(daemon: &Daemon, cgroup: &TestCgroup, policy: &str) -> Option<f64> {
-    daemon.scrape().value(
+    daemon.scrape().find(
         "sentinel_policy_applied",
         &[("service", cgroup.service()), ("policy", policy)],
     )
@@ -328,8 +321,8 @@ fn an_empty_or_cut_short_file_is_refused_on_reload_and_the_policy_stays() {
     let counters = || {
         let scrape = daemon.scrape();
         (
-            series(&scrape, "sentinel_policy_reload_errors_total", &[]),
-            series(&scrape, "sentinel_policy_reloads_total", &[]),
+            scrape.value("sentinel_policy_reload_errors_total", &[]),
+            scrape.value("sentinel_policy_reloads_total", &[]),
         )
     };
     let (errors, reloads) = counters();
@@ -419,14 +412,12 @@ fn a_changed_start_only_setting_is_named_as_needing_a_restart() {
         daemon.log()
     );
     let restart_required = |setting: &str| {
-        series(
-            &daemon.scrape(),
-            "sentinel_config_restart_required",
-            &[("setting", setting)],
-        )
+        daemon
+            .scrape()
+            .value("sentinel_config_restart_required", &[("setting", setting)])
     };
     assert_eq!(restart_required("ssh_guard.mode"), 0.0);
-    let reloads = series(&daemon.scrape(), "sentinel_policy_reloads_total", &[]);
+    let reloads = daemon.scrape().value("sentinel_policy_reloads_total", &[]);
 
     // A new policy name (applied at once) and a new guard mode (read only at start).
     fs::write(
@@ -444,11 +435,14 @@ fn a_changed_start_only_setting_is_named_as_needing_a_restart() {
         "the reloaded policy was not applied; log:\n{}",
         daemon.log()
     );
-    assert_eq!(applied(&daemon, &cgroup, "web"), None);
+    daemon.scrape().assert_absent(
+        "sentinel_policy_applied",
+        &[("service", cgroup.service()), ("policy", "web")],
+    );
     assert_eq!(restart_required("ssh_guard.enabled"), 0.0);
     assert_eq!(restart_required("metrics.listen"), 0.0);
     assert_eq!(
-        series(&daemon.scrape(), "sentinel_policy_reloads_total", &[]),
+        daemon.scrape().value("sentinel_policy_reloads_total", &[]),
         reloads + 1.0
     );
     let partial = daemon.log_records(&[
@@ -500,7 +494,7 @@ fn a_reloaded_allow_list_lifts_the_bans_it_covers_and_keeps_the_others() {
     };
     let daemon = Daemon::start_with_config(&config(""), &[]);
     for address in ["192.0.2.7", "198.51.100.9"] {
-        daemon.client(&["ban", address, "--for", "1h"]);
+        daemon.control(&["ban", address, "--for", "1h"]);
     }
     let banned = || -> Vec<String> {
         let mut nets: Vec<String> = netns
@@ -524,7 +518,7 @@ fn a_reloaded_allow_list_lifts_the_bans_it_covers_and_keeps_the_others() {
         banned(),
         daemon.log()
     );
-    let listed = daemon.client(&["bans"]);
+    let listed = daemon.control(&["bans"]);
     assert!(
         listed.contains("198.51.100.9") && !listed.contains("192.0.2.7"),
         "{listed}"
@@ -547,20 +541,17 @@ fn a_reloaded_allow_list_lifts_the_bans_it_covers_and_keeps_the_others() {
         "log:\n{}",
         daemon.log()
     );
+    let scrape = daemon.scrape();
     assert_eq!(
-        series(
-            &daemon.scrape(),
+        scrape.value(
             "sentinel_config_restart_required",
             &[("setting", "ssh_guard.mode")]
         ),
         0.0
     );
-    assert_eq!(
-        daemon.scrape().value(
-            "sentinel_config_restart_required",
-            &[("setting", "ssh_guard.allow")]
-        ),
-        None,
-        "the allow list is applied on reload, never reported as waiting for a restart"
+    // The allow list is applied on reload, never reported as waiting for a restart.
+    scrape.assert_absent(
+        "sentinel_config_restart_required",
+        &[("setting", "ssh_guard.allow")],
     );
 }

@@ -55,25 +55,15 @@ fn raise_own_open_files_limit(needed: u64) {
     }
 }
 
-/// A series that must exist: absent is a failure, never a 0.
-fn series(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> u64 {
-    match scrape.value(name, labels) {
-        Some(value) => value as u64,
-        None => panic!("no series {name}{labels:?} in\n{}", scrape.0),
-    }
-}
-
 fn rejected(scrape: &Scrape, endpoint: &str, reason: &str) -> u64 {
-    series(
-        scrape,
+    scrape.count(
         "sentinel_connections_rejected_total",
         &[("endpoint", endpoint), ("reason", reason)],
     )
 }
 
 fn timed_out(scrape: &Scrape, endpoint: &str, stage: &str) -> u64 {
-    series(
-        scrape,
+    scrape.count(
         "sentinel_connections_timed_out_total",
         &[("endpoint", endpoint), ("stage", stage)],
     )
@@ -136,17 +126,16 @@ fn idle_metrics_connections_leave_scrapes_control_and_bans_working() {
     // Scrapes, the control socket and the firewall all still work.
     let during = daemon.scrape();
     assert_eq!(
-        series(
-            &during,
+        during.count(
             "sentinel_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]
         ),
         1
     );
-    assert_eq!(daemon.client(&["bans"]).trim_end(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim_end(), "no bans in force");
     assert_eq!(
         daemon
-            .client(&["ban", "192.0.2.7", "--for", "1h"])
+            .control(&["ban", "192.0.2.7", "--for", "1h"])
             .trim_end(),
         "banned 192.0.2.7 for 1h"
     );
@@ -181,8 +170,7 @@ fn idle_metrics_connections_leave_scrapes_control_and_bans_working() {
         assert_eq!(counter, 0, "{labels}");
     }
     assert_eq!(
-        series(
-            &after,
+        after.count(
             "sentinel_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]
         ),
@@ -235,7 +223,7 @@ fn a_control_line_without_end_is_refused_and_the_next_client_answered() {
     );
     assert_closed(&stream);
 
-    assert_eq!(daemon.client(&["bans"]).trim_end(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim_end(), "no bans in force");
 }
 
 #[test]
@@ -249,7 +237,7 @@ fn silent_control_clients_do_not_lock_out_the_operator() {
     let silent: Vec<UnixStream> = (0..SILENT_CONTROL_CLIENTS)
         .map(|_| UnixStream::connect(daemon.control_socket()).expect("connect"))
         .collect();
-    assert_eq!(daemon.client(&["bans"]).trim_end(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim_end(), "no bans in force");
 
     // Each silent client is told why it was closed: to make room, or for its silence.
     let (mut evicted, mut late) = (0, 0);
