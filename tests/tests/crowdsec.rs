@@ -166,6 +166,11 @@ prometheus:
         String::from_utf8(output.stdout).expect("cscli prints UTF-8")
     }
 
+    /// `cscli decisions add TARGET VALUE --duration 1h`: TARGET is `--ip` or `--range`.
+    fn ban(&self, target: &str, value: &str) {
+        self.cscli(&["decisions", "add", target, value, "--duration", "1h"]);
+    }
+
     /// Registers a bouncer and returns its key.
     fn add_bouncer(&self, name: &str) -> String {
         self.cscli(&["bouncers", "add", name, "-o", "raw"])
@@ -316,14 +321,7 @@ fn a_decision_added_with_cscli_is_enforced_by_both_hosts_and_lifted_when_deleted
             .assert_connects(ATTACKER.into(), host.service());
     }
     let added = Instant::now();
-    lapi.cscli(&[
-        "decisions",
-        "add",
-        "--ip",
-        &ATTACKER.to_string(),
-        "--duration",
-        "1h",
-    ]);
+    lapi.ban("--ip", &ATTACKER.to_string());
     for (name, host) in [("A", &a), ("B", &b)] {
         let ban = host.await_ban(&ATTACKER.to_string());
         println!(
@@ -375,36 +373,15 @@ fn an_allowlisted_address_banned_by_the_fleet_is_never_banned_here() {
     let a = Host::start("allow", &lapi, &lapi.add_bouncer("sentinel-allow"));
     // The allow-listed address first, the attacker second: once the attacker is banned, the
     // pull that carried both is done.
-    lapi.cscli(&[
-        "decisions",
-        "add",
-        "--ip",
-        &TRUSTED.to_string(),
-        "--duration",
-        "1h",
-    ]);
-    lapi.cscli(&[
-        "decisions",
-        "add",
-        "--range",
-        "198.51.100.0/28",
-        "--duration",
-        "1h",
-    ]);
-    lapi.cscli(&[
-        "decisions",
-        "add",
-        "--ip",
-        &ATTACKER.to_string(),
-        "--duration",
-        "1h",
-    ]);
+    lapi.ban("--ip", &TRUSTED.to_string());
+    lapi.ban("--range", "198.51.100.32/28");
+    lapi.ban("--ip", &ATTACKER.to_string());
     a.await_ban(&ATTACKER.to_string());
     assert_eq!(a.metric(RECEIVED, &[("origin", "cscli")]), 3.0);
     assert_eq!(a.metric(APPLIED, &[("origin", "cscli")]), 2.0);
     assert_eq!(a.metric(SKIPPED, &[("reason", "allowlisted")]), 1.0);
     let nets: Vec<String> = a.bans().into_iter().map(|ban| ban.net).collect();
-    assert_eq!(nets, ["198.51.100.0/28", "198.51.100.10"]);
+    assert_eq!(nets, ["198.51.100.10", "198.51.100.32/28"]);
     a.attacker.assert_connects(TRUSTED.into(), a.service());
     a.attacker.assert_blocked(ATTACKER.into(), a.service());
 }
@@ -444,16 +421,9 @@ fn local_bans_go_on_while_the_lapi_is_down_and_pulls_resume_in_full() {
     a.attacker.assert_blocked(ATTACKER.into(), a.service());
 
     lapi.resume();
-    lapi.cscli(&[
-        "decisions",
-        "add",
-        "--ip",
-        &TRUSTED.to_string(),
-        "--duration",
-        "1h",
-    ]);
-    let other = "198.51.100.30";
-    lapi.cscli(&["decisions", "add", "--ip", other, "--duration", "1h"]);
+    lapi.ban("--ip", &TRUSTED.to_string());
+    let other = "198.51.100.40";
+    lapi.ban("--ip", other);
     a.await_ban(other);
     assert_eq!(a.metric("sentinel_crowdsec_lapi_reachable", &[]), 1.0);
     // The operator's ban is still the operator's.

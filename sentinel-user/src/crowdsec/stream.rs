@@ -379,7 +379,10 @@ mod tests {
                 "a number without a unit",
             ),
             (
-                answer(&[good.clone()], &[decision(2, "not-an-ip", "-1s")]),
+                answer(
+                    std::slice::from_ref(&good),
+                    &[decision(2, "not-an-ip", "-1s")],
+                ),
                 "\"not-an-ip\" is not an IP address",
             ),
         ];
