@@ -23,6 +23,7 @@ use crate::{
     components::{Components, Stopped, supervised},
     config::{CgroupBackend, Config, DEFAULT_PATH, RestartRequired},
     control::ControlSocket,
+    crowdsec::{Fleet, FleetMetrics},
     events::{EventHandler, read_ring, readable},
     http,
     kernel::{self, Btf},
@@ -144,7 +145,22 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
 
     let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
     let restart_required = RestartRequired::register(metrics.registry_mut());
-    let ssh_guard = start_ssh_guard(&config, &state_dir, ssh_metrics, &components, &queue_drops)?;
+    // Credentials are read before anything starts: a file others can read stops the daemon.
+    let fleet = match &config.crowdsec {
+        Some(crowdsec) => Some(Fleet::prepare(
+            crowdsec,
+            FleetMetrics::new(metrics.registry_mut()),
+        )?),
+        None => None,
+    };
+    let ssh_guard = start_ssh_guard(
+        &config,
+        &state_dir,
+        ssh_metrics,
+        fleet.as_ref(),
+        &components,
+        &queue_drops,
+    )?;
     let connections = ConnectionMetrics::new(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let handler = Arc::new(EventHandler::new(
@@ -181,6 +197,10 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         components.start("control socket"),
         control.serve(guard_for_control, connections.clone(), cancel.clone()),
     ));
+    if let Some(fleet) = fleet {
+        let guard = ssh_guard.as_ref().map(|(tx, _)| tx.clone());
+        fleet.start(guard, &components, &tasks, &cancel);
+    }
     forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
     let reloader = Reloader::new(
         config_path,
@@ -282,6 +302,7 @@ fn start_ssh_guard(
     config: &Config,
     state_dir: &std::path::Path,
     metrics: SshGuardMetrics,
+    fleet: Option<&Fleet>,
     components: &Components,
     queue_drops: &QueueDrops,
 ) -> Result<Option<RunningGuard>, Error> {
@@ -291,6 +312,9 @@ fn start_ssh_guard(
     }
     let mut guard = SshGuard::open(config.ssh_guard.settings(state_dir), metrics)
         .map_err(|error| Error::SshGuardStart(Box::new(error)))?;
+    if let Some(fleet) = fleet {
+        guard.join_fleet(fleet.metrics.clone(), fleet.handoff.clone());
+    }
     let (tx, rx) = queue::bounded("ssh_guard", SSH_GUARD_QUEUE, queue_drops);
     if let Some(watch) = guard.take_table_watch() {
         let changed = tx.clone();

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use super::*;
 use crate::policy::{NESTED_GROUPS, POLICY_KEYS};
-use crate::ssh_guard::settings::SSH_GUARD_KEYS;
+use crate::{crowdsec::settings::CROWDSEC_KEYS, ssh_guard::settings::SSH_GUARD_KEYS};
 
 const SAMPLE: &str = include_str!("../../../deploy/sentinel.yaml");
 const SCHEMA: &str = include_str!("../../../deploy/sentinel.schema.json");
@@ -146,7 +146,7 @@ sentinel: {}
             "c.yaml:22:14: audit_log: expected an absolute path, found \"audit.log\"",
             "c.yaml:23:3: unknown ssh_guard setting \"ban_fro\"; did you mean \"ban_for\"?",
             "c.yaml:24:1: unknown top-level key \"sentinel\"; expected one of metrics, \
-             services, policies, ssh_guard",
+             services, policies, ssh_guard, crowdsec",
         ]
     );
 }
@@ -265,7 +265,7 @@ fn a_huge_key_is_refused_with_its_position() {
         problems(&format!("{}: 1\n", "k".repeat(1024))),
         [format!(
             "c.yaml:1:1: unknown top-level key {:?}… (1024 bytes); expected one of metrics, \
-             services, policies, ssh_guard",
+             services, policies, ssh_guard, crowdsec",
             "k".repeat(40)
         )]
     );
@@ -363,6 +363,12 @@ fn restart_only_changes_name_every_setting_a_reload_does_not_apply() {
         .map(|key| format!("ssh_guard.{key}"))
         .collect();
     expected.extend(ssh_guard.iter().map(String::as_str));
+    // The fleet's client, credentials and tasks are set up at start.
+    let crowdsec: Vec<String> = CROWDSEC_KEYS
+        .iter()
+        .map(|key| format!("crowdsec.{key}"))
+        .collect();
+    expected.extend(crowdsec.iter().map(String::as_str));
     expected.sort_unstable();
     assert_eq!(names, expected);
 
@@ -411,6 +417,10 @@ fn the_schema_knows_every_key() {
     assert_eq!(
         keys(&sections["ssh_guard"]["properties"]),
         sorted(SSH_GUARD_KEYS)
+    );
+    assert_eq!(
+        keys(&sections["crowdsec"]["properties"]),
+        sorted(CROWDSEC_KEYS)
     );
     let policy_keys: Vec<&str> = POLICY_KEYS.iter().chain(NESTED_GROUPS).copied().collect();
     assert_eq!(

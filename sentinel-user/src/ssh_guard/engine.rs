@@ -150,7 +150,8 @@ impl BanEngine {
         self.sessions.push((addr, Box::new(still_open)));
     }
 
-    fn has_open_session(&mut self, net: &IpNet) -> bool {
+    /// Whether someone is logged in over SSH from inside `net` right now.
+    pub fn has_open_session(&mut self, net: &IpNet) -> bool {
         self.sessions.retain(|(_, open)| open());
         self.sessions
             .iter()
@@ -220,6 +221,18 @@ impl BanEngine {
         let ends = now + duration;
         self.banned.insert(net, ends);
         self.record_offense(net, offense, ends);
+    }
+
+    /// Records a ban made for the fleet until `ends` (a later end wins): listed, restored and
+    /// lifted like the others, but no offense of this host's, so it never lengthens a local ban.
+    pub fn hold(&mut self, net: IpNet, ends: Instant) {
+        let until = self.banned.entry(net).or_insert(ends);
+        *until = (*until).max(ends);
+    }
+
+    /// When the ban of `net` in force ends.
+    pub fn ban_end(&self, net: &IpNet) -> Option<Instant> {
+        self.banned.get(net).copied()
     }
 
     /// Remembers that `net` was banned `count` times, the latest ban ending at `ends` (from the

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod engine;
+mod fleet;
 mod metrics;
 pub mod settings;
 
@@ -27,6 +28,7 @@ use self::{
 use crate::{
     Error,
     cgroup::guardian::ProcessHandle,
+    crowdsec::{FleetUpdate, is_fleet_reason},
     events::{SshAuth, SshOutcome},
     firewall::{Ban, Firewall, FirewallOptions, IpNet, TableWatch},
     state::{Clocks, SavedBan, SavedOffense, SavedState, StateFile},
@@ -56,6 +58,8 @@ pub enum Input {
     TableChanged,
     /// The configuration file was reloaded.
     Reload(LiveSettings),
+    /// The fleet's decisions, from CrowdSec's Local API.
+    Fleet(FleetUpdate),
     Stop,
 }
 
@@ -114,6 +118,8 @@ pub struct SshGuard {
     state: StateFile<SavedState>,
     /// `flush_on_exit`: the bans end with the daemon, on disk too.
     forget_bans_on_exit: bool,
+    /// `None` unless the daemon takes part in a CrowdSec fleet.
+    fleet: Option<fleet::FleetLink>,
 }
 
 impl SshGuard {
@@ -174,7 +180,11 @@ impl SshGuard {
         };
         let mut reasons = HashMap::new();
         for (ban, saved) in &saved_bans {
-            engine.record_ban(ban.net, now, ban.timeout, 1);
+            if is_fleet_reason(&saved.reason) {
+                engine.hold(ban.net, now + ban.timeout);
+            } else {
+                engine.record_ban(ban.net, now, ban.timeout, 1);
+            }
             reasons.insert(ban.net, (saved.reason.clone(), saved.failures));
         }
         let mut guard = Self {
@@ -186,6 +196,7 @@ impl SshGuard {
             reasons,
             state,
             forget_bans_on_exit,
+            fleet: None,
         };
         // Saved bans the kernel lost (a reboot, a flushed ruleset while the daemon was down).
         let restored = guard.restore_missing_bans()?;
@@ -252,6 +263,7 @@ impl SshGuard {
                 Input::Control(control) => self.on_control(now, control),
                 Input::TableChanged => table_changed = true,
                 Input::Reload(live) => self.reload(now, live),
+                Input::Fleet(update) => self.on_fleet(now, update),
                 Input::Stop => {}
             }
         }
@@ -340,6 +352,9 @@ impl SshGuard {
             ..
         } in decided
         {
+            if self.mode == GuardMode::Enforce {
+                self.share(ban.net, SystemTime::now() + ban.timeout, reason, failures);
+            }
             self.metrics.bans(reason).inc();
             self.reasons.insert(ban.net, (reason.to_string(), failures));
             self.state.mark_changed();
@@ -496,13 +511,22 @@ impl SshGuard {
                 let net = self.engine.offender(addr);
                 let result = self.commit(|firewall| firewall.unban(&[net]));
                 if result.is_ok() {
+                    let ends = self.engine.ban_end(&net);
                     self.engine.lift(&net);
                     self.state.mark_changed();
-                    self.reasons.remove(&net);
+                    let lifted = self.reasons.remove(&net);
+                    let fleet_ban = lifted.is_some_and(|(reason, _)| is_fleet_reason(&reason));
+                    if fleet_ban {
+                        self.override_fleet_ban(net, ends);
+                    }
                     self.audit(AuditRecord::new(
                         AuditAction::Unban,
                         &net,
-                        "operator",
+                        if fleet_ban {
+                            "operator_fleet_override"
+                        } else {
+                            "operator"
+                        },
                         0,
                         None,
                     ));
