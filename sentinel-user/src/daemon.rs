@@ -21,14 +21,14 @@ use crate::{
     Error,
     cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount},
     components::{Components, Stopped, supervised},
-    config::{CgroupBackend, Config, DEFAULT_PATH, RestartRequired},
+    config::{Config, DEFAULT_PATH, RestartRequired},
     control::ControlSocket,
     events::{EventHandler, read_ring, readable},
     http,
     kernel::{self, Btf},
     metrics::{ConnectionMetrics, KernelCounters, Metrics},
     policy::{
-        enforcer::{AppliedView, Backend, Enforcer, Input as EnforcerInput},
+        enforcer::{AppliedView, Enforcer, Input as EnforcerInput},
         metrics::PolicyMetrics,
     },
     probes::{self, SshFiles},
@@ -122,18 +122,15 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let applied = Arc::new(Mutex::new(AppliedView::default()));
     let policy_metrics =
         PolicyMetrics::new(metrics.registry_mut(), cgroupfs.clone(), applied.clone());
-    let backend = match config.services.cgroup_backend {
-        CgroupBackend::Auto => Backend::Auto,
-        CgroupBackend::Cgroupfs => Backend::Cgroupfs,
-    };
     let enforcer = Enforcer::new(
         cgroupfs,
         config.policies.clone(),
-        backend,
+        config.services.cgroup_backend,
         applied.clone(),
         policy_metrics.clone(),
         &state_dir,
-    );
+        tokio::runtime::Handle::current(),
+    )?;
     let (enforcer_tx, enforcer_rx) = queue::bounded("enforcer", ENFORCER_QUEUE, &queue_drops);
     let enforcer_thread =
         spawn_component(&components, "enforcer", move || enforcer.run(enforcer_rx))?;
