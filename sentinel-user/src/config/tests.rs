@@ -75,6 +75,11 @@ fn every_cgroup_backend_is_read() {
         Config::default().services.cgroup_backend,
         CgroupBackend::Auto
     );
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
+    assert_eq!(
+        schema["properties"]["services"]["properties"]["cgroup_backend"]["enum"],
+        serde_json::json!(["auto", "systemd", "cgroupfs"])
+    );
 }
 
 #[test]

@@ -822,3 +822,122 @@ fn page_size() -> u64 {
         _ => 4096,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::config::Config;
+
+    const NGINX: &str = "system.slice/nginx.service";
+
+    struct StateDir(std::path::PathBuf);
+
+    impl StateDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("sentinel-enforcer-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for StateDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn nginx_record(memory_max: u64) -> UnitRecord {
+        UnitRecord {
+            cgroup: NGINX.into(),
+            properties: vec![(UnitProperty::MemoryMax, memory_max)],
+            drop_ins: BTreeMap::from([("50-MemoryMax.conf".to_string(), None)]),
+            directory_existed: false,
+            originals: BTreeMap::from([(UnitProperty::MemoryMax, u64::MAX)]),
+        }
+    }
+
+    /// An enforcer that finds `saved` in its state directory, with the policies of `file`.
+    fn enforcer(dir: &StateDir, saved: &SavedOriginals, file: &str) -> Enforcer {
+        let mut state = StateFile::new(dir.0.join("cgroup-originals.json"));
+        state.mark_changed();
+        state.write(saved, Instant::now()).unwrap();
+        let fs = CgroupFs::new(dir.0.join("cgroup"));
+        let view = Arc::new(Mutex::new(AppliedView::default()));
+        let metrics = PolicyMetrics::new(&mut Registry::default(), fs.clone(), view.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let policy = Config::parse("c.yaml", file).unwrap().policies;
+        Enforcer::new(
+            fs,
+            policy,
+            CgroupBackend::Cgroupfs,
+            view,
+            metrics,
+            &dir.0,
+            runtime.handle().clone(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_unit_is_given_back_when_its_policy_goes_away_or_changes() {
+        let dir = StateDir::new("stale");
+        let saved = SavedOriginals {
+            cgroups: BTreeMap::new(),
+            units: BTreeMap::from([("nginx.service".to_string(), nginx_record(64 << 20))]),
+        };
+        let stale = |file: &str| enforcer(&dir, &saved, file).stale_units();
+        let policy = |settings: &str| {
+            format!("policies:\n  - name: web\n    unit: nginx.service\n{settings}")
+        };
+        // The same properties: the drop-ins stay, and so do the saved originals.
+        assert!(stale(&policy("    memory.max: 64M\n")).is_empty());
+        for changed in [
+            policy("    memory.max: 128M\n"),
+            policy("    memory.max: 64M\n    pids.max: 10\n"),
+            policy("    memory.max: 64M\n    mode: observe\n"),
+            "policies: []\n".to_string(),
+        ] {
+            assert_eq!(stale(&changed), ["nginx.service"], "{changed}");
+        }
+    }
+
+    #[test]
+    fn unit_records_survive_a_restart() {
+        let dir = StateDir::new("restart");
+        let mut record = nginx_record(64 << 20);
+        record.drop_ins.insert(
+            "50-TasksMax.conf".into(),
+            Some("[Service]\nTasksMax=300\n".into()),
+        );
+        let saved = SavedOriginals {
+            cgroups: BTreeMap::from([(
+                "workers/a".to_string(),
+                BTreeMap::from([("memory.max".to_string(), "max".to_string())]),
+            )]),
+            units: BTreeMap::from([("nginx.service".to_string(), record.clone())]),
+        };
+        let loaded = enforcer(&dir, &saved, "policies: []\n").saved;
+        assert_eq!(loaded.units, saved.units);
+        assert_eq!(loaded.cgroups, saved.cgroups);
+    }
+
+    #[test]
+    fn a_state_file_from_before_the_systemd_backend_is_read() {
+        let dir = StateDir::new("older");
+        std::fs::write(
+            dir.0.join("cgroup-originals.json"),
+            r#"{"version":1,"cgroups":{"workers/a":{"memory.max":"max"}}}"#,
+        )
+        .unwrap();
+        let state = StateFile::<SavedOriginals>::new(dir.0.join("cgroup-originals.json"));
+        let saved = state.load().unwrap().unwrap();
+        assert_eq!(saved.cgroups["workers/a"]["memory.max"], "max");
+        assert!(saved.units.is_empty());
+    }
+}
