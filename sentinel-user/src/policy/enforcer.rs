@@ -8,7 +8,7 @@
 //! applied is published in an [`AppliedView`] for `/metrics` and for OOM log lines.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::Path,
     sync::{
         Arc, Mutex,
@@ -44,6 +44,8 @@ const TICK: Duration = Duration::from_millis(500);
 /// them from its event loop, just after answering).
 const SYSTEMD_APPLY_WAIT: Duration = Duration::from_secs(5);
 const SYSTEMD_APPLY_POLL: Duration = Duration::from_millis(20);
+/// How often cgroups whose limits systemd did not take are tried again.
+const SYSTEMD_RETRY: Duration = Duration::from_secs(10);
 
 pub enum Input {
     /// A cgroup was created (path relative to the cgroup2 root).
@@ -108,6 +110,10 @@ pub struct Enforcer {
     drop_ins: RuntimeDropIns,
     page_size: u64,
     applied: HashMap<String, Applied>,
+    /// Cgroups whose limits systemd did not take (unreachable or refusing), tried again every
+    /// [`SYSTEMD_RETRY`] from `next_retry` on.
+    retry: BTreeSet<String>,
+    next_retry: Instant,
     /// The true originals of every cgroup and unit Sentinel has changed and not yet given back.
     saved: SavedOriginals,
     saved_file: StateFile<SavedOriginals>,
@@ -144,6 +150,8 @@ impl Enforcer {
             drop_ins: RuntimeDropIns::new(RUNTIME_CONTROL_DIR.into()),
             page_size: page_size(),
             applied: HashMap::new(),
+            retry: BTreeSet::new(),
+            next_retry: Instant::now(),
             saved: saved.unwrap_or_default(),
             saved_file,
             view,
@@ -291,6 +299,7 @@ impl Enforcer {
                      they are: {error}"
                 );
                 self.metrics.action(service, Action::Failed);
+                self.retry.insert(path.to_string());
             }
         }
     }
@@ -406,6 +415,7 @@ impl Enforcer {
                     "cannot apply limits through systemd: {reason}"
                 );
                 self.metrics.action(&service, Action::Failed);
+                self.retry.insert(path.to_string());
             }
         }
     }
@@ -638,6 +648,14 @@ impl Enforcer {
     }
 
     fn tick(&mut self) {
+        let now = Instant::now();
+        if !self.retry.is_empty() && now >= self.next_retry {
+            self.next_retry = now + SYSTEMD_RETRY;
+            for path in std::mem::take(&mut self.retry) {
+                self.reconcile(&path);
+            }
+            self.publish();
+        }
         let gone: Vec<String> = self
             .applied
             .keys()
