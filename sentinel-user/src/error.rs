@@ -84,12 +84,12 @@ pub enum Error {
         found: String,
     },
     #[error(
-        "services.cgroup_backend is systemd, but this host was not booted with systemd \
-         (/run/systemd/system is missing); use auto or cgroupfs"
+        "this host was not booted with systemd (/run/systemd/system is missing), so limits cannot \
+         be set through systemd; set services.cgroup_backend to auto or cgroupfs"
     )]
     SystemdRequired,
     #[error(
-        "cannot restore systemd's runtime drop-in {path}: {source}{hint}",
+        "cannot {action} systemd's runtime drop-in {path}: {source}{hint}",
         hint = if source.kind() == io::ErrorKind::ReadOnlyFilesystem {
             " (the service needs ReadWritePaths=/run/systemd/system.control, as the shipped unit \
              has)"
@@ -97,7 +97,11 @@ pub enum Error {
             ""
         }
     )]
-    DropIn { path: PathBuf, source: io::Error },
+    DropIn {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("cannot write the audit log {path}: {source}")]
     AuditLog { path: PathBuf, source: io::Error },
     #[error("the {component} stopped: {reason}")]

@@ -70,7 +70,13 @@ impl RuntimeDropIns {
             let content = match fs::read_to_string(&file) {
                 Ok(content) => Some(content),
                 Err(error) if error.kind() == ErrorKind::NotFound => None,
-                Err(source) => return Err(Error::DropIn { path: file, source }),
+                Err(source) => {
+                    return Err(Error::DropIn {
+                        action: "read",
+                        path: file,
+                        source,
+                    });
+                }
             };
             drop_ins.insert(property.drop_in().to_string(), content);
         }
@@ -91,7 +97,11 @@ impl RuntimeDropIns {
                     other => other,
                 },
             };
-            result.map_err(|source| Error::DropIn { path: file, source })?;
+            result.map_err(|source| Error::DropIn {
+                action: "restore",
+                path: file,
+                source,
+            })?;
         }
         if !record.directory_existed {
             remove_if_empty(&directory)?;
@@ -111,6 +121,7 @@ fn remove_if_empty(directory: &Path) -> Result<(), Error> {
             Ok(())
         }
         result => result.map_err(|source| Error::DropIn {
+            action: "remove",
             path: directory.to_path_buf(),
             source,
         }),

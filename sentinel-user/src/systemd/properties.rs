@@ -26,14 +26,6 @@ pub enum UnitProperty {
 }
 
 impl UnitProperty {
-    pub const ALL: [Self; 5] = [
-        Self::MemoryMax,
-        Self::MemoryHigh,
-        Self::CpuQuota,
-        Self::CpuWeight,
-        Self::TasksMax,
-    ];
-
     /// The property's name on the bus and in `systemctl show`.
     pub fn bus_name(self) -> &'static str {
         match self {
@@ -229,7 +221,13 @@ mod tests {
 
     #[test]
     fn properties_name_their_drop_ins() {
-        for property in UnitProperty::ALL {
+        for property in [
+            UnitProperty::MemoryMax,
+            UnitProperty::MemoryHigh,
+            UnitProperty::CpuQuota,
+            UnitProperty::CpuWeight,
+            UnitProperty::TasksMax,
+        ] {
             // Saved under the bus name.
             let saved = serde_json::to_string(&property).unwrap();
             assert_eq!(saved, format!("\"{}\"", property.bus_name()));
