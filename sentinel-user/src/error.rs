@@ -84,6 +84,11 @@ pub enum Error {
         found: String,
     },
     #[error(
+        "the limits Sentinel set on {unit} before are not given back yet (systemd has not \
+         reloaded its drop-ins); its new limits wait until they are"
+    )]
+    SystemdNotGivenBack { unit: String },
+    #[error(
         "this host was not booted with systemd (/run/systemd/system is missing), so limits cannot \
          be set through systemd; set services.cgroup_backend to auto or cgroupfs"
     )]

@@ -44,7 +44,8 @@ const TICK: Duration = Duration::from_millis(500);
 /// them from its event loop, just after answering).
 const SYSTEMD_APPLY_WAIT: Duration = Duration::from_secs(5);
 const SYSTEMD_APPLY_POLL: Duration = Duration::from_millis(20);
-/// How often cgroups whose limits systemd did not take are tried again.
+/// How often cgroups whose limits systemd did not take, and units systemd did not give their
+/// previous limits back, are tried again.
 const SYSTEMD_RETRY: Duration = Duration::from_secs(10);
 
 pub enum Input {
@@ -110,8 +111,8 @@ pub struct Enforcer {
     drop_ins: RuntimeDropIns,
     page_size: u64,
     applied: HashMap<String, Applied>,
-    /// Cgroups whose limits systemd did not take (unreachable or refusing), tried again every
-    /// [`SYSTEMD_RETRY`] from `next_retry` on.
+    /// Cgroups whose limits systemd did not take (unreachable or refusing), tried again at
+    /// `next_retry`, every [`SYSTEMD_RETRY`].
     retry: BTreeSet<String>,
     next_retry: Instant,
     /// The true originals of every cgroup and unit Sentinel has changed and not yet given back.
@@ -433,6 +434,14 @@ impl Enforcer {
         let Some(systemd) = self.systemd.as_mut() else {
             return Err(Error::SystemdRequired);
         };
+        // The drop-ins of other properties must be given back first, or they would stay.
+        if let Some(record) = self.saved.units.get(unit)
+            && record.properties != properties
+        {
+            return Err(Error::SystemdNotGivenBack {
+                unit: unit.to_string(),
+            });
+        }
         if !self.saved.units.contains_key(unit) {
             let (drop_ins, directory_existed) = self.drop_ins.snapshot(unit, properties)?;
             let originals =
@@ -649,8 +658,10 @@ impl Enforcer {
 
     fn tick(&mut self) {
         let now = Instant::now();
-        if !self.retry.is_empty() && now >= self.next_retry {
+        if now >= self.next_retry {
             self.next_retry = now + SYSTEMD_RETRY;
+            let units = self.stale_units();
+            self.give_back_units(&units);
             for path in std::mem::take(&mut self.retry) {
                 self.reconcile(&path);
             }
