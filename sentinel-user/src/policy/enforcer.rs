@@ -300,9 +300,17 @@ impl Enforcer {
                      they are: {error}"
                 );
                 self.metrics.action(service, Action::Failed);
-                self.retry.insert(path.to_string());
+                self.retry_later(path);
             }
         }
+    }
+
+    /// Tries `path` again in [`SYSTEMD_RETRY`], or with the others already waiting.
+    fn retry_later(&mut self, path: &str) {
+        if self.retry.is_empty() {
+            self.next_retry = Instant::now() + SYSTEMD_RETRY;
+        }
+        self.retry.insert(path.to_string());
     }
 
     /// The systemd unit whose cgroup `path` is, when systemd is to set its limits.
@@ -416,7 +424,7 @@ impl Enforcer {
                     "cannot apply limits through systemd: {reason}"
                 );
                 self.metrics.action(&service, Action::Failed);
-                self.retry.insert(path.to_string());
+                self.retry_later(path);
             }
         }
     }

@@ -35,6 +35,7 @@ const ASSERTIONS: &[&str] = &[
     "unit_limits",
     "oom_kill",
     "graceful_stop",
+    "bus_unavailable",
     "drift",
     "undo",
     "undo_after_kill",

@@ -289,6 +289,30 @@ test_graceful_stop() {
     [ "$(cat /run/$unit.sigterm)" = SIGTERM ] && [ "$result" = success ] && metric_is "$series" 1
 }
 
+# 5: with the system bus stopped, a unit's limits are not written behind systemd's back: the
+# failure is logged and counted, and the limits come once the bus answers again.
+test_bus_unavailable() {
+    local unit=sentinel-leak-oom
+    local cgroup=/sys/fs/cgroup/system.slice/$unit.service
+    local series="sentinel_actions_total{service=\"system.slice/$unit.service\",action=\"failed\"}"
+    local bus failed limit
+    bus=$(systemctl show -p MainPID --value dbus)
+    rm -f /run/$unit.go
+    kill -STOP "$bus"
+    systemctl start $unit || { kill -CONT "$bus"; return 1; }
+    # Sentinel's call waits for systemd's answer up to 25 s.
+    wait_for 90 metric_is "$series" 1
+    failed=$(metric "$series")
+    limit=$(cat $cgroup/memory.max)
+    kill -CONT "$bus"
+    echo "bus stopped: $series ${failed:-absent}, memory.max $limit"
+    journalctl -u sentinel --no-pager -n 5 -o cat | grep -F "did not answer"
+    wait_for 60 grep -qx 67108864 $cgroup/memory.max
+    echo "bus answering again: memory.max $(cat $cgroup/memory.max)"
+    systemctl stop $unit
+    [ "$failed" = 1 ] && [ "$limit" = max ] && [ "$(metric "$series")" = 1 ]
+}
+
 # c: a limit changed behind Sentinel's back is put back through systemd and counted as drift.
 test_drift() {
     local series='sentinel_policy_drift_total{service="system.slice/nginx.service"}'
