@@ -21,7 +21,7 @@ use crate::{
     Error,
     cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount},
     components::{Components, Stopped, supervised},
-    config::{CgroupBackend, Config, DEFAULT_PATH, RestartRequired},
+    config::{Config, DEFAULT_PATH, RestartRequired},
     control::ControlSocket,
     crowdsec::{Fleet, FleetMetrics},
     events::{EventHandler, read_ring, readable},
@@ -29,7 +29,7 @@ use crate::{
     kernel::{self, Btf},
     metrics::{ConnectionMetrics, KernelCounters, Metrics},
     policy::{
-        enforcer::{AppliedView, Backend, Enforcer, Input as EnforcerInput},
+        enforcer::{AppliedView, Enforcer, Input as EnforcerInput},
         metrics::PolicyMetrics,
     },
     probes::{self, SshFiles},
@@ -127,18 +127,15 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         applied.clone(),
         attribution.clone(),
     );
-    let backend = match config.services.cgroup_backend {
-        CgroupBackend::Auto => Backend::Auto,
-        CgroupBackend::Cgroupfs => Backend::Cgroupfs,
-    };
     let enforcer = Enforcer::new(
         cgroupfs,
         config.policies.clone(),
-        backend,
+        config.services.cgroup_backend,
         applied.clone(),
         policy_metrics.clone(),
         &state_dir,
-    );
+        tokio::runtime::Handle::current(),
+    )?;
     let (enforcer_tx, enforcer_rx) = queue::bounded("enforcer", ENFORCER_QUEUE, &queue_drops);
     let enforcer_thread =
         spawn_component(&components, "enforcer", move || enforcer.run(enforcer_rx))?;

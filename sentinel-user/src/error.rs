@@ -60,6 +60,53 @@ pub enum Error {
         controller: String,
         available: String,
     },
+    #[error(
+        "cannot connect to systemd over the system bus: {0}; the limits of systemd units are \
+         set only through systemd, so they stay as they are until it answers"
+    )]
+    SystemdConnect(#[source] Box<zbus::Error>),
+    #[error("systemd's {call} for {target} failed: {source}")]
+    Systemd {
+        call: &'static str,
+        target: String,
+        source: Box<zbus::Error>,
+    },
+    #[error("systemd did not answer {call} within {after:?}")]
+    SystemdTimeout { call: &'static str, after: Duration },
+    #[error(
+        "systemd accepted the limits of {unit}, but its cgroup's {file} reads {found}, not \
+         {expected}"
+    )]
+    SystemdNotApplied {
+        unit: String,
+        file: &'static str,
+        expected: String,
+        found: String,
+    },
+    #[error(
+        "the limits Sentinel set on {unit} before are not given back yet (systemd has not \
+         reloaded its drop-ins); its new limits wait until they are"
+    )]
+    SystemdNotGivenBack { unit: String },
+    #[error(
+        "this host was not booted with systemd (/run/systemd/system is missing), so limits cannot \
+         be set through systemd; set services.cgroup_backend to auto or cgroupfs"
+    )]
+    SystemdRequired,
+    #[error(
+        "cannot {action} systemd's runtime drop-in {path}: {source}{hint}",
+        hint = if source.kind() == io::ErrorKind::ReadOnlyFilesystem {
+            " (the service needs ReadWritePaths=/run/systemd/system.control, as the shipped unit \
+             has)"
+        } else {
+            ""
+        }
+    )]
+    DropIn {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("cannot write the audit log {path}: {source}")]
     AuditLog { path: PathBuf, source: io::Error },
     #[error("the {component} stopped: {reason}")]

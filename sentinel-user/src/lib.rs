@@ -23,6 +23,7 @@ pub mod service;
 mod slots;
 pub mod ssh_guard;
 mod state;
+pub mod systemd;
 mod yaml;
 
 pub use error::Error;

@@ -20,6 +20,7 @@ use prometheus_client::{
 };
 use serde_saphyr::Spanned;
 
+pub use crate::cgroup::CgroupBackend;
 use crate::{
     Error,
     crowdsec::settings::{self as crowdsec, CrowdsecConfig},
@@ -44,7 +45,7 @@ const SERVICES_KEYS: &[&str] = &["max_labels", "cgroup_backend"];
 
 const EXPECTED_LISTEN: &str = "an address and port such as 127.0.0.1:9848 or [::1]:9848";
 const EXPECTED_LABELS: &str = "a whole number of at least 1";
-const EXPECTED_BACKEND: &str = "auto or cgroupfs";
+const EXPECTED_BACKEND: &str = "auto, systemd or cgroupfs";
 
 /// Why a reload refuses a file without settings.
 const NOTHING_TO_RELOAD: &str = "the file holds no settings (it is empty or only comments, as \
@@ -72,15 +73,8 @@ pub struct MetricsConfig {
 pub struct ServicesConfig {
     /// Distinct `service` label values; further services are reported as `other`.
     pub max_labels: usize,
-    /// `auto` refuses to write the cgroups of systemd units on a systemd host (systemd owns
-    /// them); `cgroupfs` writes every matched cgroup.
+    /// Where the limits of systemd units are set.
     pub cgroup_backend: CgroupBackend,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CgroupBackend {
-    Auto,
-    Cgroupfs,
 }
 
 impl Default for MetricsConfig {
@@ -376,6 +370,7 @@ impl Checker {
             |checker, field| {
                 checker.value(field, EXPECTED_BACKEND, |text| match text {
                     "auto" => Ok(CgroupBackend::Auto),
+                    "systemd" => Ok(CgroupBackend::Systemd),
                     "cgroupfs" => Ok(CgroupBackend::Cgroupfs),
                     _ => Err(Invalid::Unrecognized),
                 })

@@ -61,6 +61,28 @@ fn empty_file_means_defaults() {
 }
 
 #[test]
+fn every_cgroup_backend_is_read() {
+    for (text, backend) in [
+        ("auto", CgroupBackend::Auto),
+        ("systemd", CgroupBackend::Systemd),
+        ("cgroupfs", CgroupBackend::Cgroupfs),
+    ] {
+        let file = format!("services:\n  cgroup_backend: {text}\n");
+        let config = Config::parse("c.yaml", &file).unwrap();
+        assert_eq!(config.services.cgroup_backend, backend, "{text}");
+    }
+    assert_eq!(
+        Config::default().services.cgroup_backend,
+        CgroupBackend::Auto
+    );
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
+    assert_eq!(
+        schema["properties"]["services"]["properties"]["cgroup_backend"]["enum"],
+        serde_json::json!(["auto", "systemd", "cgroupfs"])
+    );
+}
+
+#[test]
 fn reads_every_section() {
     let config = Config::parse(
         "c.yaml",
@@ -101,7 +123,7 @@ fn every_section_reports_every_problem_with_its_position() {
   lisen: 127.0.0.1:1
 services:
   max_labels: 0
-  cgroup_backend: systemd
+  cgroup_backend: systemd-ish
 policies:
   - name: web
     unit: web.service
@@ -127,7 +149,7 @@ sentinel: {}
              [::1]:9848, found \"localhost:http\"",
             "c.yaml:3:3: unknown metrics setting \"lisen\"; did you mean \"listen\"?",
             "c.yaml:5:15: max_labels: must be at least 1, found 0",
-            "c.yaml:6:19: cgroup_backend: expected auto or cgroupfs, found \"systemd\"",
+            "c.yaml:6:19: cgroup_backend: expected auto, systemd or cgroupfs, found \"systemd-ish\"",
             "c.yaml:10:17: memory.max: must be at least 1M; a number without a suffix is bytes, \
              found 512",
             "c.yaml:12:12: enabled: expected true or false, found \"yes please\"",

@@ -1,13 +1,14 @@
-//! Enforcement: writes each matching cgroup's limits, keeps them there, restores what was
-//! there before when a policy lets go of a cgroup, and stops runaway processes before the
-//! kernel's OOM killer does.
+//! Enforcement: sets each matching cgroup's limits, keeps them there, restores what was there
+//! before when a policy lets go of a cgroup, and stops runaway processes before the kernel's
+//! OOM killer does.
 //!
-//! The enforcer runs on its own thread and owns all cgroup writes; everything else talks to it
-//! through [`Input`]. What it applied is published in an [`AppliedView`] for `/metrics` and
-//! for OOM log lines.
+//! A systemd unit's cgroup gets its limits through systemd (the `systemd` module), any other
+//! cgroup directly in cgroupfs. The enforcer runs on its own thread and owns every limit it
+//! sets and what it must put back; everything else talks to it through [`Input`]. What it
+//! applied is published in an [`AppliedView`] for `/metrics` and for OOM log lines.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::Path,
     sync::{
         Arc, Mutex,
@@ -23,16 +24,29 @@ use super::{
     metrics::{Action, PolicyMetrics},
 };
 use crate::{
+    Error,
     cgroup::{
+        CgroupBackend,
         cgroupfs::{CONTROLLERS, CgroupFs},
         guardian::{GuardAction, GuardLimits, MemoryGuard, ProcessHandle, largest_process},
         service_name, walk_hierarchy,
     },
     state::StateFile,
+    systemd::{
+        self, RUNTIME_CONTROL_DIR, RuntimeDropIns, SystemdBus, UnitProperty, UnitRecord,
+        cgroup_files, unit_properties,
+    },
 };
 
 /// How often limits are checked for drift and memory guards are evaluated.
 const TICK: Duration = Duration::from_millis(500);
+/// How long systemd gets to write a unit's cgroup after accepting its properties (it writes
+/// them from its event loop, just after answering).
+const SYSTEMD_APPLY_WAIT: Duration = Duration::from_secs(5);
+const SYSTEMD_APPLY_POLL: Duration = Duration::from_millis(20);
+/// How often cgroups whose limits systemd did not take, and units systemd did not give their
+/// previous limits back, are tried again.
+const SYSTEMD_RETRY: Duration = Duration::from_secs(10);
 
 pub enum Input {
     /// A cgroup was created (path relative to the cgroup2 root).
@@ -40,15 +54,6 @@ pub enum Input {
     /// A new, already validated policy replaces the current one.
     Reload(Policy),
     Stop,
-}
-
-/// How cgroups of systemd units may be written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// Refuse cgroups that systemd manages (on a host booted with systemd).
-    Auto,
-    /// Write every matched cgroup directly (the operator takes responsibility for systemd).
-    Cgroupfs,
 }
 
 /// What is applied where, shared with the metrics collector and the event handler.
@@ -69,30 +74,48 @@ pub struct AppliedSummary {
 /// Interface files and their values, e.g. `("memory.max", "67108864")`.
 type Files = Vec<(&'static str, String)>;
 
-/// By cgroup path, the values found there before Sentinel first wrote it: kept on disk so that
-/// after a crash or reboot Sentinel's own values are never taken for the originals.
+/// What Sentinel must put back, kept on disk so that after a crash or reboot Sentinel's own
+/// values are never taken for the originals.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct SavedOriginals {
+    /// By cgroup path, the values found there before Sentinel first wrote it.
     cgroups: BTreeMap<String, BTreeMap<String, String>>,
+    /// By systemd unit, the runtime drop-ins its properties replaced.
+    #[serde(default)]
+    units: BTreeMap<String, UnitRecord>,
 }
 
 struct Applied {
     policy: ServicePolicy,
+    writer: Writer,
     /// The values Sentinel keeps in place, as the kernel reads them back.
     expected: Files,
-    /// The values before Sentinel changed them, restored when the policy lets go.
-    originals: Files,
     guard: Option<MemoryGuard>,
     terminated: Option<ProcessHandle>,
+}
+
+/// Who writes a cgroup's interface files.
+enum Writer {
+    /// Sentinel, directly; `originals` are written back when the policy lets go.
+    Cgroupfs { originals: Files },
+    /// systemd, from the runtime properties Sentinel sets on the unit.
+    Systemd { unit: String },
 }
 
 pub struct Enforcer {
     fs: CgroupFs,
     policy: Policy,
-    backend: Backend,
-    systemd_booted: bool,
+    backend: CgroupBackend,
+    /// systemd's manager, on a host booted with systemd.
+    systemd: Option<SystemdBus>,
+    drop_ins: RuntimeDropIns,
+    page_size: u64,
     applied: HashMap<String, Applied>,
-    /// The true originals of every cgroup Sentinel has written and not yet given back.
+    /// Cgroups whose limits systemd did not take (unreachable or refusing), tried again at
+    /// `next_retry`, every [`SYSTEMD_RETRY`].
+    retry: BTreeSet<String>,
+    next_retry: Instant,
+    /// The true originals of every cgroup and unit Sentinel has changed and not yet given back.
     saved: SavedOriginals,
     saved_file: StateFile<SavedOriginals>,
     view: Arc<Mutex<AppliedView>>,
@@ -100,30 +123,41 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
+    /// `runtime` carries the D-Bus calls to systemd, which the enforcer's thread waits for.
     pub fn new(
         fs: CgroupFs,
         policy: Policy,
-        backend: Backend,
+        backend: CgroupBackend,
         view: Arc<Mutex<AppliedView>>,
         metrics: PolicyMetrics,
         state_dir: &Path,
-    ) -> Self {
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Self, Error> {
+        let booted = systemd::booted();
+        if backend == CgroupBackend::Systemd && !booted {
+            return Err(Error::SystemdRequired);
+        }
         let saved_file = StateFile::new(state_dir.join("cgroup-originals.json"));
         let saved = saved_file.load().unwrap_or_else(|error| {
             error!("{error}; limits written before this start cannot be given back exactly");
             None
         });
-        Self {
+        Ok(Self {
             fs,
             policy,
             backend,
-            systemd_booted: Path::new("/run/systemd/system").is_dir(),
+            // Also with `cgroupfs`: units changed under another backend are given back.
+            systemd: booted.then(|| SystemdBus::new(runtime)),
+            drop_ins: RuntimeDropIns::new(RUNTIME_CONTROL_DIR.into()),
+            page_size: page_size(),
             applied: HashMap::new(),
+            retry: BTreeSet::new(),
+            next_retry: Instant::now(),
             saved: saved.unwrap_or_default(),
             saved_file,
             view,
             metrics,
-        }
+        })
     }
 
     /// Applies the policy to every existing cgroup.
@@ -162,9 +196,11 @@ impl Enforcer {
         }
     }
 
-    /// Cgroups written before a restart that no policy wants any more (the policy was removed
-    /// while the daemon was down) get their true originals back.
+    /// Cgroups and units changed before a restart that no policy wants any more (the policy was
+    /// removed or changed while the daemon was down) get their true originals back.
     fn give_back_unclaimed(&mut self) {
+        let units = self.stale_units();
+        self.give_back_units(&units);
         let unclaimed: Vec<String> = self
             .saved
             .cgroups
@@ -204,13 +240,17 @@ impl Enforcer {
 
     /// Writes the saved originals when they changed.
     fn save_originals(&mut self) {
-        let now = Instant::now();
-        if !self.saved_file.due(now, Duration::ZERO) {
-            return;
-        }
-        if let Err(error) = self.saved_file.write(&self.saved, now) {
+        if let Err(error) = self.write_saved() {
             error!("{error}; after a restart the limits could not be given back exactly");
         }
+    }
+
+    fn write_saved(&mut self) -> Result<(), Error> {
+        let now = Instant::now();
+        if !self.saved_file.due(now, Duration::ZERO) {
+            return Ok(());
+        }
+        self.saved_file.write(&self.saved, now)
     }
 
     fn reload(&mut self, policy: Policy) {
@@ -223,6 +263,8 @@ impl Enforcer {
                 self.release(&path);
             }
         }
+        let units = self.stale_units();
+        self.give_back_units(&units);
         self.apply_all();
         info!(
             took_ms = started.elapsed().as_millis() as u64,
@@ -246,17 +288,43 @@ impl Enforcer {
         let Some(policy) = self.policy_for(path).cloned() else {
             return;
         };
-        let service = service_name(path).to_string();
-        if self.backend == Backend::Auto && self.systemd_booted && is_systemd_unit_path(path) {
-            error!(
-                service,
-                policy = policy.name,
-                "refusing to write the cgroup of a systemd unit: systemd owns it and would undo \
-                 the limits; set `services.cgroup_backend: cgroupfs` to write it anyway"
-            );
-            self.metrics.action(&service, Action::RefusedSystemdUnit);
-            return;
+        match self.unit_of(path) {
+            Ok(Some(unit)) => self.apply_through_systemd(path, unit, policy),
+            Ok(None) => self.apply_to_cgroupfs(path, policy),
+            Err(error) => {
+                let service = service_name(path);
+                error!(
+                    service,
+                    policy = policy.name,
+                    "cannot ask systemd whether a unit owns this cgroup, so its limits stay as \
+                     they are: {error}"
+                );
+                self.metrics.action(service, Action::Failed);
+                self.retry_later(path);
+            }
         }
+    }
+
+    /// Tries `path` again in [`SYSTEMD_RETRY`], or with the others already waiting.
+    fn retry_later(&mut self, path: &str) {
+        if self.retry.is_empty() {
+            self.next_retry = Instant::now() + SYSTEMD_RETRY;
+        }
+        self.retry.insert(path.to_string());
+    }
+
+    /// The systemd unit whose cgroup `path` is, when systemd is to set its limits.
+    fn unit_of(&mut self, path: &str) -> Result<Option<String>, Error> {
+        match (&mut self.systemd, self.backend) {
+            (Some(systemd), CgroupBackend::Auto | CgroupBackend::Systemd) => {
+                systemd.unit_of_cgroup(path)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn apply_to_cgroupfs(&mut self, path: &str, policy: ServicePolicy) {
+        let service = service_name(path).to_string();
         let desired = policy.limits.to_cgroup_files();
         if policy.mode == Mode::Observe {
             for (file, value) in &desired {
@@ -273,10 +341,11 @@ impl Enforcer {
                 }
             }
             self.metrics.action(&service, Action::WouldSetLimits);
-            self.applied.insert(
-                path.to_string(),
-                self.tracked(policy, Vec::new(), Vec::new()),
-            );
+            let writer = Writer::Cgroupfs {
+                originals: Vec::new(),
+            };
+            self.applied
+                .insert(path.to_string(), self.tracked(policy, writer, Vec::new()));
             return;
         }
         match self.write_limits(path, &desired) {
@@ -289,8 +358,9 @@ impl Enforcer {
                 self.saved_file.mark_changed();
                 info!(service, policy = policy.name, limits = ?desired, "limits applied");
                 self.metrics.action(&service, Action::SetLimits);
+                let writer = Writer::Cgroupfs { originals };
                 self.applied
-                    .insert(path.to_string(), self.tracked(policy, expected, originals));
+                    .insert(path.to_string(), self.tracked(policy, writer, expected));
             }
             Err(reason) => {
                 error!(
@@ -303,7 +373,219 @@ impl Enforcer {
         }
     }
 
-    fn tracked(&self, policy: ServicePolicy, expected: Files, originals: Files) -> Applied {
+    fn apply_through_systemd(&mut self, path: &str, unit: String, policy: ServicePolicy) {
+        let service = service_name(path).to_string();
+        let properties = unit_properties(&policy.limits);
+        let expected = cgroup_files(&properties, self.page_size);
+        if policy.mode == Mode::Observe {
+            for ((property, value), (file, wanted)) in properties.iter().zip(&expected) {
+                let current = self.fs.read(path, file).unwrap_or_else(|_| "?".into());
+                if current != *wanted {
+                    info!(
+                        service,
+                        unit,
+                        policy = policy.name,
+                        property = property.bus_name(),
+                        value,
+                        file,
+                        current,
+                        would_set = wanted,
+                        "observe: would set unit property"
+                    );
+                }
+            }
+            self.metrics.action(&service, Action::WouldSetLimits);
+            let tracked = self.tracked(policy, Writer::Systemd { unit }, Vec::new());
+            self.applied.insert(path.to_string(), tracked);
+            return;
+        }
+        match self.set_unit_properties(path, &unit, &properties, &expected) {
+            Ok(()) => {
+                let set: Vec<String> = properties
+                    .iter()
+                    .map(|(property, value)| format!("{}={value}", property.bus_name()))
+                    .collect();
+                info!(
+                    service,
+                    unit,
+                    policy = policy.name,
+                    properties = set.join(" "),
+                    "limits applied through systemd"
+                );
+                self.metrics.action(&service, Action::SetLimits);
+                let tracked = self.tracked(policy, Writer::Systemd { unit }, expected);
+                self.applied.insert(path.to_string(), tracked);
+            }
+            Err(reason) => {
+                error!(
+                    service,
+                    unit,
+                    policy = policy.name,
+                    "cannot apply limits through systemd: {reason}"
+                );
+                self.metrics.action(&service, Action::Failed);
+                self.retry_later(path);
+            }
+        }
+    }
+
+    /// Sets `properties` on `unit` at runtime and waits until its cgroup (`path`) shows
+    /// `expected`. What the unit's drop-ins held before is saved on disk first, so that a
+    /// crash right after systemd wrote them never makes Sentinel's values the originals.
+    fn set_unit_properties(
+        &mut self,
+        path: &str,
+        unit: &str,
+        properties: &[(UnitProperty, u64)],
+        expected: &Files,
+    ) -> Result<(), Error> {
+        let Some(systemd) = self.systemd.as_mut() else {
+            return Err(Error::SystemdRequired);
+        };
+        // The drop-ins of other properties must be given back first, or they would stay.
+        if let Some(record) = self.saved.units.get(unit)
+            && record.properties != properties
+        {
+            return Err(Error::SystemdNotGivenBack {
+                unit: unit.to_string(),
+            });
+        }
+        if !self.saved.units.contains_key(unit) {
+            let (drop_ins, directory_existed) = self.drop_ins.snapshot(unit, properties)?;
+            let originals =
+                systemd.properties(unit, properties.iter().map(|(property, _)| *property))?;
+            let record = UnitRecord {
+                cgroup: path.to_string(),
+                properties: properties.to_vec(),
+                drop_ins,
+                directory_existed,
+                originals,
+            };
+            self.saved.units.insert(unit.to_string(), record);
+            self.saved_file.mark_changed();
+            if let Err(error) = self.write_saved() {
+                self.saved.units.remove(unit);
+                return Err(error);
+            }
+        }
+        let systemd = self.systemd.as_mut().ok_or(Error::SystemdRequired)?;
+        systemd.set_properties(unit, properties)?;
+        let deadline = Instant::now() + SYSTEMD_APPLY_WAIT;
+        loop {
+            let differing = expected.iter().find_map(|(file, wanted)| {
+                let found = self
+                    .fs
+                    .read(path, file)
+                    .unwrap_or_else(|error| error.to_string());
+                (found != *wanted).then(|| (*file, wanted.clone(), found))
+            });
+            let Some((file, expected, found)) = differing else {
+                return Ok(());
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::SystemdNotApplied {
+                    unit: unit.to_string(),
+                    file,
+                    expected,
+                    found,
+                });
+            }
+            std::thread::sleep(SYSTEMD_APPLY_POLL);
+        }
+    }
+
+    /// Units with saved drop-ins whose policy went away or now sets other properties, and
+    /// that no cgroup in force belongs to.
+    fn stale_units(&self) -> Vec<String> {
+        self.saved
+            .units
+            .iter()
+            .filter(|(unit, record)| {
+                let in_force = self.applied.values().any(|applied| {
+                    matches!(&applied.writer, Writer::Systemd { unit: owner } if owner == *unit)
+                });
+                let wanted = self
+                    .policy_for(&record.cgroup)
+                    .filter(|policy| policy.mode == Mode::Enforce)
+                    .map(|policy| unit_properties(&policy.limits));
+                !in_force && wanted.as_ref() != Some(&record.properties)
+            })
+            .map(|(unit, _)| unit.clone())
+            .collect()
+    }
+
+    /// Puts back the runtime drop-ins of `units` as they were before Sentinel, then has
+    /// systemd read them again: one daemon-reload for all of them.
+    fn give_back_units(&mut self, units: &[String]) {
+        let mut restored = Vec::new();
+        for unit in units {
+            let Some(record) = self.saved.units.get(unit) else {
+                continue;
+            };
+            let service = service_name(&record.cgroup).to_string();
+            match self.drop_ins.restore(unit, record) {
+                Ok(()) => restored.push(unit.clone()),
+                Err(error) => {
+                    error!(
+                        service,
+                        unit, "cannot give the unit its previous limits back: {error}"
+                    );
+                    self.metrics.action(&service, Action::Failed);
+                }
+            }
+        }
+        if restored.is_empty() {
+            return;
+        }
+        let reloaded = match self.systemd.as_mut() {
+            Some(systemd) => systemd.reload(),
+            None => Err(Error::SystemdRequired),
+        };
+        if let Err(error) = reloaded {
+            // The records stay: the next reload or start puts the same files back and retries.
+            error!(
+                units = restored.join(" "),
+                "Sentinel's runtime drop-ins are removed, but systemd did not reload them; the \
+                 units keep Sentinel's limits until its next daemon-reload: {error}"
+            );
+            for unit in &restored {
+                let service = service_name(&self.saved.units[unit].cgroup).to_string();
+                self.metrics.action(&service, Action::Failed);
+            }
+            return;
+        }
+        let Some(systemd) = self.systemd.as_mut() else {
+            return;
+        };
+        for unit in restored {
+            let Some(record) = self.saved.units.remove(&unit) else {
+                continue;
+            };
+            self.saved_file.mark_changed();
+            let service = service_name(&record.cgroup);
+            match systemd.properties(&unit, record.originals.keys().copied()) {
+                Ok(now) if now == record.originals => info!(
+                    service,
+                    unit, "policy released; systemd has the unit's previous limits back"
+                ),
+                Ok(now) => warn!(
+                    service,
+                    unit,
+                    now = ?now,
+                    before = ?record.originals,
+                    "policy released and Sentinel's drop-ins removed, but the unit's limits \
+                     differ from those before Sentinel (changed in its unit files meanwhile?)"
+                ),
+                Err(error) => warn!(
+                    service,
+                    unit, "policy released; cannot read the unit's limits back: {error}"
+                ),
+            }
+            self.metrics.action(service, Action::RestoredLimits);
+        }
+    }
+
+    fn tracked(&self, policy: ServicePolicy, writer: Writer, expected: Files) -> Applied {
         let guard = policy.graceful_stop.map(|stop| {
             MemoryGuard::new(GuardLimits {
                 threshold_bytes: stop.terminate_above,
@@ -313,8 +595,8 @@ impl Enforcer {
         });
         Applied {
             policy,
+            writer,
             expected,
-            originals,
             guard,
             terminated: None,
         }
@@ -345,16 +627,21 @@ impl Enforcer {
         Ok((expected, originals))
     }
 
-    /// Stops enforcing on `path`, restoring its previous limits if it still exists.
+    /// Stops enforcing on `path`, restoring its previous limits if it still exists. A unit's
+    /// drop-ins are given back afterwards, together, by [`Self::give_back_units`].
     fn release(&mut self, path: &str) {
         let Some(applied) = self.applied.remove(path) else {
+            return;
+        };
+        self.publish();
+        let Writer::Cgroupfs { originals } = applied.writer else {
             return;
         };
         self.forget_originals(path);
         if !self.fs.exists(path) {
             return;
         }
-        self.restore(path, &applied.originals);
+        self.restore(path, &originals);
         info!(
             service = service_name(path),
             policy = applied.policy.name,
@@ -362,7 +649,6 @@ impl Enforcer {
         );
         self.metrics
             .action(service_name(path), Action::RestoredLimits);
-        self.publish();
     }
 
     /// Writes `originals` back to `path`.
@@ -379,6 +665,16 @@ impl Enforcer {
     }
 
     fn tick(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_retry {
+            self.next_retry = now + SYSTEMD_RETRY;
+            let units = self.stale_units();
+            self.give_back_units(&units);
+            for path in std::mem::take(&mut self.retry) {
+                self.reconcile(&path);
+            }
+            self.publish();
+        }
         let gone: Vec<String> = self
             .applied
             .keys()
@@ -386,8 +682,14 @@ impl Enforcer {
             .cloned()
             .collect();
         for path in &gone {
-            self.applied.remove(path);
-            self.forget_originals(path);
+            // A unit's drop-ins stay with the unit: systemd applies them when it starts again.
+            if let Some(Applied {
+                writer: Writer::Cgroupfs { .. },
+                ..
+            }) = self.applied.remove(path)
+            {
+                self.forget_originals(path);
+            }
         }
         let now = Instant::now();
         let paths: Vec<String> = self.applied.keys().cloned().collect();
@@ -400,26 +702,53 @@ impl Enforcer {
         }
     }
 
-    /// Puts back limits someone changed behind Sentinel's back.
+    /// Puts back limits someone changed behind Sentinel's back: a cgroup's files directly, a
+    /// unit's through systemd (never its cgroup files).
     fn restore_drift(&mut self, path: &str) {
         let Some(applied) = self.applied.get(path) else {
             return;
         };
         let service = service_name(path).to_string();
-        for (file, expected) in &applied.expected {
-            let Ok(current) = self.fs.read(path, file) else {
-                continue;
-            };
-            if current == *expected {
-                continue;
-            }
+        let drifted: Files = applied
+            .expected
+            .iter()
+            .filter(|(file, expected)| {
+                self.fs
+                    .read(path, file)
+                    .is_ok_and(|current| current != *expected)
+            })
+            .cloned()
+            .collect();
+        if drifted.is_empty() {
+            return;
+        }
+        for (file, expected) in &drifted {
+            let current = self.fs.read(path, file).unwrap_or_default();
             warn!(
                 service,
                 file, current, expected, "limit changed behind Sentinel's back; restoring it"
             );
             self.metrics.drift(&service);
-            if let Err(error) = self.fs.write(path, file, expected) {
-                error!(service, file, "cannot restore the limit: {error}");
+        }
+        match &applied.writer {
+            Writer::Cgroupfs { .. } => {
+                for (file, expected) in &drifted {
+                    if let Err(error) = self.fs.write(path, file, expected) {
+                        error!(service, file, "cannot restore the limit: {error}");
+                    }
+                }
+            }
+            Writer::Systemd { unit } => {
+                let unit = unit.clone();
+                let properties = unit_properties(&applied.policy.limits);
+                let expected = applied.expected.clone();
+                if let Err(error) = self.set_unit_properties(path, &unit, &properties, &expected) {
+                    error!(
+                        service,
+                        unit, "cannot restore the limits through systemd: {error}"
+                    );
+                    self.metrics.action(&service, Action::Failed);
+                }
             }
         }
     }
@@ -522,25 +851,138 @@ impl Enforcer {
     }
 }
 
-/// A cgroup systemd manages: one whose path names a unit (`.service`, `.scope`, `.slice`).
-fn is_systemd_unit_path(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        [".service", ".scope", ".slice"]
-            .iter()
-            .any(|s| segment.ends_with(s))
-    })
+/// The kernel keeps memory limits in whole pages of this size.
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a constant of the running system.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        size if size > 0 => size as u64,
+        _ => 4096,
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use prometheus_client::registry::Registry;
+
     use super::*;
+    use crate::{
+        cgroup::{Attribution, CgroupTree},
+        config::Config,
+    };
+
+    const NGINX: &str = "system.slice/nginx.service";
+
+    struct StateDir(std::path::PathBuf);
+
+    impl StateDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("sentinel-enforcer-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for StateDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn nginx_record(memory_max: u64) -> UnitRecord {
+        UnitRecord {
+            cgroup: NGINX.into(),
+            properties: vec![(UnitProperty::MemoryMax, memory_max)],
+            drop_ins: BTreeMap::from([("50-MemoryMax.conf".to_string(), None)]),
+            directory_existed: false,
+            originals: BTreeMap::from([(UnitProperty::MemoryMax, u64::MAX)]),
+        }
+    }
+
+    /// An enforcer that finds `saved` in its state directory, with the policies of `file`.
+    fn enforcer(dir: &StateDir, saved: &SavedOriginals, file: &str) -> Enforcer {
+        let mut state = StateFile::new(dir.0.join("cgroup-originals.json"));
+        state.mark_changed();
+        state.write(saved, Instant::now()).unwrap();
+        let fs = CgroupFs::new(dir.0.join("cgroup"));
+        let view = Arc::new(Mutex::new(AppliedView::default()));
+        let labels = Arc::new(Mutex::new(Attribution::new(
+            CgroupTree::new(dir.0.join("cgroup")),
+            16,
+        )));
+        let metrics =
+            PolicyMetrics::new(&mut Registry::default(), fs.clone(), view.clone(), labels);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let policy = Config::parse("c.yaml", file).unwrap().policies;
+        Enforcer::new(
+            fs,
+            policy,
+            CgroupBackend::Cgroupfs,
+            view,
+            metrics,
+            &dir.0,
+            runtime.handle().clone(),
+        )
+        .unwrap()
+    }
 
     #[test]
-    fn recognises_systemd_unit_cgroups() {
-        assert!(is_systemd_unit_path("/system.slice/nginx.service"));
-        assert!(is_systemd_unit_path(
-            "/user.slice/user-1000.slice/session-2.scope"
-        ));
-        assert!(!is_systemd_unit_path("/workers/job-1"));
+    fn a_unit_is_given_back_when_its_policy_goes_away_or_changes() {
+        let dir = StateDir::new("stale");
+        let saved = SavedOriginals {
+            cgroups: BTreeMap::new(),
+            units: BTreeMap::from([("nginx.service".to_string(), nginx_record(64 << 20))]),
+        };
+        let stale = |file: &str| enforcer(&dir, &saved, file).stale_units();
+        let policy = |settings: &str| {
+            format!("policies:\n  - name: web\n    unit: nginx.service\n{settings}")
+        };
+        // The same properties: the drop-ins stay, and so do the saved originals.
+        assert!(stale(&policy("    memory.max: 64M\n")).is_empty());
+        for changed in [
+            policy("    memory.max: 128M\n"),
+            policy("    memory.max: 64M\n    pids.max: 10\n"),
+            policy("    memory.max: 64M\n    mode: observe\n"),
+            "policies: []\n".to_string(),
+        ] {
+            assert_eq!(stale(&changed), ["nginx.service"], "{changed}");
+        }
+    }
+
+    #[test]
+    fn unit_records_survive_a_restart() {
+        let dir = StateDir::new("restart");
+        let mut record = nginx_record(64 << 20);
+        record.drop_ins.insert(
+            "50-TasksMax.conf".into(),
+            Some("[Service]\nTasksMax=300\n".into()),
+        );
+        let saved = SavedOriginals {
+            cgroups: BTreeMap::from([(
+                "workers/a".to_string(),
+                BTreeMap::from([("memory.max".to_string(), "max".to_string())]),
+            )]),
+            units: BTreeMap::from([("nginx.service".to_string(), record.clone())]),
+        };
+        let loaded = enforcer(&dir, &saved, "policies: []\n").saved;
+        assert_eq!(loaded.units, saved.units);
+        assert_eq!(loaded.cgroups, saved.cgroups);
+    }
+
+    #[test]
+    fn a_state_file_from_before_the_systemd_backend_is_read() {
+        let dir = StateDir::new("older");
+        std::fs::write(
+            dir.0.join("cgroup-originals.json"),
+            r#"{"version":1,"cgroups":{"workers/a":{"memory.max":"max"}}}"#,
+        )
+        .unwrap();
+        let state = StateFile::<SavedOriginals>::new(dir.0.join("cgroup-originals.json"));
+        let saved = state.load().unwrap().unwrap();
+        assert_eq!(saved.cgroups["workers/a"]["memory.max"], "max");
+        assert!(saved.units.is_empty());
     }
 }

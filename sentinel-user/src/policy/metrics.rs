@@ -28,7 +28,6 @@ pub enum Action {
     WouldTerminate,
     Kill,
     Failed,
-    RefusedSystemdUnit,
 }
 
 impl Action {
@@ -41,7 +40,6 @@ impl Action {
             Self::WouldTerminate => "would_sigterm",
             Self::Kill => "sigkill",
             Self::Failed => "failed",
-            Self::RefusedSystemdUnit => "refused_systemd_unit",
         }
     }
 }

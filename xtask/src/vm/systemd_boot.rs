@@ -1,7 +1,10 @@
 //! `cargo xtask systemd-test`: installs Sentinel's Debian package on a guest that boots real
 //! systemd (systemd_image.rs) and checks it as an operator would: the service reaches READY,
 //! serves metrics with every probe attached, scores at most 4.0 in `systemd-analyze
-//! security`, refuses a broken reload, is scraped by Debian's Prometheus, and purges cleanly.
+//! security`, refuses a broken reload, is scraped by Debian's Prometheus, sets units' limits
+//! through systemd (kept across restarts and daemon-reloads, put back after drift, given back
+//! exactly, also after a kill -9), OOM-kills and gracefully stops leaking services with the
+//! shipped alert firing, and purges cleanly.
 //!
 //! The root image is booted read-only (QEMU snapshot), and each run gets a small second disk
 //! with the package and the suite (systemd_suite.sh). Results come back on the second serial
@@ -29,10 +32,18 @@ const ASSERTIONS: &[&str] = &[
     "exposure",
     "reload_refused",
     "prometheus_scrapes",
+    "unit_limits",
+    "oom_kill",
+    "graceful_stop",
+    "bus_unavailable",
+    "drift",
+    "undo",
+    "undo_after_kill",
+    "oom_alert",
     "purge",
 ];
 const SUITE: &str = include_str!("systemd_suite.sh");
-/// Boot takes 15-20 s under TCG, the suite about a minute; the rest is headroom.
+/// Boot takes 15-20 s under TCG, the suite a few minutes; the rest is headroom.
 const DEFAULT_TIMEOUT_SECS: u64 = 900;
 
 #[derive(clap::Args)]

@@ -11,6 +11,14 @@ RESULTS=/dev/ttyS1
 CONFIG=/etc/sentinel/sentinel.yaml
 METRICS=http://127.0.0.1:9848/metrics
 PROMETHEUS=http://127.0.0.1:9090
+# What the suite keeps between assertions (the run disk is read-only).
+KEPT=/run/sentinel-suite-kept
+CONTROL=/run/systemd/system.control
+NGINX_CGROUP=/sys/fs/cgroup/system.slice/nginx.service
+LIMITS="-p MemoryMax -p MemoryHigh -p CPUQuotaPerSecUSec -p CPUWeight -p TasksMax"
+# The web policy's limits, as `systemctl show` and the cgroup files report them.
+NGINX_SHOWN="CPUQuotaPerSecUSec=500ms CPUWeight=200 MemoryHigh=209715200 MemoryMax=268435456 TasksMax=64"
+NGINX_FILES="268435456 209715200 50000 100000 200 64"
 
 note() { echo "SENTINEL-NOTE $*"; }
 
@@ -44,7 +52,94 @@ test_boot() {
     }
 }
 
+# The policies the unit assertions use, replacing the shipped file's observe-only ones.
+POLICIES='policies:
+  - name: web
+    unit: nginx.service
+    memory.max: 256M
+    memory.high: 200M
+    cpu.max: 50%
+    cpu.weight: 200
+    pids.max: 64
+  - name: leak-oom
+    unit: sentinel-leak-oom.service
+    memory.max: 64M
+  - name: leak-term
+    unit: sentinel-leak-term.service
+    memory.max: 160M
+    terminate_above: 48M
+    grace: 10s
+'
+
+# A service that allocates memory steadily once its go file exists, and notes a SIGTERM.
+LEAK='#!/usr/bin/python3
+import os, signal, sys, time
+go, marker = sys.argv[1], sys.argv[2]
+def stop(signum, frame):
+    with open(marker, "w") as note:
+        note.write("SIGTERM\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while not os.path.exists(go):
+    time.sleep(0.2)
+blocks = []
+while True:
+    blocks.append(b"\x01" * (1 << 20))
+    time.sleep(0.05)
+'
+
+leak_unit() {
+    printf '[Unit]\nDescription=Sentinel suite: a service that leaks memory\n[Service]\nExecStart=/usr/local/bin/sentinel-leak /run/%s.go /run/%s.sigterm\n' "$1" "$1" \
+        > "/etc/systemd/system/$1.service"
+}
+
+nginx_limits() {
+    echo "$(systemctl show nginx $LIMITS | sort | tr '\n' ' ')| $(cat 2>/dev/null $NGINX_CGROUP/memory.max \
+        $NGINX_CGROUP/memory.high $NGINX_CGROUP/cpu.max $NGINX_CGROUP/cpu.weight \
+        $NGINX_CGROUP/pids.max | tr '\n' ' ')"
+}
+
+nginx_has_policy_limits() {
+    [ "$(nginx_limits)" = "$NGINX_SHOWN | $NGINX_FILES " ]
+}
+
+nginx_as_before() {
+    [ "$(nginx_limits)" = "$(cat $KEPT/nginx.before)" ]
+}
+
+# metric 'NAME{LABELS}': the sample's value from /metrics, empty when the series is absent.
+metric() {
+    curl -sf "$METRICS" | awk -v series="$1" '$1 == series { print $2 }'
+}
+
+metric_is() {
+    [ "$(metric "$1")" = "$2" ]
+}
+
+metric_is_not() {
+    local value
+    value=$(metric "$1")
+    [ -n "$value" ] && [ "$value" != "$2" ]
+}
+
+set_policies() {
+    printf '%s' "$1" > "$CONFIG" && systemctl reload sentinel
+}
+
 test_install() {
+    # Before Sentinel: an administrator's own runtime property and drop-in, which Sentinel's
+    # undo must leave exactly as they are; and the units the suite's policies police.
+    mkdir -p $KEPT /etc/systemd/system/nginx.service.d
+    printf '[Service]\nMemoryHigh=900M\n' > /etc/systemd/system/nginx.service.d/10-admin.conf
+    printf '%s' "$LEAK" > /usr/local/bin/sentinel-leak
+    chmod 755 /usr/local/bin/sentinel-leak
+    leak_unit sentinel-leak-oom
+    leak_unit sentinel-leak-term
+    systemctl daemon-reload
+    systemctl set-property --runtime nginx TasksMax=300 || return 1
+    nginx_limits > $KEPT/nginx.before
+    cp -a $CONTROL $KEPT/control.before
+    echo "nginx before Sentinel: $(cat $KEPT/nginx.before)"
     # Offline: nftables, Sentinel's one dependency, is in the image.
     DEBIAN_FRONTEND=noninteractive apt-get install -y "$SUITE_DIR"/sentinel_*.deb
 }
@@ -117,6 +212,176 @@ test_prometheus_scrapes() {
     return $up
 }
 
+# a: a unit's limits are set through systemd, and systemd keeps them across a restart of the
+# unit and a daemon-reload.
+test_unit_limits() {
+    set_policies "$POLICIES" || return 1
+    wait_for 60 nginx_has_policy_limits
+    echo "after the policy: $(nginx_limits)"
+    nginx_has_policy_limits || return 1
+    ls $CONTROL/nginx.service.d
+    local drift
+    drift=$(metric 'sentinel_policy_drift_total{service="system.slice/nginx.service"}')
+    systemctl restart nginx || return 1
+    wait_for 30 nginx_has_policy_limits
+    echo "after systemctl restart nginx: $(nginx_limits)"
+    nginx_has_policy_limits || return 1
+    systemctl daemon-reload
+    wait_for 30 nginx_has_policy_limits
+    echo "after systemctl daemon-reload: $(nginx_limits)"
+    nginx_has_policy_limits || return 1
+    # Nothing fought systemd over the restart and the reload.
+    echo "drift counted: ${drift:-none} before, $(metric \
+        'sentinel_policy_drift_total{service="system.slice/nginx.service"}') after"
+    metric_is 'sentinel_policy_drift_total{service="system.slice/nginx.service"}' "$drift"
+}
+
+prometheus_has() {
+    curl -sf "$PROMETHEUS/api/v1/query" --data-urlencode "query=$1" | grep -q '"value"'
+}
+
+unit_stopped() {
+    ! systemctl is-active --quiet "$1"
+}
+
+# b: a leaking service is OOM-killed at its policy's memory.max, counted once.
+test_oom_kill() {
+    local unit=sentinel-leak-oom
+    local series="sentinel_oom_kills_total{service=\"system.slice/$unit.service\"}"
+    local before after result
+    rm -f /run/$unit.go
+    systemctl start $unit || return 1
+    wait_for 30 grep -qx 67108864 /sys/fs/cgroup/system.slice/$unit.service/memory.max || {
+        echo "the policy's memory.max is not in place"
+        return 1
+    }
+    # Its series exists before the kill (its exec was counted), and Prometheus has a sample, so
+    # the alert's increase() sees the kill.
+    wait_for 30 metric_is "$series" 0 || { echo "$series is not 0: '$(metric "$series")'"; return 1; }
+    wait_for 90 prometheus_has "$series" || { echo "Prometheus has no $series"; return 1; }
+    before=$(metric "$series")
+    touch /run/$unit.go
+    wait_for 120 unit_stopped $unit
+    result=$(systemctl show -p Result --value $unit)
+    wait_for 30 metric_is_not "$series" "$before"
+    after=$(metric "$series")
+    echo "systemctl show -p Result $unit: $result; $series: $before -> $after"
+    journalctl -u $unit --no-pager -n 5 -o cat
+    [ "$result" = oom-kill ] && [ "$after" = $((before + 1)) ]
+}
+
+# b: with terminate_above, Sentinel sends SIGTERM first, and the service sees it.
+test_graceful_stop() {
+    local unit=sentinel-leak-term
+    local series="sentinel_actions_total{service=\"system.slice/$unit.service\",action=\"sigterm\"}"
+    local result
+    rm -f /run/$unit.go /run/$unit.sigterm
+    systemctl start $unit || return 1
+    wait_for 30 grep -qx 167772160 /sys/fs/cgroup/system.slice/$unit.service/memory.max || {
+        echo "the policy's memory.max is not in place"
+        return 1
+    }
+    touch /run/$unit.go
+    wait_for 120 unit_stopped $unit
+    result=$(systemctl show -p Result --value $unit)
+    echo "systemctl show -p Result $unit: $result; the service noted: $(cat /run/$unit.sigterm 2>&1)"
+    echo "$series $(metric "$series")"
+    [ "$(cat /run/$unit.sigterm)" = SIGTERM ] && [ "$result" = success ] && metric_is "$series" 1
+}
+
+# 5: with the system bus stopped, a unit's limits are not written behind systemd's back: the
+# failure is logged and counted, and the limits come once the bus answers again.
+test_bus_unavailable() {
+    local unit=sentinel-leak-oom
+    local cgroup=/sys/fs/cgroup/system.slice/$unit.service
+    local series="sentinel_actions_total{service=\"system.slice/$unit.service\",action=\"failed\"}"
+    local bus failed limit
+    bus=$(systemctl show -p MainPID --value dbus)
+    rm -f /run/$unit.go
+    kill -STOP "$bus"
+    systemctl start $unit || { kill -CONT "$bus"; return 1; }
+    # Sentinel's call waits for systemd's answer up to 25 s.
+    wait_for 90 metric_is "$series" 1
+    failed=$(metric "$series")
+    limit=$(cat $cgroup/memory.max)
+    kill -CONT "$bus"
+    echo "bus stopped: $series ${failed:-absent}, memory.max $limit"
+    journalctl -u sentinel --no-pager -n 5 -o cat | grep -F "did not answer"
+    wait_for 60 grep -qx 67108864 $cgroup/memory.max
+    echo "bus answering again: memory.max $(cat $cgroup/memory.max)"
+    systemctl stop $unit
+    [ "$failed" = 1 ] && [ "$limit" = max ] && [ "$(metric "$series")" = 1 ]
+}
+
+# c: a limit changed behind Sentinel's back is put back through systemd and counted as drift.
+test_drift() {
+    local series='sentinel_policy_drift_total{service="system.slice/nginx.service"}'
+    local before after
+    before=$(metric "$series")
+    systemctl set-property --runtime nginx MemoryMax=2G || return 1
+    wait_for 30 metric_is_not "$series" "$before"
+    wait_for 30 nginx_has_policy_limits
+    after=$(metric "$series")
+    echo "after set-property MemoryMax=2G: $(nginx_limits); drift ${before:-absent} -> $after"
+    journalctl -u sentinel --no-pager -n 3 -o cat
+    nginx_has_policy_limits && [ "$after" = $((${before:-0} + 1)) ]
+}
+
+# d: what systemd had before Sentinel: values, cgroup files and runtime drop-ins.
+everything_as_before() {
+    local same=0
+    echo "nginx now: $(nginx_limits)"
+    echo "before:    $(cat $KEPT/nginx.before)"
+    nginx_as_before || same=1
+    diff -r $KEPT/control.before $CONTROL || same=1
+    return $same
+}
+
+# d: removing the policy gives every unit exactly its previous limits back.
+test_undo() {
+    set_policies 'policies: []
+' || return 1
+    wait_for 60 nginx_as_before
+    everything_as_before
+}
+
+sentinel_restarted() {
+    systemctl is-active --quiet sentinel &&
+        [ "$(systemctl show -p MainPID --value sentinel)" != "$1" ]
+}
+
+# d: the same after the daemon was killed between applying and removing.
+test_undo_after_kill() {
+    local pid
+    set_policies "$POLICIES" || return 1
+    wait_for 60 nginx_has_policy_limits || return 1
+    pid=$(systemctl show -p MainPID --value sentinel)
+    kill -9 "$pid"
+    wait_for 60 sentinel_restarted "$pid" || { echo "sentinel was not restarted"; return 1; }
+    echo "sentinel killed (pid $pid) and restarted (pid $(systemctl show -p MainPID --value sentinel))"
+    nginx_has_policy_limits || return 1
+    set_policies 'policies: []
+' || return 1
+    wait_for 60 nginx_as_before
+    everything_as_before
+}
+
+# The image's python3-minimal has no json module: one alert per line, then grep.
+oom_alert_firing() {
+    curl -sf "$PROMETHEUS/api/v1/alerts" | sed 's/{"labels":/\n/g' |
+        grep '"alertname":"ServiceOOMKilled"' |
+        grep '"service":"system.slice/sentinel-leak-oom.service"' | grep -q '"state":"firing"'
+}
+
+# e: Prometheus fires the shipped OOM alert (it evaluates every 15 s).
+test_oom_alert() {
+    wait_for 120 oom_alert_firing
+    local firing=$?
+    curl -sf "$PROMETHEUS/api/v1/alerts"
+    echo
+    return $firing
+}
+
 test_purge() {
     local left=0 dir
     DEBIAN_FRONTEND=noninteractive apt-get purge -y sentinel || return 1
@@ -131,6 +396,8 @@ test_purge() {
             left=1
         fi
     done
+    # No runtime drop-in of Sentinel's: systemd's runtime properties are the administrator's.
+    diff -r $KEPT/control.before $CONTROL || left=1
     return $left
 }
 
