@@ -3,13 +3,15 @@
 use std::{
     fmt::Write as _,
     io::{self, BufRead, BufReader, Write},
-    net::IpAddr,
     os::unix::net::UnixStream,
     path::Path,
     time::Duration,
 };
 
-use super::protocol::{Request, Response, to_line};
+use super::{
+    protocol::{Request, Response, to_line},
+    report::{ReloadReport, StatsReport, StatusReport},
+};
 use crate::{Error, firewall::IpNet, policy::parse_duration_setting, ssh_guard::BanInfo};
 
 /// Longer than the daemon gives the SSH guard, so that its "did not answer" arrives first.
@@ -55,10 +57,39 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, Error> {
     serde_json::from_str(&line).map_err(|error| Error::ControlProtocol(error.to_string()))
 }
 
+/// The bans in force, as the daemon lists them.
+pub fn ban_list(path: &Path) -> Result<Vec<BanInfo>, Error> {
+    match request(path, &Request::Bans)? {
+        Response::Bans(bans) => Ok(bans),
+        other => Err(unexpected(other)),
+    }
+}
+
 /// `sentinel bans`: the bans in force as a table sorted by address.
 pub fn bans(path: &Path) -> Result<String, Error> {
-    match request(path, &Request::Bans)? {
-        Response::Bans(bans) => Ok(ban_table(bans)),
+    ban_list(path).map(ban_table)
+}
+
+/// `sentinel status`.
+pub fn status(path: &Path) -> Result<StatusReport, Error> {
+    match request(path, &Request::Status)? {
+        Response::Status(status) => Ok(*status),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The figures behind `sentinel top`.
+pub fn stats(path: &Path) -> Result<StatsReport, Error> {
+    match request(path, &Request::Stats)? {
+        Response::Stats(stats) => Ok(*stats),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `sentinel reload`: the outcome, refused or not; an error only when it could not be asked.
+pub fn reload(path: &Path) -> Result<ReloadReport, Error> {
+    match request(path, &Request::Reload)? {
+        Response::Reloaded(report) => Ok(report),
         other => Err(unexpected(other)),
     }
 }
@@ -90,12 +121,22 @@ pub fn unban(path: &Path, address: &str) -> Result<String, Error> {
     Ok(format!("unbanned {net}"))
 }
 
-fn parse_address(text: &str) -> Result<IpAddr, Error> {
-    text.parse().map_err(|_| {
+/// An address or a network; a network with host bits set is refused rather than guessed at.
+fn parse_address(text: &str) -> Result<IpNet, Error> {
+    let net: IpNet = text.parse().map_err(|_| {
         Error::InvalidArgument(format!(
-            "{text:?} is not an IP address; write it like 203.0.113.7 or 2001:db8::7"
+            "{text:?} is not an IP address or network; write it like 203.0.113.7, \
+             203.0.113.0/24 or 2001:db8::/64"
         ))
-    })
+    })?;
+    match text.split_once('/') {
+        Some((address, _)) if address.parse() != Ok(net.network()) => {
+            Err(Error::InvalidArgument(format!(
+                "{text:?} has host bits set; the network is {net}"
+            )))
+        }
+        _ => Ok(net),
+    }
 }
 
 fn changed(response: Response) -> Result<IpNet, Error> {
@@ -221,9 +262,14 @@ mod tests {
         };
         assert_eq!(
             message(unban(nowhere, "1.2.3")),
-            "\"1.2.3\" is not an IP address; write it like 203.0.113.7 or 2001:db8::7"
+            "\"1.2.3\" is not an IP address or network; write it like 203.0.113.7, \
+             203.0.113.0/24 or 2001:db8::/64"
         );
-        assert!(message(ban(nowhere, "1.2.3.4/24", "1h")).contains("not an IP address"));
+        assert!(message(ban(nowhere, "1.2.3.4/33", "1h")).contains("not an IP address"));
+        assert_eq!(
+            message(ban(nowhere, "203.0.113.7/24", "1h")),
+            "\"203.0.113.7/24\" has host bits set; the network is 203.0.113.0/24"
+        );
         assert!(message(ban(nowhere, "1.2.3.4", "soon")).contains("is not a duration"));
         for too_fine in ["0s", "1500ms"] {
             assert_eq!(

@@ -21,7 +21,10 @@ use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{runtime::Runtime, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use super::{ControlSocket, Response, ban, bans, server::MAX_CLIENTS, unban};
+use super::{
+    ControlSocket, DaemonView, Response, ban, bans, report::ServiceStats, server::MAX_CLIENTS,
+    unban,
+};
 use crate::{
     Error,
     metrics::ConnectionMetrics,
@@ -75,33 +78,55 @@ fn fake_guard() -> Queue<Input> {
                 Control::List(reply) => {
                     let _ = reply.send(bans.clone());
                 }
+                Control::Status(_) => {}
                 Control::Ban {
-                    addr,
+                    net,
                     duration,
                     reply,
                 } => {
-                    bans.retain(|ban| ban.address != addr.to_string());
+                    bans.retain(|ban| ban.address != net.to_string());
                     bans.push(BanInfo {
-                        address: addr.to_string(),
+                        address: net.to_string(),
                         reason: "operator".into(),
                         failures: 0,
                         expires_in_seconds: duration.as_secs(),
                     });
-                    let _ = reply.send(Ok(addr.into()));
+                    let _ = reply.send(Ok(net));
                 }
-                Control::Unban { addr, reply } => {
+                Control::Unban { net, reply } => {
                     let before = bans.len();
-                    bans.retain(|ban| ban.address != addr.to_string());
+                    bans.retain(|ban| ban.address != net.to_string());
                     let _ = reply.send(if bans.len() < before {
-                        Ok(addr.into())
+                        Ok(net)
                     } else {
-                        Err(format!("{addr} is not banned"))
+                        Err(format!("{net} is not banned"))
                     });
                 }
             }
         }
     });
     guard
+}
+
+/// What the daemon would publish: no probes, no policies, no reload yet, one service.
+fn view(guard: Queue<Input>) -> DaemonView {
+    let (reload, _) = tokio::sync::mpsc::channel(1);
+    DaemonView {
+        guard,
+        ssh_guard_enabled: true,
+        started: std::time::Instant::now(),
+        probes: tokio::sync::watch::channel(Vec::new()).1,
+        policies: tokio::sync::watch::channel(Vec::new()).1,
+        last_reload: tokio::sync::watch::channel(None).1,
+        reload,
+        stats: std::sync::Arc::new(|| {
+            vec![ServiceStats {
+                service: "web".into(),
+                execs: 3,
+                ..ServiceStats::default()
+            }]
+        }),
+    }
 }
 
 /// A control socket served on its own runtime, as the daemon would.
@@ -128,7 +153,7 @@ impl Daemon {
         let cancel = CancellationToken::new();
         let mut registry = Registry::default();
         let connections = ConnectionMetrics::new(&mut registry);
-        let server = runtime.spawn(socket.serve(guard, connections, cancel.clone()));
+        let server = runtime.spawn(socket.serve(view(guard), connections, cancel.clone()));
         Self {
             path,
             runtime,

@@ -4,7 +4,8 @@
 //!
 //! The enforcer runs on its own thread and owns all cgroup writes; everything else talks to it
 //! through [`Input`]. What it applied is published in an [`AppliedView`] for `/metrics` and
-//! for OOM log lines.
+//! for OOM log lines, and how each policy stands on each cgroup (applied, refused, failed) as
+//! a [`PolicyState`] snapshot for `sentinel status`.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::{
@@ -66,6 +69,36 @@ pub struct AppliedSummary {
     pub memory_max: Option<String>,
 }
 
+/// A policy, in file order, and how it stands on each cgroup it matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyState {
+    pub name: String,
+    pub mode: Mode,
+    pub services: Vec<ServiceState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub service: String,
+    #[serde(flatten)]
+    pub outcome: ServiceOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ServiceOutcome {
+    Enforcing,
+    Observing,
+    /// Sentinel chose not to write it (a systemd unit's cgroup).
+    Refused {
+        reason: String,
+    },
+    /// Writing the limits failed.
+    Failed {
+        reason: String,
+    },
+}
+
 /// Interface files and their values, e.g. `("memory.max", "67108864")`.
 type Files = Vec<(&'static str, String)>;
 
@@ -96,6 +129,9 @@ pub struct Enforcer {
     saved: SavedOriginals,
     saved_file: StateFile<SavedOriginals>,
     view: Arc<Mutex<AppliedView>>,
+    /// By cgroup path: the policy that matches it and why it is not applied.
+    unapplied: HashMap<String, (String, ServiceOutcome)>,
+    states: watch::Sender<Vec<PolicyState>>,
     metrics: PolicyMetrics,
 }
 
@@ -122,13 +158,21 @@ impl Enforcer {
             saved: saved.unwrap_or_default(),
             saved_file,
             view,
+            unapplied: HashMap::new(),
+            states: watch::Sender::new(Vec::new()),
             metrics,
         }
+    }
+
+    /// Each policy's state, republished whenever it changes.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<PolicyState>> {
+        self.states.subscribe()
     }
 
     /// Applies the policy to every existing cgroup.
     pub fn apply_all(&mut self) {
         let started = Instant::now();
+        self.unapplied.clear();
         for (_, path) in walk_hierarchy(self.fs.root()) {
             self.reconcile(&path);
         }
@@ -255,6 +299,17 @@ impl Enforcer {
                  the limits; set `services.cgroup_backend: cgroupfs` to write it anyway"
             );
             self.metrics.action(&service, Action::RefusedSystemdUnit);
+            self.unapplied.insert(
+                path.to_string(),
+                (
+                    policy.name,
+                    ServiceOutcome::Refused {
+                        reason: "a systemd unit's cgroup: systemd owns it (services.cgroup_backend: \
+                                 cgroupfs writes it anyway)"
+                            .into(),
+                    },
+                ),
+            );
             return;
         }
         let desired = policy.limits.to_cgroup_files();
@@ -299,6 +354,15 @@ impl Enforcer {
                     "cannot apply limits: {reason}"
                 );
                 self.metrics.action(&service, Action::Failed);
+                self.unapplied.insert(
+                    path.to_string(),
+                    (
+                        policy.name,
+                        ServiceOutcome::Failed {
+                            reason: reason.to_string(),
+                        },
+                    ),
+                );
             }
         }
     }
@@ -389,13 +453,15 @@ impl Enforcer {
             self.applied.remove(path);
             self.forget_originals(path);
         }
+        let unapplied_before = self.unapplied.len();
+        self.unapplied.retain(|path, _| self.fs.exists(path));
         let now = Instant::now();
         let paths: Vec<String> = self.applied.keys().cloned().collect();
         for path in paths {
             self.restore_drift(&path);
             self.guard_memory(&path, now);
         }
-        if !gone.is_empty() {
+        if !gone.is_empty() || self.unapplied.len() != unapplied_before {
             self.publish();
         }
     }
@@ -519,6 +585,45 @@ impl Enforcer {
             })
             .collect();
         self.view.lock().expect("applied view lock").cgroups = cgroups;
+        self.states.send_replace(self.policy_states());
+    }
+
+    fn policy_states(&self) -> Vec<PolicyState> {
+        let applied = self.applied.iter().map(|(path, applied)| {
+            let outcome = match applied.policy.mode {
+                Mode::Enforce => ServiceOutcome::Enforcing,
+                Mode::Observe => ServiceOutcome::Observing,
+            };
+            (path, &applied.policy.name, outcome)
+        });
+        let unapplied = self
+            .unapplied
+            .iter()
+            .map(|(path, (policy, outcome))| (path, policy, outcome.clone()));
+        let mut states: Vec<PolicyState> = self
+            .policy
+            .services
+            .iter()
+            .map(|policy| PolicyState {
+                name: policy.name.clone(),
+                mode: policy.mode,
+                services: Vec::new(),
+            })
+            .collect();
+        for (path, policy, outcome) in applied.chain(unapplied) {
+            if let Some(state) = states.iter_mut().find(|state| state.name == *policy) {
+                state.services.push(ServiceState {
+                    service: service_name(path).to_string(),
+                    outcome,
+                });
+            }
+        }
+        for state in &mut states {
+            state
+                .services
+                .sort_by(|a, b| a.service.cmp(&b.service));
+        }
+        states
     }
 }
 
