@@ -211,7 +211,10 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let (attached, probes_total) = {
         let statuses = probes.subscribe();
         let statuses = statuses.borrow();
-        (statuses.iter().filter(|p| p.attached).count(), statuses.len())
+        (
+            statuses.iter().filter(|p| p.attached).count(),
+            statuses.len(),
+        )
     };
     let (keeper_tx, keeper_rx) = mpsc::channel();
     let keeper_thread = spawn_component(&components, "probe keeper", move || {

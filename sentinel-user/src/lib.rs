@@ -22,6 +22,7 @@ pub mod service;
 mod slots;
 pub mod ssh_guard;
 mod state;
+pub mod top;
 mod yaml;
 
 pub use error::Error;

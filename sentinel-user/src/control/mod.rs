@@ -25,7 +25,10 @@ pub mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use client::{ban, bans, request, unban};
+pub use client::{
+    ban, ban_list, bans, format_duration, reload, reload_text, request, stats, status, status_text,
+    unban,
+};
 pub use protocol::{Request, Response};
 pub use server::{ControlSocket, DaemonView, ReloadRequest, StatsSource};
 

@@ -11,13 +11,19 @@ pub(super) const MAX_REQUEST_BYTES: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Bans,
+    // Braces, so that unknown fields are refused as for the other commands.
+    Bans {},
     /// `address` is an address (an IPv6 one is widened to the offender prefix) or a network.
-    Ban { address: IpNet, for_seconds: u64 },
-    Unban { address: IpNet },
-    Status,
-    Stats,
-    Reload,
+    Ban {
+        address: IpNet,
+        for_seconds: u64,
+    },
+    Unban {
+        address: IpNet,
+    },
+    Status {},
+    Stats {},
+    Reload {},
 }
 
 /// The daemon's answer. On the wire an `ok` flag says which kind it is, which serde's tagged
@@ -92,8 +98,7 @@ impl TryFrom<WireResponse> for Response {
     type Error = String;
 
     fn try_from(wire: WireResponse) -> Result<Self, String> {
-        const EXPECTED: &str =
-            "expected `ok` with one of `bans`, `address`, `status`, `stats`, `reload`, \
+        const EXPECTED: &str = "expected `ok` with one of `bans`, `address`, `status`, `stats`, `reload`, \
              or `ok: false` with `error`";
         let WireResponse {
             ok,
@@ -149,7 +154,7 @@ mod tests {
     #[test]
     fn requests_are_tagged_by_command() {
         let address: IpNet = "1.2.3.4".parse().unwrap();
-        assert_eq!(json(&Request::Bans), "{\"command\":\"bans\"}\n");
+        assert_eq!(json(&Request::Bans {}), "{\"command\":\"bans\"}\n");
         assert_eq!(
             json(&Request::Ban {
                 address,
@@ -162,14 +167,16 @@ mod tests {
             Request::Unban { address }
         );
         assert_eq!(
-            serde_json::from_str::<Request>(r#"{"command":"ban","address":"203.0.113.9/24","for_seconds":60}"#)
-                .unwrap(),
+            serde_json::from_str::<Request>(
+                r#"{"command":"ban","address":"203.0.113.9/24","for_seconds":60}"#
+            )
+            .unwrap(),
             Request::Ban {
                 address: "203.0.113.0/24".parse().unwrap(),
                 for_seconds: 60
             }
         );
-        assert_eq!(json(&Request::Reload), "{\"command\":\"reload\"}\n");
+        assert_eq!(json(&Request::Reload {}), "{\"command\":\"reload\"}\n");
         for bad in [
             r#"{"command":"reboot"}"#,
             r#"{"command":"unban","address":"1.2.3"}"#,

@@ -29,7 +29,9 @@ pub enum GuardReport {
     Disabled,
     Running(GuardStatus),
     /// Enabled, but it did not answer (the reason).
-    NotAnswering { reason: String },
+    NotAnswering {
+        reason: String,
+    },
 }
 
 /// The outcome of one reload, from a signal, a file change or `sentinel reload`.

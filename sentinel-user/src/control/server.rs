@@ -325,7 +325,7 @@ async fn respond(line: &[u8], daemon: &Served, wait: Duration) -> Response {
     };
     let guard = &daemon.view.guard;
     let answer = match request {
-        Request::Bans => ask_guard(guard, wait, Control::List)
+        Request::Bans {} => ask_guard(guard, wait, Control::List)
             .await
             .map(Response::Bans),
         Request::Ban {
@@ -346,9 +346,11 @@ async fn respond(line: &[u8], daemon: &Served, wait: Duration) -> Response {
         .await
         .and_then(identity)
         .map(Response::Changed),
-        Request::Status => Ok(Response::Status(Box::new(status(&daemon.view, wait).await))),
-        Request::Stats => stats(daemon).await.map(|stats| Response::Stats(Box::new(stats))),
-        Request::Reload => reload(&daemon.view, wait).await.map(Response::Reloaded),
+        Request::Status {} => Ok(Response::Status(Box::new(status(&daemon.view, wait).await))),
+        Request::Stats {} => stats(daemon)
+            .await
+            .map(|stats| Response::Stats(Box::new(stats))),
+        Request::Reload {} => reload(&daemon.view, wait).await.map(Response::Reloaded),
     };
     answer.unwrap_or_else(Response::Error)
 }

@@ -304,9 +304,10 @@ impl Enforcer {
                 (
                     policy.name,
                     ServiceOutcome::Refused {
-                        reason: "a systemd unit's cgroup: systemd owns it (services.cgroup_backend: \
+                        reason:
+                            "a systemd unit's cgroup: systemd owns it (services.cgroup_backend: \
                                  cgroupfs writes it anyway)"
-                            .into(),
+                                .into(),
                     },
                 ),
             );
@@ -619,9 +620,7 @@ impl Enforcer {
             }
         }
         for state in &mut states {
-            state
-                .services
-                .sort_by(|a, b| a.service.cmp(&b.service));
+            state.services.sort_by(|a, b| a.service.cmp(&b.service));
         }
         states
     }
