@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeSet, VecDeque},
-    io,
+    io::{self, IsTerminal},
     path::Path,
     time::{Duration, Instant},
 };
@@ -39,6 +39,9 @@ const MAX_EVENTS: usize = 50;
 const DEFAULT_SIZE: (u16, u16) = (80, 24);
 /// Width of the memory bar inside the MEMORY column.
 const BAR: usize = 5;
+/// The columns right of SERVICE with the gaps between all columns; SERVICE gets the rest.
+const FIGURE_COLUMNS: u16 = 16 + 5 + 5 + 9 + 5 + 7 + 7 + 4 + 8;
+const SERVICE_MIN: usize = 12;
 
 /// The columns a person can sort by, with the key that picks each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,10 +274,11 @@ impl Screen {
         }))
         .style(Style::default().add_modifier(Modifier::BOLD | Modifier::REVERSED));
         let visible = self.visible();
+        let service_width = usize::from(area.width.saturating_sub(FIGURE_COLUMNS)).max(SERVICE_MIN);
         let rows = visible.iter().map(|row| {
             let stats = &row.stats;
             Row::new([
-                stats.service.clone(),
+                tail(&stats.service, service_width),
                 memory_cell(stats.memory_bytes, stats.memory_max_bytes),
                 percent(row.cpu_percent),
                 percent(row.throttled_percent),
@@ -305,14 +309,14 @@ impl Screen {
         let table = Table::new(
             rows,
             [
-                Constraint::Min(12),
+                Constraint::Min(SERVICE_MIN as u16),
                 Constraint::Length(16),
                 Constraint::Length(5),
                 Constraint::Length(5),
                 Constraint::Length(9),
                 Constraint::Length(5),
-                Constraint::Length(6),
-                Constraint::Length(6),
+                Constraint::Length(7),
+                Constraint::Length(7),
                 Constraint::Length(4),
             ],
         )
@@ -342,6 +346,16 @@ impl Screen {
         };
         frame.render_widget(Paragraph::new(help), help_area);
     }
+}
+
+/// The end of a long service name, which names the unit (`…ice/nginx.service`).
+fn tail(name: &str, width: usize) -> String {
+    let length = name.chars().count();
+    if length <= width {
+        return name.to_owned();
+    }
+    let kept: String = name.chars().skip(length - width + 1).collect();
+    format!("…{kept}")
 }
 
 /// `▇▇▇░░ 45M/64M`: the bar fills with memory over the limit; no limit, no bar.
@@ -401,7 +415,12 @@ pub fn once(socket: &Path) -> Result<String, Error> {
     std::thread::sleep(REFRESH);
     let (stats, bans) = sample(socket)?;
     screen.update(stats, bans);
-    let (width, height) = terminal::size().unwrap_or(DEFAULT_SIZE);
+    // A terminal's own size; piped into a script, a fixed one, so that the output is stable.
+    let (width, height) = if io::stdout().is_terminal() {
+        terminal::size().unwrap_or(DEFAULT_SIZE)
+    } else {
+        DEFAULT_SIZE
+    };
     // Every row fits: a script wants them all.
     let height = height.max(screen.rows.len() as u16 + 12);
     Ok(render_text(&screen, width, height))
@@ -553,15 +572,15 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[1],
-            "SERVICE          MEMORY▼          CPU%  THR%  PIDS      PSI%  EXEC/s CONN/s OOM"
+            "SERVICE        MEMORY▼          CPU%  THR%  PIDS      PSI%  EXEC/s  CONN/s  OOM"
         );
         assert_eq!(
             lines[2],
-            "big.service      ▇▇▇▇░ 48M/64M    10.0  0.0   3/32      0.0   0.0    0.0    0"
+            "big.service    ▇▇▇▇░ 48M/64M    10.0  0.0   3/32      0.0   0.0     0.0     0"
         );
         assert_eq!(
             lines[3],
-            "small.service    ▇░░░░ 8M/64M     25.0  0.0   3/32      0.0   10.0   0.0    1"
+            "small.service  ▇░░░░ 8M/64M     25.0  0.0   3/32      0.0   10.0    0.0     1"
         );
         assert!(text.contains("│banned 203.0.113.0/24"), "{text}");
         assert_eq!(
@@ -598,6 +617,8 @@ mod tests {
 
     #[test]
     fn sizes_are_short() {
+        assert_eq!(tail("system.slice/nginx.service", 16), "…e/nginx.service");
+        assert_eq!(tail("web", 16), "web");
         assert_eq!(bytes(512), "512B");
         assert_eq!(bytes(1536 << 10), "1.5M");
         assert_eq!(bytes(64 << 20), "64M");
