@@ -25,13 +25,7 @@ pub fn collect(
         row.tcp_connects = totals.counters.tcp_connects;
         row.oom_kills = totals.oom_kills;
     }
-    let policed: Vec<(String, String)> = applied
-        .lock()
-        .expect("applied view lock")
-        .cgroups
-        .iter()
-        .map(|(path, applied)| (path.clone(), applied.policy.clone()))
-        .collect();
+    let policed = applied.lock().expect("applied view lock").policies();
     for (path, policy) in policed {
         let stats = read_stats(fs, &path);
         let some_pressure = |resource: &str| {

@@ -29,7 +29,7 @@ use crate::{
     Error,
     metrics::ConnectionMetrics,
     queue::{self, Queue, QueueDrops},
-    ssh_guard::{BanInfo, Control, Input},
+    ssh_guard::{BanInfo, Control, GuardMode, GuardStatus, Input},
 };
 
 /// A fresh directory under the system's temporary directory, removed with its contents.
@@ -78,7 +78,13 @@ fn fake_guard() -> Queue<Input> {
                 Control::List(reply) => {
                     let _ = reply.send(bans.clone());
                 }
-                Control::Status(_) => {}
+                Control::Status(reply) => {
+                    let _ = reply.send(GuardStatus {
+                        mode: GuardMode::Enforce,
+                        tracked_addresses: 0,
+                        bans_in_force: bans.len() as u64,
+                    });
+                }
                 Control::Ban {
                     net,
                     duration,
@@ -432,5 +438,42 @@ fn socket_is_0600_in_a_0700_directory() {
     assert!(fs::metadata(&daemon.path).unwrap().file_type().is_socket());
     assert_eq!(mode(&daemon.path), 0o600);
     assert_eq!(mode(daemon.path.parent().unwrap()), 0o700);
+    daemon.stop();
+}
+
+#[test]
+fn status_stats_and_reload_are_answered_from_what_the_daemon_publishes() {
+    let daemon = Daemon::start(fake_guard());
+    let path = &daemon.path;
+    ban(path, "192.0.2.0/24", "1h").unwrap();
+    let status = super::status(path).unwrap();
+    assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        status.ssh_guard,
+        super::report::GuardReport::Running(GuardStatus {
+            mode: GuardMode::Enforce,
+            tracked_addresses: 0,
+            bans_in_force: 1,
+        })
+    );
+    assert!(status.problems().is_empty());
+    assert!(
+        super::status_text(&status).ends_with(
+            "ssh guard: enforcing, 0 tracked addresses, 1 ban in force\n\
+             last reload: none since the start\n\
+             everything Sentinel is asked to do works"
+        ),
+        "{}",
+        super::status_text(&status)
+    );
+    let stats = super::stats(path).unwrap();
+    assert_eq!(stats.services.len(), 1);
+    assert_eq!(stats.services[0].service, "web");
+    assert_eq!(stats.services[0].execs, 3);
+    // Nobody takes reload requests in this daemon, as while the daemon shuts down.
+    match super::reload(path) {
+        Err(Error::ControlRejected(message)) => assert_eq!(message, "the daemon is shutting down"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     daemon.stop();
 }

@@ -61,6 +61,19 @@ pub struct AppliedView {
     pub cgroups: HashMap<String, AppliedSummary>,
 }
 
+impl AppliedView {
+    /// (cgroup path, policy name) of every policed cgroup, sorted by path.
+    pub fn policies(&self) -> Vec<(String, String)> {
+        let mut policies: Vec<(String, String)> = self
+            .cgroups
+            .iter()
+            .map(|(path, applied)| (path.clone(), applied.policy.clone()))
+            .collect();
+        policies.sort();
+        policies
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedSummary {
     pub policy: String,
