@@ -6,13 +6,14 @@ use std::{
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{Arc, Mutex, mpsc},
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     net::TcpListener,
     signal::unix::{Signal, SignalKind, signal},
+    sync::{mpsc as async_mpsc, watch},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
@@ -22,7 +23,7 @@ use crate::{
     cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount},
     components::{Components, Stopped, supervised},
     config::{Config, DEFAULT_PATH, RestartRequired},
-    control::ControlSocket,
+    control::{ControlSocket, DaemonView, ReloadRequest, report::ReloadReport, stats},
     crowdsec::{Fleet, FleetMetrics},
     events::{EventHandler, read_ring, readable},
     http,
@@ -51,6 +52,8 @@ const EVENTS_POLL: Duration = Duration::from_millis(100);
 const ALERTS_POLL: Duration = Duration::from_secs(1);
 /// How often removed cgroups' counters are folded even without scrapes.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
+/// `sentinel reload` requests waiting for the main loop; more are told to try again.
+const RELOAD_REQUESTS: usize = 4;
 /// How often the configuration file is checked for changes; a change is read once two polls
 /// in a row agree, so a file an editor is still writing is left alone.
 const CONFIG_POLL: Duration = Duration::from_millis(250);
@@ -76,6 +79,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         control_socket,
         state_dir,
     } = options;
+    let started = Instant::now();
     let config = config.with_metrics_addr(metrics_addr);
     // Installed first, so that a stop request at any point takes the clean path.
     let mut signals = Signals::install()?;
@@ -128,7 +132,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         attribution.clone(),
     );
     let enforcer = Enforcer::new(
-        cgroupfs,
+        cgroupfs.clone(),
         config.policies.clone(),
         config.services.cgroup_backend,
         applied.clone(),
@@ -136,6 +140,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         &state_dir,
         tokio::runtime::Handle::current(),
     )?;
+    let policy_states = enforcer.subscribe();
     let (enforcer_tx, enforcer_rx) = queue::bounded("enforcer", ENFORCER_QUEUE, &queue_drops);
     let enforcer_thread =
         spawn_component(&components, "enforcer", move || enforcer.run(enforcer_rx))?;
@@ -162,7 +167,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let metrics = Arc::new(metrics);
     let handler = Arc::new(EventHandler::new(
         attribution.clone(),
-        applied,
+        applied.clone(),
         enforcer_tx.clone(),
         ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
     ));
@@ -184,21 +189,13 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         components.start("ssh events reader"),
         read_ring(ssh_events, handler, ALERTS_POLL, cancel.clone()),
     ));
-    tasks.spawn(housekeeping(kernel_counters, cancel.clone()));
+    tasks.spawn(housekeeping(kernel_counters.clone(), cancel.clone()));
     // Without a guard, requests get "the SSH guard is not running" from a closed queue.
     let guard_for_control = match &ssh_guard {
         Some((tx, _)) => tx.clone(),
         None => queue::bounded("ssh_guard", 1, &queue_drops).0,
     };
-    tasks.spawn(supervised(
-        components.start("control socket"),
-        control.serve(guard_for_control, connections.clone(), cancel.clone()),
-    ));
-    if let Some(fleet) = fleet {
-        let guard = ssh_guard.as_ref().map(|(tx, _)| tx.clone());
-        fleet.start(guard, &components, &tasks, &cancel);
-    }
-    forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
+    let (reload_requests, mut reloads_asked) = async_mpsc::channel(RELOAD_REQUESTS);
     let reloader = Reloader::new(
         config_path,
         metrics_addr,
@@ -208,14 +205,39 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         policy_metrics,
         restart_required,
     );
+    let view = DaemonView {
+        guard: guard_for_control,
+        ssh_guard_enabled: ssh_guard.is_some(),
+        started,
+        probes: probes.subscribe(),
+        policies: policy_states,
+        last_reload: reloader.subscribe(),
+        reload: reload_requests,
+        stats: Arc::new(move || stats::collect(&kernel_counters, &applied, &cgroupfs)),
+    };
+    tasks.spawn(supervised(
+        components.start("control socket"),
+        control.serve(view, connections.clone(), cancel.clone()),
+    ));
+    if let Some(fleet) = fleet {
+        let guard = ssh_guard.as_ref().map(|(tx, _)| tx.clone());
+        fleet.start(guard, &components, &tasks, &cancel);
+    }
+    forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
     let watch_config = reloader.clone().watch_file(cancel.clone());
     tasks.spawn(supervised(components.start("config watcher"), async move {
         watch_config.await;
         Ok::<(), Infallible>(())
     }));
 
-    let attached = probes.statuses.iter().filter(|p| p.attached).count();
-    let probes_total = probes.statuses.len();
+    let (attached, probes_total) = {
+        let statuses = probes.subscribe();
+        let statuses = statuses.borrow();
+        (
+            statuses.iter().filter(|p| p.attached).count(),
+            statuses.len(),
+        )
+    };
     let (keeper_tx, keeper_rx) = mpsc::channel();
     let keeper_thread = spawn_component(&components, "probe keeper", move || {
         keep_probes(probes, ssh_files, keeper_rx)
@@ -239,7 +261,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     crate::service::notify_ready();
 
     let failure = signals
-        .wait_for_shutdown(&attribution, &reloader, &mut stopped)
+        .wait_for_shutdown(&attribution, &reloader, &mut stopped, &mut reloads_asked)
         .await;
     match &failure {
         None => info!("shutting down"),
@@ -368,6 +390,7 @@ struct Reloader {
     ssh_guard: Option<Queue<SshInput>>,
     metrics: PolicyMetrics,
     restart_required: RestartRequired,
+    last: Arc<watch::Sender<Option<ReloadReport>>>,
 }
 
 impl Reloader {
@@ -390,10 +413,44 @@ impl Reloader {
             ssh_guard,
             metrics,
             restart_required,
+            last: Arc::new(watch::Sender::new(None)),
         }
     }
 
-    fn reload(&self, why: &str) {
+    /// The outcome of the last reload, `None` before the first.
+    fn subscribe(&self) -> watch::Receiver<Option<ReloadReport>> {
+        self.last.subscribe()
+    }
+
+    /// Reloads, and publishes and returns the outcome.
+    fn reload(&self, why: &str) -> ReloadReport {
+        let mut report = ReloadReport {
+            at_unix_seconds: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs()),
+            trigger: why.to_owned(),
+            ok: false,
+            policies: None,
+            restart_required: Vec::new(),
+            problems: Vec::new(),
+            error: None,
+        };
+        match self.apply(why) {
+            Ok((policies, restart_required)) => {
+                report.ok = true;
+                report.policies = Some(policies);
+                report.restart_required = restart_required;
+            }
+            Err(Error::ConfigInvalid(problems)) => report.problems = problems.0,
+            Err(other) => report.error = Some(other.to_string()),
+        }
+        self.last.send_replace(Some(report.clone()));
+        report
+    }
+
+    /// Hands a valid file's policies to the enforcer; returns how many, and the changed
+    /// settings that wait for a restart.
+    fn apply(&self, why: &str) -> Result<(usize, Vec<String>), Error> {
         let config = match Config::reload(&self.path) {
             Ok(config) => config.with_metrics_addr(self.metrics_addr),
             Err(problem) => {
@@ -402,15 +459,15 @@ impl Reloader {
                     why,
                     "configuration rejected; the running configuration stays in force:\n{problem}"
                 );
-                return;
+                return Err(problem);
             }
         };
         let changes = self.started_with.restart_only_changes(&config);
         self.restart_required.set(&changes);
-        let restart_required: Vec<&str> = changes
+        let restart_required: Vec<String> = changes
             .iter()
             .filter(|(_, changed)| *changed)
-            .map(|(setting, _)| *setting)
+            .map(|(setting, _)| setting.to_string())
             .collect();
         let policies = config.policies.services.len();
         if let Err(refused) = self.enforcer.offer(EnforcerInput::Reload(config.policies)) {
@@ -420,7 +477,10 @@ impl Reloader {
                 ?refused,
                 "the enforcer cannot take the new policies now; the running ones stay in force"
             );
-            return;
+            return Err(Error::ReloadRefused(format!(
+                "the enforcer cannot take the new policies now ({refused:?}); the running ones \
+                 stay in force"
+            )));
         }
         if let Some(guard) = &self.ssh_guard
             && let Err(refused) = guard.offer(SshInput::Reload(config.ssh_guard.live()))
@@ -432,7 +492,10 @@ impl Reloader {
                 "policies reloaded, but the SSH guard cannot take its new settings now; its \
                  running ones stay in force"
             );
-            return;
+            return Err(Error::ReloadRefused(format!(
+                "policies reloaded, but the SSH guard cannot take its new settings now \
+                 ({refused:?}); its running ones stay in force"
+            )));
         }
         self.metrics.reloads.inc();
         if restart_required.is_empty() {
@@ -446,6 +509,7 @@ impl Reloader {
                  restart"
             );
         }
+        Ok((policies, restart_required))
     }
 
     /// Reloads when the file's size, modification time or inode changes and then stays put
@@ -539,13 +603,14 @@ impl Signals {
         })
     }
 
-    /// Returns on SIGINT or SIGTERM, or with the component that stopped. SIGHUP reloads the
-    /// configuration and re-reads the cgroup hierarchy.
+    /// Returns on SIGINT or SIGTERM, or with the component that stopped. SIGHUP, or
+    /// `sentinel reload`, reloads the configuration and re-reads the cgroup hierarchy.
     async fn wait_for_shutdown(
         &mut self,
         attribution: &Mutex<Attribution>,
         reloader: &Reloader,
         stopped: &mut tokio::sync::mpsc::Receiver<Stopped>,
+        reloads_asked: &mut async_mpsc::Receiver<ReloadRequest>,
     ) -> Option<Stopped> {
         loop {
             tokio::select! {
@@ -555,6 +620,10 @@ impl Signals {
                 _ = self.hangup.recv() => {
                     attribution.lock().expect("attribution lock").tree_mut().rescan();
                     reloader.reload("SIGHUP");
+                }
+                Some(reply) = reloads_asked.recv() => {
+                    attribution.lock().expect("attribution lock").tree_mut().rescan();
+                    let _ = reply.send(reloader.reload("sentinel reload"));
                 }
             }
         }

@@ -137,6 +137,8 @@ pub enum Error {
     ControlRejected(String),
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("{0}")]
+    ReloadRefused(String),
 
     #[error(
         "the `nft` command is not installed; install the Debian package `nftables` \

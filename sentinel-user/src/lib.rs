@@ -24,6 +24,7 @@ mod slots;
 pub mod ssh_guard;
 mod state;
 pub mod systemd;
+pub mod top;
 mod yaml;
 
 pub use error::Error;

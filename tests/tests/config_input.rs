@@ -74,7 +74,7 @@ fn assert_refused(path: &Path, problems: &[&str]) {
         path.display(),
         checked.stdout
     );
-    assert_eq!(checked.status.code(), Some(1));
+    assert_eq!(checked.status.code(), Some(78));
     assert_eq!(checked.stderr, expected);
 }
 

@@ -927,6 +927,74 @@ fn operator_unban_lifts_a_ban_at_once() {
     assert_eq!(unbans, ["198.51.100.10", V6_PREFIX]);
 }
 
+#[test]
+fn operator_bans_a_network_but_never_one_holding_an_allowed_address() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let daemon = lab.start_daemon("1h");
+    let sentinel = |args: &[&str]| {
+        let output = Command::new(sentinel_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(daemon.control_socket())
+            .output()
+            .expect("run sentinel");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        sentinel(&["ban", "203.0.113.0/24", "--for", "1h"]),
+        (
+            Some(0),
+            "banned 203.0.113.0/24 for 1h\n".into(),
+            String::new()
+        )
+    );
+    lab.await_ban("203.0.113.0/24");
+    lab.second.assert_blocked();
+    lab.first.assert_connects();
+
+    // The allow list (192.0.2.0/24) inside the network, or the network inside it: refused.
+    for network in ["192.0.0.0/16", "192.0.2.128/25", "192.0.2.10"] {
+        let (code, stdout, stderr) = sentinel(&["ban", network, "--for", "1h"]);
+        assert_eq!((code, stdout.as_str()), (Some(1), ""), "{network}");
+        assert_eq!(
+            stderr,
+            format!(
+                "sentinel: error: refused: {network} holds an allow-listed address (ssh_guard.allow, \
+                 loopback), which is never banned\n"
+            )
+        );
+    }
+    assert_eq!(lab.banned_nets(), ["203.0.113.0/24"]);
+    lab.trusted.assert_connects();
+
+    let (code, stdout, _) = sentinel(&["bans", "--output", "json"]);
+    assert_eq!(code, Some(0));
+    let bans: serde_json::Value = serde_json::from_str(&stdout).expect("bans as JSON");
+    assert_eq!(bans.as_array().map(Vec::len), Some(1), "{bans}");
+    assert_eq!(bans[0]["address"], "203.0.113.0/24");
+    assert_eq!(bans[0]["reason"], "operator");
+    let (code, stdout, _) = sentinel(&["status", "--output", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&stdout).expect("status as JSON");
+    assert_eq!(
+        status["ssh_guard"],
+        serde_json::json!({"state": "running", "mode": "enforce", "tracked_addresses": 0,
+                           "bans_in_force": 1})
+    );
+    assert_eq!(code, Some(0), "{stdout}");
+
+    assert_eq!(
+        sentinel(&["unban", "203.0.113.0/24"]),
+        (Some(0), "unbanned 203.0.113.0/24\n".into(), String::new())
+    );
+    lab.second.assert_connects();
+    lab.assert_no_bans();
+}
+
 /// A local user's program that names itself `sshd` and calls libpam with a `PAM_RHOST` of its
 /// choice (the testkit's `pam` mode, copied as `sshd`), with a PAM service of its own.
 struct Forger {

@@ -100,13 +100,14 @@ fn cargo(workspace: &Path) -> Command {
 
 /// Privileged suites that run on the build host's own kernel (the VM suite needs cgroup v2
 /// controllers, which build hosts lack).
-const HOST_SUITES: [&str; 6] = [
+const HOST_SUITES: [&str; 7] = [
     "foundation",
     "firewall",
     "ssh_guard",
     "exhaustion",
     "config_input",
     "crowdsec",
+    "operator_view",
 ];
 
 /// Each fuzz target's share of `cargo xtask test`; longer runs are `cargo xtask fuzz --seconds N`.

@@ -14,13 +14,15 @@ use sentinel_toolchain::{BPF_LINKER_VERSION, EbpfToolchain, Pin, ebpf_pin, stabl
 use crate::host::{command_output, ensure_packages, run};
 
 /// Tools the privileged tests drive: iproute2 and nftables build the firewall tests' network
-/// namespaces; the SSH suite runs a real sshd and attacks it with ssh through sshpass.
+/// namespaces; the SSH suite runs a real sshd and attacks it with ssh through sshpass; the
+/// operator suite drives `sentinel top` in tmux.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
     "openssh-server",
     "openssh-client",
     "sshpass",
+    "tmux",
 ];
 
 /// Everything `cargo build` of the daemon needs: both pinned toolchains with their components,

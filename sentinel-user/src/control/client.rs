@@ -3,14 +3,21 @@
 use std::{
     fmt::Write as _,
     io::{self, BufRead, BufReader, Write},
-    net::IpAddr,
     os::unix::net::UnixStream,
     path::Path,
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::protocol::{Request, Response, to_line};
-use crate::{Error, firewall::IpNet, policy::parse_duration_setting, ssh_guard::BanInfo};
+use super::{
+    protocol::{Request, Response, to_line},
+    report::{GuardReport, ReloadReport, StatsReport, StatusReport},
+};
+use crate::{
+    Error,
+    firewall::IpNet,
+    policy::{enforcer::ServiceOutcome, parse_duration_setting},
+    ssh_guard::{BanInfo, GuardMode},
+};
 
 /// Longer than the daemon gives the SSH guard, so that its "did not answer" arrives first.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,10 +62,39 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, Error> {
     serde_json::from_str(&line).map_err(|error| Error::ControlProtocol(error.to_string()))
 }
 
+/// The bans in force, as the daemon lists them.
+pub fn ban_list(path: &Path) -> Result<Vec<BanInfo>, Error> {
+    match request(path, &Request::Bans {})? {
+        Response::Bans(bans) => Ok(bans),
+        other => Err(unexpected(other)),
+    }
+}
+
 /// `sentinel bans`: the bans in force as a table sorted by address.
 pub fn bans(path: &Path) -> Result<String, Error> {
-    match request(path, &Request::Bans)? {
-        Response::Bans(bans) => Ok(ban_table(bans)),
+    ban_list(path).map(ban_table)
+}
+
+/// `sentinel status`.
+pub fn status(path: &Path) -> Result<StatusReport, Error> {
+    match request(path, &Request::Status {})? {
+        Response::Status(status) => Ok(*status),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// The figures behind `sentinel top`.
+pub fn stats(path: &Path) -> Result<StatsReport, Error> {
+    match request(path, &Request::Stats {})? {
+        Response::Stats(stats) => Ok(*stats),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `sentinel reload`: the outcome, refused or not; an error only when it could not be asked.
+pub fn reload(path: &Path) -> Result<ReloadReport, Error> {
+    match request(path, &Request::Reload {})? {
+        Response::Reloaded(report) => Ok(report),
         other => Err(unexpected(other)),
     }
 }
@@ -90,12 +126,20 @@ pub fn unban(path: &Path, address: &str) -> Result<String, Error> {
     Ok(format!("unbanned {net}"))
 }
 
-fn parse_address(text: &str) -> Result<IpAddr, Error> {
-    text.parse().map_err(|_| {
+/// An address or a network; a network with host bits set is refused rather than guessed at.
+fn parse_address(text: &str) -> Result<IpNet, Error> {
+    let net: IpNet = text.parse().map_err(|_| {
         Error::InvalidArgument(format!(
-            "{text:?} is not an IP address; write it like 203.0.113.7 or 2001:db8::7"
+            "{text:?} is not an IP address or network; write it like 203.0.113.7, \
+             203.0.113.0/24 or 2001:db8::/64"
         ))
-    })
+    })?;
+    match text.split_once('/') {
+        Some((address, _)) if address.parse() != Ok(net.network()) => Err(Error::InvalidArgument(
+            format!("{text:?} has host bits set; the network is {net}"),
+        )),
+        _ => Ok(net),
+    }
 }
 
 fn changed(response: Response) -> Result<IpNet, Error> {
@@ -148,8 +192,134 @@ fn ban_table(mut bans: Vec<BanInfo>) -> String {
     table
 }
 
+/// `sentinel status` for people; the problems come last, where the eye lands.
+pub fn status_text(status: &StatusReport) -> String {
+    let mut text = format!(
+        "sentinel {}, up {}\n",
+        status.version,
+        format_duration(Duration::from_secs(status.uptime_seconds))
+    );
+    let attached = status.probes.iter().filter(|probe| probe.attached).count();
+    let _ = writeln!(
+        text,
+        "probes: {attached} of {} attached",
+        status.probes.len()
+    );
+    for probe in &status.probes {
+        match &probe.reason {
+            None if probe.attached => {
+                let _ = writeln!(text, "  {:<22} attached", probe.name);
+            }
+            reason => {
+                let reason = reason.as_deref().unwrap_or("no reason given");
+                let _ = writeln!(text, "  {:<22} NOT ATTACHED: {reason}", probe.name);
+            }
+        }
+    }
+    if status.policies.is_empty() {
+        text.push_str("policies: none\n");
+    } else {
+        text.push_str("policies:\n");
+    }
+    for policy in &status.policies {
+        let mode = serde_json::to_value(policy.mode).unwrap_or_default();
+        let mode = mode.as_str().unwrap_or("?");
+        if policy.services.is_empty() {
+            let _ = writeln!(text, "  {} ({mode}): matches no service", policy.name);
+            continue;
+        }
+        let _ = writeln!(text, "  {} ({mode}):", policy.name);
+        for service in &policy.services {
+            let state = match &service.outcome {
+                ServiceOutcome::Enforcing => "enforcing".to_owned(),
+                ServiceOutcome::Observing => "observing".to_owned(),
+                ServiceOutcome::Refused { reason } => format!("REFUSED: {reason}"),
+                ServiceOutcome::Failed { reason } => format!("FAILED: {reason}"),
+            };
+            let _ = writeln!(text, "    {:<40} {state}", service.service);
+        }
+    }
+    let guard = match &status.ssh_guard {
+        GuardReport::Disabled => "disabled".to_owned(),
+        GuardReport::Running(guard) => format!(
+            "{}, {} tracked {}, {} {} in force",
+            match guard.mode {
+                GuardMode::Enforce => "enforcing",
+                GuardMode::Observe => "observing",
+            },
+            guard.tracked_addresses,
+            plural(guard.tracked_addresses, "address", "addresses"),
+            guard.bans_in_force,
+            plural(guard.bans_in_force, "ban", "bans"),
+        ),
+        GuardReport::NotAnswering { reason } => format!("NOT ANSWERING: {reason}"),
+    };
+    let _ = writeln!(text, "ssh guard: {guard}");
+    match &status.last_reload {
+        None => text.push_str("last reload: none since the start\n"),
+        Some(reload) => {
+            let ago = SystemTime::now()
+                .duration_since(UNIX_EPOCH + Duration::from_secs(reload.at_unix_seconds))
+                .unwrap_or_default();
+            let _ = writeln!(
+                text,
+                "last reload: {} ago ({}): {}",
+                format_duration(ago),
+                reload.trigger,
+                reload_text(reload).replace('\n', "\n  ")
+            );
+        }
+    }
+    let problems = status.problems();
+    if problems.is_empty() {
+        text.push_str("everything Sentinel is asked to do works");
+    } else {
+        let _ = write!(
+            text,
+            "{} {}:",
+            problems.len(),
+            plural(problems.len() as u64, "problem", "problems")
+        );
+        for problem in problems {
+            let _ = write!(text, "\n  - {problem}");
+        }
+    }
+    text
+}
+
+/// A reload's outcome: what applies now, or why nothing changed.
+pub fn reload_text(reload: &ReloadReport) -> String {
+    if reload.ok {
+        let policies = reload.policies.unwrap_or(0);
+        let mut text = format!(
+            "ok, {policies} {} in force",
+            plural(policies as u64, "policy", "policies")
+        );
+        if !reload.restart_required.is_empty() {
+            let _ = write!(
+                text,
+                "; changed settings that apply only after a restart: {}",
+                reload.restart_required.join(", ")
+            );
+        }
+        return text;
+    }
+    let mut text = "refused; the running configuration stays in force".to_owned();
+    for problem in &reload.problems {
+        let _ = write!(text, "\n{problem}");
+    }
+    if let Some(error) = &reload.error {
+        let _ = write!(text, "\n{error}");
+    }
+    text
+}
+
+fn plural<'a>(count: u64, one: &'a str, many: &'a str) -> &'a str {
+    if count == 1 { one } else { many }
+}
+
 /// The largest unit and the one below it, e.g. `9m 58s` or `1h`: enough to read at a glance.
-fn format_duration(duration: Duration) -> String {
+pub fn format_duration(duration: Duration) -> String {
     const UNITS: [(u64, &str); 4] = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
     let mut rest = duration.as_secs();
     let Some(largest) = UNITS.iter().position(|&(size, _)| rest >= size) else {
@@ -221,9 +391,14 @@ mod tests {
         };
         assert_eq!(
             message(unban(nowhere, "1.2.3")),
-            "\"1.2.3\" is not an IP address; write it like 203.0.113.7 or 2001:db8::7"
+            "\"1.2.3\" is not an IP address or network; write it like 203.0.113.7, \
+             203.0.113.0/24 or 2001:db8::/64"
         );
-        assert!(message(ban(nowhere, "1.2.3.4/24", "1h")).contains("not an IP address"));
+        assert!(message(ban(nowhere, "1.2.3.4/33", "1h")).contains("not an IP address"));
+        assert_eq!(
+            message(ban(nowhere, "203.0.113.7/24", "1h")),
+            "\"203.0.113.7/24\" has host bits set; the network is 203.0.113.0/24"
+        );
         assert!(message(ban(nowhere, "1.2.3.4", "soon")).contains("is not a duration"));
         for too_fine in ["0s", "1500ms"] {
             assert_eq!(

@@ -1,9 +1,8 @@
 //! The messages on the control socket, one JSON object per line.
 
-use std::net::IpAddr;
-
 use serde::{Deserialize, Serialize};
 
+use super::report::{ReloadReport, StatsReport, StatusReport};
 use crate::{firewall::IpNet, ssh_guard::BanInfo};
 
 /// Longer request lines are refused: no request comes near it.
@@ -12,23 +11,38 @@ pub(super) const MAX_REQUEST_BYTES: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Bans,
-    Ban { address: IpAddr, for_seconds: u64 },
-    Unban { address: IpAddr },
+    // Braces, so that unknown fields are refused as for the other commands.
+    Bans {},
+    /// `address` is an address (an IPv6 one is widened to the offender prefix) or a network.
+    Ban {
+        address: IpNet,
+        for_seconds: u64,
+    },
+    Unban {
+        address: IpNet,
+    },
+    Status {},
+    Stats {},
+    Reload {},
 }
 
 /// The daemon's answer. On the wire an `ok` flag says which kind it is, which serde's tagged
 /// enums cannot express with a boolean, so it goes through [`WireResponse`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(into = "WireResponse", try_from = "WireResponse")]
 pub enum Response {
     Bans(Vec<BanInfo>),
     /// The network a ban or unban applied to (an IPv6 address is widened to its prefix).
     Changed(IpNet),
+    Status(Box<StatusReport>),
+    Stats(Box<StatsReport>),
+    Reloaded(ReloadReport),
     Error(String),
 }
 
-#[derive(Serialize, Deserialize)]
+/// `ok` and exactly one of the other fields.
+#[derive(Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct WireResponse {
     ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -36,21 +50,46 @@ struct WireResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     address: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<Box<StatusReport>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stats: Option<Box<StatsReport>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reload: Option<ReloadReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
 impl From<Response> for WireResponse {
     fn from(response: Response) -> Self {
-        let (ok, bans, address, error) = match response {
-            Response::Bans(bans) => (true, Some(bans), None, None),
-            Response::Changed(net) => (true, None, Some(net.to_string()), None),
-            Response::Error(error) => (false, None, None, Some(error)),
+        let ok = Self {
+            ok: true,
+            ..Self::default()
         };
-        Self {
-            ok,
-            bans,
-            address,
-            error,
+        match response {
+            Response::Bans(bans) => Self {
+                bans: Some(bans),
+                ..ok
+            },
+            Response::Changed(net) => Self {
+                address: Some(net.to_string()),
+                ..ok
+            },
+            Response::Status(status) => Self {
+                status: Some(status),
+                ..ok
+            },
+            Response::Stats(stats) => Self {
+                stats: Some(stats),
+                ..ok
+            },
+            Response::Reloaded(reload) => Self {
+                reload: Some(reload),
+                ..ok
+            },
+            Response::Error(error) => Self {
+                error: Some(error),
+                ..Self::default()
+            },
         }
     }
 }
@@ -59,30 +98,41 @@ impl TryFrom<WireResponse> for Response {
     type Error = String;
 
     fn try_from(wire: WireResponse) -> Result<Self, String> {
-        match wire {
-            WireResponse {
-                ok: true,
-                bans: Some(bans),
-                address: None,
-                error: None,
-            } => Ok(Self::Bans(bans)),
-            WireResponse {
-                ok: true,
-                bans: None,
-                address: Some(address),
-                error: None,
-            } => address
+        const EXPECTED: &str = "expected `ok` with one of `bans`, `address`, `status`, `stats`, `reload`, \
+             or `ok: false` with `error`";
+        let WireResponse {
+            ok,
+            bans,
+            address,
+            status,
+            stats,
+            reload,
+            error,
+        } = wire;
+        let payloads = [
+            bans.is_some(),
+            address.is_some(),
+            status.is_some(),
+            stats.is_some(),
+            reload.is_some(),
+            error.is_some(),
+        ];
+        if payloads.iter().filter(|present| **present).count() != 1 || ok == error.is_some() {
+            return Err(EXPECTED.into());
+        }
+        if let Some(address) = address {
+            return address
                 .parse()
                 .map(Self::Changed)
-                .map_err(|_| format!("{address:?} is not an IP address or network")),
-            WireResponse {
-                ok: false,
-                bans: None,
-                address: None,
-                error: Some(error),
-            } => Ok(Self::Error(error)),
-            _ => Err("expected `ok` with `bans` or `address`, or `ok: false` with `error`".into()),
+                .map_err(|_| format!("{address:?} is not an IP address or network"));
         }
+        Ok(bans
+            .map(Self::Bans)
+            .or(status.map(Self::Status))
+            .or(stats.map(Self::Stats))
+            .or(reload.map(Self::Reloaded))
+            .or(error.map(Self::Error))
+            .expect("exactly one payload is present"))
     }
 }
 
@@ -103,8 +153,8 @@ mod tests {
 
     #[test]
     fn requests_are_tagged_by_command() {
-        let address: IpAddr = "1.2.3.4".parse().unwrap();
-        assert_eq!(json(&Request::Bans), "{\"command\":\"bans\"}\n");
+        let address: IpNet = "1.2.3.4".parse().unwrap();
+        assert_eq!(json(&Request::Bans {}), "{\"command\":\"bans\"}\n");
         assert_eq!(
             json(&Request::Ban {
                 address,
@@ -116,9 +166,22 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"command":"unban","address":"1.2.3.4"}"#).unwrap(),
             Request::Unban { address }
         );
+        assert_eq!(
+            serde_json::from_str::<Request>(
+                r#"{"command":"ban","address":"203.0.113.9/24","for_seconds":60}"#
+            )
+            .unwrap(),
+            Request::Ban {
+                address: "203.0.113.0/24".parse().unwrap(),
+                for_seconds: 60
+            }
+        );
+        assert_eq!(json(&Request::Reload {}), "{\"command\":\"reload\"}\n");
         for bad in [
             r#"{"command":"reboot"}"#,
             r#"{"command":"unban","address":"1.2.3"}"#,
+            r#"{"command":"unban","address":"1.2.3.4/33"}"#,
+            r#"{"command":"status","verbose":true}"#,
             r#"{"command":"ban","address":"1.2.3.4","for":"1h"}"#,
             r#"{"command":"ban","address":"1.2.3.4","for_seconds":-1}"#,
         ] {
@@ -160,6 +223,7 @@ mod tests {
             r#"{"ok":false,"address":"1.2.3.4"}"#,
             r#"{"ok":true,"address":"1.2.3.4","bans":[]}"#,
             r#"{"ok":true,"address":"banned"}"#,
+            r#"{"ok":true,"bans":[],"reboot":true}"#,
         ] {
             assert!(serde_json::from_str::<Response>(bad).is_err(), "{bad}");
         }

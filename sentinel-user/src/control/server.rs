@@ -9,21 +9,30 @@ use std::{
         net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream},
     },
     path::{Path, PathBuf},
-    sync::mpsc::{self, RecvTimeoutError, Sender},
-    time::Duration,
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError, Sender},
+    },
+    time::{Duration, Instant},
 };
 
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
+    sync::{Mutex as AsyncMutex, mpsc as async_mpsc, oneshot, watch},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::protocol::{MAX_REQUEST_BYTES, Request, Response, to_line};
+use super::{
+    protocol::{MAX_REQUEST_BYTES, Request, Response, to_line},
+    report::{GuardReport, ReloadReport, ServiceStats, StatsReport, StatusReport},
+};
 use crate::{
     Error,
     metrics::{ConnectionMetrics, Endpoint, Rejection, Stage},
+    policy::enforcer::PolicyState,
+    probes::ProbeStatus,
     queue::{Queue, Refused},
     slots::{Slot, Slots},
     ssh_guard::{Control, Input},
@@ -37,12 +46,35 @@ const EVICTED: &str = "closed to make room for another client: send the request 
 pub(super) const MAX_CLIENTS: usize = 16;
 /// A failed accept (e.g. out of file descriptors) would fail again at once; pause before retrying.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// `stats` requests closer together than this share one sample, so that clients asking in a
+/// loop cost the daemon no more than one reader.
+const STATS_REUSE: Duration = Duration::from_millis(500);
+
+/// Reads the per-service figures; called off the async workers, at most every [`STATS_REUSE`].
+pub type StatsSource = Arc<dyn Fn() -> Vec<ServiceStats> + Send + Sync>;
+
+/// A reload request: the reply carries its outcome.
+pub type ReloadRequest = oneshot::Sender<ReloadReport>;
+
+/// What the operator's requests read: each part is published by the part of the daemon that
+/// owns it.
+#[derive(Clone)]
+pub struct DaemonView {
+    pub guard: Queue<Input>,
+    pub ssh_guard_enabled: bool,
+    pub started: Instant,
+    pub probes: watch::Receiver<Vec<ProbeStatus>>,
+    pub policies: watch::Receiver<Vec<PolicyState>>,
+    pub last_reload: watch::Receiver<Option<ReloadReport>>,
+    pub reload: async_mpsc::Sender<ReloadRequest>,
+    pub stats: StatsSource,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Timeouts {
     /// How long a client may take to send its request, and to read the answer.
     pub(super) client: Duration,
-    /// How long the SSH guard may take to answer.
+    /// How long the SSH guard, or a reload, may take to answer.
     pub(super) guard: Duration,
 }
 
@@ -95,7 +127,7 @@ impl ControlSocket {
     /// refused at once.
     pub async fn serve(
         self,
-        guard: Queue<Input>,
+        view: DaemonView,
         connections: ConnectionMetrics,
         cancel: CancellationToken,
     ) -> Result<(), Error> {
@@ -109,6 +141,10 @@ impl ControlSocket {
             source,
         })?;
         let mut slots = Slots::new(MAX_CLIENTS);
+        let daemon = Arc::new(Served {
+            view,
+            stats: AsyncMutex::new(None),
+        });
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -129,7 +165,7 @@ impl ControlSocket {
             match admitted {
                 Some(slot) => {
                     let client = Client {
-                        guard: guard.clone(),
+                        daemon: daemon.clone(),
                         timeouts,
                         connections: connections.clone(),
                     };
@@ -198,9 +234,15 @@ fn remove_stale_socket(path: &Path) -> Result<(), Error> {
     }
 }
 
+/// The daemon's view and the last stats sample, shared by the clients being served.
+struct Served {
+    view: DaemonView,
+    stats: AsyncMutex<Option<(Instant, StatsReport)>>,
+}
+
 /// What serving one client needs.
 struct Client {
-    guard: Queue<Input>,
+    daemon: Arc<Served>,
     timeouts: Timeouts,
     connections: ConnectionMetrics,
 }
@@ -227,7 +269,7 @@ impl Client {
             (_, Ok(None)) => return,
             (Err(denied), _) => Response::Error(denied),
             (Ok(()), Err(unreadable)) => Response::Error(unreadable),
-            (Ok(()), Ok(Some(line))) => respond(&line, &self.guard, self.timeouts.guard).await,
+            (Ok(()), Ok(Some(line))) => respond(&line, &self.daemon, self.timeouts.guard).await,
         };
         let answer = to_line(&response);
         match tokio::time::timeout(self.timeouts.client, stream.write_all(&answer)).await {
@@ -276,20 +318,21 @@ async fn read_request_line(stream: &mut UnixStream) -> Result<Option<Vec<u8>>, S
     Ok(Some(line))
 }
 
-async fn respond(line: &[u8], guard: &Queue<Input>, wait: Duration) -> Response {
+async fn respond(line: &[u8], daemon: &Served, wait: Duration) -> Response {
     let request = match serde_json::from_slice(line) {
         Ok(request) => request,
         Err(error) => return Response::Error(format!("malformed request: {error}")),
     };
+    let guard = &daemon.view.guard;
     let answer = match request {
-        Request::Bans => ask_guard(guard, wait, Control::List)
+        Request::Bans {} => ask_guard(guard, wait, Control::List)
             .await
             .map(Response::Bans),
         Request::Ban {
             address,
             for_seconds,
         } => ask_guard(guard, wait, |reply| Control::Ban {
-            addr: address,
+            net: address,
             duration: Duration::from_secs(for_seconds),
             reply,
         })
@@ -297,14 +340,77 @@ async fn respond(line: &[u8], guard: &Queue<Input>, wait: Duration) -> Response 
         .and_then(identity)
         .map(Response::Changed),
         Request::Unban { address } => ask_guard(guard, wait, |reply| Control::Unban {
-            addr: address,
+            net: address,
             reply,
         })
         .await
         .and_then(identity)
         .map(Response::Changed),
+        Request::Status {} => Ok(Response::Status(Box::new(status(&daemon.view, wait).await))),
+        Request::Stats {} => stats(daemon)
+            .await
+            .map(|stats| Response::Stats(Box::new(stats))),
+        Request::Reload {} => reload(&daemon.view, wait).await.map(Response::Reloaded),
     };
     answer.unwrap_or_else(Response::Error)
+}
+
+async fn status(view: &DaemonView, wait: Duration) -> StatusReport {
+    let ssh_guard = if view.ssh_guard_enabled {
+        match ask_guard(&view.guard, wait, Control::Status).await {
+            Ok(status) => GuardReport::Running(status),
+            Err(reason) => GuardReport::NotAnswering { reason },
+        }
+    } else {
+        GuardReport::Disabled
+    };
+    StatusReport {
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_seconds: view.started.elapsed().as_secs(),
+        probes: view.probes.borrow().clone(),
+        policies: view.policies.borrow().clone(),
+        ssh_guard,
+        last_reload: view.last_reload.borrow().clone(),
+    }
+}
+
+/// The last sample if it is recent, otherwise a new one. Clients wait their turn on the lock,
+/// so concurrent requests take one sample between them.
+async fn stats(daemon: &Served) -> Result<StatsReport, String> {
+    let mut last = daemon.stats.lock().await;
+    if let Some((taken, report)) = last.as_ref()
+        && taken.elapsed() < STATS_REUSE
+    {
+        return Ok(report.clone());
+    }
+    let source = daemon.view.stats.clone();
+    let services = tokio::task::spawn_blocking(move || source())
+        .await
+        .map_err(|_| "reading the statistics failed".to_owned())?;
+    let report = StatsReport {
+        sampled_at_ms: daemon.view.started.elapsed().as_millis() as u64,
+        services,
+    };
+    *last = Some((Instant::now(), report.clone()));
+    Ok(report)
+}
+
+/// Hands the request to the daemon's main loop, which reloads as it does on SIGHUP.
+async fn reload(view: &DaemonView, wait: Duration) -> Result<ReloadReport, String> {
+    const STOPPING: &str = "the daemon is shutting down";
+    let (reply, answer) = oneshot::channel();
+    match view.reload.try_send(reply) {
+        Ok(()) => {}
+        Err(async_mpsc::error::TrySendError::Full(_)) => {
+            return Err("a reload is already under way; try again".into());
+        }
+        Err(async_mpsc::error::TrySendError::Closed(_)) => return Err(STOPPING.into()),
+    }
+    match tokio::time::timeout(wait, answer).await {
+        Ok(Ok(report)) => Ok(report),
+        Ok(Err(_)) => Err(STOPPING.into()),
+        Err(_) => Err("the reload did not finish in time".into()),
+    }
 }
 
 /// Sends the guard's thread the `Control` that `control` makes around a fresh reply channel,

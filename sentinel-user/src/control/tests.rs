@@ -21,12 +21,15 @@ use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{runtime::Runtime, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use super::{ControlSocket, Response, ban, bans, server::MAX_CLIENTS, unban};
+use super::{
+    ControlSocket, DaemonView, Response, ban, bans, report::ServiceStats, server::MAX_CLIENTS,
+    unban,
+};
 use crate::{
     Error,
     metrics::ConnectionMetrics,
     queue::{self, Queue, QueueDrops},
-    ssh_guard::{BanInfo, Control, Input},
+    ssh_guard::{BanInfo, Control, GuardMode, GuardStatus, Input},
 };
 
 /// A fresh directory under the system's temporary directory, removed with its contents.
@@ -75,33 +78,61 @@ fn fake_guard() -> Queue<Input> {
                 Control::List(reply) => {
                     let _ = reply.send(bans.clone());
                 }
+                Control::Status(reply) => {
+                    let _ = reply.send(GuardStatus {
+                        mode: GuardMode::Enforce,
+                        tracked_addresses: 0,
+                        bans_in_force: bans.len() as u64,
+                    });
+                }
                 Control::Ban {
-                    addr,
+                    net,
                     duration,
                     reply,
                 } => {
-                    bans.retain(|ban| ban.address != addr.to_string());
+                    bans.retain(|ban| ban.address != net.to_string());
                     bans.push(BanInfo {
-                        address: addr.to_string(),
+                        address: net.to_string(),
                         reason: "operator".into(),
                         failures: 0,
                         expires_in_seconds: duration.as_secs(),
                     });
-                    let _ = reply.send(Ok(addr.into()));
+                    let _ = reply.send(Ok(net));
                 }
-                Control::Unban { addr, reply } => {
+                Control::Unban { net, reply } => {
                     let before = bans.len();
-                    bans.retain(|ban| ban.address != addr.to_string());
+                    bans.retain(|ban| ban.address != net.to_string());
                     let _ = reply.send(if bans.len() < before {
-                        Ok(addr.into())
+                        Ok(net)
                     } else {
-                        Err(format!("{addr} is not banned"))
+                        Err(format!("{net} is not banned"))
                     });
                 }
             }
         }
     });
     guard
+}
+
+/// What the daemon would publish: no probes, no policies, no reload yet, one service.
+fn view(guard: Queue<Input>) -> DaemonView {
+    let (reload, _) = tokio::sync::mpsc::channel(1);
+    DaemonView {
+        guard,
+        ssh_guard_enabled: true,
+        started: std::time::Instant::now(),
+        probes: tokio::sync::watch::channel(Vec::new()).1,
+        policies: tokio::sync::watch::channel(Vec::new()).1,
+        last_reload: tokio::sync::watch::channel(None).1,
+        reload,
+        stats: std::sync::Arc::new(|| {
+            vec![ServiceStats {
+                service: "web".into(),
+                execs: 3,
+                ..ServiceStats::default()
+            }]
+        }),
+    }
 }
 
 /// A control socket served on its own runtime, as the daemon would.
@@ -128,7 +159,7 @@ impl Daemon {
         let cancel = CancellationToken::new();
         let mut registry = Registry::default();
         let connections = ConnectionMetrics::new(&mut registry);
-        let server = runtime.spawn(socket.serve(guard, connections, cancel.clone()));
+        let server = runtime.spawn(socket.serve(view(guard), connections, cancel.clone()));
         Self {
             path,
             runtime,
@@ -407,5 +438,42 @@ fn socket_is_0600_in_a_0700_directory() {
     assert!(fs::metadata(&daemon.path).unwrap().file_type().is_socket());
     assert_eq!(mode(&daemon.path), 0o600);
     assert_eq!(mode(daemon.path.parent().unwrap()), 0o700);
+    daemon.stop();
+}
+
+#[test]
+fn status_stats_and_reload_are_answered_from_what_the_daemon_publishes() {
+    let daemon = Daemon::start(fake_guard());
+    let path = &daemon.path;
+    ban(path, "192.0.2.0/24", "1h").unwrap();
+    let status = super::status(path).unwrap();
+    assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        status.ssh_guard,
+        super::report::GuardReport::Running(GuardStatus {
+            mode: GuardMode::Enforce,
+            tracked_addresses: 0,
+            bans_in_force: 1,
+        })
+    );
+    assert!(status.problems().is_empty());
+    assert!(
+        super::status_text(&status).ends_with(
+            "ssh guard: enforcing, 0 tracked addresses, 1 ban in force\n\
+             last reload: none since the start\n\
+             everything Sentinel is asked to do works"
+        ),
+        "{}",
+        super::status_text(&status)
+    );
+    let stats = super::stats(path).unwrap();
+    assert_eq!(stats.services.len(), 1);
+    assert_eq!(stats.services[0].service, "web");
+    assert_eq!(stats.services[0].execs, 3);
+    // Nobody takes reload requests in this daemon, as while the daemon shuts down.
+    match super::reload(path) {
+        Err(Error::ControlRejected(message)) => assert_eq!(message, "the daemon is shutting down"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
     daemon.stop();
 }

@@ -5,7 +5,9 @@
 //! A systemd unit's cgroup gets its limits through systemd (the `systemd` module), any other
 //! cgroup directly in cgroupfs. The enforcer runs on its own thread and owns every limit it
 //! sets and what it must put back; everything else talks to it through [`Input`]. What it
-//! applied is published in an [`AppliedView`] for `/metrics` and for OOM log lines.
+//! applied is published in an [`AppliedView`] for `/metrics` and for OOM log lines, and how
+//! each policy stands on each cgroup (applied, refused, failed) as a [`PolicyState`] snapshot
+//! for `sentinel status`.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -17,6 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::{
@@ -63,12 +67,55 @@ pub struct AppliedView {
     pub cgroups: HashMap<String, AppliedSummary>,
 }
 
+impl AppliedView {
+    /// (cgroup path, policy name) of every policed cgroup, sorted by path.
+    pub fn policies(&self) -> Vec<(String, String)> {
+        let mut policies: Vec<(String, String)> = self
+            .cgroups
+            .iter()
+            .map(|(path, applied)| (path.clone(), applied.policy.clone()))
+            .collect();
+        policies.sort();
+        policies
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedSummary {
     pub policy: String,
     pub mode: Mode,
     /// `memory.max` as written (`max` or bytes), for OOM reports.
     pub memory_max: Option<String>,
+}
+
+/// A policy, in file order, and how it stands on each cgroup it matches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyState {
+    pub name: String,
+    pub mode: Mode,
+    pub services: Vec<ServiceState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub service: String,
+    #[serde(flatten)]
+    pub outcome: ServiceOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ServiceOutcome {
+    Enforcing,
+    Observing,
+    /// Sentinel chose not to write it (a systemd unit's cgroup).
+    Refused {
+        reason: String,
+    },
+    /// Writing the limits failed.
+    Failed {
+        reason: String,
+    },
 }
 
 /// Interface files and their values, e.g. `("memory.max", "67108864")`.
@@ -119,6 +166,9 @@ pub struct Enforcer {
     saved: SavedOriginals,
     saved_file: StateFile<SavedOriginals>,
     view: Arc<Mutex<AppliedView>>,
+    /// By cgroup path: the policy that matches it and why it is not applied.
+    unapplied: HashMap<String, (String, ServiceOutcome)>,
+    states: watch::Sender<Vec<PolicyState>>,
     metrics: PolicyMetrics,
 }
 
@@ -156,13 +206,21 @@ impl Enforcer {
             saved: saved.unwrap_or_default(),
             saved_file,
             view,
+            unapplied: HashMap::new(),
+            states: watch::Sender::new(Vec::new()),
             metrics,
         })
+    }
+
+    /// Each policy's state, republished whenever it changes.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<PolicyState>> {
+        self.states.subscribe()
     }
 
     /// Applies the policy to every existing cgroup.
     pub fn apply_all(&mut self) {
         let started = Instant::now();
+        self.unapplied.clear();
         for (_, path) in walk_hierarchy(self.fs.root()) {
             self.reconcile(&path);
         }
@@ -300,6 +358,17 @@ impl Enforcer {
                      they are: {error}"
                 );
                 self.metrics.action(service, Action::Failed);
+                self.unapplied.insert(
+                    path.to_string(),
+                    (
+                        policy.name,
+                        ServiceOutcome::Failed {
+                            reason: format!(
+                                "systemd cannot be asked whether a unit owns it: {error}"
+                            ),
+                        },
+                    ),
+                );
                 self.retry_later(path);
             }
         }
@@ -369,6 +438,15 @@ impl Enforcer {
                     "cannot apply limits: {reason}"
                 );
                 self.metrics.action(&service, Action::Failed);
+                self.unapplied.insert(
+                    path.to_string(),
+                    (
+                        policy.name,
+                        ServiceOutcome::Failed {
+                            reason: reason.to_string(),
+                        },
+                    ),
+                );
             }
         }
     }
@@ -424,6 +502,15 @@ impl Enforcer {
                     "cannot apply limits through systemd: {reason}"
                 );
                 self.metrics.action(&service, Action::Failed);
+                self.unapplied.insert(
+                    path.to_string(),
+                    (
+                        policy.name,
+                        ServiceOutcome::Failed {
+                            reason: format!("through systemd ({unit}): {reason}"),
+                        },
+                    ),
+                );
                 self.retry_later(path);
             }
         }
@@ -691,13 +778,15 @@ impl Enforcer {
                 self.forget_originals(path);
             }
         }
+        let unapplied_before = self.unapplied.len();
+        self.unapplied.retain(|path, _| self.fs.exists(path));
         let now = Instant::now();
         let paths: Vec<String> = self.applied.keys().cloned().collect();
         for path in paths {
             self.restore_drift(&path);
             self.guard_memory(&path, now);
         }
-        if !gone.is_empty() {
+        if !gone.is_empty() || self.unapplied.len() != unapplied_before {
             self.publish();
         }
     }
@@ -848,6 +937,45 @@ impl Enforcer {
             })
             .collect();
         self.view.lock().expect("applied view lock").cgroups = cgroups;
+        self.states.send_replace(self.policy_states());
+    }
+
+    fn policy_states(&self) -> Vec<PolicyState> {
+        let applied = self.applied.iter().map(|(path, applied)| {
+            let outcome = match applied.policy.mode {
+                Mode::Enforce => ServiceOutcome::Enforcing,
+                Mode::Observe => ServiceOutcome::Observing,
+            };
+            (path, &applied.policy.name, outcome)
+        });
+        // A cgroup tried again later (systemd retries) may have succeeded since it failed.
+        let unapplied = self
+            .unapplied
+            .iter()
+            .filter(|(path, _)| !self.applied.contains_key(*path))
+            .map(|(path, (policy, outcome))| (path, policy, outcome.clone()));
+        let mut states: Vec<PolicyState> = self
+            .policy
+            .services
+            .iter()
+            .map(|policy| PolicyState {
+                name: policy.name.clone(),
+                mode: policy.mode,
+                services: Vec::new(),
+            })
+            .collect();
+        for (path, policy, outcome) in applied.chain(unapplied) {
+            if let Some(state) = states.iter_mut().find(|state| state.name == *policy) {
+                state.services.push(ServiceState {
+                    service: service_name(path).to_string(),
+                    outcome,
+                });
+            }
+        }
+        for state in &mut states {
+            state.services.sort_by(|a, b| a.service.cmp(&b.service));
+        }
+        states
     }
 }
 

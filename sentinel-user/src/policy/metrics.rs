@@ -132,15 +132,7 @@ struct Samples {
 
 impl Collector for ResourceCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut paths: Vec<(String, String)> = self
-            .view
-            .lock()
-            .expect("applied view lock")
-            .cgroups
-            .iter()
-            .map(|(path, applied)| (path.clone(), applied.policy.clone()))
-            .collect();
-        paths.sort();
+        let paths = self.view.lock().expect("applied view lock").policies();
         let gauge = |name, help| Samples {
             name,
             help,

@@ -3,7 +3,7 @@
 
 mod ssh;
 
-use std::path::Path;
+use std::{borrow::Cow, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -13,6 +13,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use self::ssh::{DEFAULT_SSHD_PATHS, SshFiles};
@@ -162,13 +163,16 @@ const PROBES: &[ProbeSpec] = &[
     },
 ];
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProbeStatus {
-    pub name: &'static str,
+    pub name: Cow<'static, str>,
     pub attached: bool,
     /// Whether this host has what the probe watches: the SSH probes are not wanted where
     /// there is no libpam (no sshd to guard), and their alert must stay quiet there.
     pub wanted: bool,
+    /// Why it is not attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -176,7 +180,7 @@ type Labels = Vec<(&'static str, String)>;
 /// The loaded object; dropping it detaches every program.
 pub struct Probes {
     pub ebpf: Ebpf,
-    pub statuses: Vec<ProbeStatus>,
+    statuses: watch::Sender<Vec<ProbeStatus>>,
     offsets: ResolvedOffsets,
     /// libpam's path and the inode its uprobes are attached to.
     libpam: Option<(std::path::PathBuf, Option<u64>)>,
@@ -220,9 +224,10 @@ pub fn load(resolved: ResolvedOffsets) -> Result<Probes, Error> {
                 ),
             }
             ProbeStatus {
-                name: spec.name,
+                name: Cow::Borrowed(spec.name),
                 attached: result.is_ok(),
                 wanted: libpam.is_some() || !spec.uses_libpam(),
+                reason: result.err(),
             }
         })
         .collect::<Vec<_>>();
@@ -237,7 +242,7 @@ pub fn load(resolved: ResolvedOffsets) -> Result<Probes, Error> {
     }
     Ok(Probes {
         ebpf,
-        statuses,
+        statuses: watch::Sender::new(statuses),
         offsets: resolved,
         libpam: libpam.map(|path| (path, libpam_inode)),
         attached,
@@ -247,6 +252,11 @@ pub fn load(resolved: ResolvedOffsets) -> Result<Probes, Error> {
 }
 
 impl Probes {
+    /// Each probe, attached or not and why; republished when libpam's probes are re-attached.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<ProbeStatus>> {
+        self.statuses.subscribe()
+    }
+
     pub fn register_metrics(&self, registry: &mut Registry) {
         registry.register(
             "sentinel_probe_attached",
@@ -301,6 +311,12 @@ impl Probes {
             self.attached
                 .get_or_create(&vec![("program", spec.name.to_string())])
                 .set(i64::from(result.is_ok()));
+            self.statuses.send_modify(|statuses| {
+                if let Some(status) = statuses.iter_mut().find(|status| status.name == spec.name) {
+                    status.attached = result.is_ok();
+                    status.reason = result.err();
+                }
+            });
         }
         info!(library = %path.display(), "libpam was replaced; its probes are attached to the new file");
         self.reattached.inc();

@@ -34,7 +34,8 @@ use crate::{
     state::{Clocks, SavedBan, SavedOffense, SavedState, StateFile},
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum GuardMode {
     Enforce,
     /// Detect, count and audit "would ban"; never touch the firewall.
@@ -88,13 +89,15 @@ pub struct LiveSettings {
 
 pub enum Control {
     List(Sender<Vec<BanInfo>>),
+    Status(Sender<GuardStatus>),
+    /// `net` is an address, to be widened like an offender's, or a network, banned as given.
     Ban {
-        addr: IpAddr,
+        net: IpNet,
         duration: Duration,
         reply: Sender<Result<IpNet, String>>,
     },
     Unban {
-        addr: IpAddr,
+        net: IpNet,
         reply: Sender<Result<IpNet, String>>,
     },
 }
@@ -105,6 +108,15 @@ pub struct BanInfo {
     pub reason: String,
     pub failures: u32,
     pub expires_in_seconds: u64,
+}
+
+/// The guard at a glance, for `sentinel status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuardStatus {
+    pub mode: GuardMode,
+    /// Addresses with recent failures.
+    pub tracked_addresses: u64,
+    pub bans_in_force: u64,
 }
 
 pub struct SshGuard {
@@ -486,12 +498,26 @@ impl SshGuard {
                     .collect();
                 let _ = reply.send(list);
             }
+            Control::Status(reply) => {
+                let _ = reply.send(GuardStatus {
+                    mode: self.mode,
+                    tracked_addresses: self.engine.tracked() as u64,
+                    bans_in_force: self.engine.bans(now).count() as u64,
+                });
+            }
             Control::Ban {
-                addr,
+                net,
                 duration,
                 reply,
             } => {
-                let net = self.engine.offender(addr);
+                let net = self.operator_target(net);
+                if self.engine.covers_allowed(&net) {
+                    let _ = reply.send(Err(format!(
+                        "refused: {net} holds an allow-listed address (ssh_guard.allow, loopback), \
+                         which is never banned"
+                    )));
+                    return;
+                }
                 let result = self.commit(|firewall| {
                     firewall.ban(&[Ban {
                         net,
@@ -513,8 +539,8 @@ impl SshGuard {
                 }
                 let _ = reply.send(result.map(|()| net));
             }
-            Control::Unban { addr, reply } => {
-                let net = self.engine.offender(addr);
+            Control::Unban { net, reply } => {
+                let net = self.operator_target(net);
                 let result = self.commit(|firewall| firewall.unban(&[net]));
                 if result.is_ok() {
                     let ends = self.engine.ban_end(&net);
@@ -541,6 +567,16 @@ impl SshGuard {
             }
         }
         self.update_gauges();
+    }
+
+    /// What an operator's ban or unban applies to: a single address as the guard itself would
+    /// ban it (IPv6 widened to its prefix), a network as written.
+    fn operator_target(&self, net: IpNet) -> IpNet {
+        if net.prefix_len() == IpNet::from(net.network()).prefix_len() {
+            self.engine.offender(net.network())
+        } else {
+            net
+        }
     }
 
     fn commit(

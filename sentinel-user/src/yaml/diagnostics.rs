@@ -7,7 +7,7 @@ use serde_saphyr::{Location, MessageFormatter, UserMessageFormatter};
 /// One problem in a checked file. Lines and columns count from 1; problems with the file as a
 /// whole (unreadable, too large, not a regular file) point at 1:1 so that every line has the
 /// same shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Diagnostic {
     pub file: String,
     pub line: u64,
