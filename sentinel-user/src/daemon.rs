@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     Error,
-    cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount},
+    cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount, stats::StatsReader},
     components::{Components, Stopped, supervised},
     config::{CgroupBackend, Config, DEFAULT_PATH, RestartRequired},
     control::ControlSocket,
@@ -30,6 +30,7 @@ use crate::{
     policy::{
         enforcer::{AppliedView, Backend, Enforcer, Input as EnforcerInput},
         metrics::PolicyMetrics,
+        resources::{self, ResourceCollector},
     },
     probes::{self, SshFiles},
     queue::{self, Queue, QueueDrops},
@@ -120,8 +121,16 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
 
     let cgroupfs = CgroupFs::new(cgroup_root.clone());
     let applied = Arc::new(Mutex::new(AppliedView::default()));
-    let policy_metrics =
-        PolicyMetrics::new(metrics.registry_mut(), cgroupfs.clone(), applied.clone());
+    let policy_metrics = PolicyMetrics::new(metrics.registry_mut());
+    let (resources_tx, resources_rx) = resources::snapshot_channel();
+    metrics
+        .registry_mut()
+        .register_collector(Box::new(ResourceCollector::new(
+            applied.clone(),
+            resources_rx,
+            config.metrics.resource_detail,
+        )));
+    let stats_reader = StatsReader::new(cgroupfs.clone(), config.metrics.resource_detail);
     let backend = match config.services.cgroup_backend {
         CgroupBackend::Auto => Backend::Auto,
         CgroupBackend::Cgroupfs => Backend::Cgroupfs,
@@ -145,7 +154,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let metrics = Arc::new(metrics);
     let handler = Arc::new(EventHandler::new(
         attribution.clone(),
-        applied,
+        applied.clone(),
         enforcer_tx.clone(),
         ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
     ));
@@ -168,6 +177,20 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         read_ring(ssh_events, handler, ALERTS_POLL, cancel.clone()),
     ));
     tasks.spawn(housekeeping(kernel_counters, cancel.clone()));
+    let refresh_resources = resources::refresh(
+        stats_reader,
+        applied,
+        config.metrics.resource_refresh,
+        resources_tx,
+        cancel.clone(),
+    );
+    tasks.spawn(supervised(
+        components.start("resource refresh"),
+        async move {
+            refresh_resources.await;
+            Ok::<(), Infallible>(())
+        },
+    ));
     // Without a guard, requests get "the SSH guard is not running" from a closed queue.
     let guard_for_control = match &ssh_guard {
         Some((tx, _)) => tx.clone(),

@@ -313,7 +313,7 @@ fn sigint_stops_the_daemon_the_same_way() {
 }
 
 /// The parts of a daemon without the SSH guard.
-const COMPONENTS: [&str; 8] = [
+const COMPONENTS: [&str; 9] = [
     "alerts reader",
     "config watcher",
     "control socket",
@@ -321,6 +321,7 @@ const COMPONENTS: [&str; 8] = [
     "events reader",
     "metrics server",
     "probe keeper",
+    "resource refresh",
     "ssh events reader",
 ];
 

@@ -30,9 +30,15 @@ fn require_controllers() {
 }
 
 /// A daemon whose configuration holds `policies` (YAML list items, indented by two).
+/// Every resource series, read every second: the tests compare them with the kernel's files.
+const FULL_RESOURCES: &str = "metrics:\n  resource_refresh: 1s\n  resource_detail: full\n";
+
 fn daemon_with(policies: &str) -> Daemon {
     require_controllers();
-    Daemon::start_with_config(&format!("{NO_FIREWALL}policies:\n{policies}"), &[])
+    Daemon::start_with_config(
+        &format!("{NO_FIREWALL}{FULL_RESOURCES}policies:\n{policies}"),
+        &[],
+    )
 }
 
 fn read(cgroup: &TestCgroup, file: &str) -> String {
