@@ -23,7 +23,7 @@ use crate::{
     components::{Components, Stopped, supervised},
     config::{CgroupBackend, Config, DEFAULT_PATH, RestartRequired},
     control::ControlSocket,
-    events::{EventHandler, read_ring, readable},
+    events::{self, EventHandler, read_ring, readable},
     http,
     kernel::{self, Btf},
     metrics::{ConnectionMetrics, KernelCounters, Metrics},
@@ -81,7 +81,8 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let mut signals = Signals::install()?;
     kernel::check_privileges()?;
     kernel::raise_open_files_limit();
-    // Parsed BTF is tens of MB and only needed for the offsets: drop it right after.
+    let loader = probes::Loader::without_kernel_btf();
+    // The BTF is only needed for the offsets: dropped right after.
     let resolved = kernel::resolve_offsets(&Btf::from_sys_fs()?);
     kernel::release_freed_memory();
     let cgroup_root = find_cgroup2_mount()?;
@@ -99,7 +100,8 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     if !resolved.missing.is_empty() {
         warn!(missing = ?resolved.missing, "this kernel's BTF lacks some fields; probes that need them stay off");
     }
-    let mut probes = probes::load(resolved)?;
+    let records = events::records_wanted();
+    let mut probes = probes::load(loader, resolved, records)?;
 
     let mut tree = CgroupTree::new(cgroup_root.clone());
     tree.rescan();
@@ -234,6 +236,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         probes_attached = attached,
         probes_total,
         policies = config.policies.services.len(),
+        exec_tcp_records = records.exec != 0,
         ssh_guard = ssh_guard.is_some(),
         "sentinel is running"
     );

@@ -43,7 +43,13 @@ fn connect_loop(server: &TestCgroup, client: &TestCgroup, bind: &str, count: usi
 #[test]
 fn exec_count_per_service_is_exact() {
     let _serial = serial();
+    // The events module's debug lines are the exec records' reader: with them on, the exec
+    // program writes a record per exec besides counting.
     let daemon = Daemon::start(&[("SENTINEL_LOG", "info,sentinel_user::events=debug")]);
+    assert!(
+        records_switch(&daemon),
+        "exec records off with debug lines on"
+    );
     let cgroup = TestCgroup::new("exec");
     let dir = TempDir::new("sentinel-exec");
     let program = dir.path().join(format!("sntl-{}", unique_suffix()));
@@ -84,10 +90,23 @@ fn exec_count_per_service_is_exact() {
     );
 }
 
+/// Whether the daemon had the exec and TCP programs write per-event records, from its start line.
+fn records_switch(daemon: &Daemon) -> bool {
+    let running = daemon.log_records(&[("message", "sentinel is running")]);
+    let [running] = running.as_slice() else {
+        panic!("not one start line; log:\n{}", daemon.log());
+    };
+    running["exec_tcp_records"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no exec_tcp_records in {running}"))
+}
+
 #[test]
 fn tcp_connects_and_accepts_per_service_are_exact() {
     let _serial = serial();
+    // Without a reader for TCP records the program only counts: the counts must stay exact.
     let daemon = Daemon::start(&[]);
+    assert!(!records_switch(&daemon), "TCP records on without a reader");
     let server = TestCgroup::new("server");
     let client = TestCgroup::new("client");
     const PER_FAMILY: usize = 20;
