@@ -1,5 +1,6 @@
 //! Harness for the privileged tests: a real daemon, real cgroups, real scrapes.
 
+pub mod floor;
 pub mod netlab;
 
 use std::{
