@@ -16,7 +16,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use sentinel_tests::{cgroup2_mount, eventually, floor::encode_from_memory, free_port, http_get};
+use sentinel_tests::{
+    cgroup2_mount, eventually, floor::encode_from_memory, free_port, http_get,
+    measure::percentile_ms,
+};
 use serde_json::json;
 
 use crate::{
@@ -157,14 +160,6 @@ fn counted_services(openmetrics: &str) -> usize {
         .lines()
         .filter(|line| line.starts_with(&prefix) && !line.ends_with(" 0"))
         .count()
-}
-
-/// The `fraction` percentile of `durations`, nearest rank, in milliseconds.
-pub fn percentile_ms(durations: &[Duration], fraction: f64) -> f64 {
-    let mut sorted = durations.to_vec();
-    sorted.sort_unstable();
-    let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1].as_secs_f64() * 1000.0
 }
 
 /// The daemon, stopped and reaped on drop.

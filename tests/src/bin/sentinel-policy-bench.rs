@@ -17,8 +17,10 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use sentinel_tests::{
-    Daemon, NO_FIREWALL, TestCgroup, cgroup2_mount, eventually, floor::encode_from_memory,
+    Daemon, NO_FIREWALL, TestCgroup, cgroup2_mount, eventually,
+    floor::encode_from_memory,
     free_port, http_get,
+    measure::{percentile_ms, process_usage},
 };
 
 const DEFAULT_SERVICES: usize = 500;
@@ -88,9 +90,9 @@ fn main() -> Result<()> {
         "the daemon does not serve /metrics; its log:\n{}",
         daemon.log()
     );
-    let idle_start = cpu_seconds(daemon.pid())?;
+    let idle_start = process_usage(daemon.pid())?.cpu_seconds;
     std::thread::sleep(IDLE_WINDOW);
-    let idle_end = cpu_seconds(daemon.pid())?;
+    let idle_end = process_usage(daemon.pid())?.cpu_seconds;
     let mut latencies = Vec::with_capacity(SCRAPES);
     let mut body = String::new();
     for _ in 0..SCRAPES {
@@ -99,8 +101,7 @@ fn main() -> Result<()> {
             http_get(daemon.addr, "/metrics", Some(OPENMETRICS)).context("GET /metrics failed")?;
         latencies.push(sent.elapsed());
     }
-    let scraped = cpu_seconds(daemon.pid())?;
-    let (rss_kib, peak_kib) = memory_kib(daemon.pid())?;
+    let usage = process_usage(daemon.pid())?;
 
     daemon.signal(libc::SIGTERM);
     ensure!(
@@ -134,8 +135,8 @@ fn main() -> Result<()> {
         ("scrape_median_ms", percentile(&latencies, 0.5)),
         ("scrape_p99_ms", percentile(&latencies, 0.99)),
         ("scrape_bytes", body.len().to_string()),
-        ("rss_kib", rss_kib.to_string()),
-        ("peak_rss_kib", peak_kib.to_string()),
+        ("rss_kib", usage.rss_kib.to_string()),
+        ("peak_rss_kib", usage.hwm_kib.to_string()),
         (
             "idle_cpu_percent",
             format!(
@@ -145,7 +146,10 @@ fn main() -> Result<()> {
         ),
         (
             "cpu_ms_per_scrape",
-            format!("{:.3}", (scraped - idle_end) / SCRAPES as f64 * 1000.0),
+            format!(
+                "{:.3}",
+                (usage.cpu_seconds - idle_end) / SCRAPES as f64 * 1000.0
+            ),
         ),
         ("floor_apply_ms", milliseconds(apply_floor)),
         ("floor_reload_ms", milliseconds(reload_floor)),
@@ -209,43 +213,14 @@ fn read_stats_files(cgroups: &[TestCgroup]) -> Result<()> {
     Ok(())
 }
 
+fn percentile(durations: &[Duration], fraction: f64) -> String {
+    format!("{:.2}", percentile_ms(durations, fraction))
+}
+
 fn timed(work: impl FnOnce() -> Result<()>) -> Result<Duration> {
     let started = Instant::now();
     work()?;
     Ok(started.elapsed())
-}
-
-/// User plus system time of `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).context("cannot read stat")?;
-    // utime and stime are the 12th and 13th fields after the command name's parenthesis.
-    let after = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    // SAFETY: sysconf without preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ticks / per_second)
-}
-
-/// VmRSS and VmHWM of `pid`, in KiB.
-fn memory_kib(pid: u32) -> Result<(u64, u64)> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).context("cannot read status")?;
-    let field = |name: &str| -> Result<u64> {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no {name} in status"))
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-/// Nearest-rank percentile, in milliseconds.
-fn percentile(durations: &[Duration], fraction: f64) -> String {
-    let mut sorted = durations.to_vec();
-    sorted.sort_unstable();
-    let rank = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len());
-    milliseconds(sorted[rank - 1])
 }
 
 /// Time from `since` until every cgroup's memory.max reads `value`. A cgroup that shows it
