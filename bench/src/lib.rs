@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// sshguard).
     #[arg(long)]
     skip_peers: bool,
+    /// Sizes of the policy section, in policed services, one VM run each.
+    #[arg(long, value_name = "N", value_delimiter = ',', default_values_t = [500, 5_000],
+          value_parser = clap::value_parser!(u32).range(1..))]
+    policy_services: Vec<u32>,
     /// Run these sections only (repeat or separate with commas).
     #[arg(long, value_enum, value_name = "SECTION", value_delimiter = ',')]
     only: Vec<Section>,
@@ -110,7 +114,8 @@ pub enum Section {
     Ssh,
     /// 5,000 attributed cgroups on this host: scrapes, memory and CPU.
     Scale,
-    /// 500 and 5,000 policed services in a VM: apply, reload, scrapes, memory and CPU.
+    /// Policed services in a VM (500 and 5,000 unless --policy-services says otherwise):
+    /// apply, reload, scrapes, memory and CPU.
     Policy,
 }
 
@@ -175,7 +180,8 @@ pub fn bench(args: &BenchArgs, workspace: &Path, driver: &dyn Driver) -> Result<
         note_failure(&mut failed, "scale", outcome)?;
     }
     if args.runs(Section::Policy) {
-        note_failure(&mut failed, "policy", policy::bench(driver, &mut summary))?;
+        let outcome = policy::bench(driver, &args.policy_services, &mut summary);
+        note_failure(&mut failed, "policy", outcome)?;
     }
     step("bench: Sentinel against the floor and its peers, all from this run");
     println!("\n{machine}.\n\n{summary}");

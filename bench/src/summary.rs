@@ -16,7 +16,7 @@ use crate::system::Machine;
 
 /// One comparison: Sentinel's figure and the one it is compared with, in the same unit.
 struct Row {
-    section: &'static str,
+    section: String,
     measure: String,
     unit: &'static str,
     sentinel: f64,
@@ -35,7 +35,7 @@ impl Summary {
     /// Sentinel's `sentinel` against `reference` of `against` (the floor or a peer).
     pub fn compare(
         &mut self,
-        section: &'static str,
+        section: impl Into<String>,
         measure: impl Into<String>,
         unit: &'static str,
         sentinel: f64,
@@ -43,7 +43,7 @@ impl Summary {
         reference: f64,
     ) {
         self.rows.push(Row {
-            section,
+            section: section.into(),
             measure: measure.into(),
             unit,
             sentinel,
