@@ -23,6 +23,7 @@ use crate::{
     components::{Components, Stopped, supervised},
     config::{CgroupBackend, Config, DEFAULT_PATH, RestartRequired},
     control::ControlSocket,
+    crowdsec::{Fleet, FleetMetrics},
     events::{self, EventHandler, read_ring, readable},
     http,
     kernel::{self, Btf},
@@ -123,7 +124,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
 
     let cgroupfs = CgroupFs::new(cgroup_root.clone());
     let applied = Arc::new(Mutex::new(AppliedView::default()));
-    let policy_metrics = PolicyMetrics::new(metrics.registry_mut());
+    let policy_metrics = PolicyMetrics::new(metrics.registry_mut(), attribution.clone());
     let (resources_tx, resources_rx) = resources::snapshot_channel();
     metrics
         .registry_mut()
@@ -151,7 +152,22 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
 
     let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
     let restart_required = RestartRequired::register(metrics.registry_mut());
-    let ssh_guard = start_ssh_guard(&config, &state_dir, ssh_metrics, &components, &queue_drops)?;
+    // Credentials are read before anything starts: a file others can read stops the daemon.
+    let fleet = match &config.crowdsec {
+        Some(crowdsec) => Some(Fleet::prepare(
+            crowdsec,
+            FleetMetrics::new(metrics.registry_mut()),
+        )?),
+        None => None,
+    };
+    let ssh_guard = start_ssh_guard(
+        &config,
+        &state_dir,
+        ssh_metrics,
+        fleet.as_ref(),
+        &components,
+        &queue_drops,
+    )?;
     let connections = ConnectionMetrics::new(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let handler = Arc::new(EventHandler::new(
@@ -202,12 +218,17 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         components.start("control socket"),
         control.serve(guard_for_control, connections.clone(), cancel.clone()),
     ));
+    if let Some(fleet) = fleet {
+        let guard = ssh_guard.as_ref().map(|(tx, _)| tx.clone());
+        fleet.start(guard, &components, &tasks, &cancel);
+    }
     forward_ebpf_logs(&mut probes.ebpf, &tasks, cancel.clone());
     let reloader = Reloader::new(
         config_path,
         metrics_addr,
         &config,
         enforcer_tx.clone(),
+        ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
         policy_metrics,
         restart_required,
     );
@@ -303,6 +324,7 @@ fn start_ssh_guard(
     config: &Config,
     state_dir: &std::path::Path,
     metrics: SshGuardMetrics,
+    fleet: Option<&Fleet>,
     components: &Components,
     queue_drops: &QueueDrops,
 ) -> Result<Option<RunningGuard>, Error> {
@@ -312,6 +334,9 @@ fn start_ssh_guard(
     }
     let mut guard = SshGuard::open(config.ssh_guard.settings(state_dir), metrics)
         .map_err(|error| Error::SshGuardStart(Box::new(error)))?;
+    if let Some(fleet) = fleet {
+        guard.join_fleet(fleet.metrics.clone(), fleet.handoff.clone());
+    }
     let (tx, rx) = queue::bounded("ssh_guard", SSH_GUARD_QUEUE, queue_drops);
     if let Some(watch) = guard.take_table_watch() {
         let changed = tx.clone();
@@ -353,9 +378,10 @@ fn join(thread: std::thread::JoinHandle<()>, name: &str) {
     }
 }
 
-/// Re-reads the configuration and hands a valid policy to the enforcer; an invalid or empty
-/// file is reported in full and changes nothing. The other settings are read only at start:
-/// a change to them is named in the log and in `sentinel_config_restart_required`.
+/// Re-reads the configuration and hands a valid one to the enforcer (policies) and the SSH
+/// guard (its thresholds, ban times and allow list); an invalid or empty file is reported in
+/// full and changes nothing. The other settings are read only at start: a change to them is
+/// named in the log and in `sentinel_config_restart_required`.
 #[derive(Clone)]
 struct Reloader {
     path: PathBuf,
@@ -363,6 +389,8 @@ struct Reloader {
     /// The configuration the daemon started with; its start-only settings stay in force.
     started_with: Arc<Config>,
     enforcer: Queue<EnforcerInput>,
+    /// `None` when the guard is disabled.
+    ssh_guard: Option<Queue<SshInput>>,
     metrics: PolicyMetrics,
     restart_required: RestartRequired,
 }
@@ -373,6 +401,7 @@ impl Reloader {
         metrics_addr: Option<SocketAddr>,
         started_with: &Config,
         enforcer: Queue<EnforcerInput>,
+        ssh_guard: Option<Queue<SshInput>>,
         metrics: PolicyMetrics,
         restart_required: RestartRequired,
     ) -> Self {
@@ -383,6 +412,7 @@ impl Reloader {
             metrics_addr,
             started_with: Arc::new(started_with.clone()),
             enforcer,
+            ssh_guard,
             metrics,
             restart_required,
         }
@@ -417,6 +447,18 @@ impl Reloader {
             );
             return;
         }
+        if let Some(guard) = &self.ssh_guard
+            && let Err(refused) = guard.offer(SshInput::Reload(config.ssh_guard.live()))
+        {
+            self.metrics.reload_errors.inc();
+            error!(
+                why,
+                ?refused,
+                "policies reloaded, but the SSH guard cannot take its new settings now; its \
+                 running ones stay in force"
+            );
+            return;
+        }
         self.metrics.reloads.inc();
         if restart_required.is_empty() {
             info!(why, policies, "configuration reloaded");
@@ -425,7 +467,8 @@ impl Reloader {
                 why,
                 policies,
                 restart_required = restart_required.join(", "),
-                "policies reloaded; the other changed settings apply only after a restart"
+                "configuration reloaded, except the changed settings that apply only after a \
+                 restart"
             );
         }
     }

@@ -123,6 +123,27 @@ pub enum Error {
         timeout: Duration,
         max: Duration,
     },
+    #[error("the CrowdSec credential file {path}: {reason}")]
+    CrowdsecCredentials { path: PathBuf, reason: String },
+    #[error("cannot set up the CrowdSec LAPI client: {0}")]
+    LapiClient(String),
+    #[error("CrowdSec's Local API did not answer: {0}")]
+    LapiUnreachable(String),
+    #[error(
+        "CrowdSec's Local API answered HTTP {status}: {body}{hint}",
+        hint = if *unauthorized {
+            " (check the credentials: `cscli bouncers list`, `cscli machines list`)"
+        } else {
+            ""
+        }
+    )]
+    LapiStatus {
+        status: u16,
+        unauthorized: bool,
+        body: String,
+    },
+    #[error("CrowdSec's Local API sent a malformed answer; nothing of it was applied: {0}")]
+    LapiMalformed(String),
     #[error(transparent)]
     Io(#[from] io::Error),
 }

@@ -5,6 +5,7 @@ pub mod cgroup;
 mod components;
 pub mod config;
 pub mod control;
+pub mod crowdsec;
 pub mod daemon;
 mod error;
 pub mod events;

@@ -7,6 +7,7 @@ use sentinel_user::{
     config::Config,
     control,
     daemon::{self, RunOptions},
+    ssh_guard::audit::AuditLog,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -123,30 +124,41 @@ fn print(text: Result<String, sentinel_user::Error>) -> anyhow::Result<()> {
 }
 
 fn check(file: &std::path::Path) -> ExitCode {
-    match Config::load(Some(file)) {
-        Ok(config) => {
-            println!(
-                "{}: valid ({} {}, SSH guard {})",
-                file.display(),
-                config.policies.services.len(),
-                if config.policies.services.len() == 1 {
-                    "policy"
-                } else {
-                    "policies"
-                },
-                if config.ssh_guard.enabled {
-                    "on"
-                } else {
-                    "off"
-                },
-            );
-            ExitCode::SUCCESS
-        }
+    let config = match Config::load(Some(file)) {
+        Ok(config) => config,
         Err(error) => {
             eprintln!("{error}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
+        }
+    };
+    // The daemon refuses to start without its audit log; say so now, not at the next start.
+    if config.ssh_guard.enabled {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!(
+                "note: ssh_guard.audit_log ({}) was not checked: only a check run as root, like \
+                 the daemon, can tell whether the daemon can write it",
+                config.ssh_guard.audit_log.display()
+            );
+        } else if let Err(error) = AuditLog::check_writable(&config.ssh_guard.audit_log) {
+            eprintln!(
+                "{}: ssh_guard.audit_log: {error}; the daemon would refuse to start",
+                file.display()
+            );
+            return ExitCode::FAILURE;
         }
     }
+    let policies = config.policies.services.len();
+    println!(
+        "{}: valid ({policies} {}, SSH guard {})",
+        file.display(),
+        if policies == 1 { "policy" } else { "policies" },
+        if config.ssh_guard.enabled {
+            "on"
+        } else {
+            "off"
+        },
+    );
+    ExitCode::SUCCESS
 }
 
 fn init_logging(format: LogFormat) {

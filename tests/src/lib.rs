@@ -11,7 +11,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -201,6 +201,28 @@ impl Daemon {
         self.dir.path().join("control.sock")
     }
 
+    /// `sentinel ARGS --socket SOCKET` (`bans`, `ban`, `unban`) against this daemon.
+    pub fn control_output(&self, args: &[&str]) -> Output {
+        Command::new(sentinel_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.control_socket())
+            .output()
+            .expect("run the sentinel client")
+    }
+
+    /// `control_output` of a command that must succeed; returns what it printed.
+    pub fn control(&self, args: &[&str]) -> String {
+        let output = self.control_output(args);
+        assert!(
+            output.status.success(),
+            "sentinel {args:?} failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.log()
+        );
+        String::from_utf8(output.stdout).expect("UTF-8")
+    }
+
     /// The configuration file the daemon was started with (tests rewrite it to reload).
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("sentinel.yaml")
@@ -239,6 +261,22 @@ impl Daemon {
 
     pub fn scrape(&self) -> Scrape {
         Scrape(http_get(self.addr, "/metrics", None).expect("scrape /metrics"))
+    }
+
+    /// Waits until the series `name{labels}` counts `expected`; fails with the last value seen
+    /// and the daemon's log after `limit`, which is a hang guard, not a timing.
+    pub fn await_count(&self, name: &str, labels: &[(&str, &str)], expected: u64, limit: Duration) {
+        let mut seen = None;
+        let reached = eventually(limit, || {
+            seen = self.scrape().find(name, labels);
+            seen == Some(expected as f64)
+        });
+        assert!(
+            reached,
+            "{} is {seen:?} after {limit:?}, not {expected}; log:\n{}",
+            series(name, labels),
+            self.log()
+        );
     }
 
     pub fn pid(&self) -> u32 {
@@ -294,31 +332,67 @@ pub fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> std::io::
     Ok(body.to_string())
 }
 
-/// One scrape of `/metrics` in the classic text format.
+/// One scrape of `/metrics` in the classic text format. A series that must exist must be found:
+/// `value` and `count` fail on an absent series, `find` says "maybe" (for waiting), and
+/// `assert_absent` checks a series that must not be there (a labelled counter that never counted).
 pub struct Scrape(pub String);
 
 impl Scrape {
-    /// The value of the sample `name{labels}`, with labels given in exposition order.
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let rendered: Vec<String> = labels
-            .iter()
-            .map(|(key, value)| format!("{key}=\"{value}\""))
-            .collect();
-        let series = if labels.is_empty() {
-            name.to_string()
-        } else {
-            format!("{name}{{{}}}", rendered.join(","))
-        };
+    /// The value of the sample `name{labels}`, with labels given in exposition order; `None`
+    /// when it is not exported (yet), for waiting until it appears.
+    pub fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let series = series(name, labels);
         self.0.lines().find_map(|line| {
             let (key, value) = line.rsplit_once(' ')?;
             (key == series).then(|| value.parse().ok())?
         })
     }
 
-    /// Like `value`, with absent series read as 0 (counters that have not started yet).
-    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        self.value(name, labels).unwrap_or(0.0) as u64
+    /// The value of `name{labels}`; an absent series fails the test.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.find(name, labels).unwrap_or_else(|| {
+            panic!(
+                "no series {} in the scrape:\n{}",
+                series(name, labels),
+                self.0
+            )
+        })
     }
+
+    /// `value` of a series that counts things: a whole number.
+    pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let value = self.value(name, labels);
+        assert!(
+            value >= 0.0 && value.fract() == 0.0,
+            "{} is {value}, not a count",
+            series(name, labels)
+        );
+        value as u64
+    }
+
+    /// Fails if the series `name{labels}` is exported. Labelled counters get a series when they
+    /// first count (a family with none is not exported at all), so this is how "never counted"
+    /// is checked; the same names must be found by the tests' other assertions.
+    pub fn assert_absent(&self, name: &str, labels: &[(&str, &str)]) {
+        if let Some(value) = self.find(name, labels) {
+            panic!(
+                "{} is exported ({value}), expected none",
+                series(name, labels)
+            );
+        }
+    }
+}
+
+/// `name{key="value",...}` as the text format writes it.
+fn series(name: &str, labels: &[(&str, &str)]) -> String {
+    if labels.is_empty() {
+        return name.to_string();
+    }
+    let rendered: Vec<String> = labels
+        .iter()
+        .map(|(key, value)| format!("{key}=\"{value}\""))
+        .collect();
+    format!("{name}{{{}}}", rendered.join(","))
 }
 
 /// A child cgroup under the cgroup2 mount, removed on drop (its processes are killed first).
@@ -336,6 +410,17 @@ impl TestCgroup {
         Self {
             path,
             service: name,
+        }
+    }
+
+    /// A cgroup named `name` inside this one (say `web.service`), removed on drop; drop it
+    /// before its parent.
+    pub fn child(&self, name: &str) -> Self {
+        let path = self.path.join(name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self {
+            path,
+            service: format!("{}/{name}", self.service),
         }
     }
 
@@ -416,4 +501,31 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// `promtool check metrics` on a scrape must report nothing. `SENTINEL_PROMTOOL` names it
+/// (`cargo xtask test` unpacks it from Debian's prometheus package); in the VM it is on PATH.
+pub fn assert_promtool_clean(scrape: &Scrape) {
+    let promtool = std::env::var("SENTINEL_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {promtool} (Debian package prometheus): {e}"));
+    check
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(scrape.0.as_bytes())
+        .expect("write the scrape to promtool");
+    let output = check.wait_with_output().expect("wait for promtool");
+    let complaints =
+        String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && complaints.trim().is_empty(),
+        "promtool: {complaints}\nscrape:\n{}",
+        scrape.0
+    );
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, NO_FIREWALL, Scrape, TempDir, TestCgroup, eventually, sentinel_bin, serial,
+    Daemon, NO_FIREWALL, TempDir, TestCgroup, eventually, netlab::Netns, sentinel_bin, serial,
 };
 
 /// Far longer than any check takes: a `sentinel check` still running then is hung.
@@ -299,15 +299,9 @@ fn config_observing(cgroup: &TestCgroup, policy: &str, ssh_guard_extra: &str) ->
     )
 }
 
-/// The value of a series that must exist: absent fails the test.
-fn series(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .value(name, labels)
-        .unwrap_or_else(|| panic!("no series {name}{labels:?} in:\n{}", scrape.0))
-}
-
+/// `sentinel_policy_applied` of `policy` on `cgroup`; `None` while it is not exported.
 fn applied(daemon: &Daemon, cgroup: &TestCgroup, policy: &str) -> Option<f64> {
-    daemon.scrape().value(
+    daemon.scrape().find(
         "sentinel_policy_applied",
         &[("service", cgroup.service()), ("policy", policy)],
     )
@@ -327,8 +321,8 @@ fn an_empty_or_cut_short_file_is_refused_on_reload_and_the_policy_stays() {
     let counters = || {
         let scrape = daemon.scrape();
         (
-            series(&scrape, "sentinel_policy_reload_errors_total", &[]),
-            series(&scrape, "sentinel_policy_reloads_total", &[]),
+            scrape.value("sentinel_policy_reload_errors_total", &[]),
+            scrape.value("sentinel_policy_reloads_total", &[]),
         )
     };
     let (errors, reloads) = counters();
@@ -408,7 +402,7 @@ fn an_empty_or_cut_short_file_is_refused_on_reload_and_the_policy_stays() {
 }
 
 #[test]
-fn a_changed_ssh_guard_setting_is_named_as_needing_a_restart() {
+fn a_changed_start_only_setting_is_named_as_needing_a_restart() {
     let _serial = serial();
     let cgroup = TestCgroup::new("cfg-restart");
     let daemon = Daemon::start_with_config(&config_observing(&cgroup, "web", ""), &[]);
@@ -418,23 +412,21 @@ fn a_changed_ssh_guard_setting_is_named_as_needing_a_restart() {
         daemon.log()
     );
     let restart_required = |setting: &str| {
-        series(
-            &daemon.scrape(),
-            "sentinel_config_restart_required",
-            &[("setting", setting)],
-        )
+        daemon
+            .scrape()
+            .value("sentinel_config_restart_required", &[("setting", setting)])
     };
-    assert_eq!(restart_required("ssh_guard.max_failures"), 0.0);
-    let reloads = series(&daemon.scrape(), "sentinel_policy_reloads_total", &[]);
+    assert_eq!(restart_required("ssh_guard.mode"), 0.0);
+    let reloads = daemon.scrape().value("sentinel_policy_reloads_total", &[]);
 
-    // A new policy name (applied at once) and a new max_failures (read only at start).
+    // A new policy name (applied at once) and a new guard mode (read only at start).
     fs::write(
         daemon.config_path(),
-        config_observing(&cgroup, "api", "  max_failures: 3\n"),
+        config_observing(&cgroup, "api", "  mode: observe\n"),
     )
     .expect("rewrite the configuration");
     assert!(
-        eventually(SETTLE, || restart_required("ssh_guard.max_failures") == 1.0),
+        eventually(SETTLE, || restart_required("ssh_guard.mode") == 1.0),
         "log:\n{}",
         daemon.log()
     );
@@ -443,19 +435,23 @@ fn a_changed_ssh_guard_setting_is_named_as_needing_a_restart() {
         "the reloaded policy was not applied; log:\n{}",
         daemon.log()
     );
-    assert_eq!(applied(&daemon, &cgroup, "web"), None);
+    daemon.scrape().assert_absent(
+        "sentinel_policy_applied",
+        &[("service", cgroup.service()), ("policy", "web")],
+    );
     assert_eq!(restart_required("ssh_guard.enabled"), 0.0);
     assert_eq!(restart_required("metrics.listen"), 0.0);
     assert_eq!(
-        series(&daemon.scrape(), "sentinel_policy_reloads_total", &[]),
+        daemon.scrape().value("sentinel_policy_reloads_total", &[]),
         reloads + 1.0
     );
     let partial = daemon.log_records(&[
         (
             "message",
-            "policies reloaded; the other changed settings apply only after a restart",
+            "configuration reloaded, except the changed settings that apply only after a \
+             restart",
         ),
-        ("restart_required", "ssh_guard.max_failures"),
+        ("restart_required", "ssh_guard.mode"),
     ]);
     assert_eq!(partial.len(), 1, "log:\n{}", daemon.log());
     assert!(
@@ -470,7 +466,7 @@ fn a_changed_ssh_guard_setting_is_named_as_needing_a_restart() {
     fs::write(daemon.config_path(), config_observing(&cgroup, "web", ""))
         .expect("restore the configuration");
     assert!(
-        eventually(SETTLE, || restart_required("ssh_guard.max_failures") == 0.0),
+        eventually(SETTLE, || restart_required("ssh_guard.mode") == 0.0),
         "log:\n{}",
         daemon.log()
     );
@@ -480,5 +476,82 @@ fn a_changed_ssh_guard_setting_is_named_as_needing_a_restart() {
             .is_empty()),
         "log:\n{}",
         daemon.log()
+    );
+}
+
+#[test]
+fn a_reloaded_allow_list_lifts_the_bans_it_covers_and_keeps_the_others() {
+    let _serial = serial();
+    let netns = Netns::new("cfg-allow");
+    let dir = TempDir::new("cfg-allow");
+    let audit_log = dir.path().join("audit.log");
+    let config = |allow: &str| {
+        format!(
+            "ssh_guard:\n  enabled: true\n  mode: enforce\n  audit_log: {}\n  netns: {}\n{allow}",
+            audit_log.display(),
+            netns.path().display()
+        )
+    };
+    let daemon = Daemon::start_with_config(&config(""), &[]);
+    for address in ["192.0.2.7", "198.51.100.9"] {
+        daemon.control(&["ban", address, "--for", "1h"]);
+    }
+    let banned = || -> Vec<String> {
+        let mut nets: Vec<String> = netns
+            .sentinel_set("banned_v4")
+            .into_iter()
+            .map(|element| element.net)
+            .collect();
+        nets.sort();
+        nets
+    };
+    assert_eq!(banned(), ["192.0.2.7", "198.51.100.9"]);
+
+    fs::write(
+        daemon.config_path(),
+        config("  allow: [192.0.2.0/24]\n  max_failures: 3\n"),
+    )
+    .expect("rewrite the configuration");
+    assert!(
+        eventually(SETTLE, || banned() == ["198.51.100.9"]),
+        "set now {:?}; log:\n{}",
+        banned(),
+        daemon.log()
+    );
+    let listed = daemon.control(&["bans"]);
+    assert!(
+        listed.contains("198.51.100.9") && !listed.contains("192.0.2.7"),
+        "{listed}"
+    );
+    let unbans: Vec<serde_json::Value> = fs::read_to_string(&audit_log)
+        .expect("read the audit log")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("an audit record is one JSON object"))
+        .filter(|record: &serde_json::Value| record["action"] == "unban")
+        .collect();
+    assert_eq!(unbans.len(), 1, "{unbans:?}");
+    assert_eq!(unbans[0]["address"], "192.0.2.7");
+    assert_eq!(unbans[0]["reason"], "allowlisted");
+    // Everything in the new file took effect: no setting waits for a restart.
+    assert_eq!(
+        daemon
+            .log_records(&[("message", "configuration reloaded")])
+            .len(),
+        1,
+        "log:\n{}",
+        daemon.log()
+    );
+    let scrape = daemon.scrape();
+    assert_eq!(
+        scrape.value(
+            "sentinel_config_restart_required",
+            &[("setting", "ssh_guard.mode")]
+        ),
+        0.0
+    );
+    // The allow list is applied on reload, never reported as waiting for a restart.
+    scrape.assert_absent(
+        "sentinel_config_restart_required",
+        &[("setting", "ssh_guard.allow")],
     );
 }

@@ -11,11 +11,10 @@ use std::{
     net::TcpStream,
     os::unix::net::UnixStream,
     path::Path,
-    process::Command,
     time::Duration,
 };
 
-use sentinel_tests::{Daemon, Scrape, TempDir, netlab::Netns, sentinel_bin, serial};
+use sentinel_tests::{Daemon, Scrape, TempDir, TestCgroup, eventually, netlab::Netns, serial};
 
 /// What systemd gives a service unless its unit says otherwise.
 const SERVICE_OPEN_FILES: u64 = 1024;
@@ -56,42 +55,15 @@ fn raise_own_open_files_limit(needed: u64) {
     }
 }
 
-/// `sentinel ARGS --socket SOCKET`; returns stdout, panics unless it succeeds.
-fn sentinel(daemon: &Daemon, args: &[&str]) -> String {
-    let output = Command::new(sentinel_bin())
-        .args(args)
-        .arg("--socket")
-        .arg(daemon.control_socket())
-        .output()
-        .expect("run the sentinel client");
-    assert!(
-        output.status.success(),
-        "sentinel {args:?} failed: {}\ndaemon log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        daemon.log()
-    );
-    String::from_utf8(output.stdout).expect("UTF-8")
-}
-
-/// A series that must exist: absent is a failure, never a 0.
-fn series(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> u64 {
-    match scrape.value(name, labels) {
-        Some(value) => value as u64,
-        None => panic!("no series {name}{labels:?} in\n{}", scrape.0),
-    }
-}
-
 fn rejected(scrape: &Scrape, endpoint: &str, reason: &str) -> u64 {
-    series(
-        scrape,
+    scrape.count(
         "sentinel_connections_rejected_total",
         &[("endpoint", endpoint), ("reason", reason)],
     )
 }
 
 fn timed_out(scrape: &Scrape, endpoint: &str, stage: &str) -> u64 {
-    series(
-        scrape,
+    scrape.count(
         "sentinel_connections_timed_out_total",
         &[("endpoint", endpoint), ("stage", stage)],
     )
@@ -154,16 +126,17 @@ fn idle_metrics_connections_leave_scrapes_control_and_bans_working() {
     // Scrapes, the control socket and the firewall all still work.
     let during = daemon.scrape();
     assert_eq!(
-        series(
-            &during,
+        during.count(
             "sentinel_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]
         ),
         1
     );
-    assert_eq!(sentinel(&daemon, &["bans"]).trim_end(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim_end(), "no bans in force");
     assert_eq!(
-        sentinel(&daemon, &["ban", "192.0.2.7", "--for", "1h"]).trim_end(),
+        daemon
+            .control(&["ban", "192.0.2.7", "--for", "1h"])
+            .trim_end(),
         "banned 192.0.2.7 for 1h"
     );
     let banned: Vec<String> = netns
@@ -197,8 +170,7 @@ fn idle_metrics_connections_leave_scrapes_control_and_bans_working() {
         assert_eq!(counter, 0, "{labels}");
     }
     assert_eq!(
-        series(
-            &after,
+        after.count(
             "sentinel_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]
         ),
@@ -251,7 +223,7 @@ fn a_control_line_without_end_is_refused_and_the_next_client_answered() {
     );
     assert_closed(&stream);
 
-    assert_eq!(sentinel(&daemon, &["bans"]).trim_end(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim_end(), "no bans in force");
 }
 
 #[test]
@@ -265,7 +237,7 @@ fn silent_control_clients_do_not_lock_out_the_operator() {
     let silent: Vec<UnixStream> = (0..SILENT_CONTROL_CLIENTS)
         .map(|_| UnixStream::connect(daemon.control_socket()).expect("connect"))
         .collect();
-    assert_eq!(sentinel(&daemon, &["bans"]).trim_end(), "no bans in force");
+    assert_eq!(daemon.control(&["bans"]).trim_end(), "no bans in force");
 
     // Each silent client is told why it was closed: to make room, or for its silence.
     let (mut evicted, mut late) = (0, 0);
@@ -321,4 +293,53 @@ fn soft_open_files_limit_is_raised_to_the_hard_limit() {
         .take(2)
         .collect();
     assert_eq!(open_files, ["2048", "2048"]);
+}
+
+#[test]
+fn enforcement_series_share_the_service_label_cap() {
+    let _serial = serial();
+    let cgroups: Vec<TestCgroup> = (0..3).map(|_| TestCgroup::new("cap")).collect();
+    let mut config =
+        "ssh_guard:\n  enabled: false\nservices:\n  max_labels: 1\npolicies:\n".to_string();
+    for (n, cgroup) in cgroups.iter().enumerate() {
+        config += &format!(
+            "  - name: p{n}\n    cgroup: {}\n    mode: observe\n    memory.max: 64M\n",
+            cgroup.service()
+        );
+    }
+    let daemon = Daemon::start_with_config(&config, &[]);
+    let actions = || -> Vec<(String, u64)> {
+        daemon
+            .scrape()
+            .0
+            .lines()
+            .filter_map(|line| {
+                let labels = line.strip_prefix("sentinel_actions_total{")?;
+                let (labels, value) = labels.rsplit_once("} ")?;
+                labels
+                    .contains("action=\"would_set_limits\"")
+                    .then_some(())?;
+                let service = labels.split_once("service=\"")?.1.split_once('"')?.0;
+                Some((service.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    };
+    assert!(
+        eventually(HANG_GUARD, || actions().iter().map(|(_, n)| n).sum::<u64>()
+            == 3),
+        "{:?}; log:\n{}",
+        actions(),
+        daemon.log()
+    );
+    // One label slot: at most one series with a real service name, the rest under `other`.
+    let named = actions()
+        .iter()
+        .filter(|(service, _)| service != "other")
+        .count();
+    assert!(named <= 1, "{:?}", actions());
+    assert!(
+        actions().iter().any(|(service, _)| service == "other"),
+        "{:?}",
+        actions()
+    );
 }

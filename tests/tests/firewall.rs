@@ -11,7 +11,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use sentinel_tests::{eventually, netlab::Netns};
@@ -244,27 +244,38 @@ fn ban_drops_new_and_established_connections_of_the_banned_address_only() {
     lab.assert_other_table_untouched();
 }
 
+/// A generous bound after which a ban that should have been lifted counts as stuck; when the
+/// kernel lifts it is its timeout, read from the element, not a clock in the test.
+const HANG_GUARD: Duration = Duration::from_secs(30);
+
 #[test]
 fn ban_expires_by_itself() {
     let lab = Lab::new();
     let mut firewall = lab.open_firewall();
-    let banned_at = Instant::now();
     firewall
         .ban(&[ban(ATTACKER_V4, Duration::from_secs(2))])
         .unwrap();
+    // The kernel holds the element with the ban's timeout, counting down by itself.
+    let elements = lab.server.sentinel_set("banned_v4");
+    assert_eq!(elements.len(), 1, "{elements:?}");
+    assert_eq!(elements[0].net, "192.0.2.20");
+    assert_eq!(elements[0].timeout, Some(2));
+    assert!(
+        elements[0].expires.is_some_and(|left| left <= 2),
+        "{elements:?}"
+    );
     lab.assert_blocked(ATTACKER_V4);
 
+    // No daemon and no further call: the kernel removes the element and the address connects.
     assert!(
-        eventually(Duration::from_secs(6), || lab
-            .connect_from(ATTACKER_V4.into())
-            .is_ok()),
-        "the ban did not expire within 6 s"
+        eventually(HANG_GUARD, || lab
+            .server
+            .sentinel_set("banned_v4")
+            .is_empty()),
+        "the element outlived its timeout: {:?}",
+        lab.server.sentinel_set("banned_v4")
     );
-    let lifted_after = banned_at.elapsed();
-    assert!(
-        lifted_after >= Duration::from_millis(1900),
-        "lifted after {lifted_after:?}"
-    );
+    lab.assert_connects(ATTACKER_V4);
     assert_eq!(find(&firewall.list().unwrap(), "192.0.2.20"), None);
     lab.assert_other_table_untouched();
 }
@@ -411,5 +422,55 @@ fn a_batch_of_eleven_thousand_bans_commits_whole() {
     assert_eq!(lab.server.sentinel_set("banned_v4").len(), 10_000);
     assert_eq!(lab.server.sentinel_set("banned_v6").len(), 1_000);
     assert_eq!(firewall.list().unwrap().len(), 11_000);
+    lab.assert_other_table_untouched();
+}
+
+/// Sentinel's table with the IPv6 set limited to one element, which a standing ban fills: the
+/// kernel refuses any further IPv6 element. The limit is not part of the shape Sentinel checks,
+/// so the table is adopted as it is.
+const FULL_V6_SET: &str = "table inet sentinel {
+	set banned_v4 { type ipv4_addr; flags interval, timeout; }
+	set banned_v6 {
+		type ipv6_addr; size 1; flags interval, timeout;
+		elements = { 2001:db8:c::1 timeout 1h }
+	}
+	chain input {
+		type filter hook input priority -10; policy accept;
+		iif \"lo\" accept
+		ip saddr @banned_v4 counter drop
+		ip6 saddr @banned_v6 counter drop
+	}
+}
+";
+
+#[test]
+fn a_batch_the_kernel_refuses_changes_nothing() {
+    let lab = Lab::new();
+    lab.server.nft(&["-f", "-"], FULL_V6_SET);
+    let mut firewall = lab.open_firewall();
+    assert_eq!(firewall.list().unwrap().len(), 1);
+
+    // One batch: an IPv4 ban the kernel would take, and an IPv6 ban it cannot.
+    let refused = firewall.ban(&[ban(ATTACKER_V4, HOUR), ban(ATTACKER_V6, HOUR)]);
+    assert!(refused.is_err(), "the over-full set took the batch");
+
+    // Neither is in force: the IPv4 half was not committed alone.
+    assert!(lab.server.sentinel_set("banned_v4").is_empty());
+    let v6 = lab.server.sentinel_set("banned_v6");
+    assert_eq!(v6.len(), 1, "{v6:?}");
+    assert_eq!(v6[0].net, "2001:db8:c::1");
+    lab.assert_connects(ATTACKER_V4);
+    lab.assert_connects(ATTACKER_V6);
+    let listed: Vec<String> = firewall
+        .list()
+        .unwrap()
+        .iter()
+        .map(|ban| ban.net.to_string())
+        .collect();
+    assert_eq!(listed, ["2001:db8:c::1"]);
+
+    // The same IPv4 ban alone commits.
+    firewall.ban(&[ban(ATTACKER_V4, HOUR)]).unwrap();
+    lab.assert_blocked(ATTACKER_V4);
     lab.assert_other_table_untouched();
 }

@@ -16,7 +16,7 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, TempDir, eventually, free_port,
+    Daemon, Scrape, TempDir, assert_promtool_clean, eventually, free_port,
     netlab::{Netns, SetElement, run},
     sentinel_bin, serial, testkit_bin, unique_suffix,
 };
@@ -170,7 +170,7 @@ impl SshLab {
         let scrape = daemon.scrape();
         for component in ["ssh guard", "table watch"] {
             let up = scrape.value("sentinel_component_up", &[("component", component)]);
-            assert_eq!(up, Some(1.0), "{component}");
+            assert_eq!(up, 1.0, "{component}");
         }
         daemon
     }
@@ -557,27 +557,37 @@ impl Drop for Session {
     }
 }
 
-/// Polls the daemon's metrics until the sample `name{labels}` reads `expected`.
-fn await_metric(daemon: &Daemon, name: &str, labels: &[(&str, &str)], expected: u64) {
-    let reached = eventually(WAIT, || daemon.scrape().counter(name, labels) == expected);
-    assert!(
-        reached,
-        "{name}{labels:?} is {} after {WAIT:?}, not {expected}\ndaemon log:\n{}",
-        daemon.scrape().counter(name, labels),
-        daemon.log()
-    );
+fn bans_for(daemon: &Daemon, reason: &str) -> u64 {
+    daemon.scrape().count(BANS, &[("reason", reason)])
 }
 
-fn bans_for(daemon: &Daemon, reason: &str) -> u64 {
-    daemon.scrape().counter(BANS, &[("reason", reason)])
+/// A reason that never banned has no series.
+fn assert_no_bans_for(daemon: &Daemon, reason: &str) {
+    daemon.scrape().assert_absent(BANS, &[("reason", reason)]);
 }
 
 fn skipped_for(daemon: &Daemon, reason: &str) -> u64 {
-    daemon.scrape().counter(SKIPPED, &[("reason", reason)])
+    daemon.scrape().count(SKIPPED, &[("reason", reason)])
+}
+
+fn assert_none_skipped_for(daemon: &Daemon, reason: &str) {
+    daemon
+        .scrape()
+        .assert_absent(SKIPPED, &[("reason", reason)]);
 }
 
 fn banned_in_family(daemon: &Daemon, family: &str) -> u64 {
-    daemon.scrape().counter(BANNED, &[("family", family)])
+    daemon.scrape().count(BANNED, &[("family", family)])
+}
+
+/// `name{labels}` counts `expected` in `scrape`; a labelled counter that never counted has no
+/// series, so 0 is checked as absent.
+fn assert_counted(scrape: &Scrape, name: &str, labels: &[(&str, &str)], expected: u64) {
+    if expected == 0 {
+        scrape.assert_absent(name, labels);
+    } else {
+        assert_eq!(scrape.count(name, labels), expected, "{name}{labels:?}");
+    }
 }
 
 /// Audit records with `action` and `reason`.
@@ -637,17 +647,17 @@ fn each_attacker_is_banned_at_exactly_max_failures() {
 
     lab.fail_logins(&attackers.map(|attacker| (attacker, MAX_FAILURES - 1)));
     let mut failures = 3 * (MAX_FAILURES - 1);
-    await_metric(&daemon, FAILURES, &[], failures);
+    daemon.await_count(FAILURES, &[], failures, WAIT);
     for attacker in attackers {
         attacker.assert_connects();
     }
-    assert_eq!(bans_for(&daemon, "ssh_failures"), 0);
+    assert_no_bans_for(&daemon, "ssh_failures");
     lab.assert_no_bans();
 
     for (banned, attacker) in attackers.iter().enumerate() {
         lab.fail_logins(&[(*attacker, 1)]);
         failures += 1;
-        await_metric(&daemon, FAILURES, &[], failures);
+        daemon.await_count(FAILURES, &[], failures, WAIT);
         lab.await_ban(&attacker.offender());
         attacker.assert_blocked();
         for not_yet_banned in &attackers[banned + 1..] {
@@ -663,9 +673,9 @@ fn each_attacker_is_banned_at_exactly_max_failures() {
         lab.banned_nets(),
         ["198.51.100.10", "203.0.113.10", V6_PREFIX]
     );
-    await_metric(&daemon, BANNED, &[("family", "ipv4")], 2);
-    await_metric(&daemon, BANNED, &[("family", "ipv6")], 1);
-    assert_eq!(daemon.scrape().counter(FAILURES, &[]), failures);
+    daemon.await_count(BANNED, &[("family", "ipv4")], 2, WAIT);
+    daemon.await_count(BANNED, &[("family", "ipv6")], 1, WAIT);
+    assert_eq!(daemon.scrape().count(FAILURES, &[]), failures);
 }
 
 #[test]
@@ -676,12 +686,12 @@ fn allowlisted_attacker_is_never_banned() {
 
     lab.fail_logins(&[(&lab.trusted, 12)]);
 
-    await_metric(&daemon, FAILURES, &[], 12);
+    daemon.await_count(FAILURES, &[], 12, WAIT);
     // The count starts over after each skipped ban: one at failure 5, one at failure 10.
-    await_metric(&daemon, SKIPPED, &[("reason", "allowlisted")], 2);
+    daemon.await_count(SKIPPED, &[("reason", "allowlisted")], 2, WAIT);
     lab.trusted.assert_connects();
     lab.assert_no_bans();
-    assert_eq!(bans_for(&daemon, "ssh_failures"), 0);
+    assert_no_bans_for(&daemon, "ssh_failures");
     assert_eq!(banned_in_family(&daemon, "ipv4"), 0);
     let records = lab.audit_records();
     assert_eq!(records.len(), 2, "{records:?}");
@@ -702,16 +712,16 @@ fn address_with_an_open_session_is_not_banned_until_it_closes() {
     session.assert_works("logged in");
     let monitors = lab.session_monitors();
     assert_eq!(monitors.len(), 1, "sshd:\n{}", lab.sshd.log());
-    assert_eq!(daemon.scrape().counter(FAILURES, &[]), 0);
+    assert_eq!(daemon.scrape().count(FAILURES, &[]), 0);
 
     lab.fail_logins(&[(&lab.second, MAX_FAILURES)]);
 
-    await_metric(&daemon, FAILURES, &[], MAX_FAILURES);
-    await_metric(&daemon, SKIPPED, &[("reason", "active_session")], 1);
+    daemon.await_count(FAILURES, &[], MAX_FAILURES, WAIT);
+    daemon.await_count(SKIPPED, &[("reason", "active_session")], 1, WAIT);
     lab.second.assert_connects();
     session.assert_works("still working");
     lab.assert_no_bans();
-    assert_eq!(bans_for(&daemon, "ssh_failures"), 0);
+    assert_no_bans_for(&daemon, "ssh_failures");
 
     // Once the session is over, the same failures ban the address.
     session.close();
@@ -722,7 +732,7 @@ fn address_with_an_open_session_is_not_banned_until_it_closes() {
     });
     assert!(monitors_gone, "sshd's session monitor outlived the session");
     lab.fail_logins(&[(&lab.second, MAX_FAILURES)]);
-    await_metric(&daemon, FAILURES, &[], 2 * MAX_FAILURES);
+    daemon.await_count(FAILURES, &[], 2 * MAX_FAILURES, WAIT);
     lab.await_ban(&lab.second.offender());
     lab.second.assert_blocked();
     assert_eq!(bans_for(&daemon, "ssh_failures"), 1);
@@ -746,12 +756,12 @@ fn ban_expires_and_a_repeat_offender_is_banned_longer() {
         "the first ban was not lifted"
     );
     lab.assert_no_bans();
-    await_metric(&daemon, BANNED, &[("family", "ipv4")], 0);
+    daemon.await_count(BANNED, &[("family", "ipv4")], 0, WAIT);
 
     lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
     let second_ban = lab.await_ban(&offender);
     assert_eq!(second_ban.timeout, Some(6), "multiplier 2");
-    await_metric(&daemon, BANS, &[("reason", "ssh_repeat_offender")], 1);
+    daemon.await_count(BANS, &[("reason", "ssh_repeat_offender")], 1, WAIT);
     assert_eq!(bans_for(&daemon, "ssh_failures"), 1);
 
     // The kernel's own countdown shows when the first ban's length has passed: under 3 s left
@@ -802,7 +812,7 @@ fn bans_survive_a_killed_daemon_and_are_adopted_once() {
     lab.fail_logins(&[(&lab.second, MAX_FAILURES)]);
     lab.await_ban(&lab.second.offender());
     assert_eq!(lab.banned_nets(), ["198.51.100.10", "203.0.113.10"]);
-    await_metric(&daemon, BANNED, &[("family", "ipv4")], 2);
+    daemon.await_count(BANNED, &[("family", "ipv4")], 2, WAIT);
     lab.first.assert_blocked();
     lab.second.assert_blocked();
 }
@@ -820,24 +830,19 @@ fn metrics_audit_log_and_firewall_agree() {
         (&lab.trusted, 2 * MAX_FAILURES),
     ]);
     let attempts = 5 * MAX_FAILURES;
-    await_metric(&daemon, FAILURES, &[], attempts);
-    await_metric(&daemon, BANNED, &[("family", "ipv4")], 2);
-    await_metric(&daemon, BANNED, &[("family", "ipv6")], 1);
+    daemon.await_count(FAILURES, &[], attempts, WAIT);
+    daemon.await_count(BANNED, &[("family", "ipv4")], 2, WAIT);
+    daemon.await_count(BANNED, &[("family", "ipv6")], 1, WAIT);
 
     let records = lab.audit_records();
+    let scrape = daemon.scrape();
     for reason in BAN_REASONS {
-        assert_eq!(
-            bans_for(&daemon, reason),
-            records_of(&records, "ban", reason).len() as u64,
-            "{reason}: {records:?}"
-        );
+        let audited = records_of(&records, "ban", reason).len() as u64;
+        assert_counted(&scrape, BANS, &[("reason", reason)], audited);
     }
     for reason in SKIP_REASONS {
-        assert_eq!(
-            skipped_for(&daemon, reason),
-            records_of(&records, "skip", reason).len() as u64,
-            "{reason}: {records:?}"
-        );
+        let audited = records_of(&records, "skip", reason).len() as u64;
+        assert_counted(&scrape, SKIPPED, &[("reason", reason)], audited);
     }
     let by_action_and_address: BTreeMap<(String, String), usize> =
         records.iter().fold(BTreeMap::new(), |mut counts, record| {
@@ -880,12 +885,14 @@ fn metrics_audit_log_and_firewall_agree() {
     assert_eq!(
         daemon
             .scrape()
-            .counter("sentinel_ban_latency_seconds_count", &[]),
+            .count("sentinel_ban_latency_seconds_count", &[]),
         3,
         "one latency sample per committed ban"
     );
     assert_eq!(daemon.log_records(&[("message", "ban")]).len(), 3);
     assert_eq!(daemon.log_records(&[("message", "ban skipped")]).len(), 2);
+    // Every SSH family now has series: the exposition must still be clean.
+    assert_promtool_clean(&daemon.scrape());
 }
 
 #[test]
@@ -899,19 +906,7 @@ fn operator_unban_lifts_a_ban_at_once() {
     lab.first.assert_blocked();
     lab.v6.assert_blocked();
 
-    let unban = |address: &str| {
-        let output = Command::new(sentinel_bin())
-            .args(["unban", address, "--socket"])
-            .arg(daemon.control_socket())
-            .output()
-            .expect("run sentinel unban");
-        assert!(
-            output.status.success(),
-            "sentinel unban {address}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_string()
-    };
+    let unban = |address: &str| daemon.control(&["unban", address]).trim().to_string();
     assert_eq!(unban("198.51.100.10"), "unbanned 198.51.100.10");
     // Any address of the banned /64 names the ban.
     assert_eq!(
@@ -1014,8 +1009,8 @@ fn a_local_user_cannot_forge_failures_or_sessions() {
     lab.await_ban(&lab.first.offender());
     lab.first.assert_blocked();
     // The ring buffer keeps order: forged events, had they counted, came before the real ones.
-    assert_eq!(daemon.scrape().counter(FAILURES, &[]), MAX_FAILURES);
-    assert_eq!(skipped_for(&daemon, "active_session"), 0);
+    assert_eq!(daemon.scrape().count(FAILURES, &[]), MAX_FAILURES);
+    assert_none_skipped_for(&daemon, "active_session");
     assert_eq!(lab.banned_nets(), [lab.first.offender()]);
     drop(session.stdin.take());
     assert!(session.wait().expect("wait for the forger").success());
@@ -1031,11 +1026,11 @@ fn bans_removed_behind_the_guards_back_come_back_with_their_remaining_time() {
     lab.fail_logins(&[(&lab.first, MAX_FAILURES), (&lab.second, MAX_FAILURES)]);
     let first = lab.await_ban(&lab.first.offender());
     lab.await_ban(&lab.second.offender());
-    assert_eq!(daemon.scrape().value(RESTORED, &[]), Some(0.0));
+    assert_eq!(daemon.scrape().count(RESTORED, &[]), 0);
 
     // What Debian's nftables.service does on every (re)start.
     lab.server.nft(&["flush", "ruleset"], "");
-    await_metric(&daemon, RESTORED, &[], 2);
+    daemon.await_count(RESTORED, &[], 2, WAIT);
     let restored = lab.await_ban(&lab.first.offender());
     lab.await_ban(&lab.second.offender());
     lab.first.assert_blocked();
@@ -1049,7 +1044,7 @@ fn bans_removed_behind_the_guards_back_come_back_with_their_remaining_time() {
     );
 
     lab.server.nft(&["delete", "table", "inet", "sentinel"], "");
-    await_metric(&daemon, RESTORED, &[], 4);
+    daemon.await_count(RESTORED, &[], 4, WAIT);
     lab.await_ban(&lab.first.offender());
     lab.await_ban(&lab.second.offender());
 
@@ -1057,7 +1052,7 @@ fn bans_removed_behind_the_guards_back_come_back_with_their_remaining_time() {
         &["-f", "-"],
         "delete element inet sentinel banned_v4 { 198.51.100.10 }\n",
     );
-    await_metric(&daemon, RESTORED, &[], 5);
+    daemon.await_count(RESTORED, &[], 5, WAIT);
     lab.first.assert_blocked();
     assert_eq!(lab.banned_nets(), ["198.51.100.10", "203.0.113.10"]);
     // The guard's own view never changed: two bans in force throughout.
@@ -1087,7 +1082,7 @@ fn failures_still_count_after_libpam_is_replaced() {
     let lab = SshLab::new();
     let daemon = lab.start_daemon("1h");
     let reattached = "sentinel_probe_reattachments_total";
-    assert_eq!(daemon.scrape().value(reattached, &[]), Some(0.0));
+    assert_eq!(daemon.scrape().count(reattached, &[]), 0);
 
     // As dpkg unpacks an upgrade: the new file written beside the old one, renamed over it.
     let libpam = libpam_file();
@@ -1097,7 +1092,7 @@ fn failures_still_count_after_libpam_is_replaced() {
     fs::rename(&staged, &libpam).expect("replace libpam");
     assert_ne!(fs::metadata(&libpam).expect("libpam").ino(), before);
 
-    await_metric(&daemon, reattached, &[], 1);
+    daemon.await_count(reattached, &[], 1, WAIT);
     let scrape = daemon.scrape();
     for program in [
         "ssh_pam_rhost",
@@ -1107,13 +1102,13 @@ fn failures_still_count_after_libpam_is_replaced() {
     ] {
         assert_eq!(
             scrape.value("sentinel_probe_attached", &[("program", program)]),
-            Some(1.0),
+            1.0,
             "{program}"
         );
     }
     lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
     lab.await_ban(&lab.first.offender());
-    assert_eq!(daemon.scrape().counter(FAILURES, &[]), MAX_FAILURES);
+    assert_eq!(daemon.scrape().count(FAILURES, &[]), MAX_FAILURES);
 }
 
 /// The bans the daemon keeps on disk in `state_dir`.
@@ -1155,18 +1150,13 @@ fn bans_and_escalation_survive_a_lost_table_and_a_restart() {
     let daemon = Daemon::start_with_state(&config, state.path());
     let restored = lab.await_ban(&first);
     lab.first.assert_blocked();
-    assert_eq!(daemon.scrape().value(RESTORED, &[]), Some(1.0));
+    assert_eq!(daemon.scrape().count(RESTORED, &[]), 1);
     let (left, given) = (banned.expires, restored.timeout);
     assert!(
         matches!((left, given), (Some(left), Some(given)) if given <= left && given < 3600),
         "banned with {left:?} s left, restored with a timeout of {given:?} s"
     );
-    let listed = Command::new(sentinel_bin())
-        .args(["bans", "--socket"])
-        .arg(daemon.control_socket())
-        .output()
-        .expect("run sentinel bans");
-    let listed = String::from_utf8_lossy(&listed.stdout);
+    let listed = daemon.control(&["bans"]);
     assert!(
         listed
             .lines()
@@ -1175,12 +1165,7 @@ fn bans_and_escalation_survive_a_lost_table_and_a_restart() {
     );
 
     // Escalation is remembered too: lifted by the operator, the next ban is the second.
-    let unban = Command::new(sentinel_bin())
-        .args(["unban", &first, "--socket"])
-        .arg(daemon.control_socket())
-        .output()
-        .expect("run sentinel unban");
-    assert!(unban.status.success());
+    daemon.control(&["unban", &first]);
     assert!(eventually(WAIT, || saved_bans(state.path()).is_empty()));
     kill(daemon);
     let daemon = Daemon::start_with_state(&config, state.path());
@@ -1189,7 +1174,7 @@ fn bans_and_escalation_survive_a_lost_table_and_a_restart() {
     let second = lab.await_ban(&first);
     assert_eq!(second.timeout, Some(2 * 3600), "{second:?}");
     assert_eq!(bans_for(&daemon, "ssh_repeat_offender"), 1);
-    assert_eq!(bans_for(&daemon, "ssh_failures"), 0);
+    assert_no_bans_for(&daemon, "ssh_failures");
 }
 
 #[test]
@@ -1216,6 +1201,24 @@ fn a_guard_that_cannot_write_its_audit_log_stops_the_daemon_from_starting() {
         "ssh_guard:\n  enabled: true\n  audit_log: {audit_log}\n  netns: {}\n",
         server.path().display()
     );
+    // `sentinel check` (the unit's ExecStartPre) says so before any start is tried.
+    let dir = TempDir::new("ssh-noaudit");
+    let file = dir.path().join("sentinel.yaml");
+    fs::write(&file, &config).expect("write the configuration");
+    let checked = Command::new(sentinel_bin())
+        .arg("check")
+        .arg(&file)
+        .output()
+        .expect("run sentinel check");
+    assert_eq!(checked.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&checked.stderr),
+        format!(
+            "{}: ssh_guard.audit_log: cannot write the audit log {audit_log}: Operation not \
+             supported (os error 95); the daemon would refuse to start\n",
+            file.display()
+        )
+    );
     let mut daemon = Daemon::spawn_with_config(free_port(), &config, &[]);
     let (status, _) = daemon
         .wait_exit(4 * WAIT)
@@ -1224,4 +1227,148 @@ fn a_guard_that_cannot_write_its_audit_log_stops_the_daemon_from_starting() {
     let reason = format!("the SSH guard could not start: cannot write the audit log {audit_log}");
     assert!(daemon.log().contains(&reason), "{}", daemon.log());
     assert_eq!(server.nft(&["list", "tables"], ""), "");
+}
+
+#[test]
+fn observe_mode_counts_and_audits_but_never_bans() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let config = lab.config("1h").replace("mode: enforce", "mode: observe");
+    let daemon = Daemon::start_with_config(&config, &[]);
+
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
+    daemon.await_count(FAILURES, &[], MAX_FAILURES, WAIT);
+    daemon.await_count(BANS, &[("reason", "ssh_failures")], 1, WAIT);
+
+    // Audited as what enforce mode would have done...
+    let records = lab.audit_records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["action"], "would_ban");
+    assert_eq!(records[0]["address"], FIRST_ATTACKER.to_string());
+    assert_eq!(records[0]["failures"], MAX_FAILURES);
+    // ...and nothing done: no table in the namespace, the attacker still connects.
+    assert_eq!(lab.server.nft(&["list", "tables"], ""), "");
+    lab.first.assert_connects();
+    assert_eq!(
+        daemon
+            .scrape()
+            .count("sentinel_ban_latency_seconds_count", &[]),
+        0
+    );
+    let refused = daemon.control_output(&["ban", "203.0.113.10", "--for", "1h"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("the SSH guard is in observe mode: the firewall is not touched"),
+        "{stderr}"
+    );
+    assert_eq!(lab.server.nft(&["list", "tables"], ""), "");
+}
+
+#[test]
+fn the_operator_bans_lists_and_unbans_through_the_daemon() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let daemon = lab.start_daemon("1h");
+    assert_eq!(daemon.control(&["bans"]).trim(), "no bans in force");
+
+    assert_eq!(
+        daemon
+            .control(&["ban", "203.0.113.10", "--for", "2h"])
+            .trim(),
+        "banned 203.0.113.10 for 2h"
+    );
+    let ban = lab.await_ban("203.0.113.10");
+    assert_eq!(ban.timeout, Some(2 * 3600), "{ban:?}");
+    lab.second.assert_blocked();
+    lab.first.assert_connects();
+    assert_eq!(bans_for(&daemon, "operator"), 1);
+    assert_eq!(banned_in_family(&daemon, "ipv4"), 1);
+
+    let listed = daemon.control(&["bans"]);
+    let lines: Vec<Vec<&str>> = listed
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert_eq!(lines[0], ["ADDRESS", "REASON", "FAILURES", "EXPIRES"]);
+    // "in 1h 59m" or, a second later, still under two hours.
+    assert_eq!(
+        lines[1][..4],
+        ["203.0.113.10", "operator", "0", "in"],
+        "{listed}"
+    );
+    assert!(
+        ["1h 59m", "2h"].contains(&lines[1][4..].join(" ").as_str()),
+        "{listed}"
+    );
+
+    let records = lab.audit_records();
+    let operator_bans = records_of(&records, "ban", "operator");
+    assert_eq!(operator_bans.len(), 1, "{records:?}");
+    assert_ban_length(operator_bans[0], Duration::from_secs(2 * 3600));
+
+    assert_eq!(
+        daemon.control(&["unban", "203.0.113.10"]).trim(),
+        "unbanned 203.0.113.10"
+    );
+    lab.second.assert_connects();
+    assert_eq!(daemon.control(&["bans"]).trim(), "no bans in force");
+}
+
+#[test]
+fn flush_on_exit_lifts_every_ban_when_the_daemon_stops() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let state = TempDir::new("sentinel-flush-state");
+    let config = lab
+        .config("1h")
+        .replace("flush_on_exit: false", "flush_on_exit: true");
+    let mut daemon = Daemon::start_with_state(&config, state.path());
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
+    lab.await_ban(&lab.first.offender());
+    assert!(eventually(WAIT, || saved_bans(state.path()) == [lab.first.offender()]));
+
+    daemon.signal(libc::SIGTERM);
+    let (status, _) = daemon.wait_exit(WAIT).expect("no exit after SIGTERM");
+    assert!(status.success(), "{status}; log:\n{}", daemon.log());
+    // The table went with the daemon, on disk too: a restart brings nothing back.
+    assert!(!lab.server.nft(&["list", "tables"], "").contains("sentinel"));
+    lab.first.assert_connects();
+    assert_eq!(saved_bans(state.path()), Vec::<String>::new());
+
+    let daemon = Daemon::start_with_state(&config, state.path());
+    lab.assert_no_bans();
+    assert_eq!(daemon.scrape().count(RESTORED, &[]), 0);
+    lab.first.assert_connects();
+}
+
+#[test]
+fn a_full_tracking_table_forgets_the_oldest_address_and_counts_it() {
+    let _serial = serial();
+    let lab = SshLab::new();
+    let config = lab
+        .config("1h")
+        .replace("ipv6_prefix: 64\n", "ipv6_prefix: 64\n  max_tracked: 1\n");
+    let daemon = Daemon::start_with_config(&config, &[]);
+    let tracked = "sentinel_ssh_tracked_addresses";
+    let evictions = "sentinel_ssh_tracking_evictions_total";
+    assert_eq!(daemon.scrape().count(evictions, &[]), 0);
+
+    // Room for one address: the second pushes the first out.
+    lab.fail_logins(&[(&lab.first, 2)]);
+    daemon.await_count(FAILURES, &[], 2, WAIT);
+    daemon.await_count(tracked, &[], 1, WAIT);
+    lab.fail_logins(&[(&lab.second, 1)]);
+    daemon.await_count(evictions, &[], 1, WAIT);
+    assert_eq!(daemon.scrape().count(tracked, &[]), 1);
+
+    // The first starts over: three more make three, not five, and push the second out.
+    lab.fail_logins(&[(&lab.first, MAX_FAILURES - 2)]);
+    daemon.await_count(FAILURES, &[], 2 + 1 + MAX_FAILURES - 2, WAIT);
+    daemon.await_count(evictions, &[], 2, WAIT);
+    assert_eq!(daemon.scrape().count(tracked, &[]), 1);
+    lab.assert_no_bans();
+    assert_no_bans_for(&daemon, "ssh_failures");
+    lab.first.assert_connects();
 }

@@ -10,7 +10,8 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, NO_FIREWALL, TempDir, TestCgroup, cgroup2_mount, eventually, serial, testkit_bin,
+    Daemon, NO_FIREWALL, TempDir, TestCgroup, assert_promtool_clean, cgroup2_mount, eventually,
+    serial, testkit_bin,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -71,8 +72,8 @@ fn wait_for(cgroup: &TestCgroup, file: &str, expected: &str) {
     );
 }
 
-fn counter(daemon: &Daemon, name: &str, labels: &[(&str, &str)]) -> u64 {
-    daemon.scrape().counter(name, labels)
+fn count(daemon: &Daemon, name: &str, labels: &[(&str, &str)]) -> u64 {
+    daemon.scrape().count(name, labels)
 }
 
 #[test]
@@ -96,12 +97,26 @@ fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
         "the hog should be OOM-killed: {status}"
     );
 
-    assert!(eventually(HANG_GUARD, || {
-        counter(&daemon, "sentinel_oom_kills_total", &service) >= 1
-    }));
+    daemon.await_count("sentinel_oom_kills_total", &service, 1, HANG_GUARD);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(counter(&daemon, "sentinel_oom_kills_total", &service), 1);
+    let scrape = daemon.scrape();
+    assert_eq!(scrape.count("sentinel_oom_kills_total", &service), 1);
     assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 1);
+    // The kernel's own counts, exported for reconciliation: equal to memory.events once a
+    // background read has seen the kill.
+    let oom_kill = [("service", cgroup.service()), ("event", "oom_kill")];
+    daemon.await_count("sentinel_memory_events_total", &oom_kill, 1, HANG_GUARD);
+    let scrape = daemon.scrape();
+    for event in ["oom", "oom_kill", "max", "high"] {
+        assert_eq!(
+            scrape.count(
+                "sentinel_memory_events_total",
+                &[("service", cgroup.service()), ("event", event)]
+            ),
+            flat_key(&cgroup, "memory.events", event),
+            "{event}"
+        );
+    }
     let reports = daemon.log_records(&[("message", "OOM killer killed a process")]);
     let report = reports
         .iter()
@@ -136,15 +151,14 @@ fn terminate_above_stops_a_leak_with_sigterm_before_the_oom_killer() {
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "terminated");
 
-    let action = |action| {
-        counter(
-            &daemon,
-            "sentinel_actions_total",
-            &[("service", cgroup.service()), ("action", action)],
-        )
-    };
-    assert_eq!(action("sigterm"), 1);
-    assert_eq!(action("sigkill"), 0);
+    let action = |action| [("service", cgroup.service()), ("action", action)];
+    assert_eq!(
+        count(&daemon, "sentinel_actions_total", &action("sigterm")),
+        1
+    );
+    daemon
+        .scrape()
+        .assert_absent("sentinel_actions_total", &action("sigkill"));
     assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 0);
 }
 
@@ -165,15 +179,12 @@ fn terminate_above_kills_a_leak_that_ignores_sigterm_after_the_grace_period() {
         .expect("run the leak");
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
 
-    let action = |action| {
-        counter(
-            &daemon,
-            "sentinel_actions_total",
-            &[("service", cgroup.service()), ("action", action)],
-        )
-    };
-    assert!(eventually(HANG_GUARD, || action("sigkill") == 1));
-    assert_eq!(action("sigterm"), 1);
+    let action = |action| [("service", cgroup.service()), ("action", action)];
+    daemon.await_count("sentinel_actions_total", &action("sigkill"), 1, HANG_GUARD);
+    assert_eq!(
+        count(&daemon, "sentinel_actions_total", &action("sigterm")),
+        1
+    );
     // Sentinel's SIGKILL came first: the kernel's OOM killer never ran.
     assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 0);
 }
@@ -203,16 +214,15 @@ fn cpu_max_throttles_a_busy_loop_and_the_export_matches_the_kernel() {
     let periods = flat_key(&cgroup, "cpu.stat", "nr_throttled");
     let seconds = flat_key(&cgroup, "cpu.stat", "throttled_usec") as f64 / 1e6;
     let service = [("service", cgroup.service())];
-    let exported = |name: &str| daemon.scrape().value(name, &service);
-    assert!(
-        eventually(HANG_GUARD, || {
-            exported("sentinel_cpu_throttled_periods_total") == Some(periods as f64)
-        }),
-        "exported {:?}, cpu.stat nr_throttled {periods}",
-        exported("sentinel_cpu_throttled_periods_total")
+    daemon.await_count(
+        "sentinel_cpu_throttled_periods_total",
+        &service,
+        periods,
+        HANG_GUARD,
     );
-    let exported_seconds = exported("sentinel_cpu_throttled_seconds_total")
-        .expect("sentinel_cpu_throttled_seconds_total exported");
+    let exported_seconds = daemon
+        .scrape()
+        .value("sentinel_cpu_throttled_seconds_total", &service);
     assert!(
         (exported_seconds - seconds).abs() < 1e-6,
         "exported {exported_seconds} s, cpu.stat {seconds} s"
@@ -267,11 +277,7 @@ fn a_later_cgroup_gets_its_limits_and_drift_is_restored() {
     fs::write(cgroup.path().join("memory.max"), "max").expect("change memory.max by hand");
     wait_for(&cgroup, "memory.max", &(64 * MIB).to_string());
     let drift = [("service", cgroup.service())];
-    assert!(eventually(HANG_GUARD, || counter(
-        &daemon,
-        "sentinel_policy_drift_total",
-        &drift
-    ) == 1));
+    daemon.await_count("sentinel_policy_drift_total", &drift, 1, HANG_GUARD);
 }
 
 #[test]
@@ -297,13 +303,10 @@ fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
         format!("{}    memory.high: 1G\n", good("64M")),
     )
     .unwrap();
-    assert!(eventually(HANG_GUARD, || {
-        counter(&daemon, "sentinel_policy_reload_errors_total", &[]) == 1
-    }));
+    daemon.await_count("sentinel_policy_reload_errors_total", &[], 1, HANG_GUARD);
     daemon.signal(libc::SIGHUP);
-    assert!(eventually(HANG_GUARD, || {
-        counter(&daemon, "sentinel_policy_reload_errors_total", &[]) == 2
-    }));
+    daemon.await_count("sentinel_policy_reload_errors_total", &[], 2, HANG_GUARD);
+    assert_eq!(count(&daemon, "sentinel_policy_reloads_total", &[]), 0);
     assert_eq!(limits(), before, "a rejected reload changed the limits");
     assert!(
         daemon
@@ -314,6 +317,7 @@ fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
     // A valid change is applied...
     fs::write(daemon.config_path(), good("96M")).unwrap();
     wait_for(&cgroup, "memory.max", &(96 * MIB).to_string());
+    daemon.await_count("sentinel_policy_reloads_total", &[], 1, HANG_GUARD);
     // ...and removing the policy restores what was there before Sentinel.
     fs::write(daemon.config_path(), NO_FIREWALL).unwrap();
     wait_for(&cgroup, "memory.max", &original_memory);
@@ -382,9 +386,7 @@ fn the_true_originals_come_back_after_a_killed_daemon() {
     kill(daemon);
     // Restarted while its own 64M is in place: that must not become "the original".
     let daemon = Daemon::start_with_state(&policy, state.path());
-    assert!(eventually(HANG_GUARD, || {
-        daemon.scrape().value("sentinel_policy_applied", &applied) == Some(1.0)
-    }));
+    daemon.await_count("sentinel_policy_applied", &applied, 1, HANG_GUARD);
     fs::write(daemon.config_path(), NO_FIREWALL).expect("remove the policy");
     wait_for(&cgroup, "memory.max", &original);
 
@@ -394,4 +396,315 @@ fn the_true_originals_come_back_after_a_killed_daemon() {
     kill(daemon);
     let _daemon = Daemon::start_with_state(NO_FIREWALL, state.path());
     wait_for(&cgroup, "memory.max", &original);
+}
+
+/// Starts `testkit hog MIB` in `cgroup` and returns once its memory is resident.
+fn hog(cgroup: &TestCgroup, mib: u64) -> std::process::Child {
+    let mut hog = cgroup
+        .command(testkit_bin())
+        .args(["hog", &mib.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start a hog");
+    let mut allocated = String::new();
+    BufReader::new(hog.stdout.take().expect("the hog's stdout"))
+        .read_line(&mut allocated)
+        .expect("read the hog's line");
+    assert_eq!(allocated.trim(), format!("allocated {} bytes", mib * MIB));
+    hog
+}
+
+fn assert_running(process: &mut std::process::Child, what: &str) {
+    let status = process.try_wait().expect("try_wait");
+    assert!(status.is_none(), "{what} ended: {status:?}");
+}
+
+#[test]
+fn observe_mode_writes_nothing_and_reports_what_it_would_do() {
+    let _serial = serial();
+    require_controllers();
+    let cgroup = TestCgroup::new("observe");
+    let original = |file| read(&cgroup, file);
+    let (memory_max, pids_max) = (original("memory.max"), original("pids.max"));
+    let daemon = daemon_with(&format!(
+        "  - name: watched\n    cgroup: sentinel-test-observe-*\n    mode: observe\n    pids.max: 50\n{GRACEFUL}"
+    ));
+    let service = cgroup.service();
+    let action = |action| [("service", service), ("action", action)];
+    daemon.await_count(
+        "sentinel_actions_total",
+        &action("would_set_limits"),
+        1,
+        HANG_GUARD,
+    );
+
+    // A leak past terminate_above: observe mode only says it would stop it.
+    let mut leak = cgroup
+        .command(testkit_bin())
+        .args(["leak", "16"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the leak");
+    let reported = eventually(HANG_GUARD, || {
+        daemon
+            .scrape()
+            .find("sentinel_actions_total", &action("would_sigterm"))
+            .is_some()
+    });
+    assert_running(&mut leak, "the leak");
+    leak.kill().expect("stop the leak");
+    let output = leak.wait_with_output().expect("reap the leak");
+    assert!(reported, "no would_sigterm; log:\n{}", daemon.log());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "",
+        "it got SIGTERM"
+    );
+
+    // Nothing was written, and each report is one log line.
+    assert_eq!(read(&cgroup, "memory.max"), memory_max);
+    assert_eq!(read(&cgroup, "pids.max"), pids_max);
+    std::thread::sleep(Duration::from_secs(1));
+    let scrape = daemon.scrape();
+    let would_sigterm = scrape.count("sentinel_actions_total", &action("would_sigterm"));
+    let logged = daemon
+        .log_records(&[
+            ("message", "observe: would send SIGTERM"),
+            ("service", service),
+        ])
+        .len() as u64;
+    assert_eq!(would_sigterm, logged);
+    assert_eq!(
+        scrape.count("sentinel_actions_total", &action("would_set_limits")),
+        1
+    );
+    for done in ["set_limits", "sigterm", "sigkill", "failed"] {
+        scrape.assert_absent("sentinel_actions_total", &action(done));
+    }
+    assert_eq!(
+        scrape.count(
+            "sentinel_policy_applied",
+            &[("service", service), ("policy", "watched")]
+        ),
+        1
+    );
+    let mut would_set: Vec<String> = daemon
+        .log_records(&[
+            ("message", "observe: would set limit"),
+            ("service", service),
+        ])
+        .iter()
+        .map(|record| format!("{}={}", record["file"], record["would_set"]))
+        .collect();
+    would_set.sort();
+    assert_eq!(
+        would_set,
+        [
+            format!("\"memory.max\"=\"{}\"", 128 * MIB),
+            "\"pids.max\"=\"50\"".to_owned()
+        ]
+    );
+}
+
+#[test]
+fn the_first_matching_policy_wins() {
+    let _serial = serial();
+    let narrow = TestCgroup::new("first");
+    let other = TestCgroup::new("second");
+    let daemon = daemon_with(
+        "  - name: narrow\n    cgroup: sentinel-test-first-*\n    memory.max: 64M\n  - name: broad\n    cgroup: sentinel-test-*\n    memory.max: 96M\n    pids.max: 20\n",
+    );
+    wait_for(&narrow, "memory.max", &(64 * MIB).to_string());
+    wait_for(&other, "memory.max", &(96 * MIB).to_string());
+    // Nothing of the later policy is merged in.
+    assert_eq!(read(&narrow, "pids.max"), "max");
+    assert_eq!(read(&other, "pids.max"), "20");
+    fn applied<'a>(cgroup: &'a TestCgroup, policy: &'a str) -> [(&'a str, &'a str); 2] {
+        [("service", cgroup.service()), ("policy", policy)]
+    }
+    let scrape = daemon.scrape();
+    assert_eq!(
+        scrape.count("sentinel_policy_applied", &applied(&narrow, "narrow")),
+        1
+    );
+    scrape.assert_absent("sentinel_policy_applied", &applied(&narrow, "broad"));
+    assert_eq!(
+        scrape.count("sentinel_policy_applied", &applied(&other, "broad")),
+        1
+    );
+}
+
+#[test]
+fn limits_stay_in_place_when_the_daemon_stops() {
+    let _serial = serial();
+    let cgroup = TestCgroup::new("stays");
+    let mut daemon = daemon_with(
+        "  - name: kept\n    cgroup: sentinel-test-stays-*\n    memory.max: 64M\n    pids.max: 40\n",
+    );
+    wait_for(&cgroup, "memory.max", &(64 * MIB).to_string());
+    wait_for(&cgroup, "pids.max", "40");
+
+    daemon.signal(libc::SIGTERM);
+    let (status, _) = daemon.wait_exit(HANG_GUARD).expect("no exit after SIGTERM");
+    assert!(status.success(), "{status}; log:\n{}", daemon.log());
+    assert_eq!(read(&cgroup, "memory.max"), (64 * MIB).to_string());
+    assert_eq!(read(&cgroup, "pids.max"), "40");
+}
+
+#[test]
+fn sigterm_goes_to_the_largest_process() {
+    let _serial = serial();
+    let daemon = daemon_with(
+        "  - name: crowd\n    cgroup: sentinel-test-crowd-*\n    memory.max: 512M\n    terminate_above: 96M\n    for: 1s\n    grace: 2s\n",
+    );
+    let cgroup = TestCgroup::new("crowd");
+    wait_for(&cgroup, "memory.max", &(512 * MIB).to_string());
+    // Two steady processes of different sizes, together well under the threshold...
+    let mut small = hog(&cgroup, 8);
+    let mut medium = hog(&cgroup, 24);
+    // ...and a leak that takes the cgroup over it, by far the largest when it does.
+    let leak = cgroup
+        .command(testkit_bin())
+        .args(["leak", "16"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the leak");
+    let leak_pid = leak.id();
+    // Were the leak spared, it would grow to memory.max and be OOM-killed without this line.
+    let output = leak.wait_with_output().expect("reap the leak");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "terminated",
+        "{:?}; log:\n{}",
+        output.status,
+        daemon.log()
+    );
+
+    let service = cgroup.service();
+    daemon.await_count(
+        "sentinel_actions_total",
+        &[("service", service), ("action", "sigterm")],
+        1,
+        HANG_GUARD,
+    );
+    let signalled: Vec<u64> = daemon
+        .log_records(&[
+            (
+                "message",
+                "memory above terminate_above: sending SIGTERM to the largest process",
+            ),
+            ("service", service),
+        ])
+        .iter()
+        .filter_map(|record| record["pid"].as_u64())
+        .collect();
+    assert_eq!(signalled, [u64::from(leak_pid)]);
+    assert_running(&mut small, "the 8 MiB process");
+    assert_running(&mut medium, "the 24 MiB process");
+    assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 0);
+}
+
+#[test]
+fn unit_memory_high_and_cpu_weight_on_a_real_cgroup_with_their_metrics() {
+    let _serial = serial();
+    require_controllers();
+    let parent = TestCgroup::new("units");
+    let unit = parent.child("sentinel-web.service");
+    let policy = |weight: u32| {
+        format!(
+            "{NO_FIREWALL}{FULL_RESOURCES}services:\n  cgroup_backend: cgroupfs\npolicies:\n  - name: web\n    unit: sentinel-web.service\n    memory.max: 64M\n    memory.high: 48M\n    cpu.weight: {weight}\n    pids.max: 50\n"
+        )
+    };
+    let daemon = Daemon::start_with_config(&policy(200), &[]);
+    wait_for(&unit, "memory.max", &(64 * MIB).to_string());
+    assert_eq!(read(&unit, "memory.high"), (48 * MIB).to_string());
+    assert_eq!(read(&unit, "cpu.weight"), "200");
+    assert_eq!(read(&unit, "pids.max"), "50");
+    let mut hog = hog(&unit, 8);
+
+    let service = unit.service();
+    let labels = [("service", service)];
+    let usage_before = flat_key(&unit, "cpu.stat", "usage_usec");
+    // Resource figures come from a background read every second: wait for one made after
+    // `usage_before` (the hog keeps the usage growing).
+    let mut scrape = daemon.scrape();
+    let refreshed = eventually(HANG_GUARD, || {
+        scrape = daemon.scrape();
+        scrape
+            .find("sentinel_cpu_usage_seconds_total", &labels)
+            .is_some_and(|usage| usage >= usage_before as f64 / 1e6)
+    });
+    assert!(
+        refreshed,
+        "no resource read after cpu.stat said {usage_before} us"
+    );
+    let usage_after = flat_key(&unit, "cpu.stat", "usage_usec");
+    // What the kernel says, exactly.
+    assert_eq!(
+        scrape.count(
+            "sentinel_policy_applied",
+            &[("service", service), ("policy", "web")]
+        ),
+        1
+    );
+    assert_eq!(
+        scrape.count("sentinel_memory_limit_bytes", &labels),
+        64 * MIB
+    );
+    assert_eq!(
+        scrape.count("sentinel_memory_high_bytes", &labels),
+        48 * MIB
+    );
+    assert_eq!(scrape.count("sentinel_pids_limit", &labels), 50);
+    assert_eq!(scrape.count("sentinel_pids_current", &labels), 1);
+    assert_eq!(
+        scrape.count("sentinel_cpu_throttled_periods_total", &labels),
+        0
+    );
+    assert_eq!(
+        scrape.value("sentinel_cpu_throttled_seconds_total", &labels),
+        0.0
+    );
+    for event in ["high", "max", "oom", "oom_kill"] {
+        let event_labels = [("service", service), ("event", event)];
+        assert_eq!(
+            scrape.count("sentinel_memory_events_total", &event_labels),
+            0,
+            "{event}"
+        );
+    }
+    assert_eq!(scrape.count("sentinel_policy_reloads_total", &[]), 0);
+    // What moves on its own, within what the kernel said around the scrape.
+    let usage = scrape.value("sentinel_cpu_usage_seconds_total", &labels);
+    assert!(
+        (usage_before as f64 / 1e6..=usage_after as f64 / 1e6).contains(&usage) && usage > 0.0,
+        "{usage} s, cpu.stat {usage_before}..{usage_after} us"
+    );
+    let memory = scrape.count("sentinel_memory_current_bytes", &labels);
+    assert!((8 * MIB..64 * MIB).contains(&memory), "{memory} bytes");
+    for resource in ["cpu", "memory", "io"] {
+        for scope in ["some", "full"] {
+            let stall = scrape.value(
+                "sentinel_pressure_stall_seconds_total",
+                &[
+                    ("service", service),
+                    ("resource", resource),
+                    ("scope", scope),
+                ],
+            );
+            assert!(
+                stall.is_finite() && stall >= 0.0,
+                "{resource} {scope}: {stall}"
+            );
+        }
+    }
+    assert_promtool_clean(&scrape);
+
+    // A reload that changes the policy is applied and counted once.
+    fs::write(daemon.config_path(), policy(300)).expect("rewrite the configuration");
+    wait_for(&unit, "cpu.weight", "300");
+    daemon.await_count("sentinel_policy_reloads_total", &[], 1, HANG_GUARD);
+    assert_eq!(read(&unit, "memory.high"), (48 * MIB).to_string());
+    hog.kill().expect("stop the hog");
+    hog.wait().expect("reap the hog");
 }

@@ -100,12 +100,13 @@ fn cargo(workspace: &Path) -> Command {
 
 /// Privileged suites that run on the build host's own kernel (the VM suite needs cgroup v2
 /// controllers, which build hosts lack).
-const HOST_SUITES: [&str; 5] = [
+const HOST_SUITES: [&str; 6] = [
     "foundation",
     "firewall",
     "ssh_guard",
     "exhaustion",
     "config_input",
+    "crowdsec",
 ];
 
 /// Each fuzz target's share of `cargo xtask test`; longer runs are `cargo xtask fuzz --seconds N`.
@@ -185,6 +186,10 @@ fn test(workspace: &Path, skip_vm: bool) -> Result<()> {
         "rules",
         "deploy/prometheus/sentinel-rules.yml",
     ]))?;
+    // Every alert fires when it must and stays quiet when it must.
+    run(Command::new(&promtool)
+        .current_dir(workspace.join("deploy/prometheus"))
+        .args(["test", "rules", "sentinel-rules.test.yml"]))?;
     step("unit tests");
     run(cargo(workspace).args([
         "test",
@@ -208,7 +213,8 @@ fn test(workspace: &Path, skip_vm: bool) -> Result<()> {
     privileged_tests
         .args(["test", "-p", "sentinel-tests"])
         .args(HOST_SUITES.iter().flat_map(|suite| ["--test", suite]))
-        .env("SENTINEL_PROMTOOL", &promtool);
+        .env("SENTINEL_PROMTOOL", &promtool)
+        .env("SENTINEL_CROWDSEC", setup::crowdsec(workspace)?);
     if !host::is_root() {
         // Only the test binaries need root; cargo itself runs as the user.
         privileged_tests.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");

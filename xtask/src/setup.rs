@@ -40,6 +40,7 @@ pub fn build_tools(workspace: &Path) -> Result<()> {
 pub fn test_tools(workspace: &Path) -> Result<PathBuf> {
     build_tools(workspace)?;
     ensure_packages("test tools", TEST_PACKAGES)?;
+    crowdsec(workspace)?;
     promtool(workspace)
 }
 
@@ -197,31 +198,65 @@ fn ensure_bpf_linker(workspace: &Path, toolchain: &EbpfToolchain) -> Result<()> 
 /// promtool, unpacked from Debian's prometheus package into the target directory instead of
 /// installing the package, which would also start a Prometheus server on the host.
 fn promtool(workspace: &Path) -> Result<PathBuf> {
+    unpacked_tool(workspace, "prometheus", None, "usr/bin/promtool")
+}
+
+/// The Debian crowdsec release the fleet suite runs: its Local API's quirks are pinned with it.
+pub const CROWDSEC_VERSION: &str = "1.4.6-6~deb12u1+b1";
+
+/// `crowdsec` and `cscli`, unpacked from Debian's crowdsec package (pinned) into the target
+/// directory: installing it would start a CrowdSec service on the host. Returns the directory
+/// the package was unpacked into.
+pub fn crowdsec(workspace: &Path) -> Result<PathBuf> {
+    let crowdsec = unpacked_tool(
+        workspace,
+        "crowdsec",
+        Some(CROWDSEC_VERSION),
+        "usr/bin/crowdsec",
+    )?;
+    Ok(crowdsec
+        .ancestors()
+        .nth(3)
+        .context("usr/bin/crowdsec has a root")?
+        .to_path_buf())
+}
+
+/// `binary` of Debian's `package` (at `version`, when pinned), unpacked once into
+/// target/tools/<package>[-<version>].
+fn unpacked_tool(
+    workspace: &Path,
+    package: &str,
+    version: Option<&str>,
+    binary: &str,
+) -> Result<PathBuf> {
     let tools = workspace.join("target/tools");
-    let promtool = tools.join("prometheus/usr/bin/promtool");
-    if promtool.exists() {
-        println!("[xtask] promtool: already unpacked");
-        return Ok(promtool);
+    let root = match version {
+        Some(version) => tools.join(format!("{package}-{version}")),
+        None => tools.join(package),
+    };
+    let tool = root.join(binary);
+    let name = binary.rsplit('/').next().unwrap_or(binary);
+    if tool.exists() {
+        println!("[xtask] {name}: already unpacked");
+        return Ok(tool);
     }
-    println!("[xtask] promtool: downloading Debian's prometheus package to unpack promtool");
-    let download = tools.join("download");
+    println!("[xtask] {name}: downloading Debian's {package} package to unpack it");
+    let download = tools.join(format!("download-{package}"));
     std::fs::create_dir_all(&download)?;
+    let wanted = match version {
+        Some(version) => format!("{package}={version}"),
+        None => package.to_owned(),
+    };
     run(Command::new("apt-get")
         .current_dir(&download)
-        .args(["download", "prometheus"]))
-    .context("apt-get download prometheus failed (run `apt-get update` first?)")?;
+        .args(["download", &wanted]))
+    .with_context(|| format!("apt-get download {wanted} failed (run `apt-get update` first?)"))?;
     let deb = std::fs::read_dir(&download)?
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
         .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
-        .context("apt-get download left no prometheus .deb")?;
-    run(Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(tools.join("prometheus")))?;
+        .with_context(|| format!("apt-get download left no {package} .deb"))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
     std::fs::remove_dir_all(&download)?;
-    anyhow::ensure!(
-        promtool.exists(),
-        "the prometheus package has no usr/bin/promtool"
-    );
-    Ok(promtool)
+    anyhow::ensure!(tool.exists(), "the {package} package has no {binary}");
+    Ok(tool)
 }

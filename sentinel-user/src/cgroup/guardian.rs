@@ -242,20 +242,71 @@ mod tests {
         assert!(is_within("/anything", "/"));
     }
 
+    /// A child of this process holding `bytes` more resident memory than it shares with the
+    /// parent; returns once the memory is touched. Only raw system calls run in the child.
+    fn child_holding(bytes: usize) -> i32 {
+        let mut ready = [0i32; 2];
+        // SAFETY: plain syscalls; the child writes to memory it mapped itself, then sleeps.
+        unsafe {
+            assert_eq!(libc::pipe(ready.as_mut_ptr()), 0);
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                let memory = libc::mmap(
+                    std::ptr::null_mut(),
+                    bytes,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if memory != libc::MAP_FAILED {
+                    for offset in (0..bytes).step_by(4096) {
+                        *memory.cast::<u8>().add(offset) = 1;
+                    }
+                    libc::write(ready[1], b"x".as_ptr().cast(), 1);
+                }
+                loop {
+                    libc::pause();
+                }
+            }
+            let mut byte = 0u8;
+            assert_eq!(libc::read(ready[0], (&raw mut byte).cast(), 1), 1);
+            libc::close(ready[0]);
+            libc::close(ready[1]);
+            pid
+        }
+    }
+
     #[test]
     fn finds_the_largest_process() {
-        // This test process (its whole test harness resident) against a bare `sleep`.
-        let mut small = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        let (me, sleep) = (std::process::id() as i32, small.id() as i32);
-        assert!(resident_pages(me) > resident_pages(sleep));
-        assert_eq!(largest_process(&[sleep, me]), Some(me));
-        assert_eq!(largest_process(&[me, sleep]), Some(me));
-        assert_eq!(largest_process(&[sleep, -5]), Some(sleep));
+        const MIB: usize = 1024 * 1024;
+        let (small, large, medium) = (
+            child_holding(4 * MIB),
+            child_holding(32 * MIB),
+            child_holding(16 * MIB),
+        );
+        let sizes: Vec<u64> = [small, medium, large]
+            .iter()
+            .map(|pid| resident_pages(*pid).unwrap())
+            .collect();
+        assert!(sizes.is_sorted() && sizes[0] < sizes[2], "{sizes:?}");
+        for order in [
+            [small, medium, large],
+            [large, small, medium],
+            [medium, large, small],
+        ] {
+            assert_eq!(largest_process(&order), Some(large), "{order:?}");
+        }
+        // A pid that is gone, or never was, is passed over.
+        assert_eq!(largest_process(&[small, -5]), Some(small));
         assert_eq!(largest_process(&[]), None);
-        small.kill().unwrap();
-        small.wait().unwrap();
+        for pid in [small, medium, large] {
+            // SAFETY: plain syscalls on this test's own children.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
     }
 }

@@ -24,6 +24,7 @@ use serde_saphyr::Spanned;
 use crate::{
     Error,
     cgroup::stats::ResourceDetail,
+    crowdsec::settings::{self as crowdsec, CrowdsecConfig},
     policy::Policy,
     ssh_guard::settings::SshGuardConfig,
     yaml::{self, Checker, Diagnostic, Diagnostics, Invalid, Node, parse_duration, parse_whole},
@@ -38,7 +39,8 @@ pub const DEFAULT_PATH: &str = "/etc/sentinel/sentinel.yaml";
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// The configuration file's sections.
-pub(crate) const TOP_LEVEL_KEYS: &[&str] = &["metrics", "services", "policies", "ssh_guard"];
+pub(crate) const TOP_LEVEL_KEYS: &[&str] =
+    &["metrics", "services", "policies", "ssh_guard", "crowdsec"];
 const METRICS_KEYS: &[&str] = &["listen", "resource_refresh", "resource_detail"];
 const SERVICES_KEYS: &[&str] = &["max_labels", "cgroup_backend"];
 
@@ -68,6 +70,8 @@ pub struct Config {
     /// Per-service cgroup limits.
     pub policies: Policy,
     pub ssh_guard: SshGuardConfig,
+    /// The CrowdSec fleet; `None` when the section is absent.
+    pub crowdsec: Option<CrowdsecConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +157,8 @@ impl Config {
     }
 
     /// Every setting that takes effect only when the daemon starts, by its name in the file,
-    /// and whether `new` sets it differently. Only `policies` applies while running.
+    /// and whether `new` sets it differently. `policies` and most of `ssh_guard` apply while
+    /// running.
     pub fn restart_only_changes(&self, new: &Self) -> Vec<(&'static str, bool)> {
         // Destructured, so that a new setting cannot be left out here.
         let Self {
@@ -170,6 +175,7 @@ impl Config {
                 },
             policies: _,
             ssh_guard,
+            crowdsec,
         } = self;
         let mut changes = vec![
             ("metrics.listen", *listen != new.metrics.listen),
@@ -191,6 +197,10 @@ impl Config {
             ),
         ];
         changes.extend(ssh_guard.differences(&new.ssh_guard));
+        changes.extend(crowdsec::differences(
+            crowdsec.as_ref(),
+            new.crowdsec.as_ref(),
+        ));
         changes
     }
 
@@ -306,8 +316,8 @@ impl Checker {
     /// The whole file: a mapping of sections, each checked by its owner, all of them even
     /// after one has failed.
     fn file(&mut self, root: &Spanned<Node>) -> Option<Config> {
-        let expected = "expected a mapping with the sections metrics, services, policies and \
-                        ssh_guard";
+        let expected = "expected a mapping with the sections metrics, services, policies, \
+                        ssh_guard and crowdsec";
         let entries = self.entries(root, expected)?;
         let mut fields = self.fields(entries, TOP_LEVEL_KEYS, "top-level key");
         let defaults = Config::default();
@@ -335,11 +345,27 @@ impl Checker {
             defaults.ssh_guard,
             |checker, field| checker.ssh_guard(field.value),
         );
+        let crowdsec_at = fields.get("crowdsec").map(|field| field.key_at);
+        let crowdsec = self.setting(&mut fields, "crowdsec", None, |checker, field| {
+            checker.crowdsec(field.value)
+        });
+        if let (Some(Some(_)), Some(ssh_guard), Some(at)) = (&crowdsec, &ssh_guard, crowdsec_at)
+            && !ssh_guard.enabled
+        {
+            self.report(
+                at,
+                "crowdsec needs the SSH guard (ssh_guard.enabled: true): it owns the firewall \
+                 the fleet's bans go into and makes the bans that are shared"
+                    .into(),
+            );
+            return None;
+        }
         Some(Config {
             metrics: metrics?,
             services: services?,
             policies: policies?,
             ssh_guard: ssh_guard?,
+            crowdsec: crowdsec?,
         })
     }
 

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use super::*;
 use crate::policy::{NESTED_GROUPS, POLICY_KEYS};
-use crate::ssh_guard::settings::SSH_GUARD_KEYS;
+use crate::{crowdsec::settings::CROWDSEC_KEYS, ssh_guard::settings::SSH_GUARD_KEYS};
 
 const SAMPLE: &str = include_str!("../../../deploy/sentinel.yaml");
 const SCHEMA: &str = include_str!("../../../deploy/sentinel.schema.json");
@@ -153,7 +153,7 @@ sentinel: {}
             "c.yaml:24:14: audit_log: expected an absolute path, found \"audit.log\"",
             "c.yaml:25:3: unknown ssh_guard setting \"ban_fro\"; did you mean \"ban_for\"?",
             "c.yaml:26:1: unknown top-level key \"sentinel\"; expected one of metrics, \
-             services, policies, ssh_guard",
+             services, policies, ssh_guard, crowdsec",
         ]
     );
 }
@@ -272,7 +272,7 @@ fn a_huge_key_is_refused_with_its_position() {
         problems(&format!("{}: 1\n", "k".repeat(1024))),
         [format!(
             "c.yaml:1:1: unknown top-level key {:?}… (1024 bytes); expected one of metrics, \
-             services, policies, ssh_guard",
+             services, policies, ssh_guard, crowdsec",
             "k".repeat(40)
         )]
     );
@@ -338,8 +338,22 @@ fn a_reload_refuses_a_file_without_settings() {
     );
 }
 
+/// The `ssh_guard` settings a reload applies to the running guard.
+const SSH_GUARD_LIVE: [&str; 10] = [
+    "allow",
+    "ban_for",
+    "flush_on_exit",
+    "ipv6_prefix",
+    "max_ban",
+    "max_banned",
+    "max_failures",
+    "max_tracked",
+    "multiplier",
+    "window",
+];
+
 #[test]
-fn restart_only_changes_name_every_setting_but_the_policies() {
+fn restart_only_changes_name_every_setting_a_reload_does_not_apply() {
     let started = Config::default();
     let unchanged = started.restart_only_changes(&started);
     assert!(unchanged.iter().all(|(_, changed)| !changed));
@@ -354,16 +368,23 @@ fn restart_only_changes_name_every_setting_but_the_policies() {
     ];
     let ssh_guard: Vec<String> = SSH_GUARD_KEYS
         .iter()
+        .filter(|key| !SSH_GUARD_LIVE.contains(key))
         .map(|key| format!("ssh_guard.{key}"))
         .collect();
     expected.extend(ssh_guard.iter().map(String::as_str));
+    // The fleet's client, credentials and tasks are set up at start.
+    let crowdsec: Vec<String> = CROWDSEC_KEYS
+        .iter()
+        .map(|key| format!("crowdsec.{key}"))
+        .collect();
+    expected.extend(crowdsec.iter().map(String::as_str));
     expected.sort_unstable();
     assert_eq!(names, expected);
 
     let new = Config::parse(
         "c.yaml",
-        "ssh_guard: {max_failures: 3}\nservices: {max_labels: 9}\npolicies:\n  - {name: web, \
-         unit: web.service, cpu.weight: 50}\n",
+        "ssh_guard: {max_failures: 3, mode: observe, allow: [192.0.2.0/24]}\nservices: \
+         {max_labels: 9}\npolicies:\n  - {name: web, unit: web.service, cpu.weight: 50}\n",
     )
     .unwrap();
     let changed: Vec<&str> = started
@@ -372,7 +393,11 @@ fn restart_only_changes_name_every_setting_but_the_policies() {
         .filter(|(_, changed)| *changed)
         .map(|(name, _)| name)
         .collect();
-    assert_eq!(changed, ["services.max_labels", "ssh_guard.max_failures"]);
+    assert_eq!(changed, ["services.max_labels", "ssh_guard.mode"]);
+    // What a reload hands to the running guard.
+    let live = new.ssh_guard.live();
+    assert_eq!(live.rules.max_failures, 3);
+    assert_eq!(live.rules.allow, ["192.0.2.0/24".parse().unwrap()]);
 }
 
 #[test]
@@ -401,6 +426,10 @@ fn the_schema_knows_every_key() {
     assert_eq!(
         keys(&sections["ssh_guard"]["properties"]),
         sorted(SSH_GUARD_KEYS)
+    );
+    assert_eq!(
+        keys(&sections["crowdsec"]["properties"]),
+        sorted(CROWDSEC_KEYS)
     );
     let policy_keys: Vec<&str> = POLICY_KEYS.iter().chain(NESTED_GROUPS).copied().collect();
     assert_eq!(

@@ -163,6 +163,11 @@ impl Firewall {
         self.nft.drop_counters()
     }
 
+    /// A reload changed `flush_on_exit`.
+    pub fn set_flush_on_exit(&mut self, flush_on_exit: bool) {
+        self.options.flush_on_exit = flush_on_exit;
+    }
+
     /// Stops managing the table: the bans stay unless `flush_on_exit` is set.
     pub fn close(self) -> Result<(), Error> {
         if self.options.flush_on_exit {

@@ -1,9 +1,13 @@
 //! Per-service enforcement metrics; the resource figures are `resources`' concern.
 
+use std::sync::{Arc, Mutex};
+
 use prometheus_client::{
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
+
+use crate::cgroup::Attribution;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -38,15 +42,19 @@ impl Action {
 pub struct PolicyMetrics {
     actions: Family<Labels, Counter>,
     drift: Family<Labels, Counter>,
+    /// Service labels come from the attribution, so that these series share its cap
+    /// (`services.max_labels`, then `other`).
+    labels: Arc<Mutex<Attribution>>,
     pub reload_errors: Counter,
     pub reloads: Counter,
 }
 
 impl PolicyMetrics {
-    pub fn new(registry: &mut Registry) -> Self {
+    pub fn new(registry: &mut Registry, labels: Arc<Mutex<Attribution>>) -> Self {
         let metrics = Self {
             actions: Family::default(),
             drift: Family::default(),
+            labels,
             reload_errors: Counter::default(),
             reloads: Counter::default(),
         };
@@ -76,7 +84,7 @@ impl PolicyMetrics {
     pub fn action(&self, service: &str, action: Action) {
         self.actions
             .get_or_create(&vec![
-                ("service", service.to_string()),
+                ("service", self.label(service)),
                 ("action", action.label().to_string()),
             ])
             .inc();
@@ -84,7 +92,14 @@ impl PolicyMetrics {
 
     pub fn drift(&self, service: &str) {
         self.drift
-            .get_or_create(&vec![("service", service.to_string())])
+            .get_or_create(&vec![("service", self.label(service))])
             .inc();
+    }
+
+    fn label(&self, service: &str) -> String {
+        self.labels
+            .lock()
+            .expect("attribution lock")
+            .label_for_path(service)
     }
 }

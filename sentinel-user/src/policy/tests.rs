@@ -262,8 +262,8 @@ fn wrong_types() {
     assert_eq!(
         problems("- metrics\n"),
         [
-            "p.yaml:1:1: expected a mapping with the sections metrics, services, policies and \
-             ssh_guard, found a list"
+            "p.yaml:1:1: expected a mapping with the sections metrics, services, policies, \
+             ssh_guard and crowdsec, found a list"
         ]
     );
 }

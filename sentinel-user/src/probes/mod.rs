@@ -34,6 +34,14 @@ struct ProbeSpec {
     needs: &'static [&'static str],
 }
 
+impl ProbeSpec {
+    fn uses_libpam(&self) -> bool {
+        self.points
+            .iter()
+            .any(|point| matches!(point, AttachPoint::Libpam(_)))
+    }
+}
+
 #[derive(Clone, Copy)]
 enum AttachPoint {
     RawTracepoint(&'static str),
@@ -159,6 +167,9 @@ const PROBES: &[ProbeSpec] = &[
 pub struct ProbeStatus {
     pub name: &'static str,
     pub attached: bool,
+    /// Whether this host has what the probe watches: the SSH probes are not wanted where
+    /// there is no libpam (no sshd to guard), and their alert must stay quiet there.
+    pub wanted: bool,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -171,6 +182,7 @@ pub struct Probes {
     /// libpam's path and the inode its uprobes are attached to.
     libpam: Option<(std::path::PathBuf, Option<u64>)>,
     attached: Family<Labels, Gauge>,
+    wanted: Family<Labels, Gauge>,
     reattached: Counter,
 }
 
@@ -239,14 +251,18 @@ pub fn load(
             ProbeStatus {
                 name: spec.name,
                 attached: result.is_ok(),
+                wanted: libpam.is_some() || !spec.uses_libpam(),
             }
         })
         .collect::<Vec<_>>();
     let attached = Family::<Labels, Gauge>::default();
+    let wanted = Family::<Labels, Gauge>::default();
     for status in &statuses {
+        let program = vec![("program", status.name.to_string())];
         attached
-            .get_or_create(&vec![("program", status.name.to_string())])
+            .get_or_create(&program)
             .set(i64::from(status.attached));
+        wanted.get_or_create(&program).set(i64::from(status.wanted));
     }
     Ok(Probes {
         ebpf,
@@ -254,6 +270,7 @@ pub fn load(
         offsets: resolved,
         libpam: libpam.map(|path| (path, libpam_inode)),
         attached,
+        wanted,
         reattached: Counter::default(),
     })
 }
@@ -271,6 +288,12 @@ impl Probes {
             "sentinel_probe_attached",
             "Whether an eBPF program is attached (1) or failed to attach (0)",
             self.attached.clone(),
+        );
+        registry.register(
+            "sentinel_probe_wanted",
+            "Whether this host has what the program watches (0: the SSH programs where there \
+             is no libpam); the probe alert covers only wanted programs",
+            self.wanted.clone(),
         );
         registry.register(
             "sentinel_probe_reattachments",

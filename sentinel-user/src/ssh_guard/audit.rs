@@ -3,6 +3,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::Write,
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -75,6 +76,33 @@ impl AuditLog {
             path: path.to_path_buf(),
             file,
         })
+    }
+
+    /// Whether [`Self::open`] would succeed for this process, changing nothing: the file opens
+    /// for appending, or an unnamed file (`O_TMPFILE`, gone when closed) can be made in the
+    /// nearest existing directory on its path.
+    pub fn check_writable(path: &Path) -> Result<(), Error> {
+        let unwritable = |source| Error::AuditLog {
+            path: path.to_path_buf(),
+            source,
+        };
+        if path.exists() {
+            return OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map(drop)
+                .map_err(unwritable);
+        }
+        let existing = path
+            .ancestors()
+            .find(|candidate| candidate.exists())
+            .unwrap_or(Path::new("/"));
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .open(existing)
+            .map(drop)
+            .map_err(unwritable)
     }
 
     pub fn append(&mut self, record: &AuditRecord) -> Result<(), Error> {

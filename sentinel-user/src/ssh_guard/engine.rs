@@ -90,14 +90,9 @@ pub struct BanEngine {
 }
 
 impl BanEngine {
-    pub fn new(mut rules: GuardRules) -> Self {
-        for loopback in ["127.0.0.0/8", "::1/128"] {
-            rules
-                .allow
-                .push(loopback.parse().expect("valid loopback network"));
-        }
+    pub fn new(rules: GuardRules) -> Self {
         Self {
-            rules,
+            rules: with_loopback(rules),
             failures: HashMap::new(),
             tracked_order: VecDeque::new(),
             offenses: HashMap::new(),
@@ -105,6 +100,24 @@ impl BanEngine {
             sessions: Vec::new(),
             evicted: 0,
         }
+    }
+
+    /// Takes new rules (a reload); failures, offenses and bans in force stay.
+    pub fn set_rules(&mut self, rules: GuardRules) {
+        self.rules = with_loopback(rules);
+    }
+
+    /// The bans in force that the allow list covers (after a reload widened it): they must be
+    /// lifted, since allowed addresses are never banned.
+    pub fn allowed_bans(&mut self, now: Instant) -> Vec<IpNet> {
+        let mut allowed: Vec<IpNet> = self
+            .banned
+            .iter()
+            .filter(|(net, until)| **until > now && self.covers_allowed(net))
+            .map(|(net, _)| *net)
+            .collect();
+        allowed.sort();
+        allowed
     }
 
     /// The unit of counting and banning for `addr`: the address, or its IPv6 prefix, unless
@@ -137,7 +150,8 @@ impl BanEngine {
         self.sessions.push((addr, Box::new(still_open)));
     }
 
-    fn has_open_session(&mut self, net: &IpNet) -> bool {
+    /// Whether someone is logged in over SSH from inside `net` right now.
+    pub fn has_open_session(&mut self, net: &IpNet) -> bool {
         self.sessions.retain(|(_, open)| open());
         self.sessions
             .iter()
@@ -207,6 +221,18 @@ impl BanEngine {
         let ends = now + duration;
         self.banned.insert(net, ends);
         self.record_offense(net, offense, ends);
+    }
+
+    /// Records a ban made for the fleet until `ends` (a later end wins): listed, restored and
+    /// lifted like the others, but no offense of this host's, so it never lengthens a local ban.
+    pub fn hold(&mut self, net: IpNet, ends: Instant) {
+        let until = self.banned.entry(net).or_insert(ends);
+        *until = (*until).max(ends);
+    }
+
+    /// When the ban of `net` in force ends.
+    pub fn ban_end(&self, net: &IpNet) -> Option<Instant> {
+        self.banned.get(net).copied()
     }
 
     /// Remembers that `net` was banned `count` times, the latest ban ending at `ends` (from the
@@ -301,6 +327,16 @@ impl BanEngine {
     }
 }
 
+/// `rules` with loopback allowed: the host never bans itself.
+fn with_loopback(mut rules: GuardRules) -> GuardRules {
+    for loopback in ["127.0.0.0/8", "::1/128"] {
+        rules
+            .allow
+            .push(loopback.parse().expect("valid loopback network"));
+    }
+    rules
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{
@@ -330,6 +366,38 @@ mod tests {
 
     fn fail_n(engine: &mut BanEngine, now: Instant, addr: &str, n: u32) -> Vec<Verdict> {
         (0..n).map(|_| engine.failure(now, ip(addr))).collect()
+    }
+
+    #[test]
+    fn new_rules_name_the_bans_the_allow_list_now_covers_and_apply_the_new_threshold() {
+        let mut engine = BanEngine::new(rules());
+        let now = Instant::now();
+        for attacker in ["203.0.113.7", "198.51.100.9"] {
+            engine.record_ban(IpNet::from(ip(attacker)), now, Duration::from_secs(600), 1);
+        }
+        let mut reloaded = rules();
+        reloaded.allow.push("203.0.113.0/24".parse().unwrap());
+        reloaded.max_failures = 2;
+        engine.set_rules(reloaded);
+        let allowed = engine.allowed_bans(now);
+        assert_eq!(allowed, vec![IpNet::from(ip("203.0.113.7"))]);
+        assert!(engine.lift(&allowed[0]));
+        let in_force: Vec<IpNet> = engine.bans(now).map(|(net, _)| *net).collect();
+        assert_eq!(in_force, vec![IpNet::from(ip("198.51.100.9"))]);
+        // Loopback stays allowed after a reload, and the new threshold counts.
+        assert!(engine.covers_allowed(&IpNet::from(ip("127.0.0.1"))));
+        assert_eq!(engine.failure(now, ip("192.0.2.1")), Verdict::Counted);
+        assert!(matches!(
+            engine.failure(now, ip("192.0.2.1")),
+            Verdict::Ban { failures: 2, .. }
+        ));
+        assert!(matches!(
+            fail_n(&mut engine, now, "203.0.113.8", 2).pop(),
+            Some(Verdict::Skip {
+                reason: SkipReason::Allowlisted,
+                ..
+            })
+        ));
     }
 
     #[test]

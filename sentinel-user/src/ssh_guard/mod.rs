@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod engine;
+mod fleet;
 mod metrics;
 pub mod settings;
 
@@ -27,6 +28,7 @@ use self::{
 use crate::{
     Error,
     cgroup::guardian::ProcessHandle,
+    crowdsec::{FleetUpdate, is_fleet_reason},
     events::{SshAuth, SshOutcome},
     firewall::{Ban, Firewall, FirewallOptions, IpNet, TableWatch},
     state::{Clocks, SavedBan, SavedOffense, SavedState, StateFile},
@@ -54,6 +56,10 @@ pub enum Input {
     Control(Control),
     /// Something may have removed bans from the table (see `firewall::TableWatch`).
     TableChanged,
+    /// The configuration file was reloaded.
+    Reload(LiveSettings),
+    /// The fleet's decisions, from CrowdSec's Local API.
+    Fleet(FleetUpdate),
     Stop,
 }
 
@@ -73,6 +79,13 @@ const STATE_WRITE_SPACING: Duration = Duration::from_secs(1);
 const RESTORE_AT_LEAST: Duration = Duration::from_secs(1);
 
 /// Operator requests from the control socket.
+/// What a reload changes in a running guard; the rest of its settings need a restart.
+#[derive(Debug, Clone)]
+pub struct LiveSettings {
+    pub rules: GuardRules,
+    pub flush_on_exit: bool,
+}
+
 pub enum Control {
     List(Sender<Vec<BanInfo>>),
     Ban {
@@ -105,6 +118,8 @@ pub struct SshGuard {
     state: StateFile<SavedState>,
     /// `flush_on_exit`: the bans end with the daemon, on disk too.
     forget_bans_on_exit: bool,
+    /// `None` unless the daemon takes part in a CrowdSec fleet.
+    fleet: Option<fleet::FleetLink>,
 }
 
 impl SshGuard {
@@ -165,7 +180,11 @@ impl SshGuard {
         };
         let mut reasons = HashMap::new();
         for (ban, saved) in &saved_bans {
-            engine.record_ban(ban.net, now, ban.timeout, 1);
+            if is_fleet_reason(&saved.reason) {
+                engine.hold(ban.net, now + ban.timeout);
+            } else {
+                engine.record_ban(ban.net, now, ban.timeout, 1);
+            }
             reasons.insert(ban.net, (saved.reason.clone(), saved.failures));
         }
         let mut guard = Self {
@@ -177,6 +196,7 @@ impl SshGuard {
             reasons,
             state,
             forget_bans_on_exit,
+            fleet: None,
         };
         // Saved bans the kernel lost (a reboot, a flushed ruleset while the daemon was down).
         let restored = guard.restore_missing_bans()?;
@@ -242,6 +262,8 @@ impl SshGuard {
                 Input::Auth(auth) => decided.extend(self.on_auth(now, &auth)),
                 Input::Control(control) => self.on_control(now, control),
                 Input::TableChanged => table_changed = true,
+                Input::Reload(live) => self.reload(now, live),
+                Input::Fleet(update) => self.on_fleet(now, update),
                 Input::Stop => {}
             }
         }
@@ -260,6 +282,41 @@ impl SshGuard {
             self.make_bans(decided);
         }
         self.update_gauges();
+    }
+
+    /// Takes the reloaded settings, and lifts the bans the allow list now covers.
+    fn reload(&mut self, now: Instant, live: LiveSettings) {
+        self.engine.set_rules(live.rules);
+        self.forget_bans_on_exit = live.flush_on_exit;
+        if let Some(firewall) = &mut self.firewall {
+            firewall.set_flush_on_exit(live.flush_on_exit);
+        }
+        let allowed = self.engine.allowed_bans(now);
+        if allowed.is_empty() {
+            return;
+        }
+        if let Some(firewall) = &mut self.firewall
+            && let Err(error) = firewall.unban(&allowed)
+        {
+            error!(
+                bans = allowed.len(),
+                "lifting the bans the allow list now covers failed; they stay until they expire \
+                 or the next reload: {error}"
+            );
+            return;
+        }
+        for net in &allowed {
+            self.engine.lift(net);
+            warn!(address = %net, "ban lifted: the reloaded allow list covers it");
+            self.audit(AuditRecord::new(
+                AuditAction::Unban,
+                net,
+                "allowlisted",
+                0,
+                None,
+            ));
+        }
+        self.state.mark_changed();
     }
 
     /// Commits the bans in one transaction; only then are they counted, audited and listed.
@@ -295,6 +352,9 @@ impl SshGuard {
             ..
         } in decided
         {
+            if self.mode == GuardMode::Enforce {
+                self.share(ban.net, SystemTime::now() + ban.timeout, reason, failures);
+            }
             self.metrics.bans(reason).inc();
             self.reasons.insert(ban.net, (reason.to_string(), failures));
             self.state.mark_changed();
@@ -451,13 +511,22 @@ impl SshGuard {
                 let net = self.engine.offender(addr);
                 let result = self.commit(|firewall| firewall.unban(&[net]));
                 if result.is_ok() {
+                    let ends = self.engine.ban_end(&net);
                     self.engine.lift(&net);
                     self.state.mark_changed();
-                    self.reasons.remove(&net);
+                    let lifted = self.reasons.remove(&net);
+                    let fleet_ban = lifted.is_some_and(|(reason, _)| is_fleet_reason(&reason));
+                    if fleet_ban {
+                        self.override_fleet_ban(net, ends);
+                    }
                     self.audit(AuditRecord::new(
                         AuditAction::Unban,
                         &net,
-                        "operator",
+                        if fleet_ban {
+                            "operator_fleet_override"
+                        } else {
+                            "operator"
+                        },
                         0,
                         None,
                     ));

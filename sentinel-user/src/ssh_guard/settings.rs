@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde_saphyr::Spanned;
 
-use super::{GuardMode, SshGuardSettings, engine::GuardRules};
+use super::{GuardMode, LiveSettings, SshGuardSettings, engine::GuardRules};
 use crate::{
     firewall::{FirewallOptions, IpNet, MAX_BAN_TIMEOUT},
     yaml::{Checker, Field, Invalid, Node, format_duration, parse_duration, parse_whole},
@@ -111,6 +111,19 @@ impl SshGuardConfig {
                 ModeSetting::Enforce => GuardMode::Enforce,
                 ModeSetting::Observe => GuardMode::Observe,
             },
+            rules: self.live().rules,
+            firewall: FirewallOptions {
+                flush_on_exit: self.flush_on_exit,
+                netns: self.netns.clone(),
+            },
+            audit_log: self.audit_log.clone(),
+            state_file: state_dir.join("ssh-guard.json"),
+        }
+    }
+
+    /// The settings a running guard takes on reload.
+    pub fn live(&self) -> LiveSettings {
+        LiveSettings {
             rules: GuardRules {
                 max_failures: self.max_failures,
                 window: self.window,
@@ -122,55 +135,34 @@ impl SshGuardConfig {
                 max_tracked: self.max_tracked,
                 max_banned: self.max_banned,
             },
-            firewall: FirewallOptions {
-                flush_on_exit: self.flush_on_exit,
-                netns: self.netns.clone(),
-            },
-            audit_log: self.audit_log.clone(),
-            state_file: state_dir.join("ssh-guard.json"),
+            flush_on_exit: self.flush_on_exit,
         }
     }
 
-    /// Every setting by its name in the file, and whether `other` sets it differently. The
-    /// guard reads its settings once, at start.
+    /// Every setting read only at start, by its name in the file, and whether `other` sets it
+    /// differently. The rest is applied on reload (see [`Self::live`]).
     pub(crate) fn differences(&self, other: &Self) -> Vec<(&'static str, bool)> {
         // Destructured, so that a new setting cannot be left out here.
         let Self {
             enabled,
             mode,
-            max_failures,
-            window,
-            ban_for,
-            multiplier,
-            max_ban,
-            allow,
-            ipv6_prefix,
-            max_tracked,
-            max_banned,
-            flush_on_exit,
             audit_log,
             netns,
             sshd_paths,
+            max_failures: _,
+            window: _,
+            ban_for: _,
+            multiplier: _,
+            max_ban: _,
+            allow: _,
+            ipv6_prefix: _,
+            max_tracked: _,
+            max_banned: _,
+            flush_on_exit: _,
         } = self;
         vec![
             ("ssh_guard.enabled", *enabled != other.enabled),
             ("ssh_guard.mode", *mode != other.mode),
-            (
-                "ssh_guard.max_failures",
-                *max_failures != other.max_failures,
-            ),
-            ("ssh_guard.window", *window != other.window),
-            ("ssh_guard.ban_for", *ban_for != other.ban_for),
-            ("ssh_guard.multiplier", *multiplier != other.multiplier),
-            ("ssh_guard.max_ban", *max_ban != other.max_ban),
-            ("ssh_guard.allow", *allow != other.allow),
-            ("ssh_guard.ipv6_prefix", *ipv6_prefix != other.ipv6_prefix),
-            ("ssh_guard.max_tracked", *max_tracked != other.max_tracked),
-            ("ssh_guard.max_banned", *max_banned != other.max_banned),
-            (
-                "ssh_guard.flush_on_exit",
-                *flush_on_exit != other.flush_on_exit,
-            ),
             ("ssh_guard.audit_log", *audit_log != other.audit_log),
             ("ssh_guard.netns", *netns != other.netns),
             ("ssh_guard.sshd_paths", *sshd_paths != other.sshd_paths),
