@@ -275,7 +275,7 @@ crowdsec:
 
     /// `sentinel bans` as (address, reason) pairs, read from its table.
     fn listed(&self) -> Vec<(String, String)> {
-        let table = self.daemon.client(&["bans"]);
+        let table = self.daemon.control(&["bans"]);
         if table.trim_end() == "no bans in force" {
             return Vec::new();
         }
@@ -291,10 +291,7 @@ crowdsec:
     }
 
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let scrape = self.daemon.scrape();
-        scrape
-            .value(name, labels)
-            .unwrap_or_else(|| panic!("{name}{labels:?} is missing:\n{}", scrape.0))
+        self.daemon.scrape().value(name, labels)
     }
 }
 
@@ -395,7 +392,7 @@ fn local_bans_go_on_while_the_lapi_is_down_and_pulls_resume_in_full() {
     assert!(eventually(WAIT, || {
         a.daemon
             .scrape()
-            .value("sentinel_crowdsec_lapi_reachable", &[])
+            .find("sentinel_crowdsec_lapi_reachable", &[])
             == Some(1.0)
     }));
     lapi.stop();
@@ -403,7 +400,7 @@ fn local_bans_go_on_while_the_lapi_is_down_and_pulls_resume_in_full() {
         eventually(WAIT, || a
             .daemon
             .scrape()
-            .value("sentinel_crowdsec_lapi_reachable", &[])
+            .find("sentinel_crowdsec_lapi_reachable", &[])
             == Some(0.0)),
         "{}",
         a.daemon.scrape().0
@@ -416,7 +413,7 @@ fn local_bans_go_on_while_the_lapi_is_down_and_pulls_resume_in_full() {
     );
     // Local protection does not wait for the fleet.
     a.daemon
-        .client(&["ban", &ATTACKER.to_string(), "--for", "1h"]);
+        .control(&["ban", &ATTACKER.to_string(), "--for", "1h"]);
     assert!(a.banned(&ATTACKER.to_string()));
     a.attacker.assert_blocked(ATTACKER.into(), a.service());
 

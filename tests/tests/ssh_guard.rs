@@ -1238,7 +1238,21 @@ fn observe_mode_counts_and_audits_but_never_bans() {
 
     lab.fail_logins(&[(&lab.first, MAX_FAILURES)]);
     daemon.await_count(FAILURES, &[], MAX_FAILURES, WAIT);
-    daemon.await_count(BANS, &[("reason", "ssh_failures")], 1, WAIT);
+    // Counted as a ban the threshold called for but that was not made; none in force.
+    daemon.await_count(
+        "sentinel_bans_skipped_total",
+        &[("reason", "observe_mode")],
+        1,
+        WAIT,
+    );
+    let scrape = daemon.scrape();
+    scrape.assert_absent(BANS, &[("reason", "ssh_failures")]);
+    for family in ["ipv4", "ipv6"] {
+        assert_eq!(
+            scrape.count("sentinel_banned_addresses", &[("family", family)]),
+            0
+        );
+    }
 
     // Audited as what enforce mode would have done...
     let records = lab.audit_records();

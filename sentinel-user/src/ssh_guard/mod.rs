@@ -352,10 +352,16 @@ impl SshGuard {
             ..
         } in decided
         {
-            if self.mode == GuardMode::Enforce {
-                self.share(ban.net, SystemTime::now() + ban.timeout, reason, failures);
+            match self.mode {
+                GuardMode::Enforce => {
+                    self.share(ban.net, SystemTime::now() + ban.timeout, reason, failures);
+                    self.metrics.bans(reason).inc();
+                }
+                // Not a ban: counted as one the threshold called for but that was not made.
+                GuardMode::Observe => {
+                    self.metrics.skipped("observe_mode").inc();
+                }
             }
-            self.metrics.bans(reason).inc();
             self.reasons.insert(ban.net, (reason.to_string(), failures));
             self.state.mark_changed();
             self.audit(AuditRecord::new(
@@ -599,7 +605,12 @@ impl SshGuard {
             .map(|(net, _)| *net)
             .collect();
         let v4 = active.iter().filter(|net| net.is_ipv4()).count();
-        self.metrics.set_banned(v4, active.len() - v4);
+        match self.mode {
+            GuardMode::Enforce => self.metrics.set_banned(v4, active.len() - v4),
+            // The engine remembers would-be bans (so that each is reported once); none is in
+            // force.
+            GuardMode::Observe => self.metrics.set_banned(0, 0),
+        }
         self.metrics
             .set_tracked(self.engine.tracked(), self.engine.evicted);
         self.reasons.retain(|net, _| active.contains(net));
