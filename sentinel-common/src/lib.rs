@@ -217,6 +217,18 @@ pub struct KernelOffsets {
     pub inode_ino: u32,
 }
 
+/// Which per-event records the exec and TCP programs write to `EVENTS`, written into their
+/// read-only data before load. Both count every event either way; a record costs a ring
+/// buffer reservation and copies, so it is written only when the daemon has a reader for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventRecords {
+    /// Non-zero: one `ExecEvent` per exec.
+    pub exec: u32,
+    /// Non-zero: one `TcpEvent` per connect started and accept completed.
+    pub tcp: u32,
+}
+
 /// Ring buffer bytes queued before a producer wakes the daemon; below it the daemon drains
 /// on its own timer. Wakeups dominate per-event cost, so they are batched.
 pub const EVENTS_WAKEUP_BYTES: u64 = 256 * 1024;
@@ -227,4 +239,5 @@ mod user {
     // for any bit pattern.
     unsafe impl aya::Pod for super::ServiceCounters {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::EventRecords {}
 }

@@ -12,7 +12,7 @@ use sentinel_common::{EventKind, ExecEvent, LossKind};
 
 use crate::{
     kernel::{offset, offsets_ready, read},
-    maps::{EVENTS, count, events_wakeup_flags, record_loss},
+    maps::{EVENTS, count, events_wakeup_flags, exec_records_wanted, record_loss},
 };
 
 /// `TP_PROTO(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`; runs in the
@@ -25,6 +25,9 @@ pub fn sentinel_exec(ctx: RawTracePointContext) {
     // SAFETY: helper without preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     count(cgroup_id, |counters| counters.execs += 1);
+    if !exec_records_wanted() {
+        return;
+    }
 
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         record_loss(LossKind::Exec);

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use sentinel_common::{EVENTS_WAKEUP_BYTES, LossKind, ServiceCounters};
+use sentinel_common::{EVENTS_WAKEUP_BYTES, EventRecords, LossKind, ServiceCounters};
 
 /// Per-cgroup counters, keyed by cgroup v2 id. The daemon folds and deletes entries of
 /// removed cgroups, so the map only holds live ones.
@@ -16,6 +16,11 @@ pub static COUNTERS: PerCpuHashMap<u64, ServiceCounters> =
 /// Events that could not be recorded, indexed by `LossKind`.
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LossKind::COUNT as u32, 0);
+
+/// Which of the high-volume records below the daemon reads; filled in before load (read-only
+/// data). Without a reader, the exec and TCP programs only count.
+#[unsafe(no_mangle)]
+pub static RECORDS: EventRecords = EventRecords { exec: 0, tcp: 0 };
 
 /// High-volume per-event records (exec, TCP) with batched wakeups.
 #[map]
@@ -59,6 +64,21 @@ pub fn count(cgroup_id: u64, update: impl Fn(&mut ServiceCounters)) {
         Some(counters) => update(unsafe { &mut *counters }),
         None => record_loss(LossKind::CounterMapFull),
     }
+}
+
+/// Whether the daemon reads exec records, through a volatile load so that the compiler cannot
+/// fold the zero initialiser into the program.
+#[inline(always)]
+pub fn exec_records_wanted() -> bool {
+    // SAFETY: a valid reference to a static.
+    unsafe { core::ptr::read_volatile(&RECORDS.exec) != 0 }
+}
+
+/// Whether the daemon reads TCP records (see `exec_records_wanted`).
+#[inline(always)]
+pub fn tcp_records_wanted() -> bool {
+    // SAFETY: a valid reference to a static.
+    unsafe { core::ptr::read_volatile(&RECORDS.tcp) != 0 }
 }
 
 /// Submit flags for `EVENTS`: wake the daemon only when enough data is queued.

@@ -7,7 +7,7 @@ use sentinel_common::{EventKind, LossKind, TcpEvent};
 
 use crate::{
     kernel::{cgroup_id, offset, offsets_ready, read},
-    maps::{EVENTS, count, events_wakeup_flags, record_loss},
+    maps::{EVENTS, count, events_wakeup_flags, record_loss, tcp_records_wanted},
 };
 
 const TCP_ESTABLISHED: i32 = 1;
@@ -44,6 +44,9 @@ pub fn sentinel_tcp(ctx: RawTracePointContext) {
         count(id, |counters| counters.tcp_accepts += 1);
         (id, LossKind::TcpAccept)
     };
+    if !tcp_records_wanted() {
+        return;
+    }
 
     let Some(mut entry) = EVENTS.reserve::<TcpEvent>(0) else {
         record_loss(loss);

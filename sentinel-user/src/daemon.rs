@@ -20,18 +20,19 @@ use tracing::{error, info, warn};
 
 use crate::{
     Error,
-    cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount},
+    cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount, stats::StatsReader},
     components::{Components, Stopped, supervised},
     config::{Config, DEFAULT_PATH, RestartRequired},
     control::{ControlSocket, DaemonView, ReloadRequest, report::ReloadReport, stats},
     crowdsec::{Fleet, FleetMetrics},
-    events::{EventHandler, read_ring, readable},
+    events::{self, EventHandler, read_ring, readable},
     http,
     kernel::{self, Btf},
     metrics::{ConnectionMetrics, KernelCounters, Metrics},
     policy::{
         enforcer::{AppliedView, Enforcer, Input as EnforcerInput},
         metrics::PolicyMetrics,
+        resources::{self, ResourceCollector},
     },
     probes::{self, SshFiles},
     queue::{self, Queue, QueueDrops},
@@ -85,7 +86,8 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let mut signals = Signals::install()?;
     kernel::check_privileges()?;
     kernel::raise_open_files_limit();
-    // Parsed BTF is tens of MB and only needed for the offsets: drop it right after.
+    let loader = probes::Loader::without_kernel_btf();
+    // The BTF is only needed for the offsets: dropped right after.
     let resolved = kernel::resolve_offsets(&Btf::from_sys_fs()?);
     kernel::release_freed_memory();
     let cgroup_root = find_cgroup2_mount()?;
@@ -103,7 +105,8 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     if !resolved.missing.is_empty() {
         warn!(missing = ?resolved.missing, "this kernel's BTF lacks some fields; probes that need them stay off");
     }
-    let mut probes = probes::load(resolved)?;
+    let records = events::records_wanted();
+    let mut probes = probes::load(loader, resolved, records)?;
 
     let mut tree = CgroupTree::new(cgroup_root.clone());
     tree.rescan();
@@ -125,12 +128,16 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
 
     let cgroupfs = CgroupFs::new(cgroup_root.clone());
     let applied = Arc::new(Mutex::new(AppliedView::default()));
-    let policy_metrics = PolicyMetrics::new(
-        metrics.registry_mut(),
-        cgroupfs.clone(),
-        applied.clone(),
-        attribution.clone(),
-    );
+    let policy_metrics = PolicyMetrics::new(metrics.registry_mut(), attribution.clone());
+    let (resources_tx, resources_rx) = resources::snapshot_channel();
+    metrics
+        .registry_mut()
+        .register_collector(Box::new(ResourceCollector::new(
+            applied.clone(),
+            resources_rx,
+            config.metrics.resource_detail,
+        )));
+    let stats_reader = StatsReader::new(cgroupfs.clone(), config.metrics.resource_detail);
     let enforcer = Enforcer::new(
         cgroupfs.clone(),
         config.policies.clone(),
@@ -190,6 +197,20 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         read_ring(ssh_events, handler, ALERTS_POLL, cancel.clone()),
     ));
     tasks.spawn(housekeeping(kernel_counters.clone(), cancel.clone()));
+    let refresh_resources = resources::refresh(
+        stats_reader,
+        applied.clone(),
+        config.metrics.resource_refresh,
+        resources_tx,
+        cancel.clone(),
+    );
+    tasks.spawn(supervised(
+        components.start("resource refresh"),
+        async move {
+            refresh_resources.await;
+            Ok::<(), Infallible>(())
+        },
+    ));
     // Without a guard, requests get "the SSH guard is not running" from a closed queue.
     let guard_for_control = match &ssh_guard {
         Some((tx, _)) => tx.clone(),
@@ -255,6 +276,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         probes_attached = attached,
         probes_total,
         policies = config.policies.services.len(),
+        exec_tcp_records = records.exec != 0,
         ssh_guard = ssh_guard.is_some(),
         "sentinel is running"
     );

@@ -1,5 +1,7 @@
 //! Harness for the privileged tests: a real daemon, real cgroups, real scrapes.
 
+pub mod floor;
+pub mod measure;
 pub mod netlab;
 
 use std::{

@@ -45,7 +45,13 @@ fn connect_loop(server: &TestCgroup, client: &TestCgroup, bind: &str, count: usi
 #[test]
 fn exec_count_per_service_is_exact() {
     let _serial = serial();
+    // The events module's debug lines are the exec records' reader: with them on, the exec
+    // program writes a record per exec besides counting.
     let daemon = Daemon::start(&[("SENTINEL_LOG", "info,sentinel_user::events=debug")]);
+    assert!(
+        records_switch(&daemon),
+        "exec records off with debug lines on"
+    );
     let cgroup = TestCgroup::new("exec");
     let dir = TempDir::new("sentinel-exec");
     let program = dir.path().join(format!("sntl-{}", unique_suffix()));
@@ -93,6 +99,17 @@ fn exec_count_per_service_is_exact() {
     );
 }
 
+/// Whether the daemon had the exec and TCP programs write per-event records, from its start line.
+fn records_switch(daemon: &Daemon) -> bool {
+    let running = daemon.log_records(&[("message", "sentinel is running")]);
+    let [running] = running.as_slice() else {
+        panic!("not one start line; log:\n{}", daemon.log());
+    };
+    running["exec_tcp_records"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no exec_tcp_records in {running}"))
+}
+
 /// TCP event records of `kind` (`tcp connect`, `tcp accept`) from `service` whose `port_field`
 /// (`remote_port` for a connect, `local_port` for an accept) is `port`.
 fn tcp_events(daemon: &Daemon, kind: &str, service: &str, port_field: &str, port: u16) -> usize {
@@ -107,6 +124,10 @@ fn tcp_events(daemon: &Daemon, kind: &str, service: &str, port_field: &str, port
 fn tcp_connects_and_accepts_per_service_are_exact() {
     let _serial = serial();
     let daemon = Daemon::start(&[("SENTINEL_LOG", "info,sentinel_user::events=debug")]);
+    assert!(
+        records_switch(&daemon),
+        "TCP records off with debug lines on"
+    );
     let server = TestCgroup::new("server");
     let client = TestCgroup::new("client");
     const PER_FAMILY: usize = 20;
@@ -334,7 +355,7 @@ fn sigint_stops_the_daemon_the_same_way() {
 }
 
 /// The parts of a daemon without the SSH guard.
-const COMPONENTS: [&str; 8] = [
+const COMPONENTS: [&str; 9] = [
     "alerts reader",
     "config watcher",
     "control socket",
@@ -342,6 +363,7 @@ const COMPONENTS: [&str; 8] = [
     "events reader",
     "metrics server",
     "probe keeper",
+    "resource refresh",
     "ssh events reader",
 ];
 

@@ -31,9 +31,15 @@ fn require_controllers() {
 }
 
 /// A daemon whose configuration holds `policies` (YAML list items, indented by two).
+/// Every resource series, read every second: the tests compare them with the kernel's files.
+const FULL_RESOURCES: &str = "metrics:\n  resource_refresh: 1s\n  resource_detail: full\n";
+
 fn daemon_with(policies: &str) -> Daemon {
     require_controllers();
-    Daemon::start_with_config(&format!("{NO_FIREWALL}policies:\n{policies}"), &[])
+    Daemon::start_with_config(
+        &format!("{NO_FIREWALL}{FULL_RESOURCES}policies:\n{policies}"),
+        &[],
+    )
 }
 
 fn read(cgroup: &TestCgroup, file: &str) -> String {
@@ -96,7 +102,11 @@ fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
     let scrape = daemon.scrape();
     assert_eq!(scrape.count("sentinel_oom_kills_total", &service), 1);
     assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 1);
-    // The kernel's own counts, exported for reconciliation: equal to memory.events.
+    // The kernel's own counts, exported for reconciliation: equal to memory.events once a
+    // background read has seen the kill.
+    let oom_kill = [("service", cgroup.service()), ("event", "oom_kill")];
+    daemon.await_count("sentinel_memory_events_total", &oom_kill, 1, HANG_GUARD);
+    let scrape = daemon.scrape();
     for event in ["oom", "oom_kill", "max", "high"] {
         assert_eq!(
             scrape.count(
@@ -602,7 +612,7 @@ fn unit_memory_high_and_cpu_weight_on_a_real_cgroup_with_their_metrics() {
     let unit = parent.child("sentinel-web.service");
     let policy = |weight: u32| {
         format!(
-            "{NO_FIREWALL}services:\n  cgroup_backend: cgroupfs\npolicies:\n  - name: web\n    unit: sentinel-web.service\n    memory.max: 64M\n    memory.high: 48M\n    cpu.weight: {weight}\n    pids.max: 50\n"
+            "{NO_FIREWALL}{FULL_RESOURCES}services:\n  cgroup_backend: cgroupfs\npolicies:\n  - name: web\n    unit: sentinel-web.service\n    memory.max: 64M\n    memory.high: 48M\n    cpu.weight: {weight}\n    pids.max: 50\n"
         )
     };
     let daemon = Daemon::start_with_config(&policy(200), &[]);
@@ -615,7 +625,19 @@ fn unit_memory_high_and_cpu_weight_on_a_real_cgroup_with_their_metrics() {
     let service = unit.service();
     let labels = [("service", service)];
     let usage_before = flat_key(&unit, "cpu.stat", "usage_usec");
-    let scrape = daemon.scrape();
+    // Resource figures come from a background read every second: wait for one made after
+    // `usage_before` (the hog keeps the usage growing).
+    let mut scrape = daemon.scrape();
+    let refreshed = eventually(HANG_GUARD, || {
+        scrape = daemon.scrape();
+        scrape
+            .find("sentinel_cpu_usage_seconds_total", &labels)
+            .is_some_and(|usage| usage >= usage_before as f64 / 1e6)
+    });
+    assert!(
+        refreshed,
+        "no resource read after cpu.stat said {usage_before} us"
+    );
     let usage_after = flat_key(&unit, "cpu.stat", "usage_usec");
     // What the kernel says, exactly.
     assert_eq!(

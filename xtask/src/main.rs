@@ -1,11 +1,9 @@
 //! Developer tasks: `cargo xtask run | test | lint | setup | fuzz | deb | vm-test |
 //! systemd-test | fresh-check | bench`.
 
-mod bench;
 mod deb;
 mod fresh_check;
 mod fuzz;
-mod host;
 mod setup;
 mod vm;
 
@@ -13,10 +11,12 @@ use std::{
     ffi::OsString,
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use sentinel_host as host;
 
 use crate::host::{privileged, run};
 
@@ -60,7 +60,7 @@ enum Task {
     /// and CARGO_HOME with a floating nightly as default, then the steps CI runs.
     FreshCheck(fresh_check::FreshCheckArgs),
     /// Measure Sentinel's overhead and footprint side by side with its peers (as root).
-    Bench(bench::BenchArgs),
+    Bench(sentinel_bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -81,7 +81,7 @@ fn main() -> Result<()> {
         Task::VmTest(args) => vm::vm_test(&args),
         Task::SystemdTest(args) => vm::systemd_test(&args),
         Task::FreshCheck(args) => fresh_check::fresh_check(&workspace, &args),
-        Task::Bench(args) => bench::bench(&args),
+        Task::Bench(args) => sentinel_bench::bench(&args, &workspace, &BenchDriver(&workspace)),
     }
 }
 
@@ -125,6 +125,22 @@ fn run_daemon(workspace: &Path, args: &[OsString]) -> Result<()> {
     step("starting sentinel (Ctrl-C to stop)");
     run(privileged(&daemon, &["SENTINEL_LOG"]).arg("run").args(args))
         .context("sentinel exited with an error")
+}
+
+/// What the bench needs of xtask: the release daemon, built as `cargo xtask run` builds it,
+/// and the VM.
+struct BenchDriver<'a>(&'a Path);
+
+impl sentinel_bench::Driver for BenchDriver<'_> {
+    fn build_daemon(&self) -> Result<PathBuf> {
+        setup::build_tools(self.0)?;
+        run(cargo(self.0).args(["build", "--release", "-p", "sentinel-user"]))?;
+        Ok(self.0.join("target/release/sentinel"))
+    }
+
+    fn run_vm_job(&self, name: &str, command: &str, timeout: Duration) -> Result<Vec<String>> {
+        vm::run_job(name, command, timeout)
+    }
 }
 
 fn lint(workspace: &Path) -> Result<()> {

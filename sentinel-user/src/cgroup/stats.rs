@@ -1,9 +1,24 @@
-//! Per-cgroup resource figures from the cgroup v2 interface files, for `/metrics`.
+//! Per-cgroup resource figures from the cgroup v2 interface files, for `/metrics`. A refresh
+//! task reads them in the background (`policy::resources`); a scrape only encodes its snapshot.
+
+use std::{fs::File, io::Read, path::Path};
 
 use super::cgroupfs::CgroupFs;
 
-/// Figures of one cgroup; a file that is absent (controller not enabled) leaves its fields
-/// `None` or empty.
+/// Which resource series `/metrics` carries per policed service, and so which files are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ResourceDetail {
+    /// What operators alert and plot on: memory use and limit, CPU use and throttled time,
+    /// task count (`memory.current`, `memory.max`, `cpu.stat`, `pids.current`).
+    #[default]
+    Basic,
+    /// Also `memory.high`, `pids.max`, throttled periods, `memory.events` and pressure stall
+    /// times (`memory.high`, `pids.max`, `memory.events`, `{cpu,memory,io}.pressure`).
+    Full,
+}
+
+/// Figures of one cgroup; a file that is absent (controller not enabled) or not read at this
+/// detail leaves its fields `None` or empty.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct CgroupStats {
     pub memory_current_bytes: Option<u64>,
@@ -22,39 +37,95 @@ pub struct CgroupStats {
 }
 
 const MEMORY_EVENTS: [&str; 4] = ["high", "max", "oom", "oom_kill"];
-const PRESSURE_RESOURCES: [&str; 3] = ["cpu", "memory", "io"];
+const PRESSURE_FILES: [(&str, &str); 3] = [
+    ("cpu", "cpu.pressure"),
+    ("memory", "memory.pressure"),
+    ("io", "io.pressure"),
+];
+/// Every interface file read here fits, so one `read` per file is the rule.
+const READ_CHUNK: usize = 4096;
 
-pub fn read_stats(fs: &CgroupFs, path: &str) -> CgroupStats {
-    let read = |file: &str| fs.read(path, file).ok();
-    let cpu_stat = read("cpu.stat").unwrap_or_default();
-    let memory_events = read("memory.events").unwrap_or_default();
-    CgroupStats {
-        memory_current_bytes: read("memory.current").and_then(|v| v.parse().ok()),
-        memory_max_bytes: read("memory.max").and_then(|v| parse_limit(&v)),
-        memory_high_bytes: read("memory.high").and_then(|v| parse_limit(&v)),
-        cpu_usage_seconds: flat_key(&cpu_stat, "usage_usec").map(micros_to_seconds),
-        cpu_throttled_seconds: flat_key(&cpu_stat, "throttled_usec").map(micros_to_seconds),
-        cpu_throttled_periods: flat_key(&cpu_stat, "nr_throttled"),
-        pids_current: read("pids.current").and_then(|v| v.parse().ok()),
-        pids_max: read("pids.max").and_then(|v| parse_limit(&v)),
-        memory_events: MEMORY_EVENTS
-            .iter()
-            .filter_map(|event| Some((*event, flat_key(&memory_events, event)?)))
-            .collect(),
-        pressure_stall_seconds: PRESSURE_RESOURCES
-            .iter()
-            .flat_map(|resource| {
-                let text = read(&format!("{resource}.pressure")).unwrap_or_default();
-                pressure_totals(&text)
-                    .into_iter()
-                    .map(move |(scope, micros)| (*resource, scope, micros_to_seconds(micros)))
-            })
-            .collect(),
+/// Reads cgroups' interface files with one open, one read and one close each, into a buffer
+/// kept across files and passes.
+#[derive(Debug)]
+pub struct StatsReader {
+    fs: CgroupFs,
+    detail: ResourceDetail,
+    buffer: Vec<u8>,
+}
+
+impl StatsReader {
+    pub fn new(fs: CgroupFs, detail: ResourceDetail) -> Self {
+        Self {
+            fs,
+            detail,
+            buffer: Vec::with_capacity(READ_CHUNK),
+        }
+    }
+
+    /// The figures of the cgroup at `path` that `detail` exports.
+    pub fn read(&mut self, path: &str) -> CgroupStats {
+        let dir = self.fs.dir(path);
+        let mut stats = CgroupStats {
+            memory_current_bytes: self.file(&dir, "memory.current").and_then(parse_number),
+            memory_max_bytes: self.file(&dir, "memory.max").and_then(parse_limit),
+            pids_current: self.file(&dir, "pids.current").and_then(parse_number),
+            ..CgroupStats::default()
+        };
+        if let Some(cpu_stat) = self.file(&dir, "cpu.stat") {
+            stats.cpu_usage_seconds = flat_key(cpu_stat, "usage_usec").map(micros_to_seconds);
+            stats.cpu_throttled_seconds =
+                flat_key(cpu_stat, "throttled_usec").map(micros_to_seconds);
+            stats.cpu_throttled_periods = flat_key(cpu_stat, "nr_throttled");
+        }
+        if self.detail == ResourceDetail::Basic {
+            stats.cpu_throttled_periods = None;
+            return stats;
+        }
+        stats.memory_high_bytes = self.file(&dir, "memory.high").and_then(parse_limit);
+        stats.pids_max = self.file(&dir, "pids.max").and_then(parse_limit);
+        if let Some(events) = self.file(&dir, "memory.events") {
+            stats.memory_events = MEMORY_EVENTS
+                .iter()
+                .filter_map(|event| Some((*event, flat_key(events, event)?)))
+                .collect();
+        }
+        for (resource, file) in PRESSURE_FILES {
+            if let Some(text) = self.file(&dir, file) {
+                stats.pressure_stall_seconds.extend(
+                    pressure_totals(text)
+                        .into_iter()
+                        .map(|(scope, micros)| (resource, scope, micros_to_seconds(micros))),
+                );
+            }
+        }
+        stats
+    }
+
+    /// The whole text of `dir/name`, or `None` when it cannot be read.
+    fn file(&mut self, dir: &Path, name: &str) -> Option<&str> {
+        let mut file = File::open(dir.join(name)).ok()?;
+        self.buffer.clear();
+        // A read that fills the chunk may have left more behind; a short one reached the end.
+        loop {
+            let filled = self.buffer.len();
+            self.buffer.resize(filled + READ_CHUNK, 0);
+            let read = file.read(&mut self.buffer[filled..]).ok()?;
+            self.buffer.truncate(filled + read);
+            if read < READ_CHUNK {
+                break;
+            }
+        }
+        std::str::from_utf8(&self.buffer).ok()
     }
 }
 
+fn parse_number(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
+}
+
 /// A limit file's value: a number, or `max` for none.
-pub fn parse_limit(value: &str) -> Option<u64> {
+fn parse_limit(value: &str) -> Option<u64> {
     match value.trim() {
         "max" => None,
         number => number.parse().ok(),
@@ -62,7 +133,7 @@ pub fn parse_limit(value: &str) -> Option<u64> {
 }
 
 /// The value of `key` in a flat keyed file (`key value` per line).
-pub fn flat_key(text: &str, key: &str) -> Option<u64> {
+fn flat_key(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let (name, value) = line.split_once(' ')?;
         (name == key).then(|| value.trim().parse().ok())?
@@ -94,7 +165,106 @@ fn micros_to_seconds(micros: u64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
+
+    /// A cgroup directory in a temp dir, with plain files standing in for interface files.
+    struct FakeCgroup(PathBuf);
+
+    impl FakeCgroup {
+        fn new(files: &[(&str, &str)]) -> Self {
+            let root = std::env::temp_dir().join(format!(
+                "sentinel-stats-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            std::fs::create_dir_all(root.join("svc")).unwrap();
+            for (name, text) in files {
+                std::fs::write(root.join("svc").join(name), text).unwrap();
+            }
+            Self(root)
+        }
+
+        fn read(&self, detail: ResourceDetail) -> CgroupStats {
+            StatsReader::new(CgroupFs::new(self.0.clone()), detail).read("/svc")
+        }
+    }
+
+    impl Drop for FakeCgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const FILES: [(&str, &str); 9] = [
+        ("memory.current", "1048576\n"),
+        ("memory.max", "max\n"),
+        ("memory.high", "4194304\n"),
+        ("pids.current", "3\n"),
+        ("pids.max", "32\n"),
+        (
+            "cpu.stat",
+            "usage_usec 2500000\nuser_usec 1\nnr_throttled 7\nthrottled_usec 1500000\n",
+        ),
+        ("memory.events", "low 0\nhigh 2\nmax 1\noom 0\noom_kill 0\n"),
+        (
+            "cpu.pressure",
+            "some avg10=0.00 avg60=0.00 avg300=0.00 total=250000\n",
+        ),
+        (
+            "io.pressure",
+            "some avg10=0.00 avg60=0.00 avg300=0.00 total=1\n\
+             full avg10=0.00 avg60=0.00 avg300=0.00 total=2\n",
+        ),
+    ];
+
+    #[test]
+    fn basic_detail_reads_only_what_it_exports() {
+        assert_eq!(
+            FakeCgroup::new(&FILES).read(ResourceDetail::Basic),
+            CgroupStats {
+                memory_current_bytes: Some(1_048_576),
+                memory_max_bytes: None,
+                cpu_usage_seconds: Some(2.5),
+                cpu_throttled_seconds: Some(1.5),
+                pids_current: Some(3),
+                ..CgroupStats::default()
+            }
+        );
+    }
+
+    #[test]
+    fn full_detail_reads_every_file_and_skips_absent_ones() {
+        // memory.pressure is absent: its figures are left out, the others stay.
+        assert_eq!(
+            FakeCgroup::new(&FILES).read(ResourceDetail::Full),
+            CgroupStats {
+                memory_current_bytes: Some(1_048_576),
+                memory_max_bytes: None,
+                memory_high_bytes: Some(4_194_304),
+                cpu_usage_seconds: Some(2.5),
+                cpu_throttled_seconds: Some(1.5),
+                cpu_throttled_periods: Some(7),
+                pids_current: Some(3),
+                pids_max: Some(32),
+                memory_events: vec![("high", 2), ("max", 1), ("oom", 0), ("oom_kill", 0)],
+                pressure_stall_seconds: vec![
+                    ("cpu", "some", 0.25),
+                    ("io", "some", 0.000_001),
+                    ("io", "full", 0.000_002),
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn a_file_larger_than_one_read_is_read_whole() {
+        let padding = "x".repeat(READ_CHUNK * 2);
+        let cpu_stat = format!("{padding} 0\nusage_usec 42\n");
+        let stats = FakeCgroup::new(&[("cpu.stat", &cpu_stat)]).read(ResourceDetail::Basic);
+        assert_eq!(stats.cpu_usage_seconds, Some(0.000_042));
+    }
 
     #[test]
     fn parses_flat_keyed_files() {

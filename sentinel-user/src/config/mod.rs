@@ -12,6 +12,7 @@ use std::{
     net::SocketAddr,
     os::unix::fs::{FileTypeExt, OpenOptionsExt},
     path::Path,
+    time::Duration,
 };
 
 use prometheus_client::{
@@ -23,10 +24,11 @@ use serde_saphyr::Spanned;
 pub use crate::cgroup::CgroupBackend;
 use crate::{
     Error,
+    cgroup::stats::ResourceDetail,
     crowdsec::settings::{self as crowdsec, CrowdsecConfig},
     policy::Policy,
     ssh_guard::settings::SshGuardConfig,
-    yaml::{self, Checker, Diagnostic, Diagnostics, Invalid, Node, parse_whole},
+    yaml::{self, Checker, Diagnostic, Diagnostics, Invalid, Node, parse_duration, parse_whole},
 };
 
 #[cfg(test)]
@@ -40,12 +42,22 @@ pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 /// The configuration file's sections.
 pub(crate) const TOP_LEVEL_KEYS: &[&str] =
     &["metrics", "services", "policies", "ssh_guard", "crowdsec"];
-const METRICS_KEYS: &[&str] = &["listen"];
+const METRICS_KEYS: &[&str] = &["listen", "resource_refresh", "resource_detail"];
 const SERVICES_KEYS: &[&str] = &["max_labels", "cgroup_backend"];
 
 const EXPECTED_LISTEN: &str = "an address and port such as 127.0.0.1:9848 or [::1]:9848";
 const EXPECTED_LABELS: &str = "a whole number of at least 1";
 const EXPECTED_BACKEND: &str = "auto, systemd or cgroupfs";
+const EXPECTED_REFRESH: &str = "a duration from 1s to 1h, such as 10s or 1m";
+const EXPECTED_DETAIL: &str = "basic or full";
+
+/// Resource figures are read this often: fresher than a 15 s scrape interval needs, and a pass
+/// over thousands of cgroups costs a fraction of a percent of a core at this pace.
+const DEFAULT_RESOURCE_REFRESH: Duration = Duration::from_secs(10);
+/// Below this, reading thousands of cgroups would keep a core busy.
+const MIN_RESOURCE_REFRESH: Duration = Duration::from_secs(1);
+/// Above this, the figures are too old to be worth exporting.
+const MAX_RESOURCE_REFRESH: Duration = Duration::from_secs(3600);
 
 /// Why a reload refuses a file without settings.
 const NOTHING_TO_RELOAD: &str = "the file holds no settings (it is empty or only comments, as \
@@ -67,6 +79,10 @@ pub struct Config {
 pub struct MetricsConfig {
     /// Loopback unless the operator decides otherwise.
     pub listen: SocketAddr,
+    /// How often the policed services' cgroup files are read; scrapes export the latest read.
+    pub resource_refresh: Duration,
+    /// Which resource series each policed service has.
+    pub resource_detail: ResourceDetail,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +97,8 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9848)),
+            resource_refresh: DEFAULT_RESOURCE_REFRESH,
+            resource_detail: ResourceDetail::Basic,
         }
     }
 }
@@ -138,7 +156,12 @@ impl Config {
     pub fn restart_only_changes(&self, new: &Self) -> Vec<(&'static str, bool)> {
         // Destructured, so that a new setting cannot be left out here.
         let Self {
-            metrics: MetricsConfig { listen },
+            metrics:
+                MetricsConfig {
+                    listen,
+                    resource_refresh,
+                    resource_detail,
+                },
             services:
                 ServicesConfig {
                     max_labels,
@@ -150,6 +173,14 @@ impl Config {
         } = self;
         let mut changes = vec![
             ("metrics.listen", *listen != new.metrics.listen),
+            (
+                "metrics.resource_refresh",
+                *resource_refresh != new.metrics.resource_refresh,
+            ),
+            (
+                "metrics.resource_detail",
+                *resource_detail != new.metrics.resource_detail,
+            ),
             (
                 "services.max_labels",
                 *max_labels != new.services.max_labels,
@@ -346,7 +377,41 @@ impl Checker {
                 }
             })
         });
-        Some(MetricsConfig { listen: listen? })
+        let resource_refresh = self.setting(
+            &mut fields,
+            "resource_refresh",
+            defaults.resource_refresh,
+            |checker, field| {
+                checker.value(field, EXPECTED_REFRESH, |text| {
+                    match parse_duration(text)? {
+                        every if every < MIN_RESOURCE_REFRESH => {
+                            Err(Invalid::Because("must be at least 1s"))
+                        }
+                        every if every > MAX_RESOURCE_REFRESH => {
+                            Err(Invalid::Because("must be at most 1h"))
+                        }
+                        every => Ok(every),
+                    }
+                })
+            },
+        );
+        let resource_detail = self.setting(
+            &mut fields,
+            "resource_detail",
+            defaults.resource_detail,
+            |checker, field| {
+                checker.value(field, EXPECTED_DETAIL, |text| match text {
+                    "basic" => Ok(ResourceDetail::Basic),
+                    "full" => Ok(ResourceDetail::Full),
+                    _ => Err(Invalid::Unrecognized),
+                })
+            },
+        );
+        Some(MetricsConfig {
+            listen: listen?,
+            resource_refresh: resource_refresh?,
+            resource_detail: resource_detail?,
+        })
     }
 
     fn services(&mut self, node: &Spanned<Node>) -> Option<ServicesConfig> {

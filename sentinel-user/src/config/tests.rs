@@ -86,12 +86,15 @@ fn every_cgroup_backend_is_read() {
 fn reads_every_section() {
     let config = Config::parse(
         "c.yaml",
-        "metrics:\n  listen: 0.0.0.0:9000\nservices:\n  max_labels: 3\n  cgroup_backend: \
+        "metrics:\n  listen: 0.0.0.0:9000\n  resource_refresh: 30s\n  resource_detail: \
+         full\nservices:\n  max_labels: 3\n  cgroup_backend: \
          cgroupfs\nssh_guard:\n  ban_for: 1h\n  multiplier: 1.5\n  allow: [10.0.0.0/8]\n  \
          netns: /run/netns/web\n",
     )
     .unwrap();
     assert_eq!(config.metrics.listen.to_string(), "0.0.0.0:9000");
+    assert_eq!(config.metrics.resource_refresh, Duration::from_secs(30));
+    assert_eq!(config.metrics.resource_detail, ResourceDetail::Full);
     assert_eq!(config.services.max_labels, 3);
     assert_eq!(config.services.cgroup_backend, CgroupBackend::Cgroupfs);
     assert_eq!(config.ssh_guard.ban_for, Duration::from_secs(3600));
@@ -121,6 +124,8 @@ fn every_section_reports_every_problem_with_its_position() {
             "metrics:
   listen: localhost:http
   lisen: 127.0.0.1:1
+  resource_refresh: 500ms
+  resource_detail: everything
 services:
   max_labels: 0
   cgroup_backend: systemd-ish
@@ -148,26 +153,28 @@ sentinel: {}
             "c.yaml:2:11: listen: expected an address and port such as 127.0.0.1:9848 or \
              [::1]:9848, found \"localhost:http\"",
             "c.yaml:3:3: unknown metrics setting \"lisen\"; did you mean \"listen\"?",
-            "c.yaml:5:15: max_labels: must be at least 1, found 0",
-            "c.yaml:6:19: cgroup_backend: expected auto, systemd or cgroupfs, found \"systemd-ish\"",
-            "c.yaml:10:17: memory.max: must be at least 1M; a number without a suffix is bytes, \
+            "c.yaml:4:21: resource_refresh: must be at least 1s, found \"500ms\"",
+            "c.yaml:5:20: resource_detail: expected basic or full, found \"everything\"",
+            "c.yaml:7:15: max_labels: must be at least 1, found 0",
+            "c.yaml:8:19: cgroup_backend: expected auto, systemd or cgroupfs, found \"systemd-ish\"",
+            "c.yaml:12:17: memory.max: must be at least 1M; a number without a suffix is bytes, \
              found 512",
-            "c.yaml:12:12: enabled: expected true or false, found \"yes please\"",
-            "c.yaml:13:17: max_failures: must be at least 1, found 0",
-            "c.yaml:14:11: window: must be longer than 0s, found \"0s\"",
-            "c.yaml:15:12: ban_for: must be longer than 0s, found 0",
-            "c.yaml:16:15: multiplier: must be at least 1 (1 keeps every ban as long as the \
+            "c.yaml:14:12: enabled: expected true or false, found \"yes please\"",
+            "c.yaml:15:17: max_failures: must be at least 1, found 0",
+            "c.yaml:16:11: window: must be longer than 0s, found \"0s\"",
+            "c.yaml:17:12: ban_for: must be longer than 0s, found 0",
+            "c.yaml:18:15: multiplier: must be at least 1 (1 keeps every ban as long as the \
              first), found 0.5",
-            "c.yaml:17:12: max_ban: must be at most 36500d (100 years), the longest ban the \
+            "c.yaml:19:12: max_ban: must be at most 36500d (100 years), the longest ban the \
              firewall sets, found \"36501d\"",
-            "c.yaml:18:23: allow: expected an address or network such as 192.0.2.7, 10.0.0.0/8 \
+            "c.yaml:20:23: allow: expected an address or network such as 192.0.2.7, 10.0.0.0/8 \
              or 2001:db8::/32, found \"300.1.2.3\"",
-            "c.yaml:19:16: ipv6_prefix: must be between 1 and 128, found 129",
-            "c.yaml:20:16: max_tracked: must be at least 1, found 0",
-            "c.yaml:21:15: max_banned: must be at least 1, found 0",
-            "c.yaml:22:14: audit_log: expected an absolute path, found \"audit.log\"",
-            "c.yaml:23:3: unknown ssh_guard setting \"ban_fro\"; did you mean \"ban_for\"?",
-            "c.yaml:24:1: unknown top-level key \"sentinel\"; expected one of metrics, \
+            "c.yaml:21:16: ipv6_prefix: must be between 1 and 128, found 129",
+            "c.yaml:22:16: max_tracked: must be at least 1, found 0",
+            "c.yaml:23:15: max_banned: must be at least 1, found 0",
+            "c.yaml:24:14: audit_log: expected an absolute path, found \"audit.log\"",
+            "c.yaml:25:3: unknown ssh_guard setting \"ban_fro\"; did you mean \"ban_for\"?",
+            "c.yaml:26:1: unknown top-level key \"sentinel\"; expected one of metrics, \
              services, policies, ssh_guard, crowdsec",
         ]
     );
@@ -376,6 +383,8 @@ fn restart_only_changes_name_every_setting_a_reload_does_not_apply() {
     names.sort_unstable();
     let mut expected = vec![
         "metrics.listen",
+        "metrics.resource_detail",
+        "metrics.resource_refresh",
         "services.max_labels",
         "services.cgroup_backend",
     ];

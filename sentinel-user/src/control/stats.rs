@@ -7,7 +7,11 @@ use std::{collections::BTreeMap, sync::Mutex};
 
 use super::report::ServiceStats;
 use crate::{
-    cgroup::{cgroupfs::CgroupFs, service_name, stats::read_stats},
+    cgroup::{
+        cgroupfs::CgroupFs,
+        service_name,
+        stats::{ResourceDetail, StatsReader},
+    },
     metrics::KernelCounters,
     policy::enforcer::AppliedView,
 };
@@ -26,8 +30,9 @@ pub fn collect(
         row.oom_kills = totals.oom_kills;
     }
     let policed = applied.lock().expect("applied view lock").policies();
+    let mut reader = StatsReader::new(fs.clone(), ResourceDetail::Full);
     for (path, policy) in policed {
-        let stats = read_stats(fs, &path);
+        let stats = reader.read(&path);
         let some_pressure = |resource: &str| {
             stats
                 .pressure_stall_seconds

@@ -11,7 +11,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use sentinel_common::TcpEvent;
+use sentinel_common::{EventRecords, TcpEvent};
 use tracing::{Level, debug, enabled, warn};
 
 use crate::{
@@ -20,6 +20,17 @@ use crate::{
     queue::Queue,
     ssh_guard::Input as SshInput,
 };
+
+/// The per-event records the handler reads. Exec and TCP records feed only its debug lines,
+/// so the programs write them only while those lines are logged
+/// (`SENTINEL_LOG=info,sentinel_user::events=debug`); otherwise they only count.
+pub fn records_wanted() -> EventRecords {
+    let debug = u32::from(enabled!(Level::DEBUG));
+    EventRecords {
+        exec: debug,
+        tcp: debug,
+    }
+}
 
 /// What the daemon does with each event.
 pub struct EventHandler {

@@ -1,7 +1,7 @@
 //! A small reader of the kernel's BTF (`/sys/kernel/btf/vmlinux`): just enough to find struct
 //! member offsets and tracepoint prototypes. It stands in for CO-RE, which Rust eBPF lacks.
 
-use std::{collections::HashMap, path::Path};
+use std::path::Path;
 
 use crate::Error;
 
@@ -24,37 +24,31 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Debug, Clone)]
-struct Member {
-    name: String,
-    type_id: u32,
-    bit_offset: u32,
-}
-
-#[derive(Debug, Clone)]
-enum Type {
-    /// Struct or union.
-    Composite {
-        members: Vec<Member>,
-    },
-    Pointer {
-        target: u32,
-    },
-    /// Typedef and the qualifiers: a name for another type.
-    Alias {
-        target: u32,
-    },
-    FuncProto {
-        params: Vec<u32>,
-    },
-    Other,
-}
-
-/// Parsed kernel BTF: types by id and named types by name.
+/// Kernel BTF, kept as the raw bytes plus where each type's record starts; members and names
+/// are decoded only when a lookup asks for them. Decoding every type into owned structures
+/// took tens of MB for a handful of offsets.
 pub struct Btf {
-    types: Vec<Type>,
-    by_name: HashMap<String, Vec<u32>>,
+    data: Vec<u8>,
+    /// The string section's bounds in `data`.
+    strings: std::ops::Range<usize>,
+    /// Byte position of each type's record in `data`, by type id; id 0 (`void`) has none.
+    types: Vec<u32>,
 }
+
+/// The fixed part of a type record.
+struct Record {
+    name_off: u32,
+    kind: u32,
+    vlen: usize,
+    kind_flag: bool,
+    size_or_type: u32,
+    /// Where the kind-specific data after the fixed part starts.
+    rest: usize,
+}
+
+const RECORD_BYTES: usize = 12;
+const MEMBER_BYTES: usize = 12;
+const PARAM_BYTES: usize = 8;
 
 impl Btf {
     pub fn from_sys_fs() -> Result<Self, Error> {
@@ -66,117 +60,44 @@ impl Btf {
             path: path.into(),
             source,
         })?;
-        Self::parse(&data)
+        Self::parse(data)
     }
 
-    pub fn parse(data: &[u8]) -> Result<Self, Error> {
+    pub fn parse(data: Vec<u8>) -> Result<Self, Error> {
         let bad = |reason: &str| Error::BadBtf(reason.to_string());
-        let u16_at = |at: usize| -> Result<u16, Error> {
-            Ok(u16::from_le_bytes(
-                data.get(at..at + 2)
-                    .ok_or_else(|| bad("truncated"))?
-                    .try_into()
-                    .unwrap(),
-            ))
-        };
-        let u32_at = |at: usize| -> Result<u32, Error> {
-            Ok(u32::from_le_bytes(
-                data.get(at..at + 4)
-                    .ok_or_else(|| bad("truncated"))?
-                    .try_into()
-                    .unwrap(),
-            ))
-        };
-        if u16_at(0)? != MAGIC {
+        if u16_at(&data, 0) != Some(MAGIC) {
             return Err(bad("bad magic (not little-endian BTF)"));
         }
-        let header_len = u32_at(4)? as usize;
-        let type_start = header_len + u32_at(8)? as usize;
-        let type_end = type_start + u32_at(12)? as usize;
-        let str_start = header_len + u32_at(16)? as usize;
-        let str_end = str_start + u32_at(20)? as usize;
-        let strings = data
-            .get(str_start..str_end)
-            .ok_or_else(|| bad("string section"))?;
-        let name_at = |offset: u32| -> String {
-            let tail = strings.get(offset as usize..).unwrap_or_default();
-            let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-            String::from_utf8_lossy(&tail[..end]).into_owned()
+        let header = |at| {
+            u32_at(&data, at)
+                .map(|v| v as usize)
+                .ok_or_else(|| bad("truncated"))
         };
-
-        // Type id 0 is `void`.
-        let mut types = vec![Type::Other];
-        let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
+        let header_len = header(4)?;
+        let type_start = header_len + header(8)?;
+        let type_end = type_start + header(12)?;
+        let str_start = header_len + header(16)?;
+        let str_end = str_start + header(20)?;
+        if type_end > data.len() || str_end > data.len() {
+            return Err(bad("truncated"));
+        }
+        let mut btf = Self {
+            strings: str_start..str_end,
+            types: vec![0],
+            data: Vec::new(),
+        };
         let mut at = type_start;
         while at < type_end {
-            let name_off = u32_at(at)?;
-            let info = u32_at(at + 4)?;
-            let size_or_type = u32_at(at + 8)?;
-            let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 == 1;
-            at += 12;
-            let ty = match kind {
-                KIND_STRUCT | KIND_UNION => {
-                    let mut members = Vec::with_capacity(vlen);
-                    for i in 0..vlen {
-                        let base = at + i * 12;
-                        let offset = u32_at(base + 8)?;
-                        members.push(Member {
-                            name: name_at(u32_at(base)?),
-                            type_id: u32_at(base + 4)?,
-                            // With kind_flag the top 8 bits hold a bitfield size.
-                            bit_offset: if kind_flag {
-                                offset & 0xff_ffff
-                            } else {
-                                offset
-                            },
-                        });
-                    }
-                    at += vlen * 12;
-                    Type::Composite { members }
-                }
-                KIND_PTR => Type::Pointer {
-                    target: size_or_type,
-                },
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Type::Alias {
-                        target: size_or_type,
-                    }
-                }
-                KIND_FUNC_PROTO => {
-                    let params = (0..vlen)
-                        .map(|i| u32_at(at + i * 8 + 4))
-                        .collect::<Result<_, _>>()?;
-                    at += vlen * 8;
-                    Type::FuncProto { params }
-                }
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => {
-                    at += 4;
-                    Type::Other
-                }
-                KIND_ARRAY => {
-                    at += 12;
-                    Type::Other
-                }
-                KIND_ENUM => {
-                    at += vlen * 8;
-                    Type::Other
-                }
-                KIND_DATASEC | KIND_ENUM64 => {
-                    at += vlen * 12;
-                    Type::Other
-                }
-                _ => Type::Other,
-            };
-            let id = types.len() as u32;
-            let name = name_at(name_off);
-            if !name.is_empty() {
-                by_name.entry(name).or_default().push(id);
+            let record = read_record(&data, at).ok_or_else(|| bad("truncated"))?;
+            let next = record.rest + trailing_bytes(record.kind, record.vlen);
+            if next > type_end {
+                return Err(bad("truncated"));
             }
-            types.push(ty);
+            btf.types.push(at as u32);
+            at = next;
         }
-        Ok(Self { types, by_name })
+        btf.data = data;
+        Ok(btf)
     }
 
     /// Byte offset of `path` (members separated by `.`) inside the struct named `type_name`.
@@ -200,56 +121,135 @@ impl Btf {
     /// `btf_trace_<name>` typedef (whose first parameter is the context, not counted here).
     pub fn tracepoint_param_is_pointer(&self, name: &str, index: usize) -> Result<bool, Error> {
         let missing = || Error::MissingKernelField(format!("btf_trace_{name}"));
-        let typedef = self
-            .by_name
-            .get(&format!("btf_trace_{name}"))
-            .and_then(|ids| ids.first())
-            .ok_or_else(missing)?;
+        let typedef_name = format!("btf_trace_{name}");
+        let typedef = self.ids_named(&typedef_name).next().ok_or_else(missing)?;
         // typedef -> pointer -> function prototype
-        let Some(Type::Pointer { target }) = self.types.get(self.resolve_alias(*typedef) as usize)
-        else {
+        let pointer = self
+            .record(self.resolve_alias(typedef))
+            .ok_or_else(missing)?;
+        if pointer.kind != KIND_PTR {
             return Err(missing());
-        };
-        let Some(Type::FuncProto { params }) = self.types.get(self.resolve_alias(*target) as usize)
-        else {
+        }
+        let proto = self
+            .record(self.resolve_alias(pointer.size_or_type))
+            .ok_or_else(missing)?;
+        if proto.kind != KIND_FUNC_PROTO || index + 1 >= proto.vlen {
             return Err(missing());
-        };
-        let param = params.get(index + 1).ok_or_else(missing)?;
-        Ok(matches!(
-            self.types.get(self.resolve_alias(*param) as usize),
-            Some(Type::Pointer { .. })
-        ))
+        }
+        let param =
+            u32_at(&self.data, proto.rest + (index + 1) * PARAM_BYTES + 4).ok_or_else(missing)?;
+        Ok(self
+            .record(self.resolve_alias(param))
+            .is_some_and(|record| record.kind == KIND_PTR))
+    }
+
+    fn record(&self, id: u32) -> Option<Record> {
+        let at = *self.types.get(id as usize).filter(|_| id != 0)?;
+        read_record(&self.data, at as usize)
+    }
+
+    fn name(&self, offset: u32) -> &[u8] {
+        let strings = &self.data[self.strings.clone()];
+        let tail = strings.get(offset as usize..).unwrap_or_default();
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        &tail[..end]
+    }
+
+    /// Whether the string at `offset` is `name`, without scanning past it.
+    fn name_is(&self, offset: u32, name: &str) -> bool {
+        let start = self.strings.start + offset as usize;
+        let end = start + name.len();
+        end < self.strings.end && &self.data[start..end] == name.as_bytes() && self.data[end] == 0
+    }
+
+    /// Ids of the types named `name`, in id order: a scan, as a handful of lookups is all
+    /// the daemon makes.
+    fn ids_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = u32> + 'a {
+        (1..self.types.len() as u32).filter(move |&id| {
+            self.record(id)
+                .is_some_and(|record| self.name_is(record.name_off, name))
+        })
     }
 
     fn composite_by_name(&self, name: &str) -> Option<u32> {
-        self.by_name.get(name)?.iter().copied().find(|&id| {
-            matches!(self.types.get(id as usize), Some(Type::Composite { members }) if !members.is_empty())
+        self.ids_named(name).find(|&id| {
+            self.record(id).is_some_and(|record| {
+                matches!(record.kind, KIND_STRUCT | KIND_UNION) && record.vlen > 0
+            })
         })
     }
 
     fn resolve_alias(&self, mut id: u32) -> u32 {
-        while let Some(Type::Alias { target }) = self.types.get(id as usize) {
-            id = *target;
+        while let Some(record) = self.record(id) {
+            if !matches!(
+                record.kind,
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
+            ) {
+                break;
+            }
+            id = record.size_or_type;
         }
         id
     }
 
     /// (bit offset, type id) of member `name`, searching anonymous members recursively.
     fn find_member(&self, type_id: u32, name: &str) -> Option<(u32, u32)> {
-        let Some(Type::Composite { members }) = self.types.get(type_id as usize) else {
+        let record = self.record(type_id)?;
+        if !matches!(record.kind, KIND_STRUCT | KIND_UNION) {
             return None;
-        };
-        members.iter().find_map(|member| {
-            if member.name == name {
-                Some((member.bit_offset, member.type_id))
-            } else if member.name.is_empty() {
-                let inner = self.resolve_alias(member.type_id);
+        }
+        (0..record.vlen).find_map(|index| {
+            let at = record.rest + index * MEMBER_BYTES;
+            let member_name = self.name(u32_at(&self.data, at)?);
+            let member_type = u32_at(&self.data, at + 4)?;
+            let offset = u32_at(&self.data, at + 8)?;
+            // With kind_flag the top 8 bits hold a bitfield size.
+            let bit_offset = if record.kind_flag {
+                offset & 0xff_ffff
+            } else {
+                offset
+            };
+            if member_name == name.as_bytes() {
+                Some((bit_offset, member_type))
+            } else if member_name.is_empty() {
+                let inner = self.resolve_alias(member_type);
                 self.find_member(inner, name)
-                    .map(|(bits, ty)| (member.bit_offset + bits, ty))
+                    .map(|(bits, ty)| (bit_offset + bits, ty))
             } else {
                 None
             }
         })
+    }
+}
+
+fn u16_at(data: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(data.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(data: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn read_record(data: &[u8], at: usize) -> Option<Record> {
+    let info = u32_at(data, at + 4)?;
+    Some(Record {
+        name_off: u32_at(data, at)?,
+        kind: (info >> 24) & 0x1f,
+        vlen: (info & 0xffff) as usize,
+        kind_flag: info >> 31 == 1,
+        size_or_type: u32_at(data, at + 8)?,
+        rest: at + RECORD_BYTES,
+    })
+}
+
+/// Bytes of kind-specific data after a record's fixed part.
+fn trailing_bytes(kind: u32, vlen: usize) -> usize {
+    match kind {
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+        KIND_FUNC_PROTO | KIND_ENUM => vlen * 8,
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        _ => 0,
     }
 }
 
@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn garbage_is_not_btf() {
         assert!(matches!(
-            Btf::parse(b"not btf at all"),
+            Btf::parse(b"not btf at all".to_vec()),
             Err(Error::BadBtf(_))
         ));
     }

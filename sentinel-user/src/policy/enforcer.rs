@@ -1039,8 +1039,7 @@ mod tests {
             CgroupTree::new(dir.0.join("cgroup")),
             16,
         )));
-        let metrics =
-            PolicyMetrics::new(&mut Registry::default(), fs.clone(), view.clone(), labels);
+        let metrics = PolicyMetrics::new(&mut Registry::default(), labels);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();

@@ -19,6 +19,7 @@ pub mod enforcer;
 mod glob;
 pub mod metrics;
 mod model;
+pub mod resources;
 mod units;
 mod validate;
 

@@ -13,6 +13,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+use sentinel_common::EventRecords;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -189,13 +190,41 @@ pub struct Probes {
     reattached: Counter,
 }
 
-pub fn load(resolved: ResolvedOffsets) -> Result<Probes, Error> {
-    let mut ebpf = EbpfLoader::new()
+/// An eBPF loader without the kernel BTF that making one parses.
+pub struct Loader(EbpfLoader<'static>);
+
+impl Loader {
+    /// Makes the loader. aya parses the kernel's BTF here (about 18 MB at its peak) for CO-RE
+    /// relocations, which Rust eBPF objects do not have: the daemon hands the programs their
+    /// offsets instead. So the parse is dropped at once, and the daemon makes the loader first,
+    /// while it holds little else, to keep its peak memory low.
+    pub fn without_kernel_btf() -> Self {
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        crate::kernel::release_freed_memory();
+        Self(loader)
+    }
+}
+
+/// Loads the object with the kernel's offsets and the per-event `records` the daemon reads.
+pub fn load(
+    Loader(mut loader): Loader,
+    resolved: ResolvedOffsets,
+    records: EventRecords,
+) -> Result<Probes, Error> {
+    if records == EventRecords::default() {
+        // Only exec and TCP records go to EVENTS: unread, it needs no room. Its pages are
+        // mapped into the daemon, so its size is resident memory.
+        loader.map_max_entries("EVENTS", page_size());
+    }
+    let mut ebpf = loader
         .override_global("OFFSETS", &resolved.offsets, true)
+        .override_global("RECORDS", &records, true)
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
             "/sentinel"
         )))?;
+    crate::kernel::release_freed_memory();
     let libpam = ssh::find_libpam();
     if libpam.is_none() {
         warn!("libpam is not in the dynamic loader's cache (ldconfig -p): no SSH detection");
@@ -249,6 +278,13 @@ pub fn load(resolved: ResolvedOffsets) -> Result<Probes, Error> {
         wanted,
         reattached: Counter::default(),
     })
+}
+
+/// The smallest ring buffer the kernel makes.
+fn page_size() -> u32 {
+    // SAFETY: sysconf without preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
 }
 
 impl Probes {

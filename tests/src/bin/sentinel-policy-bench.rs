@@ -1,29 +1,55 @@
 //! The policy benchmark, run as root where cgroup v2 has the memory, cpu and pids controllers
-//! (`cargo xtask bench --only policy` runs it in the VM): 500 cgroups, one policy each.
-//! Measures the time the daemon takes to apply them from its start and to reload them after
-//! every `memory.max` changed, and the latency of `/metrics` scrapes with 500 services.
+//! (`cargo xtask bench` runs it in the VM): N cgroups (the first argument, 500 by default),
+//! one policy per 100 of them. Measures the time the daemon takes to apply them from its start
+//! and to reload them after every `memory.max` changed, `/metrics` scrapes, and the daemon's
+//! memory and CPU; then the floor of each, with the daemon stopped: the same cgroupfs writes
+//! done directly (apply, reload), one read of the files the daemon's stats pass reads, and the
+//! scraped body encoded from memory.
 //!
 //! Prints its results as `BENCH key=value` lines on stdout.
 
 use std::{
     fmt::Write as _,
     fs,
+    io::Read,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
 use sentinel_tests::{
-    Daemon, NO_FIREWALL, TestCgroup, cgroup2_mount, eventually, free_port, http_get,
+    Daemon, NO_FIREWALL, TestCgroup, cgroup2_mount, eventually,
+    floor::encode_from_memory,
+    free_port, http_get,
+    measure::{percentile_ms, process_usage},
 };
 
-const SERVICES: usize = 500;
+const DEFAULT_SERVICES: usize = 500;
+/// Cgroups each policy selects, by a glob on their names.
+const SERVICES_PER_POLICY: usize = 100;
 const SCRAPES: usize = 200;
 const MEMORY_MAX_AT_START: u64 = 256 << 20;
 const MEMORY_MAX_AFTER_RELOAD: u64 = 192 << 20;
-/// Under software emulation the daemon's start (loading the eBPF programs) takes seconds.
-const PATIENCE: Duration = Duration::from_secs(120);
+/// The limits every policy sets, as the daemon writes them to the cgroup files.
+const LIMITS: [(&str, &str); 3] = [
+    ("memory.high", "134217728"),
+    ("cpu.max", "50000 100000"),
+    ("pids.max", "100"),
+];
+/// The files the daemon's stats pass reads per service (`resource_detail: basic`).
+const STATS_FILES: [&str; 4] = ["memory.current", "memory.max", "cpu.stat", "pids.current"];
+/// How long the daemon's idle CPU is measured.
+const IDLE_WINDOW: Duration = Duration::from_secs(20);
+/// Under software emulation the daemon's start (loading the eBPF programs) takes seconds, and
+/// thousands of cgroups take minutes.
+const PATIENCE: Duration = Duration::from_secs(600);
 
 fn main() -> Result<()> {
+    let services = match std::env::args().nth(1) {
+        Some(count) => count
+            .parse()
+            .with_context(|| format!("the number of services, {count:?}, is not a number"))?,
+        None => DEFAULT_SERVICES,
+    };
     let cpu_model = fs::read_to_string("/proc/cpuinfo")
         .context("cannot read /proc/cpuinfo")?
         .lines()
@@ -34,20 +60,25 @@ fn main() -> Result<()> {
         );
     let controllers = fs::read_to_string(cgroup2_mount().join("cgroup.subtree_control"))
         .context("cannot read cgroup.subtree_control at the cgroup2 root")?;
-    let cgroups: Vec<TestCgroup> = (0..SERVICES)
-        .map(|index| TestCgroup::new(&format!("bench-svc-{index:03}")))
+    let cgroups: Vec<TestCgroup> = (0..services)
+        .map(|index| {
+            TestCgroup::new(&format!(
+                "bench-{:03}-{index:05}",
+                index / SERVICES_PER_POLICY
+            ))
+        })
         .collect();
 
     let started = Instant::now();
     let mut daemon =
-        Daemon::spawn_with_config(free_port(), &config(&cgroups, MEMORY_MAX_AT_START), &[]);
+        Daemon::spawn_with_config(free_port(), &config(services, MEMORY_MAX_AT_START), &[]);
     let apply_observed = wait_for_memory_max(&cgroups, MEMORY_MAX_AT_START, started)?;
     let applied = log_record(&daemon, "policies applied")?;
 
     let reload_started = Instant::now();
     fs::write(
         daemon.config_path(),
-        config(&cgroups, MEMORY_MAX_AFTER_RELOAD),
+        config(services, MEMORY_MAX_AFTER_RELOAD),
     )
     .context("cannot rewrite the daemon's configuration")?;
     daemon.signal(libc::SIGHUP);
@@ -59,21 +90,30 @@ fn main() -> Result<()> {
         "the daemon does not serve /metrics; its log:\n{}",
         daemon.log()
     );
+    let idle_start = process_usage(daemon.pid())?.cpu_seconds;
+    std::thread::sleep(IDLE_WINDOW);
+    let idle_end = process_usage(daemon.pid())?.cpu_seconds;
     let mut latencies = Vec::with_capacity(SCRAPES);
-    let mut scrape_bytes = 0;
+    let mut body = String::new();
     for _ in 0..SCRAPES {
         let sent = Instant::now();
-        let body = http_get(daemon.addr, "/metrics", None).context("GET /metrics failed")?;
+        body =
+            http_get(daemon.addr, "/metrics", Some(OPENMETRICS)).context("GET /metrics failed")?;
         latencies.push(sent.elapsed());
-        scrape_bytes = body.len();
     }
-    latencies.sort();
+    let usage = process_usage(daemon.pid())?;
 
     daemon.signal(libc::SIGTERM);
     ensure!(
-        daemon.wait_exit(Duration::from_secs(30)).is_some(),
-        "the daemon did not stop within 30 s of SIGTERM"
+        daemon.wait_exit(Duration::from_secs(60)).is_some(),
+        "the daemon did not stop within 60 s of SIGTERM"
     );
+
+    // The floor, on the same cgroups, with the daemon gone.
+    let apply_floor = timed(|| write_limits(&cgroups, MEMORY_MAX_AT_START, true))?;
+    let reload_floor = timed(|| write_limits(&cgroups, MEMORY_MAX_AFTER_RELOAD, false))?;
+    let stats_floor = timed(|| read_stats_files(&cgroups))?;
+    let (encode_floor, _) = encode_from_memory(&body, SCRAPES);
 
     let results = [
         ("cpu_model", cpu_model),
@@ -81,16 +121,41 @@ fn main() -> Result<()> {
             "controllers",
             controllers.split_whitespace().collect::<Vec<_>>().join(","),
         ),
-        ("cgroups", SERVICES.to_string()),
+        ("cgroups", services.to_string()),
+        (
+            "policies",
+            services.div_ceil(SERVICES_PER_POLICY).to_string(),
+        ),
         ("applied_cgroups", field(&applied, "cgroups")?.to_string()),
         ("apply_log_ms", field(&applied, "took_ms")?.to_string()),
         ("apply_observed_ms", milliseconds(apply_observed)),
         ("reload_log_ms", field(&reloaded, "took_ms")?.to_string()),
         ("reload_observed_ms", milliseconds(reload_observed)),
         ("scrapes", SCRAPES.to_string()),
-        ("scrape_median_ms", milliseconds(latencies[SCRAPES / 2])),
-        ("scrape_p99_ms", milliseconds(latencies[SCRAPES * 99 / 100])),
-        ("scrape_bytes", scrape_bytes.to_string()),
+        ("scrape_median_ms", percentile(&latencies, 0.5)),
+        ("scrape_p99_ms", percentile(&latencies, 0.99)),
+        ("scrape_bytes", body.len().to_string()),
+        ("rss_kib", usage.rss_kib.to_string()),
+        ("peak_rss_kib", usage.hwm_kib.to_string()),
+        (
+            "idle_cpu_percent",
+            format!(
+                "{:.3}",
+                (idle_end - idle_start) / IDLE_WINDOW.as_secs_f64() * 100.0
+            ),
+        ),
+        (
+            "cpu_ms_per_scrape",
+            format!(
+                "{:.3}",
+                (usage.cpu_seconds - idle_end) / SCRAPES as f64 * 1000.0
+            ),
+        ),
+        ("floor_apply_ms", milliseconds(apply_floor)),
+        ("floor_reload_ms", milliseconds(reload_floor)),
+        ("floor_stats_pass_ms", milliseconds(stats_floor)),
+        ("floor_encode_median_ms", percentile(&encode_floor, 0.5)),
+        ("floor_encode_p99_ms", percentile(&encode_floor, 0.99)),
     ];
     for (key, value) in results {
         println!("BENCH {key}={value}");
@@ -98,19 +163,64 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// One policy per cgroup, each naming its cgroup.
-fn config(cgroups: &[TestCgroup], memory_max: u64) -> String {
-    let mut config = format!("{NO_FIREWALL}policies:\n");
-    for cgroup in cgroups {
-        let service = cgroup.service();
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0";
+
+/// One policy per `SERVICES_PER_POLICY` cgroups, each selecting them by a glob on their names.
+fn config(services: usize, memory_max: u64) -> String {
+    let mut config = format!("{NO_FIREWALL}services:\n  max_labels: 10000\npolicies:\n");
+    for policy in 0..services.div_ceil(SERVICES_PER_POLICY) {
         write!(
             config,
-            "  - name: {service}\n    cgroup: {service}\n    memory.max: {memory_max}\n    \
-             memory.high: 128M\n    cpu.max: 50%\n    pids.max: 100\n"
+            "  - name: bench-{policy:03}\n    cgroup: sentinel-test-bench-{policy:03}-*\n    \
+             memory.max: {memory_max}\n    memory.high: 128M\n    cpu.max: 50%\n    \
+             pids.max: 100\n"
         )
         .expect("writing to a String cannot fail");
     }
     config
+}
+
+/// What the daemon writes to each cgroup, written directly: every limit at start, only
+/// `memory.max` on reload.
+fn write_limits(cgroups: &[TestCgroup], memory_max: u64, every_limit: bool) -> Result<()> {
+    let memory_max = memory_max.to_string();
+    for cgroup in cgroups {
+        let write = |file: &str, value: &str| {
+            let path = cgroup.path().join(file);
+            fs::write(&path, value).with_context(|| format!("cannot write {}", path.display()))
+        };
+        write("memory.max", &memory_max)?;
+        if every_limit {
+            for (file, value) in LIMITS {
+                write(file, value)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One read of each file the daemon's stats pass reads.
+fn read_stats_files(cgroups: &[TestCgroup]) -> Result<()> {
+    let mut buffer = [0u8; 4096];
+    for cgroup in cgroups {
+        for file in STATS_FILES {
+            let path = cgroup.path().join(file);
+            fs::File::open(&path)
+                .and_then(|mut opened| opened.read(&mut buffer))
+                .with_context(|| format!("cannot read {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn percentile(durations: &[Duration], fraction: f64) -> String {
+    format!("{:.2}", percentile_ms(durations, fraction))
+}
+
+fn timed(work: impl FnOnce() -> Result<()>) -> Result<Duration> {
+    let started = Instant::now();
+    work()?;
+    Ok(started.elapsed())
 }
 
 /// Time from `since` until every cgroup's memory.max reads `value`. A cgroup that shows it

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail, ensure};
 use sentinel_tests::{eventually, netlab::Netns};
 
 use super::timeline::{REALTIME_PRIORITY, Stamped, Timeline, lock};
-use crate::{bench::interrupt, host::run};
+use crate::{host::run, interrupt};
 
 pub const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 /// Inside `ALLOWED_NETWORK`, which every guard is told never to ban.

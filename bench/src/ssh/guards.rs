@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail, ensure};
 use sentinel_tests::{TestCgroup, netlab::Netns};
 
 use super::lab::ALLOWED_NETWORK;
-use crate::bench::{
+use crate::{
     interrupt,
     system::process_usage,
     tools::{free_loopback_address, sample, scrape},

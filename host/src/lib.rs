@@ -1,4 +1,4 @@
-//! The host side of every task: running commands, root, and Debian packages.
+//! The host side of xtask's tasks and of the bench: running commands, root, and Debian packages.
 
 use std::{
     fs,

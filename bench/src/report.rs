@@ -5,7 +5,11 @@ use std::{
     time::Duration,
 };
 
+use serde_json::json;
+
 use super::{
+    LOOP_TRACEPOINTS,
+    summary::Summary,
     system::{Machine, ProgramCost},
     tools::{Tool, ToolRun},
     workload::LoopTimes,
@@ -265,6 +269,137 @@ impl Report<'_> {
             }
         }
         Ok(())
+    }
+}
+
+impl Report<'_> {
+    /// Sentinel's figures over the floor (nothing attached) and over each peer, and the raw
+    /// figures of every tool.
+    pub fn summarize(&self, summary: &mut Summary) {
+        const SECTION: &str = "exec and connect loops";
+        let iterations = f64::from(self.iterations);
+        let figures = |results: &ToolResults| {
+            let times = results.times();
+            let runs = &results.runs;
+            let per_iteration = iterations * runs.len() as f64;
+            let kernel_ns = |tracepoint: &str| {
+                program_totals(runs)
+                    .iter()
+                    .filter(|program| program.target.contains(tracepoint))
+                    .map(|program| program.run_time_ns as f64)
+                    .sum::<f64>()
+                    / per_iteration
+            };
+            let cpu: Vec<f64> = runs.iter().map(|run| run.usage.cpu_seconds).collect();
+            ToolFigures {
+                exec_us: median_of(&times, EXEC_WALL),
+                connect_us: median_of(&times, CONNECT_WALL),
+                exec_overhead: results.overhead(EXEC_WALL),
+                connect_overhead: results.overhead(CONNECT_WALL),
+                kernel_ns_per_exec: kernel_ns(LOOP_TRACEPOINTS[0]),
+                kernel_ns_per_connect: kernel_ns(LOOP_TRACEPOINTS[1]),
+                cpu_seconds_per_run: median(&cpu),
+                peak_rss_mib: mebibytes(
+                    runs.iter().map(|run| run.usage.hwm_kib).max().unwrap_or(0),
+                ),
+            }
+        };
+        let floor_exec = median_of(self.baselines, EXEC_WALL);
+        let floor_connect = median_of(self.baselines, CONNECT_WALL);
+        let mut raw = serde_json::Map::new();
+        raw.insert("iterations".into(), json!(self.iterations));
+        raw.insert(
+            "nothing_attached".into(),
+            json!({ "exec_us": floor_exec, "connect_us": floor_connect }),
+        );
+        let Some(sentinel) = self.results.iter().find(|r| r.tool == Tool::Sentinel) else {
+            return;
+        };
+        let ours = figures(sentinel);
+        summary.compare(
+            SECTION,
+            "µs per exec (wall, median)",
+            "µs",
+            ours.exec_us,
+            "nothing attached",
+            floor_exec,
+        );
+        summary.compare(
+            SECTION,
+            "µs per connect (wall, median)",
+            "µs",
+            ours.connect_us,
+            "nothing attached",
+            floor_connect,
+        );
+        for results in self.results {
+            let theirs = figures(results);
+            raw.insert(results.tool.label().into(), theirs.to_json());
+            if results.tool == Tool::Sentinel {
+                continue;
+            }
+            let peer = results.tool.label();
+            summary.compare(
+                SECTION,
+                "kernel cost per exec (BPF stats)",
+                "ns",
+                ours.kernel_ns_per_exec,
+                peer,
+                theirs.kernel_ns_per_exec,
+            );
+            summary.compare(
+                SECTION,
+                "kernel cost per connect (BPF stats)",
+                "ns",
+                ours.kernel_ns_per_connect,
+                peer,
+                theirs.kernel_ns_per_connect,
+            );
+            summary.compare(
+                SECTION,
+                "tool CPU per run",
+                "s",
+                ours.cpu_seconds_per_run,
+                peer,
+                theirs.cpu_seconds_per_run,
+            );
+            summary.compare(
+                SECTION,
+                "tool peak RSS",
+                "MiB",
+                ours.peak_rss_mib,
+                peer,
+                theirs.peak_rss_mib,
+            );
+        }
+        summary.record("overhead", raw.into());
+    }
+}
+
+/// One tool's figures for the summary and the results file.
+struct ToolFigures {
+    exec_us: f64,
+    connect_us: f64,
+    exec_overhead: f64,
+    connect_overhead: f64,
+    kernel_ns_per_exec: f64,
+    kernel_ns_per_connect: f64,
+    cpu_seconds_per_run: f64,
+    peak_rss_mib: f64,
+}
+
+impl ToolFigures {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "exec_us": self.exec_us,
+            "connect_us": self.connect_us,
+            "exec_overhead_ratio": self.exec_overhead,
+            "connect_overhead_ratio": self.connect_overhead,
+            "kernel_ns_per_exec": self.kernel_ns_per_exec,
+            "kernel_ns_per_connect": self.kernel_ns_per_connect,
+            "cpu_seconds_per_run": self.cpu_seconds_per_run,
+            "peak_rss_mib": self.peak_rss_mib,
+        })
     }
 }
 

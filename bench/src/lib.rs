@@ -1,42 +1,53 @@
-//! `cargo xtask bench`: what Sentinel costs the workloads it watches, next to the tools an
-//! operator would otherwise run for the same visibility (bpftrace, execsnoop-bpfcc); then how
-//! fast it bans SSH brute force, next to fail2ban and sshguard (the `ssh` section, see
-//! `ssh/mod.rs`).
+//! `cargo xtask bench`: what Sentinel costs, always side by side with a floor (the same work
+//! done by nothing, or by the least program that can do it) and with the tools an operator
+//! would otherwise run, all in one run. Every section prints its own report; the run ends with
+//! one table of ratios (see `summary`) and writes every raw figure to
+//! `target/bench/results.json`. xtask drives it: it builds the daemon and boots the VM.
 //!
 //! Overhead section: two loops run in a cgroup of their own: spawning a tiny static program,
 //! and loopback TCP connects closed with RST. Baseline runs (nothing attached) alternate with
-//! runs under each tool, and each tool run is compared with the baseline runs on either side
-//! of it. The bench reports timings and never asserts them. It fails when Sentinel cannot run,
-//! when a tool fails during the measured runs, or when Sentinel's counters for the cgroup
-//! differ from the iteration counts; a peer that cannot run here is reported instead.
+//! runs under each tool (Sentinel, bpftrace, execsnoop-bpfcc), and each tool run is compared
+//! with the baseline runs on either side of it. SSH section: brute force against Sentinel,
+//! fail2ban and sshguard (`ssh/mod.rs`). Scale sections: thousands of attributed cgroups on
+//! this host (`scale.rs`), and hundreds to thousands of policed services in the VM, the only
+//! place with cgroup v2 controllers (`policy.rs`).
 //!
-//! Under `target/bench/`: the tiny program, Sentinel's configuration and control socket, and
-//! each tool's output from its latest run.
+//! The bench reports timings and never asserts them. It fails when Sentinel cannot run, when a
+//! tool fails during the measured runs, or when Sentinel's counts differ from the work done; a
+//! peer that cannot run here is reported instead.
+//!
+//! Under `target/bench/`: the tiny program, Sentinel's configuration and control socket, each
+//! tool's output from its latest run, and `results.json`.
 
 mod cgroup;
 mod interrupt;
 mod policy;
 mod report;
+mod scale;
 mod ssh;
+mod summary;
 mod system;
 mod tools;
 mod workload;
 
-use std::{fs, path::Path, time::Instant};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail, ensure};
+use sentinel_host as host;
 
 use self::{
     cgroup::BenchCgroup,
     report::{Report, ToolResults},
+    summary::Summary,
     system::{BpfStatsSysctl, Machine, TracefsMount, attachments, kernel_has_kprobes},
     tools::{RunSetup, Tool, measured_run, preflight},
     workload::{LoopTimes, run_loops},
 };
-use crate::{
-    host::{ensure_packages, is_root, run},
-    setup,
-};
+use crate::host::{ensure_packages, is_root};
 
 /// bpftool reads the programs' statistics; gcc and libc6-dev build the static no-op program.
 const PACKAGES: &[&str] = &["bpftool", "gcc", "libc6-dev"];
@@ -48,6 +59,15 @@ const DEFAULT_PAIRS: u32 = 10;
 const LOOP_TRACEPOINTS: [&str; 2] = ["sched_process_exec", "inet_sock_set_state"];
 /// Rough cost of starting and stopping a tool around a run, for the time estimate.
 const TOOL_START_STOP_SECS: f64 = 3.0;
+
+/// What the bench needs from its driver: the daemon built, and jobs run in the VM guest.
+pub trait Driver {
+    /// Builds the release daemon and whatever building it needs; returns its path.
+    fn build_daemon(&self) -> Result<PathBuf>;
+    /// Boots the VM guest to run `command` (a program of sentinel-tests) as a job named
+    /// `name`; returns the lines it printed.
+    fn run_vm_job(&self, name: &str, command: &str, timeout: Duration) -> Result<Vec<String>>;
+}
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -68,52 +88,58 @@ pub struct BenchArgs {
     /// sshguard).
     #[arg(long)]
     skip_peers: bool,
-    /// Run one section only.
-    #[arg(long, value_enum, value_name = "SECTION")]
-    only: Option<Section>,
-    /// Leave out the SSH brute-force section.
-    #[arg(long, conflicts_with = "only")]
-    skip_ssh: bool,
-    /// Leave out the policy section (500 services in a VM).
-    #[arg(long, conflicts_with = "only")]
-    skip_policy: bool,
+    /// Sizes of the policy section, in policed services, one VM run each.
+    #[arg(long, value_name = "N", value_delimiter = ',', default_values_t = [500, 5_000],
+          value_parser = clap::value_parser!(u32).range(1..))]
+    policy_services: Vec<u32>,
+    /// Run these sections only (repeat or separate with commas).
+    #[arg(long, value_enum, value_name = "SECTION", value_delimiter = ',')]
+    only: Vec<Section>,
+    /// Leave out these sections (repeat or separate with commas).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "SECTION",
+        value_delimiter = ',',
+        conflicts_with = "only"
+    )]
+    skip: Vec<Section>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Section {
+pub enum Section {
     /// Exec and connect loops under each tracer.
     Overhead,
     /// SSH brute force against Sentinel, fail2ban and sshguard, and the flood.
     Ssh,
-    /// A policy of 500 services applied, reloaded and scraped, in a VM.
+    /// 5,000 attributed cgroups on this host: scrapes, memory and CPU.
+    Scale,
+    /// Policed services in a VM (500 and 5,000 unless --policy-services says otherwise):
+    /// apply, reload, scrapes, memory and CPU.
     Policy,
 }
 
 impl BenchArgs {
     fn runs(&self, section: Section) -> bool {
-        match self.only {
-            Some(only) => only == section,
-            None => match section {
-                Section::Overhead => true,
-                Section::Ssh => !self.skip_ssh,
-                Section::Policy => !self.skip_policy,
-            },
+        if self.only.is_empty() {
+            !self.skip.contains(&section)
+        } else {
+            self.only.contains(&section)
         }
     }
 }
 
-pub fn bench(args: &BenchArgs) -> Result<()> {
+pub fn bench(args: &BenchArgs, workspace: &Path, driver: &dyn Driver) -> Result<()> {
     ensure!(
         is_root(),
         "cargo xtask bench must run as root: it loads eBPF programs, creates cgroups and \
          network namespaces, and sets kernel.bpf_stats_enabled"
     );
     let started = Instant::now();
-    let workspace = crate::workspace_root();
     let out_dir = workspace.join("target/bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
 
-    crate::step("bench: installing what is missing");
+    step("bench: installing what is missing");
     if args.runs(Section::Overhead) {
         ensure_packages("bench tools", PACKAGES)?;
         if !args.skip_peers {
@@ -123,33 +149,45 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.runs(Section::Ssh) {
         ssh::ensure_packages(!args.skip_peers)?;
     }
-    setup::build_tools(&workspace)?;
-    crate::step("bench: building the daemon (release)");
-    run(crate::cargo(&workspace).args(["build", "--release", "-p", "sentinel-user"]))?;
-    let daemon = workspace.join("target/release/sentinel");
+    step("bench: building the daemon (release)");
+    let daemon = driver.build_daemon()?;
     let machine = Machine::read()?;
 
     // From here on the bench changes the host: every change is undone on drop.
     interrupt::install()?;
+    let mut summary = Summary::default();
     // A section that fails does not keep the next from running; the bench fails at the end.
     let mut failed = Vec::new();
     if args.runs(Section::Overhead) {
-        let outcome = overhead(args, &daemon, &out_dir, &machine);
+        let outcome = overhead(args, &daemon, &out_dir, &machine, &mut summary);
         note_failure(&mut failed, "overhead", outcome)?;
     }
     if args.runs(Section::Ssh) {
-        let outcome = ssh::bench(&ssh::SshBench {
-            daemon: &daemon,
-            out_dir: &out_dir,
-            attacks: args.ssh_attacks,
-            with_peers: !args.skip_peers,
-            machine: &machine,
-        });
+        let outcome = ssh::bench(
+            &ssh::SshBench {
+                daemon: &daemon,
+                out_dir: &out_dir,
+                attacks: args.ssh_attacks,
+                with_peers: !args.skip_peers,
+                machine: &machine,
+            },
+            &mut summary,
+        );
         note_failure(&mut failed, "ssh", outcome)?;
     }
-    if args.runs(Section::Policy) {
-        note_failure(&mut failed, "policy", policy::bench())?;
+    if args.runs(Section::Scale) {
+        let outcome = scale::bench(&daemon, &out_dir, &mut summary);
+        note_failure(&mut failed, "scale", outcome)?;
     }
+    if args.runs(Section::Policy) {
+        let outcome = policy::bench(driver, &args.policy_services, &mut summary);
+        note_failure(&mut failed, "policy", outcome)?;
+    }
+    step("bench: Sentinel against the floor and its peers, all from this run");
+    println!("\n{machine}.\n\n{summary}");
+    let results = out_dir.join("results.json");
+    summary.write(&results, &machine)?;
+    println!("[bench] raw figures: {}", results.display());
     println!(
         "[bench] done in {:.1} minutes",
         started.elapsed().as_secs_f64() / 60.0
@@ -162,6 +200,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn step(title: &str) {
+    println!("[bench] === {title}");
+}
+
 /// Records a failed section; Ctrl-C or SIGTERM still ends the whole bench at once.
 fn note_failure(failed: &mut Vec<String>, section: &str, outcome: Result<()>) -> Result<()> {
     if let Err(error) = outcome {
@@ -172,7 +214,13 @@ fn note_failure(failed: &mut Vec<String>, section: &str, outcome: Result<()>) ->
     Ok(())
 }
 
-fn overhead(args: &BenchArgs, daemon: &Path, out_dir: &Path, machine: &Machine) -> Result<()> {
+fn overhead(
+    args: &BenchArgs,
+    daemon: &Path,
+    out_dir: &Path,
+    machine: &Machine,
+    summary: &mut Summary,
+) -> Result<()> {
     let started = Instant::now();
     let daemon_config = out_dir.join("sentinel.yaml");
     tools::write_daemon_config(&daemon_config)?;
@@ -198,9 +246,9 @@ fn overhead(args: &BenchArgs, daemon: &Path, out_dir: &Path, machine: &Machine) 
             .to_owned(),
     };
 
-    crate::step("bench: checking that each tool runs here");
+    step("bench: checking that each tool runs here");
     let lineup = lineup(&setup, args.skip_peers)?;
-    crate::step("bench: measuring");
+    step("bench: measuring");
     warn_about_other_tracers()?;
     let (baselines, results) = measure(&setup, &lineup.tools, args.pairs)?;
 
@@ -212,8 +260,9 @@ fn overhead(args: &BenchArgs, daemon: &Path, out_dir: &Path, machine: &Machine) 
         unavailable: &lineup.unavailable,
         elapsed: started.elapsed(),
     };
-    crate::step("bench: results");
+    step("bench: overhead results");
     println!("\n{report}");
+    report.summarize(summary);
     check_sentinel_counts(&results, args.iterations)
 }
 

@@ -27,10 +27,7 @@ use super::{
     guards::{Guard, GuardSetup, RunningGuard, SentinelSettings},
     lab::SshLab,
 };
-use crate::{
-    bench::{interrupt, tools::sample},
-    host::run,
-};
+use crate::{host::run, interrupt, tools::sample};
 
 pub const ADDRESSES: u32 = 10_000;
 /// Both of the guard's tables hold half the flood.

@@ -14,7 +14,7 @@ use super::{
     guards::{Guard, GuardSetup, MAX_FAILURES, RunningGuard},
     lab::{ALLOWED_ATTACKER, SshLab},
 };
-use crate::bench::{interrupt, tools::sample};
+use crate::{interrupt, tools::sample};
 
 /// Far beyond any guard's time-to-ban seen here (fail2ban's is under a second).
 const BAN_LIMIT: Duration = Duration::from_secs(10);

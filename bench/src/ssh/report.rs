@@ -10,8 +10,11 @@ use super::{
     flood::{ADDRESSES, BOUND, FloodResults},
     guards::{Guard, MAX_FAILURES},
 };
-use crate::bench::{
+use serde_json::json;
+
+use crate::{
     report::{mebibytes, median},
+    summary::Summary,
     system::Machine,
 };
 
@@ -302,6 +305,58 @@ fn write_flood_notes(f: &mut Formatter<'_>) -> fmt::Result {
 }
 
 /// Every attack's end-to-end time-to-ban, in milliseconds, of those that were banned.
+impl SshReport<'_> {
+    /// Sentinel's time-to-ban, CPU and memory over each peer's, and the raw figures.
+    pub fn summarize(&self, summary: &mut Summary) {
+        const SECTION: &str = "SSH brute force";
+        let figures = |results: &AttackResults| {
+            json!({
+                "attacks_banned": end_to_end_ms(results).len(),
+                "attacks": results.samples.len(),
+                "time_to_ban_ms_median": median(&end_to_end_ms(results)),
+                "commit_ms_median": median(&commits_ms(results)),
+                "cpu_seconds_per_attack": results.cpu_seconds_per_attack,
+                "rss_mib": mebibytes(results.rss_kib),
+                "peak_rss_mib": mebibytes(results.hwm_kib),
+            })
+        };
+        let mut raw = serde_json::Map::new();
+        for results in self.results {
+            raw.insert(results.guard.label().into(), figures(results));
+        }
+        let flood = self.flood;
+        raw.insert(
+            "flood".into(),
+            json!({
+                "fed": flood.fed,
+                "counted": flood.counted,
+                "lost": flood.lost,
+                "bans": flood.bans,
+                "refused": flood.refused,
+                "bans_per_second": flood.bans_per_second,
+                "peak_rss_mib": mebibytes(flood.hwm_kib),
+                "cpu_seconds": flood.cpu_seconds,
+            }),
+        );
+        summary.record("ssh", raw.into());
+        let Some(ours) = self.sentinel() else {
+            return;
+        };
+        for theirs in self.results.iter().filter(|r| r.guard != Guard::Sentinel) {
+            let peer = theirs.guard.label();
+            let compare =
+                |summary: &mut Summary, measure, unit, value: fn(&AttackResults) -> f64| {
+                    summary.compare(SECTION, measure, unit, value(ours), peer, value(theirs));
+                };
+            compare(summary, "time-to-ban end to end (median)", "ms", |r| {
+                median(&end_to_end_ms(r))
+            });
+            compare(summary, "CPU per attack", "s", |r| r.cpu_seconds_per_attack);
+            compare(summary, "peak RSS", "MiB", |r| mebibytes(r.hwm_kib));
+        }
+    }
+}
+
 fn end_to_end_ms(results: &AttackResults) -> Vec<f64> {
     results
         .samples

@@ -26,7 +26,7 @@ use self::{
     lab::SshLab,
     report::SshReport,
 };
-use super::{interrupt, system::Machine};
+use super::{interrupt, summary::Summary, system::Machine};
 
 /// Per attack: four failing logins at once and a fifth, each held about 2 s by PAM's delay
 /// on failure, then the probes: about 5 s. Per tool: start, the allow-listed attack, stop.
@@ -43,7 +43,7 @@ pub struct SshBench<'a> {
     pub machine: &'a Machine,
 }
 
-pub fn bench(bench: &SshBench) -> Result<()> {
+pub fn bench(bench: &SshBench, summary: &mut Summary) -> Result<()> {
     let started = Instant::now();
     let dir = bench.out_dir.join("ssh");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -97,6 +97,7 @@ pub fn bench(bench: &SshBench) -> Result<()> {
     };
     crate::step("bench: SSH results");
     println!("\n{report}");
+    report.summarize(summary);
     Ok(())
 }
 

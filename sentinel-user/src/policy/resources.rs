@@ -1,0 +1,332 @@
+//! Resource figures of policed services for `/metrics`. One task owns their collection: every
+//! `metrics.resource_refresh` it reads the cgroup files of the services a policy applies to,
+//! off the async workers, and publishes a snapshot. A scrape encodes that snapshot from memory
+//! and never touches a cgroup file.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::enforcer::AppliedView;
+use crate::cgroup::{
+    service_name,
+    stats::{CgroupStats, ResourceDetail, StatsReader},
+};
+
+/// The latest figures, by cgroup path.
+pub type ResourceSnapshot = HashMap<String, CgroupStats>;
+
+/// Picks one figure out of a cgroup's stats.
+type FigureOf = fn(&CgroupStats) -> Option<f64>;
+
+/// Series with only the `service` label: name, help, type, figure. Those past `BASIC_SERIES`
+/// are exported only with `resource_detail: full`.
+const SERIES: [(&str, &str, MetricType, FigureOf); 8] = [
+    (
+        "sentinel_memory_current_bytes",
+        "Memory used by the service's cgroup",
+        MetricType::Gauge,
+        |stats| stats.memory_current_bytes.map(|v| v as f64),
+    ),
+    (
+        "sentinel_memory_limit_bytes",
+        "memory.max of the service's cgroup (absent when unlimited)",
+        MetricType::Gauge,
+        |stats| stats.memory_max_bytes.map(|v| v as f64),
+    ),
+    (
+        "sentinel_cpu_usage_seconds",
+        "CPU time used by the service's cgroup",
+        MetricType::Counter,
+        |stats| stats.cpu_usage_seconds,
+    ),
+    (
+        "sentinel_cpu_throttled_seconds",
+        "Time the service's cgroup was throttled by cpu.max",
+        MetricType::Counter,
+        |stats| stats.cpu_throttled_seconds,
+    ),
+    (
+        "sentinel_pids_current",
+        "Processes and threads in the service's cgroup",
+        MetricType::Gauge,
+        |stats| stats.pids_current.map(|v| v as f64),
+    ),
+    (
+        "sentinel_memory_high_bytes",
+        "memory.high of the service's cgroup (absent when unlimited)",
+        MetricType::Gauge,
+        |stats| stats.memory_high_bytes.map(|v| v as f64),
+    ),
+    (
+        "sentinel_cpu_throttled_periods",
+        "Scheduler periods in which the service's cgroup was throttled",
+        MetricType::Counter,
+        |stats| stats.cpu_throttled_periods.map(|v| v as f64),
+    ),
+    (
+        "sentinel_pids_limit",
+        "pids.max of the service's cgroup (absent when unlimited)",
+        MetricType::Gauge,
+        |stats| stats.pids_max.map(|v| v as f64),
+    ),
+];
+const BASIC_SERIES: usize = 5;
+
+pub fn snapshot_channel() -> (
+    watch::Sender<Arc<ResourceSnapshot>>,
+    watch::Receiver<Arc<ResourceSnapshot>>,
+) {
+    watch::channel(Arc::default())
+}
+
+/// Reads the policed cgroups every `every` and publishes what it read, until `cancel`.
+pub async fn refresh(
+    mut reader: StatsReader,
+    view: Arc<Mutex<AppliedView>>,
+    every: Duration,
+    publish: watch::Sender<Arc<ResourceSnapshot>>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    // A slow pass delays the next one instead of causing a burst to catch up.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let paths: Vec<String> = view
+            .lock()
+            .expect("applied view lock")
+            .cgroups
+            .keys()
+            .cloned()
+            .collect();
+        let pass = tokio::task::spawn_blocking(move || {
+            let snapshot: ResourceSnapshot = paths
+                .into_iter()
+                .map(|path| {
+                    let stats = reader.read(&path);
+                    (path, stats)
+                })
+                .collect();
+            (reader, snapshot)
+        });
+        let Ok((returned, snapshot)) = pass.await else {
+            // The blocking pool is shutting down with the daemon.
+            return;
+        };
+        reader = returned;
+        publish.send_replace(Arc::new(snapshot));
+    }
+}
+
+/// Encodes `sentinel_policy_applied` from the enforcer's view and the resource series from the
+/// latest snapshot.
+#[derive(Debug)]
+pub struct ResourceCollector {
+    view: Arc<Mutex<AppliedView>>,
+    snapshot: watch::Receiver<Arc<ResourceSnapshot>>,
+    detail: ResourceDetail,
+}
+
+impl ResourceCollector {
+    pub fn new(
+        view: Arc<Mutex<AppliedView>>,
+        snapshot: watch::Receiver<Arc<ResourceSnapshot>>,
+        detail: ResourceDetail,
+    ) -> Self {
+        Self {
+            view,
+            snapshot,
+            detail,
+        }
+    }
+}
+
+impl Collector for ResourceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut applied: Vec<(String, String)> = self
+            .view
+            .lock()
+            .expect("applied view lock")
+            .cgroups
+            .iter()
+            .map(|(path, applied)| (path.clone(), applied.policy.clone()))
+            .collect();
+        applied.sort_unstable();
+        let snapshot = Arc::clone(&self.snapshot.borrow());
+        // Only services a policy still applies to, in service order.
+        let policed: Vec<(&str, &CgroupStats)> = applied
+            .iter()
+            .filter_map(|(path, _)| Some((service_name(path), snapshot.get(path)?)))
+            .collect();
+
+        let mut family = encoder.encode_descriptor(
+            "sentinel_policy_applied",
+            "Cgroups a policy applies to (1), by service and policy",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (path, policy) in &applied {
+            let labels = [("service", service_name(path)), ("policy", policy)];
+            ConstGauge::new(1).encode(family.encode_family(&labels)?)?;
+        }
+
+        let series = match self.detail {
+            ResourceDetail::Basic => &SERIES[..BASIC_SERIES],
+            ResourceDetail::Full => &SERIES[..],
+        };
+        for &(name, help, metric_type, figure) in series {
+            let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+            for &(service, stats) in &policed {
+                if let Some(value) = figure(stats) {
+                    encode_value(
+                        metric_type,
+                        value,
+                        family.encode_family(&[("service", service)])?,
+                    )?;
+                }
+            }
+        }
+        if self.detail == ResourceDetail::Basic {
+            return Ok(());
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "sentinel_memory_events",
+            "memory.events of the service's cgroup (high, max, oom, oom_kill)",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(service, stats) in &policed {
+            for &(event, count) in &stats.memory_events {
+                let labels = [("service", service), ("event", event)];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "sentinel_pressure_stall_seconds",
+            "Pressure stall time (PSI) of the service's cgroup, by resource and scope",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(service, stats) in &policed {
+            for &(resource, scope, seconds) in &stats.pressure_stall_seconds {
+                let labels = [
+                    ("service", service),
+                    ("resource", resource),
+                    ("scope", scope),
+                ];
+                ConstCounter::new(seconds).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_value(
+    metric_type: MetricType,
+    value: f64,
+    sample: prometheus_client::encoding::MetricEncoder,
+) -> Result<(), std::fmt::Error> {
+    match metric_type {
+        MetricType::Counter => ConstCounter::new(value).encode(sample),
+        _ => ConstGauge::new(value).encode(sample),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::{encoding::text::encode, registry::Registry};
+
+    use super::*;
+    use crate::policy::{Mode, enforcer::AppliedSummary};
+
+    fn stats() -> CgroupStats {
+        CgroupStats {
+            memory_current_bytes: Some(1024),
+            memory_max_bytes: Some(4096),
+            memory_high_bytes: None,
+            cpu_usage_seconds: Some(2.5),
+            cpu_throttled_seconds: Some(0.5),
+            cpu_throttled_periods: Some(7),
+            pids_current: Some(3),
+            pids_max: Some(32),
+            memory_events: vec![("oom_kill", 1)],
+            pressure_stall_seconds: vec![("cpu", "some", 0.25)],
+        }
+    }
+
+    /// `/metrics` for two policed cgroups, one of which has not been read yet.
+    fn scrape(detail: ResourceDetail) -> String {
+        let view = Arc::new(Mutex::new(AppliedView::default()));
+        for (path, policy) in [("/web", "web"), ("/new", "new")] {
+            view.lock().unwrap().cgroups.insert(
+                path.into(),
+                AppliedSummary {
+                    policy: policy.into(),
+                    mode: Mode::Enforce,
+                    memory_max: None,
+                },
+            );
+        }
+        let (publish, snapshot) = snapshot_channel();
+        publish.send_replace(Arc::new(HashMap::from([("/web".to_owned(), stats())])));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(ResourceCollector::new(view, snapshot, detail)));
+        let mut body = String::new();
+        encode(&mut body, &registry).unwrap();
+        body
+    }
+
+    fn samples(body: &str) -> Vec<&str> {
+        body.lines().filter(|line| !line.starts_with('#')).collect()
+    }
+
+    #[test]
+    fn basic_detail_exports_the_operator_series_from_the_snapshot() {
+        assert_eq!(
+            samples(&scrape(ResourceDetail::Basic)),
+            [
+                "sentinel_policy_applied{service=\"new\",policy=\"new\"} 1",
+                "sentinel_policy_applied{service=\"web\",policy=\"web\"} 1",
+                "sentinel_memory_current_bytes{service=\"web\"} 1024.0",
+                "sentinel_memory_limit_bytes{service=\"web\"} 4096.0",
+                "sentinel_cpu_usage_seconds_total{service=\"web\"} 2.5",
+                "sentinel_cpu_throttled_seconds_total{service=\"web\"} 0.5",
+                "sentinel_pids_current{service=\"web\"} 3.0",
+            ]
+        );
+    }
+
+    #[test]
+    fn full_detail_adds_limits_periods_events_and_pressure() {
+        let body = scrape(ResourceDetail::Full);
+        let full = samples(&body);
+        assert_eq!(
+            full[7..],
+            [
+                "sentinel_cpu_throttled_periods_total{service=\"web\"} 7.0",
+                "sentinel_pids_limit{service=\"web\"} 32.0",
+                "sentinel_memory_events_total{service=\"web\",event=\"oom_kill\"} 1",
+                "sentinel_pressure_stall_seconds_total{service=\"web\",resource=\"cpu\",\
+                 scope=\"some\"} 0.25",
+            ]
+        );
+        // memory.high is unlimited: described, without a sample.
+        assert!(body.contains("# TYPE sentinel_memory_high_bytes gauge\n"));
+        assert!(!body.contains("sentinel_memory_high_bytes{"));
+    }
+}
