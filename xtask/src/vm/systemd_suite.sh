@@ -64,6 +64,9 @@ POLICIES='policies:
   - name: leak-oom
     unit: sentinel-leak-oom.service
     memory.max: 64M
+  - name: bus
+    unit: sentinel-leak-bus.service
+    memory.max: 64M
   - name: leak-term
     unit: sentinel-leak-term.service
     memory.max: 160M
@@ -135,6 +138,7 @@ test_install() {
     chmod 755 /usr/local/bin/sentinel-leak
     leak_unit sentinel-leak-oom
     leak_unit sentinel-leak-term
+    leak_unit sentinel-leak-bus
     systemctl daemon-reload
     systemctl set-property --runtime nginx TasksMax=300 || return 1
     nginx_limits > $KEPT/nginx.before
@@ -290,9 +294,10 @@ test_graceful_stop() {
 }
 
 # 5: with the system bus stopped, a unit's limits are not written behind systemd's back: the
-# failure is logged and counted, and the limits come once the bus answers again.
+# failure is logged and counted, and the limits come once the bus answers again. (A unit that
+# never had them: systemd itself applies the drop-ins of one that had.)
 test_bus_unavailable() {
-    local unit=sentinel-leak-oom
+    local unit=sentinel-leak-bus
     local cgroup=/sys/fs/cgroup/system.slice/$unit.service
     local series="sentinel_actions_total{service=\"system.slice/$unit.service\",action=\"failed\"}"
     local bus failed limit
