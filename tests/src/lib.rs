@@ -529,6 +529,15 @@ pub fn assert_promtool_clean(scrape: &Scrape) {
     );
 }
 
+/// The records of an audit log, one JSON object a line; none while it does not exist.
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("an audit record is one JSON object"))
+        .collect()
+}
+
 /// Milliseconds since the epoch of a timestamp like `2026-11-21T15:04:05.123Z`.
 pub fn rfc3339_millis(text: &str) -> i64 {
     let field = |range: std::ops::Range<usize>| -> i64 {

@@ -15,7 +15,7 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, Scrape, TempDir, assert_promtool_clean, eventually, free_port,
+    Daemon, Scrape, TempDir, assert_promtool_clean, audit_records, eventually, free_port,
     netlab::{Netns, SetElement},
     rfc3339_millis, sentinel_bin, serial,
     sshlab::{Peer, SESSION_SSH_OPTIONS, SSH_PORT, Sshd, TestUser, USER_PASSWORD},
@@ -228,11 +228,7 @@ impl SshLab {
     }
 
     fn audit_records(&self) -> Vec<serde_json::Value> {
-        fs::read_to_string(self.audit_log())
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).expect("an audit record is one JSON object"))
-            .collect()
+        audit_records(&self.audit_log())
     }
 }
 
