@@ -202,26 +202,26 @@ prometheus:
         ]);
     }
 
-    /// The alerts LAPI holds about `address` (`cscli alerts list -o json`).
-    fn alerts_about(&self, address: &str) -> Vec<serde_json::Value> {
-        let listing = self.cscli(&["alerts", "list", "-o", "json"]);
+    /// `cscli LISTING list -o json` (`alerts` or `decisions`): alerts either way, with their
+    /// decisions inside; `null` when there are none.
+    fn alerts(&self, listing: &str) -> Vec<serde_json::Value> {
+        let printed = self.cscli(&[listing, "list", "-o", "json"]);
         let alerts: Option<Vec<serde_json::Value>> =
-            serde_json::from_str(&listing).expect("cscli prints JSON");
-        alerts
-            .unwrap_or_default()
+            serde_json::from_str(&printed).expect("cscli prints JSON");
+        alerts.unwrap_or_default()
+    }
+
+    /// The alerts LAPI holds about `address`.
+    fn alerts_about(&self, address: &str) -> Vec<serde_json::Value> {
+        self.alerts("alerts")
             .into_iter()
             .filter(|alert| alert["source"]["value"] == address)
             .collect()
     }
 
-    /// The decisions in force about `address` (`cscli decisions list -o json`, which lists them
-    /// inside their alerts).
+    /// The decisions in force about `address`.
     fn decisions_about(&self, address: &str) -> Vec<serde_json::Value> {
-        let listing = self.cscli(&["decisions", "list", "-o", "json"]);
-        let alerts: Option<Vec<serde_json::Value>> =
-            serde_json::from_str(&listing).expect("cscli prints JSON");
-        alerts
-            .unwrap_or_default()
+        self.alerts("decisions")
             .iter()
             .filter_map(|alert| alert["decisions"].as_array())
             .flatten()
