@@ -3,6 +3,7 @@
 pub mod floor;
 pub mod measure;
 pub mod netlab;
+pub mod sshlab;
 
 use std::{
     collections::BTreeSet,
@@ -528,4 +529,32 @@ pub fn assert_promtool_clean(scrape: &Scrape) {
         "promtool: {complaints}\nscrape:\n{}",
         scrape.0
     );
+}
+
+/// The records of an audit log, one JSON object a line; none while it does not exist.
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("an audit record is one JSON object"))
+        .collect()
+}
+
+/// Milliseconds since the epoch of a timestamp like `2026-11-21T15:04:05.123Z`.
+pub fn rfc3339_millis(text: &str) -> i64 {
+    let field = |range: std::ops::Range<usize>| -> i64 {
+        text[range]
+            .parse()
+            .unwrap_or_else(|_| panic!("{text:?} is not an audit timestamp"))
+    };
+    let (year, month, day) = (field(0..4), field(5..7), field(8..10));
+    // Days since 1970-01-01 of a Gregorian date (Howard Hinnant's days_from_civil).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let seconds = ((days * 24 + field(11..13)) * 60 + field(14..16)) * 60 + field(17..19);
+    seconds * 1000 + field(20..23)
 }

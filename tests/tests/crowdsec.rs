@@ -8,17 +8,24 @@
 
 use std::{
     fs::{self, File},
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
     time::{Duration, Instant},
 };
 
 use sentinel_tests::{
-    Daemon, TempDir, eventually, free_port, http_get,
+    Daemon, TempDir, audit_records, eventually, free_port, http_get,
     netlab::{Netns, SetElement},
-    serial,
+    rfc3339_millis, serial,
+    sshlab::{Peer, Sshd, TestUser},
 };
 
 /// Each host's address on its link to the attacker, and the attacker's.
@@ -27,9 +34,13 @@ const ATTACKER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 /// An address inside both Sentinels' allow list, on the attacker's side too.
 const TRUSTED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 const ALLOWED: &str = "198.51.100.16/28";
+/// An address on the attacker's side that never attacks.
+const BYSTANDER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
 const SERVICE_PORT: u16 = 8022;
 /// How long a pull (every second) and a ban may take, generously.
 const WAIT: Duration = Duration::from_secs(20);
+/// Failed SSH logins before a ban (the guard's default).
+const MAX_FAILURES: u64 = 5;
 
 fn crowdsec_root() -> PathBuf {
     let root = std::env::var_os("SENTINEL_CROWDSEC").expect(
@@ -178,7 +189,48 @@ prometheus:
             .to_string()
     }
 
-    /// Registers the machine `cscli decisions` itself logs in as.
+    /// Registers a watcher with `password`.
+    fn add_machine(&self, name: &str, password: &str) {
+        self.cscli(&[
+            "machines",
+            "add",
+            name,
+            "--password",
+            password,
+            "-f",
+            "/dev/null",
+        ]);
+    }
+
+    /// `cscli LISTING list -o json` (`alerts` or `decisions`): alerts either way, with their
+    /// decisions inside; `null` when there are none.
+    fn alerts(&self, listing: &str) -> Vec<serde_json::Value> {
+        let printed = self.cscli(&[listing, "list", "-o", "json"]);
+        let alerts: Option<Vec<serde_json::Value>> =
+            serde_json::from_str(&printed).expect("cscli prints JSON");
+        alerts.unwrap_or_default()
+    }
+
+    /// The alerts LAPI holds about `address`.
+    fn alerts_about(&self, address: &str) -> Vec<serde_json::Value> {
+        self.alerts("alerts")
+            .into_iter()
+            .filter(|alert| alert["source"]["value"] == address)
+            .collect()
+    }
+
+    /// The decisions in force about `address`.
+    fn decisions_about(&self, address: &str) -> Vec<serde_json::Value> {
+        self.alerts("decisions")
+            .iter()
+            .filter_map(|alert| alert["decisions"].as_array())
+            .flatten()
+            .filter(|decision| decision["value"] == address)
+            .cloned()
+            .collect()
+    }
+
+    /// Registers the machine `cscli decisions` and `cscli alerts` log in as.
     fn add_operator(&self) {
         self.cscli(&["machines", "add", "operator", "--auto"]);
     }
@@ -190,34 +242,76 @@ impl Drop for Lapi {
     }
 }
 
-/// A host: a namespace whose firewall a Sentinel manages, with a listening service, linked to
-/// an attacker namespace holding `ATTACKER` and `TRUSTED`.
+/// How a host joins the fleet.
+struct Joining<'a> {
+    lapi_url: String,
+    /// Its bouncer key: the host pulls the fleet's decisions.
+    bouncer_key: &'a str,
+    /// Its machine id and password: the host pushes its own bans.
+    machine: Option<(&'a str, &'a str)>,
+    /// Failed SSH logins before this host bans on its own.
+    max_failures: u64,
+    /// A real sshd on the host's address, with an account to fail logging in as.
+    sshd: bool,
+}
+
+impl<'a> Joining<'a> {
+    /// A host that only pulls the decisions of the LAPI at `lapi_url`.
+    fn pulling(lapi_url: String, bouncer_key: &'a str) -> Self {
+        Self {
+            lapi_url,
+            bouncer_key,
+            machine: None,
+            max_failures: MAX_FAILURES,
+            sshd: false,
+        }
+    }
+}
+
+/// A host: a namespace whose firewall a Sentinel manages, with a listening service (and an sshd
+/// when asked), linked to an attacker namespace holding `ATTACKER`, `TRUSTED` and `BYSTANDER`.
 struct Host {
     daemon: Daemon,
-    // Dropped after the daemon: the attacker's namespace, then the host's.
-    attacker: Netns,
+    // Dropped after the daemon: sshd, the attacker's namespace, the host's, then the account.
+    sshd: Option<Sshd>,
+    attacker: Peer,
     netns: Netns,
     _service: TcpListener,
-    _dir: TempDir,
+    user: Option<TestUser>,
+    dir: TempDir,
 }
 
 impl Host {
     fn start(tag: &str, lapi: &Lapi, key: &str) -> Self {
+        Self::join(tag, &Joining::pulling(lapi.url(), key))
+    }
+
+    fn join(tag: &str, joining: &Joining) -> Self {
         let dir = TempDir::new(&format!("sentinel-fleet-{tag}"));
         let netns = Netns::new(&format!("fleet-{tag}"));
-        let attacker = Netns::new(&format!("fleet-{tag}-atk"));
-        netns.veth("atk", &attacker, "eth0");
-        netns.ip(&format!("addr add {HOST}/24 dev atk"));
-        for address in [ATTACKER, TRUSTED] {
-            attacker.ip(&format!("addr add {address}/24 dev eth0"));
-        }
+        let attacker = Peer::link(
+            &netns,
+            "atk",
+            HOST,
+            &[ATTACKER.into(), TRUSTED.into(), BYSTANDER.into()],
+        );
         let service = netns.run(|| {
             TcpListener::bind(SocketAddr::from((HOST, SERVICE_PORT))).expect("bind the service")
         });
+        let (sshd, user) = if joining.sshd {
+            let user = TestUser::create(dir.path());
+            (
+                Some(Sshd::start(&netns, &[HOST.into()], dir.path())),
+                Some(user),
+            )
+        } else {
+            (None, None)
+        };
         let key_file = dir.path().join("bouncer.key");
-        write_private(&key_file, key);
-        let config = format!(
+        write_private(&key_file, joining.bouncer_key);
+        let mut config = format!(
             "ssh_guard:
+  max_failures: {}
   allow: [{ALLOWED}]
   audit_log: {}
   netns: {}
@@ -226,23 +320,53 @@ crowdsec:
   bouncer_key_file: {}
   pull_interval: 1s
 ",
+            joining.max_failures,
             dir.path().join("audit.log").display(),
             netns.path().display(),
-            lapi.url(),
+            joining.lapi_url,
             key_file.display()
         );
+        if let Some((machine_id, password)) = joining.machine {
+            let password_file = dir.path().join("machine.password");
+            write_private(&password_file, password);
+            config.push_str(&format!(
+                "  machine_id: {machine_id}\n  password_file: {}\n",
+                password_file.display()
+            ));
+        }
         let daemon = Daemon::start_with_config(&config, &[]);
         Self {
             daemon,
+            sshd,
             attacker,
             netns,
             _service: service,
-            _dir: dir,
+            user,
+            dir,
         }
     }
 
     fn service(&self) -> SocketAddr {
         SocketAddr::from((HOST, SERVICE_PORT))
+    }
+
+    fn assert_connects(&self, source: Ipv4Addr) {
+        self.attacker
+            .netns
+            .assert_connects(source.into(), self.service());
+    }
+
+    fn assert_blocked(&self, source: Ipv4Addr) {
+        self.attacker
+            .netns
+            .assert_blocked(source.into(), self.service());
+    }
+
+    /// `MAX_FAILURES` failed SSH logins from `ATTACKER`, all refused by this host's sshd.
+    fn brute_force(&self) {
+        let sshd = self.sshd.as_ref().expect("a host with an sshd");
+        let user = self.user.as_ref().expect("a host with an account");
+        sshd.fail_logins(user, &[(&self.attacker, MAX_FAILURES)]);
     }
 
     fn bans(&self) -> Vec<SetElement> {
@@ -254,8 +378,12 @@ crowdsec:
     }
 
     fn await_ban(&self, net: &str) -> SetElement {
+        self.await_ban_within(net, WAIT)
+    }
+
+    fn await_ban_within(&self, net: &str, limit: Duration) -> SetElement {
         let mut found = None;
-        let banned = eventually(WAIT, || {
+        let banned = eventually(limit, || {
             found = self.bans().into_iter().find(|ban| ban.net == net);
             found.is_some()
         });
@@ -271,6 +399,19 @@ crowdsec:
     fn await_lifted(&self, net: &str) {
         let lifted = eventually(WAIT, || !self.banned(net));
         assert!(lifted, "{net} is still banned:\n{}", self.daemon.log());
+    }
+
+    /// Waits until the gauge or counter `name{labels}` reads `expected`.
+    fn await_metric(&self, name: &str, labels: &[(&str, &str)], expected: f64) {
+        let reached = eventually(WAIT, || {
+            self.daemon.scrape().find(name, labels) == Some(expected)
+        });
+        assert!(
+            reached,
+            "{name}{labels:?} never read {expected}:\n{}\nlog:\n{}",
+            self.daemon.scrape().0,
+            self.daemon.log()
+        );
     }
 
     /// `sentinel bans` as (address, reason) pairs, read from its table.
@@ -293,6 +434,22 @@ crowdsec:
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.daemon.scrape().value(name, labels)
     }
+
+    /// When this host committed its ban of `address` for `reason`, in milliseconds since the
+    /// epoch, from its audit log.
+    fn audited_ban(&self, address: &str, reason: &str) -> i64 {
+        let records = audit_records(&self.dir.path().join("audit.log"));
+        let bans: Vec<&serde_json::Value> = records
+            .iter()
+            .filter(|record| {
+                record["action"] == "ban"
+                    && record["address"] == address
+                    && record["reason"] == reason
+            })
+            .collect();
+        assert_eq!(bans.len(), 1, "{records:?}");
+        rfc3339_millis(bans[0]["time"].as_str().expect("a timestamp"))
+    }
 }
 
 /// Writes a credential file as an operator should: root-only.
@@ -314,8 +471,7 @@ fn a_decision_added_with_cscli_is_enforced_by_both_hosts_and_lifted_when_deleted
     let a = Host::start("a", &lapi, &lapi.add_bouncer("sentinel-a"));
     let b = Host::start("b", &lapi, &lapi.add_bouncer("sentinel-b"));
     for host in [&a, &b] {
-        host.attacker
-            .assert_connects(ATTACKER.into(), host.service());
+        host.assert_connects(ATTACKER);
     }
     let added = Instant::now();
     lapi.ban("--ip", &ATTACKER.to_string());
@@ -328,10 +484,8 @@ fn a_decision_added_with_cscli_is_enforced_by_both_hosts_and_lifted_when_deleted
         // The decision's remaining time is the element's timeout.
         let timeout = ban.timeout.expect("a ban with a timeout");
         assert!((3590..=3600).contains(&timeout), "{ban:?}");
-        host.attacker
-            .assert_blocked(ATTACKER.into(), host.service());
-        host.attacker
-            .assert_connects(TRUSTED.into(), host.service());
+        host.assert_blocked(ATTACKER);
+        host.assert_connects(TRUSTED);
         assert_eq!(
             host.listed(),
             [(ATTACKER.to_string(), "crowdsec:cscli".to_string())]
@@ -349,8 +503,7 @@ fn a_decision_added_with_cscli_is_enforced_by_both_hosts_and_lifted_when_deleted
     lapi.cscli(&["decisions", "delete", "--ip", &ATTACKER.to_string()]);
     for host in [&a, &b] {
         host.await_lifted(&ATTACKER.to_string());
-        host.attacker
-            .assert_connects(ATTACKER.into(), host.service());
+        host.assert_connects(ATTACKER);
         assert_eq!(host.listed(), []);
         assert_eq!(host.metric(EXPIRED, &[("origin", "cscli")]), 1.0);
     }
@@ -379,8 +532,8 @@ fn an_allowlisted_address_banned_by_the_fleet_is_never_banned_here() {
     assert_eq!(a.metric(SKIPPED, &[("reason", "allowlisted")]), 1.0);
     let nets: Vec<String> = a.bans().into_iter().map(|ban| ban.net).collect();
     assert_eq!(nets, ["198.51.100.10", "198.51.100.32/28"]);
-    a.attacker.assert_connects(TRUSTED.into(), a.service());
-    a.attacker.assert_blocked(ATTACKER.into(), a.service());
+    a.assert_connects(TRUSTED);
+    a.assert_blocked(ATTACKER);
 }
 
 #[test]
@@ -415,7 +568,7 @@ fn local_bans_go_on_while_the_lapi_is_down_and_pulls_resume_in_full() {
     a.daemon
         .control(&["ban", &ATTACKER.to_string(), "--for", "1h"]);
     assert!(a.banned(&ATTACKER.to_string()));
-    a.attacker.assert_blocked(ATTACKER.into(), a.service());
+    a.assert_blocked(ATTACKER);
 
     lapi.resume();
     lapi.ban("--ip", &TRUSTED.to_string());
@@ -432,6 +585,341 @@ fn local_bans_go_on_while_the_lapi_is_down_and_pulls_resume_in_full() {
             (ATTACKER.to_string(), "operator".to_string()),
             (other.to_string(), "crowdsec:cscli".to_string()),
         ]
+    );
+}
+
+const PUSHES: &str = "sentinel_crowdsec_pushes_total";
+const PUSH_QUEUE: &str = "sentinel_crowdsec_push_queue";
+const PULL_ERRORS: &str = "sentinel_crowdsec_pull_errors_total";
+const REACHABLE: &str = "sentinel_crowdsec_lapi_reachable";
+const LAST_SYNC: &str = "sentinel_crowdsec_last_sync_timestamp_seconds";
+/// Sentinel's alerts' scenario, as `sentinel bans` shows their decisions.
+const FLEET_SSH_REASON: &str = "crowdsec:sentinel/ssh-bf";
+const MACHINE_PASSWORD: &str = "fleet-test-password-3b8d";
+/// Host B's own threshold, out of reach: the SSH probes see every sshd on the machine, A's too,
+/// so a ban on B can only come from the fleet.
+const OUT_OF_REACH: u64 = 1000;
+/// The watcher retries after 1 s, 2 s, 4 s ... up to a minute: a hang guard over a few of those.
+const RETRY_WAIT: Duration = Duration::from_secs(150);
+
+/// Host A runs sshd and pushes its bans as alerts; host B only pulls. Both have pulled once when
+/// this returns, so what follows measures the fleet, not their start.
+fn ssh_fleet(lapi: &Lapi, tag: &str) -> (Host, Host) {
+    // For `cscli alerts list`.
+    lapi.add_operator();
+    let machine = format!("sentinel-{tag}-a");
+    lapi.add_machine(&machine, MACHINE_PASSWORD);
+    let a = Host::join(
+        &format!("{tag}-a"),
+        &Joining {
+            machine: Some((&machine, MACHINE_PASSWORD)),
+            sshd: true,
+            ..Joining::pulling(lapi.url(), &lapi.add_bouncer(&machine))
+        },
+    );
+    let b = Host::join(
+        &format!("{tag}-b"),
+        &Joining {
+            max_failures: OUT_OF_REACH,
+            ..Joining::pulling(lapi.url(), &lapi.add_bouncer(&format!("sentinel-{tag}-b")))
+        },
+    );
+    for host in [&a, &b] {
+        let synced = eventually(WAIT, || {
+            host.daemon
+                .scrape()
+                .find(LAST_SYNC, &[])
+                .is_some_and(|time| time > 0.0)
+        });
+        assert!(synced, "no pull:\n{}", host.daemon.log());
+    }
+    (a, b)
+}
+
+/// LAPI holds exactly one alert about `address`, from Sentinel's SSH guard on `machine`, with
+/// exactly one decision in force: nothing was pushed twice.
+fn assert_one_alert_and_decision(lapi: &Lapi, address: &str, machine: &str) {
+    let alerts = lapi.alerts_about(address);
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert_eq!(alerts[0]["scenario"], "sentinel/ssh-bf", "{alerts:#?}");
+    assert_eq!(alerts[0]["machine_id"], machine, "{alerts:#?}");
+    let decisions = lapi.decisions_about(address);
+    assert_eq!(decisions.len(), 1, "{decisions:#?}");
+    assert_eq!(decisions[0]["type"], "ban", "{decisions:#?}");
+    assert_eq!(decisions[0]["origin"], "crowdsec", "{decisions:#?}");
+}
+
+#[test]
+fn an_ssh_brute_force_is_banned_on_its_host_at_once_and_through_lapi_on_the_other() {
+    let _serial = serial();
+    let lapi = Lapi::start();
+    let (a, b) = ssh_fleet(&lapi, "ssh");
+    let attacker = ATTACKER.to_string();
+    b.assert_connects(ATTACKER);
+
+    a.brute_force();
+    a.await_ban(&attacker);
+    a.assert_blocked(ATTACKER);
+    let ban = b.await_ban(&attacker);
+    b.assert_blocked(ATTACKER);
+    b.assert_connects(TRUSTED);
+    let detected = a.audited_ban(&attacker, "ssh_failures");
+    let enforced = b.audited_ban(&attacker, FLEET_SSH_REASON);
+    println!(
+        "fleet propagation: A's ban to B's ban in {} ms (pull_interval 1s)",
+        enforced - detected
+    );
+    // The alert bans for what A's ban (ban_for 10m by default) has left.
+    let timeout = ban.timeout.expect("a ban with a timeout");
+    assert!((580..=600).contains(&timeout), "{ban:?}");
+
+    // A's ban is its own; B's is the fleet's, although B saw every failure too.
+    assert_eq!(a.listed(), [(attacker.clone(), "ssh_failures".to_string())]);
+    assert_eq!(
+        b.listed(),
+        [(attacker.clone(), FLEET_SSH_REASON.to_string())]
+    );
+    let b_scrape = b.daemon.scrape();
+    assert_eq!(
+        b_scrape.count("sentinel_ssh_auth_failures_total", &[]),
+        MAX_FAILURES
+    );
+    b_scrape.assert_absent("sentinel_bans_total", &[("reason", "ssh_failures")]);
+    assert_eq!(b_scrape.value(APPLIED, &[("origin", "crowdsec")]), 1.0);
+    assert_eq!(a.metric(PUSHES, &[("result", "ok")]), 1.0);
+    assert_eq!(a.metric(PUSHES, &[("result", "failed")]), 0.0);
+    assert_eq!(a.metric(PUSH_QUEUE, &[]), 0.0);
+    // A pulls its own decision back and leaves its ban as it was.
+    a.await_metric(RECEIVED, &[("origin", "crowdsec")], 1.0);
+    a.daemon
+        .scrape()
+        .assert_absent(APPLIED, &[("origin", "crowdsec")]);
+    assert_eq!(a.listed(), [(attacker.clone(), "ssh_failures".to_string())]);
+    assert_one_alert_and_decision(&lapi, &attacker, "sentinel-ssh-a");
+    let machines = lapi.cscli(&["machines", "list", "-o", "raw"]);
+    assert!(machines.contains("sentinel-ssh-a"), "{machines}");
+}
+
+#[test]
+fn a_ban_made_while_the_lapi_is_down_reaches_the_fleet_once_when_it_returns() {
+    let _serial = serial();
+    let mut lapi = Lapi::start();
+    let (a, b) = ssh_fleet(&lapi, "queue");
+    let attacker = ATTACKER.to_string();
+    lapi.stop();
+    for host in [&a, &b] {
+        host.await_metric(REACHABLE, &[], 0.0);
+    }
+
+    // Local protection does not wait for the fleet; the alert waits in A's queue.
+    a.brute_force();
+    a.await_ban(&attacker);
+    a.assert_blocked(ATTACKER);
+    a.await_metric(PUSH_QUEUE, &[], 1.0);
+    assert!(a.metric(PUSHES, &[("result", "failed")]) >= 1.0);
+    assert_eq!(a.metric(PUSHES, &[("result", "ok")]), 0.0);
+    b.assert_connects(ATTACKER);
+    assert_eq!(b.bans(), []);
+
+    lapi.resume();
+    let resumed = Instant::now();
+    b.await_ban_within(&attacker, RETRY_WAIT);
+    println!(
+        "LAPI back to B's ban in {:?} (the watcher's backoff, then a pull)",
+        resumed.elapsed()
+    );
+    b.assert_blocked(ATTACKER);
+    assert_eq!(
+        b.listed(),
+        [(attacker.clone(), FLEET_SSH_REASON.to_string())]
+    );
+    assert_eq!(b.metric(APPLIED, &[("origin", "crowdsec")]), 1.0);
+    a.await_metric(PUSH_QUEUE, &[], 0.0);
+    let a_scrape = a.daemon.scrape();
+    assert_eq!(a_scrape.value(PUSHES, &[("result", "ok")]), 1.0);
+    // Nothing was lost: no local ban made room in the queue or ended there (each look at the
+    // queue counts those that ended, so that series exists).
+    let dropped = "sentinel_crowdsec_push_dropped_total";
+    a_scrape.assert_absent(dropped, &[("reason", "queue_full")]);
+    assert_eq!(a_scrape.value(dropped, &[("reason", "ended")]), 0.0);
+    assert_one_alert_and_decision(&lapi, &attacker, "sentinel-queue-a");
+    assert_eq!(a.listed(), [(attacker.clone(), "ssh_failures".to_string())]);
+}
+
+/// A stand-in for a broken or hostile LAPI on loopback, to attack Sentinel's input boundary (not
+/// to stand in for CrowdSec): it answers each request with the next of its answers, in turn,
+/// and counts what it served.
+struct HostileLapi {
+    addr: SocketAddr,
+    served: Arc<Mutex<Vec<u64>>>,
+    stop: Arc<AtomicBool>,
+    server: Option<thread::JoinHandle<()>>,
+}
+
+/// (HTTP status, body) of each answer.
+type Answer = (&'static str, &'static str);
+
+const HOSTILE_ANSWERS: [Answer; 4] = [
+    // Cut short.
+    (
+        "200 OK",
+        r#"{"new":[{"duration":"1h","id":1,"origin":"cscli""#,
+    ),
+    // A good decision beside one whose address is not one: the whole answer is refused.
+    (
+        "200 OK",
+        r#"{"new":[{"duration":"1h","id":2,"origin":"cscli","scenario":"s","scope":"Ip","type":"ban","value":"198.51.100.30"},{"duration":"1h","id":3,"origin":"cscli","scenario":"s","scope":"Ip","type":"ban","value":"198.51.100.300"}],"deleted":null}"#,
+    ),
+    // JSON of the wrong shape.
+    ("200 OK", r#"{"new":"198.51.100.30","deleted":null}"#),
+    (
+        "500 Internal Server Error",
+        r#"{"message":"database is locked"}"#,
+    ),
+];
+
+impl HostileLapi {
+    fn start(answers: &'static [Answer]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the hostile LAPI");
+        let addr = listener.local_addr().expect("its address");
+        listener
+            .set_nonblocking(true)
+            .expect("a listener that can stop");
+        let served = Arc::new(Mutex::new(vec![0; answers.len()]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = {
+            let (served, stop) = (served.clone(), stop.clone());
+            thread::spawn(move || {
+                let mut turn = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            answer(stream, answers[turn]);
+                            served.lock().expect("the counts")[turn] += 1;
+                            turn = (turn + 1) % answers.len();
+                        }
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(error) => panic!("the hostile LAPI failed: {error}"),
+                    }
+                }
+            })
+        };
+        Self {
+            addr,
+            served,
+            stop,
+            server: Some(server),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many times each answer was served.
+    fn served(&self) -> Vec<u64> {
+        self.served.lock().expect("the counts").clone()
+    }
+
+    /// Stops answering: the port is closed once this returns.
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(server) = self.server.take() {
+            server.join().expect("the hostile LAPI panicked");
+        }
+    }
+}
+
+impl Drop for HostileLapi {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads one request's head and sends `answer`, closing the connection.
+fn answer(mut stream: TcpStream, (status, body): Answer) {
+    stream.set_nonblocking(false).expect("a blocking stream");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a read timeout");
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).is_ok_and(|read| read == 1) {
+        head.push(byte[0]);
+    }
+    let request = String::from_utf8_lossy(&head);
+    assert!(
+        request.starts_with("GET /v1/decisions/stream?startup="),
+        "{request}"
+    );
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("answer");
+}
+
+#[test]
+fn a_lapi_answering_garbage_bans_nothing_and_local_protection_goes_on() {
+    let _serial = serial();
+    let mut hostile = HostileLapi::start(&HOSTILE_ANSWERS);
+    let a = Host::join(
+        "garbage",
+        &Joining {
+            sshd: true,
+            ..Joining::pulling(hostile.url(), "0123abcd")
+        },
+    );
+    let attacker = ATTACKER.to_string();
+    a.brute_force();
+    a.await_ban(&attacker);
+    a.assert_blocked(ATTACKER);
+    let two_rounds = eventually(2 * WAIT, || {
+        hostile.served().iter().all(|&count| count >= 2)
+    });
+    assert!(
+        two_rounds,
+        "served {:?}:\n{}",
+        hostile.served(),
+        a.daemon.log()
+    );
+
+    // Answered, but with nothing usable: never synced, nothing received, still running.
+    let scrape = a.daemon.scrape();
+    assert_eq!(scrape.value(REACHABLE, &[]), 1.0);
+    assert_eq!(scrape.value(LAST_SYNC, &[]), 0.0);
+    scrape.assert_absent(RECEIVED, &[("origin", "cscli")]);
+    scrape.assert_absent(APPLIED, &[("origin", "cscli")]);
+    assert_eq!(
+        scrape.value(
+            "sentinel_component_up",
+            &[("component", "crowdsec bouncer")]
+        ),
+        1.0
+    );
+
+    hostile.stop();
+    let served = hostile.served();
+    let malformed = served[..3].iter().sum::<u64>() as f64;
+    a.await_metric(PULL_ERRORS, &[("kind", "malformed")], malformed);
+    a.await_metric(PULL_ERRORS, &[("kind", "http")], served[3] as f64);
+    a.await_metric(REACHABLE, &[], 0.0);
+    assert_eq!(a.listed(), [(attacker.clone(), "ssh_failures".to_string())]);
+    let nets: Vec<String> = a.bans().into_iter().map(|ban| ban.net).collect();
+    assert_eq!(nets, [attacker]);
+    a.assert_connects(BYSTANDER);
+    a.assert_blocked(ATTACKER);
+    let refused = a.daemon.log_records(&[("level", "ERROR")]);
+    assert!(
+        refused.iter().any(|record| record["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("198.51.100.300"))),
+        "{}",
+        a.daemon.log()
     );
 }
 

@@ -6,23 +6,22 @@
 
 use std::{
     collections::BTreeMap,
-    fs::{self, File},
+    fs,
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    ops::Range,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::Duration,
 };
 
 use sentinel_tests::{
-    Daemon, Scrape, TempDir, assert_promtool_clean, eventually, free_port,
-    netlab::{Netns, SetElement, run},
-    sentinel_bin, serial, testkit_bin, unique_suffix,
+    Daemon, Scrape, TempDir, assert_promtool_clean, audit_records, eventually, free_port,
+    netlab::{Netns, SetElement},
+    rfc3339_millis, sentinel_bin, serial,
+    sshlab::{Peer, SESSION_SSH_OPTIONS, SSH_PORT, Sshd, TestUser, USER_PASSWORD},
+    testkit_bin,
 };
 
-const SSHD: &str = "/usr/sbin/sshd";
-const SSH_PORT: u16 = 22;
 const MAX_FAILURES: u64 = 5;
 /// How long the daemon may take to count a failure, ban, or see a ban lifted.
 const WAIT: Duration = Duration::from_secs(15);
@@ -43,41 +42,12 @@ const ALLOWED: &str = "192.0.2.0/24";
 /// An address that never attacks; only forged failures name it.
 const FORGED_VICTIM: &str = "198.51.100.77";
 
-const USER_PASSWORD: &str = "Sentinel-test-7c41e9";
-const WRONG_PASSWORD: &str = "not-the-password";
-
 const FAILURES: &str = "sentinel_ssh_auth_failures_total";
 const BANS: &str = "sentinel_bans_total";
 const SKIPPED: &str = "sentinel_bans_skipped_total";
 const BANNED: &str = "sentinel_banned_addresses";
 const BAN_REASONS: [&str; 3] = ["ssh_failures", "ssh_repeat_offender", "operator"];
 const SKIP_REASONS: [&str; 3] = ["allowlisted", "active_session", "ban_table_full"];
-
-const SSH_OPTIONS: &[&str] = &[
-    "-F",
-    "/dev/null",
-    "-o",
-    "StrictHostKeyChecking=no",
-    "-o",
-    "UserKnownHostsFile=/dev/null",
-    "-o",
-    "LogLevel=ERROR",
-    "-o",
-    "PreferredAuthentications=password",
-    "-o",
-    "PubkeyAuthentication=no",
-    // One password per connection: each attempt is exactly one PAM failure.
-    "-o",
-    "NumberOfPasswordPrompts=1",
-    "-o",
-    "ConnectTimeout=3",
-];
-
-/// A session whose packets are dropped ends within seconds instead of hanging the test. Not for
-/// the failing logins: the same limit applies to waiting for the answer to a password, which
-/// sshd gives only after PAM's failure delay, rounded up by sshd to hide timings (up to ~4 s).
-const SESSION_SSH_OPTIONS: &[&str] =
-    &["-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=3"];
 
 /// A server namespace running sshd, joined by one veth pair each to two IPv4 attackers, an
 /// IPv6 attacker and a client inside the allow list; plus a local account to log in with.
@@ -175,36 +145,9 @@ impl SshLab {
         daemon
     }
 
-    /// Runs `count` failing logins from each peer, all at once, and checks that every one was
-    /// refused by sshd. Half name an account that does not exist, half give a wrong password.
+    /// Runs `count` failing logins from each peer, all at once; sshd refuses every one.
     fn fail_logins(&self, attempts: &[(&Peer, u64)]) {
-        let mut clients = Vec::new();
-        for (peer, count) in attempts {
-            for attempt in 0..*count {
-                let user = if attempt % 2 == 0 {
-                    format!("no-such-user-{attempt}")
-                } else {
-                    self.user.name.clone()
-                };
-                let client = peer
-                    .ssh(&user, WRONG_PASSWORD, &[], "true")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .expect("run sshpass ssh");
-                clients.push((format!("from {} as {user}", peer.address), client));
-            }
-        }
-        for (login, client) in clients {
-            let output = client.wait_with_output().expect("wait for ssh");
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            assert!(
-                !output.status.success() && stderr.contains("Permission denied"),
-                "the failing login {login} ended otherwise ({}): {stderr}\nsshd:\n{}",
-                output.status,
-                self.sshd.log()
-            );
-        }
+        self.sshd.fail_logins(&self.user, attempts);
     }
 
     /// Logs the test user in from `peer` with the right password.
@@ -285,235 +228,7 @@ impl SshLab {
     }
 
     fn audit_records(&self) -> Vec<serde_json::Value> {
-        fs::read_to_string(self.audit_log())
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).expect("an audit record is one JSON object"))
-            .collect()
-    }
-}
-
-/// A client namespace with one veth link to the server.
-struct Peer {
-    netns: Netns,
-    /// The address its SSH clients and probes use (its first address).
-    address: IpAddr,
-    /// The server's address on this link.
-    server: IpAddr,
-}
-
-impl Peer {
-    /// A namespace linked to `server` by a veth pair named `link` on the server's side, with
-    /// `server_address` there and `addresses` here, all in one /24 or /64.
-    fn link(
-        server: &Netns,
-        link: &str,
-        server_address: impl Into<IpAddr>,
-        addresses: &[IpAddr],
-    ) -> Self {
-        let netns = Netns::new(link);
-        server.veth(link, &netns, "eth0");
-        let server_address = server_address.into();
-        server.ip(&address_command(server_address, link));
-        for address in addresses {
-            netns.ip(&address_command(*address, "eth0"));
-        }
-        Self {
-            netns,
-            address: addresses[0],
-            server: server_address,
-        }
-    }
-
-    fn sshd(&self) -> SocketAddr {
-        SocketAddr::new(self.server, SSH_PORT)
-    }
-
-    /// What the guard counts and bans for this peer: its address, or its IPv6 /64.
-    fn offender(&self) -> String {
-        match self.address {
-            IpAddr::V4(address) => address.to_string(),
-            IpAddr::V6(_) => V6_PREFIX.to_string(),
-        }
-    }
-
-    /// `ssh -l USER [OPTIONS] SERVER REMOTE_COMMAND` from this peer's address, the password
-    /// given by sshpass.
-    fn ssh(&self, user: &str, password: &str, options: &[&str], remote_command: &str) -> Command {
-        let mut command = self.netns.command("sshpass");
-        command
-            .env("SSHPASS", password)
-            .args(["-e", "ssh"])
-            .args(SSH_OPTIONS)
-            .args(options)
-            .arg("-b")
-            .arg(self.address.to_string())
-            .args(["-l", user])
-            .arg(self.server.to_string())
-            .arg(remote_command)
-            .stdin(Stdio::null());
-        command
-    }
-
-    fn can_connect(&self) -> bool {
-        self.netns.connect(self.address, self.sshd()).is_ok()
-    }
-
-    fn assert_connects(&self) {
-        self.netns.assert_connects(self.address, self.sshd());
-    }
-
-    fn assert_blocked(&self) {
-        self.assert_blocked_from(self.address);
-    }
-
-    fn assert_blocked_from(&self, source: impl Into<IpAddr>) {
-        self.netns.assert_blocked(source.into(), self.sshd());
-    }
-
-    fn assert_connects_from(&self, source: impl Into<IpAddr>) {
-        self.netns.assert_connects(source.into(), self.sshd());
-    }
-}
-
-/// `addr add ADDRESS/LEN dev LINK`; IPv6 addresses skip duplicate address detection so that
-/// they work at once.
-fn address_command(address: IpAddr, link: &str) -> String {
-    match address {
-        IpAddr::V4(_) => format!("addr add {address}/24 dev {link}"),
-        IpAddr::V6(_) => format!("addr add {address}/64 dev {link} nodad"),
-    }
-}
-
-/// The test's own OpenSSH server in the server namespace, with its own configuration, host key
-/// and pid file: nothing of the machine's sshd setup is used or changed.
-struct Sshd {
-    process: Child,
-    log: PathBuf,
-}
-
-impl Sshd {
-    fn start(server: &Netns, listen: &[IpAddr], dir: &Path) -> Self {
-        assert!(
-            Path::new(SSHD).exists(),
-            "{SSHD} is missing: install openssh-server"
-        );
-        // sshd refuses to start without its privilege separation directory.
-        fs::create_dir_all("/run/sshd").expect("create /run/sshd");
-        let host_key = dir.join("ssh_host_ed25519_key");
-        run(
-            "ssh-keygen",
-            &[
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-f",
-                &host_key.to_string_lossy(),
-            ],
-        );
-        let listen_lines: String = listen
-            .iter()
-            .map(|address| format!("ListenAddress {}\n", SocketAddr::new(*address, SSH_PORT)))
-            .collect();
-        let config = dir.join("sshd_config");
-        fs::write(
-            &config,
-            format!(
-                "{listen_lines}HostKey {}
-PidFile {}
-UsePAM yes
-PasswordAuthentication yes
-KbdInteractiveAuthentication no
-PubkeyAuthentication no
-PermitRootLogin no
-UseDNS no
-# Attackers connect many at a time; sshd's own throttling must not turn them away.
-MaxStartups 100
-",
-                host_key.display(),
-                dir.join("sshd.pid").display()
-            ),
-        )
-        .expect("write sshd_config");
-        let log = dir.join("sshd.log");
-        let log_file = File::create(&log).expect("create sshd.log");
-        let process = server
-            .command(SSHD)
-            .args(["-D", "-e", "-f"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("clone sshd.log"))
-            .stderr(log_file)
-            .spawn()
-            .expect("start sshd");
-        let sshd = Self { process, log };
-        let listening = eventually(WAIT, || {
-            listen.iter().all(|address| {
-                server
-                    .connect(*address, SocketAddr::new(*address, SSH_PORT))
-                    .is_ok()
-            })
-        });
-        assert!(listening, "sshd did not listen:\n{}", sshd.log());
-        sshd
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
-/// A local account with a known password for the successful logins, removed on drop.
-struct TestUser {
-    name: String,
-}
-
-impl TestUser {
-    fn create(home: &Path) -> Self {
-        // Well within the 32 characters a user name may have.
-        let name = format!("sntl-{}", unique_suffix());
-        run(
-            "useradd",
-            &[
-                "--no-create-home",
-                "--home-dir",
-                &home.to_string_lossy(),
-                "--shell",
-                "/bin/sh",
-                &name,
-            ],
-        );
-        let user = Self { name };
-        let mut chpasswd = Command::new("chpasswd")
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("run chpasswd");
-        writeln!(
-            chpasswd.stdin.take().expect("chpasswd's stdin"),
-            "{}:{USER_PASSWORD}",
-            user.name
-        )
-        .expect("write to chpasswd");
-        assert!(chpasswd.wait().expect("wait for chpasswd").success());
-        user
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        // --force: a session process may still be on its way out.
-        let _ = Command::new("userdel")
-            .args(["--force", &self.name])
-            .status();
+        audit_records(&self.audit_log())
     }
 }
 
@@ -607,25 +322,6 @@ fn audited_ban_length(record: &serde_json::Value) -> Duration {
     let millis = |key: &str| rfc3339_millis(record[key].as_str().expect("a timestamp"));
     let length = millis("expires") - millis("time");
     Duration::from_millis(length.try_into().expect("expires after time"))
-}
-
-/// Milliseconds since the epoch of an audit timestamp like `2026-11-21T15:04:05.123Z`.
-fn rfc3339_millis(text: &str) -> i64 {
-    let field = |range: Range<usize>| -> i64 {
-        text[range]
-            .parse()
-            .unwrap_or_else(|_| panic!("{text:?} is not an audit timestamp"))
-    };
-    let (year, month, day) = (field(0..4), field(5..7), field(8..10));
-    // Days since 1970-01-01 of a Gregorian date (Howard Hinnant's days_from_civil).
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
-    let seconds = ((days * 24 + field(11..13)) * 60 + field(14..16)) * 60 + field(17..19);
-    seconds * 1000 + field(20..23)
 }
 
 fn assert_ban_length(record: &serde_json::Value, expected: Duration) {
