@@ -107,7 +107,8 @@ fn a_removed_cgroups_counts_stay_with_its_service_until_forgotten() {
     let daemon =
         Daemon::start_with_config("services:\n  forget_removed_after: 20s\n", &[]);
     let cgroup = TestCgroup::new("forget");
-    let service = [("service", cgroup.service())];
+    let name = cgroup.service().to_string();
+    let service = [("service", name.as_str())];
     const RUNS: u64 = 4;
     for _ in 0..RUNS {
         assert!(cgroup.command("/bin/true").status().expect("exec").success());
