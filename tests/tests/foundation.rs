@@ -104,14 +104,19 @@ fn exec_count_per_service_is_exact() {
 fn a_removed_cgroups_counts_stay_with_its_service_until_forgotten() {
     let _serial = serial();
     // Long enough that the scrape right after the removal is surely inside it.
-    let daemon =
-        Daemon::start_with_config("services:\n  forget_removed_after: 20s\n", &[]);
+    let daemon = Daemon::start_with_config("services:\n  forget_removed_after: 20s\n", &[]);
     let cgroup = TestCgroup::new("forget");
     let name = cgroup.service().to_string();
     let service = [("service", name.as_str())];
     const RUNS: u64 = 4;
     for _ in 0..RUNS {
-        assert!(cgroup.command("/bin/true").status().expect("exec").success());
+        assert!(
+            cgroup
+                .command("/bin/true")
+                .status()
+                .expect("exec")
+                .success()
+        );
     }
     daemon.await_count("sentinel_exec_total", &service, RUNS, SETTLE);
     drop(cgroup);
@@ -125,7 +130,9 @@ fn a_removed_cgroups_counts_stay_with_its_service_until_forgotten() {
             .is_none()),
         "the removed service's series is still exported"
     );
-    daemon.scrape().assert_absent("sentinel_exec_total", &service);
+    daemon
+        .scrape()
+        .assert_absent("sentinel_exec_total", &service);
 }
 
 fn records_switch(daemon: &Daemon) -> bool {

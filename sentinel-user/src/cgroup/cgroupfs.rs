@@ -169,7 +169,12 @@ mod tests {
             .into_iter()
             .map(|dir| {
                 let file = tree.0.join(dir).join("cgroup.subtree_control");
-                (inotify.add_watch(&file, AddWatchFlags::IN_CLOSE_WRITE).unwrap(), dir)
+                (
+                    inotify
+                        .add_watch(&file, AddWatchFlags::IN_CLOSE_WRITE)
+                        .unwrap(),
+                    dir,
+                )
             })
             .collect();
         fs.enable_controllers("/a/b", &CONTROLLERS).unwrap();

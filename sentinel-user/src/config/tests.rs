@@ -120,7 +120,10 @@ fn forget_removed_after_is_bounded_to_a_second_and_a_day() {
     for (value, problem) in [
         ("500ms", "must be at least 1s, found \"500ms\""),
         ("2d", "must be at most 1d, found \"2d\""),
-        ("soon", "expected a duration from 1s to 1d, such as 10m, found \"soon\""),
+        (
+            "soon",
+            "expected a duration from 1s to 1d, such as 10m, found \"soon\"",
+        ),
     ] {
         assert_eq!(
             problems(&format!("services:\n  forget_removed_after: {value}\n")),
