@@ -12,20 +12,10 @@ use libfuzzer_sys::fuzz_target;
 use sentinel_user::{
     firewall::IpNet,
     fuzzing::{
-        SET_V4, SET_V6, TABLE, netlink_batch, netlink_error_codes, netlink_removes_from_our_table,
+        SET_V4, SET_V6, TABLE, netlink_abi::*, netlink_batch, netlink_error_codes,
+        netlink_removes_from_our_table,
     },
 };
-
-// From linux/netlink.h, linux/netfilter/nfnetlink.h and linux/netfilter/nf_tables.h.
-const NLM_F_ACK: u16 = 4;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFNL_MSG_BATCH_BEGIN: u16 = 16;
-const NFNL_MSG_BATCH_END: u16 = 17;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
-const NFPROTO_INET: u8 = 1;
-const NLA_F_NESTED: u16 = 1 << 15;
-const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 
 #[derive(Arbitrary, Debug)]
 struct Change {

@@ -113,6 +113,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let attribution = Arc::new(Mutex::new(Attribution::new(
         tree,
         config.services.max_labels,
+        config.services.forget_removed_after,
     )));
     let counters = take_map(&mut probes.ebpf, "COUNTERS")?.try_into()?;
     let lost = take_map(&mut probes.ebpf, "LOST")?.try_into()?;

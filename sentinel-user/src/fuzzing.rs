@@ -3,6 +3,9 @@
 
 use crate::firewall::{self, Batch, IpNet};
 
+/// The kernel's netlink and nf_tables numbers batches are made of.
+pub use crate::firewall::abi as netlink_abi;
+
 /// The table and the IPv4 and IPv6 sets that batches change.
 pub const TABLE: &str = firewall::TABLE;
 pub const SET_V4: &str = firewall::SET_V4;

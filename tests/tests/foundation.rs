@@ -100,6 +100,41 @@ fn exec_count_per_service_is_exact() {
 }
 
 /// Whether the daemon had the exec and TCP programs write per-event records, from its start line.
+#[test]
+fn a_removed_cgroups_counts_stay_with_its_service_until_forgotten() {
+    let _serial = serial();
+    // Long enough that the scrape right after the removal is surely inside it.
+    let daemon = Daemon::start_with_config("services:\n  forget_removed_after: 20s\n", &[]);
+    let cgroup = TestCgroup::new("forget");
+    let name = cgroup.service().to_string();
+    let service = [("service", name.as_str())];
+    const RUNS: u64 = 4;
+    for _ in 0..RUNS {
+        assert!(
+            cgroup
+                .command("/bin/true")
+                .status()
+                .expect("exec")
+                .success()
+        );
+    }
+    daemon.await_count("sentinel_exec_total", &service, RUNS, SETTLE);
+    drop(cgroup);
+    // The cgroup is gone, its count is not: the service keeps what it did.
+    assert_eq!(daemon.scrape().count("sentinel_exec_total", &service), RUNS);
+    // Then the whole series goes, so that removed cgroups do not pile up label values.
+    assert!(
+        eventually(Duration::from_secs(120), || daemon
+            .scrape()
+            .find("sentinel_exec_total", &service)
+            .is_none()),
+        "the removed service's series is still exported"
+    );
+    daemon
+        .scrape()
+        .assert_absent("sentinel_exec_total", &service);
+}
+
 fn records_switch(daemon: &Daemon) -> bool {
     let running = daemon.log_records(&[("message", "sentinel is running")]);
     let [running] = running.as_slice() else {

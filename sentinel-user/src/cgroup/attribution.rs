@@ -14,9 +14,6 @@ use super::tree::{CgroupTree, Lookup};
 pub const OTHER: &str = "other";
 /// Label for cgroups whose path could not be found (removed before Sentinel saw them).
 pub const UNKNOWN: &str = "unknown";
-/// How long a service whose cgroups are all gone keeps its series, so that scrapes see its
-/// final values before it is dropped.
-const RETENTION: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceTotals {
@@ -45,6 +42,9 @@ impl Service {
 pub struct Attribution {
     tree: CgroupTree,
     max_services: usize,
+    /// How long a service whose cgroups are all gone keeps its series, so that scrapes see
+    /// its final values before it is dropped.
+    retention: Duration,
     services: HashMap<String, Service>,
     /// When each not-yet-resolvable cgroup id was first seen.
     unresolved_since: HashMap<u64, Instant>,
@@ -59,10 +59,11 @@ pub fn service_name(path: &str) -> &str {
 }
 
 impl Attribution {
-    pub fn new(tree: CgroupTree, max_services: usize) -> Self {
+    pub fn new(tree: CgroupTree, max_services: usize, retention: Duration) -> Self {
         Self {
             tree,
             max_services,
+            retention,
             services: HashMap::new(),
             unresolved_since: HashMap::new(),
         }
@@ -147,8 +148,9 @@ impl Attribution {
                 retired_ids.push(id);
             }
         }
+        let retention = self.retention;
         self.services.retain(|label, service| {
-            live.contains_key(label) || service.last_live.elapsed() < RETENTION
+            live.contains_key(label) || service.last_live.elapsed() < retention
         });
         let totals = self
             .services
@@ -178,7 +180,7 @@ mod tests {
     fn attribution(max: usize) -> Attribution {
         let mut tree = CgroupTree::new(PathBuf::from("/nonexistent"));
         tree.rescan();
-        Attribution::new(tree, max)
+        Attribution::new(tree, max, Duration::from_secs(600))
     }
 
     fn execs(n: u64) -> ServiceCounters {

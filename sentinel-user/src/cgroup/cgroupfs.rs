@@ -121,6 +121,8 @@ fn display_path(path: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+
     use super::*;
 
     /// A fake cgroup tree in a temp dir: plain files stand in for interface files.
@@ -160,8 +162,32 @@ mod tests {
         let tree = FakeTree::new("cpu memory pids io");
         let fs = CgroupFs::new(tree.0.clone());
         fs.write("a", "cgroup.subtree_control", "memory").unwrap();
+        // Every write to an interface file is seen, not only the last one: each closes a file
+        // opened for writing.
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+        let watched: Vec<(WatchDescriptor, &str)> = ["", "a", "a/b"]
+            .into_iter()
+            .map(|dir| {
+                let file = tree.0.join(dir).join("cgroup.subtree_control");
+                (
+                    inotify
+                        .add_watch(&file, AddWatchFlags::IN_CLOSE_WRITE)
+                        .unwrap(),
+                    dir,
+                )
+            })
+            .collect();
         fs.enable_controllers("/a/b", &CONTROLLERS).unwrap();
-        // Each ancestor gets one write naming every controller it lacks.
+        let mut writes: Vec<&str> = inotify
+            .read_events()
+            .unwrap()
+            .iter()
+            .map(|event| watched.iter().find(|(wd, _)| *wd == event.wd).unwrap().1)
+            .collect();
+        writes.sort();
+        // Each ancestor that lacks a controller gets exactly one write naming all it lacks; the
+        // cgroup itself none.
+        assert_eq!(writes, ["", "a"]);
         assert_eq!(
             fs.read("", "cgroup.subtree_control").unwrap(),
             "+memory +cpu +pids"

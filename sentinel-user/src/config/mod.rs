@@ -43,13 +43,14 @@ pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 pub(crate) const TOP_LEVEL_KEYS: &[&str] =
     &["metrics", "services", "policies", "ssh_guard", "crowdsec"];
 const METRICS_KEYS: &[&str] = &["listen", "resource_refresh", "resource_detail"];
-const SERVICES_KEYS: &[&str] = &["max_labels", "cgroup_backend"];
+const SERVICES_KEYS: &[&str] = &["max_labels", "cgroup_backend", "forget_removed_after"];
 
 const EXPECTED_LISTEN: &str = "an address and port such as 127.0.0.1:9848 or [::1]:9848";
 const EXPECTED_LABELS: &str = "a whole number of at least 1";
 const EXPECTED_BACKEND: &str = "auto, systemd or cgroupfs";
 const EXPECTED_REFRESH: &str = "a duration from 1s to 1h, such as 10s or 1m";
 const EXPECTED_DETAIL: &str = "basic or full";
+const EXPECTED_FORGET: &str = "a duration from 1s to 1d, such as 10m";
 
 /// Resource figures are read this often: fresher than a 15 s scrape interval needs, and a pass
 /// over thousands of cgroups costs a fraction of a percent of a core at this pace.
@@ -58,6 +59,11 @@ const DEFAULT_RESOURCE_REFRESH: Duration = Duration::from_secs(10);
 const MIN_RESOURCE_REFRESH: Duration = Duration::from_secs(1);
 /// Above this, the figures are too old to be worth exporting.
 const MAX_RESOURCE_REFRESH: Duration = Duration::from_secs(3600);
+
+/// A removed service's series stay this long, so that scrapes see its final values.
+const DEFAULT_FORGET_REMOVED_AFTER: Duration = Duration::from_secs(600);
+/// Beyond a day, label slots of long-gone services would crowd out live ones.
+const MAX_FORGET_REMOVED_AFTER: Duration = Duration::from_secs(86_400);
 
 /// Why a reload refuses a file without settings.
 const NOTHING_TO_RELOAD: &str = "the file holds no settings (it is empty or only comments, as \
@@ -91,6 +97,8 @@ pub struct ServicesConfig {
     pub max_labels: usize,
     /// Where the limits of systemd units are set.
     pub cgroup_backend: CgroupBackend,
+    /// How long a service whose cgroups are all gone keeps its series.
+    pub forget_removed_after: Duration,
 }
 
 impl Default for MetricsConfig {
@@ -108,6 +116,7 @@ impl Default for ServicesConfig {
         Self {
             max_labels: 512,
             cgroup_backend: CgroupBackend::Auto,
+            forget_removed_after: DEFAULT_FORGET_REMOVED_AFTER,
         }
     }
 }
@@ -166,6 +175,7 @@ impl Config {
                 ServicesConfig {
                     max_labels,
                     cgroup_backend,
+                    forget_removed_after,
                 },
             policies: _,
             ssh_guard,
@@ -188,6 +198,10 @@ impl Config {
             (
                 "services.cgroup_backend",
                 *cgroup_backend != new.services.cgroup_backend,
+            ),
+            (
+                "services.forget_removed_after",
+                *forget_removed_after != new.services.forget_removed_after,
             ),
         ];
         changes.extend(ssh_guard.differences(&new.ssh_guard));
@@ -441,9 +455,26 @@ impl Checker {
                 })
             },
         );
+        let forget_removed_after = self.setting(
+            &mut fields,
+            "forget_removed_after",
+            defaults.forget_removed_after,
+            |checker, field| {
+                checker.value(field, EXPECTED_FORGET, |text| match parse_duration(text)? {
+                    after if after < MIN_RESOURCE_REFRESH => {
+                        Err(Invalid::Because("must be at least 1s"))
+                    }
+                    after if after > MAX_FORGET_REMOVED_AFTER => {
+                        Err(Invalid::Because("must be at most 1d"))
+                    }
+                    after => Ok(after),
+                })
+            },
+        );
         Some(ServicesConfig {
             max_labels: max_labels?,
             cgroup_backend: cgroup_backend?,
+            forget_removed_after: forget_removed_after?,
         })
     }
 }

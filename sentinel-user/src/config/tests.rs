@@ -88,7 +88,7 @@ fn reads_every_section() {
         "c.yaml",
         "metrics:\n  listen: 0.0.0.0:9000\n  resource_refresh: 30s\n  resource_detail: \
          full\nservices:\n  max_labels: 3\n  cgroup_backend: \
-         cgroupfs\nssh_guard:\n  ban_for: 1h\n  multiplier: 1.5\n  allow: [10.0.0.0/8]\n  \
+         cgroupfs\n  forget_removed_after: 1h\nssh_guard:\n  ban_for: 1h\n  multiplier: 1.5\n  allow: [10.0.0.0/8]\n  \
          netns: /run/netns/web\n",
     )
     .unwrap();
@@ -97,6 +97,10 @@ fn reads_every_section() {
     assert_eq!(config.metrics.resource_detail, ResourceDetail::Full);
     assert_eq!(config.services.max_labels, 3);
     assert_eq!(config.services.cgroup_backend, CgroupBackend::Cgroupfs);
+    assert_eq!(
+        config.services.forget_removed_after,
+        Duration::from_secs(3600)
+    );
     assert_eq!(config.ssh_guard.ban_for, Duration::from_secs(3600));
     assert_eq!(config.ssh_guard.multiplier, 1.5);
     assert_eq!(config.ssh_guard.allow, vec!["10.0.0.0/8".parse().unwrap()]);
@@ -109,6 +113,23 @@ fn reads_every_section() {
         Config::parse("c.yaml", "metrics:\nservices: {}\nssh_guard:\n").unwrap(),
         Config::default()
     );
+}
+
+#[test]
+fn forget_removed_after_is_bounded_to_a_second_and_a_day() {
+    for (value, problem) in [
+        ("500ms", "must be at least 1s, found \"500ms\""),
+        ("2d", "must be at most 1d, found \"2d\""),
+        (
+            "soon",
+            "expected a duration from 1s to 1d, such as 10m, found \"soon\"",
+        ),
+    ] {
+        assert_eq!(
+            problems(&format!("services:\n  forget_removed_after: {value}\n")),
+            [format!("c.yaml:2:25: forget_removed_after: {problem}")]
+        );
+    }
 }
 
 #[test]
@@ -387,6 +408,7 @@ fn restart_only_changes_name_every_setting_a_reload_does_not_apply() {
         "metrics.resource_refresh",
         "services.max_labels",
         "services.cgroup_backend",
+        "services.forget_removed_after",
     ];
     let ssh_guard: Vec<String> = SSH_GUARD_KEYS
         .iter()

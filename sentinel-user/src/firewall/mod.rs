@@ -39,6 +39,8 @@ pub use net::IpNet;
 use netlink::SetElementSocket;
 pub use netlink::TableWatch;
 #[cfg(feature = "fuzzing")]
+pub use netlink::abi;
+#[cfg(feature = "fuzzing")]
 pub(crate) use netlink::{Batch, error_codes, removes_from_our_table};
 use netns::NetNamespace;
 use nft::Nft;

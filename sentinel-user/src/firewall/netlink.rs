@@ -18,13 +18,21 @@ use std::{
 use super::{IpNet, SET_V4, SET_V6, TABLE, view::Changes};
 use crate::Error;
 
-// From linux/netfilter/nfnetlink.h and linux/netfilter/nf_tables.h.
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFNL_MSG_BATCH_BEGIN: u16 = 16;
-const NFNL_MSG_BATCH_END: u16 = 17;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
-const NFPROTO_INET: u8 = 1;
+/// The kernel ABI numbers a batch is made of, from linux/netlink.h, linux/netfilter/nfnetlink.h
+/// and linux/netfilter/nf_tables.h (shared with the fuzz target that reads batches back).
+pub mod abi {
+    pub const NLM_F_ACK: u16 = libc::NLM_F_ACK as u16;
+    pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    pub const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+    pub const NFNL_MSG_BATCH_END: u16 = 17;
+    pub const NFT_MSG_NEWSETELEM: u16 = 12;
+    pub const NFT_MSG_DELSETELEM: u16 = 14;
+    pub const NFPROTO_INET: u8 = 1;
+    pub const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
+    pub const NLA_F_NESTED: u16 = 1 << 15;
+}
+use abi::*;
+
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -33,8 +41,6 @@ const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_DATA_VALUE: u16 = 1;
-const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
-const NLA_F_NESTED: u16 = 1 << 15;
 
 /// A nested attribute's length is 16 bits; an IPv6 network takes at most 76 bytes (start and
 /// end element), so 512 networks stay well inside one message's element list.
@@ -344,7 +350,7 @@ impl Batch {
             Operation::Remove => (NFT_MSG_DELSETELEM, 0),
         };
         if acknowledge {
-            flags |= libc::NLM_F_ACK as u16;
+            flags |= NLM_F_ACK;
         }
         let message_type = NFNL_SUBSYS_NFTABLES << 8 | message_type;
         let start = self.begin_message(message_type, flags, NFPROTO_INET, 0);

@@ -1038,6 +1038,7 @@ mod tests {
         let labels = Arc::new(Mutex::new(Attribution::new(
             CgroupTree::new(dir.0.join("cgroup")),
             16,
+            Duration::from_secs(600),
         )));
         let metrics = PolicyMetrics::new(&mut Registry::default(), labels);
         let runtime = tokio::runtime::Builder::new_current_thread()
