@@ -14,7 +14,7 @@ use serde_saphyr::Spanned;
 
 use crate::{
     Error,
-    yaml::{Checker, Invalid, Node, parse_duration},
+    yaml::{Checker, Invalid, Node, absolute_path, parse_duration},
 };
 
 /// The section's settings, as written in the file.
@@ -221,12 +221,6 @@ fn pull_interval(text: &str) -> Result<Duration, Invalid> {
     }
 }
 
-fn absolute_path(text: &str) -> Result<PathBuf, Invalid> {
-    match PathBuf::from(text) {
-        path if path.is_absolute() => Ok(path),
-        _ => Err(Invalid::Unrecognized),
-    }
-}
 
 /// The secret in a credential file: its first line. The file must be a regular file owned by
 /// the daemon's user and readable by nobody else, so that no local user can take the key.
