@@ -20,6 +20,7 @@
 //! transaction per batch, because `nft` must read a whole interval set before adding to it and
 //! so slows down as the set grows (see `netlink`).
 
+mod isolation;
 mod net;
 mod netlink;
 mod netns;
@@ -35,6 +36,7 @@ use tracing::{info, warn};
 
 use crate::Error;
 
+pub use isolation::Isolation;
 pub use net::IpNet;
 use netlink::SetElementSocket;
 pub use netlink::TableWatch;
