@@ -158,12 +158,13 @@ fn start_with(tag: &str, on_violation: &str, mode: &str, more: &[&str], ssh_guar
 fn freeze_leaves_the_service_frozen_until_it_is_released() {
     let _serial = serial();
     let lab = start_with_allowed("freeze", "freeze", "enforce");
-    let mut shell = lab
+    // One exec, not allowed; a shell would exec again once thawed, and be frozen again.
+    let mut sleeper = lab
         .cgroup
-        .command("/bin/sh")
-        .args(["-c", "sleep 600"])
+        .command("/bin/sleep")
+        .arg("600")
         .spawn()
-        .expect("start the shell");
+        .expect("start sleep");
     lab.await_count(CONTAINED, Some("freeze"), 1);
     assert!(
         eventually(WAIT, || lab.frozen().as_deref() == Some("1")),
@@ -196,8 +197,8 @@ fn freeze_leaves_the_service_frozen_until_it_is_released() {
     assert_eq!(lab.audited(), ["freeze", "release"]);
     let status = lab.daemon.control(&["status"]);
     assert!(status.contains("containment: no service is held"), "{status}");
-    shell.kill().expect("stop the shell");
-    shell.wait().expect("reap the shell");
+    sleeper.kill().expect("stop sleep");
+    sleeper.wait().expect("reap sleep");
 }
 
 #[test]
@@ -222,7 +223,9 @@ fn isolate_cuts_the_service_off_the_network_while_another_service_connects() {
     assert!(connects(&lab.cgroup), "{}", lab.daemon.log());
     let before = lab.daemon.scrape();
     before.assert_absent(VIOLATIONS, &[("service", lab.service())]);
-    assert_eq!(lab.run_shell().signal(), None);
+    // One exec, not allowed (the allowed `true` is the lab's own copy, another inode).
+    let violation = lab.cgroup.command("/usr/bin/true").status().expect("run true");
+    assert!(violation.success());
     lab.await_count(CONTAINED, Some("isolate"), 1);
     assert!(!connects(&lab.cgroup), "the isolated service connected");
     assert!(connects(&other), "another service could not connect");
@@ -251,14 +254,24 @@ fn alert_and_observe_mode_change_nothing_and_count_exactly() {
         ("observe-freeze", "freeze", "observe", "would_freeze"),
     ] {
         let lab = start_with_allowed(tag, on_violation, mode);
+        // Each run execs two files: the shell, and `touch` (not a builtin of dash).
         for _ in 0..2 {
             assert!(lab.run_shell().success(), "{tag}: {}", lab.daemon.log());
         }
         assert!(lab.marker().exists(), "{tag}: the shell did not run");
-        lab.await_count(VIOLATIONS, None, 2);
-        lab.await_count(ACTIONS, Some(action), 2);
+        lab.await_count(VIOLATIONS, None, 4);
+        lab.await_count(ACTIONS, Some(action), 4);
         assert_eq!(lab.frozen().as_deref(), Some("0"), "{tag}");
-        assert_eq!(lab.audited(), [action, action], "{tag}");
+        assert_eq!(lab.audited(), [action; 4], "{tag}");
+        let executables: Vec<String> = audit_records(&lab.dir.path().join("audit.log"))
+            .iter()
+            .map(|record| record["executable"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            executables,
+            ["/bin/sh", "/usr/bin/touch", "/bin/sh", "/usr/bin/touch"],
+            "{tag}"
+        );
         lab.daemon.scrape().assert_absent(CONTAINED, &[("service", lab.service())]);
     }
 }
