@@ -212,9 +212,7 @@ fn main() -> ExitCode {
             socket,
         } => print(control::ban(&socket.socket, &address, &duration)),
         Command::Unban { address, socket } => print(control::unban(&socket.socket, &address)),
-        Command::Release { service, socket } => {
-            print(control::release(&socket.socket, &service))
-        }
+        Command::Release { service, socket } => print(control::release(&socket.socket, &service)),
         Command::Reload { output, socket } => reload(&socket.socket, output.output),
         Command::Completions { shell } => {
             let shell = match shell {

@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use sentinel_tests::{Daemon, TempDir, TestCgroup, audit_records, eventually, netlab::Netns, serial};
+use sentinel_tests::{
+    Daemon, TempDir, TestCgroup, audit_records, eventually, netlab::Netns, serial,
+};
 
 /// A hang guard for what the daemon does after a violation; never a timing.
 const WAIT: Duration = Duration::from_secs(15);
@@ -104,7 +106,10 @@ fn a_shell_is_killed_before_its_first_command_and_allowed_binaries_run_also_afte
     // A package upgrade: the new version written beside, renamed over the old (new inode).
     let staged = lab.dir.path().join("allowed.dpkg-new");
     fs::copy("/usr/bin/true", &staged).expect("stage the new version");
-    let updates = lab.daemon.scrape().count("sentinel_exec_allow_list_updates_total", &[]);
+    let updates = lab
+        .daemon
+        .scrape()
+        .count("sentinel_exec_allow_list_updates_total", &[]);
     let old_inode = fs::metadata(lab.allowed()).unwrap().ino();
     fs::rename(&staged, lab.allowed()).expect("replace the allowed executable");
     assert_ne!(fs::metadata(lab.allowed()).unwrap().ino(), old_inode);
@@ -196,7 +201,10 @@ fn freeze_leaves_the_service_frozen_until_it_is_released() {
     assert_eq!(lab.count(ACTIONS, Some("release")), 1);
     assert_eq!(lab.audited(), ["freeze", "release"]);
     let status = lab.daemon.control(&["status"]);
-    assert!(status.contains("containment: no service is held"), "{status}");
+    assert!(
+        status.contains("containment: no service is held"),
+        "{status}"
+    );
     sleeper.kill().expect("stop sleep");
     sleeper.wait().expect("reap sleep");
 }
@@ -224,7 +232,11 @@ fn isolate_cuts_the_service_off_the_network_while_another_service_connects() {
     let before = lab.daemon.scrape();
     before.assert_absent(VIOLATIONS, &[("service", lab.service())]);
     // One exec, not allowed (the allowed `true` is the lab's own copy, another inode).
-    let violation = lab.cgroup.command("/usr/bin/true").status().expect("run true");
+    let violation = lab
+        .cgroup
+        .command("/usr/bin/true")
+        .status()
+        .expect("run true");
     assert!(violation.success());
     lab.await_count(CONTAINED, Some("isolate"), 1);
     assert!(!connects(&lab.cgroup), "the isolated service connected");
@@ -272,7 +284,9 @@ fn alert_and_observe_mode_change_nothing_and_count_exactly() {
             ["/bin/sh", "/usr/bin/touch", "/bin/sh", "/usr/bin/touch"],
             "{tag}"
         );
-        lab.daemon.scrape().assert_absent(CONTAINED, &[("service", lab.service())]);
+        lab.daemon
+            .scrape()
+            .assert_absent(CONTAINED, &[("service", lab.service())]);
     }
 }
 

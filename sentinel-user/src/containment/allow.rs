@@ -61,7 +61,8 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("sentinel-allow-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("sentinel-allow-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -77,7 +78,10 @@ mod tests {
         let mut first = BTreeSet::new();
         assert!(resolve(3, &[link.clone()], &mut first).is_empty());
         let old_inode = std::fs::metadata(&real).unwrap().ino();
-        assert_eq!(first.iter().map(|a| (a.policy, a.ino)).collect::<Vec<_>>(), [(3, old_inode)]);
+        assert_eq!(
+            first.iter().map(|a| (a.policy, a.ino)).collect::<Vec<_>>(),
+            [(3, old_inode)]
+        );
 
         // An upgrade: the new version written beside, then renamed over the old one.
         let staged = dir.join("tool.new");
@@ -87,7 +91,10 @@ mod tests {
         assert!(resolve(3, &[link], &mut second).is_empty());
         let new_inode = std::fs::metadata(&real).unwrap().ino();
         assert_ne!(new_inode, old_inode);
-        assert_eq!(second.iter().map(|a| a.ino).collect::<Vec<_>>(), [new_inode]);
+        assert_eq!(
+            second.iter().map(|a| a.ino).collect::<Vec<_>>(),
+            [new_inode]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

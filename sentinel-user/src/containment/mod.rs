@@ -174,8 +174,8 @@ impl Containment {
         audit: Option<AuditLog>,
         metrics: ContainmentMetrics,
     ) -> Result<Self, Error> {
-        let watcher = Inotify::init(InitFlags::IN_CLOEXEC)
-            .map_err(|errno| Error::ExecWatch(errno.into()))?;
+        let watcher =
+            Inotify::init(InitFlags::IN_CLOEXEC).map_err(|errno| Error::ExecWatch(errno.into()))?;
         let mut containment = Self {
             cgroupfs,
             kernel,
@@ -304,11 +304,18 @@ impl Containment {
     fn insert_cgroup(&mut self, id: u64, service: &str, contained: ContainedCgroup) {
         match self.kernel.cgroups.insert(id, contained, 0) {
             Ok(()) => {
-                info!(service, kill = contained.kill != 0, "exec containment watches the service");
+                info!(
+                    service,
+                    kill = contained.kill != 0,
+                    "exec containment watches the service"
+                );
                 self.cgroups.insert(id, (service.to_owned(), contained));
             }
             Err(error) => {
-                error!(service, "cannot contain the service: the kernel refused its entry: {error}");
+                error!(
+                    service,
+                    "cannot contain the service: the kernel refused its entry: {error}"
+                );
                 self.metrics.action(service, "failed");
             }
         }
@@ -331,7 +338,11 @@ impl Containment {
             let Some(containment) = &policy.containment else {
                 continue;
             };
-            missing.extend(allow::resolve(index as u32, &containment.allow, &mut wanted));
+            missing.extend(allow::resolve(
+                index as u32,
+                &containment.allow,
+                &mut wanted,
+            ));
             directories.extend(allow::directories(&containment.allow));
         }
         for path in missing.difference(&self.missing) {
@@ -350,7 +361,10 @@ impl Containment {
         for entry in self.allowed.difference(&wanted) {
             let _ = self.kernel.allowed.remove(entry);
         }
-        info!(files = wanted.len(), "allowed executables listed for the kernel");
+        info!(
+            files = wanted.len(),
+            "allowed executables listed for the kernel"
+        );
         self.allowed = wanted;
         self.metrics.allow_list_updates.inc();
     }
@@ -432,7 +446,11 @@ impl Containment {
                  containment failed"
             ),
         }
-        let counted = if outcome.is_ok() { action.as_str() } else { "failed" };
+        let counted = if outcome.is_ok() {
+            action.as_str()
+        } else {
+            "failed"
+        };
         self.metrics.action(&service, counted);
         self.audit(&AuditEntry {
             time: rfc3339(SystemTime::now()),
@@ -492,7 +510,10 @@ impl Containment {
             return Err(if held.is_empty() {
                 format!("{service:?} is not contained; no service is")
             } else {
-                format!("{service:?} is not contained; contained: {}", held.join(", "))
+                format!(
+                    "{service:?} is not contained; contained: {}",
+                    held.join(", ")
+                )
             });
         };
         let undone = match held.action.as_str() {
@@ -544,9 +565,10 @@ impl Containment {
                 .is_some_and(|c| c.on_violation == OnViolation::Isolate)
         });
         if isolating {
-            match self.isolation().and_then(|isolation| {
-                isolation.isolated().map_err(|error| error.to_string())
-            }) {
+            match self
+                .isolation()
+                .and_then(|isolation| isolation.isolated().map_err(|error| error.to_string()))
+            {
                 Ok(isolated) => {
                     found.extend(isolated.into_iter().map(|s| (s, OnViolation::Isolate)));
                 }
@@ -554,7 +576,10 @@ impl Containment {
             }
         }
         for (_, path) in walk_hierarchy(self.cgroupfs.root()) {
-            let frozen = self.cgroupfs.read(&path, "cgroup.freeze").is_ok_and(|v| v == "1");
+            let frozen = self
+                .cgroupfs
+                .read(&path, "cgroup.freeze")
+                .is_ok_and(|v| v == "1");
             if frozen && self.policy_of(&path).is_some() {
                 found.push((service_of(&path), OnViolation::Freeze));
             }
@@ -601,7 +626,8 @@ impl Containment {
     }
 
     fn publish(&self) {
-        self.published.send_replace(self.held.values().cloned().collect());
+        self.published
+            .send_replace(self.held.values().cloned().collect());
     }
 }
 
@@ -620,13 +646,25 @@ mod tests {
         assert_eq!(respond(Alert, Mode::Enforce, false), Response::Alert);
         assert_eq!(respond(Alert, Mode::Observe, false), Response::Alert);
         assert_eq!(respond(Kill, Mode::Observe, false), Response::Would(Kill));
-        assert_eq!(respond(Freeze, Mode::Observe, false), Response::Would(Freeze));
-        assert_eq!(respond(Isolate, Mode::Observe, false), Response::Would(Isolate));
+        assert_eq!(
+            respond(Freeze, Mode::Observe, false),
+            Response::Would(Freeze)
+        );
+        assert_eq!(
+            respond(Isolate, Mode::Observe, false),
+            Response::Would(Isolate)
+        );
         assert_eq!(
             respond(Kill, Mode::Enforce, true),
             Response::Killed { killed: true }
         );
-        assert_eq!(respond(Freeze, Mode::Enforce, false), Response::Hold(Freeze));
-        assert_eq!(respond(Isolate, Mode::Enforce, false), Response::Hold(Isolate));
+        assert_eq!(
+            respond(Freeze, Mode::Enforce, false),
+            Response::Hold(Freeze)
+        );
+        assert_eq!(
+            respond(Isolate, Mode::Enforce, false),
+            Response::Hold(Isolate)
+        );
     }
 }

@@ -282,7 +282,11 @@ pub fn status_text(status: &StatusReport) -> String {
             text,
             "  {:<40} {} by policy {} since {}{ran}",
             held.service,
-            if held.action == "freeze" { "FROZEN" } else { "ISOLATED" },
+            if held.action == "freeze" {
+                "FROZEN"
+            } else {
+                "ISOLATED"
+            },
             held.policy,
             held.since,
         );

@@ -221,7 +221,6 @@ fn pull_interval(text: &str) -> Result<Duration, Invalid> {
     }
 }
 
-
 /// The secret in a credential file: its first line. The file must be a regular file owned by
 /// the daemon's user and readable by nobody else, so that no local user can take the key.
 pub fn read_secret(path: &Path) -> Result<String, Error> {

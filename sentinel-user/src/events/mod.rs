@@ -66,7 +66,9 @@ impl EventHandler {
         }
         if let Event::ExecViolation(violation) = event {
             // A full queue is counted; the kernel has already killed where it was asked to.
-            let _ = self.containment.offer(ContainmentInput::Violation(violation));
+            let _ = self
+                .containment
+                .offer(ContainmentInput::Violation(violation));
             return;
         }
         let mut attribution = self.attribution.lock().expect("attribution lock");
