@@ -244,9 +244,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         config_path,
         metrics_addr,
         &config,
-        enforcer_tx.clone(),
-        ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
-        containment.inputs.clone(),
+        ReloadTargets {
+            enforcer: enforcer_tx.clone(),
+            ssh_guard: ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
+            containment: containment.inputs.clone(),
+        },
         policy_metrics,
         restart_required,
     );
@@ -493,13 +495,19 @@ struct Reloader {
     metrics_addr: Option<SocketAddr>,
     /// The configuration the daemon started with; its start-only settings stay in force.
     started_with: Arc<Config>,
+    targets: ReloadTargets,
+    metrics: PolicyMetrics,
+    restart_required: RestartRequired,
+    last: Arc<watch::Sender<Option<ReloadReport>>>,
+}
+
+/// The parts a reloaded configuration goes to.
+#[derive(Clone)]
+struct ReloadTargets {
     enforcer: Queue<EnforcerInput>,
     /// `None` when the guard is disabled.
     ssh_guard: Option<Queue<SshInput>>,
     containment: Queue<ContainmentInput>,
-    metrics: PolicyMetrics,
-    restart_required: RestartRequired,
-    last: Arc<watch::Sender<Option<ReloadReport>>>,
 }
 
 impl Reloader {
@@ -507,9 +515,7 @@ impl Reloader {
         path: Option<PathBuf>,
         metrics_addr: Option<SocketAddr>,
         started_with: &Config,
-        enforcer: Queue<EnforcerInput>,
-        ssh_guard: Option<Queue<SshInput>>,
-        containment: Queue<ContainmentInput>,
+        targets: ReloadTargets,
         metrics: PolicyMetrics,
         restart_required: RestartRequired,
     ) -> Self {
@@ -519,9 +525,7 @@ impl Reloader {
             path: path.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH)),
             metrics_addr,
             started_with: Arc::new(started_with.clone()),
-            enforcer,
-            ssh_guard,
-            containment,
+            targets,
             metrics,
             restart_required,
             last: Arc::new(watch::Sender::new(None)),
@@ -582,7 +586,11 @@ impl Reloader {
             .collect();
         let policies = config.policies.services.len();
         let containment = ContainmentInput::Reload(config.policies.clone());
-        if let Err(refused) = self.enforcer.offer(EnforcerInput::Reload(config.policies)) {
+        if let Err(refused) = self
+            .targets
+            .enforcer
+            .offer(EnforcerInput::Reload(config.policies))
+        {
             self.metrics.reload_errors.inc();
             error!(
                 why,
@@ -594,7 +602,7 @@ impl Reloader {
                  stay in force"
             )));
         }
-        if let Some(guard) = &self.ssh_guard
+        if let Some(guard) = &self.targets.ssh_guard
             && let Err(refused) = guard.offer(SshInput::Reload(config.ssh_guard.live()))
         {
             self.metrics.reload_errors.inc();
@@ -609,7 +617,7 @@ impl Reloader {
                  ({refused:?}); its running ones stay in force"
             )));
         }
-        if let Err(refused) = self.containment.offer(containment) {
+        if let Err(refused) = self.targets.containment.offer(containment) {
             self.metrics.reload_errors.inc();
             error!(
                 why,

@@ -76,7 +76,7 @@ mod tests {
         let link = dir.join("link");
         symlink(&real, &link).unwrap();
         let mut first = BTreeSet::new();
-        assert!(resolve(3, &[link.clone()], &mut first).is_empty());
+        assert!(resolve(3, std::slice::from_ref(&link), &mut first).is_empty());
         let old_inode = std::fs::metadata(&real).unwrap().ino();
         assert_eq!(
             first.iter().map(|a| (a.policy, a.ino)).collect::<Vec<_>>(),
