@@ -40,6 +40,7 @@ use crate::{
     probes::{self, SshFiles},
     queue::{self, Queue, QueueDrops},
     ssh_guard::{Input as SshInput, SshGuard, SshGuardMetrics, audit::AuditLog},
+    systemd::{self, SystemdBus},
 };
 
 /// Messages waiting for the enforcer (cgroups created, reloads) before new ones are dropped.
@@ -167,6 +168,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
             },
             config.policies.clone(),
             config.ssh_guard.netns.clone(),
+            systemd::booted().then(|| SystemdBus::new(tokio::runtime::Handle::current())),
             containment_audit_log(&config)?,
             ContainmentMetrics::new(metrics.registry_mut(), attribution.clone()),
         )?,

@@ -35,6 +35,7 @@ use crate::{
     policy::{Mode, OnViolation, Policy, ServicePolicy},
     queue::Queue,
     ssh_guard::audit::{AuditLog, rfc3339},
+    systemd::SystemdBus,
 };
 
 /// How often the allowed files are looked at even without a change notice.
@@ -158,6 +159,9 @@ pub struct Containment {
     metrics: ContainmentMetrics,
     watcher: Arc<Inotify>,
     watched: HashMap<PathBuf, WatchDescriptor>,
+    /// On a host booted with systemd: a unit's cgroup is frozen through systemd
+    /// (`FreezeUnit`), never behind its back.
+    systemd: Option<SystemdBus>,
     /// Allowed paths found missing, reported once until they come back.
     missing: BTreeSet<PathBuf>,
     published: watch::Sender<Vec<ContainedService>>,
@@ -166,11 +170,13 @@ pub struct Containment {
 impl Containment {
     /// Takes over the kernel's maps and contains the cgroups `policy` names. `netns` is where
     /// isolation rules go (the daemon's own namespace when `None`).
+    /// `systemd` is the bus to freeze units through, on a host booted with systemd.
     pub fn new(
         cgroupfs: CgroupFs,
         kernel: KernelMaps,
         policy: Policy,
         netns: Option<PathBuf>,
+        systemd: Option<SystemdBus>,
         audit: Option<AuditLog>,
         metrics: ContainmentMetrics,
     ) -> Result<Self, Error> {
@@ -189,6 +195,7 @@ impl Containment {
             metrics,
             watcher: Arc::new(watcher),
             watched: HashMap::new(),
+            systemd,
             missing: BTreeSet::new(),
             published: watch::Sender::new(Vec::new()),
         };
@@ -476,10 +483,7 @@ impl Containment {
             return Ok(());
         }
         match action {
-            OnViolation::Freeze => self
-                .cgroupfs
-                .write(service, "cgroup.freeze", "1")
-                .map_err(|error| error.to_string())?,
+            OnViolation::Freeze => self.freeze(service, true)?,
             OnViolation::Isolate => self
                 .isolation()?
                 .isolate(service)
@@ -517,10 +521,7 @@ impl Containment {
             });
         };
         let undone = match held.action.as_str() {
-            "freeze" => self
-                .cgroupfs
-                .write(service, "cgroup.freeze", "0")
-                .map_err(|error| error.to_string()),
+            "freeze" => self.freeze(service, false),
             _ => self.isolation().and_then(|isolation| {
                 isolation
                     .release(service)
@@ -605,6 +606,28 @@ impl Containment {
                 },
             );
         }
+    }
+
+    /// Freezes (or thaws) `service`: through systemd when a unit owns its cgroup, so that
+    /// systemd knows the unit is frozen and `systemctl thaw` works too; directly otherwise.
+    fn freeze(&mut self, service: &str, frozen: bool) -> Result<(), String> {
+        if let Some(systemd) = &mut self.systemd {
+            let unit = systemd
+                .unit_of_cgroup(service)
+                .map_err(|error| error.to_string())?;
+            if let Some(unit) = unit {
+                let done = if frozen {
+                    systemd.freeze_unit(&unit)
+                } else {
+                    systemd.thaw_unit(&unit)
+                };
+                return done.map_err(|error| error.to_string());
+            }
+        }
+        let value = if frozen { "1" } else { "0" };
+        self.cgroupfs
+            .write(service, "cgroup.freeze", value)
+            .map_err(|error| error.to_string())
     }
 
     /// The isolation table, set up on first use.
