@@ -1,4 +1,5 @@
-//! Bans in nftables. Sentinel owns exactly one table, `table inet sentinel`, and never reads or
+//! Bans in nftables. Sentinel keeps bans in one table, `table inet sentinel` (isolations of
+//! contained services have their own, see `isolation`), and never reads or
 //! writes anything else in the ruleset:
 //!
 //! ```text
