@@ -30,6 +30,7 @@ pub enum EventKind {
     CgroupRmdir = 6,
     SshAuthFailure = 7,
     SshSessionOpened = 8,
+    ExecViolation = 9,
 }
 
 impl EventKind {
@@ -43,6 +44,7 @@ impl EventKind {
             6 => Self::CgroupRmdir,
             7 => Self::SshAuthFailure,
             8 => Self::SshSessionOpened,
+            9 => Self::ExecViolation,
             _ => return None,
         })
     }
@@ -115,6 +117,48 @@ pub struct SshAuthEvent {
     pub rhost: [u8; RHOST_LEN],
 }
 
+/// Cgroups under a containment policy, and the executables each policy allows: the kernel
+/// checks every exec in such a cgroup against them.
+pub const MAX_CONTAINED_CGROUPS: u32 = 4096;
+/// `(policy, device, inode)` entries over every containment policy.
+pub const MAX_ALLOWED_EXECUTABLES: u32 = 16384;
+
+/// A contained cgroup: which policy's allow list applies, and whether the kernel kills a
+/// violating process itself (`on_violation: kill` in enforce mode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContainedCgroup {
+    pub policy: u32,
+    pub kill: u32,
+}
+
+/// An allowed executable of one policy, by the file the kernel runs: device (the kernel's
+/// `MKDEV(major, minor)`, major above 20 bits of minor) and inode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowedExecutable {
+    pub policy: u32,
+    pub _pad: u32,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// A process in a contained cgroup executed a file its policy does not allow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecViolationEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub cgroup_id: u64,
+    pub policy: u32,
+    /// Non-zero when the kernel sent the process SIGKILL before its first instruction.
+    pub killed: u32,
+    pub dev: u64,
+    pub ino: u64,
+    pub comm: [u8; COMM_LEN],
+    pub filename: [u8; FILENAME_LEN],
+}
+
 /// Per-cgroup counters kept in the kernel (a per-CPU hash keyed by cgroup id).
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
@@ -144,10 +188,11 @@ pub enum LossKind {
     /// The per-cgroup counter map was full, so a count could not be recorded.
     CounterMapFull = 5,
     Ssh = 6,
+    ExecViolation = 7,
 }
 
 impl LossKind {
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 8;
     pub const ALL: [Self; Self::COUNT] = [
         Self::Exec,
         Self::OomKill,
@@ -156,6 +201,7 @@ impl LossKind {
         Self::Cgroup,
         Self::CounterMapFull,
         Self::Ssh,
+        Self::ExecViolation,
     ];
 
     /// The `kind` label of `sentinel_events_lost_total`.
@@ -168,6 +214,7 @@ impl LossKind {
             Self::Cgroup => "cgroup",
             Self::CounterMapFull => "counter_map_full",
             Self::Ssh => "ssh",
+            Self::ExecViolation => "exec_violation",
         }
     }
 }
@@ -215,6 +262,11 @@ pub struct KernelOffsets {
     pub mm_exe_file: u32,
     pub file_inode: u32,
     pub inode_ino: u32,
+    /// `linux_binprm.file`, `inode.i_sb`, `super_block.s_dev`: the device and inode of the
+    /// file an exec runs, checked against containment allow lists.
+    pub binprm_file: u32,
+    pub inode_sb: u32,
+    pub super_block_dev: u32,
 }
 
 /// Which per-event records the exec and TCP programs write to `EVENTS`, written into their
@@ -240,4 +292,6 @@ mod user {
     unsafe impl aya::Pod for super::ServiceCounters {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::EventRecords {}
+    unsafe impl aya::Pod for super::ContainedCgroup {}
+    unsafe impl aya::Pod for super::AllowedExecutable {}
 }

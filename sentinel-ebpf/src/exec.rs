@@ -11,6 +11,7 @@ use aya_ebpf::{
 use sentinel_common::{EventKind, ExecEvent, LossKind};
 
 use crate::{
+    containment::check_exec,
     kernel::{offset, offsets_ready, read},
     maps::{EVENTS, count, events_wakeup_flags, exec_records_wanted, record_loss},
 };
@@ -25,6 +26,8 @@ pub fn sentinel_exec(ctx: RawTracePointContext) {
     // SAFETY: helper without preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     count(cgroup_id, |counters| counters.execs += 1);
+    let bprm: *const u8 = ctx.arg(2);
+    check_exec(bprm, cgroup_id);
     if !exec_records_wanted() {
         return;
     }
@@ -44,7 +47,6 @@ pub fn sentinel_exec(ctx: RawTracePointContext) {
         (*event).ppid = parent_tgid(bpf_get_current_task() as *const u8).unwrap_or(0);
         (*event).comm = bpf_get_current_comm().unwrap_or_default();
         (*event).filename[0] = 0;
-        let bprm: *const u8 = ctx.arg(2);
         if let Ok(filename) = read::<*const u8>(bprm, offset!(binprm_filename)) {
             let _ = bpf_probe_read_kernel_str_bytes(filename, &mut (*event).filename);
         }

@@ -31,6 +31,9 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     mm_exe_file: 0,
     file_inode: 0,
     inode_ino: 0,
+    binprm_file: 0,
+    inode_sb: 0,
+    super_block_dev: 0,
 };
 
 /// One field of `OFFSETS`, read through a volatile load so the compiler cannot fold the zero

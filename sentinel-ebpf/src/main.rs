@@ -4,6 +4,7 @@
 #![no_main]
 
 mod cgroup;
+mod containment;
 mod exec;
 mod kernel;
 mod maps;

@@ -23,6 +23,9 @@ use crate::{
     cgroup::{Attribution, CgroupTree, cgroupfs::CgroupFs, find_cgroup2_mount, stats::StatsReader},
     components::{Components, Stopped, supervised},
     config::{Config, DEFAULT_PATH, RestartRequired},
+    containment::{
+        ContainedService, Containment, ContainmentMetrics, Input as ContainmentInput, KernelMaps,
+    },
     control::{ControlSocket, DaemonView, ReloadRequest, report::ReloadReport, stats},
     crowdsec::{Fleet, FleetMetrics},
     events::{self, EventHandler, read_ring, readable},
@@ -36,11 +39,14 @@ use crate::{
     },
     probes::{self, SshFiles},
     queue::{self, Queue, QueueDrops},
-    ssh_guard::{Input as SshInput, SshGuard, SshGuardMetrics},
+    ssh_guard::{Input as SshInput, SshGuard, SshGuardMetrics, audit::AuditLog},
+    systemd::{self, SystemdBus},
 };
 
 /// Messages waiting for the enforcer (cgroups created, reloads) before new ones are dropped.
 const ENFORCER_QUEUE: usize = 4096;
+/// Violations, cgroups created and operator requests waiting for containment.
+const CONTAINMENT_QUEUE: usize = 4096;
 /// Authentications and operator requests waiting for the SSH guard before new ones are
 /// dropped: a flood's worth, at about a hundred bytes each.
 const SSH_GUARD_QUEUE: usize = 65_536;
@@ -153,6 +159,24 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let enforcer_thread =
         spawn_component(&components, "enforcer", move || enforcer.run(enforcer_rx))?;
 
+    let containment = start_containment(
+        &config,
+        Containment::new(
+            cgroupfs.clone(),
+            KernelMaps {
+                cgroups: take_map(&mut probes.ebpf, "CONTAINED_CGROUPS")?.try_into()?,
+                allowed: take_map(&mut probes.ebpf, "EXEC_ALLOWED")?.try_into()?,
+            },
+            config.policies.clone(),
+            config.ssh_guard.netns.clone(),
+            systemd::booted().then(|| SystemdBus::new(tokio::runtime::Handle::current())),
+            containment_audit_log(&config)?,
+            ContainmentMetrics::new(metrics.registry_mut(), attribution.clone()),
+        )?,
+        &components,
+        &queue_drops,
+    )?;
+
     let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
     let restart_required = RestartRequired::register(metrics.registry_mut());
     // Credentials are read before anything starts: a file others can read stops the daemon.
@@ -178,6 +202,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         applied.clone(),
         enforcer_tx.clone(),
         ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
+        containment.inputs.clone(),
     ));
 
     let cancel = CancellationToken::new();
@@ -222,8 +247,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         config_path,
         metrics_addr,
         &config,
-        enforcer_tx.clone(),
-        ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
+        ReloadTargets {
+            enforcer: enforcer_tx.clone(),
+            ssh_guard: ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
+            containment: containment.inputs.clone(),
+        },
         policy_metrics,
         restart_required,
     );
@@ -236,6 +264,8 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         last_reload: reloader.subscribe(),
         reload: reload_requests,
         stats: Arc::new(move || stats::collect(&kernel_counters, &applied, &cgroupfs)),
+        contained: containment.held.clone(),
+        containment: containment.inputs.clone(),
     };
     tasks.spawn(supervised(
         components.start("control socket"),
@@ -300,6 +330,8 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         join(guard_thread, "ssh guard");
     }
     join(enforcer_thread, "enforcer");
+    let _ = containment.inputs.send(ContainmentInput::Stop);
+    join(containment.thread, "containment");
     let _ = keeper_tx.send(());
     let probes = keeper_thread.join();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
@@ -332,6 +364,64 @@ fn spawn_component<T: Send + 'static>(
             drop(running);
             result
         })
+}
+
+/// Containment's inputs, what it holds now, and its thread.
+struct RunningContainment {
+    inputs: Queue<ContainmentInput>,
+    held: tokio::sync::watch::Receiver<Vec<ContainedService>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Starts containment on its own thread, and the thread that tells it when a directory
+/// holding an allowed executable changes.
+fn start_containment(
+    config: &Config,
+    containment: Containment,
+    components: &Components,
+    queue_drops: &QueueDrops,
+) -> Result<RunningContainment, Error> {
+    let (inputs, rx) = queue::bounded("containment", CONTAINMENT_QUEUE, queue_drops);
+    let contained = config
+        .policies
+        .services
+        .iter()
+        .filter(|policy| policy.containment.is_some())
+        .count();
+    info!(policies = contained, "exec containment ready");
+    // Blocks in read for the daemon's whole life; the process exit ends it.
+    spawn_component(
+        components,
+        "allowed executables watch",
+        containment.watch_files(inputs.clone()),
+    )?;
+    let held = containment.subscribe();
+    let thread = spawn_component(components, "containment", move || containment.run(rx))?;
+    Ok(RunningContainment {
+        inputs,
+        held,
+        thread,
+    })
+}
+
+/// The audit log containment appends to (`ssh_guard.audit_log`, shared with the SSH guard,
+/// one whole line per write). A containment policy with a log that cannot be written stops the
+/// daemon from starting: its actions must never go unaudited.
+fn containment_audit_log(config: &Config) -> Result<Option<AuditLog>, Error> {
+    let path = &config.ssh_guard.audit_log;
+    let wanted = config
+        .policies
+        .services
+        .iter()
+        .any(|policy| policy.containment.is_some());
+    match AuditLog::open(path) {
+        Ok(log) => Ok(Some(log)),
+        Err(error) if wanted => Err(error),
+        Err(error) => {
+            warn!("containment will not audit until restarted with a writable log: {error}");
+            Ok(None)
+        }
+    }
 }
 
 /// The SSH guard's inputs and its thread.
@@ -408,12 +498,19 @@ struct Reloader {
     metrics_addr: Option<SocketAddr>,
     /// The configuration the daemon started with; its start-only settings stay in force.
     started_with: Arc<Config>,
-    enforcer: Queue<EnforcerInput>,
-    /// `None` when the guard is disabled.
-    ssh_guard: Option<Queue<SshInput>>,
+    targets: ReloadTargets,
     metrics: PolicyMetrics,
     restart_required: RestartRequired,
     last: Arc<watch::Sender<Option<ReloadReport>>>,
+}
+
+/// The parts a reloaded configuration goes to.
+#[derive(Clone)]
+struct ReloadTargets {
+    enforcer: Queue<EnforcerInput>,
+    /// `None` when the guard is disabled.
+    ssh_guard: Option<Queue<SshInput>>,
+    containment: Queue<ContainmentInput>,
 }
 
 impl Reloader {
@@ -421,8 +518,7 @@ impl Reloader {
         path: Option<PathBuf>,
         metrics_addr: Option<SocketAddr>,
         started_with: &Config,
-        enforcer: Queue<EnforcerInput>,
-        ssh_guard: Option<Queue<SshInput>>,
+        targets: ReloadTargets,
         metrics: PolicyMetrics,
         restart_required: RestartRequired,
     ) -> Self {
@@ -432,8 +528,7 @@ impl Reloader {
             path: path.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH)),
             metrics_addr,
             started_with: Arc::new(started_with.clone()),
-            enforcer,
-            ssh_guard,
+            targets,
             metrics,
             restart_required,
             last: Arc::new(watch::Sender::new(None)),
@@ -493,7 +588,12 @@ impl Reloader {
             .map(|(setting, _)| setting.to_string())
             .collect();
         let policies = config.policies.services.len();
-        if let Err(refused) = self.enforcer.offer(EnforcerInput::Reload(config.policies)) {
+        let containment = ContainmentInput::Reload(config.policies.clone());
+        if let Err(refused) = self
+            .targets
+            .enforcer
+            .offer(EnforcerInput::Reload(config.policies))
+        {
             self.metrics.reload_errors.inc();
             error!(
                 why,
@@ -505,7 +605,7 @@ impl Reloader {
                  stay in force"
             )));
         }
-        if let Some(guard) = &self.ssh_guard
+        if let Some(guard) = &self.targets.ssh_guard
             && let Err(refused) = guard.offer(SshInput::Reload(config.ssh_guard.live()))
         {
             self.metrics.reload_errors.inc();
@@ -518,6 +618,19 @@ impl Reloader {
             return Err(Error::ReloadRefused(format!(
                 "policies reloaded, but the SSH guard cannot take its new settings now \
                  ({refused:?}); its running ones stay in force"
+            )));
+        }
+        if let Err(refused) = self.targets.containment.offer(containment) {
+            self.metrics.reload_errors.inc();
+            error!(
+                why,
+                ?refused,
+                "policies reloaded, but containment cannot take them now; its running ones stay \
+                 in force"
+            );
+            return Err(Error::ReloadRefused(format!(
+                "policies reloaded, but containment cannot take them now ({refused:?}); its \
+                 running ones stay in force"
             )));
         }
         self.metrics.reloads.inc();

@@ -154,6 +154,13 @@ pub enum Error {
         command: String,
         source: serde_json::Error,
     },
+    #[error(
+        "cannot isolate services: nft names cgroups under /sys/fs/cgroup, and the cgroup2 \
+         hierarchy is mounted at {cgroup2}"
+    )]
+    IsolationUnavailable { cgroup2: PathBuf },
+    #[error("cannot watch the directories of allowed executables: {0}")]
+    ExecWatch(#[source] io::Error),
     #[error("cannot enter the network namespace {path}: {source}")]
     Netns { path: PathBuf, source: io::Error },
     #[error("cannot open a netfilter netlink socket: {0}")]

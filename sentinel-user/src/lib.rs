@@ -4,6 +4,7 @@
 pub mod cgroup;
 mod components;
 pub mod config;
+pub mod containment;
 pub mod control;
 pub mod crowdsec;
 pub mod daemon;

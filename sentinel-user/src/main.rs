@@ -98,6 +98,15 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Release a service its containment policy froze or isolated: thaw it, or lift its
+    /// isolation. A service that is not held is refused (exit 1), naming those that are.
+    Release {
+        /// The service as `sentinel status` lists it (its cgroup path, e.g.
+        /// system.slice/web.service)
+        service: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Reload the daemon's configuration file now and report the outcome; a refused file
     /// changes nothing and exits 78.
     Reload {
@@ -166,7 +175,7 @@ struct RunArgs {
     /// Log format
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
-    /// Root-only Unix socket for `sentinel status`, `top`, `bans`, `ban`, `unban`, `reload`
+    /// Root-only Unix socket for `sentinel status`, `top`, `bans`, `ban`, `unban`, `release`, `reload`
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
     control_socket: PathBuf,
     /// Where state that must survive restarts and reboots is kept (the bans in force)
@@ -203,6 +212,7 @@ fn main() -> ExitCode {
             socket,
         } => print(control::ban(&socket.socket, &address, &duration)),
         Command::Unban { address, socket } => print(control::unban(&socket.socket, &address)),
+        Command::Release { service, socket } => print(control::release(&socket.socket, &service)),
         Command::Reload { output, socket } => reload(&socket.socket, output.output),
         Command::Completions { shell } => {
             let shell = match shell {

@@ -223,7 +223,7 @@ fn reload_reports_the_outcome_and_a_refused_file_changes_nothing() {
         format!(
             "sentinel: reload refused; the running configuration stays in force\n\
              {path}:4:5: policy sets nothing; add one of memory.max, memory.high, cpu.max, \
-             cpu.weight, pids.max, terminate_above\n\
+             cpu.weight, pids.max, terminate_above, exec.allow\n\
              {path}:6:5: unknown policy key \"memroy.max\"; did you mean \"memory.max\"?\n"
         )
     );

@@ -100,7 +100,7 @@ fn cargo(workspace: &Path) -> Command {
 
 /// Privileged suites that run on the build host's own kernel (the VM suite needs cgroup v2
 /// controllers, which build hosts lack).
-const HOST_SUITES: [&str; 7] = [
+const HOST_SUITES: [&str; 8] = [
     "foundation",
     "firewall",
     "ssh_guard",
@@ -108,6 +108,7 @@ const HOST_SUITES: [&str; 7] = [
     "config_input",
     "crowdsec",
     "operator_view",
+    "containment",
 ];
 
 /// Each fuzz target's share of `cargo xtask test`; longer runs are `cargo xtask fuzz --seconds N`.

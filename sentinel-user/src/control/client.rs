@@ -126,6 +126,19 @@ pub fn unban(path: &Path, address: &str) -> Result<String, Error> {
     Ok(format!("unbanned {net}"))
 }
 
+/// `sentinel release SERVICE`: what the daemon undid.
+pub fn release(path: &Path, service: &str) -> Result<String, Error> {
+    match request(
+        path,
+        &Request::Release {
+            service: service.to_owned(),
+        },
+    )? {
+        Response::Released(released) => Ok(released),
+        other => Err(unexpected(other)),
+    }
+}
+
 /// An address or a network; a network with host bits set is refused rather than guessed at.
 fn parse_address(text: &str) -> Result<IpNet, Error> {
     let net: IpNet = text.parse().map_err(|_| {
@@ -255,6 +268,29 @@ pub fn status_text(status: &StatusReport) -> String {
         GuardReport::NotAnswering { reason } => format!("NOT ANSWERING: {reason}"),
     };
     let _ = writeln!(text, "ssh guard: {guard}");
+    if status.containment.is_empty() {
+        text.push_str("containment: no service is held\n");
+    } else {
+        text.push_str("containment (undo with `sentinel release SERVICE`):\n");
+    }
+    for held in &status.containment {
+        let ran = match held.executable.as_str() {
+            "" => String::new(),
+            executable => format!(" after it ran {executable}"),
+        };
+        let _ = writeln!(
+            text,
+            "  {:<40} {} by policy {} since {}{ran}",
+            held.service,
+            if held.action == "freeze" {
+                "FROZEN"
+            } else {
+                "ISOLATED"
+            },
+            held.policy,
+            held.since,
+        );
+    }
     match &status.last_reload {
         None => text.push_str("last reload: none since the start\n"),
         Some(reload) => {

@@ -1,5 +1,5 @@
 //! The control channel: the operator's commands (`status`, `top`, `bans`, `ban`, `unban`,
-//! `reload`) talk to the running daemon over a root-only Unix socket.
+//! `reload`, `release`) talk to the running daemon over a root-only Unix socket.
 //!
 //! One exchange per connection: the client sends one JSON line and reads one JSON line back.
 //!
@@ -10,6 +10,7 @@
 //! {"command":"status"}                                      {"ok":true,"status":{...}}
 //! {"command":"stats"}                                       {"ok":true,"stats":{...}}
 //! {"command":"reload"}                                      {"ok":true,"reload":{...}}
+//! {"command":"release","service":"system.slice/web.service"} {"ok":true,"released":"thawed ..."}
 //!                                                           {"ok":false,"error":"..."}
 //! ```
 //!
@@ -26,8 +27,8 @@ pub mod stats;
 mod tests;
 
 pub use client::{
-    ban, ban_list, bans, format_duration, reload, reload_text, request, stats, status, status_text,
-    unban,
+    ban, ban_list, bans, format_duration, release, reload, reload_text, request, stats, status,
+    status_text, unban,
 };
 pub use protocol::{Request, Response};
 pub use server::{ControlSocket, DaemonView, ReloadRequest, StatsSource};

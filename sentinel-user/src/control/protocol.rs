@@ -24,6 +24,10 @@ pub enum Request {
     Status {},
     Stats {},
     Reload {},
+    /// Thaw or lift the isolation of a service its containment policy holds.
+    Release {
+        service: String,
+    },
 }
 
 /// The daemon's answer. On the wire an `ok` flag says which kind it is, which serde's tagged
@@ -37,6 +41,8 @@ pub enum Response {
     Status(Box<StatusReport>),
     Stats(Box<StatsReport>),
     Reloaded(ReloadReport),
+    /// What a release undid.
+    Released(String),
     Error(String),
 }
 
@@ -55,6 +61,8 @@ struct WireResponse {
     stats: Option<Box<StatsReport>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reload: Option<ReloadReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    released: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -86,6 +94,10 @@ impl From<Response> for WireResponse {
                 reload: Some(reload),
                 ..ok
             },
+            Response::Released(released) => Self {
+                released: Some(released),
+                ..ok
+            },
             Response::Error(error) => Self {
                 error: Some(error),
                 ..Self::default()
@@ -99,7 +111,7 @@ impl TryFrom<WireResponse> for Response {
 
     fn try_from(wire: WireResponse) -> Result<Self, String> {
         const EXPECTED: &str = "expected `ok` with one of `bans`, `address`, `status`, `stats`, `reload`, \
-             or `ok: false` with `error`";
+             `released`, or `ok: false` with `error`";
         let WireResponse {
             ok,
             bans,
@@ -107,6 +119,7 @@ impl TryFrom<WireResponse> for Response {
             status,
             stats,
             reload,
+            released,
             error,
         } = wire;
         let payloads = [
@@ -115,6 +128,7 @@ impl TryFrom<WireResponse> for Response {
             status.is_some(),
             stats.is_some(),
             reload.is_some(),
+            released.is_some(),
             error.is_some(),
         ];
         if payloads.iter().filter(|present| **present).count() != 1 || ok == error.is_some() {
@@ -131,6 +145,7 @@ impl TryFrom<WireResponse> for Response {
             .or(status.map(Self::Status))
             .or(stats.map(Self::Stats))
             .or(reload.map(Self::Reloaded))
+            .or(released.map(Self::Released))
             .or(error.map(Self::Error))
             .expect("exactly one payload is present"))
     }

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    containment::ContainedService,
     policy::enforcer::{PolicyState, ServiceOutcome},
     probes::ProbeStatus,
     ssh_guard::GuardStatus,
@@ -20,6 +21,9 @@ pub struct StatusReport {
     pub ssh_guard: GuardReport,
     /// `None` until the first reload.
     pub last_reload: Option<ReloadReport>,
+    /// Services frozen or isolated by their containment policy, until `sentinel release`.
+    #[serde(default)]
+    pub containment: Vec<ContainedService>,
 }
 
 /// The SSH guard as the configuration wants it and as it answers.

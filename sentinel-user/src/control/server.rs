@@ -30,6 +30,7 @@ use super::{
 };
 use crate::{
     Error,
+    containment::{ContainedService, Input as ContainmentInput},
     metrics::{ConnectionMetrics, Endpoint, Rejection, Stage},
     policy::enforcer::PolicyState,
     probes::ProbeStatus,
@@ -68,6 +69,9 @@ pub struct DaemonView {
     pub last_reload: watch::Receiver<Option<ReloadReport>>,
     pub reload: async_mpsc::Sender<ReloadRequest>,
     pub stats: StatsSource,
+    /// Services held by containment now.
+    pub contained: watch::Receiver<Vec<ContainedService>>,
+    pub containment: Queue<ContainmentInput>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -351,6 +355,9 @@ async fn respond(line: &[u8], daemon: &Served, wait: Duration) -> Response {
             .await
             .map(|stats| Response::Stats(Box::new(stats))),
         Request::Reload {} => reload(&daemon.view, wait).await.map(Response::Reloaded),
+        Request::Release { service } => release(&daemon.view, service, wait)
+            .await
+            .map(Response::Released),
     };
     answer.unwrap_or_else(Response::Error)
 }
@@ -371,6 +378,26 @@ async fn status(view: &DaemonView, wait: Duration) -> StatusReport {
         policies: view.policies.borrow().clone(),
         ssh_guard,
         last_reload: view.last_reload.borrow().clone(),
+        containment: view.contained.borrow().clone(),
+    }
+}
+
+/// Hands `sentinel release SERVICE` to the containment thread and waits for its answer.
+async fn release(view: &DaemonView, service: String, wait: Duration) -> Result<String, String> {
+    const STOPPED: &str = "containment is not running";
+    let (reply, answer) = oneshot::channel();
+    match view
+        .containment
+        .offer(ContainmentInput::Release { service, reply })
+    {
+        Ok(()) => {}
+        Err(Refused::Full) => return Err("containment is busy; try again".into()),
+        Err(Refused::Closed) => return Err(STOPPED.into()),
+    }
+    match tokio::time::timeout(wait, answer).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => Err(STOPPED.into()),
+        Err(_) => Err("containment did not answer".into()),
     }
 }
 

@@ -132,6 +132,8 @@ fn view(guard: Queue<Input>) -> DaemonView {
                 ..ServiceStats::default()
             }]
         }),
+        contained: tokio::sync::watch::channel(Vec::new()).1,
+        containment: queue::bounded("containment", 1, &QueueDrops::new(&mut Registry::default())).0,
     }
 }
 
@@ -460,6 +462,7 @@ fn status_stats_and_reload_are_answered_from_what_the_daemon_publishes() {
     assert!(
         super::status_text(&status).ends_with(
             "ssh guard: enforcing, 0 tracked addresses, 1 ban in force\n\
+             containment: no service is held\n\
              last reload: none since the start\n\
              everything Sentinel is asked to do works"
         ),

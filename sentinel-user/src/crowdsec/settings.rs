@@ -14,7 +14,7 @@ use serde_saphyr::Spanned;
 
 use crate::{
     Error,
-    yaml::{Checker, Invalid, Node, parse_duration},
+    yaml::{Checker, Invalid, Node, absolute_path, parse_duration},
 };
 
 /// The section's settings, as written in the file.
@@ -218,13 +218,6 @@ fn pull_interval(text: &str) -> Result<Duration, Invalid> {
             "must be at most 1h: the fleet's bans would arrive that late",
         )),
         interval => Ok(interval),
-    }
-}
-
-fn absolute_path(text: &str) -> Result<PathBuf, Invalid> {
-    match PathBuf::from(text) {
-        path if path.is_absolute() => Ok(path),
-        _ => Err(Invalid::Unrecognized),
     }
 }
 

@@ -1,6 +1,10 @@
 //! Turning ring buffer records into typed events.
 
-use sentinel_common::{CgroupEvent, EventKind, ExecEvent, OomKillEvent, SshAuthEvent, TcpEvent};
+use sentinel_common::{
+    CgroupEvent, EventKind, ExecEvent, ExecViolationEvent, OomKillEvent, SshAuthEvent, TcpEvent,
+};
+
+use crate::containment::Violation;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exec {
@@ -32,6 +36,7 @@ pub enum Event {
         id: u64,
     },
     Ssh(SshAuth),
+    ExecViolation(Violation),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +101,20 @@ pub fn decode(record: &[u8]) -> Option<Event> {
                 timestamp_ns: ssh.timestamp_ns,
                 pam_result: ssh.pam_result,
                 remote_host: c_string(&ssh.rhost)?,
+            })
+        }
+        EventKind::ExecViolation => {
+            let violation: ExecViolationEvent = read(record)?;
+            Event::ExecViolation(Violation {
+                pid: violation.pid,
+                cgroup_id: violation.cgroup_id,
+                policy: violation.policy,
+                killed: violation.killed != 0,
+                dev: violation.dev,
+                ino: violation.ino,
+                comm: c_string(&violation.comm).unwrap_or_default(),
+                executable: c_string(&violation.filename)
+                    .unwrap_or_else(|| lossy(&violation.filename)),
             })
         }
         EventKind::CgroupRmdir => {

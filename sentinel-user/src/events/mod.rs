@@ -16,6 +16,7 @@ use tracing::{Level, debug, enabled, warn};
 
 use crate::{
     cgroup::{Attribution, UNKNOWN, cgroup_of_pid},
+    containment::Input as ContainmentInput,
     policy::enforcer::{AppliedView, Input as EnforcerInput},
     queue::Queue,
     ssh_guard::Input as SshInput,
@@ -38,6 +39,7 @@ pub struct EventHandler {
     applied: Arc<Mutex<AppliedView>>,
     enforcer: Queue<EnforcerInput>,
     ssh_guard: Option<Queue<SshInput>>,
+    containment: Queue<ContainmentInput>,
 }
 
 impl EventHandler {
@@ -46,18 +48,27 @@ impl EventHandler {
         applied: Arc<Mutex<AppliedView>>,
         enforcer: Queue<EnforcerInput>,
         ssh_guard: Option<Queue<SshInput>>,
+        containment: Queue<ContainmentInput>,
     ) -> Self {
         Self {
             attribution,
             applied,
             enforcer,
             ssh_guard,
+            containment,
         }
     }
 
     pub fn handle(&self, event: Event) {
         if let Event::Ssh(auth) = event {
             self.to_ssh_guard(auth);
+            return;
+        }
+        if let Event::ExecViolation(violation) = event {
+            // A full queue is counted; the kernel has already killed where it was asked to.
+            let _ = self
+                .containment
+                .offer(ContainmentInput::Violation(violation));
             return;
         }
         let mut attribution = self.attribution.lock().expect("attribution lock");
@@ -68,12 +79,22 @@ impl EventHandler {
                     let _ = self
                         .enforcer
                         .offer(EnforcerInput::CgroupCreated(path.clone()));
+                    let _ = self.containment.offer(ContainmentInput::CgroupCreated {
+                        id,
+                        path: path.clone(),
+                    });
                     attribution.tree_mut().created(id, path);
                 }
                 // The path did not fit in the event: read the hierarchy instead.
-                None => attribution.tree_mut().rescan(),
+                None => {
+                    let _ = self.containment.offer(ContainmentInput::Rescan);
+                    attribution.tree_mut().rescan();
+                }
             },
-            Event::CgroupRemoved { id } => attribution.tree_mut().removed(id),
+            Event::CgroupRemoved { id } => {
+                let _ = self.containment.offer(ContainmentInput::CgroupRemoved(id));
+                attribution.tree_mut().removed(id);
+            }
             Event::OomKill {
                 pid,
                 cgroup_id,
@@ -126,7 +147,11 @@ impl EventHandler {
                     "{kind}"
                 );
             }
-            Event::Exec(_) | Event::TcpConnect(_) | Event::TcpAccept(_) | Event::Ssh(_) => {}
+            Event::Exec(_)
+            | Event::TcpConnect(_)
+            | Event::TcpAccept(_)
+            | Event::Ssh(_)
+            | Event::ExecViolation(_) => {}
         }
     }
 }

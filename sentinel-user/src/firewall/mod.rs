@@ -1,4 +1,5 @@
-//! Bans in nftables. Sentinel owns exactly one table, `table inet sentinel`, and never reads or
+//! Bans in nftables. Sentinel keeps bans in one table, `table inet sentinel` (isolations of
+//! contained services have their own, see `isolation`), and never reads or
 //! writes anything else in the ruleset:
 //!
 //! ```text
@@ -20,6 +21,7 @@
 //! transaction per batch, because `nft` must read a whole interval set before adding to it and
 //! so slows down as the set grows (see `netlink`).
 
+mod isolation;
 mod net;
 mod netlink;
 mod netns;
@@ -35,6 +37,7 @@ use tracing::{info, warn};
 
 use crate::Error;
 
+pub use isolation::Isolation;
 pub use net::IpNet;
 use netlink::SetElementSocket;
 pub use netlink::TableWatch;

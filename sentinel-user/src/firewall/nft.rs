@@ -120,15 +120,37 @@ impl Nft {
     }
 
     fn table_exists(&self) -> Result<bool, Error> {
+        self.table_exists_named(TABLE)
+    }
+
+    fn table_exists_named(&self, name: &str) -> Result<bool, Error> {
         let tables = self.list(&["list", "tables", "inet"])?;
         Ok(tables
             .nftables
             .iter()
             .filter_map(|entry| entry.table.as_ref())
-            .any(|table| table.name == TABLE))
+            .any(|table| table.name == name))
     }
 
-    fn run_script(&self, script: &str) -> Result<(), Error> {
+    /// The rules of `table` (family inet) with their handles; `None` when there is no table.
+    pub(super) fn rules(&self, table: &str) -> Result<Option<Vec<Rule>>, Error> {
+        match self.list(&["-a", "list", "table", "inet", table]) {
+            Ok(listing) => Ok(Some(
+                listing
+                    .rules()
+                    .map(|rule| Rule {
+                        chain: rule.chain.clone(),
+                        handle: rule.handle,
+                        comment: rule.comment.clone(),
+                    })
+                    .collect(),
+            )),
+            Err(error) if self.table_exists_named(table)? => Err(error),
+            Err(_) => Ok(None),
+        }
+    }
+
+    pub(super) fn run_script(&self, script: &str) -> Result<(), Error> {
         let args = ["-f", "-"];
         let mut child = self
             .command(&args)
@@ -231,6 +253,17 @@ struct ChainListing {
 struct RuleListing {
     chain: String,
     expr: Vec<Value>,
+    #[serde(default)]
+    handle: u64,
+    comment: Option<String>,
+}
+
+/// A rule of a table, as `rules` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Rule {
+    pub(super) chain: String,
+    pub(super) handle: u64,
+    pub(super) comment: Option<String>,
 }
 
 impl Listing {

@@ -136,6 +136,9 @@ pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
         mm_exe_file: field("mm_struct", "exe_file"),
         file_inode: field("file", "f_inode"),
         inode_ino: field("inode", "i_ino"),
+        binprm_file: field("linux_binprm", "file"),
+        inode_sb: field("inode", "i_sb"),
+        super_block_dev: field("super_block", "s_dev"),
     };
     match btf.tracepoint_param_is_pointer("mark_victim", 0) {
         Ok(has_task) => offsets.mark_victim_has_task = u32::from(has_task),

@@ -32,5 +32,6 @@ pub(crate) use validate::{NESTED_GROUPS, POLICY_KEYS};
 
 pub use glob::CgroupGlob;
 pub use model::{
-    CpuQuota, DEFAULT_GRACE, GracefulStop, Limit, Limits, Mode, Policy, ServicePolicy, Target,
+    CpuQuota, DEFAULT_GRACE, ExecContainment, GracefulStop, Limit, Limits, Mode, OnViolation,
+    Policy, ServicePolicy, Target,
 };

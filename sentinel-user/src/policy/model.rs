@@ -1,6 +1,6 @@
 //! The typed policy: what the enforcement code reads once a file has passed validation.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use super::glob::CgroupGlob;
 
@@ -21,6 +21,41 @@ pub struct ServicePolicy {
     pub mode: Mode,
     pub limits: Limits,
     pub graceful_stop: Option<GracefulStop>,
+    pub containment: Option<ExecContainment>,
+}
+
+/// `exec.allow` and `on_violation`: the executables a service may run, and what happens when
+/// it runs anything else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecContainment {
+    /// Absolute paths, never empty. Symlinks are followed: the file they lead to is allowed.
+    pub allow: Vec<PathBuf>,
+    pub on_violation: OnViolation,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OnViolation {
+    /// Log, audit and count; nothing else.
+    #[default]
+    Alert,
+    /// The kernel kills the process before its first instruction.
+    Kill,
+    /// The whole service is frozen for inspection.
+    Freeze,
+    /// The service's network traffic is dropped, except loopback.
+    Isolate,
+}
+
+impl OnViolation {
+    /// As written in the file, and as the `action` label of the containment metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alert => "alert",
+            Self::Kill => "kill",
+            Self::Freeze => "freeze",
+            Self::Isolate => "isolate",
+        }
+    }
 }
 
 /// Which cgroups a policy applies to.

@@ -74,6 +74,7 @@ fn dotted_and_nested_keys_read_the_same() {
             sustained_for: Duration::from_secs(10),
             grace: DEFAULT_GRACE,
         }),
+        containment: None,
     };
     assert_eq!(dotted.services, [expected]);
 }
@@ -191,7 +192,7 @@ policies:
             "p.yaml:8:14: unknown policy key \"memory.maxx\"; did you mean \"memory.max\"?",
             "p.yaml:9:5: unknown policy key \"colour\"; expected one of name, cgroup, unit, \
              mode, memory.max, memory.high, cpu.max, cpu.weight, pids.max, terminate_above, \
-             for, grace",
+             for, grace, exec.allow, on_violation",
         ]
     );
 }
@@ -390,12 +391,12 @@ fn incomplete_policies() {
         ),
         [
             "p.yaml:2:5: policy sets nothing; add one of memory.max, memory.high, cpu.max, \
-             cpu.weight, pids.max, terminate_above",
+             cpu.weight, pids.max, terminate_above, exec.allow",
             "p.yaml:2:5: policy needs a name",
             "p.yaml:3:5: for: only applies with terminate_above",
             "p.yaml:4:5: grace: only applies with terminate_above",
             "p.yaml:5:5: policy sets nothing; add one of memory.max, memory.high, cpu.max, \
-             cpu.weight, pids.max, terminate_above",
+             cpu.weight, pids.max, terminate_above, exec.allow",
             "p.yaml:5:5: policy needs a cgroup or a unit to match",
             "p.yaml:6:11: mode: expected enforce or observe, found \"enforcing\"",
         ]
@@ -507,5 +508,72 @@ fn memory_below_one_mebibyte_is_refused() {
     assert_eq!(
         policy.services[0].limits.memory_max,
         Some(Limit::Limited(1 << 20))
+    );
+}
+
+#[test]
+fn exec_allow_lists_and_violation_actions_read_both_ways() {
+    let dotted = accepted(
+        "policies:
+  - name: web
+    unit: nginx.service
+    exec.allow: [/usr/sbin/nginx, /usr/bin/php-fpm8.2]
+    on_violation: freeze
+  - name: api
+    cgroup: api/*
+    exec: {allow: [/usr/bin/api]}
+",
+    );
+    let containment: Vec<_> = dotted
+        .services
+        .iter()
+        .map(|policy| policy.containment.clone().unwrap())
+        .collect();
+    assert_eq!(
+        containment,
+        [
+            ExecContainment {
+                allow: vec!["/usr/sbin/nginx".into(), "/usr/bin/php-fpm8.2".into()],
+                on_violation: OnViolation::Freeze,
+            },
+            ExecContainment {
+                allow: vec!["/usr/bin/api".into()],
+                on_violation: OnViolation::Alert,
+            },
+        ]
+    );
+}
+
+#[test]
+fn containment_mistakes_are_refused_where_written() {
+    assert_eq!(
+        problems(
+            "policies:
+  - name: web
+    unit: web.service
+    exec.allow: [usr/sbin/nginx, /usr/bin/ok]
+    on_violation: shoot
+  - name: api
+    unit: api.service
+    memory.max: 1G
+    on_violation: kill
+  - name: none
+    unit: none.service
+    exec.allow: []
+  - name: text
+    unit: text.service
+    exec.allow: /usr/bin/one
+"
+        ),
+        [
+            "p.yaml:4:18: exec.allow: must be an absolute path: a relative one would depend on \
+             the directory the service runs in, found \"usr/sbin/nginx\"",
+            "p.yaml:5:19: on_violation: expected alert, kill, freeze or isolate, found \"shoot\"",
+            "p.yaml:9:5: on_violation: only applies with exec.allow",
+            "p.yaml:12:17: exec.allow: must list at least one executable; an empty list makes \
+             every exec a violation, the service's own start included",
+            "p.yaml:15:17: exec.allow: expected a list of absolute paths of executables, found \
+             \"/usr/bin/one\"",
+        ]
     );
 }

@@ -6,10 +6,13 @@ use serde_saphyr::{Location, Spanned};
 
 use super::{
     glob::CgroupGlob,
-    model::{DEFAULT_GRACE, GracefulStop, Limit, Limits, Mode, Policy, ServicePolicy, Target},
+    model::{
+        DEFAULT_GRACE, ExecContainment, GracefulStop, Limit, Limits, Mode, OnViolation, Policy,
+        ServicePolicy, Target,
+    },
     units,
 };
-use crate::yaml::{Checker, Entry, Field, Fields, Invalid, Node, parse_whole};
+use crate::yaml::{Checker, Entry, Field, Fields, Invalid, Node, absolute_path, parse_whole};
 
 /// A policy's settings, dotted as the cgroup interface files are named.
 pub(crate) const POLICY_KEYS: &[&str] = &[
@@ -25,10 +28,12 @@ pub(crate) const POLICY_KEYS: &[&str] = &[
     "terminate_above",
     "for",
     "grace",
+    "exec.allow",
+    "on_violation",
 ];
 
 /// Prefixes that may also be written nested: `memory: {max: 1G}` is `memory.max: 1G`.
-pub(crate) const NESTED_GROUPS: &[&str] = &["memory", "cpu", "pids"];
+pub(crate) const NESTED_GROUPS: &[&str] = &["memory", "cpu", "pids", "exec"];
 
 /// Settings of which a policy needs at least one to do anything.
 const EFFECTS: &[&str] = &[
@@ -38,6 +43,7 @@ const EFFECTS: &[&str] = &[
     "cpu.weight",
     "pids.max",
     "terminate_above",
+    "exec.allow",
 ];
 
 /// Memory settings below this are refused: no service runs in less, and a bare number is
@@ -59,6 +65,9 @@ const EXPECTED_SIZE_OR_MAX: &str = "a size such as 512M or 2G, a number of bytes
 const EXPECTED_CPU: &str = "a CPU share such as 50% or 1.5 (CPUs), or max";
 const EXPECTED_WEIGHT: &str = "a whole number from 1 to 10000";
 const EXPECTED_PIDS: &str = "a whole number of processes, or max";
+const EXPECTED_EXECUTABLES: &str = "a list of absolute paths of executables";
+const EXPECTED_EXECUTABLE: &str = "an absolute path of an executable, such as /usr/sbin/nginx";
+const EXPECTED_ON_VIOLATION: &str = "alert, kill, freeze or isolate";
 
 impl Checker {
     /// The `policies` list; empty (`policies:`) means none.
@@ -117,13 +126,53 @@ impl Checker {
             .unwrap_or_default();
         let limits = self.limits(&mut fields);
         let graceful_stop = self.graceful_stop(&mut fields, limits.memory_max);
+        let containment = self.containment(&mut fields);
         Some(ServicePolicy {
             name: name?,
             target: target?,
             mode,
             limits,
             graceful_stop,
+            containment: containment?,
         })
+    }
+
+    /// `exec.allow` and `on_violation`; `Some(None)` when the policy contains nothing.
+    fn containment(&mut self, fields: &mut Fields<'_>) -> Option<Option<ExecContainment>> {
+        let on_violation = fields.remove("on_violation");
+        let Some(allow) = fields.remove("exec.allow") else {
+            if let Some(field) = on_violation {
+                let reason = "on_violation: only applies with exec.allow".to_owned();
+                self.report(field.key_at, reason);
+                return None;
+            }
+            return Some(None);
+        };
+        let on_violation = match on_violation {
+            Some(field) => self.value(&field, EXPECTED_ON_VIOLATION, parse_on_violation),
+            None => Some(OnViolation::default()),
+        };
+        let paths = self.list(&allow, EXPECTED_EXECUTABLES, EXPECTED_EXECUTABLE, |text| {
+            absolute_path(text).map_err(|_| {
+                Invalid::Because(
+                    "must be an absolute path: a relative one would depend on the directory \
+                     the service runs in",
+                )
+            })
+        })?;
+        if paths.is_empty() {
+            self.report(
+                allow.value.referenced,
+                "exec.allow: must list at least one executable; an empty list makes every \
+                 exec a violation, the service's own start included"
+                    .into(),
+            );
+            return None;
+        }
+        Some(Some(ExecContainment {
+            allow: paths,
+            on_violation: on_violation?,
+        }))
     }
 
     fn target(&mut self, fields: &mut Fields<'_>, policy_at: Location) -> Option<Target> {
@@ -304,6 +353,16 @@ fn parse_mode(text: &str) -> Result<Mode, Invalid> {
     match text {
         "enforce" => Ok(Mode::Enforce),
         "observe" => Ok(Mode::Observe),
+        _ => Err(Invalid::Unrecognized),
+    }
+}
+
+fn parse_on_violation(text: &str) -> Result<OnViolation, Invalid> {
+    match text {
+        "alert" => Ok(OnViolation::Alert),
+        "kill" => Ok(OnViolation::Kill),
+        "freeze" => Ok(OnViolation::Freeze),
+        "isolate" => Ok(OnViolation::Isolate),
         _ => Err(Invalid::Unrecognized),
     }
 }

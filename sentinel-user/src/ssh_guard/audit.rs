@@ -105,7 +105,7 @@ impl AuditLog {
             .map_err(unwritable)
     }
 
-    pub fn append(&mut self, record: &AuditRecord) -> Result<(), Error> {
+    pub fn append(&mut self, record: &impl Serialize) -> Result<(), Error> {
         let mut line = serde_json::to_vec(record).expect("audit records serialize");
         line.push(b'\n');
         // One write per record, so concurrent readers never see half a line.

@@ -7,7 +7,7 @@ use serde_saphyr::Spanned;
 use super::{GuardMode, LiveSettings, SshGuardSettings, engine::GuardRules};
 use crate::{
     firewall::{FirewallOptions, IpNet, MAX_BAN_TIMEOUT},
-    yaml::{Checker, Field, Invalid, Node, format_duration, parse_duration, parse_whole},
+    yaml::{Checker, Invalid, Node, absolute_path, format_duration, parse_duration, parse_whole},
 };
 
 /// The section's settings, as written in the file.
@@ -292,39 +292,6 @@ impl Checker {
             sshd_paths: sshd_paths?,
         })
     }
-
-    /// A list setting (`allow`, `sshd_paths`), each item checked where it is written.
-    fn list<T>(
-        &mut self,
-        field: &Field<'_>,
-        expected_list: &'static str,
-        expected_item: &'static str,
-        parse: impl Fn(&str) -> Result<T, Invalid>,
-    ) -> Option<Vec<T>> {
-        let items = match &field.value.value {
-            Node::Null => return Some(Vec::new()),
-            Node::List(items) => items,
-            other => {
-                let found = other.describe();
-                self.report(
-                    field.value.referenced,
-                    format!("{}: expected {expected_list}, found {found}", field.key),
-                );
-                return None;
-            }
-        };
-        let parsed: Vec<_> = items
-            .iter()
-            .map(|item| {
-                let item = Field {
-                    value: item,
-                    ..*field
-                };
-                self.value(&item, expected_item, &parse)
-            })
-            .collect();
-        parsed.into_iter().collect()
-    }
 }
 
 fn parse_mode(text: &str) -> Result<ModeSetting, Invalid> {
@@ -371,12 +338,5 @@ fn parse_multiplier(text: &str) -> Result<f64, Invalid> {
             "must be at least 1 (1 keeps every ban as long as the first)",
         )),
         Err(_) => Err(Invalid::Unrecognized),
-    }
-}
-
-fn absolute_path(text: &str) -> Result<PathBuf, Invalid> {
-    match PathBuf::from(text) {
-        path if path.is_absolute() => Ok(path),
-        _ => Err(Invalid::Unrecognized),
     }
 }

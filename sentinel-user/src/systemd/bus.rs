@@ -1,5 +1,6 @@
-//! systemd's manager on the system bus: which unit owns a cgroup, its properties, and
-//! daemon-reload. Calls are made from the enforcer's thread on the daemon's tokio runtime.
+//! systemd's manager on the system bus: which unit owns a cgroup, its properties, freezing,
+//! and daemon-reload. Calls are made from the enforcer's and containment's threads on the
+//! daemon's tokio runtime.
 
 use std::{collections::BTreeMap, future::Future, time::Duration};
 
@@ -94,6 +95,16 @@ impl SystemdBus {
                 Ok((property, value))
             })
             .collect()
+    }
+
+    /// `systemctl freeze UNIT`: systemd freezes the unit's cgroup and knows it is frozen.
+    pub fn freeze_unit(&mut self, unit: &str) -> Result<(), Error> {
+        self.call::<_, ()>(MANAGER_PATH, MANAGER, "FreezeUnit", unit, &unit)
+    }
+
+    /// `systemctl thaw UNIT`.
+    pub fn thaw_unit(&mut self, unit: &str) -> Result<(), Error> {
+        self.call::<_, ()>(MANAGER_PATH, MANAGER, "ThawUnit", unit, &unit)
     }
 
     /// daemon-reload: systemd reads its unit files and drop-ins again and applies them to

@@ -2,7 +2,7 @@
 //! the configuration is read by its owner's methods on [`Checker`]; the readers here are the
 //! ones every section shares.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use serde_saphyr::{Location, Spanned};
 
@@ -189,6 +189,46 @@ impl Checker {
 
     pub(crate) fn duration(&mut self, field: &Field<'_>) -> Option<Duration> {
         self.value(field, EXPECTED_DURATION, parse_duration)
+    }
+
+    /// A list setting, each item checked where it is written; nothing (`key:`) is empty.
+    pub(crate) fn list<T>(
+        &mut self,
+        field: &Field<'_>,
+        expected_list: &'static str,
+        expected_item: &'static str,
+        parse: impl Fn(&str) -> Result<T, Invalid>,
+    ) -> Option<Vec<T>> {
+        let items = match &field.value.value {
+            Node::Null => return Some(Vec::new()),
+            Node::List(items) => items,
+            other => {
+                let found = other.describe();
+                self.report(
+                    field.value.referenced,
+                    format!("{}: expected {expected_list}, found {found}", field.key),
+                );
+                return None;
+            }
+        };
+        let parsed: Vec<_> = items
+            .iter()
+            .map(|item| {
+                let item = Field {
+                    value: item,
+                    ..*field
+                };
+                self.value(&item, expected_item, &parse)
+            })
+            .collect();
+        parsed.into_iter().collect()
+    }
+}
+
+pub(crate) fn absolute_path(text: &str) -> Result<PathBuf, Invalid> {
+    match PathBuf::from(text) {
+        path if path.is_absolute() => Ok(path),
+        _ => Err(Invalid::Unrecognized),
     }
 }
 

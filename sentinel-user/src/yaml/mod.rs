@@ -7,8 +7,8 @@ mod diagnostics;
 mod node;
 
 pub(crate) use checker::{
-    Checker, Entry, Field, Fields, Invalid, TOO_LARGE, collect, format_duration, parse_duration,
-    parse_whole,
+    Checker, Entry, Field, Fields, Invalid, TOO_LARGE, absolute_path, collect, format_duration,
+    parse_duration, parse_whole,
 };
 pub use diagnostics::{Diagnostic, Diagnostics};
 #[cfg(test)]
