@@ -1,7 +1,9 @@
 //! What Sentinel needs from the running kernel: privileges, BTF and struct offsets.
 
+mod batch;
 mod btf;
 
+pub use batch::PerCpuBatchReader;
 pub use btf::Btf;
 use sentinel_common::KernelOffsets;
 use tracing::{info, warn};

@@ -1,8 +1,9 @@
 //! Per-service counters kept in the kernel, plus lost-event counts, copied at scrape time.
 
 use std::sync::{Arc, Mutex};
+use std::os::fd::AsFd;
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{IterableMap, MapData, PerCpuArray, PerCpuHashMap};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -11,7 +12,10 @@ use prometheus_client::{
 use sentinel_common::{LossKind, ServiceCounters};
 use tracing::warn;
 
-use crate::cgroup::{Attribution, ServiceTotals};
+use crate::{
+    cgroup::{Attribution, ServiceTotals},
+    kernel::PerCpuBatchReader,
+};
 
 /// Picks one count out of a service's totals.
 type CountOf = fn(&ServiceTotals) -> u64;
@@ -24,6 +28,7 @@ pub struct KernelCounters {
 struct Maps {
     counters: PerCpuHashMap<MapData, u64, ServiceCounters>,
     lost: PerCpuArray<MapData, u64>,
+    reader: PerCpuBatchReader<u64, ServiceCounters>,
 }
 
 impl std::fmt::Debug for KernelCounters {
@@ -37,11 +42,17 @@ impl KernelCounters {
         counters: PerCpuHashMap<MapData, u64, ServiceCounters>,
         lost: PerCpuArray<MapData, u64>,
         attribution: Arc<Mutex<Attribution>>,
-    ) -> Self {
-        Self {
-            maps: Mutex::new(Maps { counters, lost }),
+    ) -> Result<Self, crate::Error> {
+        // Per-CPU maps hold a value for every possible CPU.
+        let cpus = aya::util::nr_cpus().map_err(|(_, error)| crate::Error::Io(error))?;
+        Ok(Self {
+            maps: Mutex::new(Maps {
+                counters,
+                lost,
+                reader: PerCpuBatchReader::new(cpus),
+            }),
             attribution,
-        }
+        })
     }
 
     /// Current per-service totals. Folds the counts of removed cgroups into their service and
@@ -49,16 +60,21 @@ impl KernelCounters {
     /// periodically so this happens without scrapes.
     pub fn service_totals(&self) -> Vec<ServiceTotals> {
         let mut maps = self.maps.lock().expect("kernel maps lock");
-        let per_cgroup: Vec<(u64, ServiceCounters)> = maps
-            .counters
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(id, per_cpu)| {
-                let mut sum = ServiceCounters::default();
-                per_cpu.iter().for_each(|counters| sum.add(counters));
-                (id, sum)
-            })
-            .collect();
+        let Maps {
+            counters, reader, ..
+        } = &mut *maps;
+        let mut per_cgroup: Vec<(u64, ServiceCounters)> = Vec::new();
+        let read = reader.read(counters.map().fd().as_fd(), |id, per_cpu| {
+            per_cgroup.push((id, summed(per_cpu)));
+        });
+        if let Err(error) = read {
+            warn!("cannot read the kernel's per-service counters in batches, so entry by entry: {error}");
+            per_cgroup = counters
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(id, per_cpu)| (id, summed(&per_cpu)))
+                .collect();
+        }
         let (totals, retired) = self
             .attribution
             .lock()
@@ -86,6 +102,13 @@ impl KernelCounters {
             })
             .collect()
     }
+}
+
+/// A cgroup's counts over every CPU.
+fn summed(per_cpu: &[ServiceCounters]) -> ServiceCounters {
+    let mut sum = ServiceCounters::default();
+    per_cpu.iter().for_each(|counters| sum.add(counters));
+    sum
 }
 
 impl Collector for KernelCounters {
