@@ -18,6 +18,7 @@ use crate::{
     cgroup::{Attribution, UNKNOWN, cgroup_of_pid},
     policy::enforcer::{AppliedView, Input as EnforcerInput},
     queue::Queue,
+    recent::Recorder,
     ssh_guard::Input as SshInput,
 };
 
@@ -38,6 +39,7 @@ pub struct EventHandler {
     applied: Arc<Mutex<AppliedView>>,
     enforcer: Queue<EnforcerInput>,
     ssh_guard: Option<Queue<SshInput>>,
+    recent: Recorder,
 }
 
 impl EventHandler {
@@ -46,12 +48,14 @@ impl EventHandler {
         applied: Arc<Mutex<AppliedView>>,
         enforcer: Queue<EnforcerInput>,
         ssh_guard: Option<Queue<SshInput>>,
+        recent: Recorder,
     ) -> Self {
         Self {
             attribution,
             applied,
             enforcer,
             ssh_guard,
+            recent,
         }
     }
 
@@ -96,6 +100,11 @@ impl EventHandler {
                 warn!(
                     pid,
                     comm, service, policy, memory_max, "OOM killer killed a process"
+                );
+                self.recent.record(
+                    "oom_kill",
+                    &service,
+                    format!("pid {pid} ({comm}), memory.max {memory_max}"),
                 );
             }
             Event::Exec(exec) if enabled!(Level::DEBUG) => {
