@@ -481,7 +481,7 @@ impl Reloader {
         }
         let (kind, detail) = if report.ok {
             let policies = report.policies.unwrap_or_default();
-            ("reload", format!("{policies} policies in force"))
+            ("reload", format!("policies in force: {policies}"))
         } else {
             let problem = report.problems.first().map(ToString::to_string);
             (
