@@ -168,7 +168,8 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let ssh_guard = start_ssh_guard(
         &config,
         &state_dir,
-        (ssh_metrics, recent.clone()),
+        ssh_metrics,
+        recent.clone(),
         fleet.as_ref(),
         &components,
         &queue_drops,
@@ -355,7 +356,8 @@ type RunningGuard = (Queue<SshInput>, std::thread::JoinHandle<()>);
 fn start_ssh_guard(
     config: &Config,
     state_dir: &std::path::Path,
-    (metrics, recent): (SshGuardMetrics, Recorder),
+    metrics: SshGuardMetrics,
+    recent: Recorder,
     fleet: Option<&Fleet>,
     components: &Components,
     queue_drops: &QueueDrops,
