@@ -580,26 +580,31 @@ mod tests {
         ]
     }
 
+    /// Both services at `at_ms`, with the resource read of `read_at_ms`, and every event.
+    fn sample(at_ms: u64, read_at_ms: u64, small: ServiceStats, big_cpu: f64) -> StatsReport {
+        StatsReport {
+            sampled_at_ms: at_ms,
+            resources_read_at_ms: Some(read_at_ms),
+            services: vec![small, service("big.service", 48, big_cpu, 0)],
+            events: events(),
+        }
+    }
+
+    /// small.service after its OOM kill.
+    fn killed_once(cpu_seconds: f64, execs: u64) -> ServiceStats {
+        ServiceStats {
+            oom_kills: 1,
+            ..service("small.service", 8, cpu_seconds, execs)
+        }
+    }
+
     /// Two samples two seconds apart, each with a new resource read.
     fn screen() -> Screen {
         let mut screen = Screen::default();
-        screen.update(StatsReport {
-            sampled_at_ms: 1000,
-            resources_read_at_ms: Some(1000),
-            services: vec![
-                service("small.service", 8, 1.0, 10),
-                service("big.service", 48, 5.0, 0),
-            ],
-            events: events()[..1].to_vec(),
-        });
-        let mut busy = service("small.service", 8, 1.5, 30);
-        busy.oom_kills = 1;
-        screen.update(StatsReport {
-            sampled_at_ms: 3000,
-            resources_read_at_ms: Some(3000),
-            services: vec![busy, service("big.service", 48, 5.2, 0)],
-            events: events(),
-        });
+        let mut first = sample(1000, 1000, service("small.service", 8, 1.0, 10), 5.0);
+        first.events.truncate(1);
+        screen.update(first);
+        screen.update(sample(3000, 3000, killed_once(1.5, 30), 5.2));
         screen
     }
 
@@ -617,27 +622,13 @@ mod tests {
     fn resource_rates_stay_until_the_next_resource_read() {
         let mut screen = screen();
         // A second later the counters moved, but the resource figures are the same read.
-        let mut later = service("small.service", 8, 1.5, 40);
-        later.oom_kills = 1;
-        screen.update(StatsReport {
-            sampled_at_ms: 4000,
-            resources_read_at_ms: Some(3000),
-            services: vec![later, service("big.service", 48, 5.2, 0)],
-            events: events(),
-        });
+        screen.update(sample(4000, 3000, killed_once(1.5, 40), 5.2));
         let small = &screen.visible()[1];
         assert_eq!(small.resources.cpu_percent, Some(25.0));
         assert_eq!(small.execs_per_second, 10.0);
         assert_eq!(screen.rates_read_at_ms, Some(3000));
         // The next read, 10 s after the last: 2 s of CPU in it.
-        let mut read = service("small.service", 8, 3.5, 40);
-        read.oom_kills = 1;
-        screen.update(StatsReport {
-            sampled_at_ms: 5000,
-            resources_read_at_ms: Some(13_000),
-            services: vec![read, service("big.service", 48, 5.2, 0)],
-            events: events(),
-        });
+        screen.update(sample(5000, 13_000, killed_once(3.5, 40), 5.2));
         assert_eq!(screen.visible()[1].resources.cpu_percent, Some(20.0));
         assert_eq!(screen.visible()[1].execs_per_second, 0.0);
     }
