@@ -39,6 +39,7 @@ use crate::{
     },
     probes::{self, SshFiles},
     queue::{self, Queue, QueueDrops},
+    recent::{self, Recorder},
     ssh_guard::{Input as SshInput, SshGuard, SshGuardMetrics, audit::AuditLog},
     systemd::{self, SystemdBus},
 };
@@ -123,11 +124,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     )));
     let counters = take_map(&mut probes.ebpf, "COUNTERS")?.try_into()?;
     let lost = take_map(&mut probes.ebpf, "LOST")?.try_into()?;
-    let kernel_counters = Arc::new(KernelCounters::new(
-        counters,
-        lost,
-        attribution.clone(),
-    )?);
+    let kernel_counters = Arc::new(KernelCounters::new(counters, lost, attribution.clone())?);
     let mut metrics = Metrics::new(kernel_counters.clone());
     probes.register_metrics(metrics.registry_mut());
     let (components, mut stopped) = Components::new(metrics.registry_mut());
@@ -139,13 +136,15 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
 
     let cgroupfs = CgroupFs::new(cgroup_root.clone());
     let applied = Arc::new(Mutex::new(AppliedView::default()));
-    let policy_metrics = PolicyMetrics::new(metrics.registry_mut(), attribution.clone());
+    let (recent, recent_keeper, recent_events) = recent::channel(&queue_drops);
+    let policy_metrics =
+        PolicyMetrics::new(metrics.registry_mut(), attribution.clone(), recent.clone());
     let (resources_tx, resources_rx) = resources::snapshot_channel();
     metrics
         .registry_mut()
         .register_collector(Box::new(ResourceCollector::new(
             applied.clone(),
-            resources_rx,
+            resources_rx.clone(),
             config.metrics.resource_detail,
         )));
     let stats_reader = StatsReader::new(cgroupfs.clone(), config.metrics.resource_detail);
@@ -195,6 +194,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         &config,
         &state_dir,
         ssh_metrics,
+        recent.clone(),
         fleet.as_ref(),
         &components,
         &queue_drops,
@@ -207,6 +207,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         enforcer_tx.clone(),
         ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
         containment.inputs.clone(),
+        recent.clone(),
     ));
 
     let cancel = CancellationToken::new();
@@ -227,6 +228,13 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         read_ring(ssh_events, handler, ALERTS_POLL, cancel.clone()),
     ));
     tasks.spawn(housekeeping(kernel_counters.clone(), cancel.clone()));
+    tasks.spawn(supervised(components.start("recent events"), {
+        let cancel = cancel.clone();
+        async move {
+            recent_keeper.run(cancel).await;
+            Ok::<(), Infallible>(())
+        }
+    }));
     let refresh_resources = resources::refresh(
         stats_reader,
         applied.clone(),
@@ -267,9 +275,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         policies: policy_states,
         last_reload: reloader.subscribe(),
         reload: reload_requests,
-        stats: Arc::new(move || stats::collect(&kernel_counters, &applied, &cgroupfs)),
         contained: containment.held.clone(),
         containment: containment.inputs.clone(),
+        stats: Arc::new(move |snapshot| stats::collect(&kernel_counters, &applied, snapshot)),
+        resources: resources_rx,
+        events: recent_events,
     };
     tasks.spawn(supervised(
         components.start("control socket"),
@@ -438,6 +448,7 @@ fn start_ssh_guard(
     config: &Config,
     state_dir: &std::path::Path,
     metrics: SshGuardMetrics,
+    recent: Recorder,
     fleet: Option<&Fleet>,
     components: &Components,
     queue_drops: &QueueDrops,
@@ -446,7 +457,7 @@ fn start_ssh_guard(
         info!("SSH guard disabled by configuration");
         return Ok(None);
     }
-    let mut guard = SshGuard::open(config.ssh_guard.settings(state_dir), metrics)
+    let mut guard = SshGuard::open(config.ssh_guard.settings(state_dir), metrics, recent)
         .map_err(|error| Error::SshGuardStart(Box::new(error)))?;
     if let Some(fleet) = fleet {
         guard.join_fleet(fleet.metrics.clone(), fleet.handoff.clone());
@@ -566,6 +577,17 @@ impl Reloader {
             Err(Error::ConfigInvalid(problems)) => report.problems = problems.0,
             Err(other) => report.error = Some(other.to_string()),
         }
+        let (kind, detail) = if report.ok {
+            let policies = report.policies.unwrap_or_default();
+            ("reload", format!("policies in force: {policies}"))
+        } else {
+            let problem = report.problems.first().map(ToString::to_string);
+            (
+                "reload_refused",
+                problem.or(report.error.clone()).unwrap_or_default(),
+            )
+        };
+        self.metrics.recent.record(kind, why, detail);
         self.last.send_replace(Some(report.clone()));
         report
     }

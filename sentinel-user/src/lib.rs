@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod policy;
 pub mod probes;
 pub mod queue;
+pub mod recent;
 pub mod service;
 mod slots;
 pub mod ssh_guard;

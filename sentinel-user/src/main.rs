@@ -72,7 +72,10 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
-    /// A live table of the services: memory, CPU, pids, pressure, execs, connections, OOM kills.
+    /// A live table of the services (memory, CPU, pids, pressure, execs, connections, OOM kills)
+    /// and the daemon's recent events. Exec/s and conn/s change every second; memory, pids and
+    /// CPU%, THR% and PSI% come from the daemon's resource read every metrics.resource_refresh
+    /// (10 s by default) and change that often.
     Top(TopArgs),
     /// List the bans in force (address, reason, failures, expiry).
     Bans {
@@ -154,7 +157,8 @@ enum CompletionShell {
 
 #[derive(clap::Args)]
 struct TopArgs {
-    /// Print one frame and exit (takes a second: rates need two samples)
+    /// Print one frame and exit (waits for the daemon's next resource read, at most 11 s:
+    /// rates need two samples)
     #[arg(long)]
     once: bool,
     /// Print one JSON document of the figures and exit

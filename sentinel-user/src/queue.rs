@@ -1,4 +1,5 @@
-//! Bounded channels into the threads that own the enforcer and the SSH guard. A stalled
+//! Bounded channels into the threads that own the enforcer and the SSH guard (and the drop
+//! counters of the other bounded queues, such as the recent events'). A stalled
 //! consumer must not grow the daemon without bound: what does not fit is dropped and counted in
 //! `sentinel_queue_dropped_total{queue}`, where an operator sees it.
 
@@ -24,6 +25,11 @@ impl QueueDrops {
             drops.0.clone(),
         );
         drops
+    }
+
+    /// The drop counter of the queue named `queue`.
+    pub fn counter(&self, queue: &'static str) -> Counter {
+        self.0.get_or_create(&vec![("queue", queue)]).clone()
     }
 }
 
@@ -58,7 +64,7 @@ pub fn bounded<T>(
     drops: &QueueDrops,
 ) -> (Queue<T>, Receiver<T>) {
     let (sender, receiver) = mpsc::sync_channel(capacity);
-    let dropped = drops.0.get_or_create(&vec![("queue", name)]).clone();
+    let dropped = drops.counter(name);
     (Queue { sender, dropped }, receiver)
 }
 

@@ -1,9 +1,12 @@
 //! `sentinel top`: a live table of the services, from the daemon's `stats` request once a
-//! second. Rates come from two samples; the events pane lists what changed between samples
-//! (OOM kills, bans made and lifted) while it runs.
+//! second, and a pane of the daemon's recent events (also those from before top started).
+//!
+//! Rates come from two samples. Exec/s and conn/s compare the kernel's counters a second apart;
+//! CPU%, THR% and PSI% compare two of the daemon's background resource reads (every
+//! `metrics.resource_refresh`, 10 s by default), so they change that often.
 
 use std::{
-    collections::{BTreeSet, VecDeque},
+    collections::HashMap,
     io::{self, IsTerminal},
     path::Path,
     time::{Duration, Instant},
@@ -30,11 +33,13 @@ use crate::{
         self,
         report::{ServiceStats, StatsReport},
     },
+    recent::RecentEvent,
 };
 
 const REFRESH: Duration = Duration::from_secs(1);
-/// Events kept for the pane; the oldest go first.
-const MAX_EVENTS: usize = 50;
+/// How long `--once` waits for a second resource read: a second more than the default
+/// `metrics.resource_refresh`.
+const ONCE_WAIT: Duration = Duration::from_secs(11);
 /// `--once` without a terminal prints a frame this size (and taller when there are more rows).
 const DEFAULT_SIZE: (u16, u16) = (80, 24);
 /// Width of the memory bar inside the MEMORY column.
@@ -70,13 +75,19 @@ impl SortBy {
     }
 }
 
+/// Percentages between the last two resource reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct ResourceRates {
+    cpu_percent: Option<f64>,
+    throttled_percent: Option<f64>,
+    memory_pressure_percent: Option<f64>,
+}
+
 /// One service's figures as shown: totals of the last sample, rates over the last interval.
 #[derive(Debug, Clone, PartialEq)]
 struct ServiceRow {
     stats: ServiceStats,
-    cpu_percent: Option<f64>,
-    throttled_percent: Option<f64>,
-    memory_pressure_percent: Option<f64>,
+    resources: ResourceRates,
     execs_per_second: f64,
     connects_per_second: f64,
 }
@@ -85,8 +96,11 @@ struct ServiceRow {
 pub struct Screen {
     previous: Option<StatsReport>,
     rows: Vec<ServiceRow>,
-    events: VecDeque<String>,
-    bans: Option<BTreeSet<String>>,
+    /// By service, kept from one resource read to the next.
+    resource_rates: HashMap<String, ResourceRates>,
+    /// The resource read the rates end at; `None` until two reads were seen.
+    rates_read_at_ms: Option<u64>,
+    events: Vec<RecentEvent>,
     sort: SortBy,
     filter: String,
     /// Typing a filter (after `/`), until Enter or Esc.
@@ -100,8 +114,9 @@ impl Default for Screen {
         Self {
             previous: None,
             rows: Vec::new(),
-            events: VecDeque::new(),
-            bans: None,
+            resource_rates: HashMap::new(),
+            rates_read_at_ms: None,
+            events: Vec::new(),
             sort: SortBy::Memory,
             filter: String::new(),
             editing: false,
@@ -118,65 +133,70 @@ pub enum Action {
 }
 
 impl Screen {
-    /// Takes a new sample: rates against the previous one, events for what changed.
-    pub fn update(&mut self, stats: StatsReport, bans: Option<Vec<String>>) {
-        let elapsed = self
-            .previous
-            .as_ref()
-            .map(|previous| stats.sampled_at_ms.saturating_sub(previous.sampled_at_ms))
-            .filter(|millis| *millis > 0)
-            .map(|millis| millis as f64 / 1000.0);
+    /// Takes a new sample: counter rates against the previous one, resource rates when it
+    /// brings a new resource read.
+    pub fn update(&mut self, stats: StatsReport) {
         let previous = self.previous.take();
         let before = |service: &str| {
             previous
                 .as_ref()
                 .and_then(|p| p.services.iter().find(|s| s.service == service))
         };
+        let per_second = |value: Option<f64>, then: Option<f64>, seconds: Option<f64>| {
+            Some((value? - then?).max(0.0) / seconds?)
+        };
+        if let Some(seconds) = previous
+            .as_ref()
+            .and_then(|p| seconds_between(p.resources_read_at_ms?, stats.resources_read_at_ms?))
+        {
+            self.resource_rates = stats
+                .services
+                .iter()
+                .map(|now| {
+                    let then = before(&now.service);
+                    let percent = |value: fn(&ServiceStats) -> Option<f64>| {
+                        per_second(value(now), then.and_then(value), Some(seconds))
+                            .map(|rate| rate * 100.0)
+                    };
+                    let rates = ResourceRates {
+                        cpu_percent: percent(|s| s.cpu_usage_seconds),
+                        throttled_percent: percent(|s| s.cpu_throttled_seconds),
+                        memory_pressure_percent: percent(|s| s.memory_pressure_seconds),
+                    };
+                    (now.service.clone(), rates)
+                })
+                .collect();
+            self.rates_read_at_ms = stats.resources_read_at_ms;
+        }
+        let seconds = previous
+            .as_ref()
+            .and_then(|p| seconds_between(p.sampled_at_ms, stats.sampled_at_ms));
         self.rows = stats
             .services
             .iter()
             .map(|now| {
                 let then = before(&now.service);
-                let rate = |value: &dyn Fn(&ServiceStats) -> Option<f64>| {
-                    Some((value(now)? - value(then?)?).max(0.0) / elapsed?)
-                };
                 let count_rate = |value: fn(&ServiceStats) -> u64| {
-                    rate(&|s| Some(value(s) as f64)).unwrap_or(0.0)
+                    per_second(
+                        Some(value(now) as f64),
+                        then.map(|then| value(then) as f64),
+                        seconds,
+                    )
+                    .unwrap_or(0.0)
                 };
-                if let Some(then) = then
-                    && now.oom_kills > then.oom_kills
-                {
-                    self.events.push_back(format!(
-                        "OOM kill in {} ({} total)",
-                        now.service, now.oom_kills
-                    ));
-                }
                 ServiceRow {
-                    cpu_percent: rate(&|s| s.cpu_usage_seconds).map(|r| r * 100.0),
-                    throttled_percent: rate(&|s| s.cpu_throttled_seconds).map(|r| r * 100.0),
-                    memory_pressure_percent: rate(&|s| s.memory_pressure_seconds)
-                        .map(|r| r * 100.0),
+                    resources: self
+                        .resource_rates
+                        .get(&now.service)
+                        .copied()
+                        .unwrap_or_default(),
                     execs_per_second: count_rate(|s| s.execs),
                     connects_per_second: count_rate(|s| s.tcp_connects),
                     stats: now.clone(),
                 }
             })
             .collect();
-        if let Some(bans) = bans {
-            let bans: BTreeSet<String> = bans.into_iter().collect();
-            if let Some(before) = &self.bans {
-                for added in bans.difference(before) {
-                    self.events.push_back(format!("banned {added}"));
-                }
-                for lifted in before.difference(&bans) {
-                    self.events.push_back(format!("ban of {lifted} ended"));
-                }
-            }
-            self.bans = Some(bans);
-        }
-        while self.events.len() > MAX_EVENTS {
-            self.events.pop_front();
-        }
+        self.events.clone_from(&stats.events);
         self.previous = Some(stats);
         self.problem = None;
     }
@@ -228,7 +248,7 @@ impl Screen {
             match self.sort {
                 SortBy::Name => 0.0,
                 SortBy::Memory => row.stats.memory_bytes.unwrap_or(0) as f64,
-                SortBy::Cpu => row.cpu_percent.unwrap_or(0.0),
+                SortBy::Cpu => row.resources.cpu_percent.unwrap_or(0.0),
                 SortBy::Pids => row.stats.pids.unwrap_or(0) as f64,
                 SortBy::Execs => row.execs_per_second,
                 SortBy::Connects => row.connects_per_second,
@@ -280,14 +300,14 @@ impl Screen {
             Row::new([
                 tail(&stats.service, service_width),
                 memory_cell(stats.memory_bytes, stats.memory_max_bytes),
-                percent(row.cpu_percent),
-                percent(row.throttled_percent),
+                percent(row.resources.cpu_percent),
+                percent(row.resources.throttled_percent),
                 match (stats.pids, stats.pids_max) {
                     (Some(pids), Some(max)) => format!("{pids}/{max}"),
                     (Some(pids), None) => pids.to_string(),
                     (None, _) => "-".into(),
                 },
-                percent(row.memory_pressure_percent),
+                percent(row.resources.memory_pressure_percent),
                 format!("{:.1}", row.execs_per_second),
                 format!("{:.1}", row.connects_per_second),
                 stats.oom_kills.to_string(),
@@ -323,15 +343,16 @@ impl Screen {
         .header(header)
         .block(Block::default().borders(Borders::TOP).title(title));
         frame.render_widget(table, table_area);
+        // Newest first.
         let events: Vec<Line> = self
             .events
             .iter()
             .rev()
             .take(usize::from(events_height.saturating_sub(2)))
-            .map(|event| Line::from(event.as_str()))
+            .map(|event| Line::from(event_line(event)))
             .collect();
         let events = if events.is_empty() {
-            vec![Line::from("none since top started")]
+            vec![Line::from("none since the daemon started")]
         } else {
             events
         };
@@ -346,6 +367,23 @@ impl Screen {
         };
         frame.render_widget(Paragraph::new(help), help_area);
     }
+}
+
+/// Seconds from one sample time to a later one (milliseconds since the daemon started).
+fn seconds_between(from_ms: u64, to_ms: u64) -> Option<f64> {
+    (to_ms > from_ms).then(|| (to_ms - from_ms) as f64 / 1000.0)
+}
+
+/// `15:04:05 sigterm web.service`, with the detail when there is one; the time is UTC, as in
+/// the audit log.
+fn event_line(event: &RecentEvent) -> String {
+    let clock = event.time.get(11..19).unwrap_or(&event.time);
+    let mut line = format!("{clock} {} {}", event.kind, event.subject);
+    if !event.detail.is_empty() {
+        line.push_str(": ");
+        line.push_str(&event.detail);
+    }
+    line
 }
 
 /// The end of a long service name, which names the unit (`…ice/nginx.service`).
@@ -397,24 +435,19 @@ fn bytes(value: u64) -> String {
     format!("{value}B")
 }
 
-/// One sample of everything the screen shows.
-fn sample(socket: &Path) -> Result<(StatsReport, Option<Vec<String>>), Error> {
-    let stats = control::stats(socket)?;
-    // Without an SSH guard there are no bans to follow; the table still works.
-    let bans = control::ban_list(socket)
-        .ok()
-        .map(|bans| bans.into_iter().map(|ban| ban.address).collect());
-    Ok((stats, bans))
-}
-
-/// `sentinel top --once`: two samples a second apart, one frame as text.
+/// `sentinel top --once`: samples a second apart until the daemon's next resource read (at
+/// most [`ONCE_WAIT`]), so that CPU% has two reads to compare; one frame as text.
 pub fn once(socket: &Path) -> Result<String, Error> {
     let mut screen = Screen::default();
-    let (stats, bans) = sample(socket)?;
-    screen.update(stats, bans);
-    std::thread::sleep(REFRESH);
-    let (stats, bans) = sample(socket)?;
-    screen.update(stats, bans);
+    screen.update(control::stats(socket)?);
+    let waited = Instant::now();
+    loop {
+        std::thread::sleep(REFRESH);
+        screen.update(control::stats(socket)?);
+        if screen.rates_read_at_ms.is_some() || waited.elapsed() >= ONCE_WAIT {
+            break;
+        }
+    }
     // A terminal's own size; piped into a script, a fixed one, so that the output is stable.
     let (width, height) = if io::stdout().is_terminal() {
         terminal::size().unwrap_or(DEFAULT_SIZE)
@@ -475,8 +508,7 @@ impl Drop for RawMode {
 /// cannot be reached at the start is an error.
 pub fn run(socket: &Path) -> Result<(), Error> {
     let mut screen = Screen::default();
-    let (stats, bans) = sample(socket)?;
-    screen.update(stats, bans);
+    screen.update(control::stats(socket)?);
     let _raw = RawMode::enter()?;
     let mut terminal = Terminal::new(CrosstermBackend::new(io::stdout()))?;
     terminal.clear()?;
@@ -496,8 +528,8 @@ pub fn run(socket: &Path) -> Result<(), Error> {
             }
             continue;
         }
-        match sample(socket) {
-            Ok((stats, bans)) => screen.update(stats, bans),
+        match control::stats(socket) {
+            Ok(stats) => screen.update(stats),
             Err(error) => screen.failed(error.to_string()),
         }
         next = Instant::now() + REFRESH;
@@ -526,44 +558,79 @@ mod tests {
         }
     }
 
+    fn event(time: &str, kind: &str, subject: &str, detail: &str) -> RecentEvent {
+        RecentEvent {
+            time: time.into(),
+            kind: kind.into(),
+            subject: subject.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// The daemon's events: a ban made before top started, then an OOM kill.
+    fn events() -> Vec<RecentEvent> {
+        vec![
+            event(
+                "2026-11-21T15:04:05.123Z",
+                "ban",
+                "203.0.113.0/24",
+                "operator",
+            ),
+            event("2026-11-21T15:04:07.000Z", "oom_kill", "small.service", ""),
+        ]
+    }
+
+    /// Both services at `at_ms`, with the resource read of `read_at_ms`, and every event.
+    fn sample(at_ms: u64, read_at_ms: u64, small: ServiceStats, big_cpu: f64) -> StatsReport {
+        StatsReport {
+            sampled_at_ms: at_ms,
+            resources_read_at_ms: Some(read_at_ms),
+            services: vec![small, service("big.service", 48, big_cpu, 0)],
+            events: events(),
+        }
+    }
+
+    /// small.service after its OOM kill.
+    fn killed_once(cpu_seconds: f64, execs: u64) -> ServiceStats {
+        ServiceStats {
+            oom_kills: 1,
+            ..service("small.service", 8, cpu_seconds, execs)
+        }
+    }
+
+    /// Two samples two seconds apart, each with a new resource read.
     fn screen() -> Screen {
         let mut screen = Screen::default();
-        screen.update(
-            StatsReport {
-                sampled_at_ms: 1000,
-                services: vec![
-                    service("small.service", 8, 1.0, 10),
-                    service("big.service", 48, 5.0, 0),
-                ],
-            },
-            Some(Vec::new()),
-        );
-        let mut busy = service("small.service", 8, 1.5, 30);
-        busy.oom_kills = 1;
-        screen.update(
-            StatsReport {
-                sampled_at_ms: 3000,
-                services: vec![busy, service("big.service", 48, 5.2, 0)],
-            },
-            Some(vec!["203.0.113.0/24".into()]),
-        );
+        let mut first = sample(1000, 1000, service("small.service", 8, 1.0, 10), 5.0);
+        first.events.truncate(1);
+        screen.update(first);
+        screen.update(sample(3000, 3000, killed_once(1.5, 30), 5.2));
         screen
     }
 
     #[test]
-    fn rates_come_from_two_samples_and_changes_become_events() {
+    fn rates_come_from_two_samples_and_events_from_the_daemon() {
         let screen = screen();
         let small = &screen.visible()[1];
         assert_eq!(small.stats.service, "small.service");
-        assert_eq!(small.cpu_percent, Some(25.0));
+        assert_eq!(small.resources.cpu_percent, Some(25.0));
         assert_eq!(small.execs_per_second, 10.0);
-        assert_eq!(
-            screen.events,
-            [
-                "OOM kill in small.service (1 total)",
-                "banned 203.0.113.0/24"
-            ]
-        );
+        assert_eq!(screen.events, events());
+    }
+
+    #[test]
+    fn resource_rates_stay_until_the_next_resource_read() {
+        let mut screen = screen();
+        // A second later the counters moved, but the resource figures are the same read.
+        screen.update(sample(4000, 3000, killed_once(1.5, 40), 5.2));
+        let small = &screen.visible()[1];
+        assert_eq!(small.resources.cpu_percent, Some(25.0));
+        assert_eq!(small.execs_per_second, 10.0);
+        assert_eq!(screen.rates_read_at_ms, Some(3000));
+        // The next read, 10 s after the last: 2 s of CPU in it.
+        screen.update(sample(5000, 13_000, killed_once(3.5, 40), 5.2));
+        assert_eq!(screen.visible()[1].resources.cpu_percent, Some(20.0));
+        assert_eq!(screen.visible()[1].execs_per_second, 0.0);
     }
 
     #[test]
@@ -582,7 +649,20 @@ mod tests {
             lines[3],
             "small.service  ▇░░░░ 8M/64M     25.0  0.0   3/32      0.0   10.0    0.0     1"
         );
-        assert!(text.contains("│banned 203.0.113.0/24"), "{text}");
+        // Newest first.
+        let events: Vec<&str> = lines
+            .iter()
+            .filter_map(|line| line.strip_prefix("│15:"))
+            .map(|line| line.trim_end_matches(['│', ' ']))
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "04:07 oom_kill small.service",
+                "04:05 ban 203.0.113.0/24: operator"
+            ],
+            "{text}"
+        );
         assert_eq!(
             *lines.last().unwrap(),
             "q quit  / filter  sort: n name m mem c cpu p pids e exec t conn o oom"

@@ -13,8 +13,8 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, NO_FIREWALL, TempDir, TestCgroup, eventually, free_port, sentinel_bin, serial,
-    unique_suffix,
+    Daemon, NO_FIREWALL, TempDir, TestCgroup, eventually, free_port, netlab::Netns, sentinel_bin,
+    serial, unique_suffix,
 };
 use serde_json::{Value, json};
 
@@ -338,11 +338,13 @@ impl Drop for Tmux {
     }
 }
 
-/// The table's rows (below the title and the header) that name one of `cgroups`, in order.
+/// The table's rows (below the title and the header, above the events pane) that name one of
+/// `cgroups`, in order.
 fn rows_of<'a>(screen: &str, cgroups: &[&'a TestCgroup]) -> Vec<&'a str> {
     screen
         .lines()
         .skip(2)
+        .take_while(|line| !line.starts_with("┌ events "))
         .filter_map(|line| {
             cgroups
                 .iter()
@@ -474,6 +476,114 @@ fn top_once_and_json_show_what_the_metrics_show() {
         .unwrap_or_else(|| panic!("no row for the cgroup in\n{}", once.stdout));
     // Nothing ran in the second between the two samples, and no OOM kill.
     assert!(row.ends_with(" 0.0     0.0     0"), "{row}");
+}
+
+/// The events pane's lines, newest first.
+fn pane_events(screen: &str) -> Vec<&str> {
+    let mut lines = screen
+        .lines()
+        .skip_while(|line| !line.starts_with("┌ events "));
+    lines.next();
+    lines
+        .map_while(|line| line.strip_prefix('│'))
+        .map(|line| line.trim_end_matches(['│', ' ']))
+        .collect()
+}
+
+#[test]
+fn top_shows_the_daemons_events_from_before_it_started_and_after() {
+    let _serial = serial();
+    let netns = Netns::new("top-events");
+    let dir = TempDir::new("sentinel-top-events");
+    let cgroup = TestCgroup::new("events");
+    let audit_log = dir.path().join("audit.log");
+    let config = format!(
+        "ssh_guard:\n  enabled: true\n  mode: enforce\n  audit_log: {}\n  netns: {}\n\
+         policies:\n  - name: watched\n    cgroup: {}\n    mode: observe\n    memory.max: 64M\n",
+        audit_log.display(),
+        netns.path().display(),
+        cgroup.service()
+    );
+    let daemon = Daemon::start_with_config(&config, &[]);
+    assert_eq!(
+        daemon.control(&["ban", "203.0.113.7", "--for", "1h"]),
+        "banned 203.0.113.7 for 1h\n"
+    );
+    let mut events = json!(null);
+    let both = eventually(WAIT, || {
+        events = json_of(&ask(&daemon, &["top", "--json"]))["events"].clone();
+        events.as_array().is_some_and(|events| events.len() == 2)
+    });
+    assert!(both, "{events:#}");
+    let of_kind = |kind: &str| {
+        events
+            .as_array()
+            .and_then(|events| events.iter().find(|event| event["kind"] == kind))
+            .unwrap_or_else(|| panic!("no {kind} event in {events:#}"))
+            .clone()
+    };
+    // The ban's event is its audit record: the same time to the millisecond.
+    let audit = fs::read_to_string(&audit_log).expect("read the audit log");
+    let records: Vec<Value> = audit
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("an audit record is JSON"))
+        .collect();
+    assert_eq!(records.len(), 1, "{audit}");
+    let ban_time = records[0]["time"].as_str().expect("the record's time");
+    assert_eq!(
+        of_kind("ban"),
+        json!({"time": ban_time, "kind": "ban", "subject": "203.0.113.7", "detail": "operator"})
+    );
+    let observed = of_kind("would_set_limits");
+    assert_eq!(observed["subject"], cgroup.service());
+    assert_eq!(observed["detail"], "");
+
+    let top = Tmux::start(&format!(
+        "{} top --socket {}",
+        sentinel_bin().display(),
+        daemon.control_socket().display()
+    ));
+    let clock = |time: &str| time[11..19].to_owned();
+    let ban_line = format!("{} ban 203.0.113.7: operator", clock(ban_time));
+    let observed_line = format!(
+        "{} would_set_limits {}",
+        clock(observed["time"].as_str().expect("a time")),
+        cgroup.service()
+    );
+    let screen = top.await_screen("the events from before top started", |screen| {
+        pane_events(screen).len() == 2
+    });
+    // Newest first: the reverse of the answer's order.
+    let mut before = vec![ban_line, observed_line];
+    if events[0]["kind"] == "ban" {
+        before.reverse();
+    }
+    assert_eq!(pane_events(&screen), before, "{screen}");
+
+    // Newer events come in on top, while top runs.
+    assert_eq!(
+        daemon.control(&["unban", "203.0.113.7"]),
+        "unbanned 203.0.113.7\n"
+    );
+    assert_eq!(
+        ask(&daemon, &["reload"]).stdout,
+        "reloaded: ok, 1 policy in force\n"
+    );
+    let screen = top.await_screen("the unban and the reload", |screen| {
+        pane_events(screen).len() == 4
+    });
+    let shown = pane_events(&screen);
+    assert!(
+        shown[0].ends_with(" reload sentinel reload: policies in force: 1"),
+        "{screen}"
+    );
+    assert!(
+        shown[1].ends_with(" unban 203.0.113.7: operator"),
+        "{screen}"
+    );
+    assert_eq!(shown[2..], before, "{screen}");
+    top.keys(&["q"]);
+    assert!(eventually(WAIT, || !top.running()), "q did not quit top");
 }
 
 #[test]

@@ -13,6 +13,7 @@ use sentinel_tests::{
     Daemon, NO_FIREWALL, TempDir, TestCgroup, assert_promtool_clean, cgroup2_mount, eventually,
     serial, testkit_bin,
 };
+use serde_json::Value;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -76,6 +77,32 @@ fn count(daemon: &Daemon, name: &str, labels: &[(&str, &str)]) -> u64 {
     daemon.scrape().count(name, labels)
 }
 
+/// The daemon's `stats` answer, as `sentinel top --json` prints it.
+fn stats(daemon: &Daemon) -> Value {
+    serde_json::from_str(&daemon.control(&["top", "--json"])).expect("top --json prints JSON")
+}
+
+/// The daemon's recent events of `kind` about `subject`, once there are `expected` of them.
+fn await_events(daemon: &Daemon, kind: &str, subject: &str, expected: usize) -> Vec<Value> {
+    let mut events = Vec::new();
+    let arrived = eventually(HANG_GUARD, || {
+        events = stats(daemon)["events"]
+            .as_array()
+            .expect("the events")
+            .iter()
+            .filter(|event| event["kind"] == kind && event["subject"] == subject)
+            .cloned()
+            .collect();
+        events.len() >= expected
+    });
+    assert!(
+        arrived,
+        "{expected} {kind} event(s) of {subject}: {events:?}"
+    );
+    assert_eq!(events.len(), expected, "{events:?}");
+    events
+}
+
 #[test]
 fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
     let _serial = serial();
@@ -125,6 +152,17 @@ fn a_memory_hog_is_oom_killed_at_memory_max_and_counted_once() {
     assert_eq!(report["policy"], "hog");
     assert_eq!(report["memory_max"], (64 * MIB).to_string());
     assert_eq!(report["comm"], "sentinel-testki");
+    // The same kill in `sentinel top`'s events, after the limits were set.
+    let killed = await_events(&daemon, "oom_kill", cgroup.service(), 1);
+    assert_eq!(
+        killed[0]["detail"],
+        format!(
+            "pid {} (sentinel-testki), memory.max {}",
+            report["pid"],
+            64 * MIB
+        )
+    );
+    await_events(&daemon, "set_limits", cgroup.service(), 1);
 }
 
 const GRACEFUL: &str =
@@ -160,6 +198,9 @@ fn terminate_above_stops_a_leak_with_sigterm_before_the_oom_killer() {
         .scrape()
         .assert_absent("sentinel_actions_total", &action("sigkill"));
     assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 0);
+    // `sentinel top` shows the termination in its events.
+    await_events(&daemon, "sigterm", cgroup.service(), 1);
+    await_events(&daemon, "sigkill", cgroup.service(), 0);
 }
 
 #[test]
@@ -185,6 +226,8 @@ fn terminate_above_kills_a_leak_that_ignores_sigterm_after_the_grace_period() {
         count(&daemon, "sentinel_actions_total", &action("sigterm")),
         1
     );
+    await_events(&daemon, "sigterm", cgroup.service(), 1);
+    await_events(&daemon, "sigkill", cgroup.service(), 1);
     // Sentinel's SIGKILL came first: the kernel's OOM killer never ran.
     assert_eq!(flat_key(&cgroup, "memory.events", "oom_kill"), 0);
 }
@@ -699,6 +742,67 @@ fn unit_memory_high_and_cpu_weight_on_a_real_cgroup_with_their_metrics() {
         }
     }
     assert_promtool_clean(&scrape);
+
+    // `sentinel top`'s figures are the scrape's, exactly, when both come from the same
+    // resource read: a scrape between two `stats` answers of the same read.
+    let mut same_read = None;
+    let found = eventually(HANG_GUARD, || {
+        let before = stats(&daemon);
+        let scrape = daemon.scrape();
+        let after = stats(&daemon);
+        let read_at = &before["resources_read_at_ms"];
+        let same = read_at.is_u64() && *read_at == after["resources_read_at_ms"];
+        same_read = Some((after, scrape));
+        same
+    });
+    assert!(
+        found,
+        "no scrape between two stats answers of the same read"
+    );
+    let (stats, scrape) = same_read.expect("a scrape");
+    let row = stats["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|row| row["service"] == service)
+        .unwrap_or_else(|| panic!("no row for {service}: {stats:#}"))
+        .clone();
+    let pressure = |resource| {
+        scrape.value(
+            "sentinel_pressure_stall_seconds_total",
+            &[
+                ("service", service),
+                ("resource", resource),
+                ("scope", "some"),
+            ],
+        )
+    };
+    let figures = [
+        (
+            "memory_bytes",
+            scrape.value("sentinel_memory_current_bytes", &labels),
+        ),
+        (
+            "memory_max_bytes",
+            scrape.value("sentinel_memory_limit_bytes", &labels),
+        ),
+        (
+            "cpu_usage_seconds",
+            scrape.value("sentinel_cpu_usage_seconds_total", &labels),
+        ),
+        (
+            "cpu_throttled_seconds",
+            scrape.value("sentinel_cpu_throttled_seconds_total", &labels),
+        ),
+        ("pids", scrape.value("sentinel_pids_current", &labels)),
+        ("pids_max", scrape.value("sentinel_pids_limit", &labels)),
+        ("memory_pressure_seconds", pressure("memory")),
+        ("cpu_pressure_seconds", pressure("cpu")),
+    ];
+    for (field, exported) in figures {
+        assert_eq!(row[field].as_f64(), Some(exported), "{field}: {row:#}");
+    }
+    assert_eq!(row["policy"], "web");
 
     // A reload that changes the policy is applied and counted once.
     fs::write(daemon.config_path(), policy(300)).expect("rewrite the configuration");

@@ -8,6 +8,7 @@ use crate::{
     containment::ContainedService,
     policy::enforcer::{PolicyState, ServiceOutcome},
     probes::ProbeStatus,
+    recent::RecentEvent,
     ssh_guard::GuardStatus,
     yaml::Diagnostic,
 };
@@ -91,13 +92,22 @@ impl StatusReport {
 /// the daemon started; the client turns two samples into rates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsReport {
-    /// When the figures were taken, in milliseconds since the daemon started.
+    /// When the event counts (execs, connects, OOM kills) were read, in milliseconds since the
+    /// daemon started.
     pub sampled_at_ms: u64,
+    /// When the resource figures (memory, CPU, pids, pressure) were read, in milliseconds since
+    /// the daemon started: they come from the background read every `metrics.resource_refresh`,
+    /// the one `/metrics` exports. `None` before the first read.
+    #[serde(default)]
+    pub resources_read_at_ms: Option<u64>,
     pub services: Vec<ServiceStats>,
+    /// The daemon's recent events, oldest first (at most the last 256).
+    #[serde(default)]
+    pub events: Vec<RecentEvent>,
 }
 
-/// One service. Resource figures exist only for services a policy applies to (their cgroup
-/// files are read); the event counts exist for every service the probes saw.
+/// One service. Resource figures exist only for services a policy applies to, once the
+/// background read has seen them; the event counts exist for every service the probes saw.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStats {
     pub service: String,

@@ -32,9 +32,10 @@ use crate::{
     Error,
     containment::{ContainedService, Input as ContainmentInput},
     metrics::{ConnectionMetrics, Endpoint, Rejection, Stage},
-    policy::enforcer::PolicyState,
+    policy::{enforcer::PolicyState, resources::ResourceSnapshot},
     probes::ProbeStatus,
     queue::{Queue, Refused},
+    recent::RecentLog,
     slots::{Slot, Slots},
     ssh_guard::{Control, Input},
 };
@@ -47,12 +48,14 @@ const EVICTED: &str = "closed to make room for another client: send the request 
 pub(super) const MAX_CLIENTS: usize = 16;
 /// A failed accept (e.g. out of file descriptors) would fail again at once; pause before retrying.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
-/// `stats` requests closer together than this share one sample, so that clients asking in a
-/// loop cost the daemon no more than one reader.
+/// `stats` requests closer together than this share one read of the kernel's counters (while
+/// the resource snapshot stays the same), so that clients asking in a loop cost the daemon no
+/// more than one reader.
 const STATS_REUSE: Duration = Duration::from_millis(500);
 
-/// Reads the per-service figures; called off the async workers, at most every [`STATS_REUSE`].
-pub type StatsSource = Arc<dyn Fn() -> Vec<ServiceStats> + Send + Sync>;
+/// Reads the per-service figures, with the resource figures from the given snapshot; called off
+/// the async workers, at most every [`STATS_REUSE`].
+pub type StatsSource = Arc<dyn Fn(&ResourceSnapshot) -> Vec<ServiceStats> + Send + Sync>;
 
 /// A reload request: the reply carries its outcome.
 pub type ReloadRequest = oneshot::Sender<ReloadReport>;
@@ -72,6 +75,9 @@ pub struct DaemonView {
     /// Services held by containment now.
     pub contained: watch::Receiver<Vec<ContainedService>>,
     pub containment: Queue<ContainmentInput>,
+    /// The resource refresh's latest figures.
+    pub resources: watch::Receiver<Arc<ResourceSnapshot>>,
+    pub events: watch::Receiver<RecentLog>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -401,24 +407,39 @@ async fn release(view: &DaemonView, service: String, wait: Duration) -> Result<S
     }
 }
 
-/// The last sample if it is recent, otherwise a new one. Clients wait their turn on the lock,
-/// so concurrent requests take one sample between them.
+/// The last sample if it is recent and has the latest resource snapshot, otherwise a new one;
+/// with the recent events as they are now. Clients wait their turn on the lock, so concurrent
+/// requests take one sample between them.
 async fn stats(daemon: &Served) -> Result<StatsReport, String> {
+    let view = &daemon.view;
+    let snapshot = Arc::clone(&view.resources.borrow());
+    let resources_read_at_ms = snapshot
+        .read_at
+        .map(|read_at| read_at.saturating_duration_since(view.started).as_millis() as u64);
     let mut last = daemon.stats.lock().await;
-    if let Some((taken, report)) = last.as_ref()
-        && taken.elapsed() < STATS_REUSE
-    {
-        return Ok(report.clone());
-    }
-    let source = daemon.view.stats.clone();
-    let services = tokio::task::spawn_blocking(move || source())
-        .await
-        .map_err(|_| "reading the statistics failed".to_owned())?;
-    let report = StatsReport {
-        sampled_at_ms: daemon.view.started.elapsed().as_millis() as u64,
-        services,
+    let mut report = match last.as_ref() {
+        Some((taken, report))
+            if taken.elapsed() < STATS_REUSE
+                && report.resources_read_at_ms == resources_read_at_ms =>
+        {
+            report.clone()
+        }
+        _ => {
+            let source = view.stats.clone();
+            let services = tokio::task::spawn_blocking(move || source(&snapshot))
+                .await
+                .map_err(|_| "reading the statistics failed".to_owned())?;
+            let report = StatsReport {
+                sampled_at_ms: view.started.elapsed().as_millis() as u64,
+                resources_read_at_ms,
+                services,
+                events: Vec::new(),
+            };
+            *last = Some((Instant::now(), report.clone()));
+            report
+        }
     };
-    *last = Some((Instant::now(), report.clone()));
+    report.events = view.events.borrow().to_vec();
     Ok(report)
 }
 

@@ -1,26 +1,21 @@
-//! The one place `sentinel top`'s figures are gathered: the kernel's per-service counters (eBPF
-//! maps, as a scrape reads them) and, for the services a policy applies to, their cgroup files.
-//! A cache kept fresh in the background could replace the cgroup reads here without the
-//! control socket noticing.
+//! The one place `sentinel top`'s figures are gathered, all from memory: the kernel's
+//! per-service counters (eBPF maps, as a scrape reads them) and, for the services a policy
+//! applies to, the resource refresh's latest snapshot (the figures `/metrics` exports).
 
 use std::{collections::BTreeMap, sync::Mutex};
 
 use super::report::ServiceStats;
 use crate::{
-    cgroup::{
-        cgroupfs::CgroupFs,
-        service_name,
-        stats::{ResourceDetail, StatsReader},
-    },
+    cgroup::service_name,
     metrics::KernelCounters,
-    policy::enforcer::AppliedView,
+    policy::{enforcer::AppliedView, resources::ResourceSnapshot},
 };
 
 /// One row per service, sorted by name.
 pub fn collect(
     counters: &KernelCounters,
     applied: &Mutex<AppliedView>,
-    fs: &CgroupFs,
+    snapshot: &ResourceSnapshot,
 ) -> Vec<ServiceStats> {
     let mut rows: BTreeMap<String, ServiceStats> = BTreeMap::new();
     for totals in counters.service_totals() {
@@ -30,9 +25,13 @@ pub fn collect(
         row.oom_kills = totals.oom_kills;
     }
     let policed = applied.lock().expect("applied view lock").policies();
-    let mut reader = StatsReader::new(fs.clone(), ResourceDetail::Full);
     for (path, policy) in policed {
-        let stats = reader.read(&path);
+        let row = rows.entry(service_name(&path).to_string()).or_default();
+        row.policy = Some(policy);
+        // Applied since the last refresh: no figures until the next.
+        let Some(stats) = snapshot.get(&path) else {
+            continue;
+        };
         let some_pressure = |resource: &str| {
             stats
                 .pressure_stall_seconds
@@ -40,8 +39,6 @@ pub fn collect(
                 .find(|(r, scope, _)| *r == resource && *scope == "some")
                 .map(|(_, _, seconds)| *seconds)
         };
-        let row = rows.entry(service_name(&path).to_string()).or_default();
-        row.policy = Some(policy);
         row.memory_bytes = stats.memory_current_bytes;
         row.memory_max_bytes = stats.memory_max_bytes;
         row.cpu_usage_seconds = stats.cpu_usage_seconds;

@@ -2,6 +2,7 @@
 //! client by a fake SSH guard thread that keeps its bans in memory.
 
 use std::{
+    collections::HashMap,
     env, fs,
     io::{BufRead, BufReader, Read, Write},
     os::unix::{
@@ -10,11 +11,12 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
+        Arc,
         atomic::{AtomicUsize, Ordering},
         mpsc,
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use prometheus_client::{encoding::text::encode, registry::Registry};
@@ -27,8 +29,11 @@ use super::{
 };
 use crate::{
     Error,
+    cgroup::stats::CgroupStats,
     metrics::ConnectionMetrics,
+    policy::resources::ResourceSnapshot,
     queue::{self, Queue, QueueDrops},
+    recent::{RecentEvent, RecentLog},
     ssh_guard::{BanInfo, Control, GuardMode, GuardStatus, Input},
 };
 
@@ -114,26 +119,55 @@ fn fake_guard() -> Queue<Input> {
     guard
 }
 
-/// What the daemon would publish: no probes, no policies, no reload yet, one service.
+/// The one event the test daemon has seen.
+fn sigterm_event() -> RecentEvent {
+    RecentEvent {
+        time: "2026-11-21T15:04:05.123Z".into(),
+        kind: "sigterm".into(),
+        subject: "web".into(),
+        detail: String::new(),
+    }
+}
+
+/// What the daemon would publish: no probes, no policies, no reload yet, one service whose
+/// memory the resource refresh read 1.5 s after the start, and one event.
 fn view(guard: Queue<Input>) -> DaemonView {
     let (reload, _) = tokio::sync::mpsc::channel(1);
+    let started = Instant::now();
+    let snapshot = ResourceSnapshot {
+        read_at: Some(started + Duration::from_millis(1500)),
+        cgroups: HashMap::from([(
+            "/web".to_owned(),
+            CgroupStats {
+                memory_current_bytes: Some(4096),
+                ..CgroupStats::default()
+            },
+        )]),
+    };
+    let mut events = RecentLog::default();
+    events.push(sigterm_event());
     DaemonView {
         guard,
         ssh_guard_enabled: true,
-        started: std::time::Instant::now(),
+        started,
         probes: tokio::sync::watch::channel(Vec::new()).1,
         policies: tokio::sync::watch::channel(Vec::new()).1,
         last_reload: tokio::sync::watch::channel(None).1,
         reload,
-        stats: std::sync::Arc::new(|| {
+        stats: Arc::new(|snapshot: &ResourceSnapshot| {
             vec![ServiceStats {
                 service: "web".into(),
                 execs: 3,
+                memory_bytes: snapshot
+                    .get("/web")
+                    .and_then(|stats| stats.memory_current_bytes),
                 ..ServiceStats::default()
             }]
         }),
         contained: tokio::sync::watch::channel(Vec::new()).1,
         containment: queue::bounded("containment", 1, &QueueDrops::new(&mut Registry::default())).0,
+        resources: tokio::sync::watch::channel(Arc::new(snapshot)).1,
+        events: tokio::sync::watch::channel(events).1,
     }
 }
 
@@ -473,6 +507,9 @@ fn status_stats_and_reload_are_answered_from_what_the_daemon_publishes() {
     assert_eq!(stats.services.len(), 1);
     assert_eq!(stats.services[0].service, "web");
     assert_eq!(stats.services[0].execs, 3);
+    assert_eq!(stats.services[0].memory_bytes, Some(4096));
+    assert_eq!(stats.resources_read_at_ms, Some(1500));
+    assert_eq!(stats.events, [sigterm_event()]);
     // Nobody takes reload requests in this daemon, as while the daemon shuts down.
     match super::reload(path) {
         Err(Error::ControlRejected(message)) => assert_eq!(message, "the daemon is shutting down"),

@@ -19,6 +19,7 @@ use crate::{
     containment::Input as ContainmentInput,
     policy::enforcer::{AppliedView, Input as EnforcerInput},
     queue::Queue,
+    recent::Recorder,
     ssh_guard::Input as SshInput,
 };
 
@@ -40,6 +41,7 @@ pub struct EventHandler {
     enforcer: Queue<EnforcerInput>,
     ssh_guard: Option<Queue<SshInput>>,
     containment: Queue<ContainmentInput>,
+    recent: Recorder,
 }
 
 impl EventHandler {
@@ -49,6 +51,7 @@ impl EventHandler {
         enforcer: Queue<EnforcerInput>,
         ssh_guard: Option<Queue<SshInput>>,
         containment: Queue<ContainmentInput>,
+        recent: Recorder,
     ) -> Self {
         Self {
             attribution,
@@ -56,6 +59,7 @@ impl EventHandler {
             enforcer,
             ssh_guard,
             containment,
+            recent,
         }
     }
 
@@ -117,6 +121,11 @@ impl EventHandler {
                 warn!(
                     pid,
                     comm, service, policy, memory_max, "OOM killer killed a process"
+                );
+                self.recent.record(
+                    "oom_kill",
+                    &service,
+                    format!("pid {pid} ({comm}), memory.max {memory_max}"),
                 );
             }
             Event::Exec(exec) if enabled!(Level::DEBUG) => {

@@ -59,11 +59,7 @@ impl<K: Pod + Default, V: Pod + Default> PerCpuBatchReader<K, V> {
         let mut first = true;
         loop {
             let mut attr = BatchAttr {
-                in_batch: if first {
-                    0
-                } else {
-                    &raw const position as u64
-                },
+                in_batch: if first { 0 } else { &raw const position as u64 },
                 out_batch: &raw mut next as u64,
                 keys: self.keys.as_mut_ptr() as u64,
                 values: self.values.as_mut_ptr() as u64,
@@ -96,7 +92,13 @@ impl<K: Pod + Default, V: Pod + Default> PerCpuBatchReader<K, V> {
                 self.per_cpu.extend((0..self.cpus).map(|cpu| {
                     // SAFETY: the kernel wrote a `V` at each CPU's stride, inside the buffer;
                     // `V: Pod` takes any bytes.
-                    unsafe { element.as_ptr().add(cpu * stride).cast::<V>().read_unaligned() }
+                    unsafe {
+                        element
+                            .as_ptr()
+                            .add(cpu * stride)
+                            .cast::<V>()
+                            .read_unaligned()
+                    }
                 }));
                 entry(*key, &self.per_cpu);
             }

@@ -1,7 +1,7 @@
 //! Per-service counters kept in the kernel, plus lost-event counts, copied at scrape time.
 
-use std::sync::{Arc, Mutex};
 use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
 
 use aya::maps::{IterableMap, MapData, PerCpuArray, PerCpuHashMap};
 use prometheus_client::{
@@ -68,7 +68,9 @@ impl KernelCounters {
             per_cgroup.push((id, summed(per_cpu)));
         });
         if let Err(error) = read {
-            warn!("cannot read the kernel's per-service counters in batches, so entry by entry: {error}");
+            warn!(
+                "cannot read the kernel's per-service counters in batches, so entry by entry: {error}"
+            );
             per_cgroup = counters
                 .iter()
                 .filter_map(Result::ok)

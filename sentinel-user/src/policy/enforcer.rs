@@ -817,7 +817,7 @@ impl Enforcer {
                 service,
                 file, current, expected, "limit changed behind Sentinel's back; restoring it"
             );
-            self.metrics.drift(&service);
+            self.metrics.drift(&service, file, &current, expected);
         }
         match &applied.writer {
             Writer::Cgroupfs { .. } => {
@@ -996,6 +996,7 @@ mod tests {
     use crate::{
         cgroup::{Attribution, CgroupTree},
         config::Config,
+        queue::QueueDrops,
     };
 
     const NGINX: &str = "system.slice/nginx.service";
@@ -1040,7 +1041,10 @@ mod tests {
             16,
             Duration::from_secs(600),
         )));
-        let metrics = PolicyMetrics::new(&mut Registry::default(), labels);
+        let mut registry = Registry::default();
+        // Nothing keeps the recent events here: the recorder finds its queue closed.
+        let (recent, _, _) = crate::recent::channel(&QueueDrops::new(&mut registry));
+        let metrics = PolicyMetrics::new(&mut registry, labels, recent);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();

@@ -1,4 +1,5 @@
-//! Per-service enforcement metrics; the resource figures are `resources`' concern.
+//! Per-service enforcement metrics, each action also in the daemon's recent events; the
+//! resource figures are `resources`' concern.
 
 use std::sync::{Arc, Mutex};
 
@@ -7,7 +8,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::cgroup::Attribution;
+use crate::{cgroup::Attribution, recent::Recorder};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -43,16 +44,19 @@ pub struct PolicyMetrics {
     /// Service labels come from the attribution, so that these series share its cap
     /// (`services.max_labels`, then `other`).
     labels: Arc<Mutex<Attribution>>,
+    /// Where the actions go as recent events; reloads go there too.
+    pub recent: Recorder,
     pub reload_errors: Counter,
     pub reloads: Counter,
 }
 
 impl PolicyMetrics {
-    pub fn new(registry: &mut Registry, labels: Arc<Mutex<Attribution>>) -> Self {
+    pub fn new(registry: &mut Registry, labels: Arc<Mutex<Attribution>>, recent: Recorder) -> Self {
         let metrics = Self {
             actions: Family::default(),
             drift: Family::default(),
             labels,
+            recent,
             reload_errors: Counter::default(),
             reloads: Counter::default(),
         };
@@ -80,6 +84,7 @@ impl PolicyMetrics {
     }
 
     pub fn action(&self, service: &str, action: Action) {
+        self.recent.record(action.label(), service, "");
         self.actions
             .get_or_create(&vec![
                 ("service", self.label(service)),
@@ -88,7 +93,13 @@ impl PolicyMetrics {
             .inc();
     }
 
-    pub fn drift(&self, service: &str) {
+    /// A limit found changed: `file` was `found`, and is put back to `expected`.
+    pub fn drift(&self, service: &str, file: &str, found: &str, expected: &str) {
+        self.recent.record(
+            "drift",
+            service,
+            format!("{file} was {found}, put back to {expected}"),
+        );
         self.drift
             .get_or_create(&vec![("service", self.label(service))])
             .inc();

@@ -1,12 +1,13 @@
-//! Resource figures of policed services for `/metrics`. One task owns their collection: every
-//! `metrics.resource_refresh` it reads the cgroup files of the services a policy applies to,
-//! off the async workers, and publishes a snapshot. A scrape encodes that snapshot from memory
-//! and never touches a cgroup file.
+//! Resource figures of policed services for `/metrics` and `sentinel top`. One task owns their
+//! collection: every `metrics.resource_refresh` it reads the cgroup files of the services a
+//! policy applies to, off the async workers, and publishes a snapshot. A scrape encodes that
+//! snapshot from memory, and the control socket's `stats` answer carries it; neither touches a
+//! cgroup file.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use prometheus_client::{
@@ -23,8 +24,21 @@ use crate::cgroup::{
     stats::{CgroupStats, ResourceDetail, StatsReader},
 };
 
-/// The latest figures, by cgroup path.
-pub type ResourceSnapshot = HashMap<String, CgroupStats>;
+/// The latest figures, by cgroup path, and when they were read.
+#[derive(Debug, Default)]
+pub struct ResourceSnapshot {
+    /// When the pass that read them began (rates between two snapshots divide by the time
+    /// between these); `None` before the first pass.
+    pub read_at: Option<Instant>,
+    pub cgroups: HashMap<String, CgroupStats>,
+}
+
+impl ResourceSnapshot {
+    /// The figures of the cgroup at `path`, if this pass read it.
+    pub fn get(&self, path: &str) -> Option<&CgroupStats> {
+        self.cgroups.get(path)
+    }
+}
 
 /// Picks one figure out of a cgroup's stats.
 type FigureOf = fn(&CgroupStats) -> Option<f64>;
@@ -113,22 +127,26 @@ pub async fn refresh(
             .keys()
             .cloned()
             .collect();
+        let read_at = Instant::now();
         let pass = tokio::task::spawn_blocking(move || {
-            let snapshot: ResourceSnapshot = paths
+            let cgroups = paths
                 .into_iter()
                 .map(|path| {
                     let stats = reader.read(&path);
                     (path, stats)
                 })
                 .collect();
-            (reader, snapshot)
+            (reader, cgroups)
         });
-        let Ok((returned, snapshot)) = pass.await else {
+        let Ok((returned, cgroups)) = pass.await else {
             // The blocking pool is shutting down with the daemon.
             return;
         };
         reader = returned;
-        publish.send_replace(Arc::new(snapshot));
+        publish.send_replace(Arc::new(ResourceSnapshot {
+            read_at: Some(read_at),
+            cgroups,
+        }));
     }
 }
 
@@ -283,7 +301,10 @@ mod tests {
             );
         }
         let (publish, snapshot) = snapshot_channel();
-        publish.send_replace(Arc::new(HashMap::from([("/web".to_owned(), stats())])));
+        publish.send_replace(Arc::new(ResourceSnapshot {
+            read_at: Some(Instant::now()),
+            cgroups: HashMap::from([("/web".to_owned(), stats())]),
+        }));
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ResourceCollector::new(view, snapshot, detail)));
         let mut body = String::new();

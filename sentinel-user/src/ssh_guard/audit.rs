@@ -23,6 +23,18 @@ pub enum AuditAction {
     WouldBan,
 }
 
+impl AuditAction {
+    /// As the audit log writes it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ban => "ban",
+            Self::Unban => "unban",
+            Self::Skip => "skip",
+            Self::WouldBan => "would_ban",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord {
     pub time: String,
@@ -165,6 +177,18 @@ mod tests {
         assert_eq!(rfc3339(time), "2026-11-21T15:04:05.123Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn labels_are_what_the_log_writes() {
+        for action in [
+            AuditAction::Ban,
+            AuditAction::Unban,
+            AuditAction::Skip,
+            AuditAction::WouldBan,
+        ] {
+            assert_eq!(serde_json::to_value(action).unwrap(), action.label());
+        }
     }
 
     #[test]

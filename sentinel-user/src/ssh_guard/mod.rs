@@ -31,6 +31,7 @@ use crate::{
     crowdsec::{FleetUpdate, is_fleet_reason},
     events::{SshAuth, SshOutcome},
     firewall::{Ban, Firewall, FirewallOptions, IpNet, TableWatch},
+    recent::Recorder,
     state::{Clocks, SavedBan, SavedOffense, SavedState, StateFile},
 };
 
@@ -132,12 +133,18 @@ pub struct SshGuard {
     forget_bans_on_exit: bool,
     /// `None` unless the daemon takes part in a CrowdSec fleet.
     fleet: Option<fleet::FleetLink>,
+    /// Every audit record also goes to the daemon's recent events.
+    recent: Recorder,
 }
 
 impl SshGuard {
     /// Opens the firewall (enforce mode), adopts the bans already in the kernel and puts back
     /// the saved bans still in force that the kernel lost (a reboot, a flushed ruleset).
-    pub fn open(settings: SshGuardSettings, metrics: SshGuardMetrics) -> Result<Self, Error> {
+    pub fn open(
+        settings: SshGuardSettings,
+        metrics: SshGuardMetrics,
+        recent: Recorder,
+    ) -> Result<Self, Error> {
         let mut engine = BanEngine::new(settings.rules);
         let audit = AuditLog::open(&settings.audit_log)?;
         let forget_bans_on_exit = settings.firewall.flush_on_exit;
@@ -209,6 +216,7 @@ impl SshGuard {
             state,
             forget_bans_on_exit,
             fleet: None,
+            recent,
         };
         // Saved bans the kernel lost (a reboot, a flushed ruleset while the daemon was down).
         let restored = guard.restore_missing_bans()?;
@@ -632,6 +640,12 @@ impl SshGuard {
         if let Err(error) = self.audit.append(&record) {
             error!("{error}");
         }
+        self.recent.record_at(
+            record.time,
+            record.action.label(),
+            &record.address,
+            record.reason,
+        );
     }
 
     fn update_gauges(&mut self) {
