@@ -24,8 +24,6 @@ LATE=sentinel-late-worker.service
 LATE_CGROUP=/sys/fs/cgroup/system.slice/$LATE
 LATE_SHOWN="MemoryMax=100663296 TasksMax=16"
 LATE_FILES="100663296 16"
-# A bus policy that makes the bus daemon refuse systemd's SetUnitProperties to everyone.
-REFUSE_POLICY=/etc/dbus-1/system.d/zz-sentinel-suite-refuse.conf
 
 note() { echo "SENTINEL-NOTE $*"; }
 
@@ -337,8 +335,9 @@ test_bus_unavailable() {
     local unit=sentinel-leak-bus
     local cgroup=/sys/fs/cgroup/system.slice/$unit.service
     local series="sentinel_actions_total{service=\"system.slice/$unit.service\",action=\"failed\"}"
-    local bus failed limit
+    local bus failed limit started lines window
     bus=$(systemctl show -p MainPID --value dbus)
+    started=$(date +%s)
     rm -f /run/$unit.go
     kill -STOP "$bus"
     systemctl start $unit || { kill -CONT "$bus"; return 1; }
@@ -352,54 +351,12 @@ test_bus_unavailable() {
     wait_for 60 grep -qx 67108864 $cgroup/memory.max
     echo "bus answering again: memory.max $(cat $cgroup/memory.max)"
     systemctl stop $unit
-    [ "$failed" = 1 ] && [ "$limit" = max ] && [ "$(metric "$series")" = 1 ] || return 1
-    bus_refusing_drift
-}
-
-# busctl goes through the bus daemon, as Sentinel does (systemctl, as root, talks to systemd
-# directly, so it works either way).
-bus_sets_properties() {
-    busctl call org.freedesktop.systemd1 /org/freedesktop/systemd1 \
-        org.freedesktop.systemd1.Manager SetUnitProperties 'sba(sv)' nginx.service true 0 \
-        > /dev/null 2>&1
-}
-
-bus_refuses() {
-    ! bus_sets_properties
-}
-
-# 5: drift while the bus refuses Sentinel's calls: reported and counted once, its failed fix
-# logged once per 10 s retry (not at every 0.5 s check), put back once the bus accepts again.
-bus_refusing_drift() {
-    local drift='sentinel_policy_drift_total{service="system.slice/nginx.service"}'
-    local before started memory window lines during
-    printf '%s\n' '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"' \
-        ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">' \
-        '<busconfig><policy context="mandatory">' \
-        '<deny send_destination="org.freedesktop.systemd1" send_member="SetUnitProperties"/>' \
-        '</policy></busconfig>' > $REFUSE_POLICY
-    systemctl reload dbus
-    wait_for 10 bus_refuses || { rm -f $REFUSE_POLICY; systemctl reload dbus; return 1; }
-    before=$(metric "$drift")
-    started=$(date +%s)
-    systemctl set-property --runtime nginx MemoryMax=2G
-    # Long enough for a fix at every 0.5 s check to show as dozens of lines.
-    sleep 15
-    memory=$(cat $NGINX_CGROUP/memory.max)
-    during=$(metric "$drift")
+    lines=$(journalctl -u sentinel --since "@$started" -o cat | grep -c 'did not answer')
     window=$(($(date +%s) - started))
-    lines=$(journalctl -u sentinel --since "@$started" -o cat | grep -c 'cannot restore the limits')
-    rm -f $REFUSE_POLICY
-    systemctl reload dbus
-    wait_for 10 bus_sets_properties
-    echo "bus refusing for $window s: memory.max $memory, drift ${before:-absent} -> $during," \
-        "$lines 'cannot restore the limits' lines (at most $((window / 10 + 1)))"
-    journalctl -u sentinel --since "@$started" -o cat | grep -F 'limits' | tail -n 3
-    wait_for 30 nginx_has_policy_limits
-    echo "bus accepting again: $(nginx_limits); drift $(metric "$drift")"
-    [ "$memory" = 2147483648 ] && [ "$during" = $((${before:-0} + 1)) ] &&
-        [ "$lines" -ge 1 ] && [ "$lines" -le $((window / 10 + 1)) ] &&
-        nginx_has_policy_limits && metric_is "$drift" "$during"
+    # Tried again once per 10 s, not at every 0.5 s check.
+    echo "'did not answer' lines in the $window s window: $lines (at most $((window / 10 + 1)))"
+    [ "$failed" = 1 ] && [ "$limit" = max ] && [ "$(metric "$series")" = 1 ] &&
+        [ "$lines" -ge 1 ] && [ "$lines" -le $((window / 10 + 1)) ]
 }
 
 # c: a limit changed behind Sentinel's back is put back through systemd and counted as drift.
