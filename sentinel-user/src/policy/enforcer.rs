@@ -834,10 +834,7 @@ impl Enforcer {
             }
         }
         let result = match &applied.writer {
-            Writer::Cgroupfs { .. } => drifted
-                .iter()
-                .map(|(file, expected)| self.fs.write(path, file, expected))
-                .fold(Ok(()), |result, written| written.and(result)),
+            Writer::Cgroupfs { .. } => write_back(&self.fs, path, &drifted),
             Writer::Systemd { unit } => {
                 let unit = unit.clone();
                 let properties = unit_properties(&applied.policy.limits);
@@ -1071,11 +1068,12 @@ pub fn give_back_everything(
     Ok(report)
 }
 
-/// Writes `originals` back to `path`, every file even when one fails; the last failure.
-fn write_back(fs: &CgroupFs, path: &str, originals: &Files) -> Result<(), Error> {
+/// Writes `files` (originals, or limits that drifted) back to `path`, every file even when one
+/// fails; the last failure.
+fn write_back(fs: &CgroupFs, path: &str, files: &Files) -> Result<(), Error> {
     let mut result = Ok(());
     // Reverse order: memory.high before memory.max, so the pair stays consistent.
-    for (file, value) in originals.iter().rev() {
+    for (file, value) in files.iter().rev() {
         if let Err(error) = fs.write(path, file, value) {
             result = Err(error);
         }

@@ -21,12 +21,15 @@ pub fn booted() -> bool {
     Path::new("/run/systemd/system").is_dir()
 }
 
+/// A unit's values of the properties Sentinel sets, as `systemctl show` reports them.
+pub type PropertyValues = BTreeMap<UnitProperty, u64>;
+
 /// How [`give_back`] went.
 #[derive(Debug, Default)]
 pub struct GivenBack {
     /// Units whose drop-ins are back as they were and read again by systemd, with their
     /// `systemctl show` values now (to compare with the record's originals).
-    pub restored: Vec<(String, Result<BTreeMap<UnitProperty, u64>, Error>)>,
+    pub restored: Vec<(String, Result<PropertyValues, Error>)>,
     /// Units whose drop-ins could not be put back, or that systemd did not reload, and why;
     /// their records must stay, to try again.
     pub failed: Vec<(String, String)>,
