@@ -126,6 +126,11 @@ pub enum Error {
         "cannot reach the sentinel daemon at {path}: is it running? (start it with `sentinel run`)"
     )]
     DaemonUnreachable { path: PathBuf },
+    #[error(
+        "the sentinel daemon is running (its control socket {path} answers) and would set the \
+         limits again at once: stop it first (systemctl stop sentinel)"
+    )]
+    DaemonRunning { path: PathBuf },
     #[error("permission denied: the control socket is root-only; use sudo")]
     ControlPermissionDenied,
     #[error("talking to the sentinel daemon at {path} failed: {source}")]

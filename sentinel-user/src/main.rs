@@ -14,6 +14,7 @@ use sentinel_user::{
     config::{Config, DEFAULT_PATH},
     control,
     daemon::{self, RunOptions},
+    policy,
     ssh_guard::audit::AuditLog,
     top,
 };
@@ -39,6 +40,8 @@ Exit status:
   64  the command line is wrong
   69  the daemon cannot be reached (not running, or another control socket)
   78  the configuration file is invalid (`check`, `reload`, `run` at start)";
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/sentinel";
 
 #[derive(Parser)]
 #[command(
@@ -118,6 +121,16 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Give every unit and cgroup the limits it had before Sentinel changed them, from the
+    /// record in the state directory, as removing their policies would; run by the package's
+    /// removal. Refused while the daemon runs (stopping it leaves limits in place).
+    RestoreLimits {
+        /// The daemon's --state-dir
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Print a shell completion script (e.g. `sentinel completions bash > /etc/bash_completion.d/sentinel`).
     Completions {
         #[arg(value_enum)]
@@ -183,7 +196,7 @@ struct RunArgs {
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
     control_socket: PathBuf,
     /// Where state that must survive restarts and reboots is kept (the bans in force)
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/sentinel")]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
 }
 
@@ -218,6 +231,7 @@ fn main() -> ExitCode {
         Command::Unban { address, socket } => print(control::unban(&socket.socket, &address)),
         Command::Release { service, socket } => print(control::release(&socket.socket, &service)),
         Command::Reload { output, socket } => reload(&socket.socket, output.output),
+        Command::RestoreLimits { state_dir, socket } => restore_limits(&state_dir, &socket.socket),
         Command::Completions { shell } => {
             let shell = match shell {
                 CompletionShell::Bash => Shell::Bash,
@@ -318,6 +332,36 @@ fn reload(socket: &Path, output: Output) -> anyhow::Result<ExitCode> {
         (true, _) => ExitCode::SUCCESS,
         (false, false) => ExitCode::from(exit::CONFIG),
         (false, true) => ExitCode::from(exit::FAILURE),
+    })
+}
+
+fn restore_limits(state_dir: &Path, socket: &Path) -> anyhow::Result<ExitCode> {
+    match control::status(socket) {
+        Ok(_) => {
+            return Err(Error::DaemonRunning {
+                path: socket.to_path_buf(),
+            }
+            .into());
+        }
+        Err(Error::DaemonUnreachable { .. }) => {}
+        Err(other) => return Err(other.into()),
+    }
+    // The systemd calls wait for their answers on this runtime.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let report = policy::enforcer::give_back_everything(state_dir, runtime.handle().clone())?;
+    for line in &report.given_back {
+        println!("{line}");
+    }
+    for line in &report.failed {
+        eprintln!("sentinel: not given back: {line}");
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::FAILURE)
     })
 }
 

@@ -32,6 +32,7 @@ use crate::{
     cgroup::{
         CgroupBackend,
         cgroupfs::{CONTROLLERS, CgroupFs},
+        find_cgroup2_mount,
         guardian::{GuardAction, GuardLimits, MemoryGuard, ProcessHandle, largest_process},
         service_name, walk_hierarchy,
     },
@@ -42,6 +43,8 @@ use crate::{
     },
 };
 
+/// In `--state-dir`: what Sentinel must put back.
+const ORIGINALS_FILE: &str = "cgroup-originals.json";
 /// How often limits are checked for drift and memory guards are evaluated.
 const TICK: Duration = Duration::from_millis(500);
 /// How long systemd gets to write a unit's cgroup after accepting its properties (it writes
@@ -132,6 +135,19 @@ struct SavedOriginals {
     units: BTreeMap<String, UnitRecord>,
 }
 
+impl SavedOriginals {
+    /// The saved originals of `path`, as interface files this version knows.
+    fn files(&self, path: &str) -> Files {
+        let Some(saved) = self.cgroups.get(path) else {
+            return Vec::new();
+        };
+        super::model::INTERFACE_FILES
+            .iter()
+            .filter_map(|file| Some((*file, saved.get(*file)?.clone())))
+            .collect()
+    }
+}
+
 struct Applied {
     policy: ServicePolicy,
     writer: Writer,
@@ -139,6 +155,31 @@ struct Applied {
     expected: Files,
     guard: Option<MemoryGuard>,
     terminated: Option<ProcessHandle>,
+    fix: FixRetry,
+}
+
+/// When to try again to put back drift whose fix failed: once per [`SYSTEMD_RETRY`], with its
+/// failure logged and counted each time, not at every check. A bus that is down would
+/// otherwise fill the journal twice a second.
+#[derive(Debug, Default)]
+struct FixRetry {
+    retry_at: Option<Instant>,
+}
+
+impl FixRetry {
+    /// Whether a fix may be tried at `now`: none failed, or the retry time has come.
+    fn due(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|at| now >= at)
+    }
+
+    /// Whether a fix failed before, so the drift is already reported.
+    fn is_retry(&self) -> bool {
+        self.retry_at.is_some()
+    }
+
+    fn failed(&mut self, now: Instant) {
+        self.retry_at = Some(now + SYSTEMD_RETRY);
+    }
 }
 
 /// Who writes a cgroup's interface files.
@@ -187,7 +228,7 @@ impl Enforcer {
         if backend == CgroupBackend::Systemd && !booted {
             return Err(Error::SystemdRequired);
         }
-        let saved_file = StateFile::new(state_dir.join("cgroup-originals.json"));
+        let saved_file = StateFile::new(state_dir.join(ORIGINALS_FILE));
         let saved = saved_file.load().unwrap_or_else(|error| {
             error!("{error}; limits written before this start cannot be given back exactly");
             None
@@ -267,7 +308,7 @@ impl Enforcer {
             .cloned()
             .collect();
         for path in unclaimed {
-            let originals = self.saved_files(&path);
+            let originals = self.saved.files(&path);
             if self.fs.exists(&path) {
                 self.restore(&path, &originals);
                 info!(
@@ -277,17 +318,6 @@ impl Enforcer {
             }
             self.forget_originals(&path);
         }
-    }
-
-    /// The saved originals of `path`, as interface files this version knows.
-    fn saved_files(&self, path: &str) -> Files {
-        let Some(saved) = self.saved.cgroups.get(path) else {
-            return Vec::new();
-        };
-        super::model::INTERFACE_FILES
-            .iter()
-            .filter_map(|file| Some((*file, saved.get(*file)?.clone())))
-            .collect()
     }
 
     fn forget_originals(&mut self, path: &str) {
@@ -604,53 +634,28 @@ impl Enforcer {
     /// Puts back the runtime drop-ins of `units` as they were before Sentinel, then has
     /// systemd read them again: one daemon-reload for all of them.
     fn give_back_units(&mut self, units: &[String]) {
-        let mut restored = Vec::new();
-        for unit in units {
-            let Some(record) = self.saved.units.get(unit) else {
-                continue;
-            };
-            let service = service_name(&record.cgroup).to_string();
-            match self.drop_ins.restore(unit, record) {
-                Ok(()) => restored.push(unit.clone()),
-                Err(error) => {
-                    error!(
-                        service,
-                        unit, "cannot give the unit its previous limits back: {error}"
-                    );
-                    self.metrics.action(&service, Action::Failed);
-                }
-            }
-        }
-        if restored.is_empty() {
-            return;
-        }
-        let reloaded = match self.systemd.as_mut() {
-            Some(systemd) => systemd.reload(),
-            None => Err(Error::SystemdRequired),
-        };
-        if let Err(error) = reloaded {
-            // The records stay: the next reload or start puts the same files back and retries.
+        let given = systemd::give_back(
+            self.systemd.as_mut(),
+            &self.drop_ins,
+            &self.saved.units,
+            units,
+        );
+        for (unit, reason) in given.failed {
+            // The record stays: the next reload, start or retry puts the same files back.
+            let service = service_name(&self.saved.units[&unit].cgroup).to_string();
             error!(
-                units = restored.join(" "),
-                "Sentinel's runtime drop-ins are removed, but systemd did not reload them; the \
-                 units keep Sentinel's limits until its next daemon-reload: {error}"
+                service,
+                unit, "cannot give the unit its previous limits back: {reason}"
             );
-            for unit in &restored {
-                let service = service_name(&self.saved.units[unit].cgroup).to_string();
-                self.metrics.action(&service, Action::Failed);
-            }
-            return;
+            self.metrics.action(&service, Action::Failed);
         }
-        let Some(systemd) = self.systemd.as_mut() else {
-            return;
-        };
-        for unit in restored {
+        for (unit, now) in given.restored {
             let Some(record) = self.saved.units.remove(&unit) else {
                 continue;
             };
             self.saved_file.mark_changed();
             let service = service_name(&record.cgroup);
-            match systemd.properties(&unit, record.originals.keys().copied()) {
+            match now {
                 Ok(now) if now == record.originals => info!(
                     service,
                     unit, "policy released; systemd has the unit's previous limits back"
@@ -686,6 +691,7 @@ impl Enforcer {
             expected,
             guard,
             terminated: None,
+            fix: FixRetry::default(),
         }
     }
 
@@ -698,7 +704,7 @@ impl Enforcer {
             .collect();
         self.fs.enable_controllers(path, &needed)?;
         // Written before a restart: what is there now is Sentinel's own value.
-        let saved = self.saved_files(path);
+        let saved = self.saved.files(path);
         let mut originals = Vec::new();
         let mut expected = Vec::new();
         for (file, value) in desired {
@@ -740,14 +746,11 @@ impl Enforcer {
 
     /// Writes `originals` back to `path`.
     fn restore(&self, path: &str, originals: &Files) {
-        // Reverse order: memory.high before memory.max, so the pair stays consistent.
-        for (file, value) in originals.iter().rev() {
-            if let Err(error) = self.fs.write(path, file, value) {
-                warn!(
-                    service = service_name(path),
-                    file, "cannot restore the previous limit: {error}"
-                );
-            }
+        if let Err(error) = write_back(&self.fs, path, originals) {
+            warn!(
+                service = service_name(path),
+                "cannot restore the previous limits: {error}"
+            );
         }
     }
 
@@ -783,7 +786,7 @@ impl Enforcer {
         let now = Instant::now();
         let paths: Vec<String> = self.applied.keys().cloned().collect();
         for path in paths {
-            self.restore_drift(&path);
+            self.restore_drift(&path, now);
             self.guard_memory(&path, now);
         }
         if !gone.is_empty() || self.unapplied.len() != unapplied_before {
@@ -792,8 +795,9 @@ impl Enforcer {
     }
 
     /// Puts back limits someone changed behind Sentinel's back: a cgroup's files directly, a
-    /// unit's through systemd (never its cgroup files).
-    fn restore_drift(&mut self, path: &str) {
+    /// unit's through systemd (never its cgroup files). The drift is reported and counted
+    /// once; a fix that fails is tried again by [`FixRetry`]'s schedule.
+    fn restore_drift(&mut self, path: &str, now: Instant) {
         let Some(applied) = self.applied.get(path) else {
             return;
         };
@@ -809,35 +813,53 @@ impl Enforcer {
             .cloned()
             .collect();
         if drifted.is_empty() {
+            // Put back by someone else meanwhile: the next drift is new.
+            if let Some(applied) = self.applied.get_mut(path) {
+                applied.fix = FixRetry::default();
+            }
             return;
         }
-        for (file, expected) in &drifted {
-            let current = self.fs.read(path, file).unwrap_or_default();
-            warn!(
-                service,
-                file, current, expected, "limit changed behind Sentinel's back; restoring it"
-            );
-            self.metrics.drift(&service, file, &current, expected);
+        if !applied.fix.due(now) {
+            return;
         }
-        match &applied.writer {
-            Writer::Cgroupfs { .. } => {
-                for (file, expected) in &drifted {
-                    if let Err(error) = self.fs.write(path, file, expected) {
-                        error!(service, file, "cannot restore the limit: {error}");
-                    }
-                }
+        let retry = applied.fix.is_retry();
+        if !retry {
+            for (file, expected) in &drifted {
+                let current = self.fs.read(path, file).unwrap_or_default();
+                warn!(
+                    service,
+                    file, current, expected, "limit changed behind Sentinel's back; restoring it"
+                );
+                self.metrics.drift(&service, file, &current, expected);
             }
+        }
+        let result = match &applied.writer {
+            Writer::Cgroupfs { .. } => write_back(&self.fs, path, &drifted),
             Writer::Systemd { unit } => {
                 let unit = unit.clone();
                 let properties = unit_properties(&applied.policy.limits);
                 let expected = applied.expected.clone();
-                if let Err(error) = self.set_unit_properties(path, &unit, &properties, &expected) {
-                    error!(
-                        service,
-                        unit, "cannot restore the limits through systemd: {error}"
-                    );
-                    self.metrics.action(&service, Action::Failed);
+                self.set_unit_properties(path, &unit, &properties, &expected)
+            }
+        };
+        let Some(applied) = self.applied.get_mut(path) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                if retry {
+                    info!(service, "limits restored after an earlier failure");
                 }
+                applied.fix = FixRetry::default();
+            }
+            Err(error) => {
+                error!(
+                    service,
+                    "cannot restore the limits, tried again in {} s: {error}",
+                    SYSTEMD_RETRY.as_secs()
+                );
+                self.metrics.action(&service, Action::Failed);
+                applied.fix.failed(now);
             }
         }
     }
@@ -979,6 +1001,86 @@ impl Enforcer {
     }
 }
 
+/// What [`give_back_everything`] did: one line per cgroup or unit.
+#[derive(Debug, Default)]
+pub struct GivenBack {
+    pub given_back: Vec<String>,
+    /// What stays recorded, and why.
+    pub failed: Vec<String>,
+}
+
+/// Gives every cgroup and unit recorded in `state_dir` the limits it had before Sentinel, as
+/// releasing its policy does, without a daemon: for the package's removal, since the daemon
+/// leaves limits in place when it stops. What cannot be given back stays recorded.
+pub fn give_back_everything(
+    state_dir: &Path,
+    runtime: tokio::runtime::Handle,
+) -> Result<GivenBack, Error> {
+    let mut saved_file = StateFile::<SavedOriginals>::new(state_dir.join(ORIGINALS_FILE));
+    let Some(mut saved) = saved_file.load()? else {
+        return Ok(GivenBack::default());
+    };
+    let mut report = GivenBack::default();
+    if !saved.cgroups.is_empty() {
+        let fs = CgroupFs::new(find_cgroup2_mount()?);
+        let paths: Vec<String> = saved.cgroups.keys().cloned().collect();
+        for path in paths {
+            // A cgroup that is gone has nothing to give back.
+            if fs.exists(&path)
+                && let Err(error) = write_back(&fs, &path, &saved.files(&path))
+            {
+                report.failed.push(format!("cgroup {path}: {error}"));
+                continue;
+            }
+            report
+                .given_back
+                .push(format!("cgroup {path}: previous limits restored"));
+            saved.cgroups.remove(&path);
+        }
+    }
+    let units: Vec<String> = saved.units.keys().cloned().collect();
+    let mut bus = systemd::booted().then(|| SystemdBus::new(runtime));
+    let drop_ins = RuntimeDropIns::new(RUNTIME_CONTROL_DIR.into());
+    let given = systemd::give_back(bus.as_mut(), &drop_ins, &saved.units, &units);
+    for (unit, reason) in given.failed {
+        report.failed.push(format!("unit {unit}: {reason}"));
+    }
+    for (unit, now) in given.restored {
+        let Some(record) = saved.units.remove(&unit) else {
+            continue;
+        };
+        report.given_back.push(match now {
+            Ok(now) if now == record.originals => {
+                format!("unit {unit}: systemd has its previous limits back")
+            }
+            Ok(now) => format!(
+                "unit {unit}: Sentinel's drop-ins removed, but its limits {now:?} differ from \
+                 those before Sentinel {:?} (changed in its unit files meanwhile?)",
+                record.originals
+            ),
+            Err(error) => format!(
+                "unit {unit}: Sentinel's drop-ins removed; cannot read its limits back: {error}"
+            ),
+        });
+    }
+    saved_file.mark_changed();
+    saved_file.write(&saved, Instant::now())?;
+    Ok(report)
+}
+
+/// Writes `files` (originals, or limits that drifted) back to `path`, every file even when one
+/// fails; the last failure.
+fn write_back(fs: &CgroupFs, path: &str, files: &Files) -> Result<(), Error> {
+    let mut result = Ok(());
+    // Reverse order: memory.high before memory.max, so the pair stays consistent.
+    for (file, value) in files.iter().rev() {
+        if let Err(error) = fs.write(path, file, value) {
+            result = Err(error);
+        }
+    }
+    result
+}
+
 /// The kernel keeps memory limits in whole pages of this size.
 fn page_size() -> u64 {
     // SAFETY: sysconf only reads a constant of the running system.
@@ -1059,6 +1161,24 @@ mod tests {
             runtime.handle().clone(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_failing_drift_fix_is_tried_once_per_retry_period() {
+        let start = Instant::now();
+        let mut fix = FixRetry::default();
+        assert!(!fix.is_retry());
+        // A minute of checks every 0.5 s, each fix failing.
+        let mut tried = Vec::new();
+        for tick in 0..120u64 {
+            let now = start + TICK * tick as u32;
+            if fix.due(now) {
+                tried.push((now - start).as_secs_f64());
+                fix.failed(now);
+            }
+        }
+        assert_eq!(tried, [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]);
+        assert!(fix.is_retry());
     }
 
     #[test]

@@ -70,14 +70,22 @@ impl CgroupGlob {
             &path,
             |segment| *segment == Segment::AnyDepth,
             |segment, name| match segment {
-                Segment::Name(pattern) => {
-                    let name: Vec<char> = name.chars().collect();
-                    wildcard_match(pattern, &name, |c| *c == '*', |p, c| *p == '?' || p == c)
-                }
+                Segment::Name(pattern) => segment_matches(pattern, name),
                 Segment::AnyDepth => false,
             },
         )
     }
+}
+
+/// Whether one name (a unit's, a path segment) matches `pattern`, where `*` is any run of
+/// characters and `?` one character.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    segment_matches(&pattern.chars().collect::<Vec<_>>(), name)
+}
+
+fn segment_matches(pattern: &[char], name: &str) -> bool {
+    let name: Vec<char> = name.chars().collect();
+    wildcard_match(pattern, &name, |c| *c == '*', |p, c| *p == '?' || p == c)
 }
 
 /// Matches `text` against `pattern`, where `is_star` elements match any run of text elements

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use super::glob::CgroupGlob;
+use super::glob::{self, CgroupGlob};
 
 /// Grace between SIGTERM and SIGKILL when a policy does not set `grace`.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
@@ -62,7 +62,8 @@ impl OnViolation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Cgroup(CgroupGlob),
-    /// A systemd unit: the cgroup whose last path segment is the unit's name.
+    /// A systemd unit: the cgroup whose last path segment is the unit's name, or matches it
+    /// when it has `*` or `?` (`php*-fpm.service`).
     Unit(String),
     /// Both must match.
     CgroupAndUnit {
@@ -141,7 +142,11 @@ impl Target {
 
 /// systemd names a unit's cgroup after the unit: `…/nginx.service`.
 fn is_unit_cgroup(cgroup_path: &str, unit: &str) -> bool {
-    cgroup_path.trim_end_matches('/').rsplit('/').next() == Some(unit)
+    cgroup_path
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .is_some_and(|name| glob::name_matches(unit, name))
 }
 
 /// Every interface file a policy writes, in the order `to_cgroup_files` lists them.
@@ -204,6 +209,19 @@ mod tests {
         assert!(!target.matches("system.slice/nginx.service/worker"));
         assert!(!target.matches("system.slice/nginx.service.d"));
         assert!(!target.matches("/"));
+    }
+
+    #[test]
+    fn unit_patterns_match_one_name() {
+        let target = Target::Unit("php*-fpm.service".into());
+        assert!(target.matches("system.slice/php8.2-fpm.service"));
+        assert!(target.matches("system.slice/php-fpm.service"));
+        assert!(!target.matches("system.slice/php8.2-fpm.service/pool"));
+        assert!(!target.matches("system.slice/php8.2-fpm.socket"));
+        assert!(!target.matches("php.slice/other.service"));
+        let one = Target::Unit("worker-?.service".into());
+        assert!(one.matches("system.slice/worker-a.service"));
+        assert!(!one.matches("system.slice/worker-ab.service"));
     }
 
     #[test]

@@ -19,6 +19,11 @@ LIMITS="-p MemoryMax -p MemoryHigh -p CPUQuotaPerSecUSec -p CPUWeight -p TasksMa
 # The web policy's limits, as `systemctl show` and the cgroup files report them.
 NGINX_SHOWN="CPUQuotaPerSecUSec=500ms CPUWeight=200 MemoryHigh=209715200 MemoryMax=268435456 TasksMax=64"
 NGINX_FILES="268435456 209715200 50000 100000 200 64"
+# A unit that starts only once Sentinel runs, matched by a glob policy, and its limits.
+LATE=sentinel-late-worker.service
+LATE_CGROUP=/sys/fs/cgroup/system.slice/$LATE
+LATE_SHOWN="MemoryMax=100663296 TasksMax=16"
+LATE_FILES="100663296 16"
 
 note() { echo "SENTINEL-NOTE $*"; }
 
@@ -72,6 +77,10 @@ POLICIES='policies:
     memory.max: 160M
     terminate_above: 48M
     grace: 10s
+  - name: late
+    unit: "sentinel-late-*.service"
+    memory.max: 96M
+    pids.max: 16
 '
 
 # A service that allocates memory steadily once its go file exists, and notes a SIGTERM.
@@ -110,6 +119,18 @@ nginx_as_before() {
     [ "$(nginx_limits)" = "$(cat $KEPT/nginx.before)" ]
 }
 
+late_shown() {
+    systemctl show $LATE -p MemoryMax -p TasksMax | sort | tr '\n' ' '
+}
+
+late_limits() {
+    echo "$(late_shown)| $(cat 2>/dev/null $LATE_CGROUP/memory.max $LATE_CGROUP/pids.max | tr '\n' ' ')"
+}
+
+late_has_policy_limits() {
+    [ "$(late_limits)" = "$LATE_SHOWN | $LATE_FILES " ]
+}
+
 # metric 'NAME{LABELS}': the sample's value from /metrics, empty when the series is absent.
 metric() {
     curl -sf "$METRICS" | awk -v series="$1" '$1 == series { print $2 }'
@@ -139,9 +160,12 @@ test_install() {
     leak_unit sentinel-leak-oom
     leak_unit sentinel-leak-term
     leak_unit sentinel-leak-bus
+    printf '[Unit]\nDescription=Sentinel suite: a unit started after Sentinel\n[Service]\nExecStart=/bin/sleep infinity\n' \
+        > /etc/systemd/system/$LATE
     systemctl daemon-reload
     systemctl set-property --runtime nginx TasksMax=300 || return 1
     nginx_limits > $KEPT/nginx.before
+    late_shown > $KEPT/late.before
     cp -a $CONTROL $KEPT/control.before
     echo "nginx before Sentinel: $(cat $KEPT/nginx.before)"
     # Offline: nftables, Sentinel's one dependency, is in the image.
@@ -240,6 +264,17 @@ test_unit_limits() {
     metric_is 'sentinel_policy_drift_total{service="system.slice/nginx.service"}' "$drift"
 }
 
+# a: a glob policy (`unit: "sentinel-late-*.service"`) gives a unit that starts only now, with
+# Sentinel running, its limits through systemd.
+test_late_unit() {
+    echo "before the start: $(late_limits)"
+    systemctl start $LATE || return 1
+    wait_for 30 late_has_policy_limits
+    echo "after systemctl start $LATE: $(late_limits)"
+    ls $CONTROL/$LATE.d
+    late_has_policy_limits
+}
+
 prometheus_has() {
     curl -sf "$PROMETHEUS/api/v1/query" --data-urlencode "query=$1" | grep -q '"value"'
 }
@@ -300,8 +335,9 @@ test_bus_unavailable() {
     local unit=sentinel-leak-bus
     local cgroup=/sys/fs/cgroup/system.slice/$unit.service
     local series="sentinel_actions_total{service=\"system.slice/$unit.service\",action=\"failed\"}"
-    local bus failed limit
+    local bus failed limit started lines window
     bus=$(systemctl show -p MainPID --value dbus)
+    started=$(date +%s)
     rm -f /run/$unit.go
     kill -STOP "$bus"
     systemctl start $unit || { kill -CONT "$bus"; return 1; }
@@ -315,7 +351,12 @@ test_bus_unavailable() {
     wait_for 60 grep -qx 67108864 $cgroup/memory.max
     echo "bus answering again: memory.max $(cat $cgroup/memory.max)"
     systemctl stop $unit
-    [ "$failed" = 1 ] && [ "$limit" = max ] && [ "$(metric "$series")" = 1 ]
+    lines=$(journalctl -u sentinel --since "@$started" -o cat | grep -c 'did not answer')
+    window=$(($(date +%s) - started))
+    # Tried again once per 10 s, not at every 0.5 s check.
+    echo "'did not answer' lines in the $window s window: $lines (at most $((window / 10 + 1)))"
+    [ "$failed" = 1 ] && [ "$limit" = max ] && [ "$(metric "$series")" = 1 ] &&
+        [ "$lines" -ge 1 ] && [ "$lines" -le $((window / 10 + 1)) ]
 }
 
 # c: a limit changed behind Sentinel's back is put back through systemd and counted as drift.
@@ -332,12 +373,42 @@ test_drift() {
     nginx_has_policy_limits && [ "$after" = $((${before:-0} + 1)) ]
 }
 
+# c: an administrator's drop-in in /etc that sorts after Sentinel's runtime one
+# (override.conf after 50-MemoryMax.conf: systemd reads drop-ins in name order, whatever their
+# directory) wins at the next daemon-reload; Sentinel sees the new value, puts its own back
+# through systemd and counts the drift once. Without the file, a daemon-reload changes nothing.
+test_drift_drop_in() {
+    local series='sentinel_policy_drift_total{service="system.slice/nginx.service"}'
+    local override=/etc/systemd/system/nginx.service.d/override.conf
+    local before after started seen
+    before=$(metric "$series")
+    started=$(date +%s)
+    printf '[Service]\nMemoryMax=3G\n' > $override
+    systemctl daemon-reload
+    wait_for 30 metric_is_not "$series" "$before"
+    wait_for 30 nginx_has_policy_limits
+    after=$(metric "$series")
+    seen=$(journalctl -u sentinel --since "@$started" -o cat | grep -c 3221225472)
+    echo "after $override (MemoryMax=3G) and daemon-reload: $(nginx_limits); drift" \
+        "${before:-absent} -> $after; journal lines with 3G: $seen"
+    journalctl -u sentinel --since "@$started" -o cat | tail -n 3
+    rm $override
+    systemctl daemon-reload
+    # Four checks of the limits.
+    sleep 2
+    echo "after removing it and daemon-reload: $(nginx_limits); drift $(metric "$series")"
+    [ "$after" = $((${before:-0} + 1)) ] && [ "$seen" = 1 ] && nginx_has_policy_limits &&
+        metric_is "$series" "$after"
+}
+
 # d: what systemd had before Sentinel: values, cgroup files and runtime drop-ins.
 everything_as_before() {
     local same=0
     echo "nginx now: $(nginx_limits)"
     echo "before:    $(cat $KEPT/nginx.before)"
     nginx_as_before || same=1
+    echo "$LATE now: $(late_shown); before: $(cat $KEPT/late.before)"
+    [ "$(late_shown)" = "$(cat $KEPT/late.before)" ] || same=1
     diff -r $KEPT/control.before $CONTROL || same=1
     return $same
 }
@@ -387,8 +458,15 @@ test_oom_alert() {
     return $firing
 }
 
+# f: purging the package while its policies enforce gives every unit its previous limits back
+# (the package's prerm runs `sentinel restore-limits` once the daemon is stopped), and leaves
+# nothing of Sentinel's behind.
 test_purge() {
-    local left=0 dir
+    local left=0 dir tasks
+    set_policies "$POLICIES" || return 1
+    wait_for 60 nginx_has_policy_limits || return 1
+    wait_for 30 late_has_policy_limits || return 1
+    echo "enforcing before the purge: nginx $(nginx_limits); $LATE $(late_limits)"
     DEBIAN_FRONTEND=noninteractive apt-get purge -y sentinel || return 1
     if nft list table inet sentinel > /dev/null 2>&1; then
         echo "table inet sentinel is still there"
@@ -401,8 +479,15 @@ test_purge() {
             left=1
         fi
     done
-    # No runtime drop-in of Sentinel's: systemd's runtime properties are the administrator's.
-    diff -r $KEPT/control.before $CONTROL || left=1
+    # Every value, cgroup file and runtime drop-in as before Sentinel.
+    everything_as_before || left=1
+    # systemd's own values for the unit: no memory limit, and its default TasksMax.
+    tasks=$(systemctl show -p TasksMax --value $LATE)
+    [ "$tasks" = infinity ] && tasks=max
+    echo "$LATE's cgroup files: $(cat $LATE_CGROUP/memory.max $LATE_CGROUP/pids.max | tr '\n' ' ')" \
+        "(systemd's own: max $tasks)"
+    [ "$(cat $LATE_CGROUP/memory.max)" = max ] && [ "$(cat $LATE_CGROUP/pids.max)" = "$tasks" ] ||
+        left=1
     return $left
 }
 
