@@ -27,7 +27,7 @@ mod tests;
 
 pub use client::{
     ban, ban_list, bans, format_duration, reload, reload_text, request, stats, status, status_text,
-    unban,
+    unban, unbanned_text,
 };
 pub use protocol::{Request, Response};
 pub use server::{ControlSocket, DaemonView, ReloadRequest, StatsSource};
