@@ -121,30 +121,38 @@ fn unreachable(error: reqwest::Error) -> Error {
     // The URL is in the configuration already; the chain says what failed.
     let error = error.without_url();
     let mut text = error.to_string();
-    let mut refused_certificate = false;
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());
-        // rustls's error travels inside an io::Error, whose `source` skips it.
-        let tls = cause
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::get_ref)
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-        if let Some(tls) = tls {
-            refused_certificate |= matches!(tls, rustls::Error::InvalidCertificate(_));
-            if !text.ends_with(&tls.to_string()) {
-                text.push_str(": ");
-                text.push_str(&tls.to_string());
-            }
-        }
         source = cause.source();
     }
-    if refused_certificate {
+    if refused_certificate(&error) {
         Error::LapiCertificate(text)
     } else {
         Error::LapiUnreachable(text)
     }
+}
+
+/// Whether rustls refused the peer's certificate somewhere in `error`'s chain.
+fn refused_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return matches!(tls, rustls::Error::InvalidCertificate(_));
+        }
+        // rustls's error travels inside an io::Error, whose `source` skips it.
+        let inner = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        if let Some(inner) = inner
+            && refused_certificate(inner)
+        {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// The body of a successful answer, read up to [`MAX_ANSWER_BYTES`]; any other status is an
