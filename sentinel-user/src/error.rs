@@ -191,6 +191,11 @@ pub enum Error {
     #[error("CrowdSec's Local API did not answer: {0}")]
     LapiUnreachable(String),
     #[error(
+        "CrowdSec's Local API was refused: its certificate is not trusted here (crowdsec.ca_file \
+         names the CA that signed it): {0}"
+    )]
+    LapiCertificate(String),
+    #[error(
         "CrowdSec's Local API answered HTTP {status}: {body}{hint}",
         hint = if *unauthorized {
             " (check the credentials: `cscli bouncers list`, `cscli machines list`)"

@@ -98,9 +98,12 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
     },
-    /// Lift the ban of an address or network at once.
+    /// Lift the ban of an address or network at once; a ban from the CrowdSec fleet is lifted
+    /// on this host only, until it would end.
     Unban {
         address: String,
+        #[command(flatten)]
+        output: OutputArg,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -228,7 +231,11 @@ fn main() -> ExitCode {
             duration,
             socket,
         } => print(control::ban(&socket.socket, &address, &duration)),
-        Command::Unban { address, socket } => print(control::unban(&socket.socket, &address)),
+        Command::Unban {
+            address,
+            output,
+            socket,
+        } => unban(&socket.socket, &address, output.output),
         Command::Release { service, socket } => print(control::release(&socket.socket, &service)),
         Command::Reload { output, socket } => reload(&socket.socket, output.output),
         Command::RestoreLimits { state_dir, socket } => restore_limits(&state_dir, &socket.socket),
@@ -317,6 +324,18 @@ fn bans(socket: &Path, output: Output) -> anyhow::Result<ExitCode> {
     match output {
         Output::Text => println!("{}", control::bans(socket)?),
         Output::Json => print_json(&json!(control::ban_list(socket)?)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unban(socket: &Path, address: &str, output: Output) -> anyhow::Result<ExitCode> {
+    let unbanned = control::unban(socket, address)?;
+    match output {
+        Output::Text => println!("{}", control::unbanned_text(&unbanned)),
+        Output::Json => print_json(&json!({
+            "address": unbanned.net.to_string(),
+            "fleet_override_seconds": unbanned.fleet_override.map(|left| left.as_secs()),
+        })),
     }
     Ok(ExitCode::SUCCESS)
 }

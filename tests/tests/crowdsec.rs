@@ -54,10 +54,21 @@ struct Lapi {
     process: Option<Child>,
     port: u16,
     dir: TempDir,
+    /// Served over TLS, with a certificate from a CA made for it (`ca`).
+    tls: bool,
 }
 
 impl Lapi {
     fn start() -> Self {
+        Self::serve(false)
+    }
+
+    /// Over TLS, with a certificate for 127.0.0.1 signed by a CA of its own.
+    fn start_tls() -> Self {
+        Self::serve(true)
+    }
+
+    fn serve(tls: bool) -> Self {
         let dir = TempDir::new("sentinel-lapi");
         for sub in ["data", "hub", "config"] {
             fs::create_dir_all(dir.path().join(sub)).expect("create the LAPI's directories");
@@ -74,10 +85,14 @@ impl Lapi {
             dir.path().join("config/profiles.yaml"),
         )
         .expect("copy the package's profiles.yaml");
+        if tls {
+            make_certificates(&dir.path().join("tls"));
+        }
         let mut lapi = Self {
             process: None,
             port: free_port(),
             dir,
+            tls,
         };
         fs::write(lapi.config(), lapi.config_text()).expect("write the LAPI's config");
         lapi.resume();
@@ -88,8 +103,20 @@ impl Lapi {
         self.dir.path().join("config/config.yaml")
     }
 
+    /// The CA that signed the TLS LAPI's certificate.
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("tls/ca.pem")
+    }
+
     fn config_text(&self) -> String {
         let dir = self.dir.path().display();
+        let tls = if self.tls {
+            format!(
+                "    tls:\n      cert_file: {dir}/tls/lapi.pem\n      key_file: {dir}/tls/lapi.key\n"
+            )
+        } else {
+            String::new()
+        };
         format!(
             "common:
   daemonize: false
@@ -114,7 +141,7 @@ api:
     credentials_path: {dir}/config/local_api_credentials.yaml
   server:
     listen_uri: 127.0.0.1:{port}
-    profiles_path: {dir}/config/profiles.yaml
+{tls}    profiles_path: {dir}/config/profiles.yaml
     trusted_ips:
       - 127.0.0.1
 prometheus:
@@ -125,7 +152,8 @@ prometheus:
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Starts (again) the Local API on the same database, and waits until `/health` answers.
@@ -146,7 +174,14 @@ prometheus:
             .expect("start crowdsec");
         self.process = Some(process);
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let up = eventually(WAIT, || http_get(addr, "/health", None).is_ok());
+        // Over TLS, an open port: LAPI opens it once it serves.
+        let up = eventually(WAIT, || {
+            if self.tls {
+                TcpStream::connect(addr).is_ok()
+            } else {
+                http_get(addr, "/health", None).is_ok()
+            }
+        });
         assert!(up, "the LAPI did not answer /health:\n{}", self.log());
     }
 
@@ -163,12 +198,13 @@ prometheus:
 
     /// `cscli ARGS` against this LAPI's configuration; returns stdout.
     fn cscli(&self, args: &[&str]) -> String {
-        let output = Command::new(crowdsec_root().join("usr/bin/cscli"))
-            .arg("-c")
-            .arg(self.config())
-            .args(args)
-            .output()
-            .expect("run cscli");
+        let mut cscli = Command::new(crowdsec_root().join("usr/bin/cscli"));
+        cscli.arg("-c").arg(self.config()).args(args);
+        if self.tls {
+            // Go reads the CAs it trusts from here.
+            cscli.env("SSL_CERT_FILE", self.ca());
+        }
+        let output = cscli.output().expect("run cscli");
         assert!(
             output.status.success(),
             "cscli {args:?} failed: {}",
@@ -232,8 +268,97 @@ prometheus:
 
     /// Registers the machine `cscli decisions` and `cscli alerts` log in as.
     fn add_operator(&self) {
-        self.cscli(&["machines", "add", "operator", "--auto"]);
+        self.cscli(&[
+            "machines",
+            "add",
+            "operator",
+            "--auto",
+            "--url",
+            &self.url(),
+        ]);
     }
+}
+
+/// A CA, and a certificate for 127.0.0.1 it signed (`lapi.pem`, `lapi.key`), in `dir`.
+fn make_certificates(dir: &Path) {
+    fs::create_dir_all(dir).expect("create the certificates' directory");
+    let openssl = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("run openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let new_key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &new_key,
+            &[
+                "-subj",
+                "/CN=Sentinel fleet test CA",
+                "-days",
+                "1",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &new_key,
+            &[
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "lapi.key",
+                "-out",
+                "lapi.csr",
+            ],
+        ]
+        .concat(),
+    );
+    fs::write(
+        dir.join("lapi.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("write the certificate's extensions");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "lapi.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "lapi.ext",
+        "-out",
+        "lapi.pem",
+    ]);
 }
 
 impl Drop for Lapi {
@@ -253,6 +378,8 @@ struct Joining<'a> {
     max_failures: u64,
     /// A real sshd on the host's address, with an account to fail logging in as.
     sshd: bool,
+    /// The only CA this host trusts for LAPI's certificate.
+    ca_file: Option<PathBuf>,
 }
 
 impl<'a> Joining<'a> {
@@ -264,6 +391,7 @@ impl<'a> Joining<'a> {
             machine: None,
             max_failures: MAX_FAILURES,
             sshd: false,
+            ca_file: None,
         }
     }
 }
@@ -326,6 +454,9 @@ crowdsec:
             joining.lapi_url,
             key_file.display()
         );
+        if let Some(ca_file) = &joining.ca_file {
+            config.push_str(&format!("  ca_file: {}\n", ca_file.display()));
+        }
         if let Some((machine_id, password)) = joining.machine {
             let password_file = dir.path().join("machine.password");
             write_private(&password_file, password);
@@ -537,6 +668,75 @@ fn an_allowlisted_address_banned_by_the_fleet_is_never_banned_here() {
 }
 
 #[test]
+fn sentinel_unban_of_a_fleet_ban_lifts_it_here_only_until_it_would_end() {
+    let _serial = serial();
+    let mut lapi = Lapi::start();
+    lapi.add_operator();
+    let a = Host::start("unban", &lapi, &lapi.add_bouncer("sentinel-unban"));
+    let range = "198.51.100.32/28";
+    lapi.ban("--range", range);
+    lapi.ban("--ip", &ATTACKER.to_string());
+    a.await_ban(&ATTACKER.to_string());
+    a.await_ban(range);
+
+    let text = a.daemon.control(&["unban", &ATTACKER.to_string()]);
+    let left = text
+        .strip_prefix("unbanned 198.51.100.10 on this host only, for 59m ")
+        .and_then(|rest| {
+            rest.strip_suffix(
+                "s: a ban from the CrowdSec fleet, lifted here until it would end; `cscli \
+                 decisions delete --ip 198.51.100.10` ends it for the whole fleet\n",
+            )
+        });
+    assert!(
+        left.is_some_and(|seconds| seconds.parse::<u64>().is_ok_and(|s| s < 60)),
+        "{text}"
+    );
+    let answer: serde_json::Value =
+        serde_json::from_str(&a.daemon.control(&["unban", range, "--output", "json"]))
+            .expect("sentinel unban --output json prints JSON");
+    assert_eq!(answer["address"], range, "{answer}");
+    let seconds = answer["fleet_override_seconds"].as_u64();
+    assert!(
+        seconds.is_some_and(|s| (3500..3600).contains(&s)),
+        "{answer}"
+    );
+    assert_eq!(a.bans(), []);
+    a.assert_connects(ATTACKER);
+    let records = audit_records(&a.dir.path().join("audit.log"));
+    let overrides = records
+        .iter()
+        .filter(|record| {
+            record["action"] == "unban" && record["reason"] == "operator_fleet_override"
+        })
+        .count();
+    assert_eq!(overrides, 2, "{records:?}");
+    // The decisions stay in LAPI, for the rest of the fleet.
+    assert_eq!(lapi.decisions_about(&ATTACKER.to_string()).len(), 1);
+
+    // A full pull lists both decisions again: they stay lifted here.
+    lapi.stop();
+    a.await_metric(REACHABLE, &[], 0.0);
+    lapi.resume();
+    a.await_metric(SKIPPED, &[("reason", "lifted_here")], 2.0);
+    assert_eq!(a.bans(), []);
+    a.assert_connects(ATTACKER);
+
+    // A ban of this host's own is simply lifted.
+    a.daemon.control(&["ban", "198.51.100.50", "--for", "1h"]);
+    let answer: serde_json::Value =
+        serde_json::from_str(
+            &a.daemon
+                .control(&["unban", "198.51.100.50", "--output", "json"]),
+        )
+        .expect("JSON");
+    assert_eq!(
+        answer,
+        serde_json::json!({"address": "198.51.100.50", "fleet_override_seconds": null})
+    );
+}
+
+#[test]
 fn local_bans_go_on_while_the_lapi_is_down_and_pulls_resume_in_full() {
     let _serial = serial();
     let mut lapi = Lapi::start();
@@ -591,6 +791,8 @@ fn local_bans_go_on_while_the_lapi_is_down_and_pulls_resume_in_full() {
 const PUSHES: &str = "sentinel_crowdsec_pushes_total";
 const PUSH_QUEUE: &str = "sentinel_crowdsec_push_queue";
 const PULL_ERRORS: &str = "sentinel_crowdsec_pull_errors_total";
+const LOGINS: &str = "sentinel_crowdsec_logins_total";
+const HEARTBEATS: &str = "sentinel_crowdsec_heartbeats_total";
 const REACHABLE: &str = "sentinel_crowdsec_lapi_reachable";
 const LAST_SYNC: &str = "sentinel_crowdsec_last_sync_timestamp_seconds";
 /// Sentinel's alerts' scenario, as `sentinel bans` shows their decisions.
@@ -744,6 +946,19 @@ fn a_ban_made_while_the_lapi_is_down_reaches_the_fleet_once_when_it_returns() {
     assert_eq!(a_scrape.value(dropped, &[("reason", "ended")]), 0.0);
     assert_one_alert_and_decision(&lapi, &attacker, "sentinel-queue-a");
     assert_eq!(a.listed(), [(attacker.clone(), "ssh_failures".to_string())]);
+    // The restarted LAPI refused the token of A's first login (its JWT secret is new): A logged
+    // in exactly once more, at once, and never failed to.
+    assert_eq!(a_scrape.value(LOGINS, &[("result", "ok")]), 2.0);
+    assert_eq!(a_scrape.value(LOGINS, &[("result", "failed")]), 0.0);
+    // A minute after its start, A's heartbeat, with the token it has.
+    let beat = eventually(RETRY_WAIT, || {
+        a.daemon
+            .scrape()
+            .find(HEARTBEATS, &[("result", "ok")])
+            .is_some_and(|beats| beats >= 1.0)
+    });
+    assert!(beat, "{}\nlog:\n{}", a.daemon.scrape().0, a.daemon.log());
+    assert_eq!(a.metric(LOGINS, &[("result", "ok")]), 2.0);
 }
 
 /// A stand-in for a broken or hostile LAPI on loopback, to attack Sentinel's input boundary (not
@@ -950,4 +1165,87 @@ fn a_bouncer_key_others_can_read_stops_the_daemon_from_starting() {
     assert!(daemon.log().contains(&expected), "{}", daemon.log());
     // Refused before anything was set up: no table in the host's namespace.
     assert!(!netns.nft(&["list", "tables"], "").contains("sentinel"));
+}
+
+#[test]
+fn a_lapi_over_tls_is_trusted_through_ca_file_and_refused_without_it() {
+    let _serial = serial();
+    let lapi = Lapi::start_tls();
+    lapi.add_operator();
+    let trusting = Host::join(
+        "tls-ca",
+        &Joining {
+            ca_file: Some(lapi.ca()),
+            ..Joining::pulling(lapi.url(), &lapi.add_bouncer("sentinel-tls-ca"))
+        },
+    );
+    let untrusting = Host::start("tls-none", &lapi, &lapi.add_bouncer("sentinel-tls-none"));
+    lapi.ban("--ip", &ATTACKER.to_string());
+    trusting.await_ban(&ATTACKER.to_string());
+    trusting.assert_blocked(ATTACKER);
+    assert_eq!(trusting.metric(APPLIED, &[("origin", "cscli")]), 1.0);
+    assert_eq!(
+        trusting.metric(PULL_ERRORS, &[("kind", "certificate")]),
+        0.0
+    );
+
+    // Signed by a CA the system does not trust: refused, counted, logged; nothing banned.
+    let refused = eventually(WAIT, || {
+        untrusting
+            .daemon
+            .scrape()
+            .find(PULL_ERRORS, &[("kind", "certificate")])
+            .is_some_and(|errors| errors >= 2.0)
+    });
+    assert!(
+        refused,
+        "{}\nlog:\n{}",
+        untrusting.daemon.scrape().0,
+        untrusting.daemon.log()
+    );
+    let scrape = untrusting.daemon.scrape();
+    assert_eq!(scrape.value(REACHABLE, &[]), 0.0);
+    assert_eq!(scrape.value(LAST_SYNC, &[]), 0.0);
+    scrape.assert_absent(RECEIVED, &[("origin", "cscli")]);
+    assert_eq!(untrusting.bans(), []);
+    untrusting.assert_connects(ATTACKER);
+    let warnings = untrusting.daemon.log_records(&[("level", "WARN")]);
+    let logged = warnings.iter().filter(|record| {
+        record["message"].as_str().is_some_and(|message| {
+            message.contains("its certificate is not trusted here (crowdsec.ca_file names the CA that signed it)")
+                && message.contains("UnknownIssuer")
+        })
+    });
+    // Once for the outage, not once per pull.
+    assert_eq!(logged.count(), 1, "{}", untrusting.daemon.log());
+}
+
+#[test]
+fn sentinel_check_refuses_a_ca_file_it_cannot_read_where_it_is_named() {
+    let dir = TempDir::new("sentinel-fleet-ca");
+    let config = dir.path().join("sentinel.yaml");
+    let missing = dir.path().join("ca.pem");
+    fs::write(
+        &config,
+        format!(
+            "crowdsec:\n  lapi_url: https://lapi.example.org\n  bouncer_key_file: /k\n  \
+             ca_file: {}\n",
+            missing.display()
+        ),
+    )
+    .expect("write the configuration");
+    let output = Command::new(sentinel_tests::sentinel_bin())
+        .arg("check")
+        .arg(&config)
+        .output()
+        .expect("run sentinel check");
+    assert_eq!(output.status.code(), Some(78));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        format!(
+            "{}:4:12: ca_file: cannot open {}: No such file or directory (os error 2)\n",
+            config.display(),
+            missing.display()
+        )
+    );
 }

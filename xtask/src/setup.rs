@@ -15,7 +15,8 @@ use crate::host::{command_output, ensure_packages, run};
 
 /// Tools the privileged tests drive: iproute2 and nftables build the firewall tests' network
 /// namespaces; the SSH suite runs a real sshd and attacks it with ssh through sshpass; the
-/// operator suite drives `sentinel top` in tmux.
+/// operator suite drives `sentinel top` in tmux; the fleet suite makes its LAPI's certificates
+/// with openssl.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
@@ -23,6 +24,7 @@ const TEST_PACKAGES: &[&str] = &[
     "openssh-client",
     "sshpass",
     "tmux",
+    "openssl",
 ];
 
 /// Everything `cargo build` of the daemon needs: both pinned toolchains with their components,

@@ -16,7 +16,7 @@ use crate::{
     Error,
     firewall::IpNet,
     policy::{enforcer::ServiceOutcome, parse_duration_setting},
-    ssh_guard::{BanInfo, GuardMode},
+    ssh_guard::{BanInfo, GuardMode, Unbanned},
 };
 
 /// Longer than the daemon gives the SSH guard, so that its "did not answer" arrives first.
@@ -120,10 +120,31 @@ pub fn ban(path: &Path, address: &str, duration: &str) -> Result<String, Error> 
 }
 
 /// `sentinel unban ADDRESS`.
-pub fn unban(path: &Path, address: &str) -> Result<String, Error> {
+pub fn unban(path: &Path, address: &str) -> Result<Unbanned, Error> {
     let address = parse_address(address)?;
-    let net = changed(request(path, &Request::Unban { address })?)?;
-    Ok(format!("unbanned {net}"))
+    match request(path, &Request::Unban { address })? {
+        Response::Changed(net) => Ok(Unbanned {
+            net,
+            fleet_override: None,
+        }),
+        Response::FleetOverride(unbanned) => Ok(unbanned),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// What `sentinel unban` did, for people: a fleet ban is lifted on this host only.
+pub fn unbanned_text(unbanned: &Unbanned) -> String {
+    let net = unbanned.net;
+    let Some(left) = unbanned.fleet_override else {
+        return format!("unbanned {net}");
+    };
+    let single = net.prefix_len() == IpNet::from(net.network()).prefix_len();
+    let option = if single { "--ip" } else { "--range" };
+    format!(
+        "unbanned {net} on this host only, for {}: a ban from the CrowdSec fleet, lifted here \
+         until it would end; `cscli decisions delete {option} {net}` ends it for the whole fleet",
+        format_duration(left)
+    )
 }
 
 /// `sentinel release SERVICE`: what the daemon undid.
@@ -426,7 +447,7 @@ mod tests {
             other => panic!("expected an invalid argument, got {other:?}"),
         };
         assert_eq!(
-            message(unban(nowhere, "1.2.3")),
+            message(unban(nowhere, "1.2.3").map(|unbanned| unbanned_text(&unbanned))),
             "\"1.2.3\" is not an IP address or network; write it like 203.0.113.7, \
              203.0.113.0/24 or 2001:db8::/64"
         );

@@ -28,7 +28,7 @@ mod tests;
 
 pub use client::{
     ban, ban_list, bans, format_duration, release, reload, reload_text, request, stats, status,
-    status_text, unban,
+    status_text, unban, unbanned_text,
 };
 pub use protocol::{Request, Response};
 pub use server::{ControlSocket, DaemonView, ReloadRequest, StatsSource};

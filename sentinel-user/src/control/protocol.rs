@@ -3,7 +3,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::report::{ReloadReport, StatsReport, StatusReport};
-use crate::{firewall::IpNet, ssh_guard::BanInfo};
+use crate::{
+    firewall::IpNet,
+    ssh_guard::{BanInfo, Unbanned},
+};
 
 /// Longer request lines are refused: no request comes near it.
 pub(super) const MAX_REQUEST_BYTES: usize = 4096;
@@ -38,6 +41,8 @@ pub enum Response {
     Bans(Vec<BanInfo>),
     /// The network a ban or unban applied to (an IPv6 address is widened to its prefix).
     Changed(IpNet),
+    /// An unban of a ban from the fleet, lifted on this host only for as long as it had left.
+    FleetOverride(Unbanned),
     Status(Box<StatusReport>),
     Stats(Box<StatsReport>),
     Reloaded(ReloadReport),
@@ -55,6 +60,9 @@ struct WireResponse {
     bans: Option<Vec<BanInfo>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     address: Option<String>,
+    /// Only beside `address`, after the unban of a fleet ban.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet_override_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<Box<StatusReport>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -80,6 +88,11 @@ impl From<Response> for WireResponse {
             },
             Response::Changed(net) => Self {
                 address: Some(net.to_string()),
+                ..ok
+            },
+            Response::FleetOverride(unbanned) => Self {
+                address: Some(unbanned.net.to_string()),
+                fleet_override_seconds: unbanned.fleet_override.map(|left| left.as_secs()),
                 ..ok
             },
             Response::Status(status) => Self {
@@ -116,6 +129,7 @@ impl TryFrom<WireResponse> for Response {
             ok,
             bans,
             address,
+            fleet_override_seconds,
             status,
             stats,
             reload,
@@ -131,14 +145,23 @@ impl TryFrom<WireResponse> for Response {
             released.is_some(),
             error.is_some(),
         ];
-        if payloads.iter().filter(|present| **present).count() != 1 || ok == error.is_some() {
+        if payloads.iter().filter(|present| **present).count() != 1
+            || ok == error.is_some()
+            || (fleet_override_seconds.is_some() && address.is_none())
+        {
             return Err(EXPECTED.into());
         }
         if let Some(address) = address {
-            return address
+            let net = address
                 .parse()
-                .map(Self::Changed)
-                .map_err(|_| format!("{address:?} is not an IP address or network"));
+                .map_err(|_| format!("{address:?} is not an IP address or network"))?;
+            return Ok(match fleet_override_seconds {
+                Some(seconds) => Self::FleetOverride(Unbanned {
+                    net,
+                    fleet_override: Some(std::time::Duration::from_secs(seconds)),
+                }),
+                None => Self::Changed(net),
+            });
         }
         Ok(bans
             .map(Self::Bans)
@@ -221,6 +244,13 @@ mod tests {
                 Response::Changed("2001:db8::/64".parse().unwrap()),
                 r#"{"ok":true,"address":"2001:db8::/64"}"#,
             ),
+            (
+                Response::FleetOverride(Unbanned {
+                    net: "198.51.100.0/28".parse().unwrap(),
+                    fleet_override: Some(std::time::Duration::from_secs(3599)),
+                }),
+                r#"{"ok":true,"address":"198.51.100.0/28","fleet_override_seconds":3599}"#,
+            ),
             (Response::Error("no".into()), r#"{"ok":false,"error":"no"}"#),
         ];
         for (response, text) in cases {
@@ -238,6 +268,7 @@ mod tests {
             r#"{"ok":false,"address":"1.2.3.4"}"#,
             r#"{"ok":true,"address":"1.2.3.4","bans":[]}"#,
             r#"{"ok":true,"address":"banned"}"#,
+            r#"{"ok":true,"bans":[],"fleet_override_seconds":60}"#,
             r#"{"ok":true,"bans":[],"reboot":true}"#,
         ] {
             assert!(serde_json::from_str::<Response>(bad).is_err(), "{bad}");

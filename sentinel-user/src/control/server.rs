@@ -355,7 +355,10 @@ async fn respond(line: &[u8], daemon: &Served, wait: Duration) -> Response {
         })
         .await
         .and_then(identity)
-        .map(Response::Changed),
+        .map(|unbanned| match unbanned.fleet_override {
+            Some(_) => Response::FleetOverride(unbanned),
+            None => Response::Changed(unbanned.net),
+        }),
         Request::Status {} => Ok(Response::Status(Box::new(status(&daemon.view, wait).await))),
         Request::Stats {} => stats(daemon)
             .await

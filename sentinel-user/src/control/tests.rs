@@ -34,7 +34,7 @@ use crate::{
     policy::resources::ResourceSnapshot,
     queue::{self, Queue, QueueDrops},
     recent::{RecentEvent, RecentLog},
-    ssh_guard::{BanInfo, Control, GuardMode, GuardStatus, Input},
+    ssh_guard::{BanInfo, Control, GuardMode, GuardStatus, Input, Unbanned},
 };
 
 /// A fresh directory under the system's temporary directory, removed with its contents.
@@ -108,7 +108,10 @@ fn fake_guard() -> Queue<Input> {
                     let before = bans.len();
                     bans.retain(|ban| ban.address != net.to_string());
                     let _ = reply.send(if bans.len() < before {
-                        Ok(net)
+                        Ok(Unbanned {
+                            net,
+                            fleet_override: None,
+                        })
                     } else {
                         Err(format!("{net} is not banned"))
                     });
@@ -274,7 +277,13 @@ fn bans_ban_and_unban_round_trip() {
          192.0.2.7    operator  0         in 1h\n\
          2001:db8::7  operator  0         in 10m"
     );
-    assert_eq!(unban(path, "192.0.2.7").unwrap(), "unbanned 192.0.2.7");
+    assert_eq!(
+        unban(path, "192.0.2.7").unwrap(),
+        Unbanned {
+            net: "192.0.2.7".parse().unwrap(),
+            fleet_override: None
+        }
+    );
     match unban(path, "192.0.2.7") {
         Err(Error::ControlRejected(message)) => assert_eq!(message, "192.0.2.7 is not banned"),
         other => panic!("expected a refusal, got {other:?}"),
@@ -424,7 +433,7 @@ fn guard_that_does_not_answer_times_out() {
     assert_eq!(message(bans(&daemon.path)), "the SSH guard did not answer");
     drop(inputs);
     assert_eq!(
-        message(unban(&daemon.path, "192.0.2.7")),
+        message(unban(&daemon.path, "192.0.2.7").map(|unbanned| unbanned.net.to_string())),
         "the SSH guard is not running"
     );
     daemon.stop();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use reqwest::{Client, StatusCode, Url};
 
-use super::push::Alert;
+use super::{push::Alert, settings::CaFile};
 use crate::Error;
 
 /// A request LAPI has not answered by then has failed; the next one starts over.
@@ -21,13 +21,21 @@ pub struct Lapi {
 }
 
 impl Lapi {
-    pub fn new(url: &Url) -> Result<Self, Error> {
+    /// With `ca`, LAPI's certificate must come from that CA alone; otherwise from one the
+    /// system trusts.
+    pub fn new(url: &Url, ca: Option<&CaFile>) -> Result<Self, Error> {
         // rustls with the ring provider; a second install (a test) keeps the first.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = Client::builder()
+        let mut builder = Client::builder()
             .user_agent(concat!("sentinel/", env!("CARGO_PKG_VERSION")))
             .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT);
+        if let Some(ca) = ca {
+            let certs = reqwest::Certificate::from_pem_bundle(&ca.pem)
+                .map_err(|error| Error::LapiClient(format!("{}: {error}", ca.path.display())))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder
             .build()
             .map_err(|error| Error::LapiClient(error.to_string()))?;
         let mut base = url.clone();
@@ -89,6 +97,18 @@ impl Lapi {
         body(response).await.map(drop)
     }
 
+    /// `GET /v1/heartbeat`: this watcher is alive (`cscli machines list`, Last Heartbeat).
+    pub async fn heartbeat(&self, token: &str) -> Result<(), Error> {
+        let response = self
+            .http
+            .get(self.url("v1/heartbeat"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        body(response).await.map(drop)
+    }
+
     fn url(&self, path: &str) -> Url {
         self.base
             .join(path)
@@ -96,6 +116,7 @@ impl Lapi {
     }
 }
 
+/// A request that got no usable answer: LAPI unreachable, or its certificate refused.
 fn unreachable(error: reqwest::Error) -> Error {
     // The URL is in the configuration already; the chain says what failed.
     let error = error.without_url();
@@ -106,7 +127,32 @@ fn unreachable(error: reqwest::Error) -> Error {
         text.push_str(&cause.to_string());
         source = cause.source();
     }
-    Error::LapiUnreachable(text)
+    if refused_certificate(&error) {
+        Error::LapiCertificate(text)
+    } else {
+        Error::LapiUnreachable(text)
+    }
+}
+
+/// Whether rustls refused the peer's certificate somewhere in `error`'s chain.
+fn refused_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return matches!(tls, rustls::Error::InvalidCertificate(_));
+        }
+        // rustls's error travels inside an io::Error, whose `source` skips it.
+        let inner = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        if let Some(inner) = inner
+            && refused_certificate(inner)
+        {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// The body of a successful answer, read up to [`MAX_ANSWER_BYTES`]; any other status is an

@@ -15,6 +15,8 @@ pub struct FleetMetrics {
     expired: Family<Labels, Counter>,
     skipped: Family<Labels, Counter>,
     pushes: Family<Labels, Counter>,
+    logins: Family<Labels, Counter>,
+    heartbeats: Family<Labels, Counter>,
     push_dropped: Family<Labels, Counter>,
     pub push_queue: Gauge,
     pull_errors: Family<Labels, Counter>,
@@ -30,6 +32,8 @@ impl FleetMetrics {
             expired: Family::default(),
             skipped: Family::default(),
             pushes: Family::default(),
+            logins: Family::default(),
+            heartbeats: Family::default(),
             push_dropped: Family::default(),
             push_queue: Gauge::default(),
             pull_errors: Family::default(),
@@ -64,6 +68,16 @@ impl FleetMetrics {
                 &metrics.pushes,
             ),
             (
+                "sentinel_crowdsec_logins",
+                "Watcher logins to LAPI (at start, and when LAPI refuses the token): ok, failed",
+                &metrics.logins,
+            ),
+            (
+                "sentinel_crowdsec_heartbeats",
+                "Watcher heartbeats sent to LAPI (one a minute): ok, failed",
+                &metrics.heartbeats,
+            ),
+            (
                 "sentinel_crowdsec_push_dropped",
                 "Local bans never pushed: queue_full (the oldest made room), ended (the ban \
                  ended while LAPI was away)",
@@ -71,7 +85,8 @@ impl FleetMetrics {
             ),
             (
                 "sentinel_crowdsec_pull_errors",
-                "Failed decision pulls, by kind: unreachable, http, malformed",
+                "Failed decision pulls, by kind: unreachable, certificate (not signed by a CA \
+                 trusted here), http, malformed",
                 &metrics.pull_errors,
             ),
         ];
@@ -95,9 +110,11 @@ impl FleetMetrics {
         );
         // Exposed at 0 from the start: a series that must exist is never merely absent.
         for result in ["ok", "failed"] {
-            drop(metrics.pushes.get_or_create(&label("result", result)));
+            for family in [&metrics.pushes, &metrics.logins, &metrics.heartbeats] {
+                drop(family.get_or_create(&label("result", result)));
+            }
         }
-        for kind in ["unreachable", "http", "malformed"] {
+        for kind in ["unreachable", "certificate", "http", "malformed"] {
             drop(metrics.pull_errors.get_or_create(&label("kind", kind)));
         }
         metrics
@@ -123,6 +140,16 @@ impl FleetMetrics {
 
     pub fn pushes(&self, result: &str) -> Counter {
         self.pushes.get_or_create(&label("result", result)).clone()
+    }
+
+    pub fn logins(&self, result: &str) -> Counter {
+        self.logins.get_or_create(&label("result", result)).clone()
+    }
+
+    pub fn heartbeats(&self, result: &str) -> Counter {
+        self.heartbeats
+            .get_or_create(&label("result", result))
+            .clone()
     }
 
     pub fn push_dropped(&self, reason: &str) -> Counter {

@@ -39,6 +39,9 @@ const FLEET_REASON_PREFIX: &str = "crowdsec:";
 const HANDOFF: usize = 1024;
 /// Local bans the watcher keeps while LAPI is away; the oldest go first.
 const PUSH_QUEUE: usize = 10_000;
+/// How often the watcher tells LAPI it is alive (`cscli machines list`, Last Heartbeat), as
+/// CrowdSec's own agents do.
+const HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// A ban the fleet asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +139,7 @@ impl Fleet {
             None => (None, None),
         };
         Ok(Self {
-            lapi: Lapi::new(&config.lapi_url)?,
+            lapi: Lapi::new(&config.lapi_url, config.ca.as_ref())?,
             bouncer_key,
             watcher,
             pull_interval: config.pull_interval,
@@ -246,10 +249,13 @@ impl Bouncer {
                 let kind = match error {
                     Error::LapiStatus { .. } => "http",
                     Error::LapiMalformed(_) => "malformed",
+                    Error::LapiCertificate(_) => "certificate",
                     _ => "unreachable",
                 };
                 self.metrics.pull_errors(kind).inc();
-                self.metrics.reachable.set(i64::from(kind != "unreachable"));
+                self.metrics
+                    .reachable
+                    .set(i64::from(!matches!(kind, "unreachable" | "certificate")));
                 return Err(PullFailed::Lapi(error.to_string()));
             }
         };
@@ -298,13 +304,33 @@ struct Watcher {
     metrics: FleetMetrics,
 }
 
+/// What the watcher sends with its token.
+#[derive(Clone, Copy)]
+enum Request<'a> {
+    Alerts(&'a [push::Alert]),
+    Heartbeat,
+}
+
 impl Watcher {
     /// Pushes each local ban as an alert, in batches; while LAPI is away they wait, bounded,
-    /// and are retried with a growing delay.
+    /// and are retried with a growing delay. A heartbeat goes out every [`HEARTBEAT`].
     async fn run(self, mut bans: mpsc::Receiver<LocalBan>, cancel: CancellationToken) {
         let mut queue = PushQueue::new(PUSH_QUEUE);
         // Logged in at once: wrong credentials show in the log at start, not at the first ban.
-        let mut token = self.login().await;
+        let mut token = self
+            .login()
+            .await
+            .inspect_err(|error| {
+                warn!(
+                    machine_id = self.machine_id,
+                    "logging in to CrowdSec's Local API failed: {error}"
+                );
+            })
+            .ok();
+        let mut heartbeat =
+            tokio::time::interval_at((Instant::now() + HEARTBEAT).into(), HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat_failing = false;
         loop {
             let retry = queue.backoff.next_try();
             tokio::select! {
@@ -314,6 +340,10 @@ impl Watcher {
                     None => return,
                 },
                 () = sleep_until(retry), if queue.len() > 0 => {}
+                _ = heartbeat.tick() => {
+                    heartbeat_failing = self.heartbeat(&mut token, heartbeat_failing).await;
+                    continue;
+                }
             }
             while let Ok(ban) = bans.try_recv() {
                 self.queue(&mut queue, ban);
@@ -323,30 +353,12 @@ impl Watcher {
                 .push_dropped(push::Dropped::Ended.label())
                 .inc_by(ended as u64);
             if !alerts.is_empty() {
-                if token.is_none() {
-                    token = self.login().await;
-                }
-                let result = match &token {
-                    Some(jwt) => self.lapi.push(jwt, &alerts).await,
-                    None => Err(Error::LapiUnreachable("not logged in".into())),
-                };
-                match result {
+                match self.send(&mut token, Request::Alerts(&alerts)).await {
                     Ok(()) => {
                         queue.delivered(alerts.len());
                         self.metrics.pushes("ok").inc_by(alerts.len() as u64);
-                        self.metrics.reachable.set(1);
                     }
                     Err(error) => {
-                        if matches!(
-                            error,
-                            Error::LapiStatus {
-                                unauthorized: true,
-                                ..
-                            }
-                        ) {
-                            // The token expired (LAPI's last an hour): log in again.
-                            token = None;
-                        }
                         let delay = queue.backoff.failed(Instant::now());
                         self.metrics.pushes("failed").inc();
                         warn!(
@@ -361,6 +373,54 @@ impl Watcher {
         }
     }
 
+    /// One heartbeat, counted; a failure is logged once until one succeeds. Returns whether
+    /// heartbeats are failing.
+    async fn heartbeat(&self, token: &mut Option<String>, failing: bool) -> bool {
+        match self.send(token, Request::Heartbeat).await {
+            Ok(()) => {
+                self.metrics.heartbeats("ok").inc();
+                false
+            }
+            Err(error) => {
+                self.metrics.heartbeats("failed").inc();
+                if !failing {
+                    warn!("the watcher's heartbeat to CrowdSec's Local API failed: {error}");
+                }
+                true
+            }
+        }
+    }
+
+    /// Sends `request` with the token, logging in first when there is none, and again at once
+    /// when LAPI refuses the token (it expired, or LAPI restarted with a new secret) rather
+    /// than at the next retry.
+    async fn send(&self, token: &mut Option<String>, request: Request<'_>) -> Result<(), Error> {
+        let mut fresh = false;
+        loop {
+            let jwt = match token.as_deref() {
+                Some(jwt) => jwt,
+                None => {
+                    fresh = true;
+                    token.insert(self.login().await?)
+                }
+            };
+            let result = match request {
+                Request::Alerts(alerts) => self.lapi.push(jwt, alerts).await,
+                Request::Heartbeat => self.lapi.heartbeat(jwt).await,
+            };
+            self.metrics.reachable.set(i64::from(answered(&result)));
+            match result {
+                Err(Error::LapiStatus {
+                    unauthorized: true, ..
+                }) if !fresh => {
+                    info!("CrowdSec's Local API refused the watcher's token; logging in again");
+                    *token = None;
+                }
+                result => return result,
+            }
+        }
+    }
+
     fn queue(&self, queue: &mut PushQueue, ban: LocalBan) {
         if let Some(dropped) = queue.push(ban) {
             self.metrics.push_dropped(dropped.label()).inc();
@@ -368,24 +428,24 @@ impl Watcher {
         self.metrics.push_queue.set(queue.len() as i64);
     }
 
-    async fn login(&self) -> Option<String> {
-        match self.lapi.login(&self.machine_id, &self.password).await {
-            Ok(token) => {
-                self.metrics.reachable.set(1);
-                Some(token)
-            }
-            Err(error) => {
-                warn!(
-                    machine_id = self.machine_id,
-                    "logging in to CrowdSec's Local API failed: {error}"
-                );
-                if matches!(error, Error::LapiUnreachable(_)) {
-                    self.metrics.reachable.set(0);
-                }
-                None
-            }
-        }
+    /// A new token, counted.
+    async fn login(&self) -> Result<String, Error> {
+        let result = self.lapi.login(&self.machine_id, &self.password).await;
+        self.metrics
+            .logins(if result.is_ok() { "ok" } else { "failed" })
+            .inc();
+        self.metrics.reachable.set(i64::from(answered(&result)));
+        result
     }
+}
+
+/// Whether LAPI answered, even with a refusal: not when it could not be reached or its
+/// certificate was not trusted.
+fn answered<T>(result: &Result<T, Error>) -> bool {
+    !matches!(
+        result,
+        Err(Error::LapiUnreachable(_) | Error::LapiCertificate(_))
+    )
 }
 
 /// Sleeps until `at`; at once when `None`.

@@ -10,6 +10,10 @@ use std::{
 };
 
 use reqwest::Url;
+use rustls::pki_types::{
+    CertificateDer,
+    pem::{self, PemObject},
+};
 use serde_saphyr::Spanned;
 
 use crate::{
@@ -24,6 +28,7 @@ pub(crate) const CROWDSEC_KEYS: &[&str] = &[
     "machine_id",
     "password_file",
     "pull_interval",
+    "ca_file",
 ];
 
 const EXPECTED_URL: &str =
@@ -31,6 +36,9 @@ const EXPECTED_URL: &str =
 const EXPECTED_PATH: &str = "an absolute path";
 const EXPECTED_MACHINE: &str = "a machine name as `cscli machines add` took it";
 const EXPECTED_INTERVAL: &str = "a duration from 1s to 1h, such as 10s";
+
+/// A CA bundle is a few certificates; anything larger is not one.
+const MAX_CA_BYTES: u64 = 1 << 20;
 
 /// A credential file is a line or two; anything larger is not one.
 const MAX_SECRET_BYTES: u64 = 4096;
@@ -45,6 +53,15 @@ pub struct CrowdsecConfig {
     /// With `password_file`, enables the watcher: local bans pushed to LAPI as alerts.
     pub machine: Option<Machine>,
     pub pull_interval: Duration,
+    /// The only CA trusted for LAPI's certificate, when set; the system's otherwise.
+    pub ca: Option<CaFile>,
+}
+
+/// A private CA's certificates (PEM), read and checked when the file is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFile {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +88,7 @@ pub(crate) fn differences(
         config.and_then(|c| c.machine.as_ref().map(|m| m.password_file.clone()))
     };
     let interval = |config: Option<&CrowdsecConfig>| config.map(|c| c.pull_interval);
+    let ca = |config: Option<&CrowdsecConfig>| config.and_then(|c| c.ca.clone());
     vec![
         ("crowdsec.lapi_url", lapi_url(old) != lapi_url(new)),
         ("crowdsec.bouncer_key_file", key_file(old) != key_file(new)),
@@ -80,6 +98,7 @@ pub(crate) fn differences(
             password_file(old) != password_file(new),
         ),
         ("crowdsec.pull_interval", interval(old) != interval(new)),
+        ("crowdsec.ca_file", ca(old) != ca(new)),
     ]
 }
 
@@ -117,6 +136,16 @@ impl Checker {
             DEFAULT_PULL_INTERVAL,
             |c, f| c.value(f, EXPECTED_INTERVAL, pull_interval),
         );
+        let ca = self.setting(&mut fields, "ca_file", None, |c, f| {
+            let path = c.value(f, EXPECTED_PATH, absolute_path)?;
+            match read_ca(&path) {
+                Ok(pem) => Some(Some(CaFile { path, pem })),
+                Err(reason) => {
+                    c.report(f.value.referenced, format!("ca_file: {reason}"));
+                    None
+                }
+            }
+        });
         let machine = match (machine_id, password_file) {
             (Some(id), Some(password_file)) => Some(Some(Machine {
                 id: id?,
@@ -157,6 +186,7 @@ impl Checker {
             bouncer_key_file: bouncer_key_file?,
             machine: machine?,
             pull_interval: pull_interval?,
+            ca: ca?,
         }))
     }
 }
@@ -219,6 +249,49 @@ fn pull_interval(text: &str) -> Result<Duration, Invalid> {
         )),
         interval => Ok(interval),
     }
+}
+
+/// The certificates of a CA file, which must hold at least one and nothing that is not one.
+fn read_ca(path: &Path) -> Result<Vec<u8>, String> {
+    let shown = path.display();
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|error| format!("cannot open {shown}: {error}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|error| format!("cannot read {shown}: {error}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    let mut pem = Vec::new();
+    file.take(MAX_CA_BYTES + 1)
+        .read_to_end(&mut pem)
+        .map_err(|error| format!("cannot read {shown}: {error}"))?;
+    if pem.len() as u64 > MAX_CA_BYTES {
+        return Err(format!(
+            "{shown} is over {MAX_CA_BYTES} bytes: not a CA file"
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|error| match error {
+            pem::Error::MissingSectionEnd { .. } => {
+                format!("{shown} is not PEM: a section has no END line")
+            }
+            error => format!("{shown} is not PEM: {error}"),
+        })?;
+        roots
+            .add(cert)
+            .map_err(|error| format!("{shown} holds a certificate that is not valid: {error}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "{shown} holds no PEM certificate (BEGIN CERTIFICATE)"
+        ));
+    }
+    Ok(pem)
 }
 
 /// The secret in a credential file: its first line. The file must be a regular file owned by
@@ -373,6 +446,80 @@ mod tests {
         for (yaml, expected) in cases {
             assert_eq!(parse(yaml), Err(vec![expected.to_string()]), "{yaml}");
         }
+    }
+
+    /// A self-signed CA certificate (EC P-256), only ever read, never trusted for anything.
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBnTCCAUOgAwIBAgIUGuBULCsfyZfdh05uuebCtBn6cQowCgYIKoZIzj0EAwIw\n\
+GzEZMBcGA1UEAwwQU2VudGluZWwgdGVzdCBDQTAgFw0yNjEyMDIwOTI5MzdaGA8y\n\
+MTI2MTEwODA5MjkzN1owGzEZMBcGA1UEAwwQU2VudGluZWwgdGVzdCBDQTBZMBMG\n\
+ByqGSM49AgEGCCqGSM49AwEHA0IABHW9EfujGtHPYn3w5xfwHa7bJEh3iozaa0Ic\n\
+hlIToxuMCDjgDVcmUfQ3ADP96wopW/3hJfBiFevwpI1cfObyOKmjYzBhMB0GA1Ud\n\
+DgQWBBSxHR0R3bNHiBofZt4gKUMxJoI1bDAfBgNVHSMEGDAWgBSxHR0R3bNHiBof\n\
+Zt4gKUMxJoI1bDAPBgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB/wQEAwICBDAKBggq\n\
+hkjOPQQDAgNIADBFAiBj05dUsGL5OYu31z71q2qz6usbQ8Aq3xYm5olTEaiMRgIh\n\
+AOJ19sR6K6Xp5d23KG6Ylvhy6IbZBO2h/UZ4CQo4GU9Z\n\
+-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn a_ca_file_is_read_when_the_file_is_checked_and_refused_where_it_is_named() {
+        let dir = std::env::temp_dir().join(format!("sentinel-ca-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        fs::write(&ca, TEST_CA).unwrap();
+        let section = |path: &Path| {
+            format!(
+                "crowdsec:\n  lapi_url: https://lapi.example.org\n  bouncer_key_file: /k\n  \
+                 ca_file: {}\n",
+                path.display()
+            )
+        };
+        let config = parse(&section(&ca)).unwrap().unwrap();
+        assert_eq!(
+            config.ca,
+            Some(CaFile {
+                path: ca.clone(),
+                pem: TEST_CA.as_bytes().to_vec()
+            })
+        );
+        let not_pem = dir.join("key.txt");
+        fs::write(&not_pem, "0123abcd\n").unwrap();
+        let cut = dir.join("cut.pem");
+        fs::write(&cut, &TEST_CA[..200]).unwrap();
+        let missing = dir.join("missing.pem");
+        let cases = [
+            (
+                missing.clone(),
+                format!(
+                    "cannot open {}: No such file or directory (os error 2)",
+                    missing.display()
+                ),
+            ),
+            (
+                dir.clone(),
+                format!("{} is not a regular file", dir.display()),
+            ),
+            (
+                not_pem.clone(),
+                format!(
+                    "{} holds no PEM certificate (BEGIN CERTIFICATE)",
+                    not_pem.display()
+                ),
+            ),
+            (
+                cut.clone(),
+                format!("{} is not PEM: a section has no END line", cut.display()),
+            ),
+        ];
+        for (path, reason) in cases {
+            assert_eq!(
+                parse(&section(&path)),
+                Err(vec![format!("c.yaml:4:12: ca_file: {reason}")]),
+                "{}",
+                path.display()
+            );
+        }
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -22,6 +22,16 @@ use crate::{
 /// took: not a longer ban.
 const RELISTED_SLACK: Duration = Duration::from_secs(2);
 
+/// What `sentinel unban` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unbanned {
+    /// The network lifted (an IPv6 address is widened to its prefix).
+    pub net: IpNet,
+    /// For a ban from the fleet: how long it stays lifted on this host only, until it would
+    /// have ended; the decision stays in LAPI.
+    pub fleet_override: Option<Duration>,
+}
+
 pub(super) struct FleetLink {
     metrics: FleetMetrics,
     /// `None` when the watcher is off.
@@ -189,9 +199,15 @@ impl SshGuard {
 
     /// `sentinel unban` of a fleet ban: lifted on this host only, until it would have ended;
     /// the decision stays in LAPI, where `cscli decisions delete` ends it for the whole fleet.
-    pub(super) fn override_fleet_ban(&mut self, net: IpNet, until: Option<Instant>) {
+    /// Returns how long the override lasts.
+    pub(super) fn override_fleet_ban(
+        &mut self,
+        net: IpNet,
+        now: Instant,
+        until: Option<Instant>,
+    ) -> Option<Duration> {
         let (Some(link), Some(until)) = (&mut self.fleet, until) else {
-            return;
+            return None;
         };
         link.overrides.insert(net, until);
         warn!(
@@ -199,6 +215,7 @@ impl SshGuard {
             "a fleet ban was lifted on this host only, until it would have ended; the decision \
              stays in CrowdSec's Local API (`cscli decisions delete --ip` ends it for the fleet)"
         );
+        Some(until.saturating_duration_since(now))
     }
 
     /// Hands a ban just made to the watcher, which pushes it to LAPI; never waits.

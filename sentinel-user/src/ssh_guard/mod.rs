@@ -20,11 +20,11 @@ use std::{
 
 use tracing::{error, info, warn};
 
-pub use self::metrics::SshGuardMetrics;
 use self::{
     audit::{AuditAction, AuditLog, AuditRecord},
     engine::{BanEngine, GuardRules, Verdict},
 };
+pub use self::{fleet::Unbanned, metrics::SshGuardMetrics};
 use crate::{
     Error,
     cgroup::guardian::ProcessHandle,
@@ -99,7 +99,7 @@ pub enum Control {
     },
     Unban {
         net: IpNet,
-        reply: Sender<Result<IpNet, String>>,
+        reply: Sender<Result<Unbanned, String>>,
     },
 }
 
@@ -549,16 +549,15 @@ impl SshGuard {
             }
             Control::Unban { net, reply } => {
                 let net = self.operator_target(net);
-                let result = self.commit(|firewall| firewall.unban(&[net]));
-                if result.is_ok() {
+                let result = self.commit(|firewall| firewall.unban(&[net])).map(|()| {
                     let ends = self.engine.ban_end(&net);
                     self.engine.lift(&net);
                     self.state.mark_changed();
                     let lifted = self.reasons.remove(&net);
                     let fleet_ban = lifted.is_some_and(|(reason, _)| is_fleet_reason(&reason));
-                    if fleet_ban {
-                        self.override_fleet_ban(net, ends);
-                    }
+                    let fleet_override = fleet_ban
+                        .then(|| self.override_fleet_ban(net, now, ends))
+                        .flatten();
                     self.audit(AuditRecord::new(
                         AuditAction::Unban,
                         &net,
@@ -570,8 +569,12 @@ impl SshGuard {
                         0,
                         None,
                     ));
-                }
-                let _ = reply.send(result.map(|()| net));
+                    Unbanned {
+                        net,
+                        fleet_override,
+                    }
+                });
+                let _ = reply.send(result);
             }
         }
         self.update_gauges();
