@@ -390,14 +390,17 @@ fn sigint_stops_the_daemon_the_same_way() {
 }
 
 /// The parts of a daemon without the SSH guard.
-const COMPONENTS: [&str; 9] = [
+const COMPONENTS: [&str; 12] = [
     "alerts reader",
+    "allowed executables watch",
     "config watcher",
+    "containment",
     "control socket",
     "enforcer",
     "events reader",
     "metrics server",
     "probe keeper",
+    "recent events",
     "resource refresh",
     "ssh events reader",
 ];
