@@ -62,6 +62,8 @@ const MAX_RESOURCE_REFRESH: Duration = Duration::from_secs(3600);
 
 /// A removed service's series stay this long, so that scrapes see its final values.
 const DEFAULT_FORGET_REMOVED_AFTER: Duration = Duration::from_secs(600);
+/// Below a second, a scrape could miss a removed service's final values.
+const MIN_FORGET_REMOVED_AFTER: Duration = Duration::from_secs(1);
 /// Beyond a day, label slots of long-gone services would crowd out live ones.
 const MAX_FORGET_REMOVED_AFTER: Duration = Duration::from_secs(86_400);
 
@@ -397,15 +399,11 @@ impl Checker {
             defaults.resource_refresh,
             |checker, field| {
                 checker.value(field, EXPECTED_REFRESH, |text| {
-                    match parse_duration(text)? {
-                        every if every < MIN_RESOURCE_REFRESH => {
-                            Err(Invalid::Because("must be at least 1s"))
-                        }
-                        every if every > MAX_RESOURCE_REFRESH => {
-                            Err(Invalid::Because("must be at most 1h"))
-                        }
-                        every => Ok(every),
-                    }
+                    duration_between(
+                        text,
+                        (MIN_RESOURCE_REFRESH, "must be at least 1s"),
+                        (MAX_RESOURCE_REFRESH, "must be at most 1h"),
+                    )
                 })
             },
         );
@@ -460,14 +458,12 @@ impl Checker {
             "forget_removed_after",
             defaults.forget_removed_after,
             |checker, field| {
-                checker.value(field, EXPECTED_FORGET, |text| match parse_duration(text)? {
-                    after if after < MIN_RESOURCE_REFRESH => {
-                        Err(Invalid::Because("must be at least 1s"))
-                    }
-                    after if after > MAX_FORGET_REMOVED_AFTER => {
-                        Err(Invalid::Because("must be at most 1d"))
-                    }
-                    after => Ok(after),
+                checker.value(field, EXPECTED_FORGET, |text| {
+                    duration_between(
+                        text,
+                        (MIN_FORGET_REMOVED_AFTER, "must be at least 1s"),
+                        (MAX_FORGET_REMOVED_AFTER, "must be at most 1d"),
+                    )
                 })
             },
         );
@@ -476,6 +472,19 @@ impl Checker {
             cgroup_backend: cgroup_backend?,
             forget_removed_after: forget_removed_after?,
         })
+    }
+}
+
+/// A duration from `min` to `max`; each bound comes with the reason a value beyond it is refused.
+fn duration_between(
+    text: &str,
+    min: (Duration, &'static str),
+    max: (Duration, &'static str),
+) -> Result<Duration, Invalid> {
+    match parse_duration(text)? {
+        duration if duration < min.0 => Err(Invalid::Because(min.1)),
+        duration if duration > max.0 => Err(Invalid::Because(max.1)),
+        duration => Ok(duration),
     }
 }
 
