@@ -175,6 +175,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
             systemd::booted().then(|| SystemdBus::new(tokio::runtime::Handle::current())),
             containment_audit_log(&config)?,
             ContainmentMetrics::new(metrics.registry_mut(), attribution.clone()),
+            recent.clone(),
         )?,
         &components,
         &queue_drops,

@@ -1,6 +1,6 @@
 //! The daemon's recent events, for the events pane of `sentinel top`: enforcement actions
 //! (limits set or failed, SIGTERM and SIGKILL sent, drift put back), OOM kills, the SSH guard's
-//! audit records (bans, unbans, fleet bans, skipped bans) and reloads.
+//! audit records (bans, unbans, fleet bans, skipped bans), containment actions and reloads.
 //!
 //! One task owns the log. The parts that act send it what they did through a bounded queue,
 //! from the same place they count it or write it to the audit log; what does not fit is
@@ -28,11 +28,13 @@ pub struct RecentEvent {
     pub time: String,
     /// An enforcement action as `sentinel_actions_total` counts it (`set_limits`, `sigterm`,
     /// `sigkill`, `failed`, ...), `drift`, `oom_kill`, an audit action (`ban`, `unban`, `skip`,
-    /// `would_ban`), `reload` or `reload_refused`.
+    /// `would_ban`), a containment action as its audit record names it (`alert`, `kill`,
+    /// `freeze`, `isolate`, `would_kill`, ..., `release`), `reload` or `reload_refused`.
     pub kind: String,
     /// The service, the address, or for reloads what started it.
     pub subject: String,
-    /// What else is known: the reason of a ban, the process an OOM kill took; may be empty.
+    /// What else is known: the reason of a ban, the process an OOM kill took, the file a
+    /// contained service executed; may be empty.
     pub detail: String,
 }
 

@@ -82,6 +82,19 @@ impl Lab {
             .collect()
     }
 
+    /// The events `sentinel top --json` lists for this service, oldest first.
+    fn recent_events(&self) -> Vec<serde_json::Value> {
+        let top: serde_json::Value =
+            serde_json::from_str(&self.daemon.control(&["top", "--json"])).expect("top's JSON");
+        top["events"]
+            .as_array()
+            .expect("an events array")
+            .iter()
+            .filter(|event| event["subject"] == self.service())
+            .cloned()
+            .collect()
+    }
+
     fn frozen(&self) -> Option<String> {
         let events = fs::read_to_string(self.cgroup.path().join("cgroup.events")).ok()?;
         events
@@ -200,6 +213,31 @@ fn freeze_leaves_the_service_frozen_until_it_is_released() {
     assert_eq!(lab.count(ACTIONS, Some("freeze")), 1);
     assert_eq!(lab.count(ACTIONS, Some("release")), 1);
     assert_eq!(lab.audited(), ["freeze", "release"]);
+    // The operator's events pane shows the same two actions, stamped as the audit log has them.
+    let records = audit_records(&lab.dir.path().join("audit.log"));
+    let mut events = Vec::new();
+    let both = eventually(WAIT, || {
+        events = lab.recent_events();
+        events.len() == 2
+    });
+    assert!(both, "{events:#?}");
+    assert_eq!(
+        events,
+        [
+            serde_json::json!({
+                "time": records[0]["time"],
+                "kind": "freeze",
+                "subject": lab.service(),
+                "detail": format!("/bin/sleep (pid {})", sleeper.id()),
+            }),
+            serde_json::json!({
+                "time": records[1]["time"],
+                "kind": "release",
+                "subject": lab.service(),
+                "detail": "",
+            }),
+        ]
+    );
     let status = lab.daemon.control(&["status"]);
     assert!(
         status.contains("containment: no service is held"),

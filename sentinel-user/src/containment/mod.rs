@@ -34,6 +34,7 @@ use crate::{
     firewall::Isolation,
     policy::{Mode, OnViolation, Policy, ServicePolicy},
     queue::Queue,
+    recent::Recorder,
     ssh_guard::audit::{AuditLog, rfc3339},
     systemd::SystemdBus,
 };
@@ -113,6 +114,20 @@ struct AuditEntry<'a> {
     error: Option<String>,
 }
 
+impl AuditEntry<'_> {
+    /// What the events pane shows after the service: `/bin/sh (pid 42)`, and why it failed.
+    fn detail(&self) -> String {
+        let mut detail = self.executable.unwrap_or_default().to_owned();
+        if let Some(pid) = self.pid {
+            detail.push_str(&format!(" (pid {pid})"));
+        }
+        if let Some(error) = &self.error {
+            detail.push_str(&format!(": {error}"));
+        }
+        detail.trim_start().to_owned()
+    }
+}
+
 /// The kernel's view of containment, written only by [`Containment`].
 pub struct KernelMaps {
     pub cgroups: KernelMap<MapData, u64, ContainedCgroup>,
@@ -157,6 +172,8 @@ pub struct Containment {
     isolation_netns: Option<PathBuf>,
     audit: Option<AuditLog>,
     metrics: ContainmentMetrics,
+    /// What `sentinel top` shows among recent events: each audited action.
+    recent: Recorder,
     watcher: Arc<Inotify>,
     watched: HashMap<PathBuf, WatchDescriptor>,
     /// On a host booted with systemd: a unit's cgroup is frozen through systemd
@@ -179,6 +196,7 @@ impl Containment {
         systemd: Option<SystemdBus>,
         audit: Option<AuditLog>,
         metrics: ContainmentMetrics,
+        recent: Recorder,
     ) -> Result<Self, Error> {
         let watcher =
             Inotify::init(InitFlags::IN_CLOEXEC).map_err(|errno| Error::ExecWatch(errno.into()))?;
@@ -193,6 +211,7 @@ impl Containment {
             isolation_netns: netns,
             audit,
             metrics,
+            recent,
             watcher: Arc::new(watcher),
             watched: HashMap::new(),
             systemd,
@@ -640,12 +659,15 @@ impl Containment {
         Ok(self.isolation.as_ref().expect("set up above"))
     }
 
+    /// Appends `entry` to the audit log and to the recent events.
     fn audit(&mut self, entry: &AuditEntry<'_>) {
         if let Some(log) = &mut self.audit
             && let Err(error) = log.append(entry)
         {
             error!("cannot write the audit log: {error}");
         }
+        self.recent
+            .record_at(entry.time.clone(), entry.action, entry.service, entry.detail());
     }
 
     fn publish(&self) {
