@@ -31,6 +31,7 @@ pub enum EventKind {
     SshAuthFailure = 7,
     SshSessionOpened = 8,
     ExecViolation = 9,
+    SshPreauthEnd = 10,
 }
 
 impl EventKind {
@@ -45,6 +46,7 @@ impl EventKind {
             7 => Self::SshAuthFailure,
             8 => Self::SshSessionOpened,
             9 => Self::ExecViolation,
+            10 => Self::SshPreauthEnd,
             _ => return None,
         })
     }
@@ -102,7 +104,8 @@ pub struct CgroupEvent {
 }
 
 /// An sshd process finished a PAM step: a failed `pam_authenticate`, or a successful
-/// `pam_open_session` (a user is logged in from `rhost`).
+/// `pam_open_session` (a user is logged in from `rhost`); or sshd's monitor for `rhost`
+/// ended before either (the connection ended before authenticating).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SshAuthEvent {

@@ -5,6 +5,13 @@
 //! reported with that address. No libpam struct is read, and never the password: only the
 //! `PAM_RHOST` item's string and the return codes.
 //!
+//! Attackers that never reach `pam_authenticate` (refused public keys, unknown users on a
+//! key-only server) are seen too: sshd starts PAM, with `PAM_RHOST`, in its privileged monitor
+//! process as soon as the client names a user, and the same process opens the PAM session
+//! after a successful login. A monitor that exits having done neither (and no failed
+//! `pam_authenticate` either, which is counted already) ended its connection before
+//! authenticating: reported at `sched_process_exit`.
+//!
 //! The uprobes fire in every process that calls libpam, so only the real sshd counts: a task
 //! running as root (sshd's PAM monitor does; an unprivileged user, even root in a user
 //! namespace, does not) whose executable is one of the sshd binaries the daemon lists by inode.
@@ -15,9 +22,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         bpf_probe_read_user_str_bytes,
     },
-    macros::{map, uprobe, uretprobe},
+    macros::{map, raw_tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap},
-    programs::{ProbeContext, RetProbeContext},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use sentinel_common::{EventKind, LossKind, MAX_SSHD_EXECUTABLES, RHOST_LEN, SshAuthEvent};
 
@@ -36,6 +43,11 @@ static PAM_RHOSTS: LruHashMap<u64, [u8; RHOST_LEN]> = LruHashMap::with_max_entri
 /// Thread (pid_tgid) -> the PAM handle of its `pam_authenticate`/`pam_open_session` in flight.
 #[map]
 static PAM_CALLS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// sshd monitor processes (tgid) whose client named a user and has not authenticated yet ->
+/// the client's `PAM_RHOST`.
+#[map]
+static PREAUTH: LruHashMap<u32, [u8; RHOST_LEN]> = LruHashMap::with_max_entries(4096, 0);
 
 /// Inodes of the sshd executables (sshd, sshd-session, sshd-auth), kept current by the daemon.
 #[map]
@@ -75,6 +87,7 @@ pub fn sentinel_pam_rh(ctx: ProbeContext) -> u32 {
     // SAFETY: reads a user-space string; a bad pointer yields an error.
     if unsafe { bpf_probe_read_user_str_bytes(item, &mut rhost) }.is_ok() {
         let _ = PAM_RHOSTS.insert(pamh, rhost, 0);
+        let _ = PREAUTH.insert(current_tgid(), rhost, 0);
     }
     0
 }
@@ -106,6 +119,28 @@ pub fn sentinel_pam_so(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// A process ends: an sshd monitor still in [`PREAUTH`] ended its connection before
+/// authenticating. Runs for every exiting task, so it does one lookup and nothing else.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn sentinel_sshd_exit(_ctx: RawTracePointContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // Only the whole process's end (its main thread); sshd's monitor has no other threads.
+    if pid_tgid as u32 != tgid {
+        return;
+    }
+    // SAFETY: map lookup; the value is copied out before the entry is removed.
+    let Some(rhost) = (unsafe { PREAUTH.get(tgid) }).copied() else {
+        return;
+    };
+    let _ = PREAUTH.remove(tgid);
+    submit(EventKind::SshPreauthEnd, tgid, 0, rhost);
+}
+
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
 #[inline(always)]
 fn report(kind: EventKind, result: i32, wanted: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -121,16 +156,25 @@ fn report(kind: EventKind, result: i32, wanted: bool) {
     let Some(rhost) = (unsafe { PAM_RHOSTS.get(pamh) }).copied() else {
         return;
     };
+    // A failure is counted in full, a session is a login: either way this connection's end
+    // is not a pre-authentication disconnect.
+    let tgid = (pid_tgid >> 32) as u32;
+    let _ = PREAUTH.remove(tgid);
+    submit(kind, tgid, result, rhost);
+}
+
+#[inline(always)]
+fn submit(kind: EventKind, pid: u32, pam_result: i32, rhost: [u8; RHOST_LEN]) {
     let Some(mut entry) = SSH_EVENTS.reserve::<SshAuthEvent>(0) else {
         record_loss(LossKind::Ssh);
         return;
     };
     entry.write(SshAuthEvent {
         kind: kind as u32,
-        pid: (pid_tgid >> 32) as u32,
+        pid,
         // SAFETY: helper without preconditions.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        pam_result: result,
+        pam_result,
         _pad: 0,
         rhost,
     });

@@ -42,6 +42,36 @@ pub const SSH_OPTIONS: &[&str] = &[
     "ConnectTimeout=3",
 ];
 
+/// `ssh` options for logging in with keys only, each key file given with `-i`, in order.
+const KEY_SSH_OPTIONS: &[&str] = &[
+    "-F",
+    "/dev/null",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "IdentitiesOnly=yes",
+    "-o",
+    "PreferredAuthentications=publickey",
+    "-o",
+    "ConnectTimeout=3",
+];
+
+/// How the test's sshd lets users in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SshdAuth {
+    /// Passwords through PAM, as the SSH guard's failures need.
+    Password,
+    /// Public keys only (`PasswordAuthentication no`), as hardened servers run: attackers never
+    /// reach `pam_authenticate`. Keys are listed in `DIR/authorized_keys`.
+    KeysOnly,
+}
+
 /// A session whose packets are dropped ends within seconds instead of hanging the test. Not for
 /// the failing logins: the same limit applies to waiting for the answer to a password, which
 /// sshd gives only after PAM's failure delay, rounded up by sshd to hide timings (up to ~4 s).
@@ -122,6 +152,24 @@ impl Peer {
         command
     }
 
+    /// `ssh -l USER -i KEY... SERVER REMOTE_COMMAND` from this peer's address, offering the
+    /// keys in order and no password.
+    pub fn ssh_with_keys(&self, user: &str, keys: &[&Path], remote_command: &str) -> Command {
+        let mut command = self.netns.command("ssh");
+        command.args(KEY_SSH_OPTIONS);
+        for key in keys {
+            command.arg("-i").arg(key);
+        }
+        command
+            .arg("-b")
+            .arg(self.address.to_string())
+            .args(["-l", user])
+            .arg(self.server.to_string())
+            .arg(remote_command)
+            .stdin(Stdio::null());
+        command
+    }
+
     pub fn can_connect(&self) -> bool {
         self.netns.connect(self.address, self.sshd()).is_ok()
     }
@@ -161,25 +209,18 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start(server: &Netns, listen: &[IpAddr], dir: &Path) -> Self {
+        Self::start_with(server, listen, dir, SshdAuth::Password)
+    }
+
+    /// An sshd that lets users in as `auth` says.
+    pub fn start_with(server: &Netns, listen: &[IpAddr], dir: &Path, auth: SshdAuth) -> Self {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} is missing: install openssh-server"
         );
         // sshd refuses to start without its privilege separation directory.
         fs::create_dir_all("/run/sshd").expect("create /run/sshd");
-        let host_key = dir.join("ssh_host_ed25519_key");
-        run(
-            "ssh-keygen",
-            &[
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-f",
-                &host_key.to_string_lossy(),
-            ],
-        );
+        let host_key = key_pair(&dir.join("ssh_host_ed25519_key"));
         let listen_lines: String = listen
             .iter()
             .map(|address| format!("ListenAddress {}\n", SocketAddr::new(*address, SSH_PORT)))
@@ -191,16 +232,25 @@ impl Sshd {
                 "{listen_lines}HostKey {}
 PidFile {}
 UsePAM yes
-PasswordAuthentication yes
-KbdInteractiveAuthentication no
-PubkeyAuthentication no
+{authentication}KbdInteractiveAuthentication no
 PermitRootLogin no
 UseDNS no
 # Attackers connect many at a time; sshd's own throttling must not turn them away.
 MaxStartups 100
 ",
                 host_key.display(),
-                dir.join("sshd.pid").display()
+                dir.join("sshd.pid").display(),
+                authentication = match auth {
+                    SshdAuth::Password =>
+                        "PasswordAuthentication yes\nPubkeyAuthentication no\n".to_owned(),
+                    // The key file lives in the test's directory, under /tmp, which StrictModes
+                    // would refuse as world-writable.
+                    SshdAuth::KeysOnly => format!(
+                        "PasswordAuthentication no\nPubkeyAuthentication yes\n\
+                         AuthorizedKeysFile {}\nStrictModes no\n",
+                        dir.join("authorized_keys").display()
+                    ),
+                },
             ),
         )
         .expect("write sshd_config");
@@ -269,6 +319,23 @@ impl Drop for Sshd {
         let _ = self.process.kill();
         let _ = self.process.wait();
     }
+}
+
+/// A new ed25519 key pair at `path` (private) and `path.pub`.
+pub fn key_pair(path: &Path) -> PathBuf {
+    run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            &path.to_string_lossy(),
+        ],
+    );
+    path.to_owned()
 }
 
 /// A local account with a known password for the successful logins, removed on drop.

@@ -18,7 +18,9 @@ use sentinel_tests::{
     Daemon, Scrape, TempDir, assert_promtool_clean, audit_records, eventually, free_port,
     netlab::{Netns, SetElement},
     rfc3339_millis, sentinel_bin, serial,
-    sshlab::{Peer, SESSION_SSH_OPTIONS, SSH_PORT, Sshd, TestUser, USER_PASSWORD},
+    sshlab::{
+        Peer, SESSION_SSH_OPTIONS, SSH_PORT, Sshd, SshdAuth, TestUser, USER_PASSWORD, key_pair,
+    },
     testkit_bin,
 };
 
@@ -43,6 +45,7 @@ const ALLOWED: &str = "192.0.2.0/24";
 const FORGED_VICTIM: &str = "198.51.100.77";
 
 const FAILURES: &str = "sentinel_ssh_auth_failures_total";
+const PREAUTH: &str = "sentinel_ssh_preauth_disconnects_total";
 const BANS: &str = "sentinel_bans_total";
 const SKIPPED: &str = "sentinel_bans_skipped_total";
 const BANNED: &str = "sentinel_banned_addresses";
@@ -66,6 +69,11 @@ struct SshLab {
 
 impl SshLab {
     fn new() -> Self {
+        Self::with_sshd(SshdAuth::Password)
+    }
+
+    /// The lab with an sshd that lets users in as `auth` says.
+    fn with_sshd(auth: SshdAuth) -> Self {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the SSH guard tests need root"
@@ -82,10 +90,11 @@ impl SshLab {
         );
         let trusted = Peer::link(&server, "trusted", TRUSTED_SERVER, &[TRUSTED_CLIENT.into()]);
         let user = TestUser::create(dir.path());
-        let sshd = Sshd::start(
+        let sshd = Sshd::start_with(
             &server,
             &[first.server, second.server, v6.server, trusted.server],
             dir.path(),
+            auth,
         );
         Self {
             sshd,
@@ -372,6 +381,91 @@ fn each_attacker_is_banned_at_exactly_max_failures() {
     daemon.await_count(BANNED, &[("family", "ipv4")], 2, WAIT);
     daemon.await_count(BANNED, &[("family", "ipv6")], 1, WAIT);
     assert_eq!(daemon.scrape().count(FAILURES, &[]), failures);
+    // A connection whose password failed is that failure, not also a pre-auth disconnect.
+    assert_eq!(daemon.scrape().count(PREAUTH, &[]), 0);
+}
+
+/// Public keys only, as hardened servers run: `a_key_only_server_...` attacks it with keys it
+/// does not know, and logs in with one it does.
+#[test]
+fn a_key_only_server_bans_refused_keys_and_unknown_users_but_never_a_login_after_a_refused_key() {
+    let _serial = serial();
+    let lab = SshLab::with_sshd(SshdAuth::KeysOnly);
+    let refused = key_pair(&lab.dir.path().join("refused_key"));
+    let accepted = key_pair(&lab.dir.path().join("accepted_key"));
+    let public = fs::read_to_string(accepted.with_extension("pub")).expect("the public key");
+    fs::write(lab.dir.path().join("authorized_keys"), public).expect("authorize the key");
+    let daemon = lab.start_daemon("1h");
+    let scrape = daemon.scrape();
+    assert_eq!(
+        scrape.value("sentinel_probe_attached", &[("program", "ssh_preauth_end")]),
+        1.0
+    );
+    assert_eq!(scrape.count(PREAUTH, &[]), 0);
+
+    // The administrator's client offers a key the server refuses, then the right one.
+    let login = lab
+        .second
+        .ssh_with_keys(&lab.user.name, &[&refused, &accepted], "true")
+        .output()
+        .expect("run ssh");
+    assert!(
+        login.status.success(),
+        "the key login failed: {}\nsshd:\n{}",
+        String::from_utf8_lossy(&login.stderr),
+        lab.sshd.log()
+    );
+    assert!(
+        eventually(WAIT, || lab.session_monitors().is_empty()),
+        "the login's sshd monitor did not end"
+    );
+
+    // The attacker: refused keys for the real account and for unknown ones, in turn. With
+    // `preauth_weight: 0.5`, nine such connections weigh 4.5 failures...
+    let attempt = |n: u64| {
+        let user = if n % 2 == 0 {
+            format!("no-such-user-{n}")
+        } else {
+            lab.user.name.clone()
+        };
+        let output = lab
+            .first
+            .ssh_with_keys(&user, &[&refused], "true")
+            .output()
+            .expect("run ssh");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains("Permission denied (publickey)"),
+            "attempt {n} as {user} ended otherwise ({}): {stderr}\nsshd:\n{}",
+            output.status,
+            lab.sshd.log()
+        );
+    };
+    for n in 0..9 {
+        attempt(n);
+    }
+    daemon.await_count(PREAUTH, &[], 9, WAIT);
+    lab.first.assert_connects();
+    lab.assert_no_bans();
+    // ...and the tenth makes five: a ban.
+    attempt(9);
+    lab.await_ban(&lab.first.offender());
+    lab.first.assert_blocked();
+    lab.second.assert_connects();
+
+    // Exactly the attacker's ten: the administrator's refused key was never counted (its
+    // event, had there been one, came first on the kernel's ring).
+    let scrape = daemon.scrape();
+    assert_eq!(scrape.count(PREAUTH, &[]), 10);
+    assert_eq!(scrape.count(FAILURES, &[]), 0);
+    assert_eq!(scrape.value("sentinel_ssh_tracked_addresses", &[]), 0.0);
+    assert_eq!(bans_for(&daemon, "ssh_failures"), 1);
+    let records = lab.audit_records();
+    let bans = records_of(&records, "ban", "ssh_failures");
+    assert_eq!(bans.len(), 1, "{bans:?}");
+    assert_eq!(bans[0]["address"], lab.first.offender());
+    assert_eq!(bans[0]["failures"], 10);
+    assert_eq!(lab.banned_nets(), [lab.first.offender()]);
 }
 
 #[test]
@@ -774,6 +868,8 @@ fn a_local_user_cannot_forge_failures_or_sessions() {
     lab.first.assert_blocked();
     // The ring buffer keeps order: forged events, had they counted, came before the real ones.
     assert_eq!(daemon.scrape().count(FAILURES, &[]), MAX_FAILURES);
+    // Nor does a forger that ends without a session count as a pre-auth disconnect.
+    assert_eq!(daemon.scrape().count(PREAUTH, &[]), 0);
     assert_none_skipped_for(&daemon, "active_session");
     assert_eq!(lab.banned_nets(), [lab.first.offender()]);
     drop(session.stdin.take());

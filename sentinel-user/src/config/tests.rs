@@ -229,6 +229,32 @@ fn ban_lengths_stay_within_what_the_firewall_sets() {
         ]
     );
     assert_eq!(
+        problems("ssh_guard:\n  preauth_weight: 1.5\n"),
+        [
+            "c.yaml:2:19: preauth_weight: must be from 0 (pre-authentication disconnects not \
+             counted) to 1 (counted as a failed password), found 1.5"
+        ]
+    );
+    assert_eq!(
+        problems("ssh_guard: {preauth_weight: 0.333}\n"),
+        ["c.yaml:1:29: preauth_weight: must have at most two decimal places, found 0.333"]
+    );
+    assert_eq!(
+        problems("ssh_guard: {preauth_weight: half}\n"),
+        ["c.yaml:1:29: preauth_weight: expected a number from 0 to 1, such as 0.5, found \"half\""]
+    );
+    for (text, hundredths) in [("0", 0), ("0.25", 25), ("1", 100)] {
+        let config = Config::parse(
+            "c.yaml",
+            &format!("ssh_guard: {{preauth_weight: {text}}}\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.ssh_guard.preauth_weight,
+            crate::ssh_guard::engine::Weight(hundredths)
+        );
+    }
+    assert_eq!(
         problems("metrics: {listen: 127.0.0.1:0}\nssh_guard: {max_failures: 4294967296}\n"),
         [
             "c.yaml:1:19: listen: needs a port: 0 would pick a different one at every start, \
@@ -382,7 +408,7 @@ fn a_reload_refuses_a_file_without_settings() {
 }
 
 /// The `ssh_guard` settings a reload applies to the running guard.
-const SSH_GUARD_LIVE: [&str; 10] = [
+const SSH_GUARD_LIVE: [&str; 11] = [
     "allow",
     "ban_for",
     "flush_on_exit",
@@ -392,6 +418,7 @@ const SSH_GUARD_LIVE: [&str; 10] = [
     "max_failures",
     "max_tracked",
     "multiplier",
+    "preauth_weight",
     "window",
 ];
 

@@ -666,8 +666,12 @@ impl Containment {
         {
             error!("cannot write the audit log: {error}");
         }
-        self.recent
-            .record_at(entry.time.clone(), entry.action, entry.service, entry.detail());
+        self.recent.record_at(
+            entry.time.clone(),
+            entry.action,
+            entry.service,
+            entry.detail(),
+        );
     }
 
     fn publish(&self) {

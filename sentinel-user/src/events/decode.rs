@@ -44,7 +44,7 @@ pub struct SshAuth {
     pub outcome: SshOutcome,
     /// The sshd process that ran PAM.
     pub pid: u32,
-    /// CLOCK_MONOTONIC nanoseconds when PAM returned.
+    /// CLOCK_MONOTONIC nanoseconds when PAM returned, or the monitor ended.
     pub timestamp_ns: u64,
     pub pam_result: i32,
     /// `PAM_RHOST` as sshd gave it: the client's address unless sshd resolves names.
@@ -55,6 +55,9 @@ pub struct SshAuth {
 pub enum SshOutcome {
     Failure,
     SessionOpened,
+    /// sshd's monitor for this client ended without a failed password or a session: the
+    /// connection ended before authenticating (a refused key, an unknown user).
+    PreauthEnd,
 }
 
 /// Decodes one record; `None` for a record of unknown kind or wrong size.
@@ -89,13 +92,13 @@ pub fn decode(record: &[u8]) -> Option<Event> {
                 path: c_string(&cgroup.path),
             }
         }
-        EventKind::SshAuthFailure | EventKind::SshSessionOpened => {
+        EventKind::SshAuthFailure | EventKind::SshSessionOpened | EventKind::SshPreauthEnd => {
             let ssh: SshAuthEvent = read(record)?;
             Event::Ssh(SshAuth {
-                outcome: if kind == EventKind::SshAuthFailure {
-                    SshOutcome::Failure
-                } else {
-                    SshOutcome::SessionOpened
+                outcome: match kind {
+                    EventKind::SshAuthFailure => SshOutcome::Failure,
+                    EventKind::SshSessionOpened => SshOutcome::SessionOpened,
+                    _ => SshOutcome::PreauthEnd,
                 },
                 pid: ssh.pid,
                 timestamp_ns: ssh.timestamp_ns,

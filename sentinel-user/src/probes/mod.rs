@@ -162,6 +162,12 @@ const PROBES: &[ProbeSpec] = &[
         points: &[AttachPoint::Libpam("pam_open_session")],
         needs: &SSHD_FIELDS,
     },
+    ProbeSpec {
+        name: "ssh_preauth_end",
+        program: "sentinel_sshd_exit",
+        points: &[AttachPoint::RawTracepoint("sched_process_exit")],
+        needs: &[],
+    },
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -1,5 +1,6 @@
-//! The ban decisions: failures per address within a window, growing bans for repeat
-//! offenders, the allow list, the operator's open sessions, and bounded memory. Pure logic:
+//! The ban decisions: failures per address within a window (a failed password counts in
+//! full, a connection that ended before authenticating counts `preauth_weight`), growing bans
+//! for repeat offenders, the allow list, the operator's open sessions, and bounded memory. Pure logic:
 //! time comes in as arguments, the firewall and the audit log are driven by the caller.
 
 use std::{
@@ -13,6 +14,9 @@ use crate::firewall::IpNet;
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuardRules {
     pub max_failures: u32,
+    /// What an SSH connection that ended without authenticating weighs, in hundredths of a
+    /// failed password (sshguard's scoring: a failed password weighs more); 0 ignores them.
+    pub preauth_weight: Weight,
     pub window: Duration,
     pub ban_for: Duration,
     pub multiplier: f64,
@@ -25,6 +29,16 @@ pub struct GuardRules {
     pub max_tracked: usize,
     /// Bans held at once; beyond it new bans are refused (and counted).
     pub max_banned: usize,
+}
+
+/// A failure's weight in hundredths of a failed password (integers, so that ten tenths make
+/// exactly one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Weight(pub u32);
+
+impl Weight {
+    /// A failed password.
+    pub const FULL: Self = Self(100);
 }
 
 /// Why a failure did not lead to a ban although it reached the threshold.
@@ -74,8 +88,8 @@ pub struct Offense {
 
 pub struct BanEngine {
     rules: GuardRules,
-    /// Failure times within the window, per offender.
-    failures: HashMap<IpNet, VecDeque<Instant>>,
+    /// Failure times and weights within the window, per offender.
+    failures: HashMap<IpNet, VecDeque<(Instant, Weight)>>,
     /// Offenders in the order they were first tracked, for eviction (may hold stale keys).
     tracked_order: VecDeque<IpNet>,
     /// Bans so far per offender, for growing ban durations; forgotten once an offender has
@@ -160,6 +174,21 @@ impl BanEngine {
 
     /// One failed authentication from `addr` at `now`.
     pub fn failure(&mut self, now: Instant, addr: IpAddr) -> Verdict {
+        self.offend(now, addr, Weight::FULL)
+    }
+
+    /// An SSH connection from `addr` that ended at `now` without authenticating; it counts
+    /// `preauth_weight`.
+    pub fn preauth_end(&mut self, now: Instant, addr: IpAddr) -> Verdict {
+        match self.rules.preauth_weight {
+            Weight(0) => Verdict::Counted,
+            weight => self.offend(now, addr, weight),
+        }
+    }
+
+    /// Counts a failure of `weight`: a ban once the weights within the window reach
+    /// `max_failures` failed passwords.
+    fn offend(&mut self, now: Instant, addr: IpAddr, weight: Weight) -> Verdict {
         let net = self.offender(addr);
         if self.banned.get(&net).is_some_and(|until| *until > now) {
             return Verdict::Counted;
@@ -172,13 +201,14 @@ impl BanEngine {
         let times = self.failures.entry(net).or_default();
         while times
             .front()
-            .is_some_and(|t| now.duration_since(*t) >= window)
+            .is_some_and(|(t, _)| now.duration_since(*t) >= window)
         {
             times.pop_front();
         }
-        times.push_back(now);
+        times.push_back((now, weight));
         let failures = times.len() as u32;
-        if failures < self.rules.max_failures {
+        let score: u64 = times.iter().map(|(_, Weight(w))| u64::from(*w)).sum();
+        if score < u64::from(self.rules.max_failures) * u64::from(Weight::FULL.0) {
             return Verdict::Counted;
         }
         self.failures.remove(&net);
@@ -313,7 +343,7 @@ impl BanEngine {
             if let Some(times) = self.failures.remove(&oldest) {
                 let live = times
                     .back()
-                    .is_some_and(|t| now.duration_since(*t) < window);
+                    .is_some_and(|(t, _)| now.duration_since(*t) < window);
                 if live {
                     self.evicted += 1;
                 }
@@ -349,6 +379,7 @@ mod tests {
     fn rules() -> GuardRules {
         GuardRules {
             max_failures: 5,
+            preauth_weight: Weight(50),
             window: Duration::from_secs(600),
             ban_for: Duration::from_secs(600),
             multiplier: 2.0,
@@ -398,6 +429,49 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn preauth_ends_weigh_their_share_and_nothing_when_their_weight_is_zero() {
+        let mut engine = BanEngine::new(rules());
+        let now = Instant::now();
+        // Five failures ban; at 0.5 each, nine pre-auth ends do not, the tenth does.
+        for _ in 0..9 {
+            assert_eq!(engine.preauth_end(now, ip("203.0.113.7")), Verdict::Counted);
+        }
+        assert!(matches!(
+            engine.preauth_end(now, ip("203.0.113.7")),
+            Verdict::Ban { failures: 10, .. }
+        ));
+        // Mixed: four failed passwords and two pre-auth ends make five.
+        fail_n(&mut engine, now, "198.51.100.9", 4);
+        assert_eq!(
+            engine.preauth_end(now, ip("198.51.100.9")),
+            Verdict::Counted
+        );
+        assert!(matches!(
+            engine.preauth_end(now, ip("198.51.100.9")),
+            Verdict::Ban { failures: 6, .. }
+        ));
+        // Ten tenths make exactly one failed password.
+        let mut tenths = rules();
+        tenths.max_failures = 1;
+        tenths.preauth_weight = Weight(10);
+        let mut engine = BanEngine::new(tenths);
+        for _ in 0..9 {
+            assert_eq!(engine.preauth_end(now, ip("192.0.2.1")), Verdict::Counted);
+        }
+        assert!(matches!(
+            engine.preauth_end(now, ip("192.0.2.1")),
+            Verdict::Ban { .. }
+        ));
+        let mut ignored = rules();
+        ignored.preauth_weight = Weight(0);
+        let mut engine = BanEngine::new(ignored);
+        for _ in 0..1000 {
+            assert_eq!(engine.preauth_end(now, ip("192.0.2.1")), Verdict::Counted);
+        }
+        assert_eq!(engine.tracked(), 0);
     }
 
     #[test]

@@ -10,6 +10,7 @@ type Labels = Vec<(&'static str, &'static str)>;
 #[derive(Clone)]
 pub struct SshGuardMetrics {
     pub auth_failures: Counter,
+    pub preauth_ends: Counter,
     bans: Family<Labels, Counter>,
     skipped: Family<Labels, Counter>,
     banned: Family<Labels, Gauge>,
@@ -25,6 +26,7 @@ impl SshGuardMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let metrics = Self {
             auth_failures: Counter::default(),
+            preauth_ends: Counter::default(),
             bans: Family::default(),
             skipped: Family::default(),
             banned: Family::default(),
@@ -42,6 +44,12 @@ impl SshGuardMetrics {
             "sentinel_ssh_auth_failures",
             "Failed SSH authentications seen in sshd's PAM calls",
             metrics.auth_failures.clone(),
+        );
+        registry.register(
+            "sentinel_ssh_preauth_disconnects",
+            "SSH connections that named a user and ended without authenticating (refused keys, \
+             unknown users), seen in sshd's PAM calls; each counts ssh_guard.preauth_weight",
+            metrics.preauth_ends.clone(),
         );
         registry.register(
             "sentinel_bans",

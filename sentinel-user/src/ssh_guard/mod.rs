@@ -439,8 +439,17 @@ impl SshGuard {
             }
             return None;
         }
-        self.metrics.auth_failures.inc();
-        match self.engine.failure(now, addr) {
+        let verdict = match auth.outcome {
+            SshOutcome::PreauthEnd => {
+                self.metrics.preauth_ends.inc();
+                self.engine.preauth_end(now, addr)
+            }
+            _ => {
+                self.metrics.auth_failures.inc();
+                self.engine.failure(now, addr)
+            }
+        };
+        match verdict {
             Verdict::Counted => None,
             Verdict::Skip {
                 net,

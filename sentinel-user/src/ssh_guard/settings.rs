@@ -4,7 +4,10 @@ use std::{path::PathBuf, time::Duration};
 
 use serde_saphyr::Spanned;
 
-use super::{GuardMode, LiveSettings, SshGuardSettings, engine::GuardRules};
+use super::{
+    GuardMode, LiveSettings, SshGuardSettings,
+    engine::{GuardRules, Weight},
+};
 use crate::{
     firewall::{FirewallOptions, IpNet, MAX_BAN_TIMEOUT},
     yaml::{Checker, Invalid, Node, absolute_path, format_duration, parse_duration, parse_whole},
@@ -15,6 +18,7 @@ pub(crate) const SSH_GUARD_KEYS: &[&str] = &[
     "enabled",
     "mode",
     "max_failures",
+    "preauth_weight",
     "window",
     "ban_for",
     "multiplier",
@@ -33,6 +37,7 @@ const EXPECTED_MODE: &str = "enforce or observe";
 const EXPECTED_COUNT: &str = "a whole number of at least 1";
 const EXPECTED_DURATION: &str = "a duration such as 10m, 4h or 7d, or a number of seconds";
 const EXPECTED_MULTIPLIER: &str = "a number of at least 1, such as 2 or 1.5";
+const EXPECTED_WEIGHT: &str = "a number from 0 to 1, such as 0.5";
 const EXPECTED_PREFIX: &str = "a prefix length from 1 to 128";
 const EXPECTED_PATH: &str = "an absolute path";
 const EXPECTED_NETWORK: &str =
@@ -50,6 +55,9 @@ pub struct SshGuardConfig {
     pub mode: ModeSetting,
     /// Failures from one address within `window` that trigger a ban.
     pub max_failures: u32,
+    /// What an SSH connection that ended without authenticating counts toward
+    /// `max_failures`, from 0 (nothing) to 1 (as much as a failed password).
+    pub preauth_weight: Weight,
     pub window: Duration,
     pub ban_for: Duration,
     /// Each further ban of the same address lasts this many times longer...
@@ -84,6 +92,7 @@ impl Default for SshGuardConfig {
             enabled: true,
             mode: ModeSetting::Enforce,
             max_failures: 5,
+            preauth_weight: Weight(50),
             window: Duration::from_secs(600),
             ban_for: Duration::from_secs(600),
             multiplier: 2.0,
@@ -126,6 +135,7 @@ impl SshGuardConfig {
         LiveSettings {
             rules: GuardRules {
                 max_failures: self.max_failures,
+                preauth_weight: self.preauth_weight,
                 window: self.window,
                 ban_for: self.ban_for,
                 multiplier: self.multiplier,
@@ -150,6 +160,7 @@ impl SshGuardConfig {
             netns,
             sshd_paths,
             max_failures: _,
+            preauth_weight: _,
             window: _,
             ban_for: _,
             multiplier: _,
@@ -184,6 +195,12 @@ impl Checker {
             "max_failures",
             defaults.max_failures,
             |checker, field| checker.value(field, EXPECTED_COUNT, |text| count(text, u32::MAX)),
+        );
+        let preauth_weight = self.setting(
+            &mut fields,
+            "preauth_weight",
+            defaults.preauth_weight,
+            |checker, field| checker.value(field, EXPECTED_WEIGHT, parse_weight),
         );
         let window = self.setting(&mut fields, "window", defaults.window, |checker, field| {
             checker.value(field, EXPECTED_DURATION, |text| {
@@ -278,6 +295,7 @@ impl Checker {
             enabled: enabled?,
             mode: mode?,
             max_failures: max_failures?,
+            preauth_weight: preauth_weight?,
             window: window?,
             ban_for: ban_for?,
             multiplier: multiplier?,
@@ -328,6 +346,24 @@ fn ban_length(text: &str) -> Result<Duration, Invalid> {
             "must be at most 36500d (100 years), the longest ban the firewall sets",
         )),
         length => Ok(length),
+    }
+}
+
+/// A weight from 0 to 1, kept in hundredths.
+fn parse_weight(text: &str) -> Result<Weight, Invalid> {
+    match text.parse::<f64>() {
+        Ok(weight) if (0.0..=1.0).contains(&weight) => {
+            let hundredths = (weight * 100.0).round();
+            if (weight * 100.0 - hundredths).abs() > 1e-6 {
+                return Err(Invalid::Because("must have at most two decimal places"));
+            }
+            Ok(Weight(hundredths as u32))
+        }
+        Ok(_) => Err(Invalid::Because(
+            "must be from 0 (pre-authentication disconnects not counted) to 1 (counted as a \
+             failed password)",
+        )),
+        Err(_) => Err(Invalid::Unrecognized),
     }
 }
 
