@@ -213,16 +213,18 @@ fn freeze_leaves_the_service_frozen_until_it_is_released() {
     assert_eq!(lab.count(ACTIONS, Some("freeze")), 1);
     assert_eq!(lab.count(ACTIONS, Some("release")), 1);
     assert_eq!(lab.audited(), ["freeze", "release"]);
-    // The operator's events pane shows the same two actions, stamped as the audit log has them.
+    // The operator's events pane shows the policy applied at start, then the same two actions,
+    // stamped as the audit log has them.
     let records = audit_records(&lab.dir.path().join("audit.log"));
     let mut events = Vec::new();
-    let both = eventually(WAIT, || {
+    let all = eventually(WAIT, || {
         events = lab.recent_events();
-        events.len() == 2
+        events.len() == 3
     });
-    assert!(both, "{events:#?}");
+    assert!(all, "{events:#?}");
+    assert_eq!(events[0]["kind"], "set_limits", "{events:#?}");
     assert_eq!(
-        events,
+        events[1..],
         [
             serde_json::json!({
                 "time": records[0]["time"],

@@ -423,7 +423,7 @@ fn a_key_only_server_bans_refused_keys_and_unknown_users_but_never_a_login_after
     // The attacker: refused keys for the real account and for unknown ones, in turn. With
     // `preauth_weight: 0.5`, nine such connections weigh 4.5 failures...
     let attempt = |n: u64| {
-        let user = if n % 2 == 0 {
+        let user = if n.is_multiple_of(2) {
             format!("no-such-user-{n}")
         } else {
             lab.user.name.clone()

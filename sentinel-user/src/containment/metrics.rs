@@ -8,7 +8,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::cgroup::Attribution;
+use crate::{cgroup::Attribution, recent::Recorder};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -20,16 +20,19 @@ pub struct ContainmentMetrics {
     /// Service labels share the attribution's cap (`services.max_labels`, then `other`).
     labels: Arc<Mutex<Attribution>>,
     pub allow_list_updates: Counter,
+    /// What `sentinel top` shows among recent events: each audited action.
+    pub recent: Recorder,
 }
 
 impl ContainmentMetrics {
-    pub fn new(registry: &mut Registry, labels: Arc<Mutex<Attribution>>) -> Self {
+    pub fn new(registry: &mut Registry, labels: Arc<Mutex<Attribution>>, recent: Recorder) -> Self {
         let metrics = Self {
             violations: Family::default(),
             actions: Family::default(),
             contained: Family::default(),
             labels,
             allow_list_updates: Counter::default(),
+            recent,
         };
         registry.register(
             "sentinel_exec_violations",

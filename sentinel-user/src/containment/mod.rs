@@ -34,7 +34,6 @@ use crate::{
     firewall::Isolation,
     policy::{Mode, OnViolation, Policy, ServicePolicy},
     queue::Queue,
-    recent::Recorder,
     ssh_guard::audit::{AuditLog, rfc3339},
     systemd::SystemdBus,
 };
@@ -172,8 +171,6 @@ pub struct Containment {
     isolation_netns: Option<PathBuf>,
     audit: Option<AuditLog>,
     metrics: ContainmentMetrics,
-    /// What `sentinel top` shows among recent events: each audited action.
-    recent: Recorder,
     watcher: Arc<Inotify>,
     watched: HashMap<PathBuf, WatchDescriptor>,
     /// On a host booted with systemd: a unit's cgroup is frozen through systemd
@@ -196,7 +193,6 @@ impl Containment {
         systemd: Option<SystemdBus>,
         audit: Option<AuditLog>,
         metrics: ContainmentMetrics,
-        recent: Recorder,
     ) -> Result<Self, Error> {
         let watcher =
             Inotify::init(InitFlags::IN_CLOEXEC).map_err(|errno| Error::ExecWatch(errno.into()))?;
@@ -211,7 +207,6 @@ impl Containment {
             isolation_netns: netns,
             audit,
             metrics,
-            recent,
             watcher: Arc::new(watcher),
             watched: HashMap::new(),
             systemd,
@@ -666,7 +661,7 @@ impl Containment {
         {
             error!("cannot write the audit log: {error}");
         }
-        self.recent.record_at(
+        self.metrics.recent.record_at(
             entry.time.clone(),
             entry.action,
             entry.service,
