@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use super::{
     Mode, Policy, ServicePolicy,
+    drift::{Changed, DriftWatch},
     metrics::{Action, PolicyMetrics},
 };
 use crate::{
@@ -45,8 +46,11 @@ use crate::{
 
 /// In `--state-dir`: what Sentinel must put back.
 const ORIGINALS_FILE: &str = "cgroup-originals.json";
-/// How often limits are checked for drift and memory guards are evaluated.
+/// How often the cgroups written since the last tick are checked for drift, and memory guards
+/// are evaluated.
 const TICK: Duration = Duration::from_millis(500);
+/// How often every policed cgroup's limits are read, notices or not: a safety net.
+const FULL_CHECK: Duration = Duration::from_secs(30);
 /// How long systemd gets to write a unit's cgroup after accepting its properties (it writes
 /// them from its event loop, just after answering).
 const SYSTEMD_APPLY_WAIT: Duration = Duration::from_secs(5);
@@ -199,6 +203,11 @@ pub struct Enforcer {
     drop_ins: RuntimeDropIns,
     page_size: u64,
     applied: HashMap<String, Applied>,
+    /// Which applied cgroups were written since the last tick.
+    drift: DriftWatch,
+    /// Applied cgroups found drifted and not yet put back (a fix failing, or waiting).
+    drifting: BTreeSet<String>,
+    next_full_check: Instant,
     /// Cgroups whose limits systemd did not take (unreachable or refusing), tried again at
     /// `next_retry`, every [`SYSTEMD_RETRY`].
     retry: BTreeSet<String>,
@@ -242,6 +251,9 @@ impl Enforcer {
             drop_ins: RuntimeDropIns::new(RUNTIME_CONTROL_DIR.into()),
             page_size: page_size(),
             applied: HashMap::new(),
+            drift: DriftWatch::new(),
+            drifting: BTreeSet::new(),
+            next_full_check: Instant::now() + FULL_CHECK,
             retry: BTreeSet::new(),
             next_retry: Instant::now(),
             saved: saved.unwrap_or_default(),
@@ -443,8 +455,8 @@ impl Enforcer {
             let writer = Writer::Cgroupfs {
                 originals: Vec::new(),
             };
-            self.applied
-                .insert(path.to_string(), self.tracked(policy, writer, Vec::new()));
+            let tracked = self.tracked(policy, writer, Vec::new());
+            self.keep(path, tracked);
             return;
         }
         match self.write_limits(path, &desired) {
@@ -458,8 +470,8 @@ impl Enforcer {
                 info!(service, policy = policy.name, limits = ?desired, "limits applied");
                 self.metrics.action(&service, Action::SetLimits);
                 let writer = Writer::Cgroupfs { originals };
-                self.applied
-                    .insert(path.to_string(), self.tracked(policy, writer, expected));
+                let tracked = self.tracked(policy, writer, expected);
+                self.keep(path, tracked);
             }
             Err(reason) => {
                 error!(
@@ -504,7 +516,7 @@ impl Enforcer {
             }
             self.metrics.action(&service, Action::WouldSetLimits);
             let tracked = self.tracked(policy, Writer::Systemd { unit }, Vec::new());
-            self.applied.insert(path.to_string(), tracked);
+            self.keep(path, tracked);
             return;
         }
         match self.set_unit_properties(path, &unit, &properties, &expected) {
@@ -522,7 +534,7 @@ impl Enforcer {
                 );
                 self.metrics.action(&service, Action::SetLimits);
                 let tracked = self.tracked(policy, Writer::Systemd { unit }, expected);
-                self.applied.insert(path.to_string(), tracked);
+                self.keep(path, tracked);
             }
             Err(reason) => {
                 error!(
@@ -695,6 +707,19 @@ impl Enforcer {
         }
     }
 
+    /// Keeps `applied` on `path`, and asks to hear of every write to its files.
+    fn keep(&mut self, path: &str, applied: Applied) {
+        self.drift.watch(self.fs.root(), path);
+        self.applied.insert(path.to_string(), applied);
+    }
+
+    /// Forgets what is kept on `path`.
+    fn let_go(&mut self, path: &str) -> Option<Applied> {
+        self.drift.forget(path);
+        self.drifting.remove(path);
+        self.applied.remove(path)
+    }
+
     /// Writes `desired`; returns what the kernel reads back and what was there before.
     fn write_limits(&self, path: &str, desired: &Files) -> Result<(Files, Files), crate::Error> {
         let needed: Vec<&str> = CONTROLLERS
@@ -723,7 +748,7 @@ impl Enforcer {
     /// Stops enforcing on `path`, restoring its previous limits if it still exists. A unit's
     /// drop-ins are given back afterwards, together, by [`Self::give_back_units`].
     fn release(&mut self, path: &str) {
-        let Some(applied) = self.applied.remove(path) else {
+        let Some(applied) = self.let_go(path) else {
             return;
         };
         self.publish();
@@ -765,9 +790,25 @@ impl Enforcer {
             }
             self.publish();
         }
-        let gone: Vec<String> = self
-            .applied
-            .keys()
+        // The cgroups written or removed since the last tick, those still drifted, and every
+        // one at each full check.
+        let full = now >= self.next_full_check;
+        let candidates: Vec<String> = match self.drift.changed() {
+            Changed::Cgroups(_) | Changed::Everything if full => {
+                self.next_full_check = now + FULL_CHECK;
+                self.applied.keys().cloned().collect()
+            }
+            Changed::Everything => self.applied.keys().cloned().collect(),
+            Changed::Cgroups(mut changed) => {
+                changed.extend(self.drifting.iter().cloned());
+                changed
+                    .into_iter()
+                    .filter(|path| self.applied.contains_key(path))
+                    .collect()
+            }
+        };
+        let gone: Vec<String> = candidates
+            .iter()
             .filter(|path| !self.fs.exists(path))
             .cloned()
             .collect();
@@ -776,7 +817,7 @@ impl Enforcer {
             if let Some(Applied {
                 writer: Writer::Cgroupfs { .. },
                 ..
-            }) = self.applied.remove(path)
+            }) = self.let_go(path)
             {
                 self.forget_originals(path);
             }
@@ -784,9 +825,16 @@ impl Enforcer {
         let unapplied_before = self.unapplied.len();
         self.unapplied.retain(|path, _| self.fs.exists(path));
         let now = Instant::now();
-        let paths: Vec<String> = self.applied.keys().cloned().collect();
-        for path in paths {
-            self.restore_drift(&path, now);
+        for path in &candidates {
+            self.restore_drift(path, now);
+        }
+        let guarded: Vec<String> = self
+            .applied
+            .iter()
+            .filter(|(_, applied)| applied.guard.is_some())
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in guarded {
             self.guard_memory(&path, now);
         }
         if !gone.is_empty() || self.unapplied.len() != unapplied_before {
@@ -814,11 +862,14 @@ impl Enforcer {
             .collect();
         if drifted.is_empty() {
             // Put back by someone else meanwhile: the next drift is new.
+            self.drifting.remove(path);
             if let Some(applied) = self.applied.get_mut(path) {
                 applied.fix = FixRetry::default();
             }
             return;
         }
+        // Checked again at every tick until it is put back.
+        self.drifting.insert(path.to_string());
         if !applied.fix.due(now) {
             return;
         }

@@ -15,6 +15,7 @@
 //! `deploy/sentinel.yaml` documents every setting; `deploy/sentinel.schema.json` lets editors
 //! complete them.
 
+mod drift;
 pub mod enforcer;
 mod glob;
 pub mod metrics;

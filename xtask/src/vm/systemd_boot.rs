@@ -36,6 +36,7 @@ const ASSERTIONS: &[&str] = &[
     "late_unit",
     "oom_kill",
     "graceful_stop",
+    "contain_freeze",
     "bus_unavailable",
     "drift",
     "drift_drop_in",

@@ -83,6 +83,23 @@ POLICIES='policies:
     pids.max: 16
 '
 
+# A contained unit: python3 may run, anything else it executes freezes the unit.
+CONTAINED=sentinel-contained
+CONTAINED_SERVICE=system.slice/$CONTAINED.service
+CONTAINED_POLICY='  - name: contained
+    unit: sentinel-contained.service
+    exec.allow: [/usr/bin/python3]
+    on_violation: freeze
+'
+# It waits for its go file, then executes a file its policy does not allow.
+CONTAINED_PY='import os, subprocess, time
+while not os.path.exists("/run/sentinel-contained.go"):
+    time.sleep(0.2)
+subprocess.run(["/usr/bin/touch", "/run/sentinel-contained.touched"])
+while True:
+    time.sleep(1)
+'
+
 # A service that allocates memory steadily once its go file exists, and notes a SIGTERM.
 LEAK='#!/usr/bin/python3
 import os, signal, sys, time
@@ -169,7 +186,12 @@ test_install() {
     cp -a $CONTROL $KEPT/control.before
     echo "nginx before Sentinel: $(cat $KEPT/nginx.before)"
     # Offline: nftables, Sentinel's one dependency, is in the image.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y "$SUITE_DIR"/sentinel_*.deb
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "$SUITE_DIR"/sentinel_*.deb || return 1
+    # The man page and the completions, generated from the command line's definition.
+    local installed
+    installed=$(dpkg -L sentinel | grep -E '/man1/sentinel\.1|/completions/sentinel$|/_sentinel$|/sentinel\.fish$')
+    echo "$installed"
+    [ "$(wc -l <<< "$installed")" -eq 4 ] && zcat -f $(grep man1 <<< "$installed") | grep -q '^\.TH sentinel 1'
 }
 
 test_active() {
@@ -326,6 +348,51 @@ test_graceful_stop() {
     echo "systemctl show -p Result $unit: $result; the service noted: $(cat /run/$unit.sigterm 2>&1)"
     echo "$series $(metric "$series")"
     [ "$(cat /run/$unit.sigterm)" = SIGTERM ] && [ "$result" = success ] && metric_is "$series" 1
+}
+
+freezer_state() {
+    systemctl show -p FreezerState --value $CONTAINED
+}
+
+contained_in_kernel() {
+    journalctl -u sentinel --no-pager -o cat | grep 'exec containment watches the service' \
+        | grep -q "$CONTAINED_SERVICE"
+}
+
+freezer_state_is() {
+    [ "$(freezer_state)" = "$1" ]
+}
+
+# Containment of a unit: the exec its policy does not allow freezes it through systemd
+# (FreezeUnit, so systemctl knows), and `sentinel release` thaws it, audited both ways.
+test_contain_freeze() {
+    local contained="sentinel_contained{service=\"$CONTAINED_SERVICE\",action=\"freeze\"}"
+    local events=/sys/fs/cgroup/$CONTAINED_SERVICE/cgroup.events
+    printf '%s' "$CONTAINED_PY" > /usr/local/lib/$CONTAINED.py
+    printf '[Unit]\nDescription=Sentinel suite: a contained service\n[Service]\nExecStart=/usr/bin/python3 /usr/local/lib/%s.py\n' \
+        $CONTAINED > /etc/systemd/system/$CONTAINED.service
+    systemctl daemon-reload
+    rm -f /run/$CONTAINED.go
+    set_policies "$POLICIES$CONTAINED_POLICY" || return 1
+    systemctl start $CONTAINED || return 1
+    # The kernel checks the unit's execs once the daemon has listed its cgroup.
+    wait_for 30 contained_in_kernel || { echo "the unit's cgroup was not contained"; return 1; }
+    echo "before the violation: FreezerState=$(freezer_state); $(grep frozen $events)"
+    freezer_state_is running || return 1
+    touch /run/$CONTAINED.go
+    wait_for 30 freezer_state_is frozen
+    echo "after the violation: FreezerState=$(freezer_state); $(grep frozen $events); $contained $(metric "$contained")"
+    freezer_state_is frozen && grep -qx 'frozen 1' $events && metric_is "$contained" 1 || return 1
+    sentinel status | grep "$CONTAINED_SERVICE" || return 1
+    sentinel release $CONTAINED_SERVICE || return 1
+    wait_for 10 freezer_state_is running
+    echo "after sentinel release: FreezerState=$(freezer_state); $(grep frozen $events); $contained $(metric "$contained")"
+    freezer_state_is running && grep -qx 'frozen 0' $events && metric_is "$contained" 0 || return 1
+    grep "\"service\":\"$CONTAINED_SERVICE\"" /var/log/sentinel/audit.log
+    [ "$(grep "\"service\":\"$CONTAINED_SERVICE\"" /var/log/sentinel/audit.log \
+        | sed 's/.*"action":"\([a-z_]*\)".*/\1/' | tr '\n' ' ')" = "freeze release " ] || return 1
+    systemctl stop $CONTAINED
+    set_policies "$POLICIES"
 }
 
 # 5: with the system bus stopped, a unit's limits are not written behind systemd's back: the

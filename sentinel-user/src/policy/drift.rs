@@ -1,0 +1,170 @@
+//! Which policed cgroups to check for drift: the kernel says when anyone writes a file in a
+//! cgroup's directory (inotify `IN_MODIFY`, which cgroupfs sends for every write through the
+//! VFS, be it `echo`, systemd or a container runtime) and when the directory goes
+//! (`IN_IGNORED`). So an idle host reads no limit file at all between the enforcer's full
+//! passes, instead of every limit of every cgroup twice a second.
+//!
+//! A directory that cannot be watched (the inotify watch limit reached) is checked on every
+//! tick, as all were before; an overflowing event queue makes every cgroup a candidate.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+};
+
+use nix::{
+    errno::Errno,
+    sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor},
+};
+use tracing::warn;
+
+/// The kernel's drift notices for the cgroups whose limits the enforcer keeps.
+pub struct DriftWatch {
+    /// `None` when inotify itself is unavailable: every cgroup is then polled.
+    inotify: Option<Inotify>,
+    paths: HashMap<WatchDescriptor, String>,
+    watches: HashMap<String, WatchDescriptor>,
+    /// Cgroups without a watch, checked on every tick.
+    polled: BTreeSet<String>,
+    /// The queue overflowed since the last look: a notice may be lost.
+    overflowed: bool,
+}
+
+/// What changed since the last look.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// These cgroups (a file written, or the directory gone), and the unwatched ones.
+    Cgroups(BTreeSet<String>),
+    /// Notices were lost: check every cgroup.
+    Everything,
+}
+
+impl DriftWatch {
+    pub fn new() -> Self {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .inspect_err(|errno| {
+                warn!(
+                    "cannot watch cgroup limit files ({errno}); every limit is read twice a second"
+                )
+            })
+            .ok();
+        Self {
+            inotify,
+            paths: HashMap::new(),
+            watches: HashMap::new(),
+            polled: BTreeSet::new(),
+            overflowed: false,
+        }
+    }
+
+    /// Starts watching the cgroup at `path` (relative to `root`).
+    pub fn watch(&mut self, root: &Path, path: &str) {
+        if self.watches.contains_key(path) {
+            return;
+        }
+        let Some(inotify) = &self.inotify else {
+            self.polled.insert(path.to_owned());
+            return;
+        };
+        let flags = AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ONLYDIR;
+        match inotify.add_watch(&root.join(path), flags) {
+            Ok(descriptor) => {
+                self.paths.insert(descriptor, path.to_owned());
+                self.watches.insert(path.to_owned(), descriptor);
+            }
+            Err(errno) => {
+                if errno == Errno::ENOSPC && self.polled.is_empty() {
+                    warn!(
+                        "the inotify watch limit (fs.inotify.max_user_watches) is reached: \
+                         cgroups beyond it are read for drift twice a second"
+                    );
+                }
+                self.polled.insert(path.to_owned());
+            }
+        }
+    }
+
+    /// Stops watching `path` (its policy let go, or the cgroup is gone).
+    pub fn forget(&mut self, path: &str) {
+        self.polled.remove(path);
+        if let Some(descriptor) = self.watches.remove(path) {
+            self.paths.remove(&descriptor);
+            if let Some(inotify) = &self.inotify {
+                // Fails harmlessly when the kernel already dropped the watch (directory gone).
+                let _ = inotify.rm_watch(descriptor);
+            }
+        }
+    }
+
+    /// The cgroups to check now: those with a notice since the last call, and the unwatched.
+    pub fn changed(&mut self) -> Changed {
+        let mut changed = self.polled.clone();
+        if let Some(inotify) = &self.inotify {
+            loop {
+                match inotify.read_events() {
+                    Ok(events) => {
+                        for event in events {
+                            if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                                self.overflowed = true;
+                            }
+                            if let Some(path) = self.paths.get(&event.wd) {
+                                changed.insert(path.clone());
+                            }
+                        }
+                    }
+                    Err(Errno::EAGAIN) => break,
+                    Err(errno) => {
+                        warn!("cannot read cgroup limit notices ({errno}); checking every cgroup");
+                        self.overflowed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if std::mem::take(&mut self.overflowed) {
+            return Changed::Everything;
+        }
+        Changed::Cgroups(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    #[test]
+    fn a_write_or_a_removed_directory_names_its_cgroup_and_nothing_else() {
+        let root = std::env::temp_dir().join(format!("sentinel-drift-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for cgroup in ["a", "b"] {
+            fs::create_dir_all(root.join(cgroup)).unwrap();
+            fs::write(root.join(cgroup).join("memory.max"), "max").unwrap();
+        }
+        let mut watch = DriftWatch::new();
+        watch.watch(&root, "a");
+        watch.watch(&root, "b");
+        // A directory that does not exist cannot be watched: it is polled.
+        watch.watch(&root, "missing");
+        let only =
+            |paths: &[&str]| Changed::Cgroups(paths.iter().map(|path| path.to_string()).collect());
+        assert_eq!(watch.changed(), only(&["missing"]));
+
+        fs::write(root.join("a/memory.max"), "1048576").unwrap();
+        assert_eq!(watch.changed(), only(&["a", "missing"]));
+        assert_eq!(watch.changed(), only(&["missing"]));
+
+        fs::remove_file(root.join("b/memory.max")).unwrap();
+        fs::remove_dir(root.join("b")).unwrap();
+        assert_eq!(watch.changed(), only(&["b", "missing"]));
+
+        watch.forget("b");
+        watch.forget("missing");
+        fs::write(root.join("a/memory.max"), "max").unwrap();
+        watch.forget("a");
+        // Notices of a forgotten cgroup are dropped.
+        assert_eq!(watch.changed(), only(&[]));
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
