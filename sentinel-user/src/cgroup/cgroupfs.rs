@@ -4,8 +4,10 @@
 //! back to the v1 hierarchies on hybrid hosts, which Sentinel must never touch.
 
 use std::{
+    collections::HashMap,
     fs,
-    io::ErrorKind,
+    io::{ErrorKind, Read},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
 };
 
@@ -13,6 +15,12 @@ use crate::Error;
 
 /// Controllers Sentinel's limits need, in the order they are enabled.
 pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// The ancestors' `cgroup.subtree_control` as last read or written, by parent path: one pass
+/// over many cgroups under the same parents reads each parent once. Made anew for each pass,
+/// so that what someone else changed between passes is read again.
+#[derive(Debug, Default)]
+pub struct SubtreeControls(HashMap<String, String>);
 
 #[derive(Debug, Clone)]
 pub struct CgroupFs {
@@ -45,17 +53,48 @@ impl CgroupFs {
         fs::write(&file, value).map_err(|source| Error::CgroupIo { file, source })
     }
 
+    /// Writes `value` and returns what the file held before, opening it once.
+    pub fn swap(&self, path: &str, file: &str, value: &str) -> Result<String, Error> {
+        let file = self.dir(path).join(file);
+        let mut previous = String::new();
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .and_then(|mut opened| {
+                opened.read_to_string(&mut previous)?;
+                // Interface files take each write whole, wherever the offset; at 0 a regular
+                // file (a test's fake tree) reads the same way.
+                opened.write_all_at(value.as_bytes(), 0)
+            })
+            .map_err(|source| Error::CgroupIo { file, source })?;
+        Ok(previous.trim_end().to_string())
+    }
+
     pub fn exists(&self, path: &str) -> bool {
         self.dir(path).is_dir()
     }
 
     /// Makes `controllers` available to `path` by enabling them in `cgroup.subtree_control` of
-    /// every ancestor from the root down, skipping those that already have them.
-    pub fn enable_controllers(&self, path: &str, controllers: &[&str]) -> Result<(), Error> {
+    /// every ancestor from the root down, skipping those that already have them (as `known`
+    /// last saw them).
+    pub fn enable_controllers(
+        &self,
+        path: &str,
+        controllers: &[&str],
+        known: &mut SubtreeControls,
+    ) -> Result<(), Error> {
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         for depth in 0..segments.len() {
             let parent = segments[..depth].join("/");
-            let enabled = self.read(&parent, "cgroup.subtree_control")?;
+            let enabled = match known.0.get(&parent) {
+                Some(enabled) => enabled.clone(),
+                None => {
+                    let enabled = self.read(&parent, "cgroup.subtree_control")?;
+                    known.0.insert(parent.clone(), enabled.clone());
+                    enabled
+                }
+            };
             let missing: Vec<&str> = controllers
                 .iter()
                 .copied()
@@ -86,6 +125,9 @@ impl CgroupFs {
                 }
                 other => other?,
             }
+            known
+                .0
+                .insert(parent, format!("{enabled} {}", missing.join(" ")));
         }
         Ok(())
     }
@@ -177,7 +219,13 @@ mod tests {
                 )
             })
             .collect();
-        fs.enable_controllers("/a/b", &CONTROLLERS).unwrap();
+        let mut known = SubtreeControls::default();
+        fs.enable_controllers("/a/b", &CONTROLLERS, &mut known)
+            .unwrap();
+        // A sibling in the same pass reads and writes no parent again.
+        fs::create_dir_all(tree.0.join("a/c")).unwrap();
+        fs.enable_controllers("/a/c", &CONTROLLERS, &mut known)
+            .unwrap();
         let mut writes: Vec<&str> = inotify
             .read_events()
             .unwrap()
@@ -200,10 +248,23 @@ mod tests {
     }
 
     #[test]
+    fn swap_writes_and_returns_what_was_there() {
+        let tree = FakeTree::new("");
+        let fs = CgroupFs::new(tree.0.clone());
+        fs.write("a", "memory.max", "max\n").unwrap();
+        assert_eq!(fs.swap("a", "memory.max", "1048576").unwrap(), "max");
+        assert_eq!(fs.read("a", "memory.max").unwrap(), "1048576");
+        let error = fs.swap("a", "no.such.file", "1").unwrap_err();
+        assert!(error.to_string().contains("no.such.file"), "{error}");
+    }
+
+    #[test]
     fn missing_controller_is_a_clear_error() {
         let tree = FakeTree::new("cpu pids");
         let fs = CgroupFs::new(tree.0.clone());
-        let error = fs.enable_controllers("a", &["memory"]).unwrap_err();
+        let error = fs
+            .enable_controllers("a", &["memory"], &mut SubtreeControls::default())
+            .unwrap_err();
         assert_eq!(
             error.to_string(),
             "the memory controller is not available in / (cgroup.controllers: cpu pids)"

@@ -32,7 +32,7 @@ use crate::{
     Error,
     cgroup::{
         CgroupBackend,
-        cgroupfs::{CONTROLLERS, CgroupFs},
+        cgroupfs::{CONTROLLERS, CgroupFs, SubtreeControls},
         find_cgroup2_mount,
         guardian::{GuardAction, GuardLimits, MemoryGuard, ProcessHandle, largest_process},
         service_name, walk_hierarchy,
@@ -202,6 +202,8 @@ pub struct Enforcer {
     systemd: Option<SystemdBus>,
     drop_ins: RuntimeDropIns,
     page_size: u64,
+    /// The parents' enabled controllers, as seen during the current pass.
+    subtree_controls: SubtreeControls,
     applied: HashMap<String, Applied>,
     /// Which applied cgroups were written since the last tick.
     drift: DriftWatch,
@@ -250,6 +252,7 @@ impl Enforcer {
             systemd: booted.then(|| SystemdBus::new(runtime)),
             drop_ins: RuntimeDropIns::new(RUNTIME_CONTROL_DIR.into()),
             page_size: page_size(),
+            subtree_controls: SubtreeControls::default(),
             applied: HashMap::new(),
             drift: DriftWatch::new(),
             drifting: BTreeSet::new(),
@@ -274,6 +277,7 @@ impl Enforcer {
     pub fn apply_all(&mut self) {
         let started = Instant::now();
         self.unapplied.clear();
+        self.subtree_controls = SubtreeControls::default();
         for (_, path) in walk_hierarchy(self.fs.root()) {
             self.reconcile(&path);
         }
@@ -294,6 +298,7 @@ impl Enforcer {
             self.save_originals();
             match inputs.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
                 Ok(Input::CgroupCreated(path)) => {
+                    self.subtree_controls = SubtreeControls::default();
                     self.reconcile(&path);
                     self.publish();
                 }
@@ -356,11 +361,23 @@ impl Enforcer {
     fn reload(&mut self, policy: Policy) {
         let started = Instant::now();
         self.policy = policy;
+        self.subtree_controls = SubtreeControls::default();
         let paths: Vec<String> = self.applied.keys().cloned().collect();
         for path in paths {
             let wanted = self.policy_for(&path).cloned();
-            if wanted.as_ref() != self.applied.get(&path).map(|a| &a.policy) {
-                self.release(&path);
+            let Some(applied) = self.applied.get(&path) else {
+                continue;
+            };
+            if wanted.as_ref() == Some(&applied.policy) {
+                continue;
+            }
+            let enforced_directly = applied.policy.mode == Mode::Enforce
+                && matches!(applied.writer, Writer::Cgroupfs { .. });
+            match wanted {
+                Some(policy) if enforced_directly && policy.mode == Mode::Enforce => {
+                    self.retarget(&path, policy);
+                }
+                _ => self.release(&path),
             }
         }
         let units = self.stale_units();
@@ -390,7 +407,7 @@ impl Enforcer {
         };
         match self.unit_of(path) {
             Ok(Some(unit)) => self.apply_through_systemd(path, unit, policy),
-            Ok(None) => self.apply_to_cgroupfs(path, policy),
+            Ok(None) => self.apply_to_cgroupfs(path, policy, &Vec::new()),
             Err(error) => {
                 let service = service_name(path);
                 error!(
@@ -434,7 +451,30 @@ impl Enforcer {
         }
     }
 
-    fn apply_to_cgroupfs(&mut self, path: &str, policy: ServicePolicy) {
+    /// Moves a cgroup Sentinel writes directly from its policy to `policy`: only the values
+    /// that change are written, and a limit the new policy no longer sets gets its original
+    /// back.
+    fn retarget(&mut self, path: &str, policy: ServicePolicy) {
+        let Some(Applied {
+            writer: Writer::Cgroupfs { originals },
+            expected,
+            ..
+        }) = self.let_go(path)
+        else {
+            return;
+        };
+        let desired = policy.limits.to_cgroup_files();
+        let dropped: Files = originals
+            .into_iter()
+            .filter(|(file, _)| !desired.iter().any(|(wanted, _)| wanted == file))
+            .collect();
+        self.restore(path, &dropped);
+        self.apply_to_cgroupfs(path, policy, &expected);
+    }
+
+    /// Applies `policy` to `path`, written directly; `in_place` are the values Sentinel keeps
+    /// there already (none for a cgroup it did not police), which are not written again.
+    fn apply_to_cgroupfs(&mut self, path: &str, policy: ServicePolicy, in_place: &Files) {
         let service = service_name(path).to_string();
         let desired = policy.limits.to_cgroup_files();
         if policy.mode == Mode::Observe {
@@ -459,7 +499,7 @@ impl Enforcer {
             self.keep(path, tracked);
             return;
         }
-        match self.write_limits(path, &desired) {
+        match self.write_limits(path, &desired, in_place) {
             Ok((expected, originals)) => {
                 let saved = originals
                     .iter()
@@ -720,27 +760,39 @@ impl Enforcer {
         self.applied.remove(path)
     }
 
-    /// Writes `desired`; returns what the kernel reads back and what was there before.
-    fn write_limits(&self, path: &str, desired: &Files) -> Result<(Files, Files), crate::Error> {
+    /// Writes the values of `desired` that `in_place` does not hold already, each file opened
+    /// once; returns what the kernel reads back for `desired` and what each file held before
+    /// Sentinel first wrote it.
+    fn write_limits(
+        &mut self,
+        path: &str,
+        desired: &Files,
+        in_place: &Files,
+    ) -> Result<(Files, Files), crate::Error> {
         let needed: Vec<&str> = CONTROLLERS
             .iter()
             .copied()
             .filter(|controller| desired.iter().any(|(file, _)| file.starts_with(controller)))
             .collect();
-        self.fs.enable_controllers(path, &needed)?;
-        // Written before a restart: what is there now is Sentinel's own value.
+        self.fs
+            .enable_controllers(path, &needed, &mut self.subtree_controls)?;
+        // Written before a restart, or kept now: what is there now is Sentinel's own value.
         let saved = self.saved.files(path);
         let mut originals = Vec::new();
         let mut expected = Vec::new();
         for (file, value) in desired {
+            let read_back = as_read_back(file, value, self.page_size);
             let original = match saved.iter().find(|(saved, _)| saved == file) {
-                Some((_, original)) => original.clone(),
-                None => self.fs.read(path, file)?,
+                Some((_, original)) => {
+                    if !in_place.contains(&(*file, read_back.clone())) {
+                        self.fs.write(path, file, value)?;
+                    }
+                    original.clone()
+                }
+                None => self.fs.swap(path, file, value)?,
             };
             originals.push((*file, original));
-            self.fs.write(path, file, value)?;
-            // The kernel may normalise a value (page-aligned sizes); keep what it reads back.
-            expected.push((*file, self.fs.read(path, file)?));
+            expected.push((*file, read_back));
         }
         Ok((expected, originals))
     }
@@ -1121,6 +1173,15 @@ pub fn give_back_everything(
 
 /// Writes `files` (originals, or limits that drifted) back to `path`, every file even when one
 /// fails; the last failure.
+/// `value` as the kernel reads it back once written to `file`: memory sizes in whole pages,
+/// the rest as written.
+fn as_read_back(file: &str, value: &str, page_size: u64) -> String {
+    match value.parse::<u64>() {
+        Ok(bytes) if file.starts_with("memory.") => (bytes - bytes % page_size).to_string(),
+        _ => value.to_string(),
+    }
+}
+
 fn write_back(fs: &CgroupFs, path: &str, files: &Files) -> Result<(), Error> {
     let mut result = Ok(());
     // Reverse order: memory.high before memory.max, so the pair stays consistent.
@@ -1230,6 +1291,95 @@ mod tests {
         }
         assert_eq!(tried, [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]);
         assert!(fix.is_retry());
+    }
+
+    #[test]
+    fn a_reload_writes_only_what_changes_and_gives_back_what_is_dropped() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+
+        let dir = StateDir::new("retarget");
+        let root = dir.0.join("cgroup");
+        for (cgroup, files) in [
+            ("", vec![("cgroup.controllers", "memory cpu pids")]),
+            (
+                "svc",
+                vec![
+                    ("cgroup.controllers", "memory cpu pids"),
+                    ("memory.max", "max"),
+                    ("memory.high", "max"),
+                    ("pids.max", "max"),
+                ],
+            ),
+        ] {
+            std::fs::create_dir_all(root.join(cgroup)).unwrap();
+            std::fs::write(root.join(cgroup).join("cgroup.subtree_control"), "").unwrap();
+            for (file, value) in files {
+                std::fs::write(root.join(cgroup).join(file), value).unwrap();
+            }
+        }
+        let policy = |limits: &str| format!("policies:\n  - name: svc\n    cgroup: svc\n{limits}");
+        let first = policy("    memory.max: 64M\n    pids.max: 1000\n");
+        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), &first);
+        enforcer.apply_all();
+        let read = |file: &str| std::fs::read_to_string(root.join("svc").join(file)).unwrap();
+        assert_eq!(
+            [read("memory.max"), read("memory.high"), read("pids.max")],
+            ["67108864", "max", "1000"]
+        );
+
+        let writes = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+        let watched: Vec<_> = ["memory.max", "memory.high", "pids.max"]
+            .into_iter()
+            .map(|file| {
+                let flags = AddWatchFlags::IN_CLOSE_WRITE;
+                (
+                    writes
+                        .add_watch(&root.join("svc").join(file), flags)
+                        .unwrap(),
+                    file,
+                )
+            })
+            .collect();
+        let second = policy("    memory.max: 64M\n    memory.high: 32M\n");
+        enforcer.reload(Config::parse("c.yaml", &second).unwrap().policies);
+        let mut written: Vec<&str> = writes
+            .read_events()
+            .unwrap()
+            .iter()
+            .map(|event| watched.iter().find(|(wd, _)| *wd == event.wd).unwrap().1)
+            .collect();
+        written.sort();
+        // memory.max keeps its value unwritten; memory.high is set, pids.max given back.
+        assert_eq!(written, ["memory.high", "pids.max"]);
+        assert_eq!(
+            [read("memory.max"), read("memory.high"), read("pids.max")],
+            ["67108864", "33554432", "max"]
+        );
+        assert_eq!(enforcer.saved.cgroups.len(), 1);
+        let saved: Vec<(String, String)> = enforcer
+            .saved
+            .cgroups
+            .values()
+            .next()
+            .unwrap()
+            .iter()
+            .map(|(file, value)| (file.clone(), value.clone()))
+            .collect();
+        assert_eq!(
+            saved,
+            [
+                ("memory.high".to_string(), "max".to_string()),
+                ("memory.max".to_string(), "max".to_string())
+            ]
+        );
+        assert_eq!(enforcer.applied.len(), 1);
+        assert_eq!(
+            enforcer.applied.values().next().unwrap().expected,
+            [
+                ("memory.max", "67108864".to_string()),
+                ("memory.high", "33554432".to_string())
+            ]
+        );
     }
 
     #[test]
