@@ -19,8 +19,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        bpf_probe_read_user_str_bytes,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_user_str_bytes,
     },
     macros::{map, raw_tracepoint, uprobe, uretprobe},
     maps::{HashMap, LruHashMap},
@@ -120,13 +120,18 @@ pub fn sentinel_pam_so(ctx: RetProbeContext) -> u32 {
 }
 
 /// A process ends: an sshd monitor still in [`PREAUTH`] ended its connection before
-/// authenticating. Runs for every exiting task, so it does one lookup and nothing else.
+/// authenticating. Runs for every exiting task, so anything not named like sshd (`sshd`,
+/// `sshd-session`) is let go before the map is looked at; a process that merely takes the
+/// name finds nothing there, since only the real sshd's calls fill it.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sentinel_sshd_exit(_ctx: RawTracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // Only the whole process's end (its main thread); sshd's monitor has no other threads.
     if pid_tgid as u32 != tgid {
+        return;
+    }
+    if !bpf_get_current_comm().is_ok_and(|comm| comm.starts_with(b"sshd")) {
         return;
     }
     // SAFETY: map lookup; the value is copied out before the entry is removed.

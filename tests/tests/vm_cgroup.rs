@@ -253,22 +253,25 @@ fn cpu_max_throttles_a_busy_loop_and_the_export_matches_the_kernel() {
     spinner.wait().expect("reap the spinner");
     assert!(throttled, "cpu.stat: {}", read(&cgroup, "cpu.stat"));
 
-    // With the spinner gone the kernel's figures stand still; the export must equal them.
-    let periods = flat_key(&cgroup, "cpu.stat", "nr_throttled");
-    let seconds = flat_key(&cgroup, "cpu.stat", "throttled_usec") as f64 / 1e6;
+    // With the spinner gone the kernel's figures come to rest (the period running when it
+    // died may still be counted); the export must then equal them exactly.
     let service = [("service", cgroup.service())];
-    daemon.await_count(
-        "sentinel_cpu_throttled_periods_total",
-        &service,
-        periods,
-        HANG_GUARD,
-    );
-    let exported_seconds = daemon
-        .scrape()
-        .value("sentinel_cpu_throttled_seconds_total", &service);
+    let mut seen = (0, 0.0, None, None);
+    let equal = eventually(HANG_GUARD, || {
+        let periods = flat_key(&cgroup, "cpu.stat", "nr_throttled");
+        let seconds = flat_key(&cgroup, "cpu.stat", "throttled_usec") as f64 / 1e6;
+        let scrape = daemon.scrape();
+        // Absent until the first resource read has seen the cgroup.
+        let exported_periods = scrape.find("sentinel_cpu_throttled_periods_total", &service);
+        let exported_seconds = scrape.find("sentinel_cpu_throttled_seconds_total", &service);
+        seen = (periods, seconds, exported_periods, exported_seconds);
+        exported_periods == Some(periods as f64)
+            && exported_seconds.is_some_and(|exported| (exported - seconds).abs() < 1e-6)
+    });
     assert!(
-        (exported_seconds - seconds).abs() < 1e-6,
-        "exported {exported_seconds} s, cpu.stat {seconds} s"
+        equal,
+        "cpu.stat: {} periods, {} s; exported: {:?} periods, {:?} s",
+        seen.0, seen.1, seen.2, seen.3
     );
 }
 
@@ -376,23 +379,28 @@ fn a_broken_reload_is_rejected_and_changes_nothing_and_removal_restores() {
 #[test]
 fn a_nested_cgroup_gets_its_controllers_enabled_in_its_parent() {
     let _serial = serial();
-    let _daemon = daemon_with(
+    let daemon = daemon_with(
         "  - name: nested\n    cgroup: sentinel-test-nest-*/inner\n    memory.max: 64M\n    cpu.max: 50%\n    pids.max: 50\n",
     );
     let cgroup = TestCgroup::new("nest");
     assert_eq!(read(&cgroup, "cgroup.subtree_control"), "");
     let inner = cgroup.path().join("inner");
     fs::create_dir(&inner).expect("create the nested cgroup");
-    let nested_reads =
-        |file: &str| fs::read_to_string(inner.join(file)).map(|value| value.trim().to_owned());
+    let nested_reads = || {
+        ["memory.max", "cpu.max", "pids.max"].map(|file| {
+            fs::read_to_string(inner.join(file))
+                .map(|value| value.trim().to_owned())
+                .unwrap_or_else(|error| format!("{file}: {error}"))
+        })
+    };
+    // The three files are written one after the other: wait for the last.
+    let expected = [(64 * MIB).to_string(), "50000 100000".into(), "50".into()];
     assert!(
-        eventually(HANG_GUARD, || nested_reads("memory.max")
-            .is_ok_and(|value| value == (64 * MIB).to_string())),
-        "memory.max of the nested cgroup: {:?}",
-        nested_reads("memory.max")
+        eventually(HANG_GUARD, || nested_reads() == expected),
+        "the nested cgroup's memory.max, cpu.max and pids.max: {:?}\n{}",
+        nested_reads(),
+        daemon.log()
     );
-    assert_eq!(nested_reads("cpu.max").unwrap(), "50000 100000");
-    assert_eq!(nested_reads("pids.max").unwrap(), "50");
     let mut enabled: Vec<String> = read(&cgroup, "cgroup.subtree_control")
         .split_whitespace()
         .map(str::to_owned)
