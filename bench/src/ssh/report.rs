@@ -315,10 +315,10 @@ impl SshReport<'_> {
             let attempts: Vec<String> = results
                 .samples
                 .iter()
-                .map(|sample| {
-                    sample
-                        .banned_at
-                        .map_or_else(|| "none".to_owned(), |attempt| attempt.to_string())
+                .map(|sample| match (sample.banned_at, sample.time_to_drop) {
+                    (None, _) => "none".to_owned(),
+                    (Some(attempt), Some(_)) => attempt.to_string(),
+                    (Some(attempt), None) => format!("{attempt} (during it)"),
                 })
                 .collect();
             writeln!(
@@ -328,7 +328,7 @@ impl SshReport<'_> {
                 results.banned(),
                 results.samples.len(),
                 attempts.join(", "),
-                median_and_max(&results.times_to_drop_ms(), 1),
+                median_and_max(&results.times_to_drop_ms(), 2),
                 median_and_max(&results.lines_to_commit_ms(), 2),
                 results.cpu_seconds_per_attack,
                 results.counted.map_or_else(
@@ -367,7 +367,8 @@ impl SshReport<'_> {
         writeln!(
             f,
             "- End: the attempt's client exited, refused (`Permission denied (publickey)`); \
-             an attempt whose own connection the ban cut has no end (not in the median). Log \
+             an attempt whose own connection the ban cut (\"during it\": a peer banned on a \
+             line sshd logged before the attempt ended) has no end and is not in the median. Log \
              line → element: the last line sshd logged about the attacker before `nft \
              monitor` showed the ban's element, both stamped as read. CPU: the tool's cgroup \
              from the first attempt to the last, per attacker."
@@ -485,7 +486,7 @@ impl SshReport<'_> {
             summary.compare(
                 SECTION,
                 format!("attempts until the ban (median; none if not banned in {MAX_ATTEMPTS})"),
-                "",
+                "attempts",
                 median(&ours.attempts_to_ban()),
                 peer,
                 median(&theirs.attempts_to_ban()),
