@@ -84,6 +84,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 9,
           value_parser = clap::value_parser!(u32).range(1..=50))]
     ssh_attacks: u32,
+    /// Key-only SSH attackers per tool, each from a fresh address, up to 20 attempts each.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=50))]
+    ssh_preauth_attacks: u32,
     /// Measure Sentinel only, without its peers (bpftrace and execsnoop-bpfcc; fail2ban and
     /// sshguard).
     #[arg(long)]
@@ -168,6 +172,7 @@ pub fn bench(args: &BenchArgs, workspace: &Path, driver: &dyn Driver) -> Result<
                 daemon: &daemon,
                 out_dir: &out_dir,
                 attacks: args.ssh_attacks,
+                preauth_attacks: args.ssh_preauth_attacks,
                 with_peers: !args.skip_peers,
                 machine: &machine,
             },
@@ -222,9 +227,8 @@ fn overhead(
     summary: &mut Summary,
 ) -> Result<()> {
     let started = Instant::now();
-    let daemon_config = out_dir.join("sentinel.yaml");
-    tools::write_daemon_config(&daemon_config)?;
     let nop = workload::build_nop_program(out_dir)?;
+    let daemon_configs = tools::write_daemon_configs(out_dir, &nop)?;
     let _tracefs = if args.skip_peers {
         None
     } else {
@@ -234,7 +238,7 @@ fn overhead(
     let _bpf_stats = BpfStatsSysctl::enable()?;
     let setup = RunSetup {
         daemon,
-        daemon_config: &daemon_config,
+        daemon_configs: &daemon_configs,
         daemon_socket: &out_dir.join("sentinel.sock"),
         nop: &nop,
         out_dir,
@@ -272,11 +276,15 @@ struct Lineup {
     unavailable: Vec<(Tool, String)>,
 }
 
-/// Sentinel must run; a peer that cannot is reported instead.
+/// Sentinel must run, with and without containment; a peer that cannot is reported instead.
 fn lineup(setup: &RunSetup, skip_peers: bool) -> Result<Lineup> {
-    preflight(Tool::Sentinel, setup).context("Sentinel cannot run on this host")?;
-    println!("[bench] {}: runs", Tool::Sentinel.label());
-    let mut tools = vec![Tool::Sentinel];
+    let mut tools = Vec::new();
+    for tool in [Tool::Sentinel, Tool::SentinelContained] {
+        preflight(tool, setup)
+            .with_context(|| format!("{} cannot run on this host", tool.label()))?;
+        println!("[bench] {}: runs", tool.label());
+        tools.push(tool);
+    }
     let mut unavailable = Vec::new();
     if !skip_peers {
         for peer in Tool::PEERS {
@@ -383,36 +391,44 @@ fn print_times(what: &str, times: LoopTimes) {
     );
 }
 
-/// Sentinel must have counted every exec and connect of the bench's cgroup, and lost nothing.
+/// Sentinel must have counted every exec and connect of the bench's cgroup, lost nothing,
+/// and found no violation of the allow list, which holds the exec loop's program.
 fn check_sentinel_counts(results: &[ToolResults], iterations: u32) -> Result<()> {
     let expected = Some(u64::from(iterations));
     let wrong: Vec<String> = results
         .iter()
-        .filter(|results| results.tool == Tool::Sentinel)
-        .flat_map(|results| results.runs.iter().enumerate())
-        .filter(|(_, run)| {
-            run.seen.execs != expected || run.seen.connects != expected || run.seen.lost != Some(0)
+        .filter(|results| results.tool.is_sentinel())
+        .flat_map(|results| {
+            let label = results.tool.label();
+            results.runs.iter().enumerate().map(move |run| (label, run))
         })
-        .map(|(index, run)| {
+        .filter(|(_, (_, run))| {
+            run.seen.execs != expected
+                || run.seen.connects != expected
+                || run.seen.lost != Some(0)
+                || run.seen.violations != Some(0)
+        })
+        .map(|(label, (index, run))| {
             format!(
-                "run {}: execs {:?}, connects {:?}, lost {:?}",
+                "{label}, run {}: execs {:?}, connects {:?}, lost {:?}, violations {:?}",
                 index + 1,
                 run.seen.execs,
                 run.seen.connects,
-                run.seen.lost
+                run.seen.lost,
+                run.seen.violations
             )
         })
         .collect();
     if !wrong.is_empty() {
         bail!(
             "Sentinel's counters for the bench cgroup differ from the {iterations} iterations \
-             per loop (or events were lost):\n  {}",
+             per loop (or events were lost, or an exec was a violation):\n  {}",
             wrong.join("\n  ")
         );
     }
     println!(
-        "[bench] Sentinel counted every exec and connect of the bench's cgroup exactly and lost \
-         no events"
+        "[bench] Sentinel counted every exec and connect of the bench's cgroup exactly, lost \
+         no events and, contained, counted no violation during the loops"
     );
     Ok(())
 }

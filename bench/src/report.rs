@@ -11,7 +11,7 @@ use super::{
     LOOP_TRACEPOINTS,
     summary::Summary,
     system::{Machine, ProgramCost},
-    tools::{Tool, ToolRun},
+    tools::{ALLOWED_EXECUTABLES, Tool, ToolRun},
     workload::LoopTimes,
 };
 
@@ -221,6 +221,25 @@ impl Report<'_> {
              connect and accept on 127.0.0.1; the client closes with SO_LINGER 0 (RST, no \
              TIME_WAIT). Both run in a cgroup of their own."
         )?;
+        if let Some(contained) = self
+            .results
+            .iter()
+            .find(|results| results.tool == Tool::SentinelContained)
+        {
+            let violations: Option<u64> =
+                contained.runs.iter().map(|run| run.seen.violations).sum();
+            writeln!(
+                f,
+                "- {}: the same daemon with a policy containing the loops' cgroup: `exec.allow` \
+                 of {ALLOWED_EXECUTABLES} files (the exec loop's program and the first others \
+                 of /usr/bin by name), `on_violation: alert`. Violations counted during its \
+                 loops: {} (`sentinel_exec_violations_total`); after each run's loops, one exec \
+                 of an unlisted copy of the program counted exactly one, so the policy was in \
+                 force.",
+                contained.tool.label(),
+                violations.map_or_else(|| "—".to_owned(), |count| count.to_string()),
+            )?;
+        }
         writeln!(
             f,
             "- Seen, against the loops' iterations: Sentinel's `sentinel_exec_total` and \
@@ -332,10 +351,36 @@ impl Report<'_> {
             "nothing attached",
             floor_connect,
         );
+        let find = |tool: Tool| self.results.iter().find(|results| results.tool == tool);
+        if let Some(contained) = find(Tool::SentinelContained) {
+            let contained = figures(contained);
+            let mut floors = vec![("Sentinel, count only", figures(sentinel))];
+            if let Some(count) = find(Tool::BpftraceCount) {
+                floors.push((count.tool.label(), figures(count)));
+            }
+            for (floor, theirs) in floors {
+                summary.compare(
+                    SECTION,
+                    "kernel cost per exec, exec.allow of 50 (BPF stats)",
+                    "ns",
+                    contained.kernel_ns_per_exec,
+                    floor,
+                    theirs.kernel_ns_per_exec,
+                );
+                summary.compare(
+                    SECTION,
+                    "µs per exec, exec.allow of 50 (wall, median)",
+                    "µs",
+                    contained.exec_us,
+                    floor,
+                    theirs.exec_us,
+                );
+            }
+        }
         for results in self.results {
             let theirs = figures(results);
             raw.insert(results.tool.label().into(), theirs.to_json());
-            if results.tool == Tool::Sentinel {
+            if results.tool.is_sentinel() {
                 continue;
             }
             let peer = results.tool.label();

@@ -100,7 +100,7 @@ impl Display for Summary {
         for row in &self.rows {
             writeln!(
                 f,
-                "| {} | {} | {} {} | {} | {} {} | {:.2}x |",
+                "| {} | {} | {} {} | {} | {} {} | {} |",
                 row.section,
                 row.measure,
                 figure(row.sentinel),
@@ -108,15 +108,27 @@ impl Display for Summary {
                 row.against,
                 figure(row.reference),
                 row.unit,
-                row.ratio(),
+                ratio(row.ratio()),
             )?;
         }
         Ok(())
     }
 }
 
-/// Three significant digits, without exponents.
+/// "0.46x"; "—" when either figure is missing (none) or the reference is 0.
+fn ratio(ratio: f64) -> String {
+    if ratio.is_finite() {
+        format!("{ratio:.2}x")
+    } else {
+        "—".to_owned()
+    }
+}
+
+/// Three significant digits, without exponents; "none" for a missing figure (NaN).
 fn figure(value: f64) -> String {
+    if value.is_nan() {
+        return "none".to_owned();
+    }
     let decimals = match value.abs() {
         v if v >= 100.0 => 0,
         v if v >= 10.0 => 1,

@@ -25,6 +25,12 @@ use super::{
 /// Observation only: the SSH guard would write nftables rules in the host's network
 /// namespace, and the loops never exercise it.
 const DAEMON_CONFIG: &str = "ssh_guard:\n  enabled: false\n";
+/// Files in the contained run's `exec.allow`: the exec loop's program and others.
+pub const ALLOWED_EXECUTABLES: usize = 50;
+/// Where the rest of the allow list comes from: real executables, as a service would list.
+const ALLOW_LIST_SOURCE: &str = "/usr/bin";
+/// Sentinel reports a violation through its alerts ring buffer, polled within milliseconds.
+const VIOLATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Count-only: the kernel keeps the counts, user space reads them once at exit.
 /// (State 2 is TCP_SYN_SENT: connect() has sent its SYN.)
 const BPFTRACE_COUNT: &str = "tracepoint:sched:sched_process_exec { @exec[comm] = count(); } \
@@ -48,6 +54,9 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tool {
     Sentinel,
+    /// Sentinel with the loops' cgroup contained by a policy (`exec.allow`, `on_violation:
+    /// alert`).
+    SentinelContained,
     BpftraceCount,
     BpftracePrintf,
     Execsnoop,
@@ -59,15 +68,21 @@ impl Tool {
     pub fn label(self) -> &'static str {
         match self {
             Self::Sentinel => "Sentinel",
+            Self::SentinelContained => "Sentinel, exec.allow of 50",
             Self::BpftraceCount => "bpftrace, count per comm",
             Self::BpftracePrintf => "bpftrace, printf per event",
             Self::Execsnoop => "execsnoop-bpfcc",
         }
     }
 
+    pub fn is_sentinel(self) -> bool {
+        matches!(self, Self::Sentinel | Self::SentinelContained)
+    }
+
     fn file_stem(self) -> &'static str {
         match self {
             Self::Sentinel => "sentinel",
+            Self::SentinelContained => "sentinel-contained",
             Self::BpftraceCount => "bpftrace-count",
             Self::BpftracePrintf => "bpftrace-printf",
             Self::Execsnoop => "execsnoop-bpfcc",
@@ -78,8 +93,8 @@ impl Tool {
 /// What every run needs.
 pub struct RunSetup<'a> {
     pub daemon: &'a Path,
-    /// Sentinel's configuration file and control socket.
-    pub daemon_config: &'a Path,
+    /// Sentinel's configuration files and control socket.
+    pub daemon_configs: &'a DaemonConfigs,
     pub daemon_socket: &'a Path,
     pub nop: &'a Path,
     pub out_dir: &'a Path,
@@ -105,11 +120,73 @@ pub struct Seen {
     pub connects: Option<u64>,
     /// Sentinel only: the sum of `sentinel_events_lost_total`.
     pub lost: Option<u64>,
+    /// Sentinel only: `sentinel_exec_violations_total` of the loops' cgroup.
+    pub violations: Option<u64>,
 }
 
-/// Writes the configuration Sentinel runs with during the bench.
-pub fn write_daemon_config(path: &Path) -> Result<()> {
-    fs::write(path, DAEMON_CONFIG).with_context(|| format!("cannot write {}", path.display()))
+/// Sentinel's configurations: count only, and with the loops' cgroup contained.
+pub struct DaemonConfigs {
+    count_only: PathBuf,
+    contained: PathBuf,
+    /// A copy of the exec loop's program: a file the allow list does not hold.
+    unlisted: PathBuf,
+}
+
+/// Writes the configurations Sentinel runs with during the bench. The contained one lists `nop`
+/// and other executables, `ALLOWED_EXECUTABLES` in all, so that nothing the loops run is a
+/// violation; alerts go to an audit log under `out_dir`.
+pub fn write_daemon_configs(out_dir: &Path, nop: &Path) -> Result<DaemonConfigs> {
+    let write = |name: &str, text: &str| {
+        let path = out_dir.join(name);
+        fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok::<_, anyhow::Error>(path)
+    };
+    let count_only = write("sentinel.yaml", DAEMON_CONFIG)?;
+    let mut allow = vec![nop.display().to_string()];
+    allow.extend(other_executables(ALLOWED_EXECUTABLES - 1)?);
+    let contained = write(
+        "sentinel-contained.yaml",
+        &format!(
+            "ssh_guard:\n  enabled: false\n  audit_log: {}\npolicies:\n  - name: bench-loops\n    \
+             cgroup: {SERVICE}\n    exec.allow: [{}]\n    on_violation: alert\n",
+            out_dir.join("sentinel-contained-audit.log").display(),
+            allow.join(", ")
+        ),
+    )?;
+    let unlisted = out_dir.join(format!("{NOP_PROGRAM}-unlisted"));
+    fs::copy(nop, &unlisted).with_context(|| format!("cannot write {}", unlisted.display()))?;
+    Ok(DaemonConfigs {
+        count_only,
+        contained,
+        unlisted,
+    })
+}
+
+/// The first `count` regular files of `ALLOW_LIST_SOURCE` by name, with names that need no
+/// quoting in YAML.
+fn other_executables(count: usize) -> Result<Vec<String>> {
+    let entries = fs::read_dir(ALLOW_LIST_SOURCE)
+        .with_context(|| format!("cannot list {ALLOW_LIST_SOURCE}"))?;
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_file()))
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| {
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+        .collect();
+    names.sort();
+    ensure!(
+        names.len() >= count,
+        "{ALLOW_LIST_SOURCE} has {} executables, fewer than the {count} the allow list needs",
+        names.len()
+    );
+    Ok(names
+        .into_iter()
+        .take(count)
+        .map(|name| format!("{ALLOW_LIST_SOURCE}/{name}"))
+        .collect())
 }
 
 /// Starts and stops `tool` once, so that a tool that cannot run here is known before the
@@ -130,6 +207,9 @@ pub fn measured_run(tool: Tool, setup: &RunSetup) -> Result<ToolRun> {
     usage.cpu_seconds -= before.cpu_seconds;
     let programs = program_costs(pid)?;
     let daemon_seen = tracer.metrics.map(sentinel_seen).transpose()?;
+    if tool == Tool::SentinelContained {
+        tracer.prove_contained(setup)?;
+    }
     tracer.stop()?;
     let seen = match daemon_seen {
         Some(seen) => seen,
@@ -155,7 +235,12 @@ struct Tracer {
 impl Tracer {
     fn start(tool: Tool, setup: &RunSetup) -> Result<Self> {
         let (mut command, metrics) = match tool {
-            Tool::Sentinel => {
+            Tool::Sentinel | Tool::SentinelContained => {
+                let config = if tool == Tool::Sentinel {
+                    &setup.daemon_configs.count_only
+                } else {
+                    &setup.daemon_configs.contained
+                };
                 let address = free_loopback_address()?;
                 let mut command = Command::new(setup.daemon);
                 // Its own configuration and socket: neither the host's configuration nor a
@@ -163,7 +248,7 @@ impl Tracer {
                 command
                     .arg("run")
                     .arg("--config")
-                    .arg(setup.daemon_config)
+                    .arg(config)
                     .arg("--control-socket")
                     .arg(setup.daemon_socket)
                     .arg("--metrics-addr")
@@ -237,11 +322,49 @@ impl Tracer {
         Ok(true)
     }
 
+    /// Sentinel's containment was in force during the loops: one exec of a file its allow
+    /// list does not hold, in the loops' cgroup, is exactly one violation (after the loops'
+    /// none; `on_violation: alert` lets it run).
+    fn prove_contained(&self, setup: &RunSetup) -> Result<()> {
+        let address = self.metrics.context("Sentinel serves /metrics")?;
+        let violations = || -> Result<u64> { Ok(sentinel_seen(address)?.violations.unwrap_or(0)) };
+        let before = violations()?;
+        let inside = setup.cgroup.enter()?;
+        let unlisted = &setup.daemon_configs.unlisted;
+        let status = Command::new(unlisted)
+            .status()
+            .with_context(|| format!("cannot start {}", unlisted.display()));
+        inside.leave()?;
+        let status = status?;
+        ensure!(
+            status.success(),
+            "{} failed in the contained cgroup ({status}): `on_violation: alert` must let it run",
+            unlisted.display()
+        );
+        let deadline = Instant::now() + VIOLATION_TIMEOUT;
+        loop {
+            let after = violations()?;
+            if after == before + 1 {
+                return Ok(());
+            }
+            ensure!(
+                after <= before && Instant::now() < deadline,
+                "the containment policy was not in force: an exec of {} in the contained cgroup \
+                 moved sentinel_exec_violations_total from {before} to {after} (expected one \
+                 more) within {VIOLATION_TIMEOUT:?}; its log: {}",
+                unlisted.display(),
+                self.stderr.display()
+            );
+            thread::sleep(POLL);
+        }
+    }
+
     /// SIGTERM for Sentinel, SIGINT for the peers (bpftrace prints its maps on SIGINT).
     fn stop(mut self) -> Result<()> {
-        let signal = match self.tool {
-            Tool::Sentinel => libc::SIGTERM,
-            _ => libc::SIGINT,
+        let signal = if self.tool.is_sentinel() {
+            libc::SIGTERM
+        } else {
+            libc::SIGINT
         };
         let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
         // SAFETY: kill has no memory-safety preconditions; the pid is our child, not yet
@@ -354,6 +477,7 @@ fn sentinel_seen(address: SocketAddr) -> Result<Seen> {
         execs: Some(counter("sentinel_exec_total")),
         connects: Some(counter("sentinel_tcp_connects_total")),
         lost: Some(lost),
+        violations: Some(counter("sentinel_exec_violations_total")),
     })
 }
 
@@ -381,7 +505,9 @@ fn peer_seen(tool: Tool, setup: &RunSetup) -> Result<Seen> {
         u64::try_from(count).expect("a line count fits in u64")
     };
     let (execs, connects) = match tool {
-        Tool::Sentinel => bail!("Sentinel's counts come from its /metrics"),
+        Tool::Sentinel | Tool::SentinelContained => {
+            bail!("Sentinel's counts come from its /metrics")
+        }
         Tool::BpftraceCount => (
             map_value(format!("@exec[{NOP_PROGRAM}]:")),
             Some(map_value(format!("@connect[{own_comm}]:"))),
@@ -397,6 +523,7 @@ fn peer_seen(tool: Tool, setup: &RunSetup) -> Result<Seen> {
         execs: Some(execs),
         connects,
         lost: None,
+        violations: None,
     })
 }
 

@@ -43,7 +43,7 @@ pub const SSH_OPTIONS: &[&str] = &[
 ];
 
 /// `ssh` options for logging in with keys only, each key file given with `-i`, in order.
-const KEY_SSH_OPTIONS: &[&str] = &[
+pub const KEY_SSH_OPTIONS: &[&str] = &[
     "-F",
     "/dev/null",
     "-o",

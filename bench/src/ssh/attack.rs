@@ -132,7 +132,7 @@ fn attack_allowlisted(lab: &SshLab) -> Result<bool> {
 }
 
 /// `later - earlier` in milliseconds, negative when `later` came first.
-fn signed_millis(later: Instant, earlier: Instant) -> f64 {
+pub(super) fn signed_millis(later: Instant, earlier: Instant) -> f64 {
     match later.checked_duration_since(earlier) {
         Some(after) => after.as_secs_f64() * 1e3,
         None => -(earlier.duration_since(later).as_secs_f64() * 1e3),

@@ -36,7 +36,12 @@ const SSHGUARD_LIBEXEC: &str = "/usr/libexec/sshguard";
 /// fail2ban's own table in the server namespace.
 const FAIL2BAN_TABLE: &str = "f2b-sentinel-bench";
 /// The probes the attack needs (`program` labels of `sentinel_probe_attached`).
-const SENTINEL_SSH_PROBES: [&str; 3] = ["ssh_pam_rhost", "ssh_pam_call", "ssh_auth_result"];
+const SENTINEL_SSH_PROBES: [&str; 4] = [
+    "ssh_pam_rhost",
+    "ssh_pam_call",
+    "ssh_auth_result",
+    "ssh_preauth_end",
+];
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(50);

@@ -19,7 +19,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use sentinel_tests::{eventually, netlab::Netns};
+use sentinel_tests::{
+    eventually,
+    netlab::Netns,
+    sshlab::{KEY_SSH_OPTIONS, SshdAuth},
+};
 
 use super::timeline::{REALTIME_PRIORITY, Stamped, Timeline, lock};
 use crate::{host::run, interrupt};
@@ -43,7 +47,7 @@ const ATTACKER_LINK: &str = "eth0";
 /// An account every Debian system has: a wrong password for it is exactly one "Failed
 /// password" line and one PAM failure (an unknown user name would add an "Invalid user" line,
 /// which some peers count as a failure of its own).
-const ACCOUNT: &str = "nobody";
+pub const ACCOUNT: &str = "nobody";
 const WRONG_PASSWORD: &str = "not-the-password";
 const CLIENT_OPTIONS: [&str; 6] = [
     "StrictHostKeyChecking=no",
@@ -82,8 +86,9 @@ pub struct Bookmark {
 }
 
 impl SshLab {
-    /// Everything is written under `dir`: the host key, the logs, the monitor's output.
-    pub fn start(dir: &Path) -> Result<Self> {
+    /// Everything is written under `dir`: the host key, the logs, the monitor's output. sshd
+    /// lets users in as `auth` says.
+    pub fn start(dir: &Path, auth: SshdAuth) -> Result<Self> {
         let server = Netns::new("bench-ssh");
         let attacker = Netns::new("bench-atk");
         server.veth(SERVER_LINK, &attacker, ATTACKER_LINK);
@@ -94,7 +99,7 @@ impl SshLab {
             "addr add {ALLOWED_ATTACKER}/24 dev {ATTACKER_LINK}"
         ));
         let monitor = ElementMonitor::start(&server, &dir.join("nft-monitor.log"))?;
-        let sshd = Sshd::start(&server, dir)?;
+        let sshd = Sshd::start(&server, dir, auth)?;
         Ok(Self {
             sshd,
             monitor,
@@ -189,6 +194,63 @@ impl SshLab {
         command
     }
 
+    /// A login as `user` from `source` offering only `key`, which the key-only sshd refuses
+    /// (no password is ever asked).
+    pub fn start_key_login(&self, source: Ipv4Addr, user: &str, key: &Path) -> Result<Child> {
+        self.attacker
+            .command("ssh")
+            .args(KEY_SSH_OPTIONS)
+            .arg("-i")
+            .arg(key)
+            .arg("-b")
+            .arg(source.to_string())
+            .args(["-l", user])
+            .arg(SERVER.to_string())
+            .arg("true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start ssh")
+    }
+
+    /// Waits up to `limit` for a client of `start_key_login`; returns when it exited, refused
+    /// by sshd, or `None` when it did not end so (it is killed after `limit`): a ban that
+    /// dropped its connection midway, which the caller checks.
+    pub fn finish_key_login(
+        &self,
+        mut client: Child,
+        source: Ipv4Addr,
+        limit: Duration,
+    ) -> Result<Option<Instant>> {
+        let started = Instant::now();
+        let ended = loop {
+            if client.try_wait()?.is_some() {
+                break Instant::now();
+            }
+            if started.elapsed() >= limit {
+                let _ = client.kill();
+                client.wait()?;
+                return Ok(None);
+            }
+            interrupt::check()?;
+            thread::sleep(LOG_POLL);
+        };
+        let output = client
+            .wait_with_output()
+            .context("waiting for ssh failed")?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if stderr.contains("Permission denied (publickey)") {
+            return Ok(Some(ended));
+        }
+        ensure!(
+            !output.status.success(),
+            "a key login from {source} succeeded; sshd's last line: {:?}",
+            self.sshd.log.last_line()
+        );
+        Ok(None)
+    }
+
     /// Probes from `source` every few milliseconds until its packets are dropped; returns when
     /// the first dropped probe was sent, or `None` if none was within `limit`.
     pub fn await_drop(&self, source: Ipv4Addr, limit: Duration) -> Result<Option<Instant>> {
@@ -257,6 +319,25 @@ impl SshLab {
         }
     }
 
+    /// When this process read the last line sshd logged about `source` since `bookmark` and
+    /// before `moment`.
+    pub fn last_logged_before(
+        &self,
+        source: Ipv4Addr,
+        bookmark: &Bookmark,
+        moment: Instant,
+    ) -> Option<Instant> {
+        // "from 198.51.100.100 port 4242", "user nobody 198.51.100.100 port 4242 [preauth]"
+        let address = format!(" {source} port ");
+        self.sshd
+            .log
+            .since(bookmark.log, |line| line.contains(&address))
+            .iter()
+            .map(|line| line.at)
+            .take_while(|at| *at <= moment)
+            .last()
+    }
+
     /// When `nft monitor` showed the first set element holding `source` since `bookmark`,
     /// waiting a little for it when it is `expected`.
     pub fn committed(
@@ -321,7 +402,7 @@ struct Sshd {
 }
 
 impl Sshd {
-    fn start(server: &Netns, dir: &Path) -> Result<Self> {
+    fn start(server: &Netns, dir: &Path, auth: SshdAuth) -> Result<Self> {
         ensure!(
             Path::new(SSHD).exists(),
             "{SSHD} is missing: install openssh-server"
@@ -338,10 +419,23 @@ impl Sshd {
         // No configuration file: OpenSSH's defaults (password logins on), none of this
         // host's /etc/ssh, and PAM as Debian's sshd uses it. MaxStartups: each banned
         // attacker leaves a connection sshd waits on until LoginGraceTime (its packets are
-        // dropped), and by default sshd starts refusing at 10 of those.
+        // dropped), and by default sshd starts refusing at 10 of those. Key-only: what
+        // hardened servers run; PAM still starts for every user a client names.
+        let authentication: &[&str] = match auth {
+            SshdAuth::Password => &[],
+            SshdAuth::KeysOnly => &[
+                "-o",
+                "PasswordAuthentication=no",
+                "-o",
+                "KbdInteractiveAuthentication=no",
+                "-o",
+                "PubkeyAuthentication=yes",
+            ],
+        };
         let mut process = server
             .command(SSHD)
             .args(["-D", "-e", "-f", "/dev/null", "-o", "UsePAM=yes"])
+            .args(authentication)
             .args(["-o", "MaxStartups=200", "-o"])
             .arg(format!("HostKey={}", host_key.display()))
             .arg("-o")

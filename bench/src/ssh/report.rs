@@ -9,6 +9,7 @@ use super::{
     attack::AttackResults,
     flood::{ADDRESSES, BOUND, FloodResults},
     guards::{Guard, MAX_FAILURES},
+    preauth::{MAX_ATTEMPTS, PreauthResults, SETTLE},
 };
 use serde_json::json;
 
@@ -30,6 +31,10 @@ pub struct SshReport<'a> {
     /// Peers that could not be measured here, and why.
     pub unavailable: &'a [(Guard, String)],
     pub flood: &'a FloodResults,
+    /// The key-only attack, per guard.
+    pub preauth: &'a [PreauthResults],
+    /// Peers that could not be measured against the key-only sshd, and why.
+    pub preauth_unavailable: &'a [(Guard, String)],
     pub elapsed: Duration,
 }
 
@@ -56,7 +61,11 @@ impl Display for SshReport<'_> {
         writeln!(f)?;
         self.write_flood_table(f)?;
         writeln!(f)?;
-        write_flood_notes(f)
+        write_flood_notes(f)?;
+        writeln!(f)?;
+        self.write_preauth_table(f)?;
+        writeln!(f)?;
+        self.write_preauth_notes(f)
     }
 }
 
@@ -292,6 +301,89 @@ impl SshReport<'_> {
     }
 }
 
+impl SshReport<'_> {
+    fn write_preauth_table(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "| Tool, key-only sshd | attackers banned | attempts until the ban (each attacker) \
+             | banning attempt's end → first dropped probe, median / max | attacker's last log \
+             line → ban element committed, median / max | CPU-s per attacker | attempts \
+             counted by Sentinel |"
+        )?;
+        writeln!(f, "|---|--:|--:|--:|--:|--:|--:|")?;
+        for results in self.preauth {
+            let attempts: Vec<String> = results
+                .samples
+                .iter()
+                .map(|sample| match (sample.banned_at, sample.time_to_drop) {
+                    (None, _) => "none".to_owned(),
+                    (Some(attempt), Some(_)) => attempt.to_string(),
+                    (Some(attempt), None) => format!("{attempt} (during it)"),
+                })
+                .collect();
+            writeln!(
+                f,
+                "| {} | {}/{} | {} | {} | {} | {:.3} | {} |",
+                results.guard.label(),
+                results.banned(),
+                results.samples.len(),
+                attempts.join(", "),
+                median_and_max(&results.times_to_drop_ms(), 2),
+                median_and_max(&results.lines_to_commit_ms(), 2),
+                results.cpu_seconds_per_attack,
+                results.counted.map_or_else(
+                    || "—".to_owned(),
+                    |counted| format!("{counted} of {}", results.attempts)
+                ),
+            )?;
+        }
+        for (guard, _) in self.preauth_unavailable {
+            writeln!(
+                f,
+                "| {} | not run (see below) | — | — | — | — | — |",
+                guard.label()
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_preauth_notes(&self, f: &mut Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "- Attackers that never reach a password: sshd with `PasswordAuthentication no` \
+             (public keys only, PAM on); per tool {} attackers, each from a fresh address, one \
+             connection at a time with `ssh -i` and a key the server does not know, \
+             alternating the real account `nobody` and an unknown user name, until the address \
+             is dropped or {MAX_ATTEMPTS} attempts were made (\"none\"). After each refused \
+             attempt the address is probed for {SETTLE:?} before the next one. The same \
+             thresholds as above: Sentinel bans at {MAX_FAILURES} failures with the default \
+             `preauth_weight: 0.5` per connection that ends before authenticating, reading no \
+             log; fail2ban at {MAX_FAILURES} matches of Debian's sshd filter (normal mode); \
+             sshguard at a score of 50, from the same syslog-format copy of sshd's log.",
+            self.preauth
+                .first()
+                .map_or(0, |results| results.samples.len())
+        )?;
+        writeln!(
+            f,
+            "- End: the attempt's client exited, refused (`Permission denied (publickey)`); \
+             an attempt whose own connection the ban cut (\"during it\": a peer banned on a \
+             line sshd logged before the attempt ended) has no end and is not in the median. Log \
+             line → element: the last line sshd logged about the attacker before `nft \
+             monitor` showed the ban's element, both stamped as read. CPU: the tool's cgroup \
+             from the first attempt to the last, per attacker."
+        )?;
+        for (guard, reason) in self.preauth_unavailable {
+            writeln!(
+                f,
+                "- {} could not be measured against the key-only sshd: {reason}",
+                guard.label()
+            )?;
+        }
+        Ok(())
+    }
+}
+
 fn write_flood_notes(f: &mut Formatter<'_>) -> fmt::Result {
     writeln!(
         f,
@@ -338,7 +430,28 @@ impl SshReport<'_> {
                 "cpu_seconds": flood.cpu_seconds,
             }),
         );
+        let preauth = |results: &PreauthResults| {
+            json!({
+                "attackers_banned": results.banned(),
+                "attackers": results.samples.len(),
+                "attempts_to_ban": results.attempts_to_ban(),
+                "attempt_end_to_drop_ms_median": median(&results.times_to_drop_ms()),
+                "line_to_commit_ms_median": median(&results.lines_to_commit_ms()),
+                "cpu_seconds_per_attack": results.cpu_seconds_per_attack,
+                "attempts": results.attempts,
+                "counted": results.counted,
+            })
+        };
+        raw.insert(
+            "key_only".into(),
+            self.preauth
+                .iter()
+                .map(|results| (results.guard.label().to_owned(), preauth(results)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+        );
         summary.record("ssh", raw.into());
+        self.summarize_preauth(summary);
         let Some(ours) = self.sentinel() else {
             return;
         };
@@ -353,6 +466,39 @@ impl SshReport<'_> {
             });
             compare(summary, "CPU per attack", "s", |r| r.cpu_seconds_per_attack);
             compare(summary, "peak RSS", "MiB", |r| mebibytes(r.hwm_kib));
+        }
+    }
+}
+
+impl SshReport<'_> {
+    /// Attempts until the ban and CPU per attacker, Sentinel over each peer.
+    fn summarize_preauth(&self, summary: &mut Summary) {
+        const SECTION: &str = "SSH, key-only attackers";
+        let Some(ours) = self
+            .preauth
+            .iter()
+            .find(|results| results.guard == Guard::Sentinel)
+        else {
+            return;
+        };
+        for theirs in self.preauth.iter().filter(|r| r.guard != Guard::Sentinel) {
+            let peer = theirs.guard.label();
+            summary.compare(
+                SECTION,
+                format!("attempts until the ban (median; none if not banned in {MAX_ATTEMPTS})"),
+                "attempts",
+                median(&ours.attempts_to_ban()),
+                peer,
+                median(&theirs.attempts_to_ban()),
+            );
+            summary.compare(
+                SECTION,
+                "CPU per attacker",
+                "s",
+                ours.cpu_seconds_per_attack,
+                peer,
+                theirs.cpu_seconds_per_attack,
+            );
         }
     }
 }
