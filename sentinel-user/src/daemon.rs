@@ -10,6 +10,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
+use sentinel_common::EventRecords;
 use tokio::{
     net::TcpListener,
     signal::unix::{Signal, SignalKind, signal},
@@ -54,7 +55,7 @@ const SSH_GUARD_QUEUE: usize = 65_536;
 
 /// How long tasks get to finish after SIGINT/SIGTERM before the programs are detached anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
-/// How often batched (no-wakeup) events are drained.
+/// How often batched (no-wakeup) events are drained, when anything reads them.
 const EVENTS_POLL: Duration = Duration::from_millis(100);
 /// Alerts and SSH events wake the daemon per record; the timer is only a safety net.
 const ALERTS_POLL: Duration = Duration::from_secs(1);
@@ -215,9 +216,16 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let events: RingBuf<MapData> = take_map(&mut probes.ebpf, "EVENTS")?.try_into()?;
     let alerts: RingBuf<MapData> = take_map(&mut probes.ebpf, "ALERTS")?.try_into()?;
     let ssh_events: RingBuf<MapData> = take_map(&mut probes.ebpf, "SSH_EVENTS")?.try_into()?;
+    // Without a reader of exec and TCP records nothing is ever written there: a slow poll
+    // keeps the reader's wakeups off an idle host.
+    let events_poll = if records == EventRecords::default() {
+        ALERTS_POLL
+    } else {
+        EVENTS_POLL
+    };
     tasks.spawn(supervised(
         components.start("events reader"),
-        read_ring(events, handler.clone(), EVENTS_POLL, cancel.clone()),
+        read_ring(events, handler.clone(), events_poll, cancel.clone()),
     ));
     tasks.spawn(supervised(
         components.start("alerts reader"),
