@@ -44,7 +44,9 @@ impl Lapi {
         Self::serve(crowdsec, true, None)
     }
 
-    /// Plain HTTP on the loopback of `netns`, for consumers that run in there.
+    /// Plain HTTP on the loopback of `netns`, for consumers that run in there, with SQLite's
+    /// write-ahead log: without it, thousands of decisions imported at once while bouncers pull
+    /// fail with `database is locked`.
     pub fn start_in(crowdsec: &Path, netns: &Netns) -> Self {
         Self::serve(crowdsec, false, Some(netns))
     }
@@ -118,7 +120,7 @@ crowdsec_service:
 db_config:
   type: sqlite
   db_path: {dir}/data/crowdsec.db
-  use_wal: false
+  use_wal: {wal}
 api:
   client:
     credentials_path: {dir}/config/local_api_credentials.yaml
@@ -130,7 +132,8 @@ api:
 prometheus:
   enabled: false
 ",
-            port = self.port
+            port = self.port,
+            wal = self.netns.is_some(),
         )
     }
 
@@ -371,4 +374,3 @@ impl Drop for Lapi {
         self.stop();
     }
 }
-

@@ -435,7 +435,12 @@ fn sentinel_unban_of_a_fleet_ban_of_one_ipv6_address_lifts_exactly_that_address(
     lapi.ban("--ip", target);
     lapi.ban("--ip", neighbour);
     let both = eventually(WAIT, || a.netns.sentinel_set("banned_v6").len() == 2);
-    assert!(both, "{:?}\n{}", a.netns.sentinel_set("banned_v6"), a.daemon.log());
+    assert!(
+        both,
+        "{:?}\n{}",
+        a.netns.sentinel_set("banned_v6"),
+        a.daemon.log()
+    );
     assert_eq!(nets(a.netns.sentinel_set("banned_v6")), [target, neighbour]);
 
     let text = a.daemon.control(&["unban", target]);
