@@ -6,8 +6,10 @@
 //! Measured per round: from `cscli decisions import` returning (the decisions are in LAPI) to
 //! every element being in the consumer's nftables set (`nft -j list set`, polled), and the
 //! consumer's CPU time over that span; per run, its peak RSS. The floor: `nft -f` of a file
-//! adding the same elements to a set like Sentinel's. Sentinel's set must end up holding
-//! exactly the decisions imported.
+//! adding the same elements to a set like Sentinel's. Decisions that never reach a set (the
+//! stream skips a batch committed across a pull) are reported per round, and the last element
+//! that arrived is timed; when none is missing, Sentinel's set must hold exactly the decisions
+//! imported.
 //!
 //! Under `target/bench/fleet/`: each run's configuration, key, decision files and output.
 
@@ -260,7 +262,10 @@ fn run(
             now_held - held,
             (after - before) * 1e3,
             if missing > 0 {
-                format!("; {missing} NEVER ARRIVED (nothing more for {} s)", SETTLED.as_secs())
+                format!(
+                    "; {missing} NEVER ARRIVED (nothing more for {} s)",
+                    SETTLED.as_secs()
+                )
             } else {
                 String::new()
             }
