@@ -10,7 +10,8 @@
 //! with the baseline runs on either side of it. SSH section: brute force against Sentinel,
 //! fail2ban and sshguard (`ssh/mod.rs`). Scale sections: thousands of attributed cgroups on
 //! this host (`scale.rs`), and hundreds to thousands of policed services in the VM, the only
-//! place with cgroup v2 controllers (`policy.rs`).
+//! place with cgroup v2 controllers (`policy.rs`). Fleet section: CrowdSec decisions applied by
+//! Sentinel and by crowdsec-firewall-bouncer (`fleet.rs`).
 //!
 //! The bench reports timings and never asserts them. It fails when Sentinel cannot run, when a
 //! tool fails during the measured runs, or when Sentinel's counts differ from the work done; a
@@ -20,6 +21,7 @@
 //! tool's output from its latest run, and `results.json`.
 
 mod cgroup;
+mod fleet;
 mod interrupt;
 mod policy;
 mod report;
@@ -39,6 +41,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use sentinel_host as host;
 
+pub use self::fleet::FleetTools;
 use self::{
     cgroup::BenchCgroup,
     report::{Report, ToolResults},
@@ -67,6 +70,8 @@ pub trait Driver {
     /// Boots the VM guest to run `command` (a program of sentinel-tests) as a job named
     /// `name`; returns the lines it printed.
     fn run_vm_job(&self, name: &str, command: &str, timeout: Duration) -> Result<Vec<String>>;
+    /// Debian's crowdsec and crowdsec-firewall-bouncer packages, unpacked (pinned).
+    fn fleet_tools(&self) -> Result<FleetTools>;
 }
 
 #[derive(clap::Args)]
@@ -121,6 +126,9 @@ pub enum Section {
     /// Policed services in a VM (500 and 5,000 unless --policy-services says otherwise):
     /// apply, reload, scrapes, memory and CPU.
     Policy,
+    /// CrowdSec decisions (10 and 10,000) applied by Sentinel and by
+    /// crowdsec-firewall-bouncer from a real Local API, and by `nft -f`.
+    Fleet,
 }
 
 impl BenchArgs {
@@ -153,6 +161,11 @@ pub fn bench(args: &BenchArgs, workspace: &Path, driver: &dyn Driver) -> Result<
     if args.runs(Section::Ssh) {
         ssh::ensure_packages(!args.skip_peers)?;
     }
+    let fleet_tools = if args.runs(Section::Fleet) {
+        Some(driver.fleet_tools()?)
+    } else {
+        None
+    };
     step("bench: building the daemon (release)");
     let daemon = driver.build_daemon()?;
     let machine = Machine::read()?;
@@ -187,6 +200,10 @@ pub fn bench(args: &BenchArgs, workspace: &Path, driver: &dyn Driver) -> Result<
     if args.runs(Section::Policy) {
         let outcome = policy::bench(driver, &args.policy_services, &mut summary);
         note_failure(&mut failed, "policy", outcome)?;
+    }
+    if let Some(tools) = &fleet_tools {
+        let outcome = fleet::bench(&daemon, tools, &out_dir, &mut summary);
+        note_failure(&mut failed, "fleet", outcome)?;
     }
     step("bench: Sentinel against the floor and its peers, all from this run");
     println!("\n{machine}.\n\n{summary}");

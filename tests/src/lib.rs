@@ -1,6 +1,7 @@
 //! Harness for the privileged tests: a real daemon, real cgroups, real scrapes.
 
 pub mod floor;
+pub mod lapi;
 pub mod measure;
 pub mod netlab;
 pub mod sshlab;

@@ -5,7 +5,7 @@ use std::{
     fs::File,
     io::{self, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
     time::Duration,
@@ -94,7 +94,12 @@ impl Netns {
 
     /// Elements of one of Sentinel's ban sets (`banned_v4`, `banned_v6`) as the kernel holds them.
     pub fn sentinel_set(&self, set: &str) -> Vec<SetElement> {
-        let listing = self.nft(&["-j", "list", "set", "inet", "sentinel", set], "");
+        self.set_elements("inet", "sentinel", set)
+    }
+
+    /// Elements of the set `family table set` as the kernel holds them.
+    pub fn set_elements(&self, family: &str, table: &str, set: &str) -> Vec<SetElement> {
+        let listing = self.nft(&["-j", "list", "set", family, table, set], "");
         let listing: serde_json::Value = serde_json::from_str(&listing).expect("nft JSON");
         listing["nftables"]
             .as_array()
@@ -108,16 +113,7 @@ impl Netns {
 
     /// Runs `task` on a thread inside the namespace; sockets it creates stay in there.
     pub fn run<T: Send>(&self, task: impl FnOnce() -> T + Send) -> T {
-        let namespace = File::open(self.path()).expect("open the namespace");
-        thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    setns(&namespace, CloneFlags::CLONE_NEWNET).expect("enter the namespace");
-                    task()
-                })
-                .join()
-                .expect("the task inside the namespace panicked")
-        })
+        in_netns(&self.path(), task)
     }
 
     /// A TCP connection from `source` (an address of this namespace) to `destination`.
@@ -169,6 +165,21 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// Runs `task` on a thread inside the network namespace of the file `netns`; sockets it
+/// creates stay in there.
+pub fn in_netns<T: Send>(netns: &Path, task: impl FnOnce() -> T + Send) -> T {
+    let namespace = File::open(netns).expect("open the namespace");
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                setns(&namespace, CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+                task()
+            })
+            .join()
+            .expect("the task inside the namespace panicked")
+    })
 }
 
 /// One element of a ban set, as `nft -j` lists it.

@@ -1,18 +1,18 @@
 //! The fleet end to end with Debian's crowdsec 1.4.6: its Local API runs alone
 //! (`crowdsec -no-cs -no-capi`) with the test's own configuration, SQLite database and empty
 //! hub, listening on loopback; `cscli` with the same configuration registers the bouncers and
-//! adds and deletes decisions. Two Sentinels, each banning in its own "host" network namespace,
+//! adds and deletes decisions (`sentinel_tests::lapi`, shared with the bench). Two Sentinels, each banning in its own "host" network namespace,
 //! pull the decisions; an attacker with the same address reaches each host over its own veth
 //! pair. Needs root, nft and the unpacked package (`SENTINEL_CROWDSEC`, set by `cargo xtask
 //! test`): `cargo test -p sentinel-tests --test crowdsec -- --test-threads=1`.
 
 use std::{
-    fs::{self, File},
+    fs,
     io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -22,7 +22,8 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, TempDir, audit_records, eventually, free_port, http_get,
+    Daemon, TempDir, audit_records, eventually, free_port,
+    lapi::Lapi,
     netlab::{Netns, SetElement},
     rfc3339_millis, serial,
     sshlab::{Peer, Sshd, TestUser},
@@ -47,324 +48,6 @@ fn crowdsec_root() -> PathBuf {
         "SENTINEL_CROWDSEC must name the unpacked crowdsec package; `cargo xtask test` sets it",
     );
     PathBuf::from(root)
-}
-
-/// CrowdSec's Local API, alone and offline, with everything in its own directory.
-struct Lapi {
-    process: Option<Child>,
-    port: u16,
-    dir: TempDir,
-    /// Served over TLS, with a certificate from a CA made for it (`ca`).
-    tls: bool,
-}
-
-impl Lapi {
-    fn start() -> Self {
-        Self::serve(false)
-    }
-
-    /// Over TLS, with a certificate for 127.0.0.1 signed by a CA of its own.
-    fn start_tls() -> Self {
-        Self::serve(true)
-    }
-
-    fn serve(tls: bool) -> Self {
-        let dir = TempDir::new("sentinel-lapi");
-        for sub in ["data", "hub", "config"] {
-            fs::create_dir_all(dir.path().join(sub)).expect("create the LAPI's directories");
-        }
-        // An empty hub: the Local API needs no parsers or scenarios.
-        fs::write(dir.path().join("hub/.index.json"), "{}").expect("write the hub index");
-        fs::write(
-            dir.path().join("config/simulation.yaml"),
-            "simulation: false\n",
-        )
-        .expect("write simulation.yaml");
-        fs::copy(
-            crowdsec_root().join("etc/crowdsec/profiles.yaml"),
-            dir.path().join("config/profiles.yaml"),
-        )
-        .expect("copy the package's profiles.yaml");
-        if tls {
-            make_certificates(&dir.path().join("tls"));
-        }
-        let mut lapi = Self {
-            process: None,
-            port: free_port(),
-            dir,
-            tls,
-        };
-        fs::write(lapi.config(), lapi.config_text()).expect("write the LAPI's config");
-        lapi.resume();
-        lapi
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("config/config.yaml")
-    }
-
-    /// The CA that signed the TLS LAPI's certificate.
-    fn ca(&self) -> PathBuf {
-        self.dir.path().join("tls/ca.pem")
-    }
-
-    fn config_text(&self) -> String {
-        let dir = self.dir.path().display();
-        let tls = if self.tls {
-            format!(
-                "    tls:\n      cert_file: {dir}/tls/lapi.pem\n      key_file: {dir}/tls/lapi.key\n"
-            )
-        } else {
-            String::new()
-        };
-        format!(
-            "common:
-  daemonize: false
-  log_media: stdout
-  log_level: info
-config_paths:
-  config_dir: {dir}/config/
-  data_dir: {dir}/data/
-  simulation_path: {dir}/config/simulation.yaml
-  hub_dir: {dir}/hub/
-  index_path: {dir}/hub/.index.json
-  notification_dir: {dir}/config/notifications/
-  plugin_dir: {dir}/plugins/
-crowdsec_service:
-  acquisition_path: {dir}/config/acquis.yaml
-db_config:
-  type: sqlite
-  db_path: {dir}/data/crowdsec.db
-  use_wal: false
-api:
-  client:
-    credentials_path: {dir}/config/local_api_credentials.yaml
-  server:
-    listen_uri: 127.0.0.1:{port}
-{tls}    profiles_path: {dir}/config/profiles.yaml
-    trusted_ips:
-      - 127.0.0.1
-prometheus:
-  enabled: false
-",
-            port = self.port
-        )
-    }
-
-    fn url(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) the Local API on the same database, and waits until `/health` answers.
-    fn resume(&mut self) {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("crowdsec.log"))
-            .expect("open the LAPI's log");
-        let process = Command::new(crowdsec_root().join("usr/bin/crowdsec"))
-            .arg("-c")
-            .arg(self.config())
-            .args(["-no-cs", "-no-capi"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log"))
-            .stderr(log)
-            .spawn()
-            .expect("start crowdsec");
-        self.process = Some(process);
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        // Over TLS, an open port: LAPI opens it once it serves.
-        let up = eventually(WAIT, || {
-            if self.tls {
-                TcpStream::connect(addr).is_ok()
-            } else {
-                http_get(addr, "/health", None).is_ok()
-            }
-        });
-        assert!(up, "the LAPI did not answer /health:\n{}", self.log());
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("crowdsec.log")).unwrap_or_default()
-    }
-
-    /// `cscli ARGS` against this LAPI's configuration; returns stdout.
-    fn cscli(&self, args: &[&str]) -> String {
-        let mut cscli = Command::new(crowdsec_root().join("usr/bin/cscli"));
-        cscli.arg("-c").arg(self.config()).args(args);
-        if self.tls {
-            // Go reads the CAs it trusts from here.
-            cscli.env("SSL_CERT_FILE", self.ca());
-        }
-        let output = cscli.output().expect("run cscli");
-        assert!(
-            output.status.success(),
-            "cscli {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("cscli prints UTF-8")
-    }
-
-    /// `cscli decisions add TARGET VALUE --duration 1h`: TARGET is `--ip` or `--range`.
-    fn ban(&self, target: &str, value: &str) {
-        self.cscli(&["decisions", "add", target, value, "--duration", "1h"]);
-    }
-
-    /// Registers a bouncer and returns its key.
-    fn add_bouncer(&self, name: &str) -> String {
-        self.cscli(&["bouncers", "add", name, "-o", "raw"])
-            .trim()
-            .to_string()
-    }
-
-    /// Registers a watcher with `password`.
-    fn add_machine(&self, name: &str, password: &str) {
-        self.cscli(&[
-            "machines",
-            "add",
-            name,
-            "--password",
-            password,
-            "-f",
-            "/dev/null",
-        ]);
-    }
-
-    /// `cscli LISTING list -o json` (`alerts` or `decisions`): alerts either way, with their
-    /// decisions inside; `null` when there are none.
-    fn alerts(&self, listing: &str) -> Vec<serde_json::Value> {
-        let printed = self.cscli(&[listing, "list", "-o", "json"]);
-        let alerts: Option<Vec<serde_json::Value>> =
-            serde_json::from_str(&printed).expect("cscli prints JSON");
-        alerts.unwrap_or_default()
-    }
-
-    /// The alerts LAPI holds about `address`.
-    fn alerts_about(&self, address: &str) -> Vec<serde_json::Value> {
-        self.alerts("alerts")
-            .into_iter()
-            .filter(|alert| alert["source"]["value"] == address)
-            .collect()
-    }
-
-    /// The decisions in force about `address`.
-    fn decisions_about(&self, address: &str) -> Vec<serde_json::Value> {
-        self.alerts("decisions")
-            .iter()
-            .filter_map(|alert| alert["decisions"].as_array())
-            .flatten()
-            .filter(|decision| decision["value"] == address)
-            .cloned()
-            .collect()
-    }
-
-    /// Registers the machine `cscli decisions` and `cscli alerts` log in as.
-    fn add_operator(&self) {
-        self.cscli(&[
-            "machines",
-            "add",
-            "operator",
-            "--auto",
-            "--url",
-            &self.url(),
-        ]);
-    }
-}
-
-/// A CA, and a certificate for 127.0.0.1 it signed (`lapi.pem`, `lapi.key`), in `dir`.
-fn make_certificates(dir: &Path) {
-    fs::create_dir_all(dir).expect("create the certificates' directory");
-    let openssl = |args: &[&str]| {
-        let output = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .expect("run openssl");
-        assert!(
-            output.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    let new_key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509"][..],
-            &new_key,
-            &[
-                "-subj",
-                "/CN=Sentinel fleet test CA",
-                "-days",
-                "1",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-            ],
-        ]
-        .concat(),
-    );
-    openssl(
-        &[
-            &["req"][..],
-            &new_key,
-            &[
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                "lapi.key",
-                "-out",
-                "lapi.csr",
-            ],
-        ]
-        .concat(),
-    );
-    fs::write(
-        dir.join("lapi.ext"),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("write the certificate's extensions");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "lapi.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "lapi.ext",
-        "-out",
-        "lapi.pem",
-    ]);
-}
-
-impl Drop for Lapi {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// How a host joins the fleet.
@@ -597,7 +280,7 @@ const SKIPPED: &str = "sentinel_crowdsec_decisions_skipped_total";
 #[test]
 fn a_decision_added_with_cscli_is_enforced_by_both_hosts_and_lifted_when_deleted() {
     let _serial = serial();
-    let lapi = Lapi::start();
+    let lapi = Lapi::start(&crowdsec_root());
     lapi.add_operator();
     let a = Host::start("a", &lapi, &lapi.add_bouncer("sentinel-a"));
     let b = Host::start("b", &lapi, &lapi.add_bouncer("sentinel-b"));
@@ -649,7 +332,7 @@ fn a_decision_added_with_cscli_is_enforced_by_both_hosts_and_lifted_when_deleted
 #[test]
 fn an_allowlisted_address_banned_by_the_fleet_is_never_banned_here() {
     let _serial = serial();
-    let lapi = Lapi::start();
+    let lapi = Lapi::start(&crowdsec_root());
     lapi.add_operator();
     let a = Host::start("allow", &lapi, &lapi.add_bouncer("sentinel-allow"));
     // The allow-listed address first, the attacker second: once the attacker is banned, the
@@ -661,8 +344,7 @@ fn an_allowlisted_address_banned_by_the_fleet_is_never_banned_here() {
     assert_eq!(a.metric(RECEIVED, &[("origin", "cscli")]), 3.0);
     assert_eq!(a.metric(APPLIED, &[("origin", "cscli")]), 2.0);
     assert_eq!(a.metric(SKIPPED, &[("reason", "allowlisted")]), 1.0);
-    let nets: Vec<String> = a.bans().into_iter().map(|ban| ban.net).collect();
-    assert_eq!(nets, ["198.51.100.10", "198.51.100.32/28"]);
+    assert_eq!(nets(a.bans()), ["198.51.100.10", "198.51.100.32/28"]);
     a.assert_connects(TRUSTED);
     a.assert_blocked(ATTACKER);
 }
@@ -670,7 +352,7 @@ fn an_allowlisted_address_banned_by_the_fleet_is_never_banned_here() {
 #[test]
 fn sentinel_unban_of_a_fleet_ban_lifts_it_here_only_until_it_would_end() {
     let _serial = serial();
-    let mut lapi = Lapi::start();
+    let mut lapi = Lapi::start(&crowdsec_root());
     lapi.add_operator();
     let a = Host::start("unban", &lapi, &lapi.add_bouncer("sentinel-unban"));
     let range = "198.51.100.32/28";
@@ -736,10 +418,76 @@ fn sentinel_unban_of_a_fleet_ban_lifts_it_here_only_until_it_would_end() {
     );
 }
 
+/// The networks in one of this host's ban sets, in the kernel's order.
+fn nets(elements: Vec<SetElement>) -> Vec<String> {
+    elements.into_iter().map(|ban| ban.net).collect()
+}
+
+#[test]
+fn sentinel_unban_of_a_fleet_ban_of_one_ipv6_address_lifts_exactly_that_address() {
+    let _serial = serial();
+    let mut lapi = Lapi::start(&crowdsec_root());
+    lapi.add_operator();
+    let a = Host::start("unban6", &lapi, &lapi.add_bouncer("sentinel-unban6"));
+    // Two single addresses of one /64 (`ssh_guard.ipv6_prefix`), each banned by the fleet alone.
+    let target = "2001:db8:5::10";
+    let neighbour = "2001:db8:5::11";
+    lapi.ban("--ip", target);
+    lapi.ban("--ip", neighbour);
+    let both = eventually(WAIT, || a.netns.sentinel_set("banned_v6").len() == 2);
+    assert!(
+        both,
+        "{:?}\n{}",
+        a.netns.sentinel_set("banned_v6"),
+        a.daemon.log()
+    );
+    assert_eq!(nets(a.netns.sentinel_set("banned_v6")), [target, neighbour]);
+
+    let text = a.daemon.control(&["unban", target]);
+    let left = text
+        .strip_prefix("unbanned 2001:db8:5::10 on this host only, for 59m ")
+        .and_then(|rest| {
+            rest.strip_suffix(
+                "s: a ban from the CrowdSec fleet, lifted here until it would end; `cscli \
+                 decisions delete --ip 2001:db8:5::10` ends it for the whole fleet\n",
+            )
+        });
+    assert!(
+        left.is_some_and(|seconds| seconds.parse::<u64>().is_ok_and(|s| s < 60)),
+        "{text}"
+    );
+    // Exactly the fleet's element left the set: not the /64, and not the neighbour in it.
+    assert_eq!(nets(a.netns.sentinel_set("banned_v6")), [neighbour]);
+    assert_eq!(
+        a.listed(),
+        [(neighbour.to_string(), "crowdsec:cscli".to_string())]
+    );
+    let records = audit_records(&a.dir.path().join("audit.log"));
+    let unbans: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|record| record["action"] == "unban")
+        .collect();
+    assert_eq!(unbans.len(), 1, "{records:?}");
+    assert_eq!(unbans[0]["address"], target, "{records:?}");
+    assert_eq!(
+        unbans[0]["reason"], "operator_fleet_override",
+        "{records:?}"
+    );
+    assert_eq!(lapi.decisions_about(target).len(), 1);
+
+    // A full pull lists both again: the lifted one stays lifted, the neighbour stays banned.
+    lapi.stop();
+    a.await_metric(REACHABLE, &[], 0.0);
+    lapi.resume();
+    a.await_metric(SKIPPED, &[("reason", "lifted_here")], 1.0);
+    assert_eq!(nets(a.netns.sentinel_set("banned_v6")), [neighbour]);
+    assert_eq!(a.metric(APPLIED, &[("origin", "cscli")]), 2.0);
+}
+
 #[test]
 fn local_bans_go_on_while_the_lapi_is_down_and_pulls_resume_in_full() {
     let _serial = serial();
-    let mut lapi = Lapi::start();
+    let mut lapi = Lapi::start(&crowdsec_root());
     lapi.add_operator();
     let a = Host::start("down", &lapi, &lapi.add_bouncer("sentinel-down"));
     assert!(eventually(WAIT, || {
@@ -854,7 +602,7 @@ fn assert_one_alert_and_decision(lapi: &Lapi, address: &str, machine: &str) {
 #[test]
 fn an_ssh_brute_force_is_banned_on_its_host_at_once_and_through_lapi_on_the_other() {
     let _serial = serial();
-    let lapi = Lapi::start();
+    let lapi = Lapi::start(&crowdsec_root());
     let (a, b) = ssh_fleet(&lapi, "ssh");
     let attacker = ATTACKER.to_string();
     b.assert_connects(ATTACKER);
@@ -905,7 +653,7 @@ fn an_ssh_brute_force_is_banned_on_its_host_at_once_and_through_lapi_on_the_othe
 #[test]
 fn a_ban_made_while_the_lapi_is_down_reaches_the_fleet_once_when_it_returns() {
     let _serial = serial();
-    let mut lapi = Lapi::start();
+    let mut lapi = Lapi::start(&crowdsec_root());
     let (a, b) = ssh_fleet(&lapi, "queue");
     let attacker = ATTACKER.to_string();
     lapi.stop();
@@ -1170,7 +918,7 @@ fn a_bouncer_key_others_can_read_stops_the_daemon_from_starting() {
 #[test]
 fn a_lapi_over_tls_is_trusted_through_ca_file_and_refused_without_it() {
     let _serial = serial();
-    let lapi = Lapi::start_tls();
+    let lapi = Lapi::start_tls(&crowdsec_root());
     lapi.add_operator();
     let trusting = Host::join(
         "tls-ca",

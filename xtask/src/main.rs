@@ -142,6 +142,13 @@ impl sentinel_bench::Driver for BenchDriver<'_> {
     fn run_vm_job(&self, name: &str, command: &str, timeout: Duration) -> Result<Vec<String>> {
         vm::run_job(name, command, timeout)
     }
+
+    fn fleet_tools(&self) -> Result<sentinel_bench::FleetTools> {
+        Ok(sentinel_bench::FleetTools {
+            crowdsec: setup::crowdsec(self.0)?,
+            firewall_bouncer: setup::firewall_bouncer(self.0)?,
+        })
+    }
 }
 
 fn lint(workspace: &Path) -> Result<()> {

@@ -225,6 +225,21 @@ pub fn crowdsec(workspace: &Path) -> Result<PathBuf> {
         .to_path_buf())
 }
 
+/// The Debian crowdsec-firewall-bouncer release the fleet bench compares Sentinel with.
+pub const FIREWALL_BOUNCER_VERSION: &str = "0.0.25-4~deb12u1";
+
+/// CrowdSec's own nftables bouncer, unpacked from Debian's package (pinned) into the target
+/// directory: installing it would start it on the host, against the host's ruleset. Returns
+/// its binary.
+pub fn firewall_bouncer(workspace: &Path) -> Result<PathBuf> {
+    unpacked_tool(
+        workspace,
+        "crowdsec-firewall-bouncer",
+        Some(FIREWALL_BOUNCER_VERSION),
+        "usr/bin/crowdsec-firewall-bouncer",
+    )
+}
+
 /// `binary` of Debian's `package` (at `version`, when pinned), unpacked once into
 /// target/tools/<package>[-<version>].
 fn unpacked_tool(

@@ -21,6 +21,8 @@ pub enum Request {
         address: IpNet,
         for_seconds: u64,
     },
+    /// `address` is what a ban in force was made on (a fleet ban of one IPv6 address is
+    /// lifted as it is), or else it is widened like a ban of it.
     Unban {
         address: IpNet,
     },
@@ -39,7 +41,7 @@ pub enum Request {
 #[serde(into = "WireResponse", try_from = "WireResponse")]
 pub enum Response {
     Bans(Vec<BanInfo>),
-    /// The network a ban or unban applied to (an IPv6 address is widened to its prefix).
+    /// The network a ban or unban applied to (see `Request::Ban` and `Request::Unban`).
     Changed(IpNet),
     /// An unban of a ban from the fleet, lifted on this host only for as long as it had left.
     FleetOverride(Unbanned),

@@ -25,7 +25,8 @@ const RELISTED_SLACK: Duration = Duration::from_secs(2);
 /// What `sentinel unban` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unbanned {
-    /// The network lifted (an IPv6 address is widened to its prefix).
+    /// The network lifted: the ban in force on exactly the address given, or else the address
+    /// widened as a ban of it would be (an IPv6 address to its prefix).
     pub net: IpNet,
     /// For a ban from the fleet: how long it stays lifted on this host only, until it would
     /// have ended; the decision stays in LAPI.

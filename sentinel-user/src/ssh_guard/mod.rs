@@ -557,7 +557,7 @@ impl SshGuard {
                 let _ = reply.send(result.map(|()| net));
             }
             Control::Unban { net, reply } => {
-                let net = self.operator_target(net);
+                let net = self.unban_target(net);
                 let result = self.commit(|firewall| firewall.unban(&[net])).map(|()| {
                     let ends = self.engine.ban_end(&net);
                     self.engine.lift(&net);
@@ -596,6 +596,17 @@ impl SshGuard {
             self.engine.offender(net.network())
         } else {
             net
+        }
+    }
+
+    /// What an operator's unban lifts: a ban in force on exactly what was given (a fleet ban
+    /// of one IPv6 address is lifted as it was made, never widened to its prefix), otherwise
+    /// what the same operator's ban would have banned.
+    fn unban_target(&self, net: IpNet) -> IpNet {
+        if self.engine.ban_end(&net).is_some() {
+            net
+        } else {
+            self.operator_target(net)
         }
     }
 
