@@ -199,11 +199,25 @@ struct Bouncer {
     metrics: FleetMetrics,
 }
 
+/// How often the bouncer pulls every decision even when the changes came through: LAPI's
+/// change stream can miss a batch of decisions committed while a pull was answered (seen in
+/// `cargo xtask bench --only fleet`: 50 of 10,000 imported at once never listed as new),
+/// and only a full list brings them.
+const FULL_PULL_EVERY: Duration = Duration::from_secs(600);
+
+/// Whether the next pull asks for every decision: at first, after a failure, and once the
+/// last full pull is [`FULL_PULL_EVERY`] old.
+fn pull_in_full(after_failure: bool, last_full: Option<Instant>, now: Instant) -> bool {
+    after_failure || last_full.is_none_or(|last| now.duration_since(last) >= FULL_PULL_EVERY)
+}
+
 impl Bouncer {
-    /// Pulls every `interval`: everything at first and after any failure, the changes otherwise.
+    /// Pulls every `interval`: everything at first, after any failure and every
+    /// [`FULL_PULL_EVERY`], the changes otherwise.
     async fn run(self, interval: Duration, cancel: CancellationToken) {
         let mut known = KnownDecisions::default();
-        let mut full = true;
+        let mut after_failure = false;
+        let mut last_full = None;
         let mut failing = false;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -212,13 +226,18 @@ impl Bouncer {
                 () = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let now = Instant::now();
+            let full = pull_in_full(after_failure, last_full, now);
             match self.pull(&mut known, full).await {
                 Ok(()) => {
                     if failing {
                         info!("CrowdSec's Local API answers again; decisions pulled in full");
                     }
                     failing = false;
-                    full = false;
+                    after_failure = false;
+                    if full {
+                        last_full = Some(now);
+                    }
                 }
                 Err(PullFailed::GuardGone) => return,
                 Err(PullFailed::Lapi(problem)) => {
@@ -230,13 +249,13 @@ impl Bouncer {
                         );
                     }
                     failing = true;
-                    full = true;
+                    after_failure = true;
                 }
                 Err(PullFailed::GuardBusy) => {
                     warn!(
                         "the SSH guard's queue is full; the fleet's decisions wait for a full pull"
                     );
-                    full = true;
+                    after_failure = true;
                 }
             }
         }
@@ -452,5 +471,31 @@ fn answered<T>(result: &Result<T, Error>) -> bool {
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_decision_is_pulled_at_first_after_a_failure_and_every_ten_minutes() {
+        let start = Instant::now();
+        assert!(pull_in_full(false, None, start));
+        let minute = Duration::from_secs(60);
+        // A pull a minute, the first in full: the next full one ten minutes later.
+        let full: Vec<u32> = (0..25u32)
+            .scan(None, |last_full, minute_number| {
+                let now = start + minute * minute_number;
+                let full = pull_in_full(false, *last_full, now);
+                if full {
+                    *last_full = Some(now);
+                }
+                Some(full.then_some(minute_number))
+            })
+            .flatten()
+            .collect();
+        assert_eq!(full, [0, 10, 20]);
+        assert!(pull_in_full(true, Some(start), start + minute));
     }
 }
