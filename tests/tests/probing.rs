@@ -13,7 +13,7 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, TempDir, audit_records, eventually,
+    Daemon, TempDir, assert_promtool_clean, audit_records, eventually,
     netlab::{CONNECT_TIMEOUT, Netns},
     serial,
     sshlab::Peer,
@@ -248,6 +248,7 @@ fn assert_banned_after_scan(scan: Scan, peer: impl Fn(&ScanLab) -> &Peer) {
     assert_eq!(bans[0]["address"], attacker.to_string());
     assert_eq!(bans[0]["reason"], "port_scan");
     assert!(bans[0]["failures"].as_u64() >= Some(u64::from(PORTS)));
+    assert_promtool_clean(&daemon.scrape());
 }
 
 #[test]
