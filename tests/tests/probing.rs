@@ -431,3 +431,46 @@ fn a_reload_applies_the_threshold_and_a_refused_one_changes_nothing() {
         0.0
     );
 }
+
+#[test]
+fn a_port_scan_probe_that_cannot_attach_is_reported_and_the_daemon_runs_on() {
+    let _serial = serial();
+    let lab = ScanLab::new();
+    let daemon = Daemon::start_with_config(
+        &lab.config("enforce", PORTS),
+        &[("SENTINEL_FAULT_INJECT_PROBE", "port_scan")],
+    );
+    let scrape = daemon.scrape();
+    assert_eq!(
+        scrape.value("sentinel_probe_attached", &[("program", "port_scan")]),
+        0.0
+    );
+    for component in ["port scan", "scan events reader", "ssh guard"] {
+        let up = scrape.value("sentinel_component_up", &[("component", component)]);
+        assert_eq!(up, 1.0, "{component}; log:\n{}", daemon.log());
+    }
+    // `sentinel status` names the probe among the problems, and so fails.
+    let output = daemon.control_output(&["status"]);
+    assert!(!output.status.success(), "{output:?}");
+    let status = String::from_utf8(output.stdout).expect("UTF-8");
+    assert!(
+        status.contains("probe port_scan is not attached"),
+        "{status}"
+    );
+    let line = status
+        .lines()
+        .find(|line| line.trim_start().starts_with("port_scan "))
+        .unwrap_or_else(|| panic!("no port_scan probe in:\n{status}"));
+    assert!(
+        line.contains("NOT ATTACHED: attaching to tracepoint sentinel_fault_injected failed"),
+        "{line}"
+    );
+    lab.scan(&lab.syn, Scan::Syn, FIRST_CLOSED, PORTS as u16);
+    // Nothing can arrive: the reader's timer has drained whatever there was.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(daemon.scrape().count(HITS, &[]), 0);
+    assert!(lab.banned().is_empty(), "{:?}", lab.banned());
+    // The rest of the guard still bans.
+    daemon.control(&["ban", &SYN_ATTACKER.to_string(), "--for", "1h"]);
+    assert_eq!(lab.banned(), [SYN_ATTACKER.to_string()]);
+}
