@@ -6,7 +6,7 @@
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     path::PathBuf,
     process::Command,
     time::Duration,
@@ -28,6 +28,8 @@ const SYN_SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const SYN_ATTACKER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const CONNECT_SERVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const CONNECT_ATTACKER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const V6_SERVER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 6, 0, 0, 0, 0, 1);
+const V6_SCANNER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 6, 0, 0, 0, 0, 0x10);
 /// Inside `ALLOWED`.
 const TRUSTED_SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const TRUSTED_SCANNER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -50,6 +52,7 @@ struct ScanLab {
     syn: Peer,
     connect: Peer,
     trusted: Peer,
+    v6: Peer,
     server: Netns,
     dir: TempDir,
 }
@@ -77,16 +80,18 @@ impl ScanLab {
         let syn = Peer::link(&server, "syn", SYN_SERVER, &[SYN_ATTACKER.into()]);
         let connect = Peer::link(&server, "cnx", CONNECT_SERVER, &[CONNECT_ATTACKER.into()]);
         let trusted = Peer::link(&server, "trust", TRUSTED_SERVER, &[TRUSTED_SCANNER.into()]);
+        let v6 = Peer::link(&server, "scan6", V6_SERVER, &[V6_SCANNER.into()]);
         // The socket stays in the namespace it was made in; the kernel completes handshakes
         // into its backlog, so nothing needs to accept.
         let listener = server
-            .run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, OPEN_PORT)))
+            .run(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, OPEN_PORT)))
             .expect("listen in the server namespace");
         Self {
             _listener: listener,
             syn,
             connect,
             trusted,
+            v6,
             server,
             dir,
         }
@@ -157,10 +162,21 @@ port_scan:
             Scan::Syn => "-sS",
             Scan::Connect => "-sT",
         };
+        let family = if peer.server.is_ipv6() { "-6" } else { "-4" };
         let output = peer
             .netns
             .command("nmap")
-            .args(["-n", "-Pn", kind, "--max-retries", "0", "-oG", "-", "-p"])
+            .args([
+                "-n",
+                "-Pn",
+                family,
+                kind,
+                "--max-retries",
+                "0",
+                "-oG",
+                "-",
+                "-p",
+            ])
             .arg(&ports)
             .arg(peer.server.to_string())
             .output()
@@ -181,12 +197,11 @@ port_scan:
         ignored + stdout.matches("/closed/").count() as u16
     }
 
+    /// Every ban in the server namespace's firewall, IPv4 then IPv6.
     fn banned(&self) -> Vec<String> {
-        self.server
-            .sentinel_set("banned_v4")
-            .into_iter()
-            .map(|element| element.net)
-            .collect()
+        let mut bans = self.server.sentinel_set("banned_v4");
+        bans.extend(self.server.sentinel_set("banned_v6"));
+        bans.into_iter().map(|element| element.net).collect()
     }
 
     fn open_port(peer: &Peer) -> SocketAddr {
@@ -218,8 +233,9 @@ fn assert_banned_after_scan(scan: Scan, peer: impl Fn(&ScanLab) -> &Peer) {
     );
     assert_settles(&daemon, SCANNERS, &[("mode", "enforce")], 1);
     assert_settles(&daemon, BANS, &[("reason", "port_scan")], 1);
+    let offender = peer.offender();
     assert!(
-        eventually(WAIT, || lab.banned() == [attacker.to_string()]),
+        eventually(WAIT, || lab.banned() == [offender.clone()]),
         "set {:?}; log:\n{}",
         lab.banned(),
         daemon.log()
@@ -237,15 +253,15 @@ fn assert_banned_after_scan(scan: Scan, peer: impl Fn(&ScanLab) -> &Peer) {
     let listed = daemon.control(&["bans"]);
     let line = listed
         .lines()
-        .find(|line| line.contains(&attacker.to_string()))
-        .unwrap_or_else(|| panic!("{attacker} is not listed:\n{listed}"));
+        .find(|line| line.contains(&offender))
+        .unwrap_or_else(|| panic!("{offender} is not listed:\n{listed}"));
     assert!(line.contains("port_scan"), "{listed}");
     let bans: Vec<_> = audit_records(&lab.audit_log())
         .into_iter()
         .filter(|record| record["action"] == "ban")
         .collect();
     assert_eq!(bans.len(), 1, "{bans:?}");
-    assert_eq!(bans[0]["address"], attacker.to_string());
+    assert_eq!(bans[0]["address"], offender);
     assert_eq!(bans[0]["reason"], "port_scan");
     assert!(bans[0]["failures"].as_u64() >= Some(u64::from(PORTS)));
     assert_promtool_clean(&daemon.scrape());
@@ -259,6 +275,11 @@ fn a_syn_scan_of_more_closed_ports_than_the_threshold_is_banned() {
 #[test]
 fn a_connect_scan_of_more_closed_ports_than_the_threshold_is_banned() {
     assert_banned_after_scan(Scan::Connect, |lab| &lab.connect);
+}
+
+#[test]
+fn an_ipv6_syn_scan_bans_the_scanners_prefix() {
+    assert_banned_after_scan(Scan::Syn, |lab| &lab.v6);
 }
 
 #[test]
