@@ -544,7 +544,12 @@ fn start_port_scan(
 /// (`ssh_guard.netns`, or the daemon's own), by its inode number.
 fn scan_target(netns: Option<&std::path::Path>) -> Result<ScanTarget, Error> {
     let path = netns.unwrap_or(std::path::Path::new("/proc/self/ns/net"));
-    let inode = std::fs::metadata(path)?.ino();
+    let inode = std::fs::metadata(path)
+        .map_err(|source| Error::Netns {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ino();
     Ok(ScanTarget {
         netns_inode: u32::try_from(inode).unwrap_or(0),
         _pad: 0,

@@ -8,7 +8,6 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     path::PathBuf,
-    process::Command,
     time::Duration,
 };
 
@@ -70,10 +69,6 @@ impl ScanLab {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the port-scan tests need root"
-        );
-        assert!(
-            Command::new("nmap").arg("--version").output().is_ok(),
-            "nmap is not installed (Debian's package `nmap`; `cargo xtask setup` installs it)"
         );
         let dir = TempDir::new("sentinel-scan-lab");
         let server = Netns::new("scan-srv");
@@ -157,44 +152,12 @@ port_scan:
     /// Scans like `scan`; returns how many ports nmap found closed: those after a ban show as
     /// filtered (their packets are dropped).
     fn scan_until_banned(&self, peer: &Peer, scan: Scan, first: u16, count: u16) -> u16 {
-        let ports = format!("{first}-{}", first + count - 1);
         let kind = match scan {
             Scan::Syn => "-sS",
             Scan::Connect => "-sT",
         };
-        let family = if peer.server.is_ipv6() { "-6" } else { "-4" };
-        let output = peer
-            .netns
-            .command("nmap")
-            .args([
-                "-n",
-                "-Pn",
-                family,
-                kind,
-                "--max-retries",
-                "0",
-                "-oG",
-                "-",
-                "-p",
-            ])
-            .arg(&ports)
-            .arg(peer.server.to_string())
-            .output()
-            .expect("run nmap");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "nmap {kind} -p {ports} failed: {}\n{stdout}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        // Grepable output: `Ignored State: closed (N)`, or each port listed when it is alone.
-        let ignored = stdout
-            .split("Ignored State: closed (")
-            .nth(1)
-            .and_then(|rest| rest.split(')').next())
-            .and_then(|n| n.parse::<u16>().ok())
-            .unwrap_or(0);
-        ignored + stdout.matches("/closed/").count() as u16
+        let ports = format!("{first}-{}", first + count - 1);
+        peer.netns.nmap_closed(kind, peer.server, &ports)
     }
 
     /// Every ban in the server namespace's firewall, IPv4 then IPv6.
@@ -363,15 +326,11 @@ fn closed_ports_of_other_network_namespaces_are_not_counted() {
     let daemon = lab.start_daemon("enforce", PORTS);
     // The attacker scanning its own loopback, and the daemon's own namespace's loopback: resets
     // sent in namespaces the bans do not go into.
-    let output = lab
+    let closed = lab
         .syn
         .netns
-        .command("nmap")
-        .args(["-n", "-Pn", "-sT", "--max-retries", "0", "-p", "1000-1039"])
-        .arg("127.0.0.1")
-        .output()
-        .expect("run nmap");
-    assert!(output.status.success(), "{output:?}");
+        .nmap_closed("-sT", Ipv4Addr::LOCALHOST.into(), "1000-1039");
+    assert_eq!(closed, 40);
     for port in FIRST_CLOSED..FIRST_CLOSED + 40 {
         let refused = std::net::TcpStream::connect_timeout(
             &SocketAddr::new(IpAddr::from(Ipv4Addr::LOCALHOST), port),
