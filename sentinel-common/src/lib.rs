@@ -32,6 +32,7 @@ pub enum EventKind {
     SshSessionOpened = 8,
     ExecViolation = 9,
     SshPreauthEnd = 10,
+    ClosedPort = 11,
 }
 
 impl EventKind {
@@ -47,6 +48,7 @@ impl EventKind {
             8 => Self::SshSessionOpened,
             9 => Self::ExecViolation,
             10 => Self::SshPreauthEnd,
+            11 => Self::ClosedPort,
             _ => return None,
         })
     }
@@ -162,6 +164,29 @@ pub struct ExecViolationEvent {
     pub filename: [u8; FILENAME_LEN],
 }
 
+/// A TCP segment reached a port of Sentinel's network namespace where no socket listens, and
+/// the kernel answered with a reset: `tcp/tcp_send_reset` with no socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ClosedPortEvent {
+    pub kind: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// The closed local port the segment was sent to.
+    pub port: u16,
+    /// The sender's address; IPv4 uses the first 4 bytes, in network order.
+    pub remote_addr: [u8; 16],
+}
+
+/// Filled in before load (read-only data): the network namespace whose closed-port hits count,
+/// by its inode number (`/proc/self/ns/net`, or `ssh_guard.netns`). 0: none counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanTarget {
+    pub netns_inode: u32,
+    pub _pad: u32,
+}
+
 /// Per-cgroup counters kept in the kernel (a per-CPU hash keyed by cgroup id).
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
@@ -192,10 +217,11 @@ pub enum LossKind {
     CounterMapFull = 5,
     Ssh = 6,
     ExecViolation = 7,
+    ClosedPort = 8,
 }
 
 impl LossKind {
-    pub const COUNT: usize = 8;
+    pub const COUNT: usize = 9;
     pub const ALL: [Self; Self::COUNT] = [
         Self::Exec,
         Self::OomKill,
@@ -205,6 +231,7 @@ impl LossKind {
         Self::CounterMapFull,
         Self::Ssh,
         Self::ExecViolation,
+        Self::ClosedPort,
     ];
 
     /// The `kind` label of `sentinel_events_lost_total`.
@@ -218,6 +245,7 @@ impl LossKind {
             Self::CounterMapFull => "counter_map_full",
             Self::Ssh => "ssh",
             Self::ExecViolation => "exec_violation",
+            Self::ClosedPort => "closed_port",
         }
     }
 }
@@ -270,6 +298,15 @@ pub struct KernelOffsets {
     pub binprm_file: u32,
     pub inode_sb: u32,
     pub super_block_dev: u32,
+    /// `sk_buff.head`, `.network_header`, `.transport_header` and `.dev`,
+    /// `net_device.nd_net.net`, `net.ns.inum`: a received segment's headers and the network
+    /// namespace it arrived in.
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub skb_dev: u32,
+    pub net_device_net: u32,
+    pub net_inum: u32,
 }
 
 /// Which per-event records the exec and TCP programs write to `EVENTS`, written into their
@@ -287,6 +324,8 @@ pub struct EventRecords {
 /// Ring buffer bytes queued before a producer wakes the daemon; below it the daemon drains
 /// on its own timer. Wakeups dominate per-event cost, so they are batched.
 pub const EVENTS_WAKEUP_BYTES: u64 = 256 * 1024;
+/// The same for closed-port hits, whose ring is read on the same timer.
+pub const SCAN_WAKEUP_BYTES: u64 = 64 * 1024;
 
 #[cfg(feature = "user")]
 mod user {
@@ -295,6 +334,7 @@ mod user {
     unsafe impl aya::Pod for super::ServiceCounters {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::EventRecords {}
+    unsafe impl aya::Pod for super::ScanTarget {}
     unsafe impl aya::Pod for super::ContainedCgroup {}
     unsafe impl aya::Pod for super::AllowedExecutable {}
 }

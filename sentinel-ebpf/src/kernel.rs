@@ -34,6 +34,12 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     binprm_file: 0,
     inode_sb: 0,
     super_block_dev: 0,
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_transport_header: 0,
+    skb_dev: 0,
+    net_device_net: 0,
+    net_inum: 0,
 };
 
 /// One field of `OFFSETS`, read through a volatile load so the compiler cannot fold the zero

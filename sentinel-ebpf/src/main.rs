@@ -9,6 +9,7 @@ mod exec;
 mod kernel;
 mod maps;
 mod oom;
+mod scan;
 mod ssh;
 mod tcp;
 

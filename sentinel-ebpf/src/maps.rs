@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use sentinel_common::{EVENTS_WAKEUP_BYTES, EventRecords, LossKind, ServiceCounters};
+use sentinel_common::{
+    EVENTS_WAKEUP_BYTES, EventRecords, LossKind, SCAN_WAKEUP_BYTES, ServiceCounters,
+};
 
 /// Per-cgroup counters, keyed by cgroup v2 id. The daemon folds and deletes entries of
 /// removed cgroups, so the map only holds live ones.
@@ -34,6 +36,11 @@ pub static ALERTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// can start containers or transient units) must not push an attacker's failures out.
 #[map]
 pub static SSH_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Closed-port hits (port scans), on a ring of their own with batched wakeups: a scan is a
+/// burst of thousands, which must neither wake the daemon per record nor push other records out.
+#[map]
+pub static SCAN_EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
 
 pub fn record_loss(kind: LossKind) {
     if let Some(slot) = LOST.get_ptr_mut(kind as u32) {
@@ -84,7 +91,18 @@ pub fn tcp_records_wanted() -> bool {
 /// Submit flags for `EVENTS`: wake the daemon only when enough data is queued.
 #[inline(always)]
 pub fn events_wakeup_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= EVENTS_WAKEUP_BYTES {
+    wakeup_flags(&EVENTS, EVENTS_WAKEUP_BYTES)
+}
+
+/// Submit flags for `SCAN_EVENTS` (see `events_wakeup_flags`).
+#[inline(always)]
+pub fn scan_wakeup_flags() -> u64 {
+    wakeup_flags(&SCAN_EVENTS, SCAN_WAKEUP_BYTES)
+}
+
+#[inline(always)]
+fn wakeup_flags(ring: &RingBuf, threshold: u64) -> u64 {
+    if ring.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64

@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use sentinel_common::EventRecords;
+use sentinel_common::{EventRecords, ScanTarget};
 use tokio::{
     net::TcpListener,
     signal::unix::{Signal, SignalKind, signal},
@@ -38,6 +38,7 @@ use crate::{
         metrics::PolicyMetrics,
         resources::{self, ResourceCollector},
     },
+    port_scan::{Input as PortScanInput, PORT_SCAN_REASON, PortScan, PortScanMetrics},
     probes::{self, SshFiles},
     queue::{self, Queue, QueueDrops},
     recent::{self, Recorder},
@@ -52,6 +53,8 @@ const CONTAINMENT_QUEUE: usize = 4096;
 /// Authentications and operator requests waiting for the SSH guard before new ones are
 /// dropped: a flood's worth, at about a hundred bytes each.
 const SSH_GUARD_QUEUE: usize = 65_536;
+/// Closed-port hits waiting for the port-scan detector: a few seconds of a fast scan.
+const PORT_SCAN_QUEUE: usize = 65_536;
 
 /// How long tasks get to finish after SIGINT/SIGTERM before the programs are detached anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
@@ -114,7 +117,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         warn!(missing = ?resolved.missing, "this kernel's BTF lacks some fields; probes that need them stay off");
     }
     let records = events::records_wanted();
-    let mut probes = probes::load(loader, resolved, records)?;
+    let scan_target = match &config.port_scan {
+        Some(_) => Some(scan_target(config.ssh_guard.netns.as_deref())?),
+        None => None,
+    };
+    let mut probes = probes::load(loader, resolved, records, scan_target)?;
 
     let mut tree = CgroupTree::new(cgroup_root.clone());
     tree.rescan();
@@ -182,6 +189,10 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     )?;
 
     let ssh_metrics = SshGuardMetrics::new(metrics.registry_mut());
+    if config.port_scan.is_some() {
+        // Exported from the start: absent is not 0.
+        ssh_metrics.bans(PORT_SCAN_REASON);
+    }
     let restart_required = RestartRequired::register(metrics.registry_mut());
     // Credentials are read before anything starts: a file others can read stops the daemon.
     let fleet = match &config.crowdsec {
@@ -200,6 +211,13 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         &components,
         &queue_drops,
     )?;
+    let port_scan = start_port_scan(
+        &config,
+        PortScanMetrics::new(metrics.registry_mut()),
+        ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
+        &components,
+        &queue_drops,
+    )?;
     let connections = ConnectionMetrics::new(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let handler = Arc::new(EventHandler::new(
@@ -208,6 +226,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         enforcer_tx.clone(),
         ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
         containment.inputs.clone(),
+        port_scan.as_ref().map(|(tx, _)| tx.clone()),
         recent.clone(),
     ));
 
@@ -216,6 +235,14 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let events: RingBuf<MapData> = take_map(&mut probes.ebpf, "EVENTS")?.try_into()?;
     let alerts: RingBuf<MapData> = take_map(&mut probes.ebpf, "ALERTS")?.try_into()?;
     let ssh_events: RingBuf<MapData> = take_map(&mut probes.ebpf, "SSH_EVENTS")?.try_into()?;
+    if port_scan.is_some() {
+        let scan_events: RingBuf<MapData> =
+            take_map(&mut probes.ebpf, "SCAN_EVENTS")?.try_into()?;
+        tasks.spawn(supervised(
+            components.start("scan events reader"),
+            read_ring(scan_events, handler.clone(), EVENTS_POLL, cancel.clone()),
+        ));
+    }
     // Without a reader of exec and TCP records nothing is ever written there: a slow poll
     // keeps the reader's wakeups off an idle host.
     let events_poll = if records == EventRecords::default() {
@@ -271,6 +298,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
             enforcer: enforcer_tx.clone(),
             ssh_guard: ssh_guard.as_ref().map(|(tx, _)| tx.clone()),
             containment: containment.inputs.clone(),
+            port_scan: port_scan.as_ref().map(|(tx, _)| tx.clone()),
         },
         policy_metrics,
         restart_required,
@@ -347,6 +375,10 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     }
     cancel.cancel();
     let _ = enforcer_tx.send(EnforcerInput::Stop);
+    if let Some((scan_tx, scan_thread)) = port_scan {
+        let _ = scan_tx.send(PortScanInput::Stop);
+        join(scan_thread, "port scan");
+    }
     if let Some((guard_tx, guard_thread)) = ssh_guard {
         let _ = guard_tx.send(SshInput::Stop);
         join(guard_thread, "ssh guard");
@@ -488,6 +520,49 @@ fn start_ssh_guard(
     Ok(Some((tx, thread)))
 }
 
+/// The port-scan detector's inputs and its thread.
+type RunningPortScan = (Queue<PortScanInput>, std::thread::JoinHandle<()>);
+
+/// Starts the port-scan detector on its own thread when `port_scan` is configured; its
+/// scanners go to the SSH guard (which the configuration requires with it).
+fn start_port_scan(
+    config: &Config,
+    metrics: PortScanMetrics,
+    guard: Option<Queue<SshInput>>,
+    components: &Components,
+    queue_drops: &QueueDrops,
+) -> Result<Option<RunningPortScan>, Error> {
+    let (Some(settings), Some(guard)) = (&config.port_scan, guard) else {
+        return Ok(None);
+    };
+    let detector = PortScan::new(settings, metrics, guard);
+    let (tx, rx) = queue::bounded("port_scan", PORT_SCAN_QUEUE, queue_drops);
+    let thread = spawn_component(components, "port scan", move || detector.run(rx))?;
+    info!(
+        mode = ?settings.mode(),
+        ports = settings.ports,
+        window_seconds = settings.window.as_secs(),
+        "port-scan detection ready"
+    );
+    Ok(Some((tx, thread)))
+}
+
+/// The network namespace whose closed ports count: the one the bans go into
+/// (`ssh_guard.netns`, or the daemon's own), by its inode number.
+fn scan_target(netns: Option<&std::path::Path>) -> Result<ScanTarget, Error> {
+    let path = netns.unwrap_or(std::path::Path::new("/proc/self/ns/net"));
+    let inode = std::fs::metadata(path)
+        .map_err(|source| Error::Netns {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .ino();
+    Ok(ScanTarget {
+        netns_inode: u32::try_from(inode).unwrap_or(0),
+        _pad: 0,
+    })
+}
+
 /// How often the files the SSH probes follow (libpam, the sshd executables) are looked at.
 const FOLLOW_FILES: Duration = Duration::from_secs(1);
 
@@ -534,6 +609,8 @@ struct ReloadTargets {
     /// `None` when the guard is disabled.
     ssh_guard: Option<Queue<SshInput>>,
     containment: Queue<ContainmentInput>,
+    /// `None` when `port_scan` was not configured at start.
+    port_scan: Option<Queue<PortScanInput>>,
 }
 
 impl Reloader {
@@ -651,6 +728,21 @@ impl Reloader {
             );
             return Err(Error::ReloadRefused(format!(
                 "policies reloaded, but the SSH guard cannot take its new settings now \
+                 ({refused:?}); its running ones stay in force"
+            )));
+        }
+        if let (Some(detector), Some(settings)) = (&self.targets.port_scan, config.port_scan)
+            && let Err(refused) = detector.offer(PortScanInput::Reload(settings))
+        {
+            self.metrics.reload_errors.inc();
+            error!(
+                why,
+                ?refused,
+                "policies reloaded, but the port-scan detector cannot take its new settings now; \
+                 its running ones stay in force"
+            );
+            return Err(Error::ReloadRefused(format!(
+                "policies reloaded, but the port-scan detector cannot take its new settings now \
                  ({refused:?}); its running ones stay in force"
             )));
         }

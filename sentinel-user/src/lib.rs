@@ -18,6 +18,7 @@ pub mod http;
 pub mod kernel;
 pub mod metrics;
 pub mod policy;
+pub mod port_scan;
 pub mod probes;
 pub mod queue;
 pub mod recent;

@@ -141,6 +141,49 @@ impl Netns {
         }
     }
 
+    /// Debian's `nmap` from this namespace: a SYN scan (`-sS`) or a connect scan (`-sT`) of
+    /// `ports` (such as `1000-1019`) on `target`, without host discovery or retries; returns how
+    /// many ports it found closed (answered with a reset). A missing nmap fails with the package
+    /// to install.
+    pub fn nmap_closed(&self, kind: &str, target: IpAddr, ports: &str) -> u16 {
+        assert!(
+            Command::new("nmap").arg("--version").output().is_ok(),
+            "nmap is not installed (Debian's package `nmap`; `cargo xtask setup` installs it)"
+        );
+        let family = if target.is_ipv6() { "-6" } else { "-4" };
+        let output = self
+            .command("nmap")
+            .args([
+                "-n",
+                "-Pn",
+                family,
+                kind,
+                "--max-retries",
+                "0",
+                "-oG",
+                "-",
+                "-p",
+            ])
+            .arg(ports)
+            .arg(target.to_string())
+            .output()
+            .expect("run nmap");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "nmap {kind} -p {ports} {target} failed: {}\n{stdout}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Grepable output: `Ignored State: closed (N)`, or each port listed as `N/closed/`.
+        let ignored = stdout
+            .split("Ignored State: closed (")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|n| n.parse::<u16>().ok())
+            .unwrap_or(0);
+        ignored + stdout.matches("/closed/").count() as u16
+    }
+
     /// Processes running inside the namespace.
     pub fn pids(&self) -> Vec<i32> {
         let output = Command::new("ip")

@@ -206,6 +206,31 @@ fn each_value_that_would_break_the_daemon_is_refused_where_it_is_written() {
             "2:15: max_banned: must be at least 1, found 0",
         ),
         (
+            "port_scan:\n  ports: 1\n",
+            "2:10: ports: must be at least 2, found 1",
+        ),
+        (
+            "port_scan:\n  ports: 65536\n",
+            "2:10: ports: must be at most 1000, found 65536",
+        ),
+        (
+            "port_scan:\n  window: 0s\n",
+            "2:11: window: must be at least 1s, found \"0s\"",
+        ),
+        (
+            "port_scan:\n  window: 1d\n",
+            "2:11: window: must be at most 1h, found \"1d\"",
+        ),
+        (
+            "port_scan:\n  windw: 10s\n",
+            "2:3: unknown port_scan setting \"windw\"; did you mean \"window\"?",
+        ),
+        (
+            "ssh_guard:\n  enabled: false\nport_scan:\n  mode: observe\n",
+            "3:1: port_scan needs the SSH guard (ssh_guard.enabled: true): it owns the firewall, \
+             the allow list and the ban settings port-scan bans use",
+        ),
+        (
             "metrics:\n  listen: 127.0.0.1\n",
             "2:11: listen: expected an address and port such as 127.0.0.1:9848 or [::1]:9848, \
              found \"127.0.0.1\"",
@@ -553,5 +578,83 @@ fn a_reloaded_allow_list_lifts_the_bans_it_covers_and_keeps_the_others() {
     scrape.assert_absent(
         "sentinel_config_restart_required",
         &[("setting", "ssh_guard.allow")],
+    );
+}
+
+#[test]
+fn a_bad_port_scan_setting_is_refused_on_reload_where_it_is_written() {
+    let _serial = serial();
+    let netns = Netns::new("cfg-scan");
+    let dir = TempDir::new("cfg-scan");
+    let config = |port_scan: &str| {
+        format!(
+            "ssh_guard:\n  enabled: true\n  audit_log: {}\n  netns: {}\nport_scan:\n{port_scan}",
+            dir.path().join("audit.log").display(),
+            netns.path().display()
+        )
+    };
+    let daemon = Daemon::start_with_config(&config("  ports: 20\n  window: 10s\n"), &[]);
+    let path = daemon.config_path();
+    let rejections = || {
+        daemon
+            .log_records(&[])
+            .into_iter()
+            .filter_map(|record| record["message"].as_str().map(str::to_owned))
+            .filter(|message| message.starts_with("configuration rejected"))
+            .collect::<Vec<_>>()
+    };
+    let errors = || {
+        daemon
+            .scrape()
+            .value("sentinel_policy_reload_errors_total", &[])
+    };
+    let before = errors();
+    let cases = [
+        (
+            "  ports: 0\n  window: 10s\n",
+            "6:10: ports: must be at least 2, found 0",
+        ),
+        (
+            "  ports: 20\n  window: forever\n",
+            "7:11: window: expected a duration from 1s to 1h, such as 10s, found \"forever\"",
+        ),
+        (
+            "  ports: 20\n  window: 10s\n  limit: 5\n",
+            "8:3: unknown port_scan setting \"limit\"; expected one of mode, ports, window",
+        ),
+    ];
+    for (index, (port_scan, problem)) in cases.into_iter().enumerate() {
+        fs::write(&path, config(port_scan)).expect("write the configuration");
+        assert!(
+            eventually(SETTLE, || rejections().len() == index + 1),
+            "log:\n{}",
+            daemon.log()
+        );
+        let expected = format!("{}:{problem}", path.display());
+        assert!(
+            rejections()[index].ends_with(&expected),
+            "{:?} does not end with {expected:?}",
+            rejections()[index]
+        );
+        assert_eq!(errors(), before + index as f64 + 1.0);
+    }
+    assert!(
+        daemon
+            .log_records(&[("message", "configuration reloaded")])
+            .is_empty(),
+        "a refused file was applied; log:\n{}",
+        daemon.log()
+    );
+    let scrape = daemon.scrape();
+    assert_eq!(
+        scrape.value("sentinel_component_up", &[("component", "port scan")]),
+        1.0
+    );
+    assert_eq!(
+        scrape.value(
+            "sentinel_config_restart_required",
+            &[("setting", "port_scan")]
+        ),
+        0.0
     );
 }

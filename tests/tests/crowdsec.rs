@@ -63,6 +63,8 @@ struct Joining<'a> {
     sshd: bool,
     /// The only CA this host trusts for LAPI's certificate.
     ca_file: Option<PathBuf>,
+    /// Port-scan detection with this many distinct closed ports.
+    port_scan: Option<u32>,
 }
 
 impl<'a> Joining<'a> {
@@ -75,6 +77,7 @@ impl<'a> Joining<'a> {
             max_failures: MAX_FAILURES,
             sshd: false,
             ca_file: None,
+            port_scan: None,
         }
     }
 }
@@ -147,6 +150,10 @@ crowdsec:
                 "  machine_id: {machine_id}\n  password_file: {}\n",
                 password_file.display()
             ));
+        }
+        // A section of its own, after the `crowdsec` settings.
+        if let Some(ports) = joining.port_scan {
+            config.push_str(&format!("port_scan:\n  ports: {ports}\n  window: 1m\n"));
         }
         let daemon = Daemon::start_with_config(&config, &[]);
         Self {
@@ -545,6 +552,9 @@ const REACHABLE: &str = "sentinel_crowdsec_lapi_reachable";
 const LAST_SYNC: &str = "sentinel_crowdsec_last_sync_timestamp_seconds";
 /// Sentinel's alerts' scenario, as `sentinel bans` shows their decisions.
 const FLEET_SSH_REASON: &str = "crowdsec:sentinel/ssh-bf";
+const FLEET_SCAN_REASON: &str = "crowdsec:sentinel/port-scan";
+/// Distinct closed ports that make a scanner on the scanned host.
+const SCAN_PORTS: u32 = 10;
 const MACHINE_PASSWORD: &str = "fleet-test-password-3b8d";
 /// Host B's own threshold, out of reach: the SSH probes see every sshd on the machine, A's too,
 /// so a ban on B can only come from the fleet.
@@ -597,6 +607,45 @@ fn assert_one_alert_and_decision(lapi: &Lapi, address: &str, machine: &str) {
     assert_eq!(decisions.len(), 1, "{decisions:#?}");
     assert_eq!(decisions[0]["type"], "ban", "{decisions:#?}");
     assert_eq!(decisions[0]["origin"], "crowdsec", "{decisions:#?}");
+}
+
+#[test]
+fn a_port_scan_is_banned_on_its_host_and_through_lapi_on_the_other_with_its_scenario() {
+    let _serial = serial();
+    let lapi = Lapi::start(&crowdsec_root());
+    lapi.add_operator();
+    lapi.add_machine("sentinel-scan-a", MACHINE_PASSWORD);
+    let a = Host::join(
+        "scan-a",
+        &Joining {
+            machine: Some(("sentinel-scan-a", MACHINE_PASSWORD)),
+            port_scan: Some(SCAN_PORTS),
+            ..Joining::pulling(lapi.url(), &lapi.add_bouncer("sentinel-scan-a"))
+        },
+    );
+    let b = Host::start("scan-b", &lapi, &lapi.add_bouncer("sentinel-scan-b"));
+    let attacker = ATTACKER.to_string();
+    b.assert_connects(ATTACKER);
+
+    let closed = a
+        .attacker
+        .netns
+        .nmap_closed("-sS", HOST.into(), "1000-1014");
+    assert!(closed >= SCAN_PORTS as u16, "{closed} ports closed");
+    a.await_ban(&attacker);
+    a.assert_blocked(ATTACKER);
+    b.await_ban(&attacker);
+    b.assert_blocked(ATTACKER);
+    assert_eq!(a.listed(), [(attacker.clone(), "port_scan".to_string())]);
+    assert_eq!(
+        b.listed(),
+        [(attacker.clone(), FLEET_SCAN_REASON.to_string())]
+    );
+    b.audited_ban(&attacker, FLEET_SCAN_REASON);
+    let alerts = lapi.alerts_about(&attacker);
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert_eq!(alerts[0]["scenario"], "sentinel/port-scan", "{alerts:#?}");
+    assert_eq!(alerts[0]["machine_id"], "sentinel-scan-a", "{alerts:#?}");
 }
 
 #[test]

@@ -100,7 +100,7 @@ fn cargo(workspace: &Path) -> Command {
 
 /// Privileged suites that run on the build host's own kernel (the VM suite needs cgroup v2
 /// controllers, which build hosts lack).
-const HOST_SUITES: [&str; 8] = [
+const HOST_SUITES: [&str; 9] = [
     "foundation",
     "firewall",
     "ssh_guard",
@@ -109,6 +109,7 @@ const HOST_SUITES: [&str; 8] = [
     "crowdsec",
     "operator_view",
     "containment",
+    "probing",
 ];
 
 /// Each fuzz target's share of `cargo xtask test`; longer runs are `cargo xtask fuzz --seconds N`.

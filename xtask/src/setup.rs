@@ -25,6 +25,7 @@ const TEST_PACKAGES: &[&str] = &[
     "sshpass",
     "tmux",
     "openssl",
+    "nmap",
 ];
 
 /// Everything `cargo build` of the daemon needs: both pinned toolchains with their components,

@@ -27,7 +27,8 @@ use crate::{
     cgroup::stats::ResourceDetail,
     crowdsec::settings::{self as crowdsec, CrowdsecConfig},
     policy::Policy,
-    ssh_guard::settings::SshGuardConfig,
+    port_scan::settings::{self as port_scan, PortScanConfig},
+    ssh_guard::settings::{ModeSetting, SshGuardConfig},
     yaml::{self, Checker, Diagnostic, Diagnostics, Invalid, Node, parse_duration, parse_whole},
 };
 
@@ -40,8 +41,14 @@ pub const DEFAULT_PATH: &str = "/etc/sentinel/sentinel.yaml";
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// The configuration file's sections.
-pub(crate) const TOP_LEVEL_KEYS: &[&str] =
-    &["metrics", "services", "policies", "ssh_guard", "crowdsec"];
+pub(crate) const TOP_LEVEL_KEYS: &[&str] = &[
+    "metrics",
+    "services",
+    "policies",
+    "ssh_guard",
+    "crowdsec",
+    "port_scan",
+];
 const METRICS_KEYS: &[&str] = &["listen", "resource_refresh", "resource_detail"];
 const SERVICES_KEYS: &[&str] = &["max_labels", "cgroup_backend", "forget_removed_after"];
 
@@ -81,6 +88,8 @@ pub struct Config {
     pub ssh_guard: SshGuardConfig,
     /// The CrowdSec fleet; `None` when the section is absent.
     pub crowdsec: Option<CrowdsecConfig>,
+    /// Port-scan detection; `None` when the section is absent.
+    pub port_scan: Option<PortScanConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +191,7 @@ impl Config {
             policies: _,
             ssh_guard,
             crowdsec,
+            port_scan,
         } = self;
         let mut changes = vec![
             ("metrics.listen", *listen != new.metrics.listen),
@@ -210,6 +220,10 @@ impl Config {
         changes.extend(crowdsec::differences(
             crowdsec.as_ref(),
             new.crowdsec.as_ref(),
+        ));
+        changes.extend(port_scan::differences(
+            port_scan.as_ref(),
+            new.port_scan.as_ref(),
         ));
         changes
     }
@@ -327,7 +341,7 @@ impl Checker {
     /// after one has failed.
     fn file(&mut self, root: &Spanned<Node>) -> Option<Config> {
         let expected = "expected a mapping with the sections metrics, services, policies, \
-                        ssh_guard and crowdsec";
+                        ssh_guard, crowdsec and port_scan";
         let entries = self.entries(root, expected)?;
         let mut fields = self.fields(entries, TOP_LEVEL_KEYS, "top-level key");
         let defaults = Config::default();
@@ -370,12 +384,41 @@ impl Checker {
             );
             return None;
         }
+        let port_scan_at = fields.get("port_scan").map(|field| field.key_at);
+        let port_scan = self.setting(&mut fields, "port_scan", None, |checker, field| {
+            checker.port_scan(field.value).map(Some)
+        });
+        if let (Some(Some(port_scan)), Some(ssh_guard), Some(at)) =
+            (&port_scan, &ssh_guard, port_scan_at)
+        {
+            let problem = if !ssh_guard.enabled {
+                Some(
+                    "port_scan needs the SSH guard (ssh_guard.enabled: true): it owns the \
+                     firewall, the allow list and the ban settings port-scan bans use",
+                )
+            } else if port_scan.mode == ModeSetting::Enforce
+                && ssh_guard.mode == ModeSetting::Observe
+            {
+                Some(
+                    "port_scan.mode: enforce needs ssh_guard.mode: enforce: port-scan bans go \
+                     into the SSH guard's firewall, which an observing guard does not touch; \
+                     set port_scan.mode: observe, or ssh_guard.mode: enforce",
+                )
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                self.report(at, problem.into());
+                return None;
+            }
+        }
         Some(Config {
             metrics: metrics?,
             services: services?,
             policies: policies?,
             ssh_guard: ssh_guard?,
             crowdsec: crowdsec?,
+            port_scan: port_scan?,
         })
     }
 

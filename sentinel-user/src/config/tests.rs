@@ -5,7 +5,11 @@ use std::{path::PathBuf, time::Duration};
 
 use super::*;
 use crate::policy::{NESTED_GROUPS, POLICY_KEYS};
-use crate::{crowdsec::settings::CROWDSEC_KEYS, ssh_guard::settings::SSH_GUARD_KEYS};
+use crate::{
+    crowdsec::settings::CROWDSEC_KEYS,
+    port_scan::settings::PORT_SCAN_KEYS,
+    ssh_guard::{GuardMode, settings::SSH_GUARD_KEYS},
+};
 
 const SAMPLE: &str = include_str!("../../../deploy/sentinel.yaml");
 const SCHEMA: &str = include_str!("../../../deploy/sentinel.schema.json");
@@ -196,7 +200,7 @@ sentinel: {}
             "c.yaml:24:14: audit_log: expected an absolute path, found \"audit.log\"",
             "c.yaml:25:3: unknown ssh_guard setting \"ban_fro\"; did you mean \"ban_for\"?",
             "c.yaml:26:1: unknown top-level key \"sentinel\"; expected one of metrics, \
-             services, policies, ssh_guard, crowdsec",
+             services, policies, ssh_guard, crowdsec, port_scan",
         ]
     );
 }
@@ -341,7 +345,7 @@ fn a_huge_key_is_refused_with_its_position() {
         problems(&format!("{}: 1\n", "k".repeat(1024))),
         [format!(
             "c.yaml:1:1: unknown top-level key {:?}… (1024 bytes); expected one of metrics, \
-             services, policies, ssh_guard, crowdsec",
+             services, policies, ssh_guard, crowdsec, port_scan",
             "k".repeat(40)
         )]
     );
@@ -449,6 +453,8 @@ fn restart_only_changes_name_every_setting_a_reload_does_not_apply() {
         .map(|key| format!("crowdsec.{key}"))
         .collect();
     expected.extend(crowdsec.iter().map(String::as_str));
+    // Its kernel program is attached at start or not at all; its settings apply on reload.
+    expected.push("port_scan");
     expected.sort_unstable();
     assert_eq!(names, expected);
 
@@ -502,6 +508,10 @@ fn the_schema_knows_every_key() {
         keys(&sections["crowdsec"]["properties"]),
         sorted(CROWDSEC_KEYS)
     );
+    assert_eq!(
+        keys(&sections["port_scan"]["properties"]),
+        sorted(PORT_SCAN_KEYS)
+    );
     let policy_keys: Vec<&str> = POLICY_KEYS.iter().chain(NESTED_GROUPS).copied().collect();
     assert_eq!(
         keys(&schema["definitions"]["policy"]["properties"]),
@@ -519,4 +529,76 @@ fn the_schema_knows_every_key() {
             .collect();
         assert_eq!(nested, dotted);
     }
+}
+
+#[test]
+fn port_scan_is_read_bounded_and_needs_an_enforcing_guard() {
+    assert_eq!(
+        Config::parse("c.yaml", "metrics:\n").unwrap().port_scan,
+        None
+    );
+    let config = Config::parse("c.yaml", "port_scan:\n").unwrap();
+    assert_eq!(config.port_scan, Some(PortScanConfig::default()));
+    let config = Config::parse(
+        "c.yaml",
+        "port_scan:\n  mode: observe\n  ports: 5\n  window: 1m\n",
+    )
+    .unwrap();
+    let port_scan = config.port_scan.unwrap();
+    assert_eq!(port_scan.mode(), GuardMode::Observe);
+    assert_eq!(
+        (port_scan.ports, port_scan.window),
+        (5, Duration::from_secs(60))
+    );
+    for (text, problem) in [
+        (
+            "port_scan:\n  ports: 1\n",
+            "c.yaml:2:10: ports: must be at least 2, found 1",
+        ),
+        (
+            "port_scan:\n  ports: 1001\n",
+            "c.yaml:2:10: ports: must be at most 1000, found 1001",
+        ),
+        (
+            "port_scan:\n  ports: many\n",
+            "c.yaml:2:10: ports: expected a whole number from 2 to 1000, found \"many\"",
+        ),
+        (
+            "port_scan:\n  window: 500ms\n",
+            "c.yaml:2:11: window: must be at least 1s, found \"500ms\"",
+        ),
+        (
+            "port_scan:\n  window: 2h\n",
+            "c.yaml:2:11: window: must be at most 1h, found \"2h\"",
+        ),
+        (
+            "port_scan:\n  mode: block\n",
+            "c.yaml:2:9: mode: expected enforce or observe, found \"block\"",
+        ),
+        (
+            "port_scan:\n  port: 20\n",
+            "c.yaml:2:3: unknown port_scan setting \"port\"; did you mean \"ports\"?",
+        ),
+        (
+            "ssh_guard:\n  enabled: false\nport_scan:\n",
+            "c.yaml:3:1: port_scan needs the SSH guard (ssh_guard.enabled: true): it owns the \
+             firewall, the allow list and the ban settings port-scan bans use",
+        ),
+        (
+            "ssh_guard:\n  mode: observe\nport_scan:\n  mode: enforce\n",
+            "c.yaml:3:1: port_scan.mode: enforce needs ssh_guard.mode: enforce: port-scan bans \
+             go into the SSH guard's firewall, which an observing guard does not touch; set \
+             port_scan.mode: observe, or ssh_guard.mode: enforce",
+        ),
+    ] {
+        assert_eq!(problems(text), [problem], "{text}");
+    }
+    // An observing detector beside an observing guard is fine.
+    assert!(
+        Config::parse(
+            "c.yaml",
+            "ssh_guard:\n  mode: observe\nport_scan:\n  mode: observe\n"
+        )
+        .is_ok()
+    );
 }

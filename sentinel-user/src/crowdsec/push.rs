@@ -13,6 +13,17 @@ use crate::ssh_guard::audit::rfc3339;
 
 /// The scenario Sentinel's alerts carry, as `sentinel bans` shows them on the other hosts.
 pub const SCENARIO: &str = "sentinel/ssh-bf";
+/// The scenario of port-scan bans.
+pub const PORT_SCAN_SCENARIO: &str = "sentinel/port-scan";
+
+/// The scenario of a local ban made for `reason`.
+fn scenario(reason: &str) -> &'static str {
+    if reason == crate::port_scan::PORT_SCAN_REASON {
+        PORT_SCAN_SCENARIO
+    } else {
+        SCENARIO
+    }
+}
 
 /// Alerts sent in one request.
 pub const BATCH: usize = 50;
@@ -176,15 +187,21 @@ impl Alert {
         let scope = if single { "Ip" } else { "Range" };
         let value = ban.net.to_string();
         let now = rfc3339(wall);
+        let scenario = scenario(ban.reason);
+        let what = if scenario == PORT_SCAN_SCENARIO {
+            "closed ports scanned"
+        } else {
+            "failed SSH authentications"
+        };
         // Whole seconds, rounded up: the fleet's ban never ends before the local one.
         let left = ban.until.duration_since(wall).unwrap_or_default();
         let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
         Self {
-            scenario: SCENARIO,
+            scenario,
             scenario_hash: "",
             scenario_version: "",
             message: format!(
-                "Sentinel banned {value} after {} failed SSH authentications ({})",
+                "Sentinel banned {value} after {} {what} ({})",
                 ban.failures, ban.reason
             ),
             events_count: ban.failures,
@@ -204,7 +221,7 @@ impl Alert {
             decisions: [AlertDecision {
                 duration: format!("{seconds}s"),
                 origin: "crowdsec",
-                scenario: SCENARIO,
+                scenario,
                 scope,
                 kind: "ban",
                 value,
@@ -261,6 +278,25 @@ mod tests {
                     "value": "203.0.113.9"
                 }]
             }])
+        );
+    }
+
+    #[test]
+    fn a_port_scan_ban_carries_its_own_scenario() {
+        let sent = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut queue = PushQueue::new(10);
+        queue.push(LocalBan {
+            reason: crate::port_scan::PORT_SCAN_REASON,
+            failures: 21,
+            ..ban("203.0.113.9", sent + Duration::from_secs(60))
+        });
+        let (alerts, _) = queue.due(Instant::now(), sent);
+        let json = serde_json::to_value(&alerts[0]).unwrap();
+        assert_eq!(json["scenario"], "sentinel/port-scan");
+        assert_eq!(json["decisions"][0]["scenario"], "sentinel/port-scan");
+        assert_eq!(
+            json["message"],
+            "Sentinel banned 203.0.113.9 after 21 closed ports scanned (port_scan)"
         );
     }
 

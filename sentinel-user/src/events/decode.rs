@@ -1,10 +1,13 @@
 //! Turning ring buffer records into typed events.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 use sentinel_common::{
-    CgroupEvent, EventKind, ExecEvent, ExecViolationEvent, OomKillEvent, SshAuthEvent, TcpEvent,
+    CgroupEvent, ClosedPortEvent, EventKind, ExecEvent, ExecViolationEvent, OomKillEvent,
+    SshAuthEvent, TcpEvent,
 };
 
-use crate::containment::Violation;
+use crate::{containment::Violation, port_scan::ClosedPort};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exec {
@@ -37,6 +40,7 @@ pub enum Event {
     },
     Ssh(SshAuth),
     ExecViolation(Violation),
+    ClosedPort(ClosedPort),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +122,19 @@ pub fn decode(record: &[u8]) -> Option<Event> {
                 comm: c_string(&violation.comm).unwrap_or_default(),
                 executable: c_string(&violation.filename)
                     .unwrap_or_else(|| lossy(&violation.filename)),
+            })
+        }
+        EventKind::ClosedPort => {
+            let hit: ClosedPortEvent = read(record)?;
+            let bytes = hit.remote_addr;
+            let addr = match i32::from(hit.family) {
+                libc::AF_INET => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+                libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(bytes)),
+                _ => return None,
+            };
+            Event::ClosedPort(ClosedPort {
+                addr,
+                port: hit.port,
             })
         }
         EventKind::CgroupRmdir => {

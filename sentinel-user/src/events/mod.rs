@@ -18,6 +18,7 @@ use crate::{
     cgroup::{Attribution, UNKNOWN, cgroup_of_pid},
     containment::Input as ContainmentInput,
     policy::enforcer::{AppliedView, Input as EnforcerInput},
+    port_scan::Input as PortScanInput,
     queue::Queue,
     recent::Recorder,
     ssh_guard::Input as SshInput,
@@ -41,6 +42,8 @@ pub struct EventHandler {
     enforcer: Queue<EnforcerInput>,
     ssh_guard: Option<Queue<SshInput>>,
     containment: Queue<ContainmentInput>,
+    /// `None` unless `port_scan` is configured.
+    port_scan: Option<Queue<PortScanInput>>,
     recent: Recorder,
 }
 
@@ -51,6 +54,7 @@ impl EventHandler {
         enforcer: Queue<EnforcerInput>,
         ssh_guard: Option<Queue<SshInput>>,
         containment: Queue<ContainmentInput>,
+        port_scan: Option<Queue<PortScanInput>>,
         recent: Recorder,
     ) -> Self {
         Self {
@@ -59,6 +63,7 @@ impl EventHandler {
             enforcer,
             ssh_guard,
             containment,
+            port_scan,
             recent,
         }
     }
@@ -66,6 +71,13 @@ impl EventHandler {
     pub fn handle(&self, event: Event) {
         if let Event::Ssh(auth) = event {
             self.to_ssh_guard(auth);
+            return;
+        }
+        if let Event::ClosedPort(hit) = event {
+            if let Some(detector) = &self.port_scan {
+                // A full queue is counted in sentinel_queue_dropped_total{queue="port_scan"}.
+                let _ = detector.offer(PortScanInput::Hit(hit));
+            }
             return;
         }
         if let Event::ExecViolation(violation) = event {
@@ -160,7 +172,8 @@ impl EventHandler {
             | Event::TcpConnect(_)
             | Event::TcpAccept(_)
             | Event::Ssh(_)
-            | Event::ExecViolation(_) => {}
+            | Event::ExecViolation(_)
+            | Event::ClosedPort(_) => {}
         }
     }
 }

@@ -288,4 +288,24 @@ mod tests {
         );
         assert!(resolved.offsets.task_cgroups > 0 && resolved.offsets.sock_cgroup > 0);
     }
+
+    /// `tcp_send_reset` passes the reset's reason as its third argument on this kernel (6.10
+    /// and later); a kernel whose tracepoint lacks an argument, as 6.1 lacks the reason, is
+    /// told apart by the same check, which then keeps the port-scan probe off.
+    #[test]
+    fn tcp_send_reset_has_a_reason_here_and_a_missing_argument_is_an_error() {
+        let btf = Btf::from_sys_fs().expect("this kernel's BTF");
+        assert!(
+            btf.tracepoint_param_is_pointer("tcp_send_reset", 1)
+                .unwrap()
+        );
+        assert!(
+            !btf.tracepoint_param_is_pointer("tcp_send_reset", 2)
+                .unwrap()
+        );
+        assert!(
+            btf.tracepoint_param_is_pointer("tcp_send_reset", 3)
+                .is_err()
+        );
+    }
 }

@@ -98,6 +98,9 @@ pub fn release_freed_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
+/// What `resolve_offsets` reports missing on kernels whose `tcp_send_reset` has no reason.
+pub const TCP_SEND_RESET_REASON: &str = "tcp_send_reset's reason argument";
+
 /// Struct offsets for the eBPF programs, and the `type.member` names this kernel lacks.
 pub struct ResolvedOffsets {
     pub offsets: KernelOffsets,
@@ -141,10 +144,23 @@ pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
         binprm_file: field("linux_binprm", "file"),
         inode_sb: field("inode", "i_sb"),
         super_block_dev: field("super_block", "s_dev"),
+        skb_head: field("sk_buff", "head"),
+        skb_network_header: field("sk_buff", "network_header"),
+        skb_transport_header: field("sk_buff", "transport_header"),
+        skb_dev: field("sk_buff", "dev"),
+        net_device_net: field("net_device", "nd_net.net"),
+        net_inum: field("net", "ns.inum"),
     };
     match btf.tracepoint_param_is_pointer("mark_victim", 0) {
         Ok(has_task) => offsets.mark_victim_has_task = u32::from(has_task),
         Err(_) => missing.push("btf_trace_mark_victim".into()),
+    }
+    // Kernels before 6.10 pass no reason, and report only resets that have a socket.
+    if btf
+        .tracepoint_param_is_pointer("tcp_send_reset", 2)
+        .is_err()
+    {
+        missing.push(TCP_SEND_RESET_REASON.into());
     }
     ResolvedOffsets { offsets, missing }
 }

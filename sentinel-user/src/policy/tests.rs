@@ -264,7 +264,7 @@ fn wrong_types() {
         problems("- metrics\n"),
         [
             "p.yaml:1:1: expected a mapping with the sections metrics, services, policies, \
-             ssh_guard and crowdsec, found a list"
+             ssh_guard, crowdsec and port_scan, found a list"
         ]
     );
 }

@@ -13,7 +13,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use sentinel_common::EventRecords;
+use sentinel_common::{EventRecords, ScanTarget};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -75,6 +75,9 @@ const CGROUP_LIFECYCLE_FIELDS: [&str; 4] = [
     CGROUP_ID_FIELDS[1],
 ];
 
+/// Closed-port hits; only attached when `port_scan` is configured.
+const PORT_SCAN_PROBE: &str = "port_scan";
+
 const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "exec",
@@ -134,6 +137,20 @@ const PROBES: &[ProbeSpec] = &[
         program: "sentinel_cgrm",
         points: &[AttachPoint::RawTracepoint("cgroup_rmdir")],
         needs: &CGROUP_LIFECYCLE_FIELDS,
+    },
+    ProbeSpec {
+        name: PORT_SCAN_PROBE,
+        program: "sentinel_scan",
+        points: &[AttachPoint::RawTracepoint("tcp_send_reset")],
+        needs: &[
+            crate::kernel::TCP_SEND_RESET_REASON,
+            "sk_buff.head",
+            "sk_buff.network_header",
+            "sk_buff.transport_header",
+            "sk_buff.dev",
+            "net_device.nd_net.net",
+            "net.ns.inum",
+        ],
     },
     ProbeSpec {
         name: "ssh_pam_rhost",
@@ -212,20 +229,26 @@ impl Loader {
     }
 }
 
-/// Loads the object with the kernel's offsets and the per-event `records` the daemon reads.
+/// Loads the object with the kernel's offsets, the per-event `records` the daemon reads and
+/// the network namespace whose closed ports are watched (`None`: no port-scan detection).
 pub fn load(
     Loader(mut loader): Loader,
     resolved: ResolvedOffsets,
     records: EventRecords,
+    scan: Option<ScanTarget>,
 ) -> Result<Probes, Error> {
     if records == EventRecords::default() {
         // Only exec and TCP records go to EVENTS: unread, it needs no room. Its pages are
         // mapped into the daemon, so its size is resident memory.
         loader.map_max_entries("EVENTS", page_size());
     }
+    if scan.is_none() {
+        loader.map_max_entries("SCAN_EVENTS", page_size());
+    }
     let mut ebpf = loader
         .override_global("OFFSETS", &resolved.offsets, true)
         .override_global("RECORDS", &records, true)
+        .override_global("SCAN_TARGET", &scan.unwrap_or_default(), true)
         .load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
             "/sentinel"
@@ -241,7 +264,8 @@ pub fn load(
         .iter()
         .filter(|spec| {
             // The signal hook only stands in for kernels whose mark_victim lacks the task.
-            spec.name != "oom_kill_signal" || resolved.offsets.mark_victim_has_task == 0
+            (spec.name != "oom_kill_signal" || resolved.offsets.mark_victim_has_task == 0)
+                && (spec.name != PORT_SCAN_PROBE || scan.is_some())
         })
         .map(|spec| {
             let result = attach(

@@ -239,6 +239,47 @@ impl BanEngine {
         }
     }
 
+    /// Why banning `net` now must not happen, if it must not: the allow list, an open SSH
+    /// session from inside it, or a full ban table.
+    pub fn skip_reason(&mut self, now: Instant, net: &IpNet) -> Option<SkipReason> {
+        if self.covers_allowed(net) {
+            Some(SkipReason::Allowlisted)
+        } else if self.has_open_session(net) {
+            Some(SkipReason::ActiveSession)
+        } else if self.active_bans(now) >= self.rules.max_banned {
+            Some(SkipReason::BanTableFull)
+        } else {
+            None
+        }
+    }
+
+    /// `addr` was found offending by another detector (a port scan, with `failures` as its
+    /// count): banned at once under the same rules as failed authentications (allow list, open
+    /// sessions, growing bans), unless it is banned already.
+    pub fn convict(&mut self, now: Instant, addr: IpAddr, failures: u32) -> Verdict {
+        let net = self.offender(addr);
+        if self.banned.get(&net).is_some_and(|until| *until > now) {
+            return Verdict::Counted;
+        }
+        self.failures.remove(&net);
+        if let Some(reason) = self.skip_reason(now, &net) {
+            return Verdict::Skip {
+                net,
+                reason,
+                failures,
+            };
+        }
+        let offense = self.offenses.get(&net).map_or(0, |known| known.count) + 1;
+        let duration = self.ban_duration(offense);
+        self.record_ban(net, now, duration, offense);
+        Verdict::Ban {
+            net,
+            duration,
+            failures,
+            offense,
+        }
+    }
+
     /// `ban_for × multiplier^(offense-1)`, capped at `max_ban`.
     pub fn ban_duration(&self, offense: u32) -> Duration {
         let factor = self.rules.multiplier.powi(offense.saturating_sub(1) as i32);
@@ -719,5 +760,59 @@ mod tests {
             matches!(again[4], Verdict::Ban { offense: 1, .. }),
             "{again:?}"
         );
+    }
+
+    #[test]
+    fn a_convicted_offender_is_banned_at_once_under_the_same_rules() {
+        let now = Instant::now();
+        let mut engine = BanEngine::new(rules());
+        let first = engine.convict(now, ip("203.0.113.4"), 21);
+        assert_eq!(
+            first,
+            Verdict::Ban {
+                net: "203.0.113.4".parse().unwrap(),
+                duration: Duration::from_secs(600),
+                failures: 21,
+                offense: 1,
+            }
+        );
+        assert_eq!(engine.convict(now, ip("203.0.113.4"), 21), Verdict::Counted);
+        // A repeat offender's ban grows, whatever made the earlier one.
+        let later = now + Duration::from_secs(601);
+        assert!(matches!(
+            engine.convict(later, ip("203.0.113.4"), 20),
+            Verdict::Ban { offense: 2, duration, .. } if duration == Duration::from_secs(1200)
+        ));
+        assert!(matches!(
+            engine.convict(now, ip("10.9.1.1"), 20),
+            Verdict::Skip {
+                reason: SkipReason::Allowlisted,
+                ..
+            }
+        ));
+        assert!(matches!(
+            engine.convict(now, ip("127.0.0.1"), 20),
+            Verdict::Skip {
+                reason: SkipReason::Allowlisted,
+                ..
+            }
+        ));
+        let open = Arc::new(AtomicBool::new(true));
+        let still_open = open.clone();
+        engine.session_opened(ip("198.51.100.8"), move || {
+            still_open.load(Ordering::Relaxed)
+        });
+        assert!(matches!(
+            engine.convict(now, ip("198.51.100.8"), 20),
+            Verdict::Skip {
+                reason: SkipReason::ActiveSession,
+                ..
+            }
+        ));
+        // IPv6 offenders are banned per prefix, like failing ones.
+        assert!(matches!(
+            engine.convict(now, ip("2001:db8:1::5"), 20),
+            Verdict::Ban { net, .. } if net == "2001:db8:1::/64".parse().unwrap()
+        ));
     }
 }

@@ -53,7 +53,7 @@ impl SshGuardMetrics {
         );
         registry.register(
             "sentinel_bans",
-            "Addresses banned, by reason (ssh_failures, ssh_repeat_offender, operator)",
+            "Addresses banned, by reason (ssh_failures, ssh_repeat_offender, operator, port_scan)",
             metrics.bans.clone(),
         );
         registry.register(

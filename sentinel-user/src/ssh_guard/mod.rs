@@ -31,6 +31,7 @@ use crate::{
     crowdsec::{FleetUpdate, is_fleet_reason},
     events::{SshAuth, SshOutcome},
     firewall::{Ban, Firewall, FirewallOptions, IpNet, TableWatch},
+    port_scan::{PORT_SCAN_REASON, Scanner},
     recent::Recorder,
     state::{Clocks, SavedBan, SavedOffense, SavedState, StateFile},
 };
@@ -62,6 +63,11 @@ pub enum Input {
     Reload(LiveSettings),
     /// The fleet's decisions, from CrowdSec's Local API.
     Fleet(FleetUpdate),
+    /// An address found scanning ports, to ban (or, in `mode` observe, to audit) as an offender.
+    Scanner {
+        scanner: Scanner,
+        mode: GuardMode,
+    },
     Stop,
 }
 
@@ -284,6 +290,9 @@ impl SshGuard {
                 Input::TableChanged => table_changed = true,
                 Input::Reload(live) => self.reload(now, live),
                 Input::Fleet(update) => self.on_fleet(now, update),
+                Input::Scanner { scanner, mode } => {
+                    decided.extend(self.on_scanner(now, scanner, mode));
+                }
                 Input::Stop => {}
             }
         }
@@ -488,6 +497,73 @@ impl SshGuard {
                     failures,
                     offense,
                     failed_at_ns: auth.timestamp_ns,
+                })
+            }
+        }
+    }
+
+    /// Returns the ban to make for a port scanner. A scan found in observe mode, or while the
+    /// guard itself only observes, is audited as a ban that would have been made.
+    fn on_scanner(&mut self, now: Instant, scanner: Scanner, mode: GuardMode) -> Option<Decided> {
+        let enforce = mode == GuardMode::Enforce && self.firewall.is_some();
+        let verdict = if enforce {
+            self.engine.convict(now, scanner.addr, scanner.ports)
+        } else {
+            let net = self.engine.offender(scanner.addr);
+            match self.engine.skip_reason(now, &net) {
+                Some(reason) => Verdict::Skip {
+                    net,
+                    reason,
+                    failures: scanner.ports,
+                },
+                None => {
+                    self.metrics.skipped("observe_mode").inc();
+                    info!(address = %net, ports = scanner.ports, "port scan: would ban (observe mode)");
+                    self.audit(AuditRecord::new(
+                        AuditAction::WouldBan,
+                        &net,
+                        PORT_SCAN_REASON,
+                        scanner.ports,
+                        None,
+                    ));
+                    return None;
+                }
+            }
+        };
+        match verdict {
+            Verdict::Counted => None,
+            Verdict::Skip {
+                net,
+                reason,
+                failures,
+            } => {
+                self.metrics.skipped(reason.label()).inc();
+                info!(address = %net, reason = reason.label(), ports = failures, "port scan: ban skipped");
+                self.audit(AuditRecord::new(
+                    AuditAction::Skip,
+                    &net,
+                    format!("{PORT_SCAN_REASON}/{}", reason.label()),
+                    failures,
+                    None,
+                ));
+                None
+            }
+            Verdict::Ban {
+                net,
+                duration,
+                failures,
+                offense,
+            } => {
+                info!(address = %net, ports = failures, offense, ban_seconds = duration.as_secs(), "port scan: ban");
+                Some(Decided {
+                    ban: Ban {
+                        net,
+                        timeout: duration,
+                    },
+                    reason: PORT_SCAN_REASON,
+                    failures,
+                    offense,
+                    failed_at_ns: monotonic_ns(),
                 })
             }
         }

@@ -312,7 +312,7 @@ impl Checker {
     }
 }
 
-fn parse_mode(text: &str) -> Result<ModeSetting, Invalid> {
+pub(crate) fn parse_mode(text: &str) -> Result<ModeSetting, Invalid> {
     match text {
         "enforce" => Ok(ModeSetting::Enforce),
         "observe" => Ok(ModeSetting::Observe),
