@@ -211,32 +211,7 @@ impl BanEngine {
         if score < u64::from(self.rules.max_failures) * u64::from(Weight::FULL.0) {
             return Verdict::Counted;
         }
-        self.failures.remove(&net);
-        let skip = if self.covers_allowed(&net) {
-            Some(SkipReason::Allowlisted)
-        } else if self.has_open_session(&net) {
-            Some(SkipReason::ActiveSession)
-        } else if self.active_bans(now) >= self.rules.max_banned {
-            Some(SkipReason::BanTableFull)
-        } else {
-            None
-        };
-        if let Some(reason) = skip {
-            return Verdict::Skip {
-                net,
-                reason,
-                failures,
-            };
-        }
-        let offense = self.offenses.get(&net).map_or(0, |known| known.count) + 1;
-        let duration = self.ban_duration(offense);
-        self.record_ban(net, now, duration, offense);
-        Verdict::Ban {
-            net,
-            duration,
-            failures,
-            offense,
-        }
+        self.sentence(now, net, failures)
     }
 
     /// Why banning `net` now must not happen, if it must not: the allow list, an open SSH
@@ -261,6 +236,12 @@ impl BanEngine {
         if self.banned.get(&net).is_some_and(|until| *until > now) {
             return Verdict::Counted;
         }
+        self.sentence(now, net, failures)
+    }
+
+    /// `net` has offended enough: its failures are forgotten, and it is banned (a longer ban
+    /// for a repeat offender) unless a rule spares it.
+    fn sentence(&mut self, now: Instant, net: IpNet, failures: u32) -> Verdict {
         self.failures.remove(&net);
         if let Some(reason) = self.skip_reason(now, &net) {
             return Verdict::Skip {
