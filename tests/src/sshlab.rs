@@ -22,7 +22,8 @@ pub const SSHD: &str = "/usr/sbin/sshd";
 pub const SSH_PORT: u16 = 22;
 pub const USER_PASSWORD: &str = "Sentinel-test-7c41e9";
 pub const WRONG_PASSWORD: &str = "not-the-password";
-pub const SSH_OPTIONS: &[&str] = &[
+/// Options of every test client: no user or host configuration, no host key checks, quiet.
+const CLIENT_OPTIONS: &[&str] = &[
     "-F",
     "/dev/null",
     "-o",
@@ -31,6 +32,12 @@ pub const SSH_OPTIONS: &[&str] = &[
     "UserKnownHostsFile=/dev/null",
     "-o",
     "LogLevel=ERROR",
+    "-o",
+    "ConnectTimeout=3",
+];
+
+/// With [`CLIENT_OPTIONS`]: one password, through PAM.
+const PASSWORD_OPTIONS: &[&str] = &[
     "-o",
     "PreferredAuthentications=password",
     "-o",
@@ -38,28 +45,19 @@ pub const SSH_OPTIONS: &[&str] = &[
     // One password per connection: each attempt is exactly one PAM failure.
     "-o",
     "NumberOfPasswordPrompts=1",
-    "-o",
-    "ConnectTimeout=3",
 ];
 
 /// `ssh` options for logging in with keys only, each key file given with `-i`, in order.
-pub const KEY_SSH_OPTIONS: &[&str] = &[
-    "-F",
-    "/dev/null",
-    "-o",
-    "StrictHostKeyChecking=no",
-    "-o",
-    "UserKnownHostsFile=/dev/null",
-    "-o",
-    "LogLevel=ERROR",
-    "-o",
-    "BatchMode=yes",
-    "-o",
-    "IdentitiesOnly=yes",
-    "-o",
-    "PreferredAuthentications=publickey",
-    "-o",
-    "ConnectTimeout=3",
+pub const KEY_SSH_OPTIONS: [&[&str]; 2] = [
+    CLIENT_OPTIONS,
+    &[
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "PreferredAuthentications=publickey",
+    ],
 ];
 
 /// How the test's sshd lets users in.
@@ -141,7 +139,8 @@ impl Peer {
         command
             .env("SSHPASS", password)
             .args(["-e", "ssh"])
-            .args(SSH_OPTIONS)
+            .args(CLIENT_OPTIONS)
+            .args(PASSWORD_OPTIONS)
             .args(options)
             .arg("-b")
             .arg(self.address.to_string())
@@ -156,7 +155,7 @@ impl Peer {
     /// keys in order and no password.
     pub fn ssh_with_keys(&self, user: &str, keys: &[&Path], remote_command: &str) -> Command {
         let mut command = self.netns.command("ssh");
-        command.args(KEY_SSH_OPTIONS);
+        command.args(KEY_SSH_OPTIONS.concat());
         for key in keys {
             command.arg("-i").arg(key);
         }

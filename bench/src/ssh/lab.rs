@@ -199,7 +199,7 @@ impl SshLab {
     pub fn start_key_login(&self, source: Ipv4Addr, user: &str, key: &Path) -> Result<Child> {
         self.attacker
             .command("ssh")
-            .args(KEY_SSH_OPTIONS)
+            .args(KEY_SSH_OPTIONS.concat())
             .arg("-i")
             .arg(key)
             .arg("-b")
