@@ -3,6 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader},
+    net::SocketAddr,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -147,11 +148,22 @@ fn records_switch(daemon: &Daemon) -> bool {
 
 /// TCP event records of `kind` (`tcp connect`, `tcp accept`) from `service` whose `port_field`
 /// (`remote_port` for a connect, `local_port` for an accept) is `port`.
-fn tcp_events(daemon: &Daemon, kind: &str, service: &str, port_field: &str, port: u16) -> usize {
+/// The `kind` records of `service` whose `side` (`local` or `remote`) is `address`:`port`. The
+/// address counts: the IPv4 and the IPv6 listener may well get the same port.
+fn tcp_events(
+    daemon: &Daemon,
+    kind: &str,
+    service: &str,
+    side: &str,
+    address: SocketAddr,
+) -> usize {
     daemon
         .log_records(&[("message", kind), ("service", service)])
         .iter()
-        .filter(|record| record[port_field] == port)
+        .filter(|record| {
+            record[side] == address.ip().to_string()
+                && record[format!("{side}_port")] == address.port()
+        })
         .count()
 }
 
@@ -167,10 +179,10 @@ fn tcp_connects_and_accepts_per_service_are_exact() {
     let client = TestCgroup::new("client");
     const PER_FAMILY: usize = 20;
 
-    let ports = [
-        connect_loop(&server, &client, "127.0.0.1:0", PER_FAMILY),
-        connect_loop(&server, &client, "[::1]:0", PER_FAMILY),
-    ];
+    let listeners = [("127.0.0.1", "127.0.0.1:0"), ("::1", "[::1]:0")].map(|(host, bind)| {
+        let port = connect_loop(&server, &client, bind, PER_FAMILY);
+        SocketAddr::new(host.parse().expect("a loopback address"), port)
+    });
 
     let expected = 2 * PER_FAMILY as u64;
     let connects = [("service", client.service())];
@@ -196,22 +208,16 @@ fn tcp_connects_and_accepts_per_service_are_exact() {
     assert_eq!(scrape.count("sentinel_tcp_connects_total", &accepts), 0);
 
     // Every connection also reached user space as one event per side, per family.
-    for port in ports {
+    for listener in listeners {
         let sides = || {
             (
-                tcp_events(
-                    &daemon,
-                    "tcp connect",
-                    client.service(),
-                    "remote_port",
-                    port,
-                ),
-                tcp_events(&daemon, "tcp accept", server.service(), "local_port", port),
+                tcp_events(&daemon, "tcp connect", client.service(), "remote", listener),
+                tcp_events(&daemon, "tcp accept", server.service(), "local", listener),
             )
         };
         assert!(
             eventually(SETTLE, || sides() == (PER_FAMILY, PER_FAMILY)),
-            "port {port}: {:?} events (connect, accept); log:\n{}",
+            "{listener}: {:?} events (connect, accept); log:\n{}",
             sides(),
             daemon.log()
         );
