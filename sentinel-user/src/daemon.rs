@@ -113,8 +113,17 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let control = ControlSocket::bind(&control_socket)?;
     kernel::raise_memlock_limit();
 
-    if !resolved.missing.is_empty() {
-        warn!(missing = ?resolved.missing, "this kernel's BTF lacks some fields; probes that need them stay off");
+    // What only a port scan probe would need is no news without `port_scan`.
+    let missing: Vec<&String> = resolved
+        .missing
+        .iter()
+        .filter(|what| config.port_scan.is_some() || *what != kernel::TCP_SEND_RESET_REASON)
+        .collect();
+    if !missing.is_empty() {
+        warn!(
+            ?missing,
+            "this kernel's BTF lacks some fields; probes that need them stay off"
+        );
     }
     let records = events::records_wanted();
     let scan_target = match &config.port_scan {
