@@ -37,6 +37,11 @@ const SSHGUARD_LIBEXEC: &str = "/usr/libexec/sshguard";
 const FAIL2BAN_TABLE: &str = "f2b-sentinel-bench";
 /// The probes the attack needs (`program` labels of `sentinel_probe_attached`).
 const SENTINEL_SSH_PROBES: [&str; 3] = ["ssh_pam_rhost", "ssh_pam_call", "ssh_auth_result"];
+/// The port-scan probe (its `program` label).
+const SENTINEL_SCAN_PROBE: &str = "port_scan";
+/// psad's danger level 2 is 15 packets from one address (level 3 is 150): the nearest to
+/// Sentinel's 20 distinct closed ports. Its auto IDS blocks from this level on.
+pub const PSAD_DANGER_LEVEL: u32 = 2;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(50);
@@ -46,6 +51,8 @@ pub enum Guard {
     Sentinel,
     Fail2ban,
     Sshguard,
+    /// Port scans only: reads the kernel's log of packets an nftables `log` rule logged.
+    Psad,
 }
 
 impl Guard {
@@ -56,6 +63,7 @@ impl Guard {
             Self::Sentinel => "Sentinel",
             Self::Fail2ban => "fail2ban",
             Self::Sshguard => "sshguard",
+            Self::Psad => "psad",
         }
     }
 
@@ -65,6 +73,7 @@ impl Guard {
             Self::Sentinel => "sentinel",
             Self::Fail2ban => "fail2ban",
             Self::Sshguard => "sshguard",
+            Self::Psad => "psad",
         }
     }
 
@@ -74,6 +83,8 @@ impl Guard {
             Self::Sentinel => "inet sentinel".to_owned(),
             Self::Fail2ban => format!("inet {FAIL2BAN_TABLE}"),
             Self::Sshguard => "ip sshguard".to_owned(),
+            // Its iptables commands, through iptables-nft.
+            Self::Psad => "ip filter".to_owned(),
         }
     }
 }
@@ -86,6 +97,8 @@ pub struct SentinelSettings {
     pub max_banned: usize,
     /// A program that calls libpam as sshd does, to be trusted like sshd (the flood's feeder).
     pub feeder: Option<PathBuf>,
+    /// `port_scan: {mode: enforce}` with its defaults, and its probe awaited at start.
+    pub port_scan: bool,
 }
 
 impl SentinelSettings {
@@ -96,12 +109,24 @@ impl SentinelSettings {
         max_tracked: 100_000,
         max_banned: 100_000,
         feeder: None,
+        port_scan: false,
+    };
+
+    /// The attack's settings, with port scans detected and banned.
+    pub const SCAN: Self = Self {
+        port_scan: true,
+        ..Self::ATTACK
     };
 
     fn yaml(&self, server: &Netns, audit_log: &Path) -> String {
         let sshd_paths = match &self.feeder {
             Some(feeder) => format!("  sshd_paths: [/usr/sbin/sshd, {}]\n", feeder.display()),
             None => String::new(),
+        };
+        let port_scan = if self.port_scan {
+            "port_scan:\n  mode: enforce\n"
+        } else {
+            ""
         };
         format!(
             "ssh_guard:
@@ -117,7 +142,7 @@ impl SentinelSettings {
   flush_on_exit: true
   audit_log: {}
   netns: {}
-{sshd_paths}",
+{sshd_paths}{port_scan}",
             self.max_failures,
             self.ban_seconds,
             self.max_tracked,
@@ -166,6 +191,7 @@ impl RunningGuard {
             Guard::Sentinel => Self::sentinel(setup, &SentinelSettings::ATTACK, "sentinel"),
             Guard::Fail2ban => Self::fail2ban(setup, sshd_log),
             Guard::Sshguard => Self::sshguard(setup, sshd_log),
+            Guard::Psad => bail!("psad reads no SSH log: it is started with a kernel log"),
         }
     }
 
@@ -194,7 +220,8 @@ impl RunningGuard {
             let Ok(metrics) = scrape(metrics) else {
                 return Ok(false);
             };
-            for probe in SENTINEL_SSH_PROBES {
+            let scan_probe = settings.port_scan.then_some(SENTINEL_SCAN_PROBE);
+            for probe in SENTINEL_SSH_PROBES.into_iter().chain(scan_probe) {
                 let series = format!("sentinel_probe_attached{{program=\"{probe}\"}}");
                 ensure!(
                     sample::<u64>(&metrics, &series) == Some(1),
@@ -242,6 +269,21 @@ impl RunningGuard {
         running.wait_ready(|| {
             Ok(has_table(setup.server, Guard::Sshguard) && running.has_open(sshd_log))
         })?;
+        Ok(running)
+    }
+
+    /// Debian's psad in the foreground, reading `kernel_log` (syslog lines of the packets the
+    /// server namespace logs), with its auto IDS blocking through iptables-nft in the server
+    /// namespace. Debian's configuration, changed only where this file says.
+    pub fn psad(setup: &GuardSetup, kernel_log: &Path) -> Result<Self> {
+        let dir = guard_dir(setup, Guard::Psad.stem())?;
+        let config = dir.join("psad.conf");
+        write_psad_config(&dir, &config, kernel_log)?;
+        let cgroup = TestCgroup::new("bench-psad");
+        let mut command = in_namespace(&cgroup, setup.server, "psad");
+        command.args(["--no-daemon", "-c"]).arg(&config);
+        let running = Self::spawn(Guard::Psad, command, cgroup, &dir)?;
+        running.wait_ready(|| Ok(running.has_open(kernel_log)))?;
         Ok(running)
     }
 
@@ -439,4 +481,56 @@ action = nftables-allports[name=sshd, table={FAIL2BAN_TABLE}, blocktype=drop]
         fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Debian's /etc/psad/psad.conf with these values instead (`NAME value;` lines).
+fn write_psad_config(dir: &Path, config: &Path, kernel_log: &Path) -> Result<()> {
+    let mut state_dirs = Vec::new();
+    for name in ["log", "run", "lib"] {
+        let state = dir.join(name);
+        fs::create_dir_all(&state).with_context(|| format!("cannot create {}", state.display()))?;
+        state_dirs.push(state.display().to_string());
+    }
+    let kernel_log = kernel_log.display().to_string();
+    let danger_level = PSAD_DANGER_LEVEL.to_string();
+    let changes: [(&str, &str); 13] = [
+        ("HOSTNAME", "sentinel-bench"),
+        ("IPT_SYSLOG_FILE", &kernel_log),
+        ("PSAD_DIR", &state_dirs[0]),
+        ("PSAD_RUN_DIR", &state_dirs[1]),
+        ("PSAD_FIFO_DIR", &state_dirs[2]),
+        // It would look for LOG rules in the root namespace's iptables.
+        ("ENABLE_FW_LOGGING_CHECK", "N"),
+        // Nothing leaves the machine: no mail, no lookups.
+        ("ALERTING_METHODS", "noemail"),
+        ("ENABLE_AUTO_IDS_EMAILS", "N"),
+        ("ENABLE_DNS_LOOKUPS", "N"),
+        ("ENABLE_WHOIS_LOOKUPS", "N"),
+        ("ENABLE_AUTO_IDS", "Y"),
+        ("AUTO_IDS_DANGER_LEVEL", &danger_level),
+        ("AUTO_BLOCK_TIMEOUT", "60"),
+    ];
+    let stock = "/etc/psad/psad.conf";
+    let text = fs::read_to_string(stock).with_context(|| format!("cannot read {stock}"))?;
+    let mut changed = 0;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            match changes.iter().find(|(key, _)| *key == name) {
+                Some((key, value)) => {
+                    changed += 1;
+                    format!("{key} {value};")
+                }
+                None => line.to_owned(),
+            }
+        })
+        .collect();
+    ensure!(
+        changed == changes.len(),
+        "{stock} sets {changed} of the {} values the bench changes: another psad version?",
+        changes.len()
+    );
+    fs::write(config, lines.join("\n") + "\n")
+        .with_context(|| format!("cannot write {}", config.display()))
 }
