@@ -8,7 +8,8 @@
 //! and loopback TCP connects closed with RST. Baseline runs (nothing attached) alternate with
 //! runs under each tool (Sentinel, bpftrace, execsnoop-bpfcc), and each tool run is compared
 //! with the baseline runs on either side of it. SSH section: brute force against Sentinel,
-//! fail2ban and sshguard (`ssh/mod.rs`). Scale sections: thousands of attributed cgroups on
+//! fail2ban and sshguard (`ssh/mod.rs`). Scan section: nmap against Sentinel and psad
+//! (`scan.rs`). Scale sections: thousands of attributed cgroups on
 //! this host (`scale.rs`), and hundreds to thousands of policed services in the VM, the only
 //! place with cgroup v2 controllers (`policy.rs`). Fleet section: CrowdSec decisions applied by
 //! Sentinel and by crowdsec-firewall-bouncer (`fleet.rs`).
@@ -26,6 +27,7 @@ mod interrupt;
 mod policy;
 mod report;
 mod scale;
+mod scan;
 mod ssh;
 mod summary;
 mod system;
@@ -46,7 +48,7 @@ use self::{
     cgroup::BenchCgroup,
     report::{Report, ToolResults},
     summary::Summary,
-    system::{BpfStatsSysctl, Machine, TracefsMount, attachments, kernel_has_kprobes},
+    system::{Machine, Sysctl, TracefsMount, attachments, kernel_has_kprobes},
     tools::{RunSetup, Tool, measured_run, preflight},
     workload::{LoopTimes, run_loops},
 };
@@ -94,7 +96,7 @@ pub struct BenchArgs {
           value_parser = clap::value_parser!(u32).range(1..=50))]
     ssh_preauth_attacks: u32,
     /// Measure Sentinel only, without its peers (bpftrace and execsnoop-bpfcc; fail2ban and
-    /// sshguard).
+    /// sshguard; psad).
     #[arg(long)]
     skip_peers: bool,
     /// Sizes of the policy section, in policed services, one VM run each.
@@ -121,6 +123,8 @@ pub enum Section {
     Overhead,
     /// SSH brute force against Sentinel, fail2ban and sshguard, and the flood.
     Ssh,
+    /// Port scans (nmap, SYN and connect) against Sentinel and psad.
+    Scan,
     /// 5,000 attributed cgroups on this host: scrapes, memory and CPU.
     Scale,
     /// Policed services in a VM (500 and 5,000 unless --policy-services says otherwise):
@@ -166,6 +170,9 @@ pub fn bench(args: &BenchArgs, workspace: &Path, driver: &dyn Driver) -> Result<
     } else {
         None
     };
+    if args.runs(Section::Scan) {
+        ssh::ensure_scan_packages(!args.skip_peers)?;
+    }
     step("bench: building the daemon (release)");
     let daemon = driver.build_daemon()?;
     let machine = Machine::read()?;
@@ -192,6 +199,18 @@ pub fn bench(args: &BenchArgs, workspace: &Path, driver: &dyn Driver) -> Result<
             &mut summary,
         );
         note_failure(&mut failed, "ssh", outcome)?;
+    }
+    if args.runs(Section::Scan) {
+        let outcome = scan::bench(
+            &scan::ScanBench {
+                daemon: &daemon,
+                out_dir: &out_dir,
+                with_peers: !args.skip_peers,
+                machine: &machine,
+            },
+            &mut summary,
+        );
+        note_failure(&mut failed, "scan", outcome)?;
     }
     if args.runs(Section::Scale) {
         let outcome = scale::bench(&daemon, &out_dir, &mut summary);
@@ -252,7 +271,7 @@ fn overhead(
         TracefsMount::mount_if_missing()?
     };
     let cgroup = BenchCgroup::create()?;
-    let _bpf_stats = BpfStatsSysctl::enable()?;
+    let _bpf_stats = Sysctl::enable(Sysctl::BPF_STATS)?;
     let setup = RunSetup {
         daemon,
         daemon_configs: &daemon_configs,

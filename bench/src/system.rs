@@ -1,4 +1,4 @@
-//! Host state the bench reads or changes: kernel BPF statistics, tracefs, and /proc.
+//! Host state the bench reads or changes: sysctls, tracefs, and /proc.
 
 use std::{
     collections::BTreeSet,
@@ -14,37 +14,43 @@ use serde_json::Value;
 
 use crate::host::{command_output, run};
 
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
-/// `kernel.bpf_stats_enabled=1` while alive, so the kernel times every BPF program run; the
-/// previous value comes back on drop.
-pub struct BpfStatsSysctl {
+/// A sysctl set to 1 while alive (`kernel.bpf_stats_enabled`, so the kernel times every BPF
+/// program run; `net.netfilter.nf_log_all_netns`, so a `log` rule in a namespace other than the
+/// first reaches the kernel log); the previous value comes back on drop.
+pub struct Sysctl {
+    name: &'static str,
     previous: String,
 }
 
-impl BpfStatsSysctl {
-    pub fn enable() -> Result<Self> {
-        let previous = fs::read_to_string(BPF_STATS)
-            .with_context(|| format!("cannot read {BPF_STATS}"))?
+impl Sysctl {
+    pub const BPF_STATS: &'static str = "kernel.bpf_stats_enabled";
+    pub const NF_LOG_ALL_NETNS: &'static str = "net.netfilter.nf_log_all_netns";
+
+    pub fn enable(name: &'static str) -> Result<Self> {
+        let path = Self::path(name);
+        let previous = fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {path}"))?
             .trim()
             .to_owned();
-        fs::write(BPF_STATS, "1").with_context(|| format!("cannot write 1 to {BPF_STATS}"))?;
-        println!("[bench] kernel.bpf_stats_enabled=1 (was {previous}; restored at the end)");
-        Ok(Self { previous })
+        fs::write(&path, "1").with_context(|| format!("cannot write 1 to {path}"))?;
+        println!("[bench] {name}=1 (was {previous}; restored at the end)");
+        Ok(Self { name, previous })
+    }
+
+    fn path(name: &str) -> String {
+        format!("/proc/sys/{}", name.replace('.', "/"))
     }
 }
 
-impl Drop for BpfStatsSysctl {
+impl Drop for Sysctl {
     fn drop(&mut self) {
-        match fs::write(BPF_STATS, &self.previous) {
-            Ok(()) => println!(
-                "[bench] kernel.bpf_stats_enabled={} restored",
-                self.previous
-            ),
+        match fs::write(Self::path(self.name), &self.previous) {
+            Ok(()) => println!("[bench] {}={} restored", self.name, self.previous),
             Err(error) => eprintln!(
-                "[bench] WARNING: could not restore kernel.bpf_stats_enabled={}: {error}",
-                self.previous
+                "[bench] WARNING: could not restore {}={}: {error}",
+                self.name, self.previous
             ),
         }
     }

@@ -146,6 +146,17 @@ impl Netns {
     /// many ports it found closed (answered with a reset). A missing nmap fails with the package
     /// to install.
     pub fn nmap_closed(&self, kind: &str, target: IpAddr, ports: &str) -> u16 {
+        self.nmap_closed_with(kind, target, ports, &[])
+    }
+
+    /// `nmap_closed` with more of nmap's options (a source address, a fixed rate).
+    pub fn nmap_closed_with(
+        &self,
+        kind: &str,
+        target: IpAddr,
+        ports: &str,
+        options: &[&str],
+    ) -> u16 {
         assert!(
             Command::new("nmap").arg("--version").output().is_ok(),
             "nmap is not installed (Debian's package `nmap`; `cargo xtask setup` installs it)"
@@ -153,17 +164,9 @@ impl Netns {
         let family = if target.is_ipv6() { "-6" } else { "-4" };
         let output = self
             .command("nmap")
-            .args([
-                "-n",
-                "-Pn",
-                family,
-                kind,
-                "--max-retries",
-                "0",
-                "-oG",
-                "-",
-                "-p",
-            ])
+            .args(["-n", "-Pn", family, kind, "--max-retries", "0", "-oG", "-"])
+            .args(options)
+            .arg("-p")
             .arg(ports)
             .arg(target.to_string())
             .output()

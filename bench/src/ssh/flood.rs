@@ -154,6 +154,7 @@ pub fn measure(lab: &SshLab, setup: &GuardSetup) -> Result<FloodResults> {
         max_tracked: BOUND,
         max_banned: BOUND,
         feeder: Some(feeder.clone()),
+        port_scan: false,
     };
     let running = RunningGuard::sentinel(setup, &settings, "sentinel-flood")?;
     let idle = running.usage()?;

@@ -42,6 +42,11 @@ const SENTINEL_SSH_PROBES: [&str; 4] = [
     "ssh_auth_result",
     "ssh_preauth_end",
 ];
+/// The port-scan probe (its `program` label).
+const SENTINEL_SCAN_PROBE: &str = "port_scan";
+/// psad's danger level 2 is 15 packets from one address (level 3 is 150): the nearest to
+/// Sentinel's 20 distinct closed ports. Its auto IDS blocks from this level on.
+pub const PSAD_DANGER_LEVEL: u32 = 2;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(50);
@@ -51,6 +56,8 @@ pub enum Guard {
     Sentinel,
     Fail2ban,
     Sshguard,
+    /// Port scans only: reads the kernel's log of packets an nftables `log` rule logged.
+    Psad,
 }
 
 impl Guard {
@@ -61,6 +68,7 @@ impl Guard {
             Self::Sentinel => "Sentinel",
             Self::Fail2ban => "fail2ban",
             Self::Sshguard => "sshguard",
+            Self::Psad => "psad",
         }
     }
 
@@ -70,6 +78,7 @@ impl Guard {
             Self::Sentinel => "sentinel",
             Self::Fail2ban => "fail2ban",
             Self::Sshguard => "sshguard",
+            Self::Psad => "psad",
         }
     }
 
@@ -79,6 +88,8 @@ impl Guard {
             Self::Sentinel => "inet sentinel".to_owned(),
             Self::Fail2ban => format!("inet {FAIL2BAN_TABLE}"),
             Self::Sshguard => "ip sshguard".to_owned(),
+            // Its iptables commands, through iptables-nft.
+            Self::Psad => "ip filter".to_owned(),
         }
     }
 }
@@ -91,6 +102,8 @@ pub struct SentinelSettings {
     pub max_banned: usize,
     /// A program that calls libpam as sshd does, to be trusted like sshd (the flood's feeder).
     pub feeder: Option<PathBuf>,
+    /// `port_scan: {mode: enforce}` with its defaults, and its probe awaited at start.
+    pub port_scan: bool,
 }
 
 impl SentinelSettings {
@@ -101,12 +114,24 @@ impl SentinelSettings {
         max_tracked: 100_000,
         max_banned: 100_000,
         feeder: None,
+        port_scan: false,
+    };
+
+    /// The attack's settings, with port scans detected and banned.
+    pub const SCAN: Self = Self {
+        port_scan: true,
+        ..Self::ATTACK
     };
 
     fn yaml(&self, server: &Netns, audit_log: &Path) -> String {
         let sshd_paths = match &self.feeder {
             Some(feeder) => format!("  sshd_paths: [/usr/sbin/sshd, {}]\n", feeder.display()),
             None => String::new(),
+        };
+        let port_scan = if self.port_scan {
+            "port_scan:\n  mode: enforce\n"
+        } else {
+            ""
         };
         format!(
             "ssh_guard:
@@ -122,7 +147,7 @@ impl SentinelSettings {
   flush_on_exit: true
   audit_log: {}
   netns: {}
-{sshd_paths}",
+{sshd_paths}{port_scan}",
             self.max_failures,
             self.ban_seconds,
             self.max_tracked,
@@ -171,6 +196,7 @@ impl RunningGuard {
             Guard::Sentinel => Self::sentinel(setup, &SentinelSettings::ATTACK, "sentinel"),
             Guard::Fail2ban => Self::fail2ban(setup, sshd_log),
             Guard::Sshguard => Self::sshguard(setup, sshd_log),
+            Guard::Psad => bail!("psad reads no SSH log: it is started with a kernel log"),
         }
     }
 
@@ -199,7 +225,8 @@ impl RunningGuard {
             let Ok(metrics) = scrape(metrics) else {
                 return Ok(false);
             };
-            for probe in SENTINEL_SSH_PROBES {
+            let scan_probe = settings.port_scan.then_some(SENTINEL_SCAN_PROBE);
+            for probe in SENTINEL_SSH_PROBES.into_iter().chain(scan_probe) {
                 let series = format!("sentinel_probe_attached{{program=\"{probe}\"}}");
                 ensure!(
                     sample::<u64>(&metrics, &series) == Some(1),
@@ -247,6 +274,21 @@ impl RunningGuard {
         running.wait_ready(|| {
             Ok(has_table(setup.server, Guard::Sshguard) && running.has_open(sshd_log))
         })?;
+        Ok(running)
+    }
+
+    /// Debian's psad in the foreground, reading `kernel_log` (syslog lines of the packets the
+    /// server namespace logs), with its auto IDS blocking through iptables-nft in the server
+    /// namespace. Debian's configuration, changed only where this file says.
+    pub fn psad(setup: &GuardSetup, kernel_log: &Path) -> Result<Self> {
+        let dir = guard_dir(setup, Guard::Psad.stem())?;
+        let config = dir.join("psad.conf");
+        write_psad_config(&dir, &config, kernel_log)?;
+        let cgroup = TestCgroup::new("bench-psad");
+        let mut command = in_namespace(&cgroup, setup.server, "psad");
+        command.args(["--no-daemon", "-c"]).arg(&config);
+        let running = Self::spawn(Guard::Psad, command, cgroup, &dir)?;
+        running.wait_ready(|| Ok(running.has_open(kernel_log)))?;
         Ok(running)
     }
 
@@ -444,4 +486,56 @@ action = nftables-allports[name=sshd, table={FAIL2BAN_TABLE}, blocktype=drop]
         fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Debian's /etc/psad/psad.conf with these values instead (`NAME value;` lines).
+fn write_psad_config(dir: &Path, config: &Path, kernel_log: &Path) -> Result<()> {
+    let mut state_dirs = Vec::new();
+    for name in ["log", "run", "lib"] {
+        let state = dir.join(name);
+        fs::create_dir_all(&state).with_context(|| format!("cannot create {}", state.display()))?;
+        state_dirs.push(state.display().to_string());
+    }
+    let kernel_log = kernel_log.display().to_string();
+    let danger_level = PSAD_DANGER_LEVEL.to_string();
+    let changes: [(&str, &str); 13] = [
+        ("HOSTNAME", "sentinel-bench"),
+        ("IPT_SYSLOG_FILE", &kernel_log),
+        ("PSAD_DIR", &state_dirs[0]),
+        ("PSAD_RUN_DIR", &state_dirs[1]),
+        ("PSAD_FIFO_DIR", &state_dirs[2]),
+        // It would look for LOG rules in the root namespace's iptables.
+        ("ENABLE_FW_LOGGING_CHECK", "N"),
+        // Nothing leaves the machine: no mail, no lookups.
+        ("ALERTING_METHODS", "noemail"),
+        ("ENABLE_AUTO_IDS_EMAILS", "N"),
+        ("ENABLE_DNS_LOOKUPS", "N"),
+        ("ENABLE_WHOIS_LOOKUPS", "N"),
+        ("ENABLE_AUTO_IDS", "Y"),
+        ("AUTO_IDS_DANGER_LEVEL", &danger_level),
+        ("AUTO_BLOCK_TIMEOUT", "60"),
+    ];
+    let stock = "/etc/psad/psad.conf";
+    let text = fs::read_to_string(stock).with_context(|| format!("cannot read {stock}"))?;
+    let mut changed = 0;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            match changes.iter().find(|(key, _)| *key == name) {
+                Some((key, value)) => {
+                    changed += 1;
+                    format!("{key} {value};")
+                }
+                None => line.to_owned(),
+            }
+        })
+        .collect();
+    ensure!(
+        changed == changes.len(),
+        "{stock} sets {changed} of the {} values the bench changes: another psad version?",
+        changes.len()
+    );
+    fs::write(config, lines.join("\n") + "\n")
+        .with_context(|| format!("cannot write {}", config.display()))
 }

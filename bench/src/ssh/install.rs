@@ -37,16 +37,34 @@ pub fn ensure_packages(with_peers: bool) -> Result<()> {
     if !with_peers {
         return Ok(());
     }
-    let new_services: Vec<&str> = PEER_SERVICES
-        .into_iter()
+    ensure_peers("SSH brute-force peers", PEER_PACKAGES, &PEER_SERVICES)
+}
+
+/// The port-scan section's: the SSH lab, nmap, and psad (whose service is refused a start and
+/// disabled at boot like the SSH peers').
+pub fn ensure_scan_packages(with_peers: bool) -> Result<()> {
+    host::ensure_packages("port-scan benchmark", PACKAGES)?;
+    host::ensure_packages("port-scan benchmark", &["nmap"])?;
+    if !with_peers {
+        return Ok(());
+    }
+    ensure_peers("port-scan peers", &["psad"], &["psad"])
+}
+
+/// Installs `packages` with every service start refused, then disables at boot each of
+/// `services` this installed.
+fn ensure_peers(purpose: &str, packages: &[&str], services: &[&str]) -> Result<()> {
+    let new_services: Vec<&str> = services
+        .iter()
+        .copied()
         .filter(|service| !is_installed(service))
         .collect();
-    if PEER_PACKAGES.iter().all(|package| is_installed(package)) {
-        return host::ensure_packages("SSH brute-force peers", PEER_PACKAGES);
+    if packages.iter().all(|package| is_installed(package)) {
+        return host::ensure_packages(purpose, packages);
     }
     {
         let _refused = ServiceStartsRefused::install()?;
-        host::ensure_packages("SSH brute-force peers", PEER_PACKAGES)?;
+        host::ensure_packages(purpose, packages)?;
     }
     for service in new_services {
         disable_at_boot(service)?;

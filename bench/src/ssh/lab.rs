@@ -40,7 +40,7 @@ pub const SSH_PORT: u16 = 22;
 /// Nothing listens here: the server answers a connect with a reset unless a ban drops the SYN.
 /// Every guard drops all of a banned address's TCP traffic, and a probe here costs sshd no
 /// fork and adds no line to the log the peers read.
-const CLOSED_PORT: u16 = 9;
+pub const CLOSED_PORT: u16 = 9;
 const SERVER_LINK: &str = "atk0";
 const ATTACKER_LINK: &str = "eth0";
 
@@ -251,6 +251,29 @@ impl SshLab {
         Ok(None)
     }
 
+    /// Debian's nmap from `source`: `kind` (`-sS` or `-sT`) of `ports` on the server, `rate`
+    /// probes a second, one probe per port; returns how many ports it found closed (answered
+    /// with a reset, so not yet dropped).
+    pub fn scan(&self, source: Ipv4Addr, kind: &str, ports: &str, rate: u32) -> u16 {
+        let source = source.to_string();
+        let rate = rate.to_string();
+        self.attacker.nmap_closed_with(
+            kind,
+            SERVER.into(),
+            ports,
+            &[
+                "-S",
+                &source,
+                "-e",
+                ATTACKER_LINK,
+                "--min-rate",
+                &rate,
+                "--max-rate",
+                &rate,
+            ],
+        )
+    }
+
     /// Probes from `source` every few milliseconds until its packets are dropped; returns when
     /// the first dropped probe was sent, or `None` if none was within `limit`.
     pub fn await_drop(&self, source: Ipv4Addr, limit: Duration) -> Result<Option<Instant>> {
@@ -453,7 +476,8 @@ impl Sshd {
             move |line: &Stamped| {
                 if let Some(file) = lock(&copy).as_mut() {
                     // A failed write shows up as a peer that never bans.
-                    let _ = file.write_all(syslog_line(pid, &line.text).as_bytes());
+                    let _ =
+                        file.write_all(syslog_line(&format!("sshd[{pid}]"), &line.text).as_bytes());
                 }
             }
         });
@@ -481,8 +505,9 @@ impl Drop for Sshd {
     }
 }
 
-/// `Nov 21 16:23:48 sentinel-bench sshd[PID]: MESSAGE`, in local time like syslog writes it.
-fn syslog_line(pid: u32, message: &str) -> String {
+/// `Nov 21 16:23:48 sentinel-bench PROGRAM: MESSAGE` (`PROGRAM` such as `sshd[PID]` or
+/// `kernel`), in local time like syslog writes it.
+pub fn syslog_line(program: &str, message: &str) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
@@ -494,7 +519,7 @@ fn syslog_line(pid: u32, message: &str) -> String {
     // SAFETY: both pointers are valid for the call; localtime_r is the thread-safe variant.
     unsafe { libc::localtime_r(&seconds, &mut local) };
     format!(
-        "{} {:>2} {:02}:{:02}:{:02} sentinel-bench sshd[{pid}]: {message}\n",
+        "{} {:>2} {:02}:{:02}:{:02} sentinel-bench {program}: {message}\n",
         MONTHS[local.tm_mon.clamp(0, 11) as usize],
         local.tm_mday,
         local.tm_hour,
@@ -603,7 +628,7 @@ mod tests {
     #[test]
     fn syslog_lines_carry_date_host_and_pid() {
         let line = syslog_line(
-            42,
+            "sshd[42]",
             "Failed password for nobody from 198.51.100.10 port 1 ssh2",
         );
         let (date, rest) = line.split_at(15);

@@ -13,19 +13,19 @@
 
 mod attack;
 mod flood;
-mod guards;
+pub mod guards;
 mod install;
-mod lab;
+pub mod lab;
 mod preauth;
 mod report;
-mod timeline;
+pub mod timeline;
 
 use std::{fs, path::Path, time::Instant};
 
 use anyhow::{Context, Result};
 use sentinel_tests::sshlab::{SshdAuth, key_pair};
 
-pub use self::install::ensure_packages;
+pub use self::install::{ensure_packages, ensure_scan_packages};
 use self::{
     guards::{Guard, GuardSetup},
     lab::SshLab,
