@@ -248,6 +248,18 @@ impl Daemon {
         fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// The log records of refused reloads (`configuration rejected ...`), oldest first.
+    pub fn rejected_reloads(&self) -> Vec<serde_json::Value> {
+        self.log_records(&[])
+            .into_iter()
+            .filter(|record| {
+                record["message"]
+                    .as_str()
+                    .is_some_and(|message| message.starts_with("configuration rejected"))
+            })
+            .collect()
+    }
+
     /// JSON log records whose fields match every `(key, value)` pair.
     pub fn log_records(&self, matching: &[(&str, &str)]) -> Vec<serde_json::Value> {
         self.log()

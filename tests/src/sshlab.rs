@@ -141,7 +141,14 @@ impl Peer {
             .args(["-e", "ssh"])
             .args(CLIENT_OPTIONS)
             .args(PASSWORD_OPTIONS)
-            .args(options)
+            .args(options);
+        self.to_server(command, user, remote_command)
+    }
+
+    /// `command` (an `ssh` with its options) completed: from this peer's address, as `user`,
+    /// to the server, running `remote_command`.
+    fn to_server(&self, mut command: Command, user: &str, remote_command: &str) -> Command {
+        command
             .arg("-b")
             .arg(self.address.to_string())
             .args(["-l", user])
@@ -159,14 +166,7 @@ impl Peer {
         for key in keys {
             command.arg("-i").arg(key);
         }
-        command
-            .arg("-b")
-            .arg(self.address.to_string())
-            .args(["-l", user])
-            .arg(self.server.to_string())
-            .arg(remote_command)
-            .stdin(Stdio::null());
-        command
+        self.to_server(command, user, remote_command)
     }
 
     pub fn can_connect(&self) -> bool {

@@ -351,17 +351,7 @@ fn an_empty_or_cut_short_file_is_refused_on_reload_and_the_policy_stays() {
         )
     };
     let (errors, reloads) = counters();
-    let rejections = || {
-        daemon
-            .log_records(&[])
-            .into_iter()
-            .filter(|record| {
-                record["message"]
-                    .as_str()
-                    .is_some_and(|message| message.starts_with("configuration rejected"))
-            })
-            .collect::<Vec<_>>()
-    };
+    let rejections = || daemon.rejected_reloads();
     let path = daemon.config_path();
     let empty_reason = format!(
         "{}:1:1: the file holds no settings (it is empty or only comments, as while an editor \
@@ -597,10 +587,9 @@ fn a_bad_port_scan_setting_is_refused_on_reload_where_it_is_written() {
     let path = daemon.config_path();
     let rejections = || {
         daemon
-            .log_records(&[])
-            .into_iter()
+            .rejected_reloads()
+            .iter()
             .filter_map(|record| record["message"].as_str().map(str::to_owned))
-            .filter(|message| message.starts_with("configuration rejected"))
             .collect::<Vec<_>>()
     };
     let errors = || {

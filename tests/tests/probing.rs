@@ -354,17 +354,7 @@ fn a_reload_applies_the_threshold_and_a_refused_one_changes_nothing() {
     let lab = ScanLab::new();
     let daemon = lab.start_daemon("enforce", 30);
     let path = daemon.config_path();
-    let rejections = || {
-        daemon
-            .log_records(&[])
-            .into_iter()
-            .filter(|record| {
-                record["message"]
-                    .as_str()
-                    .is_some_and(|message| message.starts_with("configuration rejected"))
-            })
-            .count()
-    };
+    let rejections = || daemon.rejected_reloads().len();
     let bad = lab.config("enforce", 1);
     fs::write(&path, &bad).expect("write the configuration");
     assert!(
