@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use self::{
     audit::{AuditAction, AuditLog, AuditRecord},
-    engine::{BanEngine, GuardRules, Verdict},
+    engine::{BanEngine, GuardRules, SkipReason, Verdict},
 };
 pub use self::{fleet::Unbanned, metrics::SshGuardMetrics};
 use crate::{
@@ -465,15 +465,7 @@ impl SshGuard {
                 reason,
                 failures,
             } => {
-                self.metrics.skipped(reason.label()).inc();
-                info!(address = %net, reason = reason.label(), failures, "ban skipped");
-                self.audit(AuditRecord::new(
-                    AuditAction::Skip,
-                    &net,
-                    reason.label(),
-                    failures,
-                    None,
-                ));
+                self.spared(&net, reason, reason.label().to_owned(), failures);
                 None
             }
             Verdict::Ban {
@@ -537,15 +529,8 @@ impl SshGuard {
                 reason,
                 failures,
             } => {
-                self.metrics.skipped(reason.label()).inc();
-                info!(address = %net, reason = reason.label(), ports = failures, "port scan: ban skipped");
-                self.audit(AuditRecord::new(
-                    AuditAction::Skip,
-                    &net,
-                    format!("{PORT_SCAN_REASON}/{}", reason.label()),
-                    failures,
-                    None,
-                ));
+                let audited = format!("{PORT_SCAN_REASON}/{}", reason.label());
+                self.spared(&net, reason, audited, failures);
                 None
             }
             Verdict::Ban {
@@ -733,6 +718,20 @@ impl SshGuard {
             error!("{error}; the bans stay in the kernel but would not survive a reboot");
             self.metrics.state_write_failures.inc();
         }
+    }
+
+    /// A ban the threshold called for that `reason` spares: counted, logged, and audited as a
+    /// `skip` with `audited` as its reason.
+    fn spared(&mut self, net: &IpNet, reason: SkipReason, audited: String, failures: u32) {
+        self.metrics.skipped(reason.label()).inc();
+        info!(address = %net, reason = audited, failures, "ban skipped");
+        self.audit(AuditRecord::new(
+            AuditAction::Skip,
+            net,
+            audited,
+            failures,
+            None,
+        ));
     }
 
     fn audit(&mut self, record: AuditRecord) {
