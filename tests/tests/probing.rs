@@ -96,6 +96,14 @@ impl ScanLab {
         self.dir.path().join("audit.log")
     }
 
+    /// The audit log's records of `action`, in order.
+    fn audited(&self, action: &str) -> Vec<serde_json::Value> {
+        audit_records(&self.audit_log())
+            .into_iter()
+            .filter(|record| record["action"] == action)
+            .collect()
+    }
+
     /// The SSH guard banning in the server namespace, and `port_scan` with `mode` and `ports`.
     fn config(&self, mode: &str, ports: u32) -> String {
         format!(
@@ -219,10 +227,7 @@ fn assert_banned_after_scan(scan: Scan, peer: impl Fn(&ScanLab) -> &Peer) {
         .find(|line| line.contains(&offender))
         .unwrap_or_else(|| panic!("{offender} is not listed:\n{listed}"));
     assert!(line.contains("port_scan"), "{listed}");
-    let bans: Vec<_> = audit_records(&lab.audit_log())
-        .into_iter()
-        .filter(|record| record["action"] == "ban")
-        .collect();
+    let bans: Vec<_> = lab.audited("ban");
     assert_eq!(bans.len(), 1, "{bans:?}");
     assert_eq!(bans[0]["address"], offender);
     assert_eq!(bans[0]["reason"], "port_scan");
@@ -284,10 +289,7 @@ fn an_allow_listed_scanner_is_never_banned_and_the_skip_is_counted() {
     lab.trusted
         .netns
         .assert_connects(lab.trusted.address, ScanLab::open_port(&lab.trusted));
-    let skips: Vec<_> = audit_records(&lab.audit_log())
-        .into_iter()
-        .filter(|record| record["action"] == "skip")
-        .collect();
+    let skips: Vec<_> = lab.audited("skip");
     assert_eq!(skips.len(), 1, "{skips:?}");
     assert_eq!(skips[0]["address"], TRUSTED_SCANNER.to_string());
     assert_eq!(skips[0]["reason"], "port_scan/allowlisted");
@@ -309,10 +311,7 @@ fn observe_mode_counts_and_audits_the_scanner_and_bans_nothing() {
     lab.syn
         .netns
         .assert_connects(lab.syn.address, ScanLab::open_port(&lab.syn));
-    let would: Vec<_> = audit_records(&lab.audit_log())
-        .into_iter()
-        .filter(|record| record["action"] == "would_ban")
-        .collect();
+    let would: Vec<_> = lab.audited("would_ban");
     assert_eq!(would.len(), 1, "{would:?}");
     assert_eq!(would[0]["address"], SYN_ATTACKER.to_string());
     assert_eq!(would[0]["reason"], "port_scan");
