@@ -55,6 +55,8 @@ struct PolicyResults {
     rss_kib: u64,
     peak_rss_kib: u64,
     idle_cpu_percent: f64,
+    /// `name:percent` pairs, busiest thread first.
+    idle_cpu_by_thread: String,
     cpu_ms_per_scrape: f64,
     floor_apply: f64,
     floor_reload: f64,
@@ -103,6 +105,7 @@ impl PolicyResults {
             rss_kib: kib("rss_kib")?,
             peak_rss_kib: kib("peak_rss_kib")?,
             idle_cpu_percent: value("idle_cpu_percent")?,
+            idle_cpu_by_thread: text("idle_cpu_by_thread")?.to_owned(),
             cpu_ms_per_scrape: value("cpu_ms_per_scrape")?,
             floor_apply: value("floor_apply_ms")?,
             floor_reload: value("floor_reload_ms")?,
@@ -167,6 +170,7 @@ impl PolicyResults {
             "rss_kib": self.rss_kib,
             "peak_rss_kib": self.peak_rss_kib,
             "idle_cpu_percent_of_a_core": self.idle_cpu_percent,
+            "idle_cpu_by_thread": self.idle_cpu_by_thread,
             "cpu_ms_per_scrape": self.cpu_ms_per_scrape,
             "floor_apply_ms": self.floor_apply,
             "floor_reload_ms": self.floor_reload,
@@ -249,6 +253,11 @@ impl fmt::Display for PolicyResults {
                     "{:.2} % of a core / {:.1} ms",
                     self.idle_cpu_percent, self.cpu_ms_per_scrape
                 ),
+                String::new(),
+            ),
+            (
+                "Idle CPU by thread, % of a core".to_owned(),
+                self.idle_cpu_by_thread.replace(',', ", "),
                 String::new(),
             ),
             (

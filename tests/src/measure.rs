@@ -1,7 +1,7 @@
 //! Measurements the bench and its guest program share: a process's CPU and memory, and
 //! latency percentiles.
 
-use std::{fs, time::Duration};
+use std::{collections::BTreeMap, fs, time::Duration};
 
 use anyhow::{Context, Result};
 
@@ -25,16 +25,46 @@ pub fn process_usage(pid: u32) -> Result<ProcessUsage> {
             .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
             .with_context(|| format!("{status_path} has no {field}"))
     };
-    let stat_path = format!("/proc/{pid}/stat");
-    let stat =
-        fs::read_to_string(&stat_path).with_context(|| format!("cannot read {stat_path}"))?;
+    let cpu_seconds = cpu_seconds(&format!("/proc/{pid}/stat"))?.1;
+    Ok(ProcessUsage {
+        cpu_seconds,
+        rss_kib: kib("VmRSS:")?,
+        hwm_kib: kib("VmHWM:")?,
+    })
+}
+
+/// CPU seconds used so far by each of the process's threads, by thread name (threads that
+/// share a name are added up).
+pub fn thread_cpu(pid: u32) -> Result<BTreeMap<String, f64>> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut by_name = BTreeMap::new();
+    for task in fs::read_dir(&tasks).with_context(|| format!("cannot list {tasks}"))? {
+        let stat = task
+            .with_context(|| format!("cannot list {tasks}"))?
+            .path()
+            .join("stat");
+        // A thread that ended since the listing has no stat left to read.
+        let Ok((name, seconds)) = cpu_seconds(&stat.to_string_lossy()) else {
+            continue;
+        };
+        *by_name.entry(name).or_default() += seconds;
+    }
+    Ok(by_name)
+}
+
+/// The command name and user plus system CPU seconds in a `/proc/.../stat` file.
+fn cpu_seconds(stat_path: &str) -> Result<(String, f64)> {
+    let stat = fs::read_to_string(stat_path).with_context(|| format!("cannot read {stat_path}"))?;
     // The command name (field 2) may hold spaces; utime and stime are fields 14 and 15, the
     // 12th and 13th after its closing parenthesis.
-    let ticks: Vec<f64> = stat
-        .rsplit_once(')')
-        .map(|(_, fields)| fields.split_whitespace().skip(11).take(2))
-        .into_iter()
-        .flatten()
+    let (name, fields) = stat
+        .split_once('(')
+        .and_then(|(_, rest)| rest.rsplit_once(')'))
+        .with_context(|| format!("cannot find the command name in {stat_path}: {stat}"))?;
+    let ticks: Vec<f64> = fields
+        .split_whitespace()
+        .skip(11)
+        .take(2)
         .filter_map(|field| field.parse().ok())
         .collect();
     let [utime, stime] = ticks[..] else {
@@ -42,11 +72,7 @@ pub fn process_usage(pid: u32) -> Result<ProcessUsage> {
     };
     // SAFETY: sysconf has no preconditions.
     let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok(ProcessUsage {
-        cpu_seconds: (utime + stime) / ticks_per_second,
-        rss_kib: kib("VmRSS:")?,
-        hwm_kib: kib("VmHWM:")?,
-    })
+    Ok((name.to_owned(), (utime + stime) / ticks_per_second))
 }
 
 /// The `fraction` percentile of `durations` (nearest rank), in milliseconds.

@@ -46,6 +46,8 @@ pub struct Attribution {
     /// its final values before it is dropped.
     retention: Duration,
     services: HashMap<String, Service>,
+    /// How many of `services` are named after their cgroup (not `other` or `unknown`).
+    named_services: usize,
     /// When each not-yet-resolvable cgroup id was first seen.
     unresolved_since: HashMap<u64, Instant>,
 }
@@ -58,6 +60,11 @@ pub fn service_name(path: &str) -> &str {
     }
 }
 
+/// Whether a label names its service, rather than standing for many (`other`, `unknown`).
+fn is_named(label: &str) -> bool {
+    label != OTHER && label != UNKNOWN
+}
+
 impl Attribution {
     pub fn new(tree: CgroupTree, max_services: usize, retention: Duration) -> Self {
         Self {
@@ -65,6 +72,7 @@ impl Attribution {
             max_services,
             retention,
             services: HashMap::new(),
+            named_services: 0,
             unresolved_since: HashMap::new(),
         }
     }
@@ -80,19 +88,17 @@ impl Attribution {
             service.last_live = Instant::now();
             return name.to_string();
         }
-        let real_labels = self
-            .services
-            .keys()
-            .filter(|label| *label != OTHER && *label != UNKNOWN)
-            .count();
-        let label = if real_labels >= self.max_services {
+        let label = if is_named(name) && self.named_services >= self.max_services {
             OTHER
         } else {
             name
         };
-        self.services
-            .entry(label.to_string())
-            .or_insert_with(Service::new);
+        if !self.services.contains_key(label) {
+            self.services.insert(label.to_string(), Service::new());
+            if is_named(label) {
+                self.named_services += 1;
+            }
+        }
         label.to_string()
     }
 
@@ -152,6 +158,7 @@ impl Attribution {
         self.services.retain(|label, service| {
             live.contains_key(label) || service.last_live.elapsed() < retention
         });
+        self.named_services = self.services.keys().filter(|label| is_named(label)).count();
         let totals = self
             .services
             .iter()

@@ -7,16 +7,15 @@
 //! A directory that cannot be watched (the inotify watch limit reached) is checked on every
 //! tick, as all were before; an overflowing event queue makes every cgroup a candidate.
 
-use std::{
-    collections::{BTreeSet, HashMap},
-    path::Path,
-};
+use std::collections::{BTreeSet, HashMap};
 
 use nix::{
     errno::Errno,
     sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor},
 };
 use tracing::warn;
+
+use crate::cgroup::cgroupfs::CgroupFs;
 
 /// The kernel's drift notices for the cgroups whose limits the enforcer keeps.
 pub struct DriftWatch {
@@ -57,8 +56,9 @@ impl DriftWatch {
         }
     }
 
-    /// Starts watching the cgroup at `path` (relative to `root`).
-    pub fn watch(&mut self, root: &Path, path: &str) {
+    /// Starts watching the cgroup at `path` (relative to the cgroup2 root, as the enforcer
+    /// names cgroups: `/`-prefixed).
+    pub fn watch(&mut self, fs: &CgroupFs, path: &str) {
         if self.watches.contains_key(path) {
             return;
         }
@@ -67,7 +67,7 @@ impl DriftWatch {
             return;
         };
         let flags = AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ONLYDIR;
-        match inotify.add_watch(&root.join(path), flags) {
+        match inotify.add_watch(&fs.dir(path), flags) {
             Ok(descriptor) => {
                 self.paths.insert(descriptor, path.to_owned());
                 self.watches.insert(path.to_owned(), descriptor);
@@ -142,27 +142,29 @@ mod tests {
             fs::create_dir_all(root.join(cgroup)).unwrap();
             fs::write(root.join(cgroup).join("memory.max"), "max").unwrap();
         }
+        let cgroupfs = CgroupFs::new(root.clone());
         let mut watch = DriftWatch::new();
-        watch.watch(&root, "a");
-        watch.watch(&root, "b");
+        // Named as the enforcer names cgroups: from the cgroup2 root, `/`-prefixed.
+        watch.watch(&cgroupfs, "/a");
+        watch.watch(&cgroupfs, "/b");
         // A directory that does not exist cannot be watched: it is polled.
-        watch.watch(&root, "missing");
+        watch.watch(&cgroupfs, "/missing");
         let only =
             |paths: &[&str]| Changed::Cgroups(paths.iter().map(|path| path.to_string()).collect());
-        assert_eq!(watch.changed(), only(&["missing"]));
+        assert_eq!(watch.changed(), only(&["/missing"]));
 
         fs::write(root.join("a/memory.max"), "1048576").unwrap();
-        assert_eq!(watch.changed(), only(&["a", "missing"]));
-        assert_eq!(watch.changed(), only(&["missing"]));
+        assert_eq!(watch.changed(), only(&["/a", "/missing"]));
+        assert_eq!(watch.changed(), only(&["/missing"]));
 
         fs::remove_file(root.join("b/memory.max")).unwrap();
         fs::remove_dir(root.join("b")).unwrap();
-        assert_eq!(watch.changed(), only(&["b", "missing"]));
+        assert_eq!(watch.changed(), only(&["/b", "/missing"]));
 
-        watch.forget("b");
-        watch.forget("missing");
+        watch.forget("/b");
+        watch.forget("/missing");
         fs::write(root.join("a/memory.max"), "max").unwrap();
-        watch.forget("a");
+        watch.forget("/a");
         // Notices of a forgotten cgroup are dropped.
         assert_eq!(watch.changed(), only(&[]));
         fs::remove_dir_all(&root).unwrap();

@@ -749,7 +749,7 @@ impl Enforcer {
 
     /// Keeps `applied` on `path`, and asks to hear of every write to its files.
     fn keep(&mut self, path: &str, applied: Applied) {
-        self.drift.watch(self.fs.root(), path);
+        self.drift.watch(&self.fs, path);
         self.applied.insert(path.to_string(), applied);
     }
 

@@ -9,6 +9,7 @@
 //! Prints its results as `BENCH key=value` lines on stdout.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     io::Read,
@@ -20,7 +21,7 @@ use sentinel_tests::{
     Daemon, NO_FIREWALL, TestCgroup, cgroup2_mount, eventually,
     floor::encode_from_memory,
     free_port, http_get,
-    measure::{percentile_ms, process_usage},
+    measure::{percentile_ms, process_usage, thread_cpu},
 };
 
 const DEFAULT_SERVICES: usize = 500;
@@ -91,7 +92,9 @@ fn main() -> Result<()> {
         daemon.log()
     );
     let idle_start = process_usage(daemon.pid())?.cpu_seconds;
+    let threads_before = thread_cpu(daemon.pid())?;
     std::thread::sleep(IDLE_WINDOW);
+    let threads_after = thread_cpu(daemon.pid())?;
     let idle_end = process_usage(daemon.pid())?.cpu_seconds;
     let mut latencies = Vec::with_capacity(SCRAPES);
     let mut body = String::new();
@@ -143,6 +146,10 @@ fn main() -> Result<()> {
                 "{:.3}",
                 (idle_end - idle_start) / IDLE_WINDOW.as_secs_f64() * 100.0
             ),
+        ),
+        (
+            "idle_cpu_by_thread",
+            idle_by_thread(&threads_before, &threads_after),
         ),
         (
             "cpu_ms_per_scrape",
@@ -211,6 +218,25 @@ fn read_stats_files(cgroups: &[TestCgroup]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Each thread's share of the idle CPU, busiest first, as `name:percent` pairs: where the idle
+/// time goes.
+fn idle_by_thread(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> String {
+    let mut shares: Vec<(&str, f64)> = after
+        .iter()
+        .map(|(name, seconds)| {
+            let used = seconds - before.get(name).copied().unwrap_or(0.0);
+            (name.as_str(), used / IDLE_WINDOW.as_secs_f64() * 100.0)
+        })
+        .filter(|(_, percent)| *percent > 0.0)
+        .collect();
+    shares.sort_by(|a, b| b.1.total_cmp(&a.1));
+    shares
+        .iter()
+        .map(|(name, percent)| format!("{name}:{percent:.2}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn percentile(durations: &[Duration], fraction: f64) -> String {
