@@ -43,7 +43,9 @@ impl CgroupFs {
 
     pub fn read(&self, path: &str, file: &str) -> Result<String, Error> {
         let file = self.dir(path).join(file);
-        fs::read_to_string(&file)
+        let mut text = Vec::new();
+        fs::File::open(&file)
+            .and_then(|mut opened| read_interface_file(&mut opened, &mut text))
             .map(|text| text.trim_end().to_string())
             .map_err(|source| Error::CgroupIo { file, source })
     }
@@ -56,19 +58,21 @@ impl CgroupFs {
     /// Writes `value` and returns what the file held before, opening it once.
     pub fn swap(&self, path: &str, file: &str, value: &str) -> Result<String, Error> {
         let file = self.dir(path).join(file);
-        let mut previous = String::new();
+        let mut buffer = Vec::new();
         fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&file)
             .and_then(|mut opened| {
-                opened.read_to_string(&mut previous)?;
+                let previous = read_interface_file(&mut opened, &mut buffer)?
+                    .trim_end()
+                    .to_string();
                 // Interface files take each write whole, wherever the offset; at 0 a regular
                 // file (a test's fake tree) reads the same way.
-                opened.write_all_at(value.as_bytes(), 0)
+                opened.write_all_at(value.as_bytes(), 0)?;
+                Ok(previous)
             })
-            .map_err(|source| Error::CgroupIo { file, source })?;
-        Ok(previous.trim_end().to_string())
+            .map_err(|source| Error::CgroupIo { file, source })
     }
 
     pub fn exists(&self, path: &str) -> bool {
@@ -151,6 +155,30 @@ impl CgroupFs {
         }
         pids
     }
+}
+
+/// Interface files are read whole by one `read` when they fit the chunk; a read that fills it
+/// may have left more behind, a short one reached the end.
+pub(crate) const READ_CHUNK: usize = 4096;
+
+/// The whole text of an opened interface file, read into `buffer` (kept by callers that read
+/// many files) with as few `read` calls as it takes: unlike `read_to_string`, no `statx` and
+/// `lseek` for a size hint that cgroupfs does not give, and no extra `read` to see the end.
+pub fn read_interface_file<'a>(
+    file: &mut fs::File,
+    buffer: &'a mut Vec<u8>,
+) -> std::io::Result<&'a str> {
+    buffer.clear();
+    loop {
+        let filled = buffer.len();
+        buffer.resize(filled + READ_CHUNK, 0);
+        let read = file.read(&mut buffer[filled..])?;
+        buffer.truncate(filled + read);
+        if read < READ_CHUNK {
+            break;
+        }
+    }
+    std::str::from_utf8(buffer).map_err(|_| std::io::Error::from(ErrorKind::InvalidData))
 }
 
 fn display_path(path: &str) -> String {

@@ -1,9 +1,9 @@
 //! Per-cgroup resource figures from the cgroup v2 interface files, for `/metrics`. A refresh
 //! task reads them in the background (`policy::resources`); a scrape only encodes its snapshot.
 
-use std::{fs::File, io::Read, path::Path};
+use std::{fs::File, path::Path};
 
-use super::cgroupfs::CgroupFs;
+use super::cgroupfs::{CgroupFs, read_interface_file};
 
 /// Which resource series `/metrics` carries per policed service, and so which files are read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,8 +42,6 @@ const PRESSURE_FILES: [(&str, &str); 3] = [
     ("memory", "memory.pressure"),
     ("io", "io.pressure"),
 ];
-/// Every interface file read here fits, so one `read` per file is the rule.
-const READ_CHUNK: usize = 4096;
 
 /// Reads cgroups' interface files with one open, one read and one close each, into a buffer
 /// kept across files and passes.
@@ -59,7 +57,7 @@ impl StatsReader {
         Self {
             fs,
             detail,
-            buffer: Vec::with_capacity(READ_CHUNK),
+            buffer: Vec::new(),
         }
     }
 
@@ -105,18 +103,7 @@ impl StatsReader {
     /// The whole text of `dir/name`, or `None` when it cannot be read.
     fn file(&mut self, dir: &Path, name: &str) -> Option<&str> {
         let mut file = File::open(dir.join(name)).ok()?;
-        self.buffer.clear();
-        // A read that fills the chunk may have left more behind; a short one reached the end.
-        loop {
-            let filled = self.buffer.len();
-            self.buffer.resize(filled + READ_CHUNK, 0);
-            let read = file.read(&mut self.buffer[filled..]).ok()?;
-            self.buffer.truncate(filled + read);
-            if read < READ_CHUNK {
-                break;
-            }
-        }
-        std::str::from_utf8(&self.buffer).ok()
+        read_interface_file(&mut file, &mut self.buffer).ok()
     }
 }
 
@@ -260,7 +247,7 @@ mod tests {
 
     #[test]
     fn a_file_larger_than_one_read_is_read_whole() {
-        let padding = "x".repeat(READ_CHUNK * 2);
+        let padding = "x".repeat(crate::cgroup::cgroupfs::READ_CHUNK * 2);
         let cpu_stat = format!("{padding} 0\nusage_usec 42\n");
         let stats = FakeCgroup::new(&[("cpu.stat", &cpu_stat)]).read(ResourceDetail::Basic);
         assert_eq!(stats.cpu_usage_seconds, Some(0.000_042));

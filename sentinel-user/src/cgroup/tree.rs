@@ -2,7 +2,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{DirEntryExt, MetadataExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -84,17 +84,20 @@ impl CgroupTree {
 }
 
 /// Every cgroup under `root` as (id, path relative to the root, starting with `/`). A
-/// cgroup's id is its directory's inode number.
+/// cgroup's id is its directory's inode number, which the directory listing gives (cgroupfs
+/// lists each entry with its inode number), so only the root is `stat`ed.
 pub fn walk_hierarchy(root: &Path) -> Vec<(u64, String)> {
     let mut found = Vec::new();
-    let mut pending = vec![(root.to_path_buf(), String::from("/"))];
-    while let Some((dir, path)) = pending.pop() {
-        if let Ok(meta) = std::fs::metadata(&dir) {
-            found.push((meta.ino(), path.clone()));
-        }
+    let Ok(meta) = std::fs::metadata(root) else {
+        return found;
+    };
+    let mut pending = vec![(root.to_path_buf(), String::from("/"), meta.ino())];
+    while let Some((dir, path, ino)) = pending.pop() {
+        // A cgroup removed since its parent was listed is left out.
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
+        found.push((ino, path.clone()));
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -103,7 +106,7 @@ pub fn walk_hierarchy(root: &Path) -> Vec<(u64, String)> {
                 } else {
                     format!("{path}/{name}")
                 };
-                pending.push((entry.path(), child));
+                pending.push((entry.path(), child, entry.ino()));
             }
         }
     }

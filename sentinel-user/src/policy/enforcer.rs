@@ -21,7 +21,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     Mode, Policy, ServicePolicy,
@@ -220,6 +220,9 @@ pub struct Enforcer {
     view: Arc<Mutex<AppliedView>>,
     /// By cgroup path: the policy that matches it and why it is not applied.
     unapplied: HashMap<String, (String, ServiceOutcome)>,
+    /// During a pass over every cgroup (start, reload): how many cgroups each policy's limits
+    /// were written to, logged once per policy when the pass ends rather than once per cgroup.
+    written_in_pass: Option<BTreeMap<String, usize>>,
     states: watch::Sender<Vec<PolicyState>>,
     metrics: PolicyMetrics,
 }
@@ -263,6 +266,7 @@ impl Enforcer {
             saved_file,
             view,
             unapplied: HashMap::new(),
+            written_in_pass: None,
             states: watch::Sender::new(Vec::new()),
             metrics,
         })
@@ -276,12 +280,19 @@ impl Enforcer {
     /// Applies the policy to every existing cgroup.
     pub fn apply_all(&mut self) {
         let started = Instant::now();
+        let own_pass = self.written_in_pass.is_none();
+        if own_pass {
+            self.written_in_pass = Some(BTreeMap::new());
+        }
         self.unapplied.clear();
         self.subtree_controls = SubtreeControls::default();
         for (_, path) in walk_hierarchy(self.fs.root()) {
             self.reconcile(&path);
         }
         self.publish();
+        if own_pass {
+            self.log_pass();
+        }
         info!(
             cgroups = self.applied.len(),
             took_ms = started.elapsed().as_millis() as u64,
@@ -360,6 +371,7 @@ impl Enforcer {
 
     fn reload(&mut self, policy: Policy) {
         let started = Instant::now();
+        self.written_in_pass = Some(BTreeMap::new());
         self.policy = policy;
         self.subtree_controls = SubtreeControls::default();
         let paths: Vec<String> = self.applied.keys().cloned().collect();
@@ -383,10 +395,24 @@ impl Enforcer {
         let units = self.stale_units();
         self.give_back_units(&units);
         self.apply_all();
+        self.log_pass();
         info!(
             took_ms = started.elapsed().as_millis() as u64,
             "policy reloaded"
         );
+    }
+
+    /// Ends a pass: one line per policy whose limits it wrote, with how many cgroups got them.
+    fn log_pass(&mut self) {
+        for (name, cgroups) in self.written_in_pass.take().unwrap_or_default() {
+            let limits = self
+                .policy
+                .services
+                .iter()
+                .find(|service| service.name == name)
+                .map(|service| service.limits.to_cgroup_files());
+            info!(policy = name, cgroups, limits = ?limits.unwrap_or_default(), "limits applied");
+        }
     }
 
     /// The first policy, in file order, that matches `path`.
@@ -455,11 +481,13 @@ impl Enforcer {
     /// that change are written, and a limit the new policy no longer sets gets its original
     /// back.
     fn retarget(&mut self, path: &str, policy: ServicePolicy) {
+        // The drift watch stays: the cgroup is still Sentinel's to keep.
+        self.drifting.remove(path);
         let Some(Applied {
             writer: Writer::Cgroupfs { originals },
             expected,
             ..
-        }) = self.let_go(path)
+        }) = self.applied.remove(path)
         else {
             return;
         };
@@ -507,13 +535,23 @@ impl Enforcer {
                     .collect();
                 self.saved.cgroups.insert(path.to_string(), saved);
                 self.saved_file.mark_changed();
-                info!(service, policy = policy.name, limits = ?desired, "limits applied");
+                match self.written_in_pass.as_mut() {
+                    Some(written) => {
+                        debug!(service, policy = policy.name, limits = ?desired, "limits applied");
+                        *written.entry(policy.name.clone()).or_default() += 1;
+                    }
+                    None => {
+                        info!(service, policy = policy.name, limits = ?desired, "limits applied")
+                    }
+                }
                 self.metrics.action(&service, Action::SetLimits);
                 let writer = Writer::Cgroupfs { originals };
                 let tracked = self.tracked(policy, writer, expected);
                 self.keep(path, tracked);
             }
             Err(reason) => {
+                // Watched still if a retarget failed.
+                self.drift.forget(path);
                 error!(
                     service,
                     policy = policy.name,
