@@ -25,29 +25,66 @@ pub struct ServiceTotals {
 struct Service {
     /// Counts of this service's cgroups that no longer exist.
     retired: ServiceCounters,
+    /// Counts of its live cgroups, as of the latest [`Attribution::totals`].
+    live: ServiceCounters,
     oom_kills: u64,
     last_live: Instant,
 }
 
 impl Service {
-    fn new() -> Self {
+    fn new(now: Instant) -> Self {
         Self {
             retired: ServiceCounters::default(),
+            live: ServiceCounters::default(),
             oom_kills: 0,
-            last_live: Instant::now(),
+            last_live: now,
         }
+    }
+}
+
+/// The services that have a label, at most `max` of them named after their cgroup.
+struct Services {
+    by_label: HashMap<String, Service>,
+    /// How many of `by_label` are named after their cgroup (not `other` or `unknown`).
+    named: usize,
+    max: usize,
+}
+
+impl Services {
+    /// The label of the service at `path`: its name, or `other` once every named slot is
+    /// taken by others.
+    fn label<'p>(&self, path: &'p str) -> &'p str {
+        let name = service_name(path);
+        if is_named(name) && self.named >= self.max && !self.by_label.contains_key(name) {
+            OTHER
+        } else {
+            name
+        }
+    }
+
+    /// The service labelled `label`, created if new, seen live at `now`.
+    fn touch(&mut self, label: &str, now: Instant) -> &mut Service {
+        if !self.by_label.contains_key(label) {
+            self.by_label.insert(label.to_owned(), Service::new(now));
+            if is_named(label) {
+                self.named += 1;
+            }
+        }
+        let service = self
+            .by_label
+            .get_mut(label)
+            .expect("the service was just inserted");
+        service.last_live = now;
+        service
     }
 }
 
 pub struct Attribution {
     tree: CgroupTree,
-    max_services: usize,
     /// How long a service whose cgroups are all gone keeps its series, so that scrapes see
     /// its final values before it is dropped.
     retention: Duration,
-    services: HashMap<String, Service>,
-    /// How many of `services` are named after their cgroup (not `other` or `unknown`).
-    named_services: usize,
+    services: Services,
     /// When each not-yet-resolvable cgroup id was first seen.
     unresolved_since: HashMap<u64, Instant>,
 }
@@ -69,10 +106,12 @@ impl Attribution {
     pub fn new(tree: CgroupTree, max_services: usize, retention: Duration) -> Self {
         Self {
             tree,
-            max_services,
             retention,
-            services: HashMap::new(),
-            named_services: 0,
+            services: Services {
+                by_label: HashMap::new(),
+                named: 0,
+                max: max_services,
+            },
             unresolved_since: HashMap::new(),
         }
     }
@@ -83,23 +122,9 @@ impl Attribution {
 
     /// The label for a service path, claiming one of the bounded label slots if it is new.
     pub fn label_for_path(&mut self, path: &str) -> String {
-        let name = service_name(path);
-        if let Some(service) = self.services.get_mut(name) {
-            service.last_live = Instant::now();
-            return name.to_string();
-        }
-        let label = if is_named(name) && self.named_services >= self.max_services {
-            OTHER
-        } else {
-            name
-        };
-        if !self.services.contains_key(label) {
-            self.services.insert(label.to_string(), Service::new());
-            if is_named(label) {
-                self.named_services += 1;
-            }
-        }
-        label.to_string()
+        let label = self.services.label(path);
+        self.services.touch(label, Instant::now());
+        label.to_owned()
     }
 
     /// The path of a cgroup id, if known (live or recently removed).
@@ -117,7 +142,7 @@ impl Attribution {
     }
 
     pub fn record_oom_kill(&mut self, label: &str) {
-        if let Some(service) = self.services.get_mut(label) {
+        if let Some(service) = self.services.by_label.get_mut(label) {
             service.oom_kills += 1;
         }
     }
@@ -129,44 +154,57 @@ impl Attribution {
         &mut self,
         per_cgroup: impl IntoIterator<Item = (u64, ServiceCounters)>,
     ) -> (Vec<ServiceTotals>, Vec<u64>) {
-        let mut live: HashMap<String, ServiceCounters> = HashMap::new();
+        let now = Instant::now();
+        let Self {
+            tree,
+            retention,
+            services,
+            unresolved_since,
+        } = self;
+        for service in services.by_label.values_mut() {
+            service.live = ServiceCounters::default();
+        }
         let mut retired_ids = Vec::new();
         for (id, counters) in per_cgroup {
-            let (path, is_live) = match self.tree.lookup(id) {
-                Lookup::Live(path) => (path.to_string(), true),
-                Lookup::Removed(path) => (path.to_string(), false),
+            let (path, is_live) = match tree.lookup(id) {
+                Lookup::Live(path) => (path, true),
+                Lookup::Removed(path) => (path, false),
                 Lookup::Unknown { last_scan } => {
-                    let first_seen = *self.unresolved_since.entry(id).or_insert_with(Instant::now);
+                    let first_seen = *unresolved_since.entry(id).or_insert(now);
                     // Only give up on an id once a scan made after we first saw it missed it
                     // too; until then its mkdir event may simply not have arrived yet.
                     if last_scan.is_none_or(|scan| scan < first_seen) {
                         continue;
                     }
-                    (UNKNOWN.to_string(), false)
+                    (UNKNOWN, false)
                 }
             };
-            self.unresolved_since.remove(&id);
-            let label = self.label_for_path(&path);
+            if !unresolved_since.is_empty() {
+                unresolved_since.remove(&id);
+            }
+            let service = services.touch(services.label(path), now);
             if is_live {
-                live.entry(label).or_default().add(&counters);
-            } else if let Some(service) = self.services.get_mut(&label) {
+                service.live.add(&counters);
+            } else {
                 service.retired.add(&counters);
                 retired_ids.push(id);
             }
         }
-        let retention = self.retention;
-        self.services.retain(|label, service| {
-            live.contains_key(label) || service.last_live.elapsed() < retention
-        });
-        self.named_services = self.services.keys().filter(|label| is_named(label)).count();
-        let totals = self
-            .services
+        // A service touched now is kept: its cgroups are live, or were just retired.
+        services
+            .by_label
+            .retain(|_, service| now.duration_since(service.last_live) < *retention);
+        services.named = services
+            .by_label
+            .keys()
+            .filter(|label| is_named(label))
+            .count();
+        let totals = services
+            .by_label
             .iter()
             .map(|(label, service)| {
                 let mut counters = service.retired;
-                if let Some(live) = live.get(label) {
-                    counters.add(live);
-                }
+                counters.add(&service.live);
                 ServiceTotals {
                     service: label.clone(),
                     counters,
