@@ -1,7 +1,8 @@
 //! cgroup id to path, kept current by the kernel's mkdir/rmdir events and by rescans.
 
+use hashbrown::HashMap;
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     os::unix::fs::{DirEntryExt, MetadataExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -15,6 +16,8 @@ const TOMBSTONES: usize = 4096;
 /// into a flood of directory walks).
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// hashbrown's maps: their hasher is several times faster than std's on the ids looked up
+/// for every cgroup at each scrape.
 pub struct CgroupTree {
     root: PathBuf,
     live: HashMap<u64, String>,
