@@ -324,6 +324,13 @@ fn a_later_cgroup_gets_its_limits_and_drift_is_restored() {
     wait_for(&cgroup, "memory.max", &(64 * MIB).to_string());
     let drift = [("service", cgroup.service())];
     daemon.await_count("sentinel_policy_drift_total", &drift, 1, HANG_GUARD);
+    // The kernel reported the write (inotify): no policed cgroup is read at every check.
+    assert_eq!(
+        daemon
+            .scrape()
+            .value("sentinel_policy_drift_polled_cgroups", &[]),
+        0.0
+    );
 }
 
 #[test]

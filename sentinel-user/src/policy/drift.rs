@@ -96,6 +96,11 @@ impl DriftWatch {
         }
     }
 
+    /// How many cgroups are read at every check for want of a watch.
+    pub fn polled(&self) -> usize {
+        self.polled.len()
+    }
+
     /// The cgroups to check now: those with a notice since the last call, and the unwatched.
     pub fn changed(&mut self) -> Changed {
         let mut changed = self.polled.clone();
@@ -152,6 +157,7 @@ mod tests {
         let only =
             |paths: &[&str]| Changed::Cgroups(paths.iter().map(|path| path.to_string()).collect());
         assert_eq!(watch.changed(), only(&["/missing"]));
+        assert_eq!(watch.polled(), 1);
 
         fs::write(root.join("a/memory.max"), "1048576").unwrap();
         assert_eq!(watch.changed(), only(&["/a", "/missing"]));

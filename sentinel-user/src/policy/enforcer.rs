@@ -883,6 +883,7 @@ impl Enforcer {
         // The cgroups written or removed since the last tick, those still drifted, and every
         // one at each full check.
         let full = now >= self.next_full_check;
+        self.metrics.drift_polled.set(self.drift.polled() as i64);
         let candidates: Vec<String> = match self.drift.changed() {
             Changed::Cgroups(_) | Changed::Everything if full => {
                 self.next_full_check = now + FULL_CHECK;

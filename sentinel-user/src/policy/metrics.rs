@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -48,6 +48,9 @@ pub struct PolicyMetrics {
     pub recent: Recorder,
     pub reload_errors: Counter,
     pub reloads: Counter,
+    /// Policed cgroups read for drift at every check because the kernel cannot report their
+    /// writes (no inotify watch: `fs.inotify.max_user_watches` reached, or no inotify).
+    pub drift_polled: Gauge,
 }
 
 impl PolicyMetrics {
@@ -59,6 +62,7 @@ impl PolicyMetrics {
             recent,
             reload_errors: Counter::default(),
             reloads: Counter::default(),
+            drift_polled: Gauge::default(),
         };
         registry.register(
             "sentinel_actions",
@@ -79,6 +83,12 @@ impl PolicyMetrics {
             "sentinel_policy_reloads",
             "Policy reloads applied",
             metrics.reloads.clone(),
+        );
+        registry.register(
+            "sentinel_policy_drift_polled_cgroups",
+            "Policed cgroups read for drift at every check, because the kernel cannot report \
+             their writes (inotify watch limit reached)",
+            metrics.drift_polled.clone(),
         );
         metrics
     }
