@@ -287,7 +287,7 @@ impl Enforcer {
         self.unapplied.clear();
         self.subtree_controls = SubtreeControls::default();
         for (_, path) in walk_hierarchy(self.fs.root()) {
-            self.reconcile(&path);
+            self.reconcile_listed(&path);
         }
         self.publish();
         if own_pass {
@@ -425,7 +425,14 @@ impl Enforcer {
 
     /// Brings one cgroup in line with the policy.
     fn reconcile(&mut self, path: &str) {
-        if self.applied.contains_key(path) || !self.fs.exists(path) {
+        if self.fs.exists(path) {
+            self.reconcile_listed(path);
+        }
+    }
+
+    /// Brings one cgroup that the hierarchy's walk just listed in line with the policy.
+    fn reconcile_listed(&mut self, path: &str) {
+        if self.applied.contains_key(path) {
             return;
         }
         let Some(policy) = self.policy_for(path).cloned() else {
