@@ -60,15 +60,17 @@ const PORT_SCAN_QUEUE: usize = 65_536;
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 /// How often batched (no-wakeup) events are drained, when anything reads them.
 const EVENTS_POLL: Duration = Duration::from_millis(100);
-/// Alerts and SSH events wake the daemon per record; the timer is only a safety net.
-const ALERTS_POLL: Duration = Duration::from_secs(1);
+/// Alerts and SSH events wake the daemon per record, and without a reader of exec and TCP
+/// records nothing is written to their ring: for these rings the timer is only a safety net,
+/// kept slow so that an idle host does not wake the daemon for it.
+const SAFETY_POLL: Duration = Duration::from_secs(10);
 /// How often removed cgroups' counters are folded even without scrapes.
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
 /// `sentinel reload` requests waiting for the main loop; more are told to try again.
 const RELOAD_REQUESTS: usize = 4;
 /// How often the configuration file is checked for changes; a change is read once two polls
 /// in a row agree, so a file an editor is still writing is left alone.
-const CONFIG_POLL: Duration = Duration::from_millis(250);
+const CONFIG_POLL: Duration = Duration::from_secs(1);
 
 /// What `sentinel run` was asked to do.
 pub struct RunOptions {
@@ -252,10 +254,8 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
             read_ring(scan_events, handler.clone(), EVENTS_POLL, cancel.clone()),
         ));
     }
-    // Without a reader of exec and TCP records nothing is ever written there: a slow poll
-    // keeps the reader's wakeups off an idle host.
     let events_poll = if records == EventRecords::default() {
-        ALERTS_POLL
+        SAFETY_POLL
     } else {
         EVENTS_POLL
     };
@@ -265,11 +265,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     ));
     tasks.spawn(supervised(
         components.start("alerts reader"),
-        read_ring(alerts, handler.clone(), ALERTS_POLL, cancel.clone()),
+        read_ring(alerts, handler.clone(), SAFETY_POLL, cancel.clone()),
     ));
     tasks.spawn(supervised(
         components.start("ssh events reader"),
-        read_ring(ssh_events, handler, ALERTS_POLL, cancel.clone()),
+        read_ring(ssh_events, handler, SAFETY_POLL, cancel.clone()),
     ));
     tasks.spawn(housekeeping(kernel_counters.clone(), cancel.clone()));
     tasks.spawn(supervised(components.start("recent events"), {

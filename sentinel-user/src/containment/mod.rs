@@ -245,7 +245,13 @@ impl Containment {
     pub fn run(mut self, inputs: Receiver<Input>) {
         let mut next_tick = Instant::now() + TICK;
         loop {
-            match inputs.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            // With no allow list there are no files to look at: no timer wakes the thread.
+            let wait = if self.contains_any() {
+                next_tick.saturating_duration_since(Instant::now())
+            } else {
+                Duration::MAX
+            };
+            match inputs.recv_timeout(wait) {
                 Ok(Input::Violation(violation)) => self.violation(&violation),
                 Ok(Input::CgroupCreated { id, path }) => self.cgroup_created(id, &path),
                 Ok(Input::CgroupRemoved(id)) => self.cgroup_removed(id),
@@ -266,6 +272,14 @@ impl Containment {
                 }
             }
         }
+    }
+
+    /// Whether any policy has an allow list.
+    fn contains_any(&self) -> bool {
+        self.policy
+            .services
+            .iter()
+            .any(|policy| policy.containment.is_some())
     }
 
     /// The containment policy that applies to `path`: the first matching policy in file order

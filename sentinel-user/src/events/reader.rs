@@ -24,8 +24,10 @@ pub async fn read_ring(
             () = cancel.cancelled() => break,
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &handler);
+                // Cleared before draining: a record committed after the drain's last look
+                // wakes this task again, instead of waiting for the timer.
                 guard.clear_ready();
+                drain(guard.get_inner_mut(), &handler);
             }
             _ = tick.tick() => drain(ring.get_mut(), &handler),
         }
