@@ -9,8 +9,8 @@ use std::{
 };
 
 use sentinel_tests::{
-    Daemon, TempDir, TestCgroup, assert_promtool_clean, eventually, free_port, http_get,
-    loaded_sentinel_programs, serial, testkit_bin, unique_suffix,
+    Daemon, NO_FIREWALL, TempDir, TestCgroup, assert_promtool_clean, eventually, free_port,
+    http_get, loaded_sentinel_programs, serial, testkit_bin, unique_suffix,
 };
 
 const SETTLE: Duration = Duration::from_secs(5);
@@ -104,8 +104,12 @@ fn exec_count_per_service_is_exact() {
 #[test]
 fn a_removed_cgroups_counts_stay_with_its_service_until_forgotten() {
     let _serial = serial();
-    // Long enough that the scrape right after the removal is surely inside it.
-    let daemon = Daemon::start_with_config("services:\n  forget_removed_after: 20s\n", &[]);
+    // The SSH guard off, as in every test here (its table would outlive the daemon), and a
+    // retention long enough that the scrape right after the removal is surely inside it.
+    let daemon = Daemon::start_with_config(
+        &format!("{NO_FIREWALL}services:\n  forget_removed_after: 20s\n"),
+        &[],
+    );
     let cgroup = TestCgroup::new("forget");
     let name = cgroup.service().to_string();
     let service = [("service", name.as_str())];
