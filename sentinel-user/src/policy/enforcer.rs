@@ -186,6 +186,16 @@ impl FixRetry {
     }
 }
 
+/// A pass over every cgroup (start, reload).
+#[derive(Default)]
+struct Pass {
+    /// How many cgroups each policy's limits were written to, logged once per policy when the
+    /// pass ends rather than once per cgroup.
+    by_policy: BTreeMap<String, usize>,
+    /// The cgroups it wrote: the kernel's notices of these writes are Sentinel's own.
+    written: BTreeSet<String>,
+}
+
 /// Who writes a cgroup's interface files.
 enum Writer {
     /// Sentinel, directly; `originals` are written back when the policy lets go.
@@ -220,9 +230,8 @@ pub struct Enforcer {
     view: Arc<Mutex<AppliedView>>,
     /// By cgroup path: the policy that matches it and why it is not applied.
     unapplied: HashMap<String, (String, ServiceOutcome)>,
-    /// During a pass over every cgroup (start, reload): how many cgroups each policy's limits
-    /// were written to, logged once per policy when the pass ends rather than once per cgroup.
-    written_in_pass: Option<BTreeMap<String, usize>>,
+    /// The pass over every cgroup (start, reload) under way.
+    pass: Option<Pass>,
     states: watch::Sender<Vec<PolicyState>>,
     metrics: PolicyMetrics,
 }
@@ -266,7 +275,7 @@ impl Enforcer {
             saved_file,
             view,
             unapplied: HashMap::new(),
-            written_in_pass: None,
+            pass: None,
             states: watch::Sender::new(Vec::new()),
             metrics,
         })
@@ -280,9 +289,9 @@ impl Enforcer {
     /// Applies the policy to every existing cgroup.
     pub fn apply_all(&mut self) {
         let started = Instant::now();
-        let own_pass = self.written_in_pass.is_none();
+        let own_pass = self.pass.is_none();
         if own_pass {
-            self.written_in_pass = Some(BTreeMap::new());
+            self.pass = Some(Pass::default());
         }
         self.unapplied.clear();
         self.subtree_controls = SubtreeControls::default();
@@ -291,7 +300,7 @@ impl Enforcer {
         }
         self.publish();
         if own_pass {
-            self.log_pass();
+            self.end_pass();
         }
         info!(
             cgroups = self.applied.len(),
@@ -371,7 +380,7 @@ impl Enforcer {
 
     fn reload(&mut self, policy: Policy) {
         let started = Instant::now();
-        self.written_in_pass = Some(BTreeMap::new());
+        self.pass = Some(Pass::default());
         self.policy = policy;
         self.subtree_controls = SubtreeControls::default();
         let paths: Vec<String> = self.applied.keys().cloned().collect();
@@ -395,16 +404,30 @@ impl Enforcer {
         let units = self.stale_units();
         self.give_back_units(&units);
         self.apply_all();
-        self.log_pass();
+        self.end_pass();
         info!(
             took_ms = started.elapsed().as_millis() as u64,
             "policy reloaded"
         );
     }
 
-    /// Ends a pass: one line per policy whose limits it wrote, with how many cgroups got them.
-    fn log_pass(&mut self) {
-        for (name, cgroups) in self.written_in_pass.take().unwrap_or_default() {
+    /// Ends a pass: the kernel's notices of its own writes are dropped (checking them would
+    /// read back every cgroup it just wrote; a write by someone else to one of those during the
+    /// pass is found by the full check), and one line per policy says how many cgroups got its
+    /// limits.
+    fn end_pass(&mut self) {
+        let Some(pass) = self.pass.take() else {
+            return;
+        };
+        match self.drift.changed() {
+            Changed::Cgroups(noticed) => self.drifting.extend(
+                noticed
+                    .into_iter()
+                    .filter(|path| !pass.written.contains(path)),
+            ),
+            Changed::Everything => self.next_full_check = Instant::now(),
+        }
+        for (name, cgroups) in pass.by_policy {
             let limits = self
                 .policy
                 .services
@@ -542,10 +565,11 @@ impl Enforcer {
                     .collect();
                 self.saved.cgroups.insert(path.to_string(), saved);
                 self.saved_file.mark_changed();
-                match self.written_in_pass.as_mut() {
-                    Some(written) => {
+                match self.pass.as_mut() {
+                    Some(pass) => {
                         debug!(service, policy = policy.name, limits = ?desired, "limits applied");
-                        *written.entry(policy.name.clone()).or_default() += 1;
+                        *pass.by_policy.entry(policy.name.clone()).or_default() += 1;
+                        pass.written.insert(path.to_owned());
                     }
                     None => {
                         info!(service, policy = policy.name, limits = ?desired, "limits applied")
@@ -1337,6 +1361,32 @@ mod tests {
         }
         assert_eq!(tried, [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]);
         assert!(fix.is_retry());
+    }
+
+    #[test]
+    fn a_pass_does_not_take_its_own_writes_for_drift_but_sees_the_next_one() {
+        let dir = StateDir::new("own-writes");
+        let root = dir.0.join("cgroup");
+        for cgroup in ["", "a", "b"] {
+            std::fs::create_dir_all(root.join(cgroup)).unwrap();
+            std::fs::write(root.join(cgroup).join("cgroup.controllers"), "memory").unwrap();
+            std::fs::write(root.join(cgroup).join("cgroup.subtree_control"), "").unwrap();
+            std::fs::write(root.join(cgroup).join("memory.max"), "max").unwrap();
+        }
+        let policy = |memory: &str| {
+            format!("policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: {memory}\n")
+        };
+        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), &policy("64M"));
+        enforcer.apply_all();
+        enforcer.reload(Config::parse("c.yaml", &policy("32M")).unwrap().policies);
+        assert!(enforcer.drifting.is_empty(), "{:?}", enforcer.drifting);
+        assert_eq!(enforcer.drift.changed(), Changed::Cgroups(BTreeSet::new()));
+
+        std::fs::write(root.join("b/memory.max"), "max").unwrap();
+        assert_eq!(
+            enforcer.drift.changed(),
+            Changed::Cgroups(BTreeSet::from(["/b".to_owned()]))
+        );
     }
 
     #[test]
