@@ -57,6 +57,9 @@ struct PolicyResults {
     idle_cpu_percent: f64,
     /// `name:percent` pairs, busiest thread first.
     idle_cpu_by_thread: String,
+    /// `name:milliseconds` pairs: the daemon's CPU from the reload's SIGHUP until its limits
+    /// were seen.
+    reload_cpu_ms_by_thread: String,
     cpu_ms_per_scrape: f64,
     floor_apply: f64,
     /// The writes plus what giving back and watching need: each original read through the
@@ -109,6 +112,7 @@ impl PolicyResults {
             peak_rss_kib: kib("peak_rss_kib")?,
             idle_cpu_percent: value("idle_cpu_percent")?,
             idle_cpu_by_thread: text("idle_cpu_by_thread")?.to_owned(),
+            reload_cpu_ms_by_thread: text("reload_cpu_ms_by_thread")?.to_owned(),
             cpu_ms_per_scrape: value("cpu_ms_per_scrape")?,
             floor_apply: value("floor_apply_ms")?,
             floor_apply_job: value("floor_apply_job_ms")?,
@@ -183,6 +187,7 @@ impl PolicyResults {
             "peak_rss_kib": self.peak_rss_kib,
             "idle_cpu_percent_of_a_core": self.idle_cpu_percent,
             "idle_cpu_by_thread": self.idle_cpu_by_thread,
+            "reload_cpu_ms_by_thread": self.reload_cpu_ms_by_thread,
             "cpu_ms_per_scrape": self.cpu_ms_per_scrape,
             "floor_apply_ms": self.floor_apply,
             "floor_apply_with_originals_and_watches_ms": self.floor_apply_job,
@@ -282,6 +287,11 @@ impl fmt::Display for PolicyResults {
             (
                 "Idle CPU by thread, % of a core".to_owned(),
                 self.idle_cpu_by_thread.replace(',', ", "),
+                String::new(),
+            ),
+            (
+                "Reload CPU by thread, ms".to_owned(),
+                self.reload_cpu_ms_by_thread.replace(',', ", "),
                 String::new(),
             ),
             (

@@ -8,7 +8,10 @@ pub use connections::ConnectionMetrics;
 pub(crate) use connections::{Endpoint, Rejection, Stage};
 pub use kernel_counters::KernelCounters;
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -20,6 +23,9 @@ type Labels = Vec<(&'static str, String)>;
 
 pub struct Metrics {
     registry: Registry,
+    /// The last body's length: the next is about as long, and growing a buffer of megabytes
+    /// by doubling copies it several times and needs twice its size at each step.
+    last_length: AtomicUsize,
 }
 
 impl Metrics {
@@ -37,7 +43,10 @@ impl Metrics {
         );
 
         registry.register_collector(Box::new(kernel));
-        Self { registry }
+        Self {
+            registry,
+            last_length: AtomicUsize::new(0),
+        }
     }
 
     /// For the other concerns to register their metrics before serving starts.
@@ -47,8 +56,10 @@ impl Metrics {
 
     /// Every metric in `format`.
     pub fn encode(&self, format: Format) -> Result<String, std::fmt::Error> {
-        let mut body = String::new();
+        let expected = self.last_length.load(Ordering::Relaxed);
+        let mut body = String::with_capacity(expected + expected / 16);
         encode(&mut body, &self.registry)?;
+        self.last_length.store(body.len(), Ordering::Relaxed);
         Ok(match format {
             Format::OpenMetrics => body,
             Format::PrometheusText => openmetrics_to_prometheus_text(&body),

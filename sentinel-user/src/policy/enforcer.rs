@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     Mode, Policy, ServicePolicy,
-    drift::{Changed, DriftWatch},
+    drift::{Changed, DriftWatch, Sweep},
     metrics::{Action, PolicyMetrics},
 };
 use crate::{
@@ -49,8 +49,6 @@ const ORIGINALS_FILE: &str = "cgroup-originals.json";
 /// How often the cgroups written since the last tick are checked for drift, and memory guards
 /// are evaluated.
 const TICK: Duration = Duration::from_millis(500);
-/// How often every policed cgroup's limits are read, notices or not: a safety net.
-const FULL_CHECK: Duration = Duration::from_secs(30);
 /// How long systemd gets to write a unit's cgroup after accepting its properties (it writes
 /// them from its event loop, just after answering).
 const SYSTEMD_APPLY_WAIT: Duration = Duration::from_secs(5);
@@ -58,6 +56,8 @@ const SYSTEMD_APPLY_POLL: Duration = Duration::from_millis(20);
 /// How often cgroups whose limits systemd did not take, and units systemd did not give their
 /// previous limits back, are tried again.
 const SYSTEMD_RETRY: Duration = Duration::from_secs(10);
+/// Cgroups a pass writes between two reads of the kernel's notices.
+const OWN_NOTICES_BATCH: usize = 64;
 
 pub enum Input {
     /// A cgroup was created (path relative to the cgroup2 root).
@@ -192,8 +192,10 @@ struct Pass {
     /// How many cgroups each policy's limits were written to, logged once per policy when the
     /// pass ends rather than once per cgroup.
     by_policy: BTreeMap<String, usize>,
-    /// The cgroups it wrote: the kernel's notices of these writes are Sentinel's own.
-    written: BTreeSet<String>,
+    /// The cgroups it wrote since the kernel's notices were last read: notices of these are
+    /// taken for Sentinel's own writes. Read every [`OWN_NOTICES_BATCH`] cgroups, so that a
+    /// write by someone else to a cgroup written earlier in the pass is seen as drift.
+    unread: BTreeSet<String>,
 }
 
 /// Who writes a cgroup's interface files.
@@ -219,7 +221,10 @@ pub struct Enforcer {
     drift: DriftWatch,
     /// Applied cgroups found drifted and not yet put back (a fix failing, or waiting).
     drifting: BTreeSet<String>,
-    next_full_check: Instant,
+    /// The safety net: every applied cgroup read once a round, notices or not.
+    sweep: Sweep,
+    /// Notices were lost during a pass: every applied cgroup is read at the next tick.
+    check_everything: bool,
     /// Cgroups whose limits systemd did not take (unreachable or refusing), tried again at
     /// `next_retry`, every [`SYSTEMD_RETRY`].
     retry: BTreeSet<String>,
@@ -268,7 +273,8 @@ impl Enforcer {
             applied: HashMap::new(),
             drift: DriftWatch::new(),
             drifting: BTreeSet::new(),
-            next_full_check: Instant::now() + FULL_CHECK,
+            sweep: Sweep::new(Instant::now()),
+            check_everything: false,
             retry: BTreeSet::new(),
             next_retry: Instant::now(),
             saved: saved.unwrap_or_default(),
@@ -411,22 +417,29 @@ impl Enforcer {
         );
     }
 
-    /// Ends a pass: the kernel's notices of its own writes are dropped (checking them would
-    /// read back every cgroup it just wrote; a write by someone else to one of those during the
-    /// pass is found by the full check), and one line per policy says how many cgroups got its
-    /// limits.
+    /// Reads the kernel's notices during a pass. Those of the cgroups the pass wrote since the
+    /// last read are its own writes and dropped (checking them would read back every cgroup it
+    /// just wrote); any other is drift, checked at the next tick.
+    fn read_notices(&mut self) {
+        let Some(pass) = self.pass.as_mut() else {
+            return;
+        };
+        let own = std::mem::take(&mut pass.unread);
+        match self.drift.changed() {
+            Changed::Cgroups(noticed) => self
+                .drifting
+                .extend(noticed.into_iter().filter(|path| !own.contains(path))),
+            Changed::Everything => self.check_everything = true,
+        }
+    }
+
+    /// Ends a pass: what is left of the kernel's notices is read (see [`Self::read_notices`]),
+    /// and one line per policy says how many cgroups got its limits.
     fn end_pass(&mut self) {
+        self.read_notices();
         let Some(pass) = self.pass.take() else {
             return;
         };
-        match self.drift.changed() {
-            Changed::Cgroups(noticed) => self.drifting.extend(
-                noticed
-                    .into_iter()
-                    .filter(|path| !pass.written.contains(path)),
-            ),
-            Changed::Everything => self.next_full_check = Instant::now(),
-        }
         for (name, cgroups) in pass.by_policy {
             let limits = self
                 .policy
@@ -569,7 +582,10 @@ impl Enforcer {
                     Some(pass) => {
                         debug!(service, policy = policy.name, limits = ?desired, "limits applied");
                         *pass.by_policy.entry(policy.name.clone()).or_default() += 1;
-                        pass.written.insert(path.to_owned());
+                        pass.unread.insert(path.to_owned());
+                        if pass.unread.len() >= OWN_NOTICES_BATCH {
+                            self.read_notices();
+                        }
                     }
                     None => {
                         info!(service, policy = policy.name, limits = ?desired, "limits applied")
@@ -911,18 +927,19 @@ impl Enforcer {
             }
             self.publish();
         }
-        // The cgroups written or removed since the last tick, those still drifted, and every
-        // one at each full check.
-        let full = now >= self.next_full_check;
+        // The cgroups written or removed since the last tick, those still drifted, and this
+        // tick's share of the sweep; every one when notices were lost.
         self.metrics.drift_polled.set(self.drift.polled() as i64);
         let candidates: Vec<String> = match self.drift.changed() {
-            Changed::Cgroups(_) | Changed::Everything if full => {
-                self.next_full_check = now + FULL_CHECK;
+            Changed::Everything => self.applied.keys().cloned().collect(),
+            _ if std::mem::take(&mut self.check_everything) => {
                 self.applied.keys().cloned().collect()
             }
-            Changed::Everything => self.applied.keys().cloned().collect(),
             Changed::Cgroups(mut changed) => {
                 changed.extend(self.drifting.iter().cloned());
+                changed.extend(self.sweep.next(now, TICK, || {
+                    self.applied.keys().cloned().collect::<Vec<_>>()
+                }));
                 changed
                     .into_iter()
                     .filter(|path| self.applied.contains_key(path))
@@ -1363,16 +1380,23 @@ mod tests {
         assert!(fix.is_retry());
     }
 
-    #[test]
-    fn a_pass_does_not_take_its_own_writes_for_drift_but_sees_the_next_one() {
-        let dir = StateDir::new("own-writes");
+    /// A cgroup tree in `dir`: the root and `cgroups`, each with the memory controller and
+    /// an unlimited `memory.max`. Returns the root.
+    fn memory_cgroups(dir: &StateDir, cgroups: &[&str]) -> std::path::PathBuf {
         let root = dir.0.join("cgroup");
-        for cgroup in ["", "a", "b"] {
+        for cgroup in std::iter::once(&"").chain(cgroups) {
             std::fs::create_dir_all(root.join(cgroup)).unwrap();
             std::fs::write(root.join(cgroup).join("cgroup.controllers"), "memory").unwrap();
             std::fs::write(root.join(cgroup).join("cgroup.subtree_control"), "").unwrap();
             std::fs::write(root.join(cgroup).join("memory.max"), "max").unwrap();
         }
+        root
+    }
+
+    #[test]
+    fn a_pass_does_not_take_its_own_writes_for_drift_but_sees_the_next_one() {
+        let dir = StateDir::new("own-writes");
+        let root = memory_cgroups(&dir, &["a", "b"]);
         let policy = |memory: &str| {
             format!("policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: {memory}\n")
         };
@@ -1387,6 +1411,32 @@ mod tests {
             enforcer.drift.changed(),
             Changed::Cgroups(BTreeSet::from(["/b".to_owned()]))
         );
+    }
+
+    #[test]
+    fn a_write_by_someone_else_during_a_pass_is_drift_once_the_own_notices_are_read() {
+        let dir = StateDir::new("foreign-in-pass");
+        let root = memory_cgroups(&dir, &["a", "b"]);
+        let policy = "policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: 64M\n";
+        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), policy);
+        // A pass as `apply_all` makes it, with the notices read after `/a` as every
+        // `OWN_NOTICES_BATCH` cgroups.
+        enforcer.pass = Some(Pass::default());
+        enforcer.reconcile("/a");
+        enforcer.read_notices();
+        std::fs::write(root.join("a/memory.max"), "max").unwrap();
+        enforcer.reconcile("/b");
+        enforcer.end_pass();
+        assert_eq!(enforcer.drifting, BTreeSet::from(["/a".to_owned()]));
+
+        enforcer.tick();
+        assert_eq!(
+            std::fs::read_to_string(root.join("a/memory.max")).unwrap(),
+            "67108864"
+        );
+        // The next tick reads the restored value back and finds it in place.
+        enforcer.tick();
+        assert!(enforcer.drifting.is_empty(), "{:?}", enforcer.drifting);
     }
 
     #[test]

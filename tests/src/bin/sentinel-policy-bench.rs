@@ -80,6 +80,7 @@ fn main() -> Result<()> {
     let apply_observed = wait_for_memory_max(&cgroups, MEMORY_MAX_AT_START, started)?;
     let applied = log_record(&daemon, "policies applied")?;
 
+    let threads_before_reload = thread_cpu(daemon.pid())?;
     let reload_started = Instant::now();
     fs::write(
         daemon.config_path(),
@@ -89,6 +90,7 @@ fn main() -> Result<()> {
     daemon.signal(libc::SIGHUP);
     let reload_observed = wait_for_memory_max(&cgroups, MEMORY_MAX_AFTER_RELOAD, reload_started)?;
     let reloaded = log_record(&daemon, "policy reloaded")?;
+    let threads_after_reload = thread_cpu(daemon.pid())?;
 
     ensure!(
         eventually(PATIENCE, || http_get(daemon.addr, "/metrics", None).is_ok()),
@@ -154,7 +156,15 @@ fn main() -> Result<()> {
         ),
         (
             "idle_cpu_by_thread",
-            idle_by_thread(&threads_before, &threads_after),
+            by_thread(&threads_before, &threads_after, |seconds| {
+                seconds / IDLE_WINDOW.as_secs_f64() * 100.0
+            }),
+        ),
+        (
+            "reload_cpu_ms_by_thread",
+            by_thread(&threads_before_reload, &threads_after_reload, |seconds| {
+                seconds * 1000.0
+            }),
         ),
         (
             "cpu_ms_per_scrape",
@@ -270,21 +280,25 @@ fn read_stats_files(cgroups: &[TestCgroup]) -> Result<()> {
     Ok(())
 }
 
-/// Each thread's share of the idle CPU, busiest first, as `name:percent` pairs: where the idle
-/// time goes.
-fn idle_by_thread(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> String {
+/// Each thread's CPU between two readings, busiest first, as `name:figure` pairs (`figure`
+/// scales the seconds): where the time goes.
+fn by_thread(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    figure: impl Fn(f64) -> f64,
+) -> String {
     let mut shares: Vec<(&str, f64)> = after
         .iter()
         .map(|(name, seconds)| {
             let used = seconds - before.get(name).copied().unwrap_or(0.0);
-            (name.as_str(), used / IDLE_WINDOW.as_secs_f64() * 100.0)
+            (name.as_str(), figure(used))
         })
-        .filter(|(_, percent)| *percent > 0.0)
+        .filter(|(_, figure)| *figure > 0.0)
         .collect();
     shares.sort_by(|a, b| b.1.total_cmp(&a.1));
     shares
         .iter()
-        .map(|(name, percent)| format!("{name}:{percent:.2}"))
+        .map(|(name, figure)| format!("{name}:{figure:.2}"))
         .collect::<Vec<_>>()
         .join(",")
 }
