@@ -56,6 +56,9 @@ const SYSTEMD_APPLY_POLL: Duration = Duration::from_millis(20);
 /// How often cgroups whose limits systemd did not take, and units systemd did not give their
 /// previous limits back, are tried again.
 const SYSTEMD_RETRY: Duration = Duration::from_secs(10);
+/// Services of one policy a pass names one by one in the recent events; past this, the policy
+/// is named once with their count.
+const PASS_EVENTS_PER_POLICY: usize = 8;
 /// Cgroups a pass writes between two reads of the kernel's notices.
 const OWN_NOTICES_BATCH: usize = 64;
 
@@ -191,7 +194,9 @@ impl FixRetry {
 struct Pass {
     /// How many cgroups each policy's limits were written to, logged once per policy when the
     /// pass ends rather than once per cgroup.
-    by_policy: BTreeMap<String, usize>,
+    /// The services whose cgroups each policy's limits were written to: logged and put in the
+    /// recent events once per policy when the pass ends, rather than once per cgroup.
+    by_policy: BTreeMap<String, Vec<String>>,
     /// The cgroups it wrote since the kernel's notices were last read: notices of these are
     /// taken for Sentinel's own writes. Read every [`OWN_NOTICES_BATCH`] cgroups, so that a
     /// write by someone else to a cgroup written earlier in the pass is seen as drift.
@@ -434,20 +439,35 @@ impl Enforcer {
     }
 
     /// Ends a pass: what is left of the kernel's notices is read (see [`Self::read_notices`]),
-    /// and one line per policy says how many cgroups got its limits.
+    /// and one line per policy says how many cgroups got its limits. The recent events name
+    /// each service when a policy got a few, and the policy with a count otherwise, so that a
+    /// reload over thousands of services does not push every other event out.
     fn end_pass(&mut self) {
         self.read_notices();
         let Some(pass) = self.pass.take() else {
             return;
         };
-        for (name, cgroups) in pass.by_policy {
+        for (name, mut services) in pass.by_policy {
             let limits = self
                 .policy
                 .services
                 .iter()
                 .find(|service| service.name == name)
                 .map(|service| service.limits.to_cgroup_files());
+            let cgroups = services.len();
             info!(policy = name, cgroups, limits = ?limits.unwrap_or_default(), "limits applied");
+            let kind = Action::SetLimits.label();
+            if cgroups <= PASS_EVENTS_PER_POLICY {
+                services.sort_unstable();
+                for service in &services {
+                    self.metrics.recent.record(kind, service, "");
+                }
+            } else {
+                let detail = format!("{cgroups} services");
+                self.metrics
+                    .recent
+                    .record(kind, &format!("policy {name}"), detail);
+            }
         }
     }
 
@@ -581,17 +601,23 @@ impl Enforcer {
                 match self.pass.as_mut() {
                     Some(pass) => {
                         debug!(service, policy = policy.name, limits = ?desired, "limits applied");
-                        *pass.by_policy.entry(policy.name.clone()).or_default() += 1;
+                        pass.by_policy
+                            .entry(policy.name.clone())
+                            .or_default()
+                            .push(service.clone());
                         pass.unread.insert(path.to_owned());
                         if pass.unread.len() >= OWN_NOTICES_BATCH {
                             self.read_notices();
                         }
                     }
                     None => {
-                        info!(service, policy = policy.name, limits = ?desired, "limits applied")
+                        info!(service, policy = policy.name, limits = ?desired, "limits applied");
+                        self.metrics
+                            .recent
+                            .record(Action::SetLimits.label(), &service, "");
                     }
                 }
-                self.metrics.action(&service, Action::SetLimits);
+                self.metrics.count(&service, Action::SetLimits);
                 let writer = Writer::Cgroupfs { originals };
                 let tracked = self.tracked(policy, writer, expected);
                 self.keep(path, tracked);
@@ -1332,6 +1358,16 @@ mod tests {
 
     /// An enforcer that finds `saved` in its state directory, with the policies of `file`.
     fn enforcer(dir: &StateDir, saved: &SavedOriginals, file: &str) -> Enforcer {
+        // Nothing keeps the recent events here: the recorder finds its queue closed.
+        enforcer_with_events(dir, saved, file).0
+    }
+
+    /// [`enforcer`], with what receives its recent events.
+    fn enforcer_with_events(
+        dir: &StateDir,
+        saved: &SavedOriginals,
+        file: &str,
+    ) -> (Enforcer, crate::recent::Keeper) {
         let mut state = StateFile::new(dir.0.join("cgroup-originals.json"));
         state.mark_changed();
         state.write(saved, Instant::now()).unwrap();
@@ -1343,14 +1379,13 @@ mod tests {
             Duration::from_secs(600),
         )));
         let mut registry = Registry::default();
-        // Nothing keeps the recent events here: the recorder finds its queue closed.
-        let (recent, _, _) = crate::recent::channel(&QueueDrops::new(&mut registry));
+        let (recent, events, _) = crate::recent::channel(&QueueDrops::new(&mut registry));
         let metrics = PolicyMetrics::new(&mut registry, labels, recent);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let policy = Config::parse("c.yaml", file).unwrap().policies;
-        Enforcer::new(
+        let enforcer = Enforcer::new(
             fs,
             policy,
             CgroupBackend::Cgroupfs,
@@ -1359,7 +1394,8 @@ mod tests {
             &dir.0,
             runtime.handle().clone(),
         )
-        .unwrap()
+        .unwrap();
+        (enforcer, events)
     }
 
     #[test]
@@ -1411,6 +1447,46 @@ mod tests {
             enforcer.drift.changed(),
             Changed::Cgroups(BTreeSet::from(["/b".to_owned()]))
         );
+    }
+
+    #[test]
+    fn a_pass_names_a_few_services_in_the_recent_events_and_counts_many() {
+        let dir = StateDir::new("pass-events");
+        let many: Vec<String> = (0..=PASS_EVENTS_PER_POLICY)
+            .map(|index| format!("b-{index}"))
+            .collect();
+        let names: Vec<&str> = ["a-1", "a-2"]
+            .into_iter()
+            .chain(many.iter().map(String::as_str))
+            .collect();
+        memory_cgroups(&dir, &names);
+        let policy = "policies:\n  - name: few\n    cgroup: a-*\n    memory.max: 64M\n  \
+                      - name: many\n    cgroup: b-*\n    memory.max: 64M\n";
+        let (mut enforcer, mut events) =
+            enforcer_with_events(&dir, &SavedOriginals::default(), policy);
+        enforcer.apply_all();
+        let recorded: Vec<(String, String, String)> = events
+            .take_queued()
+            .into_iter()
+            .map(|event| (event.kind, event.subject, event.detail))
+            .collect();
+        let event = |subject: &str, detail: &str| {
+            (
+                "set_limits".to_owned(),
+                subject.to_owned(),
+                detail.to_owned(),
+            )
+        };
+        assert_eq!(
+            recorded,
+            [
+                event("a-1", ""),
+                event("a-2", ""),
+                event("policy many", &format!("{} services", many.len())),
+            ]
+        );
+        // Each service is still counted.
+        assert_eq!(enforcer.applied.len(), names.len());
     }
 
     #[test]
