@@ -327,7 +327,13 @@ impl Enforcer {
         let mut next_tick = Instant::now() + TICK;
         loop {
             self.save_originals();
-            match inputs.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            // With nothing to keep, no timer wakes the thread.
+            let wait = if self.needs_ticks() {
+                next_tick.saturating_duration_since(Instant::now())
+            } else {
+                Duration::MAX
+            };
+            match inputs.recv_timeout(wait) {
                 Ok(Input::CgroupCreated(path)) => {
                     self.subtree_controls = SubtreeControls::default();
                     self.reconcile(&path);
@@ -341,6 +347,15 @@ impl Enforcer {
                 }
             }
         }
+    }
+
+    /// Whether anything waits for a tick: limits to keep (drift, memory guards), cgroups or
+    /// units to try again, cgroups not applied that may go away, units to give back.
+    fn needs_ticks(&self) -> bool {
+        !(self.applied.is_empty()
+            && self.retry.is_empty()
+            && self.unapplied.is_empty()
+            && self.saved.units.is_empty())
     }
 
     /// Cgroups and units changed before a restart that no policy wants any more (the policy was
@@ -1487,6 +1502,19 @@ mod tests {
         );
         // Each service is still counted.
         assert_eq!(enforcer.applied.len(), names.len());
+    }
+
+    #[test]
+    fn an_enforcer_with_nothing_to_keep_has_no_timer() {
+        let dir = StateDir::new("no-timer");
+        memory_cgroups(&dir, &["a"]);
+        let mut idle = enforcer(&dir, &SavedOriginals::default(), "");
+        idle.apply_all();
+        assert!(!idle.needs_ticks());
+        let policy = "policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: 64M\n";
+        let mut keeping = enforcer(&dir, &SavedOriginals::default(), policy);
+        keeping.apply_all();
+        assert!(keeping.needs_ticks());
     }
 
     #[test]
