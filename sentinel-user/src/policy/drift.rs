@@ -117,8 +117,19 @@ impl DriftWatch {
                             if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                                 self.overflowed = true;
                             }
-                            if let Some(path) = self.paths.get(&event.wd) {
-                                changed.insert(path.clone());
+                            let gone = event.mask.contains(AddWatchFlags::IN_IGNORED);
+                            let path = if gone {
+                                // The kernel dropped the watch with its directory: a cgroup
+                                // made again at the same path (a restarted service) is
+                                // watched again when the enforcer checks it.
+                                self.paths.remove(&event.wd).inspect(|path| {
+                                    self.watches.remove(path);
+                                })
+                            } else {
+                                self.paths.get(&event.wd).cloned()
+                            };
+                            if let Some(path) = path {
+                                changed.insert(path);
                             }
                         }
                     }
@@ -219,6 +230,26 @@ mod tests {
         watch.forget("/a");
         // Notices of a forgotten cgroup are dropped.
         assert_eq!(watch.changed(), only(&[]));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_cgroup_made_again_at_its_path_is_watched_again() {
+        let root = std::env::temp_dir().join(format!("sentinel-rewatch-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("a")).unwrap();
+        let cgroupfs = CgroupFs::new(root.clone());
+        let mut watch = DriftWatch::new();
+        watch.watch(&cgroupfs, "/a");
+        // A restarted service: its cgroup goes and comes back under the same path.
+        fs::remove_dir(root.join("a")).unwrap();
+        fs::create_dir(root.join("a")).unwrap();
+        let only = |path: &str| Changed::Cgroups(BTreeSet::from([path.to_owned()]));
+        assert_eq!(watch.changed(), only("/a"));
+        // The enforcer watches each cgroup it checks; a write to the new directory is seen.
+        watch.watch(&cgroupfs, "/a");
+        fs::write(root.join("a/memory.max"), "max").unwrap();
+        assert_eq!(watch.changed(), only("/a"));
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -1006,6 +1006,11 @@ impl Enforcer {
         self.unapplied.retain(|path, _| self.fs.exists(path));
         let now = Instant::now();
         for path in &candidates {
+            // Watched before it is read: a cgroup made again (a restarted service) lost its
+            // watch with its old directory.
+            if self.applied.contains_key(path) {
+                self.drift.watch(&self.fs, path);
+            }
             self.restore_drift(path, now);
         }
         let guarded: Vec<String> = self
