@@ -245,11 +245,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("daemon.log")
+        fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
     /// The log records of refused reloads (`configuration rejected ...`), oldest first.
