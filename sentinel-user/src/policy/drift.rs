@@ -120,8 +120,8 @@ impl DriftWatch {
                             let gone = event.mask.contains(AddWatchFlags::IN_IGNORED);
                             let path = if gone {
                                 // The kernel dropped the watch with its directory: a cgroup
-                                // made again at the same path (a restarted service) is
-                                // watched again when the enforcer checks it.
+                                // made again at the same path (a restarted service) is a new
+                                // one, watched when the enforcer applies its policy again.
                                 self.paths.remove(&event.wd).inspect(|path| {
                                     self.watches.remove(path);
                                 })
@@ -246,7 +246,7 @@ mod tests {
         fs::create_dir(root.join("a")).unwrap();
         let only = |path: &str| Changed::Cgroups(BTreeSet::from([path.to_owned()]));
         assert_eq!(watch.changed(), only("/a"));
-        // The enforcer watches each cgroup it checks; a write to the new directory is seen.
+        // The enforcer watches the new cgroup when it applies its policy; its writes are seen.
         watch.watch(&cgroupfs, "/a");
         fs::write(root.join("a/memory.max"), "max").unwrap();
         assert_eq!(watch.changed(), only("/a"));

@@ -156,6 +156,9 @@ impl SavedOriginals {
 }
 
 struct Applied {
+    /// The cgroup's id (its directory's inode number) when the policy was applied: a cgroup
+    /// made again at the same path (a restarted service) has a new one.
+    id: u64,
     policy: ServicePolicy,
     writer: Writer,
     /// The values Sentinel keeps in place, as the kernel reads them back.
@@ -306,8 +309,8 @@ impl Enforcer {
         }
         self.unapplied.clear();
         self.subtree_controls = SubtreeControls::default();
-        for (_, path) in walk_hierarchy(self.fs.root()) {
-            self.reconcile_listed(&path);
+        for (id, path) in walk_hierarchy(self.fs.root()) {
+            self.reconcile_listed(&path, id);
         }
         self.publish();
         if own_pass {
@@ -496,22 +499,28 @@ impl Enforcer {
 
     /// Brings one cgroup in line with the policy.
     fn reconcile(&mut self, path: &str) {
-        if self.fs.exists(path) {
-            self.reconcile_listed(path);
+        if let Some(id) = self.fs.id(path) {
+            self.reconcile_listed(path, id);
         }
     }
 
-    /// Brings one cgroup that the hierarchy's walk just listed in line with the policy.
-    fn reconcile_listed(&mut self, path: &str) {
-        if self.applied.contains_key(path) {
-            return;
+    /// Brings one cgroup that the hierarchy's walk just listed (its id `id`) in line with the
+    /// policy.
+    fn reconcile_listed(&mut self, path: &str, id: u64) {
+        match self.applied.get(path) {
+            Some(applied) if applied.id == id => return,
+            // Made again at the same path (a restarted service): a new cgroup, which gets its
+            // policy as any new one does. Its default limits, which its maker may not have
+            // replaced yet, are not drift.
+            Some(_) => self.forget_cgroup(path),
+            None => {}
         }
         let Some(policy) = self.policy_for(path).cloned() else {
             return;
         };
         match self.unit_of(path) {
-            Ok(Some(unit)) => self.apply_through_systemd(path, unit, policy),
-            Ok(None) => self.apply_to_cgroupfs(path, policy, &Vec::new()),
+            Ok(Some(unit)) => self.apply_through_systemd(path, id, unit, policy),
+            Ok(None) => self.apply_to_cgroupfs(path, id, policy, &Vec::new()),
             Err(error) => {
                 let service = service_name(path);
                 error!(
@@ -562,6 +571,7 @@ impl Enforcer {
         // The drift watch stays: the cgroup is still Sentinel's to keep.
         self.drifting.remove(path);
         let Some(Applied {
+            id,
             writer: Writer::Cgroupfs { originals },
             expected,
             ..
@@ -575,12 +585,12 @@ impl Enforcer {
             .filter(|(file, _)| !desired.iter().any(|(wanted, _)| wanted == file))
             .collect();
         self.restore(path, &dropped);
-        self.apply_to_cgroupfs(path, policy, &expected);
+        self.apply_to_cgroupfs(path, id, policy, &expected);
     }
 
     /// Applies `policy` to `path`, written directly; `in_place` are the values Sentinel keeps
     /// there already (none for a cgroup it did not police), which are not written again.
-    fn apply_to_cgroupfs(&mut self, path: &str, policy: ServicePolicy, in_place: &Files) {
+    fn apply_to_cgroupfs(&mut self, path: &str, id: u64, policy: ServicePolicy, in_place: &Files) {
         let service = service_name(path).to_string();
         let desired = policy.limits.to_cgroup_files();
         if policy.mode == Mode::Observe {
@@ -601,7 +611,7 @@ impl Enforcer {
             let writer = Writer::Cgroupfs {
                 originals: Vec::new(),
             };
-            let tracked = self.tracked(policy, writer, Vec::new());
+            let tracked = self.tracked(id, policy, writer, Vec::new());
             self.keep(path, tracked);
             return;
         }
@@ -634,7 +644,7 @@ impl Enforcer {
                 }
                 self.metrics.count(&service, Action::SetLimits);
                 let writer = Writer::Cgroupfs { originals };
-                let tracked = self.tracked(policy, writer, expected);
+                let tracked = self.tracked(id, policy, writer, expected);
                 self.keep(path, tracked);
             }
             Err(reason) => {
@@ -659,7 +669,7 @@ impl Enforcer {
         }
     }
 
-    fn apply_through_systemd(&mut self, path: &str, unit: String, policy: ServicePolicy) {
+    fn apply_through_systemd(&mut self, path: &str, id: u64, unit: String, policy: ServicePolicy) {
         let service = service_name(path).to_string();
         let properties = unit_properties(&policy.limits);
         let expected = cgroup_files(&properties, self.page_size);
@@ -681,7 +691,7 @@ impl Enforcer {
                 }
             }
             self.metrics.action(&service, Action::WouldSetLimits);
-            let tracked = self.tracked(policy, Writer::Systemd { unit }, Vec::new());
+            let tracked = self.tracked(id, policy, Writer::Systemd { unit }, Vec::new());
             self.keep(path, tracked);
             return;
         }
@@ -699,7 +709,7 @@ impl Enforcer {
                     "limits applied through systemd"
                 );
                 self.metrics.action(&service, Action::SetLimits);
-                let tracked = self.tracked(policy, Writer::Systemd { unit }, expected);
+                let tracked = self.tracked(id, policy, Writer::Systemd { unit }, expected);
                 self.keep(path, tracked);
             }
             Err(reason) => {
@@ -855,7 +865,7 @@ impl Enforcer {
         }
     }
 
-    fn tracked(&self, policy: ServicePolicy, writer: Writer, expected: Files) -> Applied {
+    fn tracked(&self, id: u64, policy: ServicePolicy, writer: Writer, expected: Files) -> Applied {
         let guard = policy.graceful_stop.map(|stop| {
             MemoryGuard::new(GuardLimits {
                 threshold_bytes: stop.terminate_above,
@@ -864,6 +874,7 @@ impl Enforcer {
             })
         });
         Applied {
+            id,
             policy,
             writer,
             expected,
@@ -877,6 +888,18 @@ impl Enforcer {
     fn keep(&mut self, path: &str, applied: Applied) {
         self.drift.watch(&self.fs, path);
         self.applied.insert(path.to_string(), applied);
+    }
+
+    /// Forgets a cgroup that is gone or made again. A unit's drop-ins stay with the unit:
+    /// systemd applies them when it starts again.
+    fn forget_cgroup(&mut self, path: &str) {
+        if let Some(Applied {
+            writer: Writer::Cgroupfs { .. },
+            ..
+        }) = self.let_go(path)
+        {
+            self.forget_originals(path);
+        }
     }
 
     /// Forgets what is kept on `path`.
@@ -987,32 +1010,28 @@ impl Enforcer {
                     .collect()
             }
         };
-        let gone: Vec<String> = candidates
-            .iter()
-            .filter(|path| !self.fs.exists(path))
-            .cloned()
-            .collect();
-        for path in &gone {
-            // A unit's drop-ins stay with the unit: systemd applies them when it starts again.
-            if let Some(Applied {
-                writer: Writer::Cgroupfs { .. },
-                ..
-            }) = self.let_go(path)
-            {
-                self.forget_originals(path);
+        let mut forgotten = false;
+        for path in &candidates {
+            match self.fs.id(path) {
+                None => {
+                    self.forget_cgroup(path);
+                    forgotten = true;
+                }
+                Some(id)
+                    if self
+                        .applied
+                        .get(path)
+                        .is_some_and(|applied| applied.id != id) =>
+                {
+                    self.subtree_controls = SubtreeControls::default();
+                    self.reconcile_listed(path, id);
+                    forgotten = true;
+                }
+                Some(_) => self.restore_drift(path, now),
             }
         }
         let unapplied_before = self.unapplied.len();
         self.unapplied.retain(|path, _| self.fs.exists(path));
-        let now = Instant::now();
-        for path in &candidates {
-            // Watched before it is read: a cgroup made again (a restarted service) lost its
-            // watch with its old directory.
-            if self.applied.contains_key(path) {
-                self.drift.watch(&self.fs, path);
-            }
-            self.restore_drift(path, now);
-        }
         let guarded: Vec<String> = self
             .applied
             .iter()
@@ -1022,7 +1041,7 @@ impl Enforcer {
         for path in guarded {
             self.guard_memory(&path, now);
         }
-        if !gone.is_empty() || self.unapplied.len() != unapplied_before {
+        if forgotten || self.unapplied.len() != unapplied_before {
             self.publish();
         }
     }
@@ -1546,6 +1565,43 @@ mod tests {
         // The next tick reads the restored value back and finds it in place.
         enforcer.tick();
         assert!(enforcer.drifting.is_empty(), "{:?}", enforcer.drifting);
+    }
+
+    #[test]
+    fn a_cgroup_made_again_at_its_path_gets_its_policy_as_a_new_one_and_no_drift() {
+        let dir = StateDir::new("made-again");
+        let root = memory_cgroups(&dir, &["a"]);
+        let policy = "policies:\n  - name: all\n    cgroup: \"a\"\n    memory.max: 64M\n";
+        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), policy);
+        enforcer.apply_all();
+        let first_id = enforcer.applied["/a"].id;
+        // A restarted service: a new cgroup with other defaults comes at the same path, and the
+        // old one goes, before the enforcer looks. (Moved away first so that the test's
+        // filesystem cannot give the new directory the old inode number, which cgroupfs never
+        // does.)
+        std::fs::rename(root.join("a"), root.join("a.old")).unwrap();
+        memory_cgroups(&dir, &["a"]);
+        std::fs::write(root.join("a/memory.max"), "33554432").unwrap();
+        std::fs::remove_dir_all(root.join("a.old")).unwrap();
+
+        enforcer.tick();
+        let applied = &enforcer.applied["/a"];
+        assert_ne!(applied.id, first_id);
+        assert_eq!(applied.fix.retry_at, None);
+        assert!(enforcer.drifting.is_empty(), "{:?}", enforcer.drifting);
+        assert_eq!(
+            std::fs::read_to_string(root.join("a/memory.max")).unwrap(),
+            "67108864"
+        );
+        // Its originals are the new cgroup's, given back when the policy lets go.
+        assert_eq!(
+            enforcer.saved.files("/a"),
+            [("memory.max", "33554432".to_owned())]
+        );
+        // Its writes are watched.
+        std::fs::write(root.join("a/memory.max"), "max").unwrap();
+        enforcer.tick();
+        assert_eq!(enforcer.drifting, BTreeSet::from(["/a".to_owned()]));
     }
 
     #[test]
