@@ -57,6 +57,9 @@ struct PolicyResults {
     idle_cpu_percent: f64,
     /// `name:percent` pairs, busiest thread first.
     idle_cpu_by_thread: String,
+    /// `name:milliseconds` pairs: the daemon's CPU from the reload's SIGHUP until its limits
+    /// were seen.
+    reload_cpu_ms_by_thread: String,
     cpu_ms_per_scrape: f64,
     floor_apply: f64,
     /// The writes plus what giving back and watching need: each original read through the
@@ -64,6 +67,8 @@ struct PolicyResults {
     floor_apply_job: f64,
     floor_reload: f64,
     floor_stats_pass: f64,
+    /// `metrics.resource_refresh` in the daemon's configuration, seconds.
+    resource_refresh: f64,
     floor_encode_median: f64,
     floor_encode_p99: f64,
 }
@@ -109,14 +114,22 @@ impl PolicyResults {
             peak_rss_kib: kib("peak_rss_kib")?,
             idle_cpu_percent: value("idle_cpu_percent")?,
             idle_cpu_by_thread: text("idle_cpu_by_thread")?.to_owned(),
+            reload_cpu_ms_by_thread: text("reload_cpu_ms_by_thread")?.to_owned(),
             cpu_ms_per_scrape: value("cpu_ms_per_scrape")?,
             floor_apply: value("floor_apply_ms")?,
             floor_apply_job: value("floor_apply_job_ms")?,
             floor_reload: value("floor_reload_ms")?,
             floor_stats_pass: value("floor_stats_pass_ms")?,
+            resource_refresh: value("resource_refresh_s")?,
             floor_encode_median: value("floor_encode_median_ms")?,
             floor_encode_p99: value("floor_encode_p99_ms")?,
         })
+    }
+
+    /// The least an idle daemon that exports these services' figures can use: one stats pass
+    /// every `resource_refresh`, % of a core.
+    fn idle_floor(&self) -> f64 {
+        self.floor_stats_pass / (self.resource_refresh * 1000.0) * 100.0
     }
 
     fn summarize(&self, summary: &mut Summary) {
@@ -145,6 +158,14 @@ impl PolicyResults {
             self.reload_log,
             floor,
             self.floor_reload,
+        );
+        summary.compare(
+            &section,
+            "idle CPU",
+            "% of a core",
+            self.idle_cpu_percent,
+            "a stats pass every resource_refresh",
+            self.idle_floor(),
         );
         let encode = "same body from memory";
         summary.compare(
@@ -183,11 +204,14 @@ impl PolicyResults {
             "peak_rss_kib": self.peak_rss_kib,
             "idle_cpu_percent_of_a_core": self.idle_cpu_percent,
             "idle_cpu_by_thread": self.idle_cpu_by_thread,
+            "reload_cpu_ms_by_thread": self.reload_cpu_ms_by_thread,
             "cpu_ms_per_scrape": self.cpu_ms_per_scrape,
             "floor_apply_ms": self.floor_apply,
             "floor_apply_with_originals_and_watches_ms": self.floor_apply_job,
             "floor_reload_ms": self.floor_reload,
             "floor_stats_pass_ms": self.floor_stats_pass,
+            "resource_refresh_s": self.resource_refresh,
+            "floor_idle_cpu_percent_of_a_core": self.idle_floor(),
             "floor_encode_p50_ms": self.floor_encode_median,
             "floor_encode_p99_ms": self.floor_encode_p99,
         })
@@ -280,8 +304,25 @@ impl fmt::Display for PolicyResults {
                 String::new(),
             ),
             (
+                format!(
+                    "Idle CPU against a stats pass every `resource_refresh` ({} s)",
+                    self.resource_refresh
+                ),
+                format!("{:.2} % of a core", self.idle_cpu_percent),
+                format!(
+                    "floor {:.2} %: {:.2}x",
+                    self.idle_floor(),
+                    self.idle_cpu_percent / self.idle_floor()
+                ),
+            ),
+            (
                 "Idle CPU by thread, % of a core".to_owned(),
                 self.idle_cpu_by_thread.replace(',', ", "),
+                String::new(),
+            ),
+            (
+                "Reload CPU by thread, ms".to_owned(),
+                self.reload_cpu_ms_by_thread.replace(',', ", "),
                 String::new(),
             ),
             (

@@ -277,6 +277,7 @@ fn exit_status(error: &anyhow::Error) -> u8 {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let config = Config::load(args.config.as_deref())?;
+    daemon::bound_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

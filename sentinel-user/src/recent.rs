@@ -106,6 +106,12 @@ pub fn channel(drops: &QueueDrops) -> (Recorder, Keeper, watch::Receiver<RecentL
 }
 
 impl Keeper {
+    /// What was recorded and not yet taken, for tests that keep no log.
+    #[cfg(test)]
+    pub fn take_queued(&mut self) -> Vec<RecentEvent> {
+        std::iter::from_fn(|| self.inputs.try_recv().ok()).collect()
+    }
+
     /// Adds what arrives to the log, a batch at a time, until `cancel`.
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut batch = Vec::with_capacity(QUEUE);

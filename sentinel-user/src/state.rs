@@ -91,6 +91,8 @@ impl Clocks {
 pub struct StateFile<T> {
     path: PathBuf,
     dirty: bool,
+    /// The last write, or attempt: a failing write is tried again no sooner than a successful
+    /// one would be.
     written: Option<Instant>,
     kind: std::marker::PhantomData<T>,
 }
@@ -142,8 +144,17 @@ impl<T: Serialize + DeserializeOwned> StateFile<T> {
                 .is_none_or(|written| now.saturating_duration_since(written) >= spacing)
     }
 
+    /// When a waiting change is due ([`Self::due`]), or `None` when none waits.
+    pub fn due_at(&self, now: Instant, spacing: Duration) -> Option<Instant> {
+        self.dirty.then(|| {
+            self.written
+                .map_or(now, |written| (written + spacing).max(now))
+        })
+    }
+
     /// Replaces the file with `state`: a crash at any moment leaves the old or the new file.
     pub fn write(&mut self, state: &T, now: Instant) -> Result<(), Error> {
+        self.written = Some(now);
         let io = |source| self.error(source);
         if let Some(dir) = self.path.parent() {
             fs::create_dir_all(dir).map_err(io)?;
@@ -162,7 +173,6 @@ impl<T: Serialize + DeserializeOwned> StateFile<T> {
             File::open(dir).and_then(|dir| dir.sync_all()).map_err(io)?;
         }
         self.dirty = false;
-        self.written = Some(now);
         Ok(())
     }
 
@@ -205,6 +215,24 @@ mod tests {
         file.write(&state, Instant::now()).unwrap();
         assert!(!file.due(Instant::now(), Duration::ZERO));
         assert_eq!(file.load().unwrap(), Some(state));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_change_is_due_at_once_then_no_sooner_than_the_spacing_even_after_a_failed_write() {
+        let dir = std::env::temp_dir().join(format!("sentinel-due-{}", std::process::id()));
+        // A directory where the file should be: every write fails.
+        let path = dir.join("ssh-guard.json");
+        fs::create_dir_all(path.with_extension("new")).unwrap();
+        let mut file = StateFile::<SavedState>::new(path);
+        let spacing = Duration::from_secs(1);
+        let now = Instant::now();
+        assert_eq!(file.due_at(now, spacing), None);
+        file.mark_changed();
+        assert_eq!(file.due_at(now, spacing), Some(now));
+        assert!(file.write(&SavedState::default(), now).is_err());
+        assert_eq!(file.due_at(now, spacing), Some(now + spacing));
+        assert!(!file.due(now, spacing));
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -245,7 +245,11 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
     }
 
     /// The log records of refused reloads (`configuration rejected ...`), oldest first.

@@ -415,8 +415,16 @@ impl Drop for RunningGuard {
     }
 }
 
+/// A guard's own directory, emptied: each start begins without the state, audit log or
+/// output of an earlier run (remembered offenders would make every ban a repeat offense).
 fn guard_dir(setup: &GuardSetup, name: &str) -> Result<PathBuf> {
     let dir = setup.dir.join(name);
+    match fs::remove_dir_all(&dir) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(error).with_context(|| format!("cannot empty {}", dir.display()));
+        }
+        _ => {}
+    }
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }

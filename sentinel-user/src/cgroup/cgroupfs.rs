@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     fs,
     io::{ErrorKind, Read},
-    os::unix::fs::FileExt,
+    os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
 };
 
@@ -77,6 +77,15 @@ impl CgroupFs {
 
     pub fn exists(&self, path: &str) -> bool {
         self.dir(path).is_dir()
+    }
+
+    /// The cgroup's id: its directory's inode number, new for a cgroup made again at the same
+    /// path. `None` when it does not exist.
+    pub fn id(&self, path: &str) -> Option<u64> {
+        std::fs::metadata(self.dir(path))
+            .ok()
+            .filter(|meta| meta.is_dir())
+            .map(|meta| meta.ino())
     }
 
     /// Makes `controllers` available to `path` by enabling them in `cgroup.subtree_control` of

@@ -88,7 +88,10 @@ impl CgroupTree {
 
 /// Every cgroup under `root` as (id, path relative to the root, starting with `/`). A
 /// cgroup's id is its directory's inode number, which the directory listing gives (cgroupfs
-/// lists each entry with its inode number), so only the root is `stat`ed.
+/// lists each entry with its inode number). A directory's link count is two plus its
+/// subdirectories on cgroupfs, so a cgroup with none (most of them: services, containers) is
+/// `stat`ed rather than listed: a listing of its dozens of interface files costs several times
+/// more.
 pub fn walk_hierarchy(root: &Path) -> Vec<(u64, String)> {
     let mut found = Vec::new();
     let Ok(meta) = std::fs::metadata(root) else {
@@ -102,13 +105,22 @@ pub fn walk_hierarchy(root: &Path) -> Vec<(u64, String)> {
         };
         found.push((ino, path.clone()));
         for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let child = if path == "/" {
-                    format!("/{name}")
-                } else {
-                    format!("{path}/{name}")
-                };
+            if !entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let child = if path == "/" {
+                format!("/{name}")
+            } else {
+                format!("{path}/{name}")
+            };
+            // Link count 1: a filesystem that does not count subdirectories.
+            if meta.nlink() == 2 {
+                found.push((entry.ino(), child));
+            } else {
                 pending.push((entry.path(), child, entry.ino()));
             }
         }

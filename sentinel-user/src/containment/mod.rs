@@ -282,6 +282,19 @@ impl Containment {
             .any(|policy| policy.containment.is_some())
     }
 
+    /// The cgroups a containment policy applies to; none are looked for while no policy has an
+    /// allow list.
+    fn contained_paths(&self) -> Vec<String> {
+        if !self.contains_any() {
+            return Vec::new();
+        }
+        walk_hierarchy(self.cgroupfs.root())
+            .into_iter()
+            .map(|(_, path)| path)
+            .filter(|path| self.policy_of(path).is_some())
+            .collect()
+    }
+
     /// The containment policy that applies to `path`: the first matching policy in file order
     /// applies, as for limits, and contains only when it has `exec.allow`.
     fn policy_of(&self, path: &str) -> Option<(u32, &ServicePolicy)> {
@@ -307,7 +320,12 @@ impl Containment {
 
     /// Reads the hierarchy and makes the kernel's contained cgroups match the policies.
     fn rescan(&mut self) {
-        let found = walk_hierarchy(self.cgroupfs.root());
+        let found = if self.contains_any() {
+            walk_hierarchy(self.cgroupfs.root())
+        } else {
+            // Nothing to walk for: every contained cgroup is let go below.
+            Vec::new()
+        };
         let mut wanted = HashMap::new();
         for (id, path) in found {
             if let Some(contained) = self.contained_cgroup(&path) {
@@ -604,12 +622,12 @@ impl Containment {
                 Err(reason) => warn!(reason, "cannot read the isolations in force"),
             }
         }
-        for (_, path) in walk_hierarchy(self.cgroupfs.root()) {
+        for path in self.contained_paths() {
             let frozen = self
                 .cgroupfs
                 .read(&path, "cgroup.freeze")
                 .is_ok_and(|v| v == "1");
-            if frozen && self.policy_of(&path).is_some() {
+            if frozen {
                 found.push((service_of(&path), OnViolation::Freeze));
             }
         }

@@ -9,6 +9,7 @@ use std::{io::Write, sync::Arc, time::Duration};
 
 use axum::{
     Router,
+    body::Bytes,
     extract::State,
     http::{
         HeaderMap, StatusCode,
@@ -192,7 +193,7 @@ async fn scrape(State(scrapes): State<Scrapes>, headers: HeaderMap) -> Response 
     })
     .await;
     match encoded {
-        Ok(Ok(body)) => ([(CONTENT_TYPE, content_type)], body).into_response(),
+        Ok(Ok(body)) => ([(CONTENT_TYPE, content_type)], Bytes::from_owner(body)).into_response(),
         _ => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "encoding metrics failed\n",

@@ -8,7 +8,7 @@ pub use connections::ConnectionMetrics;
 pub(crate) use connections::{Endpoint, Rejection, Stage};
 pub use kernel_counters::KernelCounters;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -20,6 +20,50 @@ type Labels = Vec<(&'static str, String)>;
 
 pub struct Metrics {
     registry: Registry,
+    /// Buffers of earlier bodies, written again by the next scrapes.
+    buffers: Arc<Buffers>,
+}
+
+/// Bodies' buffers kept between scrapes: a body of megabytes written into fresh memory takes a
+/// page fault for every page at every scrape, grows by copying itself, and once freed stays
+/// with the allocator anyway.
+#[derive(Default)]
+struct Buffers(Mutex<Vec<String>>);
+
+/// Buffers kept: one per scrape encoding at once.
+const BUFFERS_KEPT: usize = 2;
+
+impl Buffers {
+    fn take(&self) -> String {
+        self.0
+            .lock()
+            .expect("buffers lock")
+            .pop()
+            .unwrap_or_default()
+    }
+}
+
+/// An encoded body; its buffer goes back for the next scrape once it is sent.
+pub struct Body {
+    text: String,
+    buffers: Arc<Buffers>,
+}
+
+impl AsRef<[u8]> for Body {
+    fn as_ref(&self) -> &[u8] {
+        self.text.as_bytes()
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        let mut kept = self.buffers.0.lock().expect("buffers lock");
+        if kept.len() < BUFFERS_KEPT {
+            kept.push(text);
+        }
+    }
 }
 
 impl Metrics {
@@ -37,7 +81,10 @@ impl Metrics {
         );
 
         registry.register_collector(Box::new(kernel));
-        Self { registry }
+        Self {
+            registry,
+            buffers: Arc::default(),
+        }
     }
 
     /// For the other concerns to register their metrics before serving starts.
@@ -46,12 +93,20 @@ impl Metrics {
     }
 
     /// Every metric in `format`.
-    pub fn encode(&self, format: Format) -> Result<String, std::fmt::Error> {
-        let mut body = String::new();
-        encode(&mut body, &self.registry)?;
+    pub fn encode(&self, format: Format) -> Result<Body, std::fmt::Error> {
+        let body = |text| Body {
+            text,
+            buffers: Arc::clone(&self.buffers),
+        };
+        let mut openmetrics = body(self.buffers.take());
+        encode(&mut openmetrics.text, &self.registry)?;
         Ok(match format {
-            Format::OpenMetrics => body,
-            Format::PrometheusText => openmetrics_to_prometheus_text(&body),
+            Format::OpenMetrics => openmetrics,
+            Format::PrometheusText => {
+                let mut text = body(self.buffers.take());
+                openmetrics_to_prometheus_text(&openmetrics.text, &mut text.text);
+                text
+            }
         })
     }
 }
@@ -65,12 +120,12 @@ pub enum Format {
 
 /// Rewrites OpenMetrics text as classic Prometheus text: counters' HELP and TYPE name the
 /// `_total` series (OpenMetrics names the family without it), and `# EOF` is dropped.
-fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+fn openmetrics_to_prometheus_text(openmetrics: &str, out: &mut String) {
     let counters: Vec<&str> = openmetrics
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
         .collect();
-    let mut out = String::with_capacity(openmetrics.len());
+    out.reserve(openmetrics.len());
     for line in openmetrics.lines() {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
@@ -85,7 +140,6 @@ fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
         out.push_str(renamed.as_deref().unwrap_or(line));
         out.push('\n');
     }
-    out
 }
 
 #[cfg(test)]
@@ -103,8 +157,10 @@ sentinel_exec_total{service=\"/\"} 3
 sentinel_build_info{version=\"1\"} 1
 # EOF
 ";
+        let mut text = String::new();
+        openmetrics_to_prometheus_text(openmetrics, &mut text);
         assert_eq!(
-            openmetrics_to_prometheus_text(openmetrics),
+            text,
             "\
 # HELP sentinel_exec_total Processes executed.
 # TYPE sentinel_exec_total counter
@@ -114,5 +170,28 @@ sentinel_exec_total{service=\"/\"} 3
 sentinel_build_info{version=\"1\"} 1
 "
         );
+    }
+
+    #[test]
+    fn a_sent_body_leaves_its_buffer_to_the_next_scrape() {
+        let buffers = Arc::new(Buffers::default());
+        let body = |text: String| Body {
+            text,
+            buffers: Arc::clone(&buffers),
+        };
+        let mut first = body(buffers.take());
+        first.text.push_str(&"x".repeat(1 << 20));
+        let address = first.text.as_ptr();
+        drop(first);
+        let reused = buffers.take();
+        assert!(reused.is_empty());
+        assert_eq!(reused.as_ptr(), address);
+        assert!(reused.capacity() >= 1 << 20);
+        // No more are kept than scrapes encode at once.
+        let bodies: Vec<Body> = (0..BUFFERS_KEPT + 1)
+            .map(|_| body("y".repeat(16)))
+            .collect();
+        drop(bodies);
+        assert_eq!(buffers.0.lock().unwrap().len(), BUFFERS_KEPT);
     }
 }

@@ -1,13 +1,18 @@
 //! Which policed cgroups to check for drift: the kernel says when anyone writes a file in a
 //! cgroup's directory (inotify `IN_MODIFY`, which cgroupfs sends for every write through the
 //! VFS, be it `echo`, systemd or a container runtime) and when the directory goes
-//! (`IN_IGNORED`). So an idle host reads no limit file at all between the enforcer's full
-//! passes, instead of every limit of every cgroup twice a second.
+//! (`IN_IGNORED`). So finding a write reads no limit file, instead of every limit of every
+//! cgroup twice a second.
 //!
 //! A directory that cannot be watched (the inotify watch limit reached) is checked on every
-//! tick, as all were before; an overflowing event queue makes every cgroup a candidate.
+//! tick, as all were before; an overflowing event queue makes every cgroup a candidate. As a
+//! safety net, a [`Sweep`] reads every policed cgroup once per [`SWEEP_ROUND`], a few at each
+//! tick, so that even 5,000 cgroups cost an idle host a few file reads a second, never a burst.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
 
 use nix::{
     errno::Errno,
@@ -112,8 +117,19 @@ impl DriftWatch {
                             if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                                 self.overflowed = true;
                             }
-                            if let Some(path) = self.paths.get(&event.wd) {
-                                changed.insert(path.clone());
+                            let gone = event.mask.contains(AddWatchFlags::IN_IGNORED);
+                            let path = if gone {
+                                // The kernel dropped the watch with its directory: a cgroup
+                                // made again at the same path (a restarted service) is a new
+                                // one, watched when the enforcer applies its policy again.
+                                self.paths.remove(&event.wd).inspect(|path| {
+                                    self.watches.remove(path);
+                                })
+                            } else {
+                                self.paths.get(&event.wd).cloned()
+                            };
+                            if let Some(path) = path {
+                                changed.insert(path);
                             }
                         }
                     }
@@ -130,6 +146,47 @@ impl DriftWatch {
             return Changed::Everything;
         }
         Changed::Cgroups(changed)
+    }
+}
+
+/// How long a sweep takes to read every policed cgroup once.
+pub const SWEEP_ROUND: Duration = Duration::from_secs(300);
+
+/// Every policed cgroup, read once a round whatever the notices say, spread over the round's
+/// ticks.
+pub struct Sweep {
+    /// This round's cgroups not yet read.
+    pending: Vec<String>,
+    /// How many are read at each tick, so that the round ends in time.
+    per_tick: usize,
+    next_round: Instant,
+}
+
+impl Sweep {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            pending: Vec::new(),
+            per_tick: 0,
+            next_round: now + SWEEP_ROUND,
+        }
+    }
+
+    /// The cgroups to read at this tick (one `tick` apart); `policed` gives every cgroup when a
+    /// round begins.
+    pub fn next<I: IntoIterator<Item = String>>(
+        &mut self,
+        now: Instant,
+        tick: Duration,
+        policed: impl FnOnce() -> I,
+    ) -> Vec<String> {
+        if self.pending.is_empty() && now >= self.next_round {
+            self.next_round = now + SWEEP_ROUND;
+            self.pending = policed().into_iter().collect();
+            let ticks = (SWEEP_ROUND.as_millis() / tick.as_millis().max(1)).max(1) as usize;
+            self.per_tick = self.pending.len().div_ceil(ticks);
+        }
+        let keep = self.pending.len().saturating_sub(self.per_tick);
+        self.pending.split_off(keep)
     }
 }
 
@@ -174,5 +231,51 @@ mod tests {
         // Notices of a forgotten cgroup are dropped.
         assert_eq!(watch.changed(), only(&[]));
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_cgroup_made_again_at_its_path_is_watched_again() {
+        let root = std::env::temp_dir().join(format!("sentinel-rewatch-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("a")).unwrap();
+        let cgroupfs = CgroupFs::new(root.clone());
+        let mut watch = DriftWatch::new();
+        watch.watch(&cgroupfs, "/a");
+        // A restarted service: its cgroup goes and comes back under the same path.
+        fs::remove_dir(root.join("a")).unwrap();
+        fs::create_dir(root.join("a")).unwrap();
+        let only = |path: &str| Changed::Cgroups(BTreeSet::from([path.to_owned()]));
+        assert_eq!(watch.changed(), only("/a"));
+        // The enforcer watches the new cgroup when it applies its policy; its writes are seen.
+        watch.watch(&cgroupfs, "/a");
+        fs::write(root.join("a/memory.max"), "max").unwrap();
+        assert_eq!(watch.changed(), only("/a"));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_sweep_reads_every_cgroup_once_a_round_a_few_at_each_tick() {
+        let tick = Duration::from_millis(500);
+        let start = Instant::now();
+        let mut sweep = Sweep::new(start);
+        let policed = || (0..1000).map(|index| format!("/c{index}"));
+        let ticks_per_round = (SWEEP_ROUND.as_millis() / tick.as_millis()) as u32;
+        // Nothing before the first round is due, then two rounds of ticks.
+        assert!(sweep.next(start, tick, policed).is_empty());
+        let mut read: Vec<Vec<String>> = Vec::new();
+        for round in 1..=2 {
+            let mut this_round = Vec::new();
+            for at in 0..ticks_per_round {
+                let now = start + SWEEP_ROUND * round + tick * at;
+                let batch = sweep.next(now, tick, policed);
+                assert!(batch.len() <= 2, "{} at tick {at}", batch.len());
+                this_round.extend(batch);
+            }
+            this_round.sort();
+            read.push(this_round);
+        }
+        let mut every: Vec<String> = policed().collect();
+        every.sort();
+        assert_eq!(read, [every.clone(), every]);
     }
 }

@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{
     Mode, Policy, ServicePolicy,
-    drift::{Changed, DriftWatch},
+    drift::{Changed, DriftWatch, Sweep},
     metrics::{Action, PolicyMetrics},
 };
 use crate::{
@@ -49,8 +49,6 @@ const ORIGINALS_FILE: &str = "cgroup-originals.json";
 /// How often the cgroups written since the last tick are checked for drift, and memory guards
 /// are evaluated.
 const TICK: Duration = Duration::from_millis(500);
-/// How often every policed cgroup's limits are read, notices or not: a safety net.
-const FULL_CHECK: Duration = Duration::from_secs(30);
 /// How long systemd gets to write a unit's cgroup after accepting its properties (it writes
 /// them from its event loop, just after answering).
 const SYSTEMD_APPLY_WAIT: Duration = Duration::from_secs(5);
@@ -58,6 +56,11 @@ const SYSTEMD_APPLY_POLL: Duration = Duration::from_millis(20);
 /// How often cgroups whose limits systemd did not take, and units systemd did not give their
 /// previous limits back, are tried again.
 const SYSTEMD_RETRY: Duration = Duration::from_secs(10);
+/// Services of one policy a pass names one by one in the recent events; past this, the policy
+/// is named once with their count.
+const PASS_EVENTS_PER_POLICY: usize = 8;
+/// Cgroups a pass writes between two reads of the kernel's notices.
+const OWN_NOTICES_BATCH: usize = 64;
 
 pub enum Input {
     /// A cgroup was created (path relative to the cgroup2 root).
@@ -153,6 +156,9 @@ impl SavedOriginals {
 }
 
 struct Applied {
+    /// The cgroup's id (its directory's inode number) when the policy was applied: a cgroup
+    /// made again at the same path (a restarted service) has a new one.
+    id: u64,
     policy: ServicePolicy,
     writer: Writer,
     /// The values Sentinel keeps in place, as the kernel reads them back.
@@ -191,9 +197,13 @@ impl FixRetry {
 struct Pass {
     /// How many cgroups each policy's limits were written to, logged once per policy when the
     /// pass ends rather than once per cgroup.
-    by_policy: BTreeMap<String, usize>,
-    /// The cgroups it wrote: the kernel's notices of these writes are Sentinel's own.
-    written: BTreeSet<String>,
+    /// The services whose cgroups each policy's limits were written to: logged and put in the
+    /// recent events once per policy when the pass ends, rather than once per cgroup.
+    by_policy: BTreeMap<String, Vec<String>>,
+    /// The cgroups it wrote since the kernel's notices were last read: notices of these are
+    /// taken for Sentinel's own writes. Read every [`OWN_NOTICES_BATCH`] cgroups, so that a
+    /// write by someone else to a cgroup written earlier in the pass is seen as drift.
+    unread: BTreeSet<String>,
 }
 
 /// Who writes a cgroup's interface files.
@@ -219,7 +229,10 @@ pub struct Enforcer {
     drift: DriftWatch,
     /// Applied cgroups found drifted and not yet put back (a fix failing, or waiting).
     drifting: BTreeSet<String>,
-    next_full_check: Instant,
+    /// The safety net: every applied cgroup read once a round, notices or not.
+    sweep: Sweep,
+    /// Notices were lost during a pass: every applied cgroup is read at the next tick.
+    check_everything: bool,
     /// Cgroups whose limits systemd did not take (unreachable or refusing), tried again at
     /// `next_retry`, every [`SYSTEMD_RETRY`].
     retry: BTreeSet<String>,
@@ -268,7 +281,8 @@ impl Enforcer {
             applied: HashMap::new(),
             drift: DriftWatch::new(),
             drifting: BTreeSet::new(),
-            next_full_check: Instant::now() + FULL_CHECK,
+            sweep: Sweep::new(Instant::now()),
+            check_everything: false,
             retry: BTreeSet::new(),
             next_retry: Instant::now(),
             saved: saved.unwrap_or_default(),
@@ -295,8 +309,8 @@ impl Enforcer {
         }
         self.unapplied.clear();
         self.subtree_controls = SubtreeControls::default();
-        for (_, path) in walk_hierarchy(self.fs.root()) {
-            self.reconcile_listed(&path);
+        for (id, path) in walk_hierarchy(self.fs.root()) {
+            self.reconcile_listed(&path, id);
         }
         self.publish();
         if own_pass {
@@ -316,7 +330,13 @@ impl Enforcer {
         let mut next_tick = Instant::now() + TICK;
         loop {
             self.save_originals();
-            match inputs.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            // With nothing to keep, no timer wakes the thread.
+            let wait = if self.needs_ticks() {
+                next_tick.saturating_duration_since(Instant::now())
+            } else {
+                Duration::MAX
+            };
+            match inputs.recv_timeout(wait) {
                 Ok(Input::CgroupCreated(path)) => {
                     self.subtree_controls = SubtreeControls::default();
                     self.reconcile(&path);
@@ -330,6 +350,15 @@ impl Enforcer {
                 }
             }
         }
+    }
+
+    /// Whether anything waits for a tick: limits to keep (drift, memory guards), cgroups or
+    /// units to try again, cgroups not applied that may go away, units to give back.
+    fn needs_ticks(&self) -> bool {
+        !(self.applied.is_empty()
+            && self.retry.is_empty()
+            && self.unapplied.is_empty()
+            && self.saved.units.is_empty())
     }
 
     /// Cgroups and units changed before a restart that no policy wants any more (the policy was
@@ -411,30 +440,52 @@ impl Enforcer {
         );
     }
 
-    /// Ends a pass: the kernel's notices of its own writes are dropped (checking them would
-    /// read back every cgroup it just wrote; a write by someone else to one of those during the
-    /// pass is found by the full check), and one line per policy says how many cgroups got its
-    /// limits.
+    /// Reads the kernel's notices during a pass. Those of the cgroups the pass wrote since the
+    /// last read are its own writes and dropped (checking them would read back every cgroup it
+    /// just wrote); any other is drift, checked at the next tick.
+    fn read_notices(&mut self) {
+        let Some(pass) = self.pass.as_mut() else {
+            return;
+        };
+        let own = std::mem::take(&mut pass.unread);
+        match self.drift.changed() {
+            Changed::Cgroups(noticed) => self
+                .drifting
+                .extend(noticed.into_iter().filter(|path| !own.contains(path))),
+            Changed::Everything => self.check_everything = true,
+        }
+    }
+
+    /// Ends a pass: what is left of the kernel's notices is read (see [`Self::read_notices`]),
+    /// and one line per policy says how many cgroups got its limits. The recent events name
+    /// each service when a policy got a few, and the policy with a count otherwise, so that a
+    /// reload over thousands of services does not push every other event out.
     fn end_pass(&mut self) {
+        self.read_notices();
         let Some(pass) = self.pass.take() else {
             return;
         };
-        match self.drift.changed() {
-            Changed::Cgroups(noticed) => self.drifting.extend(
-                noticed
-                    .into_iter()
-                    .filter(|path| !pass.written.contains(path)),
-            ),
-            Changed::Everything => self.next_full_check = Instant::now(),
-        }
-        for (name, cgroups) in pass.by_policy {
+        for (name, mut services) in pass.by_policy {
             let limits = self
                 .policy
                 .services
                 .iter()
                 .find(|service| service.name == name)
                 .map(|service| service.limits.to_cgroup_files());
+            let cgroups = services.len();
             info!(policy = name, cgroups, limits = ?limits.unwrap_or_default(), "limits applied");
+            let kind = Action::SetLimits.label();
+            if cgroups <= PASS_EVENTS_PER_POLICY {
+                services.sort_unstable();
+                for service in &services {
+                    self.metrics.recent.record(kind, service, "");
+                }
+            } else {
+                let detail = format!("{cgroups} services");
+                self.metrics
+                    .recent
+                    .record(kind, &format!("policy {name}"), detail);
+            }
         }
     }
 
@@ -448,22 +499,28 @@ impl Enforcer {
 
     /// Brings one cgroup in line with the policy.
     fn reconcile(&mut self, path: &str) {
-        if self.fs.exists(path) {
-            self.reconcile_listed(path);
+        if let Some(id) = self.fs.id(path) {
+            self.reconcile_listed(path, id);
         }
     }
 
-    /// Brings one cgroup that the hierarchy's walk just listed in line with the policy.
-    fn reconcile_listed(&mut self, path: &str) {
-        if self.applied.contains_key(path) {
-            return;
+    /// Brings one cgroup that the hierarchy's walk just listed (its id `id`) in line with the
+    /// policy.
+    fn reconcile_listed(&mut self, path: &str, id: u64) {
+        match self.applied.get(path) {
+            Some(applied) if applied.id == id => return,
+            // Made again at the same path (a restarted service): a new cgroup, which gets its
+            // policy as any new one does. Its default limits, which its maker may not have
+            // replaced yet, are not drift.
+            Some(_) => self.forget_cgroup(path),
+            None => {}
         }
         let Some(policy) = self.policy_for(path).cloned() else {
             return;
         };
         match self.unit_of(path) {
-            Ok(Some(unit)) => self.apply_through_systemd(path, unit, policy),
-            Ok(None) => self.apply_to_cgroupfs(path, policy, &Vec::new()),
+            Ok(Some(unit)) => self.apply_through_systemd(path, id, unit, policy),
+            Ok(None) => self.apply_to_cgroupfs(path, id, policy, &Vec::new()),
             Err(error) => {
                 let service = service_name(path);
                 error!(
@@ -514,6 +571,7 @@ impl Enforcer {
         // The drift watch stays: the cgroup is still Sentinel's to keep.
         self.drifting.remove(path);
         let Some(Applied {
+            id,
             writer: Writer::Cgroupfs { originals },
             expected,
             ..
@@ -527,12 +585,12 @@ impl Enforcer {
             .filter(|(file, _)| !desired.iter().any(|(wanted, _)| wanted == file))
             .collect();
         self.restore(path, &dropped);
-        self.apply_to_cgroupfs(path, policy, &expected);
+        self.apply_to_cgroupfs(path, id, policy, &expected);
     }
 
     /// Applies `policy` to `path`, written directly; `in_place` are the values Sentinel keeps
     /// there already (none for a cgroup it did not police), which are not written again.
-    fn apply_to_cgroupfs(&mut self, path: &str, policy: ServicePolicy, in_place: &Files) {
+    fn apply_to_cgroupfs(&mut self, path: &str, id: u64, policy: ServicePolicy, in_place: &Files) {
         let service = service_name(path).to_string();
         let desired = policy.limits.to_cgroup_files();
         if policy.mode == Mode::Observe {
@@ -553,7 +611,7 @@ impl Enforcer {
             let writer = Writer::Cgroupfs {
                 originals: Vec::new(),
             };
-            let tracked = self.tracked(policy, writer, Vec::new());
+            let tracked = self.tracked(id, policy, writer, Vec::new());
             self.keep(path, tracked);
             return;
         }
@@ -568,16 +626,25 @@ impl Enforcer {
                 match self.pass.as_mut() {
                     Some(pass) => {
                         debug!(service, policy = policy.name, limits = ?desired, "limits applied");
-                        *pass.by_policy.entry(policy.name.clone()).or_default() += 1;
-                        pass.written.insert(path.to_owned());
+                        pass.by_policy
+                            .entry(policy.name.clone())
+                            .or_default()
+                            .push(service.clone());
+                        pass.unread.insert(path.to_owned());
+                        if pass.unread.len() >= OWN_NOTICES_BATCH {
+                            self.read_notices();
+                        }
                     }
                     None => {
-                        info!(service, policy = policy.name, limits = ?desired, "limits applied")
+                        info!(service, policy = policy.name, limits = ?desired, "limits applied");
+                        self.metrics
+                            .recent
+                            .record(Action::SetLimits.label(), &service, "");
                     }
                 }
-                self.metrics.action(&service, Action::SetLimits);
+                self.metrics.count(&service, Action::SetLimits);
                 let writer = Writer::Cgroupfs { originals };
-                let tracked = self.tracked(policy, writer, expected);
+                let tracked = self.tracked(id, policy, writer, expected);
                 self.keep(path, tracked);
             }
             Err(reason) => {
@@ -602,7 +669,7 @@ impl Enforcer {
         }
     }
 
-    fn apply_through_systemd(&mut self, path: &str, unit: String, policy: ServicePolicy) {
+    fn apply_through_systemd(&mut self, path: &str, id: u64, unit: String, policy: ServicePolicy) {
         let service = service_name(path).to_string();
         let properties = unit_properties(&policy.limits);
         let expected = cgroup_files(&properties, self.page_size);
@@ -624,7 +691,7 @@ impl Enforcer {
                 }
             }
             self.metrics.action(&service, Action::WouldSetLimits);
-            let tracked = self.tracked(policy, Writer::Systemd { unit }, Vec::new());
+            let tracked = self.tracked(id, policy, Writer::Systemd { unit }, Vec::new());
             self.keep(path, tracked);
             return;
         }
@@ -642,7 +709,7 @@ impl Enforcer {
                     "limits applied through systemd"
                 );
                 self.metrics.action(&service, Action::SetLimits);
-                let tracked = self.tracked(policy, Writer::Systemd { unit }, expected);
+                let tracked = self.tracked(id, policy, Writer::Systemd { unit }, expected);
                 self.keep(path, tracked);
             }
             Err(reason) => {
@@ -798,7 +865,7 @@ impl Enforcer {
         }
     }
 
-    fn tracked(&self, policy: ServicePolicy, writer: Writer, expected: Files) -> Applied {
+    fn tracked(&self, id: u64, policy: ServicePolicy, writer: Writer, expected: Files) -> Applied {
         let guard = policy.graceful_stop.map(|stop| {
             MemoryGuard::new(GuardLimits {
                 threshold_bytes: stop.terminate_above,
@@ -807,6 +874,7 @@ impl Enforcer {
             })
         });
         Applied {
+            id,
             policy,
             writer,
             expected,
@@ -820,6 +888,18 @@ impl Enforcer {
     fn keep(&mut self, path: &str, applied: Applied) {
         self.drift.watch(&self.fs, path);
         self.applied.insert(path.to_string(), applied);
+    }
+
+    /// Forgets a cgroup that is gone or made again. A unit's drop-ins stay with the unit:
+    /// systemd applies them when it starts again.
+    fn forget_cgroup(&mut self, path: &str) {
+        if let Some(Applied {
+            writer: Writer::Cgroupfs { .. },
+            ..
+        }) = self.let_go(path)
+        {
+            self.forget_originals(path);
+        }
     }
 
     /// Forgets what is kept on `path`.
@@ -911,45 +991,47 @@ impl Enforcer {
             }
             self.publish();
         }
-        // The cgroups written or removed since the last tick, those still drifted, and every
-        // one at each full check.
-        let full = now >= self.next_full_check;
+        // The cgroups written or removed since the last tick, those still drifted, and this
+        // tick's share of the sweep; every one when notices were lost.
         self.metrics.drift_polled.set(self.drift.polled() as i64);
         let candidates: Vec<String> = match self.drift.changed() {
-            Changed::Cgroups(_) | Changed::Everything if full => {
-                self.next_full_check = now + FULL_CHECK;
+            Changed::Everything => self.applied.keys().cloned().collect(),
+            _ if std::mem::take(&mut self.check_everything) => {
                 self.applied.keys().cloned().collect()
             }
-            Changed::Everything => self.applied.keys().cloned().collect(),
             Changed::Cgroups(mut changed) => {
                 changed.extend(self.drifting.iter().cloned());
+                changed.extend(self.sweep.next(now, TICK, || {
+                    self.applied.keys().cloned().collect::<Vec<_>>()
+                }));
                 changed
                     .into_iter()
                     .filter(|path| self.applied.contains_key(path))
                     .collect()
             }
         };
-        let gone: Vec<String> = candidates
-            .iter()
-            .filter(|path| !self.fs.exists(path))
-            .cloned()
-            .collect();
-        for path in &gone {
-            // A unit's drop-ins stay with the unit: systemd applies them when it starts again.
-            if let Some(Applied {
-                writer: Writer::Cgroupfs { .. },
-                ..
-            }) = self.let_go(path)
-            {
-                self.forget_originals(path);
+        let mut forgotten = false;
+        for path in &candidates {
+            match self.fs.id(path) {
+                None => {
+                    self.forget_cgroup(path);
+                    forgotten = true;
+                }
+                Some(id)
+                    if self
+                        .applied
+                        .get(path)
+                        .is_some_and(|applied| applied.id != id) =>
+                {
+                    self.subtree_controls = SubtreeControls::default();
+                    self.reconcile_listed(path, id);
+                    forgotten = true;
+                }
+                Some(_) => self.restore_drift(path, now),
             }
         }
         let unapplied_before = self.unapplied.len();
         self.unapplied.retain(|path, _| self.fs.exists(path));
-        let now = Instant::now();
-        for path in &candidates {
-            self.restore_drift(path, now);
-        }
         let guarded: Vec<String> = self
             .applied
             .iter()
@@ -959,7 +1041,7 @@ impl Enforcer {
         for path in guarded {
             self.guard_memory(&path, now);
         }
-        if !gone.is_empty() || self.unapplied.len() != unapplied_before {
+        if forgotten || self.unapplied.len() != unapplied_before {
             self.publish();
         }
     }
@@ -1315,6 +1397,16 @@ mod tests {
 
     /// An enforcer that finds `saved` in its state directory, with the policies of `file`.
     fn enforcer(dir: &StateDir, saved: &SavedOriginals, file: &str) -> Enforcer {
+        // Nothing keeps the recent events here: the recorder finds its queue closed.
+        enforcer_with_events(dir, saved, file).0
+    }
+
+    /// [`enforcer`], with what receives its recent events.
+    fn enforcer_with_events(
+        dir: &StateDir,
+        saved: &SavedOriginals,
+        file: &str,
+    ) -> (Enforcer, crate::recent::Keeper) {
         let mut state = StateFile::new(dir.0.join("cgroup-originals.json"));
         state.mark_changed();
         state.write(saved, Instant::now()).unwrap();
@@ -1326,14 +1418,13 @@ mod tests {
             Duration::from_secs(600),
         )));
         let mut registry = Registry::default();
-        // Nothing keeps the recent events here: the recorder finds its queue closed.
-        let (recent, _, _) = crate::recent::channel(&QueueDrops::new(&mut registry));
+        let (recent, events, _) = crate::recent::channel(&QueueDrops::new(&mut registry));
         let metrics = PolicyMetrics::new(&mut registry, labels, recent);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let policy = Config::parse("c.yaml", file).unwrap().policies;
-        Enforcer::new(
+        let enforcer = Enforcer::new(
             fs,
             policy,
             CgroupBackend::Cgroupfs,
@@ -1342,7 +1433,8 @@ mod tests {
             &dir.0,
             runtime.handle().clone(),
         )
-        .unwrap()
+        .unwrap();
+        (enforcer, events)
     }
 
     #[test]
@@ -1363,16 +1455,23 @@ mod tests {
         assert!(fix.is_retry());
     }
 
-    #[test]
-    fn a_pass_does_not_take_its_own_writes_for_drift_but_sees_the_next_one() {
-        let dir = StateDir::new("own-writes");
+    /// A cgroup tree in `dir`: the root and `cgroups`, each with the memory controller and
+    /// an unlimited `memory.max`. Returns the root.
+    fn memory_cgroups(dir: &StateDir, cgroups: &[&str]) -> std::path::PathBuf {
         let root = dir.0.join("cgroup");
-        for cgroup in ["", "a", "b"] {
+        for cgroup in std::iter::once(&"").chain(cgroups) {
             std::fs::create_dir_all(root.join(cgroup)).unwrap();
             std::fs::write(root.join(cgroup).join("cgroup.controllers"), "memory").unwrap();
             std::fs::write(root.join(cgroup).join("cgroup.subtree_control"), "").unwrap();
             std::fs::write(root.join(cgroup).join("memory.max"), "max").unwrap();
         }
+        root
+    }
+
+    #[test]
+    fn a_pass_does_not_take_its_own_writes_for_drift_but_sees_the_next_one() {
+        let dir = StateDir::new("own-writes");
+        let root = memory_cgroups(&dir, &["a", "b"]);
         let policy = |memory: &str| {
             format!("policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: {memory}\n")
         };
@@ -1387,6 +1486,122 @@ mod tests {
             enforcer.drift.changed(),
             Changed::Cgroups(BTreeSet::from(["/b".to_owned()]))
         );
+    }
+
+    #[test]
+    fn a_pass_names_a_few_services_in_the_recent_events_and_counts_many() {
+        let dir = StateDir::new("pass-events");
+        let many: Vec<String> = (0..=PASS_EVENTS_PER_POLICY)
+            .map(|index| format!("b-{index}"))
+            .collect();
+        let names: Vec<&str> = ["a-1", "a-2"]
+            .into_iter()
+            .chain(many.iter().map(String::as_str))
+            .collect();
+        memory_cgroups(&dir, &names);
+        let policy = "policies:\n  - name: few\n    cgroup: a-*\n    memory.max: 64M\n  \
+                      - name: many\n    cgroup: b-*\n    memory.max: 64M\n";
+        let (mut enforcer, mut events) =
+            enforcer_with_events(&dir, &SavedOriginals::default(), policy);
+        enforcer.apply_all();
+        let recorded: Vec<(String, String, String)> = events
+            .take_queued()
+            .into_iter()
+            .map(|event| (event.kind, event.subject, event.detail))
+            .collect();
+        let event = |subject: &str, detail: &str| {
+            (
+                "set_limits".to_owned(),
+                subject.to_owned(),
+                detail.to_owned(),
+            )
+        };
+        assert_eq!(
+            recorded,
+            [
+                event("a-1", ""),
+                event("a-2", ""),
+                event("policy many", &format!("{} services", many.len())),
+            ]
+        );
+        // Each service is still counted.
+        assert_eq!(enforcer.applied.len(), names.len());
+    }
+
+    #[test]
+    fn an_enforcer_with_nothing_to_keep_has_no_timer() {
+        let dir = StateDir::new("no-timer");
+        memory_cgroups(&dir, &["a"]);
+        let mut idle = enforcer(&dir, &SavedOriginals::default(), "");
+        idle.apply_all();
+        assert!(!idle.needs_ticks());
+        let policy = "policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: 64M\n";
+        let mut keeping = enforcer(&dir, &SavedOriginals::default(), policy);
+        keeping.apply_all();
+        assert!(keeping.needs_ticks());
+    }
+
+    #[test]
+    fn a_write_by_someone_else_during_a_pass_is_drift_once_the_own_notices_are_read() {
+        let dir = StateDir::new("foreign-in-pass");
+        let root = memory_cgroups(&dir, &["a", "b"]);
+        let policy = "policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: 64M\n";
+        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), policy);
+        // A pass as `apply_all` makes it, with the notices read after `/a` as every
+        // `OWN_NOTICES_BATCH` cgroups.
+        enforcer.pass = Some(Pass::default());
+        enforcer.reconcile("/a");
+        enforcer.read_notices();
+        std::fs::write(root.join("a/memory.max"), "max").unwrap();
+        enforcer.reconcile("/b");
+        enforcer.end_pass();
+        assert_eq!(enforcer.drifting, BTreeSet::from(["/a".to_owned()]));
+
+        enforcer.tick();
+        assert_eq!(
+            std::fs::read_to_string(root.join("a/memory.max")).unwrap(),
+            "67108864"
+        );
+        // The next tick reads the restored value back and finds it in place.
+        enforcer.tick();
+        assert!(enforcer.drifting.is_empty(), "{:?}", enforcer.drifting);
+    }
+
+    #[test]
+    fn a_cgroup_made_again_at_its_path_gets_its_policy_as_a_new_one_and_no_drift() {
+        let dir = StateDir::new("made-again");
+        let root = memory_cgroups(&dir, &["a"]);
+        let policy = "policies:\n  - name: all\n    cgroup: \"a\"\n    memory.max: 64M\n";
+        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), policy);
+        enforcer.apply_all();
+        let first_id = enforcer.applied["/a"].id;
+        // A restarted service: a new cgroup with other defaults comes at the same path, and the
+        // old one goes, before the enforcer looks. (Moved away first so that the test's
+        // filesystem cannot give the new directory the old inode number, which cgroupfs never
+        // does.)
+        std::fs::rename(root.join("a"), root.join("a.old")).unwrap();
+        memory_cgroups(&dir, &["a"]);
+        std::fs::write(root.join("a/memory.max"), "33554432").unwrap();
+        std::fs::remove_dir_all(root.join("a.old")).unwrap();
+
+        enforcer.tick();
+        let applied = &enforcer.applied["/a"];
+        assert_ne!(applied.id, first_id);
+        assert_eq!(applied.fix.retry_at, None);
+        assert!(enforcer.drifting.is_empty(), "{:?}", enforcer.drifting);
+        assert_eq!(
+            std::fs::read_to_string(root.join("a/memory.max")).unwrap(),
+            "67108864"
+        );
+        // Its originals are the new cgroup's, given back when the policy lets go.
+        assert_eq!(
+            enforcer.saved.files("/a"),
+            [("memory.max", "33554432".to_owned())]
+        );
+        // Its writes are watched.
+        std::fs::write(root.join("a/memory.max"), "max").unwrap();
+        enforcer.tick();
+        assert_eq!(enforcer.drifting, BTreeSet::from(["/a".to_owned()]));
     }
 
     #[test]

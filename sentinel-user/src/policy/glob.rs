@@ -9,6 +9,9 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupGlob {
     pattern: String,
+    /// What every matching path starts with: the pattern up to its first wildcard. Most
+    /// cgroups fail a policy on it, without the segment by segment match.
+    literal_prefix: String,
     segments: Vec<Segment>,
 }
 
@@ -46,8 +49,14 @@ impl CgroupGlob {
         if segments.last() == Some(&Segment::AnyDepth) {
             segments.insert(segments.len() - 1, Segment::Name(vec!['*']));
         }
+        let literal_prefix = relative
+            .split(['*', '?'])
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         Ok(Self {
             pattern: pattern.to_owned(),
+            literal_prefix,
             segments,
         })
     }
@@ -60,6 +69,9 @@ impl CgroupGlob {
     /// Whether `cgroup_path` (relative to the cgroup2 root; a leading `/` is ignored) matches.
     pub fn matches(&self, cgroup_path: &str) -> bool {
         let relative = cgroup_path.trim_matches('/');
+        if !relative.starts_with(&self.literal_prefix) {
+            return false;
+        }
         let path: Vec<&str> = if relative.is_empty() {
             Vec::new()
         } else {
@@ -186,6 +198,20 @@ mod tests {
         assert!(!matches("workers/**", "other/a"));
         assert!(matches("**", "anything/at/all"));
         assert!(!matches("**", "/"));
+    }
+
+    #[test]
+    fn the_literal_start_is_the_pattern_up_to_its_first_wildcard() {
+        for (pattern, prefix) in [
+            ("system.slice/*.service", "system.slice/"),
+            ("/app-??/x", "app-"),
+            ("**/nginx.service", ""),
+            ("/system.slice/nginx.service", "system.slice/nginx.service"),
+        ] {
+            assert_eq!(CgroupGlob::new(pattern).unwrap().literal_prefix, prefix);
+        }
+        assert!(matches("bench-007-*", "/bench-007-00712"));
+        assert!(!matches("bench-007-*", "/bench-008-00800"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub enum Action {
 }
 
 impl Action {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Self::SetLimits => "set_limits",
             Self::WouldSetLimits => "would_set_limits",
@@ -93,8 +93,14 @@ impl PolicyMetrics {
         metrics
     }
 
+    /// Counts `action` on `service` and puts it in the recent events.
     pub fn action(&self, service: &str, action: Action) {
         self.recent.record(action.label(), service, "");
+        self.count(service, action);
+    }
+
+    /// Counts `action` on `service` only; the caller reports it in the recent events.
+    pub fn count(&self, service: &str, action: Action) {
         self.actions
             .get_or_create(&vec![
                 ("service", self.label(service)),

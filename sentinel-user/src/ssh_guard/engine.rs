@@ -309,6 +309,18 @@ impl BanEngine {
         }
     }
 
+    /// The next moment something changes with time alone: a ban ends, or an offender is
+    /// forgotten ([`Self::forget_old_offenses`]); `None` when nothing is banned or remembered.
+    pub fn next_change(&self, now: Instant) -> Option<Instant> {
+        let quiet_for = self.rules.max_ban;
+        let ban_ends = self.banned.values().copied().filter(|until| *until > now);
+        let forgotten = self
+            .offenses
+            .values()
+            .map(|offense| offense.ends + quiet_for);
+        ban_ends.chain(forgotten).min()
+    }
+
     /// Offenders whose latest ban ended more than `max_ban` ago start over; at most as many
     /// are remembered as can be tracked and banned at once, the longest quiet forgotten first.
     pub fn forget_old_offenses(&mut self, now: Instant) {
@@ -494,6 +506,25 @@ mod tests {
             assert_eq!(engine.preauth_end(now, ip("192.0.2.1")), Verdict::Counted);
         }
         assert_eq!(engine.tracked(), 0);
+    }
+
+    #[test]
+    fn time_alone_changes_something_only_when_a_ban_ends_or_an_offender_is_forgotten() {
+        let mut engine = BanEngine::new(rules());
+        let now = Instant::now();
+        assert_eq!(engine.next_change(now), None);
+        fail_n(&mut engine, now, "203.0.113.7", 4);
+        assert_eq!(engine.next_change(now), None);
+
+        let ban = Duration::from_secs(600);
+        engine.record_ban(IpNet::from(ip("203.0.113.7")), now, ban, 1);
+        let ends = now + ban;
+        assert_eq!(engine.next_change(now), Some(ends));
+        // Once the ban has ended, the offender is forgotten `max_ban` later.
+        let forgotten = ends + rules().max_ban;
+        assert_eq!(engine.next_change(ends), Some(forgotten));
+        engine.forget_old_offenses(forgotten);
+        assert_eq!(engine.next_change(forgotten), None);
     }
 
     #[test]

@@ -246,7 +246,18 @@ impl SshGuard {
     /// was configured to flush on exit.
     pub fn run(mut self, inputs: Receiver<Input>) {
         loop {
-            let first = match inputs.recv_timeout(Duration::from_secs(1)) {
+            // Woken by time only when a ban ends, an offender is to be forgotten or the state
+            // file is due: an idle guard sleeps.
+            let now = Instant::now();
+            let wake = [
+                self.engine.next_change(now),
+                self.state.due_at(now, STATE_WRITE_SPACING),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let wait = wake.map_or(Duration::MAX, |at| at.saturating_duration_since(now));
+            let first = match inputs.recv_timeout(wait) {
                 Ok(input) => input,
                 Err(RecvTimeoutError::Timeout) => {
                     self.engine.forget_old_offenses(Instant::now());

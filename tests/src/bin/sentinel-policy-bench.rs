@@ -42,11 +42,17 @@ const LIMITS: [(&str, &str); 3] = [
 ];
 /// The files the daemon's stats pass reads per service (`resource_detail: basic`).
 const STATS_FILES: [&str; 4] = ["memory.current", "memory.max", "cpu.stat", "pids.current"];
+/// `metrics.resource_refresh` (its default): the idle daemon reads every service's stats files
+/// this often.
+const RESOURCE_REFRESH_SECONDS: u64 = 10;
 /// How long the daemon's idle CPU is measured.
 const IDLE_WINDOW: Duration = Duration::from_secs(20);
 /// Under software emulation the daemon's start (loading the eBPF programs) takes seconds, and
 /// thousands of cgroups take minutes.
 const PATIENCE: Duration = Duration::from_secs(600);
+/// Past this, the daemon is taken to hang: what each of its threads waits on is printed, and
+/// the bench fails (a stuck scrape would otherwise wait out 200 read timeouts).
+const HANG_GUARD: Duration = Duration::from_secs(1500);
 
 fn main() -> Result<()> {
     let services = match std::env::args().nth(1) {
@@ -77,9 +83,11 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let mut daemon =
         Daemon::spawn_with_config(free_port(), &config(services, MEMORY_MAX_AT_START), &[]);
+    watch_for_a_hang(daemon.pid(), daemon.log_path());
     let apply_observed = wait_for_memory_max(&cgroups, MEMORY_MAX_AT_START, started)?;
     let applied = log_record(&daemon, "policies applied")?;
 
+    let threads_before_reload = thread_cpu(daemon.pid())?;
     let reload_started = Instant::now();
     fs::write(
         daemon.config_path(),
@@ -89,6 +97,7 @@ fn main() -> Result<()> {
     daemon.signal(libc::SIGHUP);
     let reload_observed = wait_for_memory_max(&cgroups, MEMORY_MAX_AFTER_RELOAD, reload_started)?;
     let reloaded = log_record(&daemon, "policy reloaded")?;
+    let threads_after_reload = thread_cpu(daemon.pid())?;
 
     ensure!(
         eventually(PATIENCE, || http_get(daemon.addr, "/metrics", None).is_ok()),
@@ -154,7 +163,15 @@ fn main() -> Result<()> {
         ),
         (
             "idle_cpu_by_thread",
-            idle_by_thread(&threads_before, &threads_after),
+            by_thread(&threads_before, &threads_after, |seconds| {
+                seconds / IDLE_WINDOW.as_secs_f64() * 100.0
+            }),
+        ),
+        (
+            "reload_cpu_ms_by_thread",
+            by_thread(&threads_before_reload, &threads_after_reload, |seconds| {
+                seconds * 1000.0
+            }),
         ),
         (
             "cpu_ms_per_scrape",
@@ -167,6 +184,7 @@ fn main() -> Result<()> {
         ("floor_apply_job_ms", milliseconds(apply_job_floor)),
         ("floor_reload_ms", milliseconds(reload_floor)),
         ("floor_stats_pass_ms", milliseconds(stats_floor)),
+        ("resource_refresh_s", RESOURCE_REFRESH_SECONDS.to_string()),
         ("floor_encode_median_ms", percentile(&encode_floor, 0.5)),
         ("floor_encode_p99_ms", percentile(&encode_floor, 0.99)),
     ];
@@ -180,7 +198,10 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0";
 
 /// One policy per `SERVICES_PER_POLICY` cgroups, each selecting them by a glob on their names.
 fn config(services: usize, memory_max: u64) -> String {
-    let mut config = format!("{NO_FIREWALL}services:\n  max_labels: 10000\npolicies:\n");
+    let mut config = format!(
+        "{NO_FIREWALL}metrics:\n  resource_refresh: {RESOURCE_REFRESH_SECONDS}s\n\
+         services:\n  max_labels: 10000\npolicies:\n"
+    );
     for policy in 0..services.div_ceil(SERVICES_PER_POLICY) {
         write!(
             config,
@@ -191,6 +212,40 @@ fn config(services: usize, memory_max: u64) -> String {
         .expect("writing to a String cannot fail");
     }
     config
+}
+
+/// After [`HANG_GUARD`], prints where each of the daemon's threads is (state, wait channel,
+/// kernel stack) and the end of its log, and ends the bench with a failure.
+fn watch_for_a_hang(pid: u32, log: std::path::PathBuf) {
+    std::thread::spawn(move || {
+        std::thread::sleep(HANG_GUARD);
+        eprintln!(
+            "the bench did not finish in {} s; the daemon's threads:",
+            HANG_GUARD.as_secs()
+        );
+        let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        for task in tasks.flatten() {
+            let read = |file: &str| fs::read_to_string(task.path().join(file)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+            eprintln!(
+                "{} {} state {state} wchan {}\n{}",
+                task.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan"),
+                read("stack")
+            );
+        }
+        let log = fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("the end of its log:");
+        for line in tail.iter().rev() {
+            eprintln!("{line}");
+        }
+        std::process::exit(1);
+    });
 }
 
 /// What the daemon writes to each cgroup, written directly: every limit at start, only
@@ -270,21 +325,25 @@ fn read_stats_files(cgroups: &[TestCgroup]) -> Result<()> {
     Ok(())
 }
 
-/// Each thread's share of the idle CPU, busiest first, as `name:percent` pairs: where the idle
-/// time goes.
-fn idle_by_thread(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> String {
+/// Each thread's CPU between two readings, busiest first, as `name:figure` pairs (`figure`
+/// scales the seconds): where the time goes.
+fn by_thread(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    figure: impl Fn(f64) -> f64,
+) -> String {
     let mut shares: Vec<(&str, f64)> = after
         .iter()
         .map(|(name, seconds)| {
             let used = seconds - before.get(name).copied().unwrap_or(0.0);
-            (name.as_str(), used / IDLE_WINDOW.as_secs_f64() * 100.0)
+            (name.as_str(), figure(used))
         })
-        .filter(|(_, percent)| *percent > 0.0)
+        .filter(|(_, figure)| *figure > 0.0)
         .collect();
     shares.sort_by(|a, b| b.1.total_cmp(&a.1));
     shares
         .iter()
-        .map(|(name, percent)| format!("{name}:{percent:.2}"))
+        .map(|(name, figure)| format!("{name}:{figure:.2}"))
         .collect::<Vec<_>>()
         .join(",")
 }
