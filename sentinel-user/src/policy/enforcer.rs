@@ -73,20 +73,18 @@ pub enum Input {
 /// What is applied where, shared with the metrics collector and the event handler.
 #[derive(Debug, Default)]
 pub struct AppliedView {
-    /// By cgroup path: the policy in force there.
-    pub cgroups: HashMap<String, AppliedSummary>,
+    /// By cgroup path: the policy in force there. Replaced whole at each change, so that a
+    /// scrape or a stats pass takes it without copying thousands of entries under the lock.
+    pub cgroups: Arc<BTreeMap<String, AppliedSummary>>,
 }
 
 impl AppliedView {
     /// (cgroup path, policy name) of every policed cgroup, sorted by path.
     pub fn policies(&self) -> Vec<(String, String)> {
-        let mut policies: Vec<(String, String)> = self
-            .cgroups
+        self.cgroups
             .iter()
             .map(|(path, applied)| (path.clone(), applied.policy.clone()))
-            .collect();
-        policies.sort();
-        policies
+            .collect()
     }
 }
 
@@ -1213,7 +1211,7 @@ impl Enforcer {
                 )
             })
             .collect();
-        self.view.lock().expect("applied view lock").cgroups = cgroups;
+        self.view.lock().expect("applied view lock").cgroups = Arc::new(cgroups);
         self.states.send_replace(self.policy_states());
     }
 

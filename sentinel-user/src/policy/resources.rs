@@ -120,21 +120,12 @@ pub async fn refresh(
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let paths: Vec<String> = view
-            .lock()
-            .expect("applied view lock")
-            .cgroups
-            .keys()
-            .cloned()
-            .collect();
+        let policed = Arc::clone(&view.lock().expect("applied view lock").cgroups);
         let read_at = Instant::now();
         let pass = tokio::task::spawn_blocking(move || {
-            let cgroups = paths
-                .into_iter()
-                .map(|path| {
-                    let stats = reader.read(&path);
-                    (path, stats)
-                })
+            let cgroups = policed
+                .keys()
+                .map(|path| (path.clone(), reader.read(path)))
                 .collect();
             (reader, cgroups)
         });
@@ -175,20 +166,13 @@ impl ResourceCollector {
 
 impl Collector for ResourceCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut applied: Vec<(String, String)> = self
-            .view
-            .lock()
-            .expect("applied view lock")
-            .cgroups
-            .iter()
-            .map(|(path, applied)| (path.clone(), applied.policy.clone()))
-            .collect();
-        applied.sort_unstable();
+        // In path order, so in service order.
+        let applied = Arc::clone(&self.view.lock().expect("applied view lock").cgroups);
         let snapshot = Arc::clone(&self.snapshot.borrow());
         // Only services a policy still applies to, in service order.
         let policed: Vec<(&str, &CgroupStats)> = applied
-            .iter()
-            .filter_map(|(path, _)| Some((service_name(path), snapshot.get(path)?)))
+            .keys()
+            .filter_map(|path| Some((service_name(path), snapshot.get(path)?)))
             .collect();
 
         let mut family = encoder.encode_descriptor(
@@ -197,8 +181,8 @@ impl Collector for ResourceCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (path, policy) in &applied {
-            let labels = [("service", service_name(path)), ("policy", policy)];
+        for (path, applied) in applied.iter() {
+            let labels = [("service", service_name(path)), ("policy", &applied.policy)];
             ConstGauge::new(1).encode(family.encode_family(&labels)?)?;
         }
 
@@ -291,7 +275,7 @@ mod tests {
     fn scrape(detail: ResourceDetail) -> String {
         let view = Arc::new(Mutex::new(AppliedView::default()));
         for (path, policy) in [("/web", "web"), ("/new", "new")] {
-            view.lock().unwrap().cgroups.insert(
+            Arc::make_mut(&mut view.lock().unwrap().cgroups).insert(
                 path.into(),
                 AppliedSummary {
                     policy: policy.into(),
