@@ -157,7 +157,8 @@ struct Applied {
     /// The cgroup's id (its directory's inode number) when the policy was applied: a cgroup
     /// made again at the same path (a restarted service) has a new one.
     id: u64,
-    policy: ServicePolicy,
+    /// Shared with the policy file's entry: thousands of cgroups may hold one policy.
+    policy: Arc<ServicePolicy>,
     writer: Writer,
     /// The values Sentinel keeps in place, as the kernel reads them back.
     expected: Files,
@@ -488,7 +489,7 @@ impl Enforcer {
     }
 
     /// The first policy, in file order, that matches `path`.
-    fn policy_for(&self, path: &str) -> Option<&ServicePolicy> {
+    fn policy_for(&self, path: &str) -> Option<&Arc<ServicePolicy>> {
         self.policy
             .services
             .iter()
@@ -531,7 +532,7 @@ impl Enforcer {
                 self.unapplied.insert(
                     path.to_string(),
                     (
-                        policy.name,
+                        policy.name.clone(),
                         ServiceOutcome::Failed {
                             reason: format!(
                                 "systemd cannot be asked whether a unit owns it: {error}"
@@ -565,7 +566,7 @@ impl Enforcer {
     /// Moves a cgroup Sentinel writes directly from its policy to `policy`: only the values
     /// that change are written, and a limit the new policy no longer sets gets its original
     /// back.
-    fn retarget(&mut self, path: &str, policy: ServicePolicy) {
+    fn retarget(&mut self, path: &str, policy: Arc<ServicePolicy>) {
         // The drift watch stays: the cgroup is still Sentinel's to keep.
         self.drifting.remove(path);
         let Some(Applied {
@@ -588,7 +589,13 @@ impl Enforcer {
 
     /// Applies `policy` to `path`, written directly; `in_place` are the values Sentinel keeps
     /// there already (none for a cgroup it did not police), which are not written again.
-    fn apply_to_cgroupfs(&mut self, path: &str, id: u64, policy: ServicePolicy, in_place: &Files) {
+    fn apply_to_cgroupfs(
+        &mut self,
+        path: &str,
+        id: u64,
+        policy: Arc<ServicePolicy>,
+        in_place: &Files,
+    ) {
         let service = service_name(path).to_string();
         let desired = policy.limits.to_cgroup_files();
         if policy.mode == Mode::Observe {
@@ -657,7 +664,7 @@ impl Enforcer {
                 self.unapplied.insert(
                     path.to_string(),
                     (
-                        policy.name,
+                        policy.name.clone(),
                         ServiceOutcome::Failed {
                             reason: reason.to_string(),
                         },
@@ -667,7 +674,13 @@ impl Enforcer {
         }
     }
 
-    fn apply_through_systemd(&mut self, path: &str, id: u64, unit: String, policy: ServicePolicy) {
+    fn apply_through_systemd(
+        &mut self,
+        path: &str,
+        id: u64,
+        unit: String,
+        policy: Arc<ServicePolicy>,
+    ) {
         let service = service_name(path).to_string();
         let properties = unit_properties(&policy.limits);
         let expected = cgroup_files(&properties, self.page_size);
@@ -721,7 +734,7 @@ impl Enforcer {
                 self.unapplied.insert(
                     path.to_string(),
                     (
-                        policy.name,
+                        policy.name.clone(),
                         ServiceOutcome::Failed {
                             reason: format!("through systemd ({unit}): {reason}"),
                         },
@@ -863,7 +876,13 @@ impl Enforcer {
         }
     }
 
-    fn tracked(&self, id: u64, policy: ServicePolicy, writer: Writer, expected: Files) -> Applied {
+    fn tracked(
+        &self,
+        id: u64,
+        policy: Arc<ServicePolicy>,
+        writer: Writer,
+        expected: Files,
+    ) -> Applied {
         let guard = policy.graceful_stop.map(|stop| {
             MemoryGuard::new(GuardLimits {
                 threshold_bytes: stop.terminate_above,

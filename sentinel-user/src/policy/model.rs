@@ -1,6 +1,6 @@
 //! The typed policy: what the enforcement code reads once a file has passed validation.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use super::glob::{self, CgroupGlob};
 
@@ -10,7 +10,7 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(3);
 /// The `policies` section: one entry per service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
-    pub services: Vec<ServicePolicy>,
+    pub services: Vec<Arc<ServicePolicy>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

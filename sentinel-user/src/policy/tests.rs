@@ -1,7 +1,7 @@
 //! The `policies` section through the whole configuration's checks: each refusal with its
 //! exact position and reason.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use super::*;
 use crate::config::Config;
@@ -76,7 +76,7 @@ fn dotted_and_nested_keys_read_the_same() {
         }),
         containment: None,
     };
-    assert_eq!(dotted.services, [expected]);
+    assert_eq!(dotted.services, [Arc::new(expected)]);
 }
 
 #[test]

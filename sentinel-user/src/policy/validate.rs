@@ -1,6 +1,6 @@
 //! From the located YAML tree to the typed model, collecting every problem on the way.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use serde_saphyr::{Location, Spanned};
 
@@ -91,7 +91,9 @@ impl Checker {
             .map(|item| self.service(item, &mut names))
             .collect();
         let services = services.into_iter().collect::<Option<Vec<_>>>()?;
-        Some(Policy { services })
+        Some(Policy {
+            services: services.into_iter().map(Arc::new).collect(),
+        })
     }
 
     /// One policy. `names` holds the names seen so far and where, to refuse duplicates.
