@@ -134,7 +134,7 @@ type Files = Vec<(&'static str, String)>;
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct SavedOriginals {
     /// By cgroup path, the values found there before Sentinel first wrote it.
-    cgroups: BTreeMap<String, BTreeMap<String, String>>,
+    cgroups: BTreeMap<String, SavedFiles>,
     /// By systemd unit, the runtime drop-ins its properties replaced.
     #[serde(default)]
     units: BTreeMap<String, UnitRecord>,
@@ -143,13 +143,34 @@ struct SavedOriginals {
 impl SavedOriginals {
     /// The saved originals of `path`, as interface files this version knows.
     fn files(&self, path: &str) -> Files {
-        let Some(saved) = self.cgroups.get(path) else {
+        let Some(SavedFiles(saved)) = self.cgroups.get(path) else {
             return Vec::new();
         };
         super::model::INTERFACE_FILES
             .iter()
-            .filter_map(|file| Some((*file, saved.get(*file)?.clone())))
+            .filter_map(|file| {
+                let (_, value) = saved.iter().find(|(name, _)| name == file)?;
+                Some((*file, value.clone()))
+            })
             .collect()
+    }
+}
+
+/// One cgroup's saved originals by interface file, written as a JSON object. A list: a map of
+/// a few entries would take a whole B-tree node, once per cgroup of thousands.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct SavedFiles(Vec<(String, String)>);
+
+impl serde::Serialize for SavedFiles {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(file, value)| (file, value)))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SavedFiles {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let files = BTreeMap::<String, String>::deserialize(deserializer)?;
+        Ok(Self(files.into_iter().collect()))
     }
 }
 
@@ -207,8 +228,8 @@ struct Pass {
 
 /// Who writes a cgroup's interface files.
 enum Writer {
-    /// Sentinel, directly; `originals` are written back when the policy lets go.
-    Cgroupfs { originals: Files },
+    /// Sentinel, directly; the saved originals are written back when the policy lets go.
+    Cgroupfs,
     /// systemd, from the runtime properties Sentinel sets on the unit.
     Systemd { unit: String },
 }
@@ -420,8 +441,8 @@ impl Enforcer {
             if wanted.as_ref() == Some(&applied.policy) {
                 continue;
             }
-            let enforced_directly = applied.policy.mode == Mode::Enforce
-                && matches!(applied.writer, Writer::Cgroupfs { .. });
+            let enforced_directly =
+                applied.policy.mode == Mode::Enforce && matches!(applied.writer, Writer::Cgroupfs);
             match wanted {
                 Some(policy) if enforced_directly && policy.mode == Mode::Enforce => {
                     self.retarget(&path, policy);
@@ -571,7 +592,7 @@ impl Enforcer {
         self.drifting.remove(path);
         let Some(Applied {
             id,
-            writer: Writer::Cgroupfs { originals },
+            writer: Writer::Cgroupfs,
             expected,
             ..
         }) = self.applied.remove(path)
@@ -579,7 +600,9 @@ impl Enforcer {
             return;
         };
         let desired = policy.limits.to_cgroup_files();
-        let dropped: Files = originals
+        let dropped: Files = self
+            .saved
+            .files(path)
             .into_iter()
             .filter(|(file, _)| !desired.iter().any(|(wanted, _)| wanted == file))
             .collect();
@@ -613,20 +636,19 @@ impl Enforcer {
                 }
             }
             self.metrics.action(&service, Action::WouldSetLimits);
-            let writer = Writer::Cgroupfs {
-                originals: Vec::new(),
-            };
-            let tracked = self.tracked(id, policy, writer, Vec::new());
+            let tracked = self.tracked(id, policy, Writer::Cgroupfs, Vec::new());
             self.keep(path, tracked);
             return;
         }
         match self.write_limits(path, &desired, in_place) {
             Ok((expected, originals)) => {
                 let saved = originals
-                    .iter()
-                    .map(|(file, value)| (file.to_string(), value.clone()))
+                    .into_iter()
+                    .map(|(file, value)| (file.to_owned(), value))
                     .collect();
-                self.saved.cgroups.insert(path.to_string(), saved);
+                self.saved
+                    .cgroups
+                    .insert(path.to_string(), SavedFiles(saved));
                 self.saved_file.mark_changed();
                 match self.pass.as_mut() {
                     Some(pass) => {
@@ -648,8 +670,7 @@ impl Enforcer {
                     }
                 }
                 self.metrics.count(&service, Action::SetLimits);
-                let writer = Writer::Cgroupfs { originals };
-                let tracked = self.tracked(id, policy, writer, expected);
+                let tracked = self.tracked(id, policy, Writer::Cgroupfs, expected);
                 self.keep(path, tracked);
             }
             Err(reason) => {
@@ -911,7 +932,7 @@ impl Enforcer {
     /// systemd applies them when it starts again.
     fn forget_cgroup(&mut self, path: &str) {
         if let Some(Applied {
-            writer: Writer::Cgroupfs { .. },
+            writer: Writer::Cgroupfs,
             ..
         }) = self.let_go(path)
         {
@@ -970,9 +991,10 @@ impl Enforcer {
             return;
         };
         self.publish();
-        let Writer::Cgroupfs { originals } = applied.writer else {
+        let Writer::Cgroupfs = applied.writer else {
             return;
         };
+        let originals = self.saved.files(path);
         self.forget_originals(path);
         if !self.fs.exists(path) {
             return;
@@ -1106,7 +1128,7 @@ impl Enforcer {
             }
         }
         let result = match &applied.writer {
-            Writer::Cgroupfs { .. } => write_back(&self.fs, path, &drifted),
+            Writer::Cgroupfs => write_back(&self.fs, path, &drifted),
             Writer::Systemd { unit } => {
                 let unit = unit.clone();
                 let properties = unit_properties(&applied.policy.limits);
@@ -1684,15 +1706,8 @@ mod tests {
             ["67108864", "33554432", "max"]
         );
         assert_eq!(enforcer.saved.cgroups.len(), 1);
-        let saved: Vec<(String, String)> = enforcer
-            .saved
-            .cgroups
-            .values()
-            .next()
-            .unwrap()
-            .iter()
-            .map(|(file, value)| (file.clone(), value.clone()))
-            .collect();
+        let mut saved = enforcer.saved.cgroups.values().next().unwrap().0.clone();
+        saved.sort();
         assert_eq!(
             saved,
             [
@@ -1744,7 +1759,7 @@ mod tests {
         let saved = SavedOriginals {
             cgroups: BTreeMap::from([(
                 "workers/a".to_string(),
-                BTreeMap::from([("memory.max".to_string(), "max".to_string())]),
+                SavedFiles(vec![("memory.max".to_string(), "max".to_string())]),
             )]),
             units: BTreeMap::from([("nginx.service".to_string(), record.clone())]),
         };
@@ -1763,7 +1778,7 @@ mod tests {
         .unwrap();
         let state = StateFile::<SavedOriginals>::new(dir.0.join("cgroup-originals.json"));
         let saved = state.load().unwrap().unwrap();
-        assert_eq!(saved.cgroups["workers/a"]["memory.max"], "max");
+        assert_eq!(saved.files("workers/a"), [("memory.max", "max".to_owned())]);
         assert!(saved.units.is_empty());
     }
 }
