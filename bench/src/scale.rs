@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use sentinel_tests::{
-    cgroup2_mount, eventually, floor::encode_from_memory, free_port, http_get,
+    cgroup2_mount, eventually, floor::encode_from_memory, free_port, http_get, http_get_into,
     measure::percentile_ms,
 };
 use serde_json::json;
@@ -76,11 +76,16 @@ pub fn bench(daemon: &Path, out_dir: &Path, summary: &mut Summary) -> Result<()>
         (idle_end.cpu_seconds - idle_start.cpu_seconds) / IDLE_WINDOW.as_secs_f64() * 100.0;
 
     let mut latencies = Vec::with_capacity(SCRAPES);
+    let mut response = Vec::new();
+    let mut body_start = 0;
     for _ in 0..SCRAPES {
         let sent = Instant::now();
-        body = daemon.scrape()?;
+        body_start = http_get_into(daemon.addr, "/metrics", Some(OPENMETRICS), &mut response)
+            .context("GET /metrics failed")?;
         latencies.push(sent.elapsed());
     }
+    body = String::from_utf8(response.split_off(body_start))
+        .context("the /metrics body is not UTF-8")?;
     let scraped = daemon.usage()?;
     let cpu_per_scrape_ms = (scraped.cpu_seconds - idle_end.cpu_seconds) / SCRAPES as f64 * 1000.0;
     let (floor, floor_bytes) = encode_from_memory(&body, SCRAPES);

@@ -24,7 +24,7 @@ use anyhow::{Context, Result, ensure};
 use sentinel_tests::{
     Daemon, NO_FIREWALL, TestCgroup, cgroup2_mount, eventually,
     floor::encode_from_memory,
-    free_port, http_get,
+    free_port, http_get, http_get_into,
     measure::{percentile_ms, process_usage, thread_cpu},
 };
 
@@ -110,13 +110,16 @@ fn main() -> Result<()> {
     let threads_after = thread_cpu(daemon.pid())?;
     let idle_end = process_usage(daemon.pid())?.cpu_seconds;
     let mut latencies = Vec::with_capacity(SCRAPES);
-    let mut body = String::new();
+    let mut response = Vec::new();
+    let mut body_start = 0;
     for _ in 0..SCRAPES {
         let sent = Instant::now();
-        body =
-            http_get(daemon.addr, "/metrics", Some(OPENMETRICS)).context("GET /metrics failed")?;
+        body_start = http_get_into(daemon.addr, "/metrics", Some(OPENMETRICS), &mut response)
+            .context("GET /metrics failed")?;
         latencies.push(sent.elapsed());
     }
+    let body = String::from_utf8(response.split_off(body_start))
+        .context("the /metrics body is not UTF-8")?;
     let usage = process_usage(daemon.pid())?;
 
     daemon.signal(libc::SIGTERM);
