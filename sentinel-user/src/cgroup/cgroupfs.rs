@@ -177,17 +177,19 @@ pub fn read_interface_file<'a>(
     file: &mut fs::File,
     buffer: &'a mut Vec<u8>,
 ) -> std::io::Result<&'a str> {
-    buffer.clear();
+    // The buffer keeps its length between reads: zeroed once when it grows, not at every file.
+    let mut filled = 0;
     loop {
-        let filled = buffer.len();
-        buffer.resize(filled + READ_CHUNK, 0);
-        let read = file.read(&mut buffer[filled..])?;
-        buffer.truncate(filled + read);
+        if buffer.len() < filled + READ_CHUNK {
+            buffer.resize(filled + READ_CHUNK, 0);
+        }
+        let read = file.read(&mut buffer[filled..filled + READ_CHUNK])?;
+        filled += read;
         if read < READ_CHUNK {
             break;
         }
     }
-    std::str::from_utf8(buffer).map_err(|_| std::io::Error::from(ErrorKind::InvalidData))
+    std::str::from_utf8(&buffer[..filled]).map_err(|_| std::io::Error::from(ErrorKind::InvalidData))
 }
 
 fn display_path(path: &str) -> String {
