@@ -174,6 +174,11 @@ pub fn check_sentinel_count(results: &[PreauthResults]) -> Result<()> {
 }
 
 impl PreauthResults {
+    /// The guard's CPU time per attempt made, all attackers together.
+    pub fn cpu_seconds_per_attempt(&self) -> f64 {
+        self.cpu_seconds_per_attack * self.samples.len() as f64 / f64::from(self.attempts.max(1))
+    }
+
     /// The attempts until each ban, of the attackers that were banned.
     pub fn attempts_to_ban(&self) -> Vec<f64> {
         self.samples

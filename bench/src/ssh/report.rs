@@ -438,6 +438,7 @@ impl SshReport<'_> {
                 "attempt_end_to_drop_ms_median": median(&results.times_to_drop_ms()),
                 "line_to_commit_ms_median": median(&results.lines_to_commit_ms()),
                 "cpu_seconds_per_attack": results.cpu_seconds_per_attack,
+                "cpu_seconds_per_attempt": results.cpu_seconds_per_attempt(),
                 "attempts": results.attempts,
                 "counted": results.counted,
             })
@@ -498,6 +499,15 @@ impl SshReport<'_> {
                 ours.cpu_seconds_per_attack,
                 peer,
                 theirs.cpu_seconds_per_attack,
+            );
+            // Apart from how many attempts each lets an attacker make before the ban.
+            summary.compare(
+                SECTION,
+                "CPU per attempt",
+                "s",
+                ours.cpu_seconds_per_attempt(),
+                peer,
+                theirs.cpu_seconds_per_attempt(),
             );
         }
     }
