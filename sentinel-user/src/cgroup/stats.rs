@@ -1,7 +1,7 @@
 //! Per-cgroup resource figures from the cgroup v2 interface files, for `/metrics`. A refresh
 //! task reads them in the background (`policy::resources`); a scrape only encodes its snapshot.
 
-use std::{fs::File, path::Path};
+use std::{fs::File, path::PathBuf};
 
 use super::cgroupfs::{CgroupFs, read_interface_file};
 
@@ -63,14 +63,14 @@ impl StatsReader {
 
     /// The figures of the cgroup at `path` that `detail` exports.
     pub fn read(&mut self, path: &str) -> CgroupStats {
-        let dir = self.fs.dir(path);
+        let mut dir = self.fs.dir(path);
         let mut stats = CgroupStats {
-            memory_current_bytes: self.file(&dir, "memory.current").and_then(parse_number),
-            memory_max_bytes: self.file(&dir, "memory.max").and_then(parse_limit),
-            pids_current: self.file(&dir, "pids.current").and_then(parse_number),
+            memory_current_bytes: self.file(&mut dir, "memory.current").and_then(parse_number),
+            memory_max_bytes: self.file(&mut dir, "memory.max").and_then(parse_limit),
+            pids_current: self.file(&mut dir, "pids.current").and_then(parse_number),
             ..CgroupStats::default()
         };
-        if let Some(cpu_stat) = self.file(&dir, "cpu.stat") {
+        if let Some(cpu_stat) = self.file(&mut dir, "cpu.stat") {
             stats.cpu_usage_seconds = flat_key(cpu_stat, "usage_usec").map(micros_to_seconds);
             stats.cpu_throttled_seconds =
                 flat_key(cpu_stat, "throttled_usec").map(micros_to_seconds);
@@ -80,16 +80,16 @@ impl StatsReader {
             stats.cpu_throttled_periods = None;
             return stats;
         }
-        stats.memory_high_bytes = self.file(&dir, "memory.high").and_then(parse_limit);
-        stats.pids_max = self.file(&dir, "pids.max").and_then(parse_limit);
-        if let Some(events) = self.file(&dir, "memory.events") {
+        stats.memory_high_bytes = self.file(&mut dir, "memory.high").and_then(parse_limit);
+        stats.pids_max = self.file(&mut dir, "pids.max").and_then(parse_limit);
+        if let Some(events) = self.file(&mut dir, "memory.events") {
             stats.memory_events = MEMORY_EVENTS
                 .iter()
                 .filter_map(|event| Some((*event, flat_key(events, event)?)))
                 .collect();
         }
         for (resource, file) in PRESSURE_FILES {
-            if let Some(text) = self.file(&dir, file) {
+            if let Some(text) = self.file(&mut dir, file) {
                 stats.pressure_stall_seconds.extend(
                     pressure_totals(text)
                         .into_iter()
@@ -100,10 +100,13 @@ impl StatsReader {
         stats
     }
 
-    /// The whole text of `dir/name`, or `None` when it cannot be read.
-    fn file(&mut self, dir: &Path, name: &str) -> Option<&str> {
-        let mut file = File::open(dir.join(name)).ok()?;
-        read_interface_file(&mut file, &mut self.buffer).ok()
+    /// The whole text of `dir/name`, or `None` when it cannot be read. `dir` is lent to hold
+    /// the file's path, and given back as it was.
+    fn file(&mut self, dir: &mut PathBuf, name: &str) -> Option<&str> {
+        dir.push(name);
+        let opened = File::open(&*dir);
+        dir.pop();
+        read_interface_file(&mut opened.ok()?, &mut self.buffer).ok()
     }
 }
 

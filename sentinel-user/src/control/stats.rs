@@ -2,7 +2,10 @@
 //! per-service counters (eBPF maps, as a scrape reads them) and, for the services a policy
 //! applies to, the resource refresh's latest snapshot (the figures `/metrics` exports).
 
-use std::{collections::BTreeMap, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use super::report::ServiceStats;
 use crate::{
@@ -24,12 +27,12 @@ pub fn collect(
         row.tcp_connects = totals.counters.tcp_connects;
         row.oom_kills = totals.oom_kills;
     }
-    let policed = applied.lock().expect("applied view lock").policies();
-    for (path, policy) in policed {
-        let row = rows.entry(service_name(&path).to_string()).or_default();
-        row.policy = Some(policy);
+    let policed = Arc::clone(&applied.lock().expect("applied view lock").cgroups);
+    for (path, applied, stats) in snapshot.along(&policed) {
+        let row = rows.entry(service_name(path).to_string()).or_default();
+        row.policy = Some(applied.policy.clone());
         // Applied since the last refresh: no figures until the next.
-        let Some(stats) = snapshot.get(&path) else {
+        let Some(stats) = stats else {
             continue;
         };
         let some_pressure = |resource: &str| {

@@ -2,7 +2,7 @@
 //! client by a fake SSH guard thread that keeps its bans in memory.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     env, fs,
     io::{BufRead, BufReader, Read, Write},
     os::unix::{
@@ -31,7 +31,7 @@ use crate::{
     Error,
     cgroup::stats::CgroupStats,
     metrics::ConnectionMetrics,
-    policy::resources::ResourceSnapshot,
+    policy::{Mode, enforcer::AppliedSummary, resources::ResourceSnapshot},
     queue::{self, Queue, QueueDrops},
     recent::{RecentEvent, RecentLog},
     ssh_guard::{BanInfo, Control, GuardMode, GuardStatus, Input, Unbanned},
@@ -139,13 +139,18 @@ fn view(guard: Queue<Input>) -> DaemonView {
     let started = Instant::now();
     let snapshot = ResourceSnapshot {
         read_at: Some(started + Duration::from_millis(1500)),
-        cgroups: HashMap::from([(
+        policed: Arc::new(BTreeMap::from([(
             "/web".to_owned(),
-            CgroupStats {
-                memory_current_bytes: Some(4096),
-                ..CgroupStats::default()
+            AppliedSummary {
+                policy: "web".into(),
+                mode: Mode::Enforce,
+                memory_max: None,
             },
-        )]),
+        )])),
+        stats: vec![CgroupStats {
+            memory_current_bytes: Some(4096),
+            ..CgroupStats::default()
+        }],
     };
     let mut events = RecentLog::default();
     events.push(sigterm_event());
@@ -161,9 +166,7 @@ fn view(guard: Queue<Input>) -> DaemonView {
             vec![ServiceStats {
                 service: "web".into(),
                 execs: 3,
-                memory_bytes: snapshot
-                    .get("/web")
-                    .and_then(|stats| stats.memory_current_bytes),
+                memory_bytes: snapshot.stats[0].memory_current_bytes,
                 ..ServiceStats::default()
             }]
         }),

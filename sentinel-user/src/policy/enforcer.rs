@@ -78,16 +78,6 @@ pub struct AppliedView {
     pub cgroups: Arc<BTreeMap<String, AppliedSummary>>,
 }
 
-impl AppliedView {
-    /// (cgroup path, policy name) of every policed cgroup, sorted by path.
-    pub fn policies(&self) -> Vec<(String, String)> {
-        self.cgroups
-            .iter()
-            .map(|(path, applied)| (path.clone(), applied.policy.clone()))
-            .collect()
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedSummary {
     pub policy: String,

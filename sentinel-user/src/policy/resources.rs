@@ -5,7 +5,7 @@
 //! cgroup file.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -18,25 +18,40 @@ use prometheus_client::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::enforcer::AppliedView;
+use super::enforcer::{AppliedSummary, AppliedView};
 use crate::cgroup::{
     service_name,
     stats::{CgroupStats, ResourceDetail, StatsReader},
 };
 
-/// The latest figures, by cgroup path, and when they were read.
+/// The latest figures and when they were read. They follow the applied view the pass read,
+/// so a pass neither copies a path nor hashes one.
 #[derive(Debug, Default)]
 pub struct ResourceSnapshot {
     /// When the pass that read them began (rates between two snapshots divide by the time
     /// between these); `None` before the first pass.
     pub read_at: Option<Instant>,
-    pub cgroups: HashMap<String, CgroupStats>,
+    /// The policed cgroups when the pass began, in path order.
+    pub policed: Arc<BTreeMap<String, AppliedSummary>>,
+    /// What the pass read of each, in the same order.
+    pub stats: Vec<CgroupStats>,
 }
 
 impl ResourceSnapshot {
-    /// The figures of the cgroup at `path`, if this pass read it.
-    pub fn get(&self, path: &str) -> Option<&CgroupStats> {
-        self.cgroups.get(path)
+    /// The cgroups of `view`, in path order, with the figures this pass read of each (`None`
+    /// for a cgroup policed since).
+    pub fn along<'a>(
+        &'a self,
+        view: &'a BTreeMap<String, AppliedSummary>,
+    ) -> impl Iterator<Item = (&'a str, &'a AppliedSummary, Option<&'a CgroupStats>)> {
+        let mut read = self.policed.keys().zip(&self.stats).peekable();
+        view.iter().map(move |(path, applied)| {
+            while read.next_if(|(seen, _)| *seen < path).is_some() {}
+            let stats = read
+                .next_if(|(seen, _)| *seen == path)
+                .map(|(_, stats)| stats);
+            (path.as_str(), applied, stats)
+        })
     }
 }
 
@@ -123,20 +138,18 @@ pub async fn refresh(
         let policed = Arc::clone(&view.lock().expect("applied view lock").cgroups);
         let read_at = Instant::now();
         let pass = tokio::task::spawn_blocking(move || {
-            let cgroups = policed
-                .keys()
-                .map(|path| (path.clone(), reader.read(path)))
-                .collect();
-            (reader, cgroups)
+            let stats = policed.keys().map(|path| reader.read(path)).collect();
+            (reader, policed, stats)
         });
-        let Ok((returned, cgroups)) = pass.await else {
+        let Ok((returned, policed, stats)) = pass.await else {
             // The blocking pool is shutting down with the daemon.
             return;
         };
         reader = returned;
         publish.send_replace(Arc::new(ResourceSnapshot {
             read_at: Some(read_at),
-            cgroups,
+            policed,
+            stats,
         }));
     }
 }
@@ -170,9 +183,9 @@ impl Collector for ResourceCollector {
         let applied = Arc::clone(&self.view.lock().expect("applied view lock").cgroups);
         let snapshot = Arc::clone(&self.snapshot.borrow());
         // Only services a policy still applies to, in service order.
-        let policed: Vec<(&str, &CgroupStats)> = applied
-            .keys()
-            .filter_map(|path| Some((service_name(path), snapshot.get(path)?)))
+        let policed: Vec<(&str, &CgroupStats)> = snapshot
+            .along(&applied)
+            .filter_map(|(path, _, stats)| Some((service_name(path), stats?)))
             .collect();
 
         let mut family = encoder.encode_descriptor(
@@ -285,9 +298,14 @@ mod tests {
             );
         }
         let (publish, snapshot) = snapshot_channel();
+        // `/new` is policed after the pass.
+        let mut read = (*view.lock().unwrap().cgroups).clone();
+        read.remove("/new");
+        let stats = vec![stats()];
         publish.send_replace(Arc::new(ResourceSnapshot {
             read_at: Some(Instant::now()),
-            cgroups: HashMap::from([("/web".to_owned(), stats())]),
+            policed: Arc::new(read),
+            stats,
         }));
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ResourceCollector::new(view, snapshot, detail)));
@@ -298,6 +316,44 @@ mod tests {
 
     fn samples(body: &str) -> Vec<&str> {
         body.lines().filter(|line| !line.starts_with('#')).collect()
+    }
+
+    #[test]
+    fn each_policed_cgroup_gets_its_own_figures_whatever_changed_since_the_pass() {
+        let summary = |policy: &str| AppliedSummary {
+            policy: policy.into(),
+            mode: Mode::Enforce,
+            memory_max: None,
+        };
+        let read = |bytes| CgroupStats {
+            memory_current_bytes: Some(bytes),
+            ..CgroupStats::default()
+        };
+        let snapshot = ResourceSnapshot {
+            read_at: Some(Instant::now()),
+            policed: Arc::new(BTreeMap::from([
+                ("/a".to_owned(), summary("a")),
+                ("/gone".to_owned(), summary("gone")),
+                ("/web".to_owned(), summary("web")),
+            ])),
+            stats: vec![read(1), read(2), read(3)],
+        };
+        // Since the pass: `/gone` let go, `/b` and `/z` policed.
+        let view =
+            BTreeMap::from(["/a", "/b", "/web", "/z"].map(|path| (path.to_owned(), summary("p"))));
+        let paired: Vec<(&str, Option<u64>)> = snapshot
+            .along(&view)
+            .map(|(path, _, stats)| (path, stats.and_then(|stats| stats.memory_current_bytes)))
+            .collect();
+        assert_eq!(
+            paired,
+            [
+                ("/a", Some(1)),
+                ("/b", None),
+                ("/web", Some(3)),
+                ("/z", None)
+            ]
+        );
     }
 
     #[test]
