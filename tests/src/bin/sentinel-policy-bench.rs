@@ -45,8 +45,9 @@ const STATS_FILES: [&str; 4] = ["memory.current", "memory.max", "cpu.stat", "pid
 /// `metrics.resource_refresh` (its default): the idle daemon reads every service's stats files
 /// this often.
 const RESOURCE_REFRESH_SECONDS: u64 = 10;
-/// How long the daemon's idle CPU is measured.
-const IDLE_WINDOW: Duration = Duration::from_secs(20);
+/// How long the daemon's idle CPU is measured: six stats passes, so that where the window
+/// falls between two passes moves the figure by a sixth at most.
+const IDLE_WINDOW: Duration = Duration::from_secs(6 * RESOURCE_REFRESH_SECONDS);
 /// Under software emulation the daemon's start (loading the eBPF programs) takes seconds, and
 /// thousands of cgroups take minutes.
 const PATIENCE: Duration = Duration::from_secs(600);
