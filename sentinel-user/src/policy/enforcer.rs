@@ -420,17 +420,9 @@ impl Enforcer {
     fn reload(&mut self, policy: Policy) {
         let started = Instant::now();
         self.pass = Some(Pass::default());
-        // The same targets in the same order give every cgroup the same policy as before.
-        let same_targets = self
-            .policy
-            .services
-            .iter()
-            .map(|service| &service.target)
-            .eq(policy.services.iter().map(|service| &service.target));
         self.policy = policy;
         self.subtree_controls = SubtreeControls::default();
         let paths: Vec<String> = self.applied.keys().cloned().collect();
-        let mut released = Vec::new();
         for path in paths {
             let wanted = self.policy_for(&path).cloned();
             let Some(applied) = self.applied.get(&path) else {
@@ -445,26 +437,12 @@ impl Enforcer {
                 Some(policy) if enforced_directly && policy.mode == Mode::Enforce => {
                     self.retarget(&path, policy);
                 }
-                _ => {
-                    self.release(&path);
-                    released.push(path);
-                }
+                _ => self.release(&path),
             }
         }
         let units = self.stale_units();
         self.give_back_units(&units);
-        if same_targets {
-            // No cgroup can match a policy it did not match before, so the hierarchy is not
-            // walked: only those let go above (now observed, or enforced another way) and
-            // those that failed are brought in line again.
-            let failed = std::mem::take(&mut self.unapplied).into_keys();
-            for path in released.into_iter().chain(failed) {
-                self.reconcile(&path);
-            }
-            self.publish();
-        } else {
-            self.apply_all();
-        }
+        self.apply_all();
         self.end_pass();
         info!(
             took_ms = started.elapsed().as_millis() as u64,
@@ -1653,35 +1631,6 @@ mod tests {
         std::fs::write(root.join("a/memory.max"), "max").unwrap();
         enforcer.tick();
         assert_eq!(enforcer.drifting, BTreeSet::from(["/a".to_owned()]));
-    }
-
-    #[test]
-    fn a_reload_to_the_same_targets_changes_modes_and_one_to_new_targets_finds_new_cgroups() {
-        let dir = StateDir::new("reload-targets");
-        let root = memory_cgroups(&dir, &["a", "b"]);
-        let policy = |cgroup: &str, mode: &str| {
-            Config::parse(
-                "c.yaml",
-                &format!(
-                    "policies:\n  - name: p\n    cgroup: \"{cgroup}\"\n    mode: {mode}\n    \
-                     memory.max: 64M\n"
-                ),
-            )
-            .unwrap()
-            .policies
-        };
-        let memory_max =
-            |cgroup: &str| std::fs::read_to_string(root.join(cgroup).join("memory.max")).unwrap();
-        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), "");
-        enforcer.reload(policy("a", "observe"));
-        assert_eq!([memory_max("a"), memory_max("b")], ["max", "max"]);
-        // Observed, then enforced: the same target, so no walk; `a` is let go and applied again.
-        enforcer.reload(policy("a", "enforce"));
-        assert_eq!([memory_max("a"), memory_max("b")], ["67108864", "max"]);
-        // A target that matches more: the hierarchy is walked and `b` found.
-        enforcer.reload(policy("*", "enforce"));
-        assert_eq!([memory_max("a"), memory_max("b")], ["67108864", "67108864"]);
-        assert_eq!(enforcer.applied.len(), 2);
     }
 
     #[test]
