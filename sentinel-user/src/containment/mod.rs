@@ -13,10 +13,7 @@ mod metrics;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
-    sync::{
-        Arc,
-        mpsc::{Receiver, RecvTimeoutError},
-    },
+    sync::{Arc, mpsc::RecvTimeoutError},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -33,7 +30,7 @@ use crate::{
     cgroup::{cgroupfs::CgroupFs, walk_hierarchy},
     firewall::Isolation,
     policy::{Mode, OnViolation, Policy, ServicePolicy},
-    queue::Queue,
+    queue::{Inbox, Queue},
     ssh_guard::audit::{AuditLog, rfc3339},
     systemd::SystemdBus,
 };
@@ -242,7 +239,7 @@ impl Containment {
         }
     }
 
-    pub fn run(mut self, inputs: Receiver<Input>) {
+    pub fn run(mut self, inputs: Inbox<Input>) {
         let mut next_tick = Instant::now() + TICK;
         loop {
             // With no allow list there are no files to look at: no timer wakes the thread.

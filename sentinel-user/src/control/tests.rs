@@ -13,7 +13,6 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
-        mpsc,
     },
     thread,
     time::{Duration, Instant},
@@ -32,7 +31,7 @@ use crate::{
     cgroup::stats::CgroupStats,
     metrics::ConnectionMetrics,
     policy::{Mode, enforcer::AppliedSummary, resources::ResourceSnapshot},
-    queue::{self, Queue, QueueDrops},
+    queue::{self, Inbox, Queue, QueueDrops},
     recent::{RecentEvent, RecentLog},
     ssh_guard::{BanInfo, Control, GuardMode, GuardStatus, Input, Unbanned},
 };
@@ -65,7 +64,7 @@ impl Drop for TempDir {
 }
 
 /// A queue to the SSH guard, as the daemon makes it.
-fn test_queue() -> (Queue<Input>, mpsc::Receiver<Input>) {
+fn test_queue() -> (Queue<Input>, Inbox<Input>) {
     queue::bounded("ssh_guard", 64, &QueueDrops::new(&mut Registry::default()))
 }
 
@@ -75,7 +74,7 @@ fn fake_guard() -> Queue<Input> {
         queue::bounded("ssh_guard", 16, &QueueDrops::new(&mut Registry::default()));
     thread::spawn(move || {
         let mut bans: Vec<BanInfo> = Vec::new();
-        for input in inputs {
+        while let Ok(input) = inputs.recv_timeout(Duration::MAX) {
             let Input::Control(control) = input else {
                 continue;
             };
@@ -398,7 +397,9 @@ fn clients_beyond_the_cap_are_refused_when_all_are_being_answered() {
         })
         .collect();
     // Every request has reached the guard, so every slot is being answered.
-    let held: Vec<Input> = inputs.iter().take(MAX_CLIENTS).collect();
+    let held: Vec<Input> = (0..MAX_CLIENTS)
+        .map(|_| inputs.recv_timeout(Duration::MAX).expect("a request"))
+        .collect();
     match bans(&daemon.path) {
         Err(Error::ControlRejected(message)) => assert_eq!(
             message,

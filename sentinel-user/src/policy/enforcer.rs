@@ -12,10 +12,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::Path,
-    sync::{
-        Arc, Mutex,
-        mpsc::{Receiver, RecvTimeoutError},
-    },
+    sync::{Arc, Mutex, mpsc::RecvTimeoutError},
     time::{Duration, Instant},
 };
 
@@ -37,6 +34,7 @@ use crate::{
         guardian::{GuardAction, GuardLimits, MemoryGuard, ProcessHandle, largest_process},
         service_name, walk_hierarchy,
     },
+    queue::Inbox,
     state::StateFile,
     systemd::{
         self, RUNTIME_CONTROL_DIR, RuntimeDropIns, SystemdBus, UnitProperty, UnitRecord,
@@ -334,7 +332,7 @@ impl Enforcer {
     }
 
     /// Handles inputs until `Stop`; limits stay in place when the daemon stops.
-    pub fn run(mut self, inputs: Receiver<Input>) {
+    pub fn run(mut self, inputs: Inbox<Input>) {
         self.give_back_unclaimed();
         self.apply_all();
         let mut next_tick = Instant::now() + TICK;

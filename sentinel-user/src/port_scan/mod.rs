@@ -13,7 +13,7 @@ pub mod settings;
 
 use std::{
     net::IpAddr,
-    sync::mpsc::{Receiver, RecvTimeoutError},
+    sync::mpsc::RecvTimeoutError,
     time::{Duration, Instant},
 };
 
@@ -25,7 +25,7 @@ pub use self::{
     settings::PortScanConfig,
 };
 use crate::{
-    queue::Queue,
+    queue::{Inbox, Queue},
     ssh_guard::{GuardMode, Input as GuardInput},
 };
 
@@ -69,7 +69,7 @@ impl PortScan {
     }
 
     /// Handles inputs until `Stop` (or every sender is gone).
-    pub fn run(mut self, inputs: Receiver<Input>) {
+    pub fn run(mut self, inputs: Inbox<Input>) {
         loop {
             match inputs.recv_timeout(Duration::from_secs(1)) {
                 Ok(Input::Hit(hit)) => self.hit(Instant::now(), hit),

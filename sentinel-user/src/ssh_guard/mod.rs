@@ -14,7 +14,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     path::PathBuf,
-    sync::mpsc::{Receiver, RecvTimeoutError, Sender},
+    sync::mpsc::{RecvTimeoutError, Sender},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -32,6 +32,7 @@ use crate::{
     events::{SshAuth, SshOutcome},
     firewall::{Ban, Firewall, FirewallOptions, IpNet, TableWatch},
     port_scan::{PORT_SCAN_REASON, Scanner},
+    queue::Inbox,
     recent::Recorder,
     state::{Clocks, SavedBan, SavedOffense, SavedState, StateFile},
 };
@@ -244,7 +245,7 @@ impl SshGuard {
 
     /// Handles inputs until `Stop` (or every sender is gone); bans stay unless the firewall
     /// was configured to flush on exit.
-    pub fn run(mut self, inputs: Receiver<Input>) {
+    pub fn run(mut self, inputs: Inbox<Input>) {
         loop {
             // Woken by time only when a ban ends, an offender is to be forgotten or the state
             // file is due: an idle guard sleeps.
