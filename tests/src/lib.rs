@@ -360,11 +360,45 @@ pub fn http_get_into(
         .windows(4)
         .position(|window| window == b"\r\n\r\n")
         .ok_or_else(|| std::io::Error::other("malformed HTTP response"))?;
-    if !response.starts_with(b"HTTP/1.1 200") {
-        let head = String::from_utf8_lossy(&response[..head_end]);
+    let head = String::from_utf8_lossy(&response[..head_end]);
+    if !head.starts_with("HTTP/1.1 200") {
         return Err(std::io::Error::other(format!("HTTP error: {head}")));
     }
+    let chunked = head
+        .lines()
+        .any(|line| line.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    if chunked {
+        let body_len = dechunk(response, head_end + 4)?;
+        response.truncate(head_end + 4 + body_len);
+    }
     Ok(head_end + 4)
+}
+
+/// Decodes the chunked body that starts at `start`, in place; returns its length. A body without
+/// its last (empty) chunk was cut off: an error.
+fn dechunk(response: &mut [u8], start: usize) -> std::io::Result<usize> {
+    let malformed = || std::io::Error::other("malformed or incomplete chunked body");
+    let (mut read, mut written) = (start, start);
+    loop {
+        let line_end = response[read..]
+            .windows(2)
+            .position(|window| window == b"\r\n")
+            .ok_or_else(malformed)?;
+        let size = std::str::from_utf8(&response[read..read + line_end])
+            .ok()
+            .and_then(|line| usize::from_str_radix(line.split(';').next()?.trim(), 16).ok())
+            .ok_or_else(malformed)?;
+        read += line_end + 2;
+        if size == 0 {
+            return Ok(written - start);
+        }
+        if read + size + 2 > response.len() || &response[read + size..read + size + 2] != b"\r\n" {
+            return Err(malformed());
+        }
+        response.copy_within(read..read + size, written);
+        written += size;
+        read += size + 2;
+    }
 }
 
 /// One scrape of `/metrics` in the classic text format. A series that must exist must be found:
@@ -591,4 +625,20 @@ pub fn rfc3339_millis(text: &str) -> i64 {
     let days = era * 146_097 + day_of_era - 719_468;
     let seconds = ((days * 24 + field(11..13)) * 60 + field(14..16)) * 60 + field(17..19);
     seconds * 1000 + field(20..23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dechunk;
+
+    #[test]
+    fn a_chunked_body_is_decoded_and_a_cut_one_refused() {
+        let mut whole = b"HEAD\r\n\r\n5\r\nhello\r\n1;x=y\r\n!\r\n0\r\n\r\n".to_vec();
+        let length = dechunk(&mut whole, 8).unwrap();
+        assert_eq!(&whole[8..8 + length], b"hello!");
+        let mut cut = b"HEAD\r\n\r\n5\r\nhello\r\n".to_vec();
+        assert!(dechunk(&mut cut, 8).is_err());
+        let mut short = b"HEAD\r\n\r\n9\r\nhello\r\n0\r\n\r\n".to_vec();
+        assert!(dechunk(&mut short, 8).is_err());
+    }
 }
