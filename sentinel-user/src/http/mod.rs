@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
-    metrics::{ConnectionMetrics, Endpoint, Format, Metrics, Rejection, Stage},
+    metrics::{Chunk, ConnectionMetrics, Endpoint, Format, Metrics, Rejection, Stage},
     slots::{Slot, Slots},
 };
 
@@ -221,7 +221,7 @@ const CHUNKS_IN_FLIGHT: usize = 2;
 
 /// What the encoder hands the response.
 enum Piece {
-    Text(String),
+    Text(Chunk),
     /// The body is complete; a body whose encoder stops before this is cut off as failed.
     End,
 }
@@ -280,7 +280,7 @@ impl http_body::Body for StreamedBody {
             return std::task::Poll::Ready(None);
         }
         self.chunks.poll_recv(context).map(|piece| match piece {
-            Some(Piece::Text(text)) => Some(Ok(http_body::Frame::data(Bytes::from(text)))),
+            Some(Piece::Text(chunk)) => Some(Ok(http_body::Frame::data(Bytes::from_owner(chunk)))),
             Some(Piece::End) => {
                 self.ended = true;
                 None
@@ -407,10 +407,22 @@ mod tests {
             encoders: Arc::clone(&encoders),
             runtime: runtime.handle().clone(),
         };
+        // Two chunks, each a whole (small) body.
+        let mut chunks = Vec::new();
+        for _ in 0..2 {
+            Metrics::default()
+                .encode(Format::OpenMetrics, |chunk| {
+                    chunks.push(chunk);
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let expected: Vec<Vec<u8>> = chunks.iter().map(|chunk| chunk.as_ref().to_vec()).collect();
         let waiting = std::thread::spawn(move || {
-            sender.send(Piece::Text("first".into()))?;
-            // The channel is full: this waits for the client.
-            sender.send(Piece::Text("second".into()))?;
+            // The second waits for the client: the channel holds one.
+            for chunk in chunks {
+                sender.send(Piece::Text(chunk))?;
+            }
             sender.send(Piece::End)
         });
         let hang_guard = Duration::from_secs(60);
@@ -420,10 +432,10 @@ mod tests {
                 .expect("another scrape gets the place of the waiting encoder")
                 .unwrap();
             drop(other);
-            for expected in ["first", "second"] {
+            for expected in &expected {
                 match body.recv().await {
-                    Some(Piece::Text(text)) => assert_eq!(text, expected),
-                    _ => panic!("expected {expected}"),
+                    Some(Piece::Text(chunk)) => assert_eq!(chunk.as_ref(), expected),
+                    _ => panic!("expected a chunk"),
                 }
             }
             assert!(matches!(body.recv().await, Some(Piece::End)));

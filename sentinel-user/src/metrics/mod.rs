@@ -8,7 +8,10 @@ pub use connections::ConnectionMetrics;
 pub(crate) use connections::{Endpoint, Rejection, Stage};
 pub use kernel_counters::KernelCounters;
 
-use std::fmt;
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -20,10 +23,50 @@ type Labels = Vec<(&'static str, String)>;
 
 /// A body is handed over in pieces of at least this size (a whole family may make one larger):
 /// a scrape never holds the whole body, which is megabytes with thousands of services.
-const CHUNK_BYTES: usize = 256 * 1024;
+const CHUNK_BYTES: usize = 64 * 1024;
 
 pub struct Metrics {
     registry: Registry,
+    /// Buffers of chunks already sent, written again by the next scrapes.
+    buffers: Arc<Buffers>,
+}
+
+/// Chunks' buffers kept between scrapes: text written into fresh memory takes a page fault
+/// for every page at every scrape, and a family larger than a chunk grows it by copying.
+#[derive(Default)]
+struct Buffers(Mutex<Vec<String>>);
+
+/// Buffers kept: as many as one scrape has at once (being written, queued, being sent).
+const BUFFERS_KEPT: usize = 4;
+
+impl Buffers {
+    fn take(&self) -> String {
+        let kept = self.0.lock().expect("buffers lock").pop();
+        kept.unwrap_or_else(|| String::with_capacity(CHUNK_BYTES))
+    }
+}
+
+/// A piece of a body; its buffer goes back for the next scrapes once it is sent.
+pub struct Chunk {
+    text: String,
+    buffers: Arc<Buffers>,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        self.text.as_bytes()
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        let mut kept = self.buffers.0.lock().expect("buffers lock");
+        if kept.len() < BUFFERS_KEPT {
+            kept.push(text);
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -39,7 +82,10 @@ impl Default for Metrics {
             "Sentinel's version; the value is always 1",
             build_info,
         );
-        Self { registry }
+        Self {
+            registry,
+            buffers: Arc::default(),
+        }
     }
 }
 
@@ -52,11 +98,12 @@ impl Metrics {
     /// Encodes every metric in `format`, handing the text to `send` in chunks. A chunk ends
     /// where a family ends: `send` may wait for the client there, since the encoder then holds
     /// no lock of any metric. An error from `send` stops the encoding.
-    pub fn encode(&self, format: Format, send: impl FnMut(String) -> fmt::Result) -> fmt::Result {
+    pub fn encode(&self, format: Format, send: impl FnMut(Chunk) -> fmt::Result) -> fmt::Result {
         let mut chunks = Chunks {
             format,
             send,
-            chunk: String::with_capacity(CHUNK_BYTES),
+            chunk: self.buffers.take(),
+            buffers: Arc::clone(&self.buffers),
             comment: String::new(),
             pending_help: String::new(),
             at_line_start: true,
@@ -79,6 +126,7 @@ pub enum Format {
 struct Chunks<F> {
     format: Format,
     send: F,
+    buffers: Arc<Buffers>,
     chunk: String,
     /// The comment line being written (`# HELP`, `# TYPE`, ...), until its end.
     comment: String,
@@ -87,14 +135,14 @@ struct Chunks<F> {
     at_line_start: bool,
 }
 
-impl<F: FnMut(String) -> fmt::Result> Chunks<F> {
+impl<F: FnMut(Chunk) -> fmt::Result> Chunks<F> {
     /// A whole comment line (with its newline).
     fn comment_done(&mut self) -> fmt::Result {
         let line = std::mem::take(&mut self.comment);
         if line.starts_with("# HELP ") && self.chunk.len() >= CHUNK_BYTES {
             // A family begins: the previous ones are complete.
-            let next = String::with_capacity(CHUNK_BYTES);
-            (self.send)(std::mem::replace(&mut self.chunk, next))?;
+            let next = self.buffers.take();
+            self.send_chunk(next)?;
         }
         match self.format {
             Format::OpenMetrics => self.chunk.push_str(&line),
@@ -145,16 +193,25 @@ impl<F: FnMut(String) -> fmt::Result> Chunks<F> {
     }
 
     /// Sends what is left.
-    fn finish(mut self) -> fmt::Result {
+    fn finish(&mut self) -> fmt::Result {
         if !self.comment.is_empty() {
             return Err(fmt::Error);
         }
         self.flush_help();
-        (self.send)(self.chunk)
+        self.send_chunk(String::new())
+    }
+
+    /// Sends the chunk written so far, and goes on in `next`.
+    fn send_chunk(&mut self, next: String) -> fmt::Result {
+        let text = std::mem::replace(&mut self.chunk, next);
+        (self.send)(Chunk {
+            text,
+            buffers: Arc::clone(&self.buffers),
+        })
     }
 }
 
-impl<F: FnMut(String) -> fmt::Result> fmt::Write for Chunks<F> {
+impl<F: FnMut(Chunk) -> fmt::Result> fmt::Write for Chunks<F> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         // The encoder writes a line in pieces, the newline last: a piece of a sample line goes
         // straight into the chunk, and only comment lines take the slower way.
@@ -167,7 +224,7 @@ impl<F: FnMut(String) -> fmt::Result> fmt::Write for Chunks<F> {
     }
 }
 
-impl<F: FnMut(String) -> fmt::Result> Chunks<F> {
+impl<F: FnMut(Chunk) -> fmt::Result> Chunks<F> {
     fn write_comment(&mut self, mut text: &str) -> fmt::Result {
         while let Some(end) = text.find('\n') {
             let (line_end, rest) = text.split_at(end + 1);
@@ -194,7 +251,7 @@ mod tests {
         let mut chunks = Vec::new();
         metrics
             .encode(format, |chunk| {
-                chunks.push(chunk);
+                chunks.push(chunk.text.clone());
                 Ok(())
             })
             .unwrap();
@@ -300,5 +357,32 @@ sentinel_memory_bytes 7
         });
         assert_eq!(result, Err(fmt::Error));
         assert_eq!(sent, 1);
+    }
+
+    #[test]
+    fn a_sent_chunk_leaves_its_buffer_to_the_next_one() {
+        let metrics = Metrics::default();
+        let mut sent = Vec::new();
+        metrics
+            .encode(Format::OpenMetrics, |chunk| {
+                sent.push(chunk);
+                Ok(())
+            })
+            .unwrap();
+        let address = sent[0].text.as_ptr();
+        let capacity = sent[0].text.capacity();
+        drop(sent);
+        let reused = metrics.buffers.take();
+        assert!(reused.is_empty());
+        assert_eq!((reused.as_ptr(), reused.capacity()), (address, capacity));
+        // No more are kept than one scrape has at once.
+        let chunks: Vec<Chunk> = (0..BUFFERS_KEPT + 1)
+            .map(|_| Chunk {
+                text: "y".repeat(16),
+                buffers: Arc::clone(&metrics.buffers),
+            })
+            .collect();
+        drop(chunks);
+        assert_eq!(metrics.buffers.0.lock().unwrap().len(), BUFFERS_KEPT);
     }
 }
