@@ -442,4 +442,38 @@ mod tests {
         });
         assert_eq!(waiting.join().unwrap(), Ok(()));
     }
+
+    #[test]
+    fn a_body_whose_encoder_stops_early_fails_instead_of_ending() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        for ends in [true, false] {
+            let (sender, receiver) = mpsc::channel(4);
+            Metrics::default()
+                .encode(Format::OpenMetrics, |chunk| {
+                    sender.try_send(Piece::Text(chunk)).ok().unwrap();
+                    Ok(())
+                })
+                .unwrap();
+            if ends {
+                sender.try_send(Piece::End).ok().unwrap();
+            }
+            drop(sender);
+            let mut body = StreamedBody {
+                chunks: receiver,
+                ended: false,
+            };
+            let mut next = || {
+                runtime.block_on(std::future::poll_fn(|context| {
+                    http_body::Body::poll_frame(std::pin::Pin::new(&mut body), context)
+                }))
+            };
+            assert!(next().unwrap().unwrap().is_data());
+            if ends {
+                assert!(next().is_none());
+                assert!(next().is_none());
+            } else {
+                assert!(matches!(next(), Some(Err(Incomplete))));
+            }
+        }
+    }
 }
