@@ -4,8 +4,7 @@
 
 use std::{
     fs::{self, File},
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     str::FromStr,
@@ -49,7 +48,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// bpftrace prints its maps on SIGINT; on a loaded machine that took over 10 s once.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tool {
@@ -528,26 +526,8 @@ fn peer_seen(tool: Tool, setup: &RunSetup) -> Result<Seen> {
 }
 
 pub(super) fn scrape(address: SocketAddr) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&address, SCRAPE_TIMEOUT)
-        .with_context(|| format!("cannot connect to Sentinel's /metrics at {address}"))?;
-    stream.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .with_context(|| format!("reading http://{address}/metrics failed"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("malformed HTTP response from {address}"))?;
-    ensure!(
-        head.starts_with("HTTP/1.1 200"),
-        "http://{address}/metrics answered {}",
-        head.lines().next().unwrap_or_default()
-    );
-    Ok(body.to_owned())
+    sentinel_tests::http_get(address, "/metrics", None)
+        .with_context(|| format!("scraping http://{address}/metrics failed"))
 }
 
 /// The value of one series in Prometheus text, e.g. `name{label="value"}`.

@@ -144,7 +144,10 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     let counters = take_map(&mut probes.ebpf, "COUNTERS")?.try_into()?;
     let lost = take_map(&mut probes.ebpf, "LOST")?.try_into()?;
     let kernel_counters = Arc::new(KernelCounters::new(counters, lost, attribution.clone())?);
-    let mut metrics = Metrics::new(kernel_counters.clone());
+    let mut metrics = Metrics::default();
+    metrics
+        .registry_mut()
+        .register_collector(Box::new(kernel_counters.clone()));
     probes.register_metrics(metrics.registry_mut());
     let (components, mut stopped) = Components::new(metrics.registry_mut());
     let queue_drops = QueueDrops::new(metrics.registry_mut());

@@ -9,7 +9,7 @@ pub mod sshlab;
 use std::{
     collections::BTreeSet,
     fs::{self, File},
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -338,7 +338,8 @@ pub fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> std::io::
 
 /// [`http_get`] into `response`, a buffer kept between requests (as a scraper keeps one, so
 /// that a bench times the server rather than its own allocations); returns where the body
-/// starts in it.
+/// starts in it. A chunked body is decoded as it is read; one cut off before its last chunk is
+/// an error.
 pub fn http_get_into(
     addr: SocketAddr,
     path: &str,
@@ -355,16 +356,56 @@ pub fn http_get_into(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
     )?;
     response.clear();
-    stream.read_to_end(response)?;
-    let head_end = response
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other("malformed HTTP response"))?;
-    if !response.starts_with(b"HTTP/1.1 200") {
-        let head = String::from_utf8_lossy(&response[..head_end]);
+    let mut reader = BufReader::new(stream);
+    loop {
+        let line_start = response.len();
+        if reader.read_until(b'\n', response)? == 0 {
+            return Err(std::io::Error::other("malformed HTTP response"));
+        }
+        if response[line_start..] == *b"\r\n" {
+            break;
+        }
+    }
+    let body_start = response.len();
+    let head = String::from_utf8_lossy(&response[..body_start]);
+    if !head.starts_with("HTTP/1.1 200") {
         return Err(std::io::Error::other(format!("HTTP error: {head}")));
     }
-    Ok(head_end + 4)
+    let chunked = head
+        .lines()
+        .any(|line| line.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    if chunked {
+        read_chunked(&mut reader, response)?;
+    } else {
+        reader.read_to_end(response)?;
+    }
+    Ok(body_start)
+}
+
+/// Appends a chunked body's data to `body`, up to its last (empty) chunk.
+fn read_chunked(reader: &mut impl BufRead, body: &mut Vec<u8>) -> std::io::Result<()> {
+    let malformed = || std::io::Error::other("malformed or incomplete chunked body");
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let size = line
+            .strip_suffix("\r\n")
+            .and_then(|line| usize::from_str_radix(line.split(';').next()?.trim(), 16).ok())
+            .ok_or_else(malformed)?;
+        let read = reader.take(size as u64).read_to_end(body)?;
+        if read != size {
+            return Err(malformed());
+        }
+        let mut end = [0u8; 2];
+        reader.read_exact(&mut end).map_err(|_| malformed())?;
+        if end != *b"\r\n" {
+            return Err(malformed());
+        }
+        if size == 0 {
+            return Ok(());
+        }
+    }
 }
 
 /// One scrape of `/metrics` in the classic text format. A series that must exist must be found:
@@ -591,4 +632,27 @@ pub fn rfc3339_millis(text: &str) -> i64 {
     let days = era * 146_097 + day_of_era - 719_468;
     let seconds = ((days * 24 + field(11..13)) * 60 + field(14..16)) * 60 + field(17..19);
     seconds * 1000 + field(20..23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_chunked;
+
+    #[test]
+    fn a_chunked_body_is_decoded_and_a_cut_one_refused() {
+        let mut body = b"kept".to_vec();
+        read_chunked(
+            &mut &b"5\r\nhello\r\n1;x=y\r\n!\r\n0\r\n\r\n"[..],
+            &mut body,
+        )
+        .unwrap();
+        assert_eq!(body, b"kepthello!");
+        for cut in [
+            &b"5\r\nhello\r\n"[..],
+            b"9\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX",
+        ] {
+            assert!(read_chunked(&mut &cut[..], &mut Vec::new()).is_err());
+        }
+    }
 }

@@ -8,7 +8,10 @@ pub use connections::ConnectionMetrics;
 pub(crate) use connections::{Endpoint, Rejection, Stage};
 pub use kernel_counters::KernelCounters;
 
-use std::sync::{Arc, Mutex};
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -18,44 +21,45 @@ use prometheus_client::{
 
 type Labels = Vec<(&'static str, String)>;
 
+/// A body is handed over in pieces of at least this size (a whole family may make one larger):
+/// a scrape never holds the whole body, which is megabytes with thousands of services, and a
+/// body of hundreds of services goes in one piece (each piece costs thread hand-offs).
+const CHUNK_BYTES: usize = 1024 * 1024;
+
 pub struct Metrics {
     registry: Registry,
-    /// Buffers of earlier bodies, written again by the next scrapes.
+    /// Buffers of chunks already sent, written again by the next scrapes.
     buffers: Arc<Buffers>,
 }
 
-/// Bodies' buffers kept between scrapes: a body of megabytes written into fresh memory takes a
-/// page fault for every page at every scrape, grows by copying itself, and once freed stays
-/// with the allocator anyway.
+/// Chunks' buffers kept between scrapes: text written into fresh memory takes a page fault
+/// for every page at every scrape, and a family larger than a chunk grows it by copying.
 #[derive(Default)]
 struct Buffers(Mutex<Vec<String>>);
 
-/// Buffers kept: one per scrape encoding at once.
+/// Buffers kept: the ones a scrape writes in turn while the client takes the others.
 const BUFFERS_KEPT: usize = 2;
 
 impl Buffers {
     fn take(&self) -> String {
-        self.0
-            .lock()
-            .expect("buffers lock")
-            .pop()
-            .unwrap_or_default()
+        let kept = self.0.lock().expect("buffers lock").pop();
+        kept.unwrap_or_else(|| String::with_capacity(CHUNK_BYTES))
     }
 }
 
-/// An encoded body; its buffer goes back for the next scrape once it is sent.
-pub struct Body {
+/// A piece of a body; its buffer goes back for the next scrapes once it is sent.
+pub struct Chunk {
     text: String,
     buffers: Arc<Buffers>,
 }
 
-impl AsRef<[u8]> for Body {
+impl AsRef<[u8]> for Chunk {
     fn as_ref(&self) -> &[u8] {
         self.text.as_bytes()
     }
 }
 
-impl Drop for Body {
+impl Drop for Chunk {
     fn drop(&mut self) {
         let mut text = std::mem::take(&mut self.text);
         text.clear();
@@ -66,8 +70,8 @@ impl Drop for Body {
     }
 }
 
-impl Metrics {
-    pub fn new(kernel: Arc<KernelCounters>) -> Self {
+impl Default for Metrics {
+    fn default() -> Self {
         let mut registry = Registry::default();
 
         let build_info = Family::<Labels, Gauge>::default();
@@ -79,35 +83,34 @@ impl Metrics {
             "Sentinel's version; the value is always 1",
             build_info,
         );
-
-        registry.register_collector(Box::new(kernel));
         Self {
             registry,
             buffers: Arc::default(),
         }
     }
+}
 
+impl Metrics {
     /// For the other concerns to register their metrics before serving starts.
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
     }
 
-    /// Every metric in `format`.
-    pub fn encode(&self, format: Format) -> Result<Body, std::fmt::Error> {
-        let body = |text| Body {
-            text,
+    /// Encodes every metric in `format`, handing the text to `send` in chunks. A chunk ends
+    /// where a family ends: `send` may wait for the client there, since the encoder then holds
+    /// no lock of any metric. An error from `send` stops the encoding.
+    pub fn encode(&self, format: Format, send: impl FnMut(Chunk) -> fmt::Result) -> fmt::Result {
+        let mut chunks = Chunks {
+            format,
+            send,
+            chunk: self.buffers.take(),
             buffers: Arc::clone(&self.buffers),
+            comment: String::new(),
+            pending_help: String::new(),
+            at_line_start: true,
         };
-        let mut openmetrics = body(self.buffers.take());
-        encode(&mut openmetrics.text, &self.registry)?;
-        Ok(match format {
-            Format::OpenMetrics => openmetrics,
-            Format::PrometheusText => {
-                let mut text = body(self.buffers.take());
-                openmetrics_to_prometheus_text(&openmetrics.text, &mut text.text);
-                text
-            }
-        })
+        encode(&mut chunks, &self.registry)?;
+        chunks.finish()
     }
 }
 
@@ -118,27 +121,125 @@ pub enum Format {
     PrometheusText,
 }
 
-/// Rewrites OpenMetrics text as classic Prometheus text: counters' HELP and TYPE name the
-/// `_total` series (OpenMetrics names the family without it), and `# EOF` is dropped.
-fn openmetrics_to_prometheus_text(openmetrics: &str, out: &mut String) {
-    let counters: Vec<&str> = openmetrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    out.reserve(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
+/// The encoder's output, cut into chunks between families. For the classic text format,
+/// counters' HELP and TYPE name the `_total` series (OpenMetrics names the family without it),
+/// and `# UNIT` and `# EOF` are dropped.
+struct Chunks<F> {
+    format: Format,
+    send: F,
+    buffers: Arc<Buffers>,
+    chunk: String,
+    /// The comment line being written (`# HELP`, `# TYPE`, ...), until its end.
+    comment: String,
+    /// A classic text HELP line, held until the TYPE line says whether it names a counter.
+    pending_help: String,
+    at_line_start: bool,
+}
+
+impl<F: FnMut(Chunk) -> fmt::Result> Chunks<F> {
+    /// A whole comment line (with its newline).
+    fn comment_done(&mut self) -> fmt::Result {
+        let line = std::mem::take(&mut self.comment);
+        if line.starts_with("# HELP ") && self.chunk.len() >= CHUNK_BYTES {
+            // A family begins: the previous ones are complete.
+            let next = self.buffers.take();
+            self.send_chunk(next)?;
         }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(&name)
-                .then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
+        match self.format {
+            Format::OpenMetrics => self.chunk.push_str(&line),
+            Format::PrometheusText => self.classic_comment(&line),
+        }
+        self.comment = line;
+        self.comment.clear();
+        Ok(())
+    }
+
+    fn classic_comment(&mut self, line: &str) {
+        if line.starts_with("# HELP ") {
+            self.flush_help();
+            self.pending_help.push_str(line);
+            return;
+        }
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter\n"))
+        {
+            if let Some(text) = self
+                .pending_help
+                .strip_prefix("# HELP ")
+                .and_then(|help| help.strip_prefix(name))
+                .filter(|text| text.starts_with(' '))
+            {
+                self.chunk.push_str("# HELP ");
+                self.chunk.push_str(name);
+                self.chunk.push_str("_total");
+                self.chunk.push_str(text);
+                self.pending_help.clear();
+            }
+            self.flush_help();
+            self.chunk.push_str("# TYPE ");
+            self.chunk.push_str(name);
+            self.chunk.push_str("_total counter\n");
+            return;
+        }
+        self.flush_help();
+        if !(line.starts_with("# UNIT ") || line == "# EOF\n") {
+            self.chunk.push_str(line);
+        }
+    }
+
+    fn flush_help(&mut self) {
+        self.chunk.push_str(&self.pending_help);
+        self.pending_help.clear();
+    }
+
+    /// Sends what is left.
+    fn finish(&mut self) -> fmt::Result {
+        if !self.comment.is_empty() {
+            return Err(fmt::Error);
+        }
+        self.flush_help();
+        self.send_chunk(String::new())
+    }
+
+    /// Sends the chunk written so far, and goes on in `next`.
+    fn send_chunk(&mut self, next: String) -> fmt::Result {
+        let text = std::mem::replace(&mut self.chunk, next);
+        (self.send)(Chunk {
+            text,
+            buffers: Arc::clone(&self.buffers),
+        })
+    }
+}
+
+impl<F: FnMut(Chunk) -> fmt::Result> fmt::Write for Chunks<F> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        // The encoder writes a line in pieces, the newline last: a piece of a sample line goes
+        // straight into the chunk, and only comment lines take the slower way.
+        if self.comment.is_empty() && !(self.at_line_start && text.starts_with('#')) {
+            self.chunk.push_str(text);
+            self.at_line_start = text.ends_with('\n');
+            return Ok(());
+        }
+        self.write_comment(text)
+    }
+}
+
+impl<F: FnMut(Chunk) -> fmt::Result> Chunks<F> {
+    fn write_comment(&mut self, mut text: &str) -> fmt::Result {
+        while let Some(end) = text.find('\n') {
+            let (line_end, rest) = text.split_at(end + 1);
+            self.comment.push_str(line_end);
+            self.at_line_start = true;
+            self.comment_done()?;
+            if !rest.is_empty() {
+                return fmt::Write::write_str(self, rest);
+            }
+            text = rest;
+        }
+        self.comment.push_str(text);
+        self.at_line_start = text.is_empty() && self.at_line_start;
+        Ok(())
     }
 }
 
@@ -146,52 +247,143 @@ fn openmetrics_to_prometheus_text(openmetrics: &str, out: &mut String) {
 mod tests {
     use super::*;
 
+    /// The chunks `metrics` is sent in, encoded in `format`.
+    fn encoded(metrics: &Metrics, format: Format) -> Vec<String> {
+        let mut chunks = Vec::new();
+        metrics
+            .encode(format, |chunk| {
+                chunks.push(chunk.text.clone());
+                Ok(())
+            })
+            .unwrap();
+        chunks
+    }
+
     #[test]
     fn classic_text_names_counters_with_total() {
-        let openmetrics = "\
-# HELP sentinel_exec Processes executed.
-# TYPE sentinel_exec counter
-sentinel_exec_total{service=\"/\"} 3
-# HELP sentinel_build_info Version.
-# TYPE sentinel_build_info gauge
-sentinel_build_info{version=\"1\"} 1
-# EOF
-";
-        let mut text = String::new();
-        openmetrics_to_prometheus_text(openmetrics, &mut text);
-        assert_eq!(
-            text,
-            "\
+        let mut metrics = Metrics::default();
+        let registry = metrics.registry_mut();
+        let exec = Family::<Labels, prometheus_client::metrics::counter::Counter>::default();
+        exec.get_or_create(&vec![("service", "/".into())]).inc_by(3);
+        registry.register("sentinel_exec", "Processes executed", exec);
+        let bytes = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        bytes.set(7);
+        registry.register_with_unit(
+            "sentinel_memory",
+            "Memory",
+            prometheus_client::registry::Unit::Bytes,
+            bytes,
+        );
+        let text = encoded(&metrics, Format::PrometheusText).concat();
+        assert!(
+            text.contains(
+                "\
 # HELP sentinel_exec_total Processes executed.
 # TYPE sentinel_exec_total counter
 sentinel_exec_total{service=\"/\"} 3
-# HELP sentinel_build_info Version.
-# TYPE sentinel_build_info gauge
-sentinel_build_info{version=\"1\"} 1
 "
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\
+# HELP sentinel_memory_bytes Memory.
+# TYPE sentinel_memory_bytes gauge
+sentinel_memory_bytes 7
+"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.starts_with("# HELP sentinel_build_info Sentinel's version"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
         );
     }
 
     #[test]
-    fn a_sent_body_leaves_its_buffer_to_the_next_scrape() {
-        let buffers = Arc::new(Buffers::default());
-        let body = |text: String| Body {
-            text,
-            buffers: Arc::clone(&buffers),
-        };
-        let mut first = body(buffers.take());
-        first.text.push_str(&"x".repeat(1 << 20));
-        let address = first.text.as_ptr();
-        drop(first);
-        let reused = buffers.take();
+    fn a_body_is_sent_in_chunks_cut_between_families_and_nothing_is_lost() {
+        let mut metrics = Metrics::default();
+        for family in 0..50 {
+            let series = Family::<Labels, prometheus_client::metrics::counter::Counter>::default();
+            for service in 0..2000 {
+                series
+                    .get_or_create(&vec![("service", format!("service-{service}.service"))])
+                    .inc_by(family);
+            }
+            metrics.registry_mut().register(
+                format!("family_{family}"),
+                "A family of two thousand series",
+                series,
+            );
+        }
+        let mut whole = String::new();
+        encode(&mut whole, &metrics.registry).unwrap();
+
+        let chunks = encoded(&metrics, Format::OpenMetrics);
+        assert!(chunks.len() > 2, "{} chunks", chunks.len());
+        for chunk in &chunks[1..] {
+            assert!(chunk.starts_with("# HELP family_"), "{}", &chunk[..40]);
+        }
+        for chunk in &chunks[..chunks.len() - 1] {
+            assert!(chunk.len() >= CHUNK_BYTES);
+        }
+        assert_eq!(chunks.concat(), whole);
+        assert!(whole.ends_with("# EOF\n"));
+
+        let classic = encoded(&metrics, Format::PrometheusText).concat();
+        assert_eq!(classic.lines().count(), whole.lines().count() - 1);
+        assert_eq!(classic.matches("_total counter\n").count(), 50);
+    }
+
+    #[test]
+    fn an_error_from_the_client_side_stops_the_encoding() {
+        let mut metrics = Metrics::default();
+        let series = Family::<Labels, prometheus_client::metrics::counter::Counter>::default();
+        for service in 0..2000 {
+            let _ = series.get_or_create(&vec![("service", format!("s{service}"))]);
+        }
+        metrics
+            .registry_mut()
+            .register("big", "Big", series.clone());
+        metrics.registry_mut().register("after", "After", series);
+        let mut sent = 0;
+        let result = metrics.encode(Format::OpenMetrics, |_| {
+            sent += 1;
+            Err(fmt::Error)
+        });
+        assert_eq!(result, Err(fmt::Error));
+        assert_eq!(sent, 1);
+    }
+
+    #[test]
+    fn a_sent_chunk_leaves_its_buffer_to_the_next_one() {
+        let metrics = Metrics::default();
+        let mut sent = Vec::new();
+        metrics
+            .encode(Format::OpenMetrics, |chunk| {
+                sent.push(chunk);
+                Ok(())
+            })
+            .unwrap();
+        let address = sent[0].text.as_ptr();
+        let capacity = sent[0].text.capacity();
+        drop(sent);
+        let reused = metrics.buffers.take();
         assert!(reused.is_empty());
-        assert_eq!(reused.as_ptr(), address);
-        assert!(reused.capacity() >= 1 << 20);
-        // No more are kept than scrapes encode at once.
-        let bodies: Vec<Body> = (0..BUFFERS_KEPT + 1)
-            .map(|_| body("y".repeat(16)))
+        assert_eq!((reused.as_ptr(), reused.capacity()), (address, capacity));
+        // No more are kept than one scrape has at once.
+        let chunks: Vec<Chunk> = (0..BUFFERS_KEPT + 1)
+            .map(|_| Chunk {
+                text: "y".repeat(16),
+                buffers: Arc::clone(&metrics.buffers),
+            })
             .collect();
-        drop(bodies);
-        assert_eq!(buffers.0.lock().unwrap().len(), BUFFERS_KEPT);
+        drop(chunks);
+        assert_eq!(metrics.buffers.0.lock().unwrap().len(), BUFFERS_KEPT);
     }
 }
