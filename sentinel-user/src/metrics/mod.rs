@@ -22,9 +22,8 @@ use prometheus_client::{
 type Labels = Vec<(&'static str, String)>;
 
 /// A body is handed over in pieces of at least this size (a whole family may make one larger):
-/// a scrape never holds the whole body, which is megabytes with thousands of services, and a
-/// body of hundreds of services goes in one piece (each piece costs thread hand-offs).
-const CHUNK_BYTES: usize = 1024 * 1024;
+/// a scrape never holds the whole body, which is megabytes with thousands of services.
+const CHUNK_BYTES: usize = 64 * 1024;
 
 pub struct Metrics {
     registry: Registry,
@@ -37,8 +36,8 @@ pub struct Metrics {
 #[derive(Default)]
 struct Buffers(Mutex<Vec<String>>);
 
-/// Buffers kept: the ones a scrape writes in turn while the client takes the others.
-const BUFFERS_KEPT: usize = 2;
+/// Buffers kept: as many as one scrape has at once (being written, queued, being sent).
+const BUFFERS_KEPT: usize = 4;
 
 impl Buffers {
     fn take(&self) -> String {
