@@ -101,16 +101,22 @@ impl Room {
     /// Counts one message out, and wakes the senders waiting for room.
     fn release(&self) {
         self.queued.fetch_sub(1, SeqCst);
-        self.wake();
-    }
-
-    fn wake(&self) {
         // A sender counts itself waiting, under the lock, before it looks at `queued` a last
         // time; taking the lock here means it is asleep by the time it is notified.
         if self.waiting.load(SeqCst) > 0 {
-            let _locked = self.lock.lock().expect("queue lock");
-            self.freed.notify_all();
+            self.wake_senders();
         }
+    }
+
+    /// The receiver is gone: waiting senders give up.
+    fn close(&self) {
+        self.closed.store(true, SeqCst);
+        self.wake_senders();
+    }
+
+    fn wake_senders(&self) {
+        let _locked = self.lock.lock().expect("queue lock");
+        self.freed.notify_all();
     }
 
     /// Waits until the queue has room (true) or its receiver is gone (false).
@@ -195,9 +201,7 @@ impl<T> Inbox<T> {
 
 impl<T> Drop for Inbox<T> {
     fn drop(&mut self) {
-        self.room.closed.store(true, SeqCst);
-        let _locked = self.room.lock.lock().expect("queue lock");
-        self.room.freed.notify_all();
+        self.room.close();
     }
 }
 

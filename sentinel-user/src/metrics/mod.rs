@@ -136,6 +136,24 @@ struct Chunks<F> {
 }
 
 impl<F: FnMut(Chunk) -> fmt::Result> Chunks<F> {
+    /// A piece of a comment line: the line is complete at its newline, and what follows it is
+    /// written as any other text.
+    fn write_comment(&mut self, text: &str) -> fmt::Result {
+        let Some(end) = text.find('\n') else {
+            self.comment.push_str(text);
+            self.at_line_start &= text.is_empty();
+            return Ok(());
+        };
+        let (line_end, rest) = text.split_at(end + 1);
+        self.comment.push_str(line_end);
+        self.at_line_start = true;
+        self.comment_done()?;
+        if rest.is_empty() {
+            return Ok(());
+        }
+        fmt::Write::write_str(self, rest)
+    }
+
     /// A whole comment line (with its newline).
     fn comment_done(&mut self) -> fmt::Result {
         let line = std::mem::take(&mut self.comment);
@@ -221,24 +239,6 @@ impl<F: FnMut(Chunk) -> fmt::Result> fmt::Write for Chunks<F> {
             return Ok(());
         }
         self.write_comment(text)
-    }
-}
-
-impl<F: FnMut(Chunk) -> fmt::Result> Chunks<F> {
-    fn write_comment(&mut self, mut text: &str) -> fmt::Result {
-        while let Some(end) = text.find('\n') {
-            let (line_end, rest) = text.split_at(end + 1);
-            self.comment.push_str(line_end);
-            self.at_line_start = true;
-            self.comment_done()?;
-            if !rest.is_empty() {
-                return fmt::Write::write_str(self, rest);
-            }
-            text = rest;
-        }
-        self.comment.push_str(text);
-        self.at_line_start = text.is_empty() && self.at_line_start;
-        Ok(())
     }
 }
 
