@@ -17,19 +17,74 @@ pub enum ResourceDetail {
     Full,
 }
 
+/// A figure every detail reads, as the kernel counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Figure {
+    /// `memory.current`, bytes.
+    MemoryCurrent,
+    /// `memory.max`, bytes; not read when the limit is `max` (unlimited).
+    MemoryMax,
+    /// `cpu.stat` `usage_usec`, microseconds.
+    CpuUsage,
+    /// `cpu.stat` `throttled_usec`, microseconds.
+    CpuThrottled,
+    /// `pids.current`, tasks.
+    PidsCurrent,
+}
+
+const FIGURES: usize = 5;
+
 /// Figures of one cgroup; a file that is absent (controller not enabled) or not read at this
-/// detail leaves its fields `None` or empty.
+/// detail leaves its figures out. Thousands of cgroups are held twice while a pass replaces
+/// the last one's figures, so each takes 56 bytes, the rest boxed apart.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct CgroupStats {
-    pub memory_current_bytes: Option<u64>,
+    /// Bit `figure as usize` is set when `values[figure as usize]` was read.
+    read: u8,
+    values: [u64; FIGURES],
+    /// With `resource_detail: full` only.
+    pub detail: Option<Box<DetailStats>>,
+}
+
+impl CgroupStats {
+    pub fn get(&self, figure: Figure) -> Option<u64> {
+        let index = figure as usize;
+        (self.read & (1 << index) != 0).then_some(self.values[index])
+    }
+
+    /// A figure counted in microseconds, in seconds.
+    pub fn seconds(&self, figure: Figure) -> Option<f64> {
+        self.get(figure).map(micros_to_seconds)
+    }
+
+    pub fn set(&mut self, figure: Figure, value: Option<u64>) {
+        let index = figure as usize;
+        match value {
+            Some(value) => {
+                self.read |= 1 << index;
+                self.values[index] = value;
+            }
+            None => {
+                self.read &= !(1 << index);
+                self.values[index] = 0;
+            }
+        }
+    }
+
+    /// These figures, and `figure` set to `value`.
+    pub fn with(mut self, figure: Figure, value: u64) -> Self {
+        self.set(figure, Some(value));
+        self
+    }
+}
+
+/// What `resource_detail: full` adds.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DetailStats {
     /// `None` also when the limit is `max` (unlimited).
-    pub memory_max_bytes: Option<u64>,
     pub memory_high_bytes: Option<u64>,
-    pub cpu_usage_seconds: Option<f64>,
-    pub cpu_throttled_seconds: Option<f64>,
-    pub cpu_throttled_periods: Option<u64>,
-    pub pids_current: Option<u64>,
     pub pids_max: Option<u64>,
+    pub cpu_throttled_periods: Option<u64>,
     /// `memory.events`: (event, count) for high, max, oom, oom_kill.
     pub memory_events: Vec<(&'static str, u64)>,
     /// Pressure stall totals: (resource, some|full, seconds).
@@ -64,39 +119,44 @@ impl StatsReader {
     /// The figures of the cgroup at `path` that `detail` exports.
     pub fn read(&mut self, path: &str) -> CgroupStats {
         let mut dir = self.fs.dir(path);
-        let mut stats = CgroupStats {
-            memory_current_bytes: self.file(&mut dir, "memory.current").and_then(parse_number),
-            memory_max_bytes: self.file(&mut dir, "memory.max").and_then(parse_limit),
-            pids_current: self.file(&mut dir, "pids.current").and_then(parse_number),
-            ..CgroupStats::default()
-        };
+        let mut stats = CgroupStats::default();
+        let memory_current = self.file(&mut dir, "memory.current").and_then(parse_number);
+        stats.set(Figure::MemoryCurrent, memory_current);
+        let memory_max = self.file(&mut dir, "memory.max").and_then(parse_limit);
+        stats.set(Figure::MemoryMax, memory_max);
+        let pids_current = self.file(&mut dir, "pids.current").and_then(parse_number);
+        stats.set(Figure::PidsCurrent, pids_current);
+        let mut throttled_periods = None;
         if let Some(cpu_stat) = self.file(&mut dir, "cpu.stat") {
-            stats.cpu_usage_seconds = flat_key(cpu_stat, "usage_usec").map(micros_to_seconds);
-            stats.cpu_throttled_seconds =
-                flat_key(cpu_stat, "throttled_usec").map(micros_to_seconds);
-            stats.cpu_throttled_periods = flat_key(cpu_stat, "nr_throttled");
+            stats.set(Figure::CpuUsage, flat_key(cpu_stat, "usage_usec"));
+            stats.set(Figure::CpuThrottled, flat_key(cpu_stat, "throttled_usec"));
+            throttled_periods = flat_key(cpu_stat, "nr_throttled");
         }
         if self.detail == ResourceDetail::Basic {
-            stats.cpu_throttled_periods = None;
             return stats;
         }
-        stats.memory_high_bytes = self.file(&mut dir, "memory.high").and_then(parse_limit);
-        stats.pids_max = self.file(&mut dir, "pids.max").and_then(parse_limit);
+        let mut detail = DetailStats {
+            cpu_throttled_periods: throttled_periods,
+            memory_high_bytes: self.file(&mut dir, "memory.high").and_then(parse_limit),
+            pids_max: self.file(&mut dir, "pids.max").and_then(parse_limit),
+            ..DetailStats::default()
+        };
         if let Some(events) = self.file(&mut dir, "memory.events") {
-            stats.memory_events = MEMORY_EVENTS
+            detail.memory_events = MEMORY_EVENTS
                 .iter()
                 .filter_map(|event| Some((*event, flat_key(events, event)?)))
                 .collect();
         }
         for (resource, file) in PRESSURE_FILES {
             if let Some(text) = self.file(&mut dir, file) {
-                stats.pressure_stall_seconds.extend(
+                detail.pressure_stall_seconds.extend(
                     pressure_totals(text)
                         .into_iter()
                         .map(|(scope, micros)| (resource, scope, micros_to_seconds(micros))),
                 );
             }
         }
+        stats.detail = Some(Box::new(detail));
         stats
     }
 
@@ -209,19 +269,22 @@ mod tests {
         ),
     ];
 
+    /// The basic figures of `FILES`.
+    fn basic() -> CgroupStats {
+        CgroupStats::default()
+            .with(Figure::MemoryCurrent, 1_048_576)
+            .with(Figure::CpuUsage, 2_500_000)
+            .with(Figure::CpuThrottled, 1_500_000)
+            .with(Figure::PidsCurrent, 3)
+    }
+
     #[test]
     fn basic_detail_reads_only_what_it_exports() {
-        assert_eq!(
-            FakeCgroup::new(&FILES).read(ResourceDetail::Basic),
-            CgroupStats {
-                memory_current_bytes: Some(1_048_576),
-                memory_max_bytes: None,
-                cpu_usage_seconds: Some(2.5),
-                cpu_throttled_seconds: Some(1.5),
-                pids_current: Some(3),
-                ..CgroupStats::default()
-            }
-        );
+        let stats = FakeCgroup::new(&FILES).read(ResourceDetail::Basic);
+        assert_eq!(stats, basic());
+        // memory.max is `max`: no figure.
+        assert_eq!(stats.get(Figure::MemoryMax), None);
+        assert_eq!(stats.seconds(Figure::CpuUsage), Some(2.5));
     }
 
     #[test]
@@ -230,22 +293,31 @@ mod tests {
         assert_eq!(
             FakeCgroup::new(&FILES).read(ResourceDetail::Full),
             CgroupStats {
-                memory_current_bytes: Some(1_048_576),
-                memory_max_bytes: None,
-                memory_high_bytes: Some(4_194_304),
-                cpu_usage_seconds: Some(2.5),
-                cpu_throttled_seconds: Some(1.5),
-                cpu_throttled_periods: Some(7),
-                pids_current: Some(3),
-                pids_max: Some(32),
-                memory_events: vec![("high", 2), ("max", 1), ("oom", 0), ("oom_kill", 0)],
-                pressure_stall_seconds: vec![
-                    ("cpu", "some", 0.25),
-                    ("io", "some", 0.000_001),
-                    ("io", "full", 0.000_002),
-                ],
+                detail: Some(Box::new(DetailStats {
+                    memory_high_bytes: Some(4_194_304),
+                    cpu_throttled_periods: Some(7),
+                    pids_max: Some(32),
+                    memory_events: vec![("high", 2), ("max", 1), ("oom", 0), ("oom_kill", 0)],
+                    pressure_stall_seconds: vec![
+                        ("cpu", "some", 0.25),
+                        ("io", "some", 0.000_001),
+                        ("io", "full", 0.000_002),
+                    ],
+                })),
+                ..basic()
             }
         );
+    }
+
+    #[test]
+    fn a_figure_read_as_zero_is_there_and_one_not_read_is_not() {
+        let mut stats = CgroupStats::default().with(Figure::PidsCurrent, 0);
+        assert_ne!(stats, CgroupStats::default());
+        assert_eq!(stats.get(Figure::PidsCurrent), Some(0));
+        assert_eq!(stats.get(Figure::MemoryCurrent), None);
+        stats.set(Figure::PidsCurrent, None);
+        assert_eq!(stats, CgroupStats::default());
+        assert_eq!(std::mem::size_of::<CgroupStats>(), 56);
     }
 
     #[test]
@@ -253,7 +325,7 @@ mod tests {
         let padding = "x".repeat(crate::cgroup::cgroupfs::READ_CHUNK * 2);
         let cpu_stat = format!("{padding} 0\nusage_usec 42\n");
         let stats = FakeCgroup::new(&[("cpu.stat", &cpu_stat)]).read(ResourceDetail::Basic);
-        assert_eq!(stats.cpu_usage_seconds, Some(0.000_042));
+        assert_eq!(stats.seconds(Figure::CpuUsage), Some(0.000_042));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 
 use super::report::ServiceStats;
 use crate::{
-    cgroup::service_name,
+    cgroup::{service_name, stats::Figure},
     metrics::KernelCounters,
     policy::{enforcer::AppliedView, resources::ResourceSnapshot},
 };
@@ -35,19 +35,20 @@ pub fn collect(
         let Some(stats) = stats else {
             continue;
         };
+        let detail = stats.detail.as_deref();
         let some_pressure = |resource: &str| {
-            stats
+            detail?
                 .pressure_stall_seconds
                 .iter()
                 .find(|(r, scope, _)| *r == resource && *scope == "some")
                 .map(|(_, _, seconds)| *seconds)
         };
-        row.memory_bytes = stats.memory_current_bytes;
-        row.memory_max_bytes = stats.memory_max_bytes;
-        row.cpu_usage_seconds = stats.cpu_usage_seconds;
-        row.cpu_throttled_seconds = stats.cpu_throttled_seconds;
-        row.pids = stats.pids_current;
-        row.pids_max = stats.pids_max;
+        row.memory_bytes = stats.get(Figure::MemoryCurrent);
+        row.memory_max_bytes = stats.get(Figure::MemoryMax);
+        row.cpu_usage_seconds = stats.seconds(Figure::CpuUsage);
+        row.cpu_throttled_seconds = stats.seconds(Figure::CpuThrottled);
+        row.pids = stats.get(Figure::PidsCurrent);
+        row.pids_max = detail.and_then(|detail| detail.pids_max);
         row.memory_pressure_seconds = some_pressure("memory");
         row.cpu_pressure_seconds = some_pressure("cpu");
     }

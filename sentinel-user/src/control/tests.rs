@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     Error,
-    cgroup::stats::CgroupStats,
+    cgroup::stats::{CgroupStats, Figure},
     metrics::ConnectionMetrics,
     policy::{Mode, enforcer::AppliedSummary, resources::ResourceSnapshot},
     queue::{self, Inbox, Queue, QueueDrops},
@@ -146,10 +146,7 @@ fn view(guard: Queue<Input>) -> DaemonView {
                 memory_max: None,
             },
         )])),
-        stats: vec![CgroupStats {
-            memory_current_bytes: Some(4096),
-            ..CgroupStats::default()
-        }],
+        stats: vec![CgroupStats::default().with(Figure::MemoryCurrent, 4096)],
     };
     let mut events = RecentLog::default();
     events.push(sigterm_event());
@@ -165,7 +162,7 @@ fn view(guard: Queue<Input>) -> DaemonView {
             vec![ServiceStats {
                 service: "web".into(),
                 execs: 3,
-                memory_bytes: snapshot.stats[0].memory_current_bytes,
+                memory_bytes: snapshot.stats[0].get(Figure::MemoryCurrent),
                 ..ServiceStats::default()
             }]
         }),

@@ -108,6 +108,12 @@ impl DriftWatch {
 
     /// The cgroups to check now: those with a notice since the last call, and the unwatched.
     pub fn changed(&mut self) -> Changed {
+        self.changed_except(&BTreeSet::new())
+    }
+
+    /// [`Self::changed`], without the notices of the cgroups in `own` (the enforcer's own
+    /// writes), which are read and dropped without a copy of their paths.
+    pub fn changed_except(&mut self, own: &BTreeSet<String>) -> Changed {
         let mut changed = self.polled.clone();
         if let Some(inotify) = &self.inotify {
             loop {
@@ -118,18 +124,21 @@ impl DriftWatch {
                                 self.overflowed = true;
                             }
                             let gone = event.mask.contains(AddWatchFlags::IN_IGNORED);
-                            let path = if gone {
+                            if gone {
                                 // The kernel dropped the watch with its directory: a cgroup
                                 // made again at the same path (a restarted service) is a new
                                 // one, watched when the enforcer applies its policy again.
-                                self.paths.remove(&event.wd).inspect(|path| {
-                                    self.watches.remove(path);
-                                })
-                            } else {
-                                self.paths.get(&event.wd).cloned()
-                            };
-                            if let Some(path) = path {
-                                changed.insert(path);
+                                if let Some(path) = self.paths.remove(&event.wd) {
+                                    self.watches.remove(&path);
+                                    if !own.contains(&path) {
+                                        changed.insert(path);
+                                    }
+                                }
+                            } else if let Some(path) = self.paths.get(&event.wd)
+                                && !own.contains(path)
+                                && !changed.contains(path)
+                            {
+                                changed.insert(path.clone());
                             }
                         }
                     }

@@ -10,7 +10,8 @@
 //! for `sentinel status`.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     path::Path,
     sync::{Arc, Mutex, mpsc::RecvTimeoutError},
     time::{Duration, Instant},
@@ -144,10 +145,13 @@ impl SavedOriginals {
     }
 }
 
-/// One cgroup's saved originals by interface file, written as a JSON object. A list: a map of
-/// a few entries would take a whole B-tree node, once per cgroup of thousands.
+/// One cgroup's saved originals by interface file, written as a JSON object. The list is
+/// shared by the cgroups that had the same values (see [`Shared`]); a file this version does
+/// not know (written by a later one) is kept under its own name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct SavedFiles(Vec<(String, String)>);
+struct SavedFiles(Arc<SavedList>);
+
+type SavedList = Vec<(Cow<'static, str>, String)>;
 
 impl serde::Serialize for SavedFiles {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -158,7 +162,43 @@ impl serde::Serialize for SavedFiles {
 impl<'de> serde::Deserialize<'de> for SavedFiles {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let files = BTreeMap::<String, String>::deserialize(deserializer)?;
-        Ok(Self(files.into_iter().collect()))
+        let named = |file: String| match super::model::INTERFACE_FILES
+            .iter()
+            .find(|known| **known == file)
+        {
+            Some(known) => Cow::Borrowed(*known),
+            None => Cow::Owned(file),
+        };
+        Ok(Self(Arc::new(
+            files
+                .into_iter()
+                .map(|(file, value)| (named(file), value))
+                .collect(),
+        )))
+    }
+}
+
+/// Values shared by every cgroup that holds the same: the thousands of cgroups of one policy
+/// keep, and mostly had before, the same few.
+struct Shared<T>(HashSet<Arc<T>>);
+
+impl<T: std::hash::Hash + Eq> Shared<T> {
+    fn new() -> Self {
+        Self(HashSet::new())
+    }
+
+    fn share(&mut self, value: T) -> Arc<T> {
+        if let Some(shared) = self.0.get(&value) {
+            return Arc::clone(shared);
+        }
+        let shared = Arc::new(value);
+        self.0.insert(Arc::clone(&shared));
+        shared
+    }
+
+    /// Forgets the values no cgroup holds any more.
+    fn prune(&mut self) {
+        self.0.retain(|value| Arc::strong_count(value) > 1);
     }
 }
 
@@ -169,8 +209,8 @@ struct Applied {
     /// Shared with the policy file's entry: thousands of cgroups may hold one policy.
     policy: Arc<ServicePolicy>,
     writer: Writer,
-    /// The values Sentinel keeps in place, as the kernel reads them back.
-    expected: Files,
+    /// The values Sentinel keeps in place, as the kernel reads them back (see [`Shared`]).
+    expected: Arc<Files>,
     guard: Option<MemoryGuard>,
     terminated: Option<ProcessHandle>,
     fix: FixRetry,
@@ -233,6 +273,8 @@ pub struct Enforcer {
     /// The parents' enabled controllers, as seen during the current pass.
     subtree_controls: SubtreeControls,
     applied: HashMap<String, Applied>,
+    kept_values: Shared<Files>,
+    original_values: Shared<SavedList>,
     /// Which applied cgroups were written since the last tick.
     drift: DriftWatch,
     /// Applied cgroups found drifted and not yet put back (a fix failing, or waiting).
@@ -287,6 +329,8 @@ impl Enforcer {
             page_size: page_size(),
             subtree_controls: SubtreeControls::default(),
             applied: HashMap::new(),
+            kept_values: Shared::new(),
+            original_values: Shared::new(),
             drift: DriftWatch::new(),
             drifting: BTreeSet::new(),
             sweep: Sweep::new(Instant::now()),
@@ -420,15 +464,25 @@ impl Enforcer {
         self.pass = Some(Pass::default());
         self.policy = policy;
         self.subtree_controls = SubtreeControls::default();
-        let paths: Vec<String> = self.applied.keys().cloned().collect();
-        for path in paths {
-            let wanted = self.policy_for(&path).cloned();
+        // Thousands of cgroups share a few policies: each pair is compared once.
+        let mut same = HashMap::new();
+        let changed: Vec<(String, Option<Arc<ServicePolicy>>)> = self
+            .applied
+            .iter()
+            .filter_map(|(path, applied)| {
+                let wanted = self.policy_for(path);
+                let unchanged = wanted.is_some_and(|wanted| {
+                    *same
+                        .entry((Arc::as_ptr(wanted), Arc::as_ptr(&applied.policy)))
+                        .or_insert_with(|| wanted == &applied.policy)
+                });
+                (!unchanged).then(|| (path.clone(), wanted.cloned()))
+            })
+            .collect();
+        for (path, wanted) in changed {
             let Some(applied) = self.applied.get(&path) else {
                 continue;
             };
-            if wanted.as_ref() == Some(&applied.policy) {
-                continue;
-            }
             let enforced_directly =
                 applied.policy.mode == Mode::Enforce && matches!(applied.writer, Writer::Cgroupfs);
             match wanted {
@@ -456,10 +510,8 @@ impl Enforcer {
             return;
         };
         let own = std::mem::take(&mut pass.unread);
-        match self.drift.changed() {
-            Changed::Cgroups(noticed) => self
-                .drifting
-                .extend(noticed.into_iter().filter(|path| !own.contains(path))),
+        match self.drift.changed_except(&own) {
+            Changed::Cgroups(noticed) => self.drifting.extend(noticed),
             Changed::Everything => self.check_everything = true,
         }
     }
@@ -470,6 +522,8 @@ impl Enforcer {
     /// reload over thousands of services does not push every other event out.
     fn end_pass(&mut self) {
         self.read_notices();
+        self.kept_values.prune();
+        self.original_values.prune();
         let Some(pass) = self.pass.take() else {
             return;
         };
@@ -630,21 +684,31 @@ impl Enforcer {
         }
         match self.write_limits(path, &desired, in_place) {
             Ok((expected, originals)) => {
-                let saved = originals
-                    .into_iter()
-                    .map(|(file, value)| (file.to_owned(), value))
-                    .collect();
-                self.saved
-                    .cgroups
-                    .insert(path.to_string(), SavedFiles(saved));
+                let saved = SavedFiles(
+                    self.original_values.share(
+                        originals
+                            .into_iter()
+                            .map(|(file, value)| (Cow::Borrowed(file), value))
+                            .collect(),
+                    ),
+                );
+                match self.saved.cgroups.get_mut(path) {
+                    Some(kept) => *kept = saved,
+                    None => {
+                        self.saved.cgroups.insert(path.to_string(), saved);
+                    }
+                }
                 self.saved_file.mark_changed();
                 match self.pass.as_mut() {
                     Some(pass) => {
                         debug!(service, policy = policy.name, limits = ?desired, "limits applied");
-                        pass.by_policy
-                            .entry(policy.name.clone())
-                            .or_default()
-                            .push(service.clone());
+                        match pass.by_policy.get_mut(&policy.name) {
+                            Some(services) => services.push(service.clone()),
+                            None => {
+                                pass.by_policy
+                                    .insert(policy.name.clone(), vec![service.clone()]);
+                            }
+                        }
                         pass.unread.insert(path.to_owned());
                         if pass.unread.len() >= OWN_NOTICES_BATCH {
                             self.read_notices();
@@ -886,12 +950,13 @@ impl Enforcer {
     }
 
     fn tracked(
-        &self,
+        &mut self,
         id: u64,
         policy: Arc<ServicePolicy>,
         writer: Writer,
         expected: Files,
     ) -> Applied {
+        let expected = self.kept_values.share(expected);
         let guard = policy.graceful_stop.map(|stop| {
             MemoryGuard::new(GuardLimits {
                 threshold_bytes: stop.terminate_above,
@@ -959,7 +1024,10 @@ impl Enforcer {
             let read_back = as_read_back(file, value, self.page_size);
             let original = match saved.iter().find(|(saved, _)| saved == file) {
                 Some((_, original)) => {
-                    if !in_place.contains(&(*file, read_back.clone())) {
+                    if !in_place
+                        .iter()
+                        .any(|(kept, value)| kept == file && *value == read_back)
+                    {
                         self.fs.write(path, file, value)?;
                     }
                     original.clone()
@@ -978,7 +1046,6 @@ impl Enforcer {
         let Some(applied) = self.let_go(path) else {
             return;
         };
-        self.publish();
         let Writer::Cgroupfs = applied.writer else {
             return;
         };
@@ -1224,12 +1291,15 @@ impl Enforcer {
             .applied
             .iter()
             .map(|(path, applied)| {
-                let memory_max = applied
-                    .expected
-                    .iter()
-                    .chain(applied.policy.limits.to_cgroup_files().iter())
-                    .find(|(file, _)| *file == "memory.max")
-                    .map(|(_, value)| value.clone());
+                let memory_max = |files: &Files| {
+                    files
+                        .iter()
+                        .find(|(file, _)| *file == "memory.max")
+                        .map(|(_, value)| value.clone())
+                };
+                // What is kept there; for a policy that only observes, what it would write.
+                let memory_max = memory_max(&applied.expected)
+                    .or_else(|| memory_max(&applied.policy.limits.to_cgroup_files()));
                 (
                     path.clone(),
                     AppliedSummary {
@@ -1268,8 +1338,18 @@ impl Enforcer {
                 services: Vec::new(),
             })
             .collect();
+        let by_name: HashMap<&str, usize> = self
+            .policy
+            .services
+            .iter()
+            .enumerate()
+            .map(|(index, policy)| (policy.name.as_str(), index))
+            .collect();
         for (path, policy, outcome) in applied.chain(unapplied) {
-            if let Some(state) = states.iter_mut().find(|state| state.name == *policy) {
+            if let Some(state) = by_name
+                .get(policy.as_str())
+                .map(|&index| &mut states[index])
+            {
                 state.services.push(ServiceState {
                     service: service_name(path).to_string(),
                     outcome,
@@ -1516,6 +1596,54 @@ mod tests {
     }
 
     #[test]
+    fn cgroups_that_keep_and_had_the_same_values_share_one_copy() {
+        let dir = StateDir::new("shared");
+        memory_cgroups(&dir, &["a", "b", "c"]);
+        let policy = |memory: &str| {
+            format!("policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: {memory}\n")
+        };
+        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), &policy("64M"));
+        enforcer.apply_all();
+        // One copy of what every cgroup keeps, one of what each had: (kept, had).
+        let shared = |enforcer: &Enforcer| -> (Files, SavedList) {
+            let kept: Vec<&Arc<Files>> = enforcer.applied.values().map(|a| &a.expected).collect();
+            let had: Vec<&Arc<SavedList>> = enforcer
+                .saved
+                .cgroups
+                .values()
+                .map(|saved| &saved.0)
+                .collect();
+            assert_eq!((kept.len(), had.len()), (3, 3));
+            assert!(kept.iter().all(|each| Arc::ptr_eq(each, kept[0])));
+            assert!(had.iter().all(|each| Arc::ptr_eq(each, had[0])));
+            ((*kept[0]).to_vec(), (*had[0]).to_vec())
+        };
+        assert_eq!(
+            shared(&enforcer),
+            (
+                vec![("memory.max", "67108864".to_owned())],
+                vec![("memory.max".into(), "max".to_owned())]
+            )
+        );
+        enforcer.reload(Config::parse("c.yaml", &policy("32M")).unwrap().policies);
+        assert_eq!(
+            shared(&enforcer),
+            (
+                vec![("memory.max", "33554432".to_owned())],
+                vec![("memory.max".into(), "max".to_owned())]
+            )
+        );
+        // What no cgroup keeps any more is forgotten.
+        assert_eq!(
+            (
+                enforcer.kept_values.0.len(),
+                enforcer.original_values.0.len()
+            ),
+            (1, 1)
+        );
+    }
+
+    #[test]
     fn a_pass_names_a_few_services_in_the_recent_events_and_counts_many() {
         let dir = StateDir::new("pass-events");
         let many: Vec<String> = (0..=PASS_EVENTS_PER_POLICY)
@@ -1694,7 +1822,16 @@ mod tests {
             ["67108864", "33554432", "max"]
         );
         assert_eq!(enforcer.saved.cgroups.len(), 1);
-        let mut saved = enforcer.saved.cgroups.values().next().unwrap().0.clone();
+        let mut saved: Vec<(String, String)> = enforcer
+            .saved
+            .cgroups
+            .values()
+            .next()
+            .unwrap()
+            .0
+            .iter()
+            .map(|(file, value)| (file.to_string(), value.clone()))
+            .collect();
         saved.sort();
         assert_eq!(
             saved,
@@ -1705,7 +1842,7 @@ mod tests {
         );
         assert_eq!(enforcer.applied.len(), 1);
         assert_eq!(
-            enforcer.applied.values().next().unwrap().expected,
+            *enforcer.applied.values().next().unwrap().expected,
             [
                 ("memory.max", "67108864".to_string()),
                 ("memory.high", "33554432".to_string())
@@ -1747,7 +1884,7 @@ mod tests {
         let saved = SavedOriginals {
             cgroups: BTreeMap::from([(
                 "workers/a".to_string(),
-                SavedFiles(vec![("memory.max".to_string(), "max".to_string())]),
+                SavedFiles(Arc::new(vec![("memory.max".into(), "max".to_string())])),
             )]),
             units: BTreeMap::from([("nginx.service".to_string(), record.clone())]),
         };

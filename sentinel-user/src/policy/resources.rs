@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::enforcer::{AppliedSummary, AppliedView};
 use crate::cgroup::{
     service_name,
-    stats::{CgroupStats, ResourceDetail, StatsReader},
+    stats::{CgroupStats, Figure, ResourceDetail, StatsReader},
 };
 
 /// The latest figures and when they were read. They follow the applied view the pass read,
@@ -65,49 +65,55 @@ const SERIES: [(&str, &str, MetricType, FigureOf); 8] = [
         "sentinel_memory_current_bytes",
         "Memory used by the service's cgroup",
         MetricType::Gauge,
-        |stats| stats.memory_current_bytes.map(|v| v as f64),
+        |stats| stats.get(Figure::MemoryCurrent).map(|v| v as f64),
     ),
     (
         "sentinel_memory_limit_bytes",
         "memory.max of the service's cgroup (absent when unlimited)",
         MetricType::Gauge,
-        |stats| stats.memory_max_bytes.map(|v| v as f64),
+        |stats| stats.get(Figure::MemoryMax).map(|v| v as f64),
     ),
     (
         "sentinel_cpu_usage_seconds",
         "CPU time used by the service's cgroup",
         MetricType::Counter,
-        |stats| stats.cpu_usage_seconds,
+        |stats| stats.seconds(Figure::CpuUsage),
     ),
     (
         "sentinel_cpu_throttled_seconds",
         "Time the service's cgroup was throttled by cpu.max",
         MetricType::Counter,
-        |stats| stats.cpu_throttled_seconds,
+        |stats| stats.seconds(Figure::CpuThrottled),
     ),
     (
         "sentinel_pids_current",
         "Processes and threads in the service's cgroup",
         MetricType::Gauge,
-        |stats| stats.pids_current.map(|v| v as f64),
+        |stats| stats.get(Figure::PidsCurrent).map(|v| v as f64),
     ),
     (
         "sentinel_memory_high_bytes",
         "memory.high of the service's cgroup (absent when unlimited)",
         MetricType::Gauge,
-        |stats| stats.memory_high_bytes.map(|v| v as f64),
+        |stats| stats.detail.as_ref()?.memory_high_bytes.map(|v| v as f64),
     ),
     (
         "sentinel_cpu_throttled_periods",
         "Scheduler periods in which the service's cgroup was throttled",
         MetricType::Counter,
-        |stats| stats.cpu_throttled_periods.map(|v| v as f64),
+        |stats| {
+            stats
+                .detail
+                .as_ref()?
+                .cpu_throttled_periods
+                .map(|v| v as f64)
+        },
     ),
     (
         "sentinel_pids_limit",
         "pids.max of the service's cgroup (absent when unlimited)",
         MetricType::Gauge,
-        |stats| stats.pids_max.map(|v| v as f64),
+        |stats| stats.detail.as_ref()?.pids_max.map(|v| v as f64),
     ),
 ];
 const BASIC_SERIES: usize = 5;
@@ -225,8 +231,13 @@ impl Collector for ResourceCollector {
             None,
             MetricType::Counter,
         )?;
-        for &(service, stats) in &policed {
-            for &(event, count) in &stats.memory_events {
+        let detailed = || {
+            policed
+                .iter()
+                .filter_map(|&(service, stats)| Some((service, stats.detail.as_deref()?)))
+        };
+        for (service, detail) in detailed() {
+            for &(event, count) in &detail.memory_events {
                 let labels = [("service", service), ("event", event)];
                 ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
             }
@@ -237,8 +248,8 @@ impl Collector for ResourceCollector {
             None,
             MetricType::Counter,
         )?;
-        for &(service, stats) in &policed {
-            for &(resource, scope, seconds) in &stats.pressure_stall_seconds {
+        for (service, detail) in detailed() {
+            for &(resource, scope, seconds) in &detail.pressure_stall_seconds {
                 let labels = [
                     ("service", service),
                     ("resource", resource),
@@ -267,21 +278,26 @@ mod tests {
     use prometheus_client::{encoding::text::encode, registry::Registry};
 
     use super::*;
-    use crate::policy::{Mode, enforcer::AppliedSummary};
+    use crate::{
+        cgroup::stats::DetailStats,
+        policy::{Mode, enforcer::AppliedSummary},
+    };
 
     fn stats() -> CgroupStats {
-        CgroupStats {
-            memory_current_bytes: Some(1024),
-            memory_max_bytes: Some(4096),
+        let mut stats = CgroupStats::default()
+            .with(Figure::MemoryCurrent, 1024)
+            .with(Figure::MemoryMax, 4096)
+            .with(Figure::CpuUsage, 2_500_000)
+            .with(Figure::CpuThrottled, 500_000)
+            .with(Figure::PidsCurrent, 3);
+        stats.detail = Some(Box::new(DetailStats {
             memory_high_bytes: None,
-            cpu_usage_seconds: Some(2.5),
-            cpu_throttled_seconds: Some(0.5),
             cpu_throttled_periods: Some(7),
-            pids_current: Some(3),
             pids_max: Some(32),
             memory_events: vec![("oom_kill", 1)],
             pressure_stall_seconds: vec![("cpu", "some", 0.25)],
-        }
+        }));
+        stats
     }
 
     /// `/metrics` for two policed cgroups, one of which has not been read yet.
@@ -325,10 +341,7 @@ mod tests {
             mode: Mode::Enforce,
             memory_max: None,
         };
-        let read = |bytes| CgroupStats {
-            memory_current_bytes: Some(bytes),
-            ..CgroupStats::default()
-        };
+        let read = |bytes| CgroupStats::default().with(Figure::MemoryCurrent, bytes);
         let snapshot = ResourceSnapshot {
             read_at: Some(Instant::now()),
             policed: Arc::new(BTreeMap::from([
@@ -343,7 +356,12 @@ mod tests {
             BTreeMap::from(["/a", "/b", "/web", "/z"].map(|path| (path.to_owned(), summary("p"))));
         let paired: Vec<(&str, Option<u64>)> = snapshot
             .along(&view)
-            .map(|(path, _, stats)| (path, stats.and_then(|stats| stats.memory_current_bytes)))
+            .map(|(path, _, stats)| {
+                (
+                    path,
+                    stats.and_then(|stats| stats.get(Figure::MemoryCurrent)),
+                )
+            })
             .collect();
         assert_eq!(
             paired,
