@@ -11,6 +11,10 @@ pub use attribution::{Attribution, ServiceTotals, UNKNOWN, service_name};
 pub use mount::find_cgroup2_mount;
 pub use tree::{CgroupTree, Lookup, walk_hierarchy};
 
+/// A cgroup's path from the cgroup2 root (`/`-prefixed), shared by every table that names
+/// the cgroup: thousands of policed cgroups are each named once in memory.
+pub type CgroupPath = std::sync::Arc<str>;
+
 /// Where the limits of systemd units' cgroups are set (`services.cgroup_backend`). Cgroups no
 /// unit owns (delegated subtrees, containers' trees) are written directly with every value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

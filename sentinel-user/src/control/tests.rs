@@ -139,7 +139,7 @@ fn view(guard: Queue<Input>) -> DaemonView {
     let snapshot = ResourceSnapshot {
         read_at: Some(started + Duration::from_millis(1500)),
         policed: Arc::new(BTreeMap::from([(
-            "/web".to_owned(),
+            "/web".into(),
             AppliedSummary {
                 policy: "web".into(),
                 mode: Mode::Enforce,

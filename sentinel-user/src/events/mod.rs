@@ -125,7 +125,7 @@ impl EventHandler {
                 attribution.record_oom_kill(&service);
                 let applied = path.and_then(|path| {
                     let view = self.applied.lock().expect("applied view lock");
-                    view.cgroups.get(&path).cloned()
+                    view.cgroups.get(path.as_str()).cloned()
                 });
                 let (policy, memory_max) = applied
                     .map(|a| (a.policy, a.memory_max.unwrap_or_else(|| "max".into())))

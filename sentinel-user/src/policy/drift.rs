@@ -20,16 +20,16 @@ use nix::{
 };
 use tracing::warn;
 
-use crate::cgroup::cgroupfs::CgroupFs;
+use crate::cgroup::{CgroupPath, cgroupfs::CgroupFs};
 
 /// The kernel's drift notices for the cgroups whose limits the enforcer keeps.
 pub struct DriftWatch {
     /// `None` when inotify itself is unavailable: every cgroup is then polled.
     inotify: Option<Inotify>,
-    paths: HashMap<WatchDescriptor, String>,
-    watches: HashMap<String, WatchDescriptor>,
+    paths: HashMap<WatchDescriptor, CgroupPath>,
+    watches: HashMap<CgroupPath, WatchDescriptor>,
     /// Cgroups without a watch, checked on every tick.
-    polled: BTreeSet<String>,
+    polled: BTreeSet<CgroupPath>,
     /// The queue overflowed since the last look: a notice may be lost.
     overflowed: bool,
 }
@@ -38,7 +38,7 @@ pub struct DriftWatch {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Changed {
     /// These cgroups (a file written, or the directory gone), and the unwatched ones.
-    Cgroups(BTreeSet<String>),
+    Cgroups(BTreeSet<CgroupPath>),
     /// Notices were lost: check every cgroup.
     Everything,
 }
@@ -63,19 +63,19 @@ impl DriftWatch {
 
     /// Starts watching the cgroup at `path` (relative to the cgroup2 root, as the enforcer
     /// names cgroups: `/`-prefixed).
-    pub fn watch(&mut self, fs: &CgroupFs, path: &str) {
+    pub fn watch(&mut self, fs: &CgroupFs, path: &CgroupPath) {
         if self.watches.contains_key(path) {
             return;
         }
         let Some(inotify) = &self.inotify else {
-            self.polled.insert(path.to_owned());
+            self.polled.insert(CgroupPath::clone(path));
             return;
         };
         let flags = AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ONLYDIR;
         match inotify.add_watch(&fs.dir(path), flags) {
             Ok(descriptor) => {
-                self.paths.insert(descriptor, path.to_owned());
-                self.watches.insert(path.to_owned(), descriptor);
+                self.paths.insert(descriptor, CgroupPath::clone(path));
+                self.watches.insert(CgroupPath::clone(path), descriptor);
             }
             Err(errno) => {
                 if errno == Errno::ENOSPC && self.polled.is_empty() {
@@ -84,9 +84,14 @@ impl DriftWatch {
                          cgroups beyond it are read for drift twice a second"
                     );
                 }
-                self.polled.insert(path.to_owned());
+                self.polled.insert(CgroupPath::clone(path));
             }
         }
+    }
+
+    /// The shared name of `path`, when it is watched.
+    pub fn watched(&self, path: &str) -> Option<&CgroupPath> {
+        self.watches.get_key_value(path).map(|(shared, _)| shared)
     }
 
     /// Stops watching `path` (its policy let go, or the cgroup is gone).
@@ -113,7 +118,7 @@ impl DriftWatch {
 
     /// [`Self::changed`], without the notices of the cgroups in `own` (the enforcer's own
     /// writes), which are read and dropped without a copy of their paths.
-    pub fn changed_except(&mut self, own: &BTreeSet<String>) -> Changed {
+    pub fn changed_except(&mut self, own: &BTreeSet<CgroupPath>) -> Changed {
         let mut changed = self.polled.clone();
         if let Some(inotify) = &self.inotify {
             loop {
@@ -138,7 +143,7 @@ impl DriftWatch {
                                 && !own.contains(path)
                                 && !changed.contains(path)
                             {
-                                changed.insert(path.clone());
+                                changed.insert(CgroupPath::clone(path));
                             }
                         }
                     }
@@ -165,7 +170,7 @@ pub const SWEEP_ROUND: Duration = Duration::from_secs(300);
 /// ticks.
 pub struct Sweep {
     /// This round's cgroups not yet read.
-    pending: Vec<String>,
+    pending: Vec<CgroupPath>,
     /// How many are read at each tick, so that the round ends in time.
     per_tick: usize,
     next_round: Instant,
@@ -182,12 +187,12 @@ impl Sweep {
 
     /// The cgroups to read at this tick (one `tick` apart); `policed` gives every cgroup when a
     /// round begins.
-    pub fn next<I: IntoIterator<Item = String>>(
+    pub fn next<I: IntoIterator<Item = CgroupPath>>(
         &mut self,
         now: Instant,
         tick: Duration,
         policed: impl FnOnce() -> I,
-    ) -> Vec<String> {
+    ) -> Vec<CgroupPath> {
         if self.pending.is_empty() && now >= self.next_round {
             self.next_round = now + SWEEP_ROUND;
             self.pending = policed().into_iter().collect();
@@ -216,12 +221,12 @@ mod tests {
         let cgroupfs = CgroupFs::new(root.clone());
         let mut watch = DriftWatch::new();
         // Named as the enforcer names cgroups: from the cgroup2 root, `/`-prefixed.
-        watch.watch(&cgroupfs, "/a");
-        watch.watch(&cgroupfs, "/b");
+        watch.watch(&cgroupfs, &"/a".into());
+        watch.watch(&cgroupfs, &"/b".into());
         // A directory that does not exist cannot be watched: it is polled.
-        watch.watch(&cgroupfs, "/missing");
+        watch.watch(&cgroupfs, &"/missing".into());
         let only =
-            |paths: &[&str]| Changed::Cgroups(paths.iter().map(|path| path.to_string()).collect());
+            |paths: &[&str]| Changed::Cgroups(paths.iter().map(|&path| path.into()).collect());
         assert_eq!(watch.changed(), only(&["/missing"]));
         assert_eq!(watch.polled(), 1);
 
@@ -249,14 +254,14 @@ mod tests {
         fs::create_dir_all(root.join("a")).unwrap();
         let cgroupfs = CgroupFs::new(root.clone());
         let mut watch = DriftWatch::new();
-        watch.watch(&cgroupfs, "/a");
+        watch.watch(&cgroupfs, &"/a".into());
         // A restarted service: its cgroup goes and comes back under the same path.
         fs::remove_dir(root.join("a")).unwrap();
         fs::create_dir(root.join("a")).unwrap();
-        let only = |path: &str| Changed::Cgroups(BTreeSet::from([path.to_owned()]));
+        let only = |path: &str| Changed::Cgroups(BTreeSet::from([path.into()]));
         assert_eq!(watch.changed(), only("/a"));
         // The enforcer watches the new cgroup when it applies its policy; its writes are seen.
-        watch.watch(&cgroupfs, "/a");
+        watch.watch(&cgroupfs, &"/a".into());
         fs::write(root.join("a/memory.max"), "max").unwrap();
         assert_eq!(watch.changed(), only("/a"));
         fs::remove_dir_all(&root).unwrap();
@@ -267,11 +272,11 @@ mod tests {
         let tick = Duration::from_millis(500);
         let start = Instant::now();
         let mut sweep = Sweep::new(start);
-        let policed = || (0..1000).map(|index| format!("/c{index}"));
+        let policed = || (0..1000).map(|index| CgroupPath::from(format!("/c{index}")));
         let ticks_per_round = (SWEEP_ROUND.as_millis() / tick.as_millis()) as u32;
         // Nothing before the first round is due, then two rounds of ticks.
         assert!(sweep.next(start, tick, policed).is_empty());
-        let mut read: Vec<Vec<String>> = Vec::new();
+        let mut read: Vec<Vec<CgroupPath>> = Vec::new();
         for round in 1..=2 {
             let mut this_round = Vec::new();
             for at in 0..ticks_per_round {
@@ -283,7 +288,7 @@ mod tests {
             this_round.sort();
             read.push(this_round);
         }
-        let mut every: Vec<String> = policed().collect();
+        let mut every: Vec<CgroupPath> = policed().collect();
         every.sort();
         assert_eq!(read, [every.clone(), every]);
     }

@@ -29,7 +29,7 @@ use super::{
 use crate::{
     Error,
     cgroup::{
-        CgroupBackend,
+        CgroupBackend, CgroupPath,
         cgroupfs::{CONTROLLERS, CgroupFs, SubtreeControls},
         find_cgroup2_mount,
         guardian::{GuardAction, GuardLimits, MemoryGuard, ProcessHandle, largest_process},
@@ -74,7 +74,7 @@ pub enum Input {
 pub struct AppliedView {
     /// By cgroup path: the policy in force there. Replaced whole at each change, so that a
     /// scrape or a stats pass takes it without copying thousands of entries under the lock.
-    pub cgroups: Arc<BTreeMap<String, AppliedSummary>>,
+    pub cgroups: Arc<BTreeMap<CgroupPath, AppliedSummary>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,7 +251,7 @@ struct Pass {
     /// The cgroups it wrote since the kernel's notices were last read: notices of these are
     /// taken for Sentinel's own writes. Read every [`OWN_NOTICES_BATCH`] cgroups, so that a
     /// write by someone else to a cgroup written earlier in the pass is seen as drift.
-    unread: BTreeSet<String>,
+    unread: BTreeSet<CgroupPath>,
 }
 
 /// Who writes a cgroup's interface files.
@@ -272,13 +272,13 @@ pub struct Enforcer {
     page_size: u64,
     /// The parents' enabled controllers, as seen during the current pass.
     subtree_controls: SubtreeControls,
-    applied: HashMap<String, Applied>,
+    applied: HashMap<CgroupPath, Applied>,
     kept_values: Shared<Files>,
     original_values: Shared<SavedList>,
     /// Which applied cgroups were written since the last tick.
     drift: DriftWatch,
     /// Applied cgroups found drifted and not yet put back (a fix failing, or waiting).
-    drifting: BTreeSet<String>,
+    drifting: BTreeSet<CgroupPath>,
     /// The safety net: every applied cgroup read once a round, notices or not.
     sweep: Sweep,
     /// Notices were lost during a pass: every applied cgroup is read at the next tick.
@@ -466,7 +466,7 @@ impl Enforcer {
         self.subtree_controls = SubtreeControls::default();
         // Thousands of cgroups share a few policies: each pair is compared once.
         let mut same = HashMap::new();
-        let changed: Vec<(String, Option<Arc<ServicePolicy>>)> = self
+        let changed: Vec<(CgroupPath, Option<Arc<ServicePolicy>>)> = self
             .applied
             .iter()
             .filter_map(|(path, applied)| {
@@ -476,7 +476,7 @@ impl Enforcer {
                         .entry((Arc::as_ptr(wanted), Arc::as_ptr(&applied.policy)))
                         .or_insert_with(|| wanted == &applied.policy)
                 });
-                (!unchanged).then(|| (path.clone(), wanted.cloned()))
+                (!unchanged).then(|| (CgroupPath::clone(path), wanted.cloned()))
             })
             .collect();
         for (path, wanted) in changed {
@@ -679,11 +679,12 @@ impl Enforcer {
             }
             self.metrics.action(&service, Action::WouldSetLimits);
             let tracked = self.tracked(id, policy, Writer::Cgroupfs, Vec::new());
-            self.keep(path, tracked);
+            self.keep(self.path_of(path), tracked);
             return;
         }
         match self.write_limits(path, &desired, in_place) {
             Ok((expected, originals)) => {
+                let shared = self.path_of(path);
                 let saved = SavedFiles(
                     self.original_values.share(
                         originals
@@ -709,7 +710,7 @@ impl Enforcer {
                                     .insert(policy.name.clone(), vec![service.clone()]);
                             }
                         }
-                        pass.unread.insert(path.to_owned());
+                        pass.unread.insert(shared.clone());
                         if pass.unread.len() >= OWN_NOTICES_BATCH {
                             self.read_notices();
                         }
@@ -723,7 +724,7 @@ impl Enforcer {
                 }
                 self.metrics.count(&service, Action::SetLimits);
                 let tracked = self.tracked(id, policy, Writer::Cgroupfs, expected);
-                self.keep(path, tracked);
+                self.keep(shared, tracked);
             }
             Err(reason) => {
                 // Watched still if a retarget failed.
@@ -776,7 +777,7 @@ impl Enforcer {
             }
             self.metrics.action(&service, Action::WouldSetLimits);
             let tracked = self.tracked(id, policy, Writer::Systemd { unit }, Vec::new());
-            self.keep(path, tracked);
+            self.keep(self.path_of(path), tracked);
             return;
         }
         match self.set_unit_properties(path, &unit, &properties, &expected) {
@@ -794,7 +795,7 @@ impl Enforcer {
                 );
                 self.metrics.action(&service, Action::SetLimits);
                 let tracked = self.tracked(id, policy, Writer::Systemd { unit }, expected);
-                self.keep(path, tracked);
+                self.keep(self.path_of(path), tracked);
             }
             Err(reason) => {
                 error!(
@@ -975,10 +976,19 @@ impl Enforcer {
         }
     }
 
+    /// The shared name of `path`: the one the enforcer's tables hold already, or a new one.
+    fn path_of(&self, path: &str) -> CgroupPath {
+        self.applied
+            .get_key_value(path)
+            .map(|(shared, _)| shared)
+            .or_else(|| self.drift.watched(path))
+            .map_or_else(|| path.into(), CgroupPath::clone)
+    }
+
     /// Keeps `applied` on `path`, and asks to hear of every write to its files.
-    fn keep(&mut self, path: &str, applied: Applied) {
-        self.drift.watch(&self.fs, path);
-        self.applied.insert(path.to_string(), applied);
+    fn keep(&mut self, path: CgroupPath, applied: Applied) {
+        self.drift.watch(&self.fs, &path);
+        self.applied.insert(path, applied);
     }
 
     /// Forgets a cgroup that is gone or made again. A unit's drop-ins stay with the unit:
@@ -1088,7 +1098,7 @@ impl Enforcer {
         // The cgroups written or removed since the last tick, those still drifted, and this
         // tick's share of the sweep; every one when notices were lost.
         self.metrics.drift_polled.set(self.drift.polled() as i64);
-        let candidates: Vec<String> = match self.drift.changed() {
+        let candidates: Vec<CgroupPath> = match self.drift.changed() {
             Changed::Everything => self.applied.keys().cloned().collect(),
             _ if std::mem::take(&mut self.check_everything) => {
                 self.applied.keys().cloned().collect()
@@ -1126,7 +1136,7 @@ impl Enforcer {
         }
         let unapplied_before = self.unapplied.len();
         self.unapplied.retain(|path, _| self.fs.exists(path));
-        let guarded: Vec<String> = self
+        let guarded: Vec<CgroupPath> = self
             .applied
             .iter()
             .filter(|(_, applied)| applied.guard.is_some())
@@ -1167,7 +1177,8 @@ impl Enforcer {
             return;
         }
         // Checked again at every tick until it is put back.
-        self.drifting.insert(path.to_string());
+        let drifted_path = self.path_of(path);
+        self.drifting.insert(drifted_path);
         if !applied.fix.due(now) {
             return;
         }
@@ -1320,14 +1331,14 @@ impl Enforcer {
                 Mode::Enforce => ServiceOutcome::Enforcing,
                 Mode::Observe => ServiceOutcome::Observing,
             };
-            (path, &applied.policy.name, outcome)
+            (&**path, &applied.policy.name, outcome)
         });
         // A cgroup tried again later (systemd retries) may have succeeded since it failed.
         let unapplied = self
             .unapplied
             .iter()
-            .filter(|(path, _)| !self.applied.contains_key(*path))
-            .map(|(path, (policy, outcome))| (path, policy, outcome.clone()));
+            .filter(|(path, _)| !self.applied.contains_key(path.as_str()))
+            .map(|(path, (policy, outcome))| (path.as_str(), policy, outcome.clone()));
         let mut states: Vec<PolicyState> = self
             .policy
             .services
@@ -1591,7 +1602,7 @@ mod tests {
         std::fs::write(root.join("b/memory.max"), "max").unwrap();
         assert_eq!(
             enforcer.drift.changed(),
-            Changed::Cgroups(BTreeSet::from(["/b".to_owned()]))
+            Changed::Cgroups(BTreeSet::from(["/b".into()]))
         );
     }
 
@@ -1641,6 +1652,28 @@ mod tests {
             ),
             (1, 1)
         );
+    }
+
+    #[test]
+    fn a_policed_cgroup_is_named_once_in_memory_across_a_reload() {
+        let dir = StateDir::new("named-once");
+        memory_cgroups(&dir, &["a"]);
+        let policy = |memory: &str| {
+            format!("policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: {memory}\n")
+        };
+        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), &policy("64M"));
+        enforcer.apply_all();
+        let names = |enforcer: &Enforcer| {
+            let (applied, _) = enforcer.applied.get_key_value("/a").unwrap();
+            let view = Arc::clone(&enforcer.view.lock().unwrap().cgroups);
+            let (published, _) = view.get_key_value("/a").unwrap();
+            assert!(Arc::ptr_eq(applied, enforcer.drift.watched("/a").unwrap()));
+            assert!(Arc::ptr_eq(applied, published));
+            CgroupPath::clone(applied)
+        };
+        let before = names(&enforcer);
+        enforcer.reload(Config::parse("c.yaml", &policy("32M")).unwrap().policies);
+        assert!(Arc::ptr_eq(&before, &names(&enforcer)));
     }
 
     #[test]
@@ -1710,7 +1743,7 @@ mod tests {
         std::fs::write(root.join("a/memory.max"), "max").unwrap();
         enforcer.reconcile("/b");
         enforcer.end_pass();
-        assert_eq!(enforcer.drifting, BTreeSet::from(["/a".to_owned()]));
+        assert_eq!(enforcer.drifting, BTreeSet::from(["/a".into()]));
 
         enforcer.tick();
         assert_eq!(
@@ -1756,7 +1789,7 @@ mod tests {
         // Its writes are watched.
         std::fs::write(root.join("a/memory.max"), "max").unwrap();
         enforcer.tick();
-        assert_eq!(enforcer.drifting, BTreeSet::from(["/a".to_owned()]));
+        assert_eq!(enforcer.drifting, BTreeSet::from(["/a".into()]));
     }
 
     #[test]

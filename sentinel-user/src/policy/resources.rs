@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::enforcer::{AppliedSummary, AppliedView};
 use crate::cgroup::{
-    service_name,
+    CgroupPath, service_name,
     stats::{CgroupStats, Figure, ResourceDetail, StatsReader},
 };
 
@@ -32,7 +32,7 @@ pub struct ResourceSnapshot {
     /// between these); `None` before the first pass.
     pub read_at: Option<Instant>,
     /// The policed cgroups when the pass began, in path order.
-    pub policed: Arc<BTreeMap<String, AppliedSummary>>,
+    pub policed: Arc<BTreeMap<CgroupPath, AppliedSummary>>,
     /// What the pass read of each, in the same order.
     pub stats: Vec<CgroupStats>,
 }
@@ -42,7 +42,7 @@ impl ResourceSnapshot {
     /// for a cgroup policed since).
     pub fn along<'a>(
         &'a self,
-        view: &'a BTreeMap<String, AppliedSummary>,
+        view: &'a BTreeMap<CgroupPath, AppliedSummary>,
     ) -> impl Iterator<Item = (&'a str, &'a AppliedSummary, Option<&'a CgroupStats>)> {
         let mut read = self.policed.keys().zip(&self.stats).peekable();
         view.iter().map(move |(path, applied)| {
@@ -50,7 +50,7 @@ impl ResourceSnapshot {
             let stats = read
                 .next_if(|(seen, _)| *seen == path)
                 .map(|(_, stats)| stats);
-            (path.as_str(), applied, stats)
+            (&**path, applied, stats)
         })
     }
 }
@@ -345,15 +345,15 @@ mod tests {
         let snapshot = ResourceSnapshot {
             read_at: Some(Instant::now()),
             policed: Arc::new(BTreeMap::from([
-                ("/a".to_owned(), summary("a")),
-                ("/gone".to_owned(), summary("gone")),
-                ("/web".to_owned(), summary("web")),
+                ("/a".into(), summary("a")),
+                ("/gone".into(), summary("gone")),
+                ("/web".into(), summary("web")),
             ])),
             stats: vec![read(1), read(2), read(3)],
         };
         // Since the pass: `/gone` let go, `/b` and `/z` policed.
         let view =
-            BTreeMap::from(["/a", "/b", "/web", "/z"].map(|path| (path.to_owned(), summary("p"))));
+            BTreeMap::from(["/a", "/b", "/web", "/z"].map(|path| (path.into(), summary("p"))));
         let paired: Vec<(&str, Option<u64>)> = snapshot
             .along(&view)
             .map(|(path, _, stats)| {
