@@ -97,50 +97,52 @@ impl CgroupFs {
         controllers: &[&str],
         known: &mut SubtreeControls,
     ) -> Result<(), Error> {
-        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        for depth in 0..segments.len() {
-            let parent = segments[..depth].join("/");
-            let enabled = match known.0.get(&parent) {
-                Some(enabled) => enabled.clone(),
-                None => {
-                    let enabled = self.read(&parent, "cgroup.subtree_control")?;
-                    known.0.insert(parent.clone(), enabled.clone());
-                    enabled
-                }
-            };
-            let missing: Vec<&str> = controllers
-                .iter()
-                .copied()
-                .filter(|controller| !enabled.split_whitespace().any(|c| c == *controller))
-                .collect();
-            if missing.is_empty() {
+        let relative = path.trim_matches('/');
+        // Each ancestor as a prefix of the path, the root (``) first: no copy of a parent's
+        // name or of what it enables on the way, so that thousands of cgroups under a few
+        // parents cost a lookup each.
+        let ancestors = std::iter::once(0)
+            .chain(relative.match_indices('/').map(|(at, _)| at))
+            .map(|end| &relative[..end])
+            .filter(|parent| !parent.ends_with('/'));
+        for parent in ancestors.take_while(|_| !relative.is_empty()) {
+            if !known.0.contains_key(parent) {
+                let enabled = self.read(parent, "cgroup.subtree_control")?;
+                known.0.insert(parent.to_owned(), enabled);
+            }
+            let enabled = &known.0[parent];
+            let has = |controller: &&str| enabled.split_whitespace().any(|c| c == *controller);
+            if controllers.iter().all(has) {
                 continue;
             }
-            let available = self.read(&parent, "cgroup.controllers")?;
+            let missing: Vec<&str> = controllers.iter().copied().filter(|c| !has(c)).collect();
+            let enabled = enabled.clone();
+            let available = self.read(parent, "cgroup.controllers")?;
             if let Some(controller) = missing
                 .iter()
                 .find(|controller| !available.split_whitespace().any(|c| c == **controller))
             {
                 return Err(Error::ControllerUnavailable {
-                    parent: display_path(&parent),
+                    parent: display_path(parent),
                     controller: controller.to_string(),
                     available,
                 });
             }
             // One write enables them all: the kernel takes space-separated tokens.
             let enable: Vec<String> = missing.iter().map(|c| format!("+{c}")).collect();
-            match self.write(&parent, "cgroup.subtree_control", &enable.join(" ")) {
+            match self.write(parent, "cgroup.subtree_control", &enable.join(" ")) {
                 Err(Error::CgroupIo { source, .. }) if source.kind() == ErrorKind::ResourceBusy => {
                     return Err(Error::InternalProcesses {
-                        parent: display_path(&parent),
+                        parent: display_path(parent),
                         controller: missing.join(" "),
                     });
                 }
                 other => other?,
             }
-            known
-                .0
-                .insert(parent, format!("{enabled} {}", missing.join(" ")));
+            known.0.insert(
+                parent.to_owned(),
+                format!("{enabled} {}", missing.join(" ")),
+            );
         }
         Ok(())
     }

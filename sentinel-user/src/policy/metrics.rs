@@ -4,15 +4,27 @@
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
 use crate::{cgroup::Attribution, recent::Recorder};
 
-type Labels = Vec<(&'static str, String)>;
+/// A series per service (and action): typed, so that thousands of services' series hold only
+/// the service's name.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    service: String,
+    action: Action,
+}
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Action {
     SetLimits,
     WouldSetLimits,
@@ -37,10 +49,16 @@ impl Action {
     }
 }
 
+impl EncodeLabelValue for Action {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.label())
+    }
+}
+
 #[derive(Clone)]
 pub struct PolicyMetrics {
-    actions: Family<Labels, Counter>,
-    drift: Family<Labels, Counter>,
+    actions: Family<ActionLabels, Counter>,
+    drift: Family<ServiceLabel, Counter>,
     /// Service labels come from the attribution, so that these series share its cap
     /// (`services.max_labels`, then `other`).
     labels: Arc<Mutex<Attribution>>,
@@ -102,10 +120,10 @@ impl PolicyMetrics {
     /// Counts `action` on `service` only; the caller reports it in the recent events.
     pub fn count(&self, service: &str, action: Action) {
         self.actions
-            .get_or_create(&vec![
-                ("service", self.label(service)),
-                ("action", action.label().to_string()),
-            ])
+            .get_or_create(&ActionLabels {
+                service: self.label(service),
+                action,
+            })
             .inc();
     }
 
@@ -117,7 +135,9 @@ impl PolicyMetrics {
             format!("{file} was {found}, put back to {expected}"),
         );
         self.drift
-            .get_or_create(&vec![("service", self.label(service))])
+            .get_or_create(&ServiceLabel {
+                service: self.label(service),
+            })
             .inc();
     }
 
@@ -126,5 +146,49 @@ impl PolicyMetrics {
             .lock()
             .expect("attribution lock")
             .label_for_path(service)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+    use crate::{cgroup::CgroupTree, queue::QueueDrops};
+
+    #[test]
+    fn actions_and_drift_are_counted_per_service_with_their_labels() {
+        let mut registry = Registry::default();
+        let labels = Arc::new(Mutex::new(Attribution::new(
+            CgroupTree::new(std::env::temp_dir()),
+            16,
+            Duration::from_secs(600),
+        )));
+        let (recent, _events, _) = crate::recent::channel(&QueueDrops::new(&mut registry));
+        let metrics = PolicyMetrics::new(&mut registry, labels, recent);
+        metrics.count("web.service", Action::SetLimits);
+        metrics.count("web.service", Action::SetLimits);
+        metrics.count("db.service", Action::WouldTerminate);
+        metrics.drift("web.service", "memory.max", "max", "67108864");
+        let mut body = String::new();
+        encode(&mut body, &registry).unwrap();
+        let mut samples: Vec<&str> = body
+            .lines()
+            .filter(|line| {
+                line.starts_with("sentinel_actions")
+                    || line.starts_with("sentinel_policy_drift_total")
+            })
+            .collect();
+        samples.sort();
+        assert_eq!(
+            samples,
+            [
+                "sentinel_actions_total{service=\"db.service\",action=\"would_sigterm\"} 1",
+                "sentinel_actions_total{service=\"web.service\",action=\"set_limits\"} 2",
+                "sentinel_policy_drift_total{service=\"web.service\"} 1",
+            ]
+        );
     }
 }
