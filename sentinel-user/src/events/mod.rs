@@ -91,7 +91,7 @@ impl EventHandler {
         match event {
             Event::CgroupCreated { id, path } => match path {
                 Some(path) => {
-                    // A full queue is counted; the cgroup then waits for the next reload.
+                    // A full queue is counted; the enforcer's periodic walk finds the cgroup.
                     let _ = self
                         .enforcer
                         .offer(EnforcerInput::CgroupCreated(path.clone()));
@@ -103,6 +103,7 @@ impl EventHandler {
                 }
                 // The path did not fit in the event: read the hierarchy instead.
                 None => {
+                    let _ = self.enforcer.offer(EnforcerInput::Rescan);
                     let _ = self.containment.offer(ContainmentInput::Rescan);
                     attribution.tree_mut().rescan();
                 }

@@ -60,10 +60,18 @@ const SYSTEMD_RETRY: Duration = Duration::from_secs(10);
 const PASS_EVENTS_PER_POLICY: usize = 8;
 /// Cgroups a pass writes between two reads of the kernel's notices.
 const OWN_NOTICES_BATCH: usize = 64;
+/// How often the hierarchy is walked for cgroups whose creation the enforcer was not told of
+/// (its queue was full, the path did not fit in the kernel's record, or the record was lost):
+/// such a cgroup gets its policy at most this late. A walk reads one directory entry and one
+/// `stat` per cgroup.
+const CATCH_UP: Duration = Duration::from_secs(300);
 
 pub enum Input {
     /// A cgroup was created (path relative to the cgroup2 root).
     CgroupCreated(String),
+    /// A cgroup was created whose path the kernel's record could not hold: the hierarchy is
+    /// walked at the next tick.
+    Rescan,
     /// A new, already validated policy replaces the current one.
     Reload(Policy),
     Stop,
@@ -277,6 +285,8 @@ pub struct Enforcer {
     original_values: Shared<SavedList>,
     /// Which applied cgroups were written since the last tick.
     drift: DriftWatch,
+    /// When the hierarchy is walked next for cgroups the enforcer was not told of.
+    next_catch_up: Instant,
     /// Applied cgroups found drifted and not yet put back (a fix failing, or waiting).
     drifting: BTreeSet<CgroupPath>,
     /// The safety net: every applied cgroup read once a round, notices or not.
@@ -332,6 +342,7 @@ impl Enforcer {
             kept_values: Shared::new(),
             original_values: Shared::new(),
             drift: DriftWatch::new(),
+            next_catch_up: Instant::now() + CATCH_UP,
             drifting: BTreeSet::new(),
             sweep: Sweep::new(Instant::now()),
             check_everything: false,
@@ -382,11 +393,14 @@ impl Enforcer {
         let mut next_tick = Instant::now() + TICK;
         loop {
             self.save_originals();
-            // With nothing to keep, no timer wakes the thread.
+            // With nothing to keep, only the walk for missed cgroups wakes the thread, and only
+            // when a policy could match one.
             let wait = if self.needs_ticks() {
                 next_tick.saturating_duration_since(Instant::now())
-            } else {
+            } else if self.policy.services.is_empty() {
                 Duration::MAX
+            } else {
+                self.next_catch_up.saturating_duration_since(Instant::now())
             };
             match inputs.recv_timeout(wait) {
                 Ok(Input::CgroupCreated(path)) => {
@@ -395,6 +409,8 @@ impl Enforcer {
                     self.publish();
                 }
                 Ok(Input::Reload(policy)) => self.reload(policy),
+                // Several before the next tick make one walk.
+                Ok(Input::Rescan) => self.next_catch_up = Instant::now(),
                 Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {
                     self.tick();
@@ -462,7 +478,14 @@ impl Enforcer {
     fn reload(&mut self, policy: Policy) {
         let started = Instant::now();
         self.pass = Some(Pass::default());
-        self.policy = policy;
+        let previous = std::mem::replace(&mut self.policy, policy);
+        // The same targets in the same order: no cgroup matches a policy it did not match
+        // before, so no walk is needed to find them.
+        let same_targets = previous
+            .services
+            .iter()
+            .map(|policy| &policy.target)
+            .eq(self.policy.services.iter().map(|policy| &policy.target));
         self.subtree_controls = SubtreeControls::default();
         // Thousands of cgroups share a few policies: each pair is compared once.
         let mut same = HashMap::new();
@@ -479,6 +502,7 @@ impl Enforcer {
                 (!unchanged).then(|| (CgroupPath::clone(path), wanted.cloned()))
             })
             .collect();
+        let mut released = Vec::new();
         for (path, wanted) in changed {
             let Some(applied) = self.applied.get(&path) else {
                 continue;
@@ -489,12 +513,30 @@ impl Enforcer {
                 Some(policy) if enforced_directly && policy.mode == Mode::Enforce => {
                     self.retarget(&path, policy);
                 }
-                _ => self.release(&path),
+                _ => {
+                    self.release(&path);
+                    released.push(path);
+                }
             }
         }
         let units = self.stale_units();
         self.give_back_units(&units);
-        self.apply_all();
+        if same_targets {
+            // What was let go (its mode or writer changed) and what failed is applied again;
+            // a cgroup whose creation was missed waits for the periodic walk, as without a
+            // reload.
+            let again: Vec<String> = released
+                .iter()
+                .map(|path| path.to_string())
+                .chain(std::mem::take(&mut self.unapplied).into_keys())
+                .collect();
+            for path in again {
+                self.reconcile(&path);
+            }
+            self.publish();
+        } else {
+            self.apply_all();
+        }
         self.end_pass();
         info!(
             took_ms = started.elapsed().as_millis() as u64,
@@ -1086,6 +1128,9 @@ impl Enforcer {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        if now >= self.next_catch_up {
+            self.catch_up(now);
+        }
         if now >= self.next_retry {
             self.next_retry = now + SYSTEMD_RETRY;
             let units = self.stale_units();
@@ -1146,6 +1191,37 @@ impl Enforcer {
             self.guard_memory(&path, now);
         }
         if forgotten || self.unapplied.len() != unapplied_before {
+            self.publish();
+        }
+    }
+
+    /// Applies the policy to the cgroups the hierarchy's walk finds that the enforcer was not
+    /// told of; those it failed on wait for a reload, as after a pass.
+    fn catch_up(&mut self, now: Instant) {
+        self.next_catch_up = now + CATCH_UP;
+        if self.policy.services.is_empty() {
+            return;
+        }
+        self.subtree_controls = SubtreeControls::default();
+        let mut found = 0;
+        for (id, path) in walk_hierarchy(self.fs.root()) {
+            let known = self
+                .applied
+                .get(path.as_str())
+                .is_some_and(|applied| applied.id == id);
+            if known || self.unapplied.contains_key(&path) || self.policy_for(&path).is_none() {
+                continue;
+            }
+            found += 1;
+            self.reconcile_listed(&path, id);
+        }
+        if found > 0 {
+            warn!(
+                cgroups = found,
+                "the hierarchy's walk found cgroups whose creation was missed (a full queue, a \
+                 path too long for the kernel's record, or a lost record); their policies are \
+                 applied now"
+            );
             self.publish();
         }
     }
@@ -1714,6 +1790,75 @@ mod tests {
         );
         // Each service is still counted.
         assert_eq!(enforcer.applied.len(), names.len());
+    }
+
+    #[test]
+    fn a_cgroup_whose_creation_was_missed_gets_its_policy_at_the_next_walk() {
+        let dir = StateDir::new("missed");
+        let root = memory_cgroups(&dir, &["a"]);
+        let policy = "policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: 64M\n";
+        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), policy);
+        enforcer.apply_all();
+        // Made without the enforcer being told (its queue full, or the record lost).
+        memory_cgroups(&dir, &["b"]);
+        let memory_max =
+            |cgroup: &str| std::fs::read_to_string(root.join(cgroup).join("memory.max")).unwrap();
+        enforcer.tick();
+        assert_eq!(memory_max("b"), "max", "walked before it was due");
+        enforcer.next_catch_up = Instant::now();
+        enforcer.tick();
+        assert_eq!([memory_max("a"), memory_max("b")], ["67108864", "67108864"]);
+        assert_eq!(enforcer.applied.len(), 2);
+        assert!(enforcer.next_catch_up > Instant::now() + CATCH_UP / 2);
+        let view = Arc::clone(&enforcer.view.lock().unwrap().cgroups);
+        assert!(view.contains_key("/b"));
+    }
+
+    #[test]
+    fn a_reload_walks_the_hierarchy_only_when_the_targets_change() {
+        let dir = StateDir::new("reload-walk");
+        let root = memory_cgroups(&dir, &["a", "b"]);
+        let policy = |target: &str, mode: &str, memory: &str| {
+            format!(
+                "policies:\n  - name: p\n    cgroup: \"{target}\"\n    mode: {mode}\n    \
+                 memory.max: {memory}\n"
+            )
+        };
+        let reload = |enforcer: &mut Enforcer, text: &str| {
+            enforcer.reload(Config::parse("c.yaml", text).unwrap().policies);
+        };
+        let memory_max =
+            |cgroup: &str| std::fs::read_to_string(root.join(cgroup).join("memory.max")).unwrap();
+        let mut enforcer = enforcer(
+            &dir,
+            &SavedOriginals::default(),
+            &policy("?", "enforce", "64M"),
+        );
+        enforcer.apply_all();
+        // Made without the enforcer being told: a reload that keeps the targets does not walk.
+        memory_cgroups(&dir, &["c"]);
+        reload(&mut enforcer, &policy("?", "enforce", "32M"));
+        assert_eq!(
+            [memory_max("a"), memory_max("b"), memory_max("c")],
+            ["33554432", "33554432", "max"]
+        );
+        // Another mode: each cgroup is let go and taken again as the policy says.
+        reload(&mut enforcer, &policy("?", "observe", "32M"));
+        assert_eq!([memory_max("a"), memory_max("b")], ["max", "max"]);
+        assert_eq!(enforcer.applied.len(), 2);
+        assert!(
+            enforcer
+                .applied
+                .values()
+                .all(|applied| applied.expected.is_empty())
+        );
+        // Other targets: the walk finds every cgroup they match.
+        reload(&mut enforcer, &policy("*", "enforce", "32M"));
+        assert_eq!(
+            [memory_max("a"), memory_max("b"), memory_max("c")],
+            ["33554432", "33554432", "33554432"]
+        );
+        assert_eq!(enforcer.applied.len(), 3);
     }
 
     #[test]
