@@ -210,6 +210,18 @@ impl<T: std::hash::Hash + Eq> Shared<T> {
     }
 }
 
+/// What a policy writes directly, worked out once for the thousands of cgroups that share it.
+struct Plan {
+    /// Held, so that the plan is found by this policy's pointer and no other's.
+    policy: Arc<ServicePolicy>,
+    /// Interface files and values, in the order they are written.
+    desired: Files,
+    /// `desired` as the kernel reads it back (see [`Shared`]).
+    expected: Arc<Files>,
+    /// The controllers `desired` needs.
+    controllers: Vec<&'static str>,
+}
+
 struct Applied {
     /// The cgroup's id (its directory's inode number) when the policy was applied: a cgroup
     /// made again at the same path (a restarted service) has a new one.
@@ -255,7 +267,7 @@ struct Pass {
     /// pass ends rather than once per cgroup.
     /// The services whose cgroups each policy's limits were written to: logged and put in the
     /// recent events once per policy when the pass ends, rather than once per cgroup.
-    by_policy: BTreeMap<String, Vec<String>>,
+    by_policy: BTreeMap<String, Vec<CgroupPath>>,
     /// The cgroups it wrote since the kernel's notices were last read: notices of these are
     /// taken for Sentinel's own writes. Read every [`OWN_NOTICES_BATCH`] cgroups, so that a
     /// write by someone else to a cgroup written earlier in the pass is seen as drift.
@@ -283,6 +295,8 @@ pub struct Enforcer {
     applied: HashMap<CgroupPath, Applied>,
     kept_values: Shared<Files>,
     original_values: Shared<SavedList>,
+    /// The policies written directly since the last reload.
+    plans: Vec<Arc<Plan>>,
     /// Which applied cgroups were written since the last tick.
     drift: DriftWatch,
     /// When the hierarchy is walked next for cgroups the enforcer was not told of.
@@ -341,6 +355,7 @@ impl Enforcer {
             applied: HashMap::new(),
             kept_values: Shared::new(),
             original_values: Shared::new(),
+            plans: Vec::new(),
             drift: DriftWatch::new(),
             next_catch_up: Instant::now() + CATCH_UP,
             drifting: BTreeSet::new(),
@@ -478,6 +493,7 @@ impl Enforcer {
     fn reload(&mut self, policy: Policy) {
         let started = Instant::now();
         self.pass = Some(Pass::default());
+        self.plans.clear();
         let previous = std::mem::replace(&mut self.policy, policy);
         // The same targets in the same order: no cgroup matches a policy it did not match
         // before, so no walk is needed to find them.
@@ -580,9 +596,9 @@ impl Enforcer {
             info!(policy = name, cgroups, limits = ?limits.unwrap_or_default(), "limits applied");
             let kind = Action::SetLimits.label();
             if cgroups <= PASS_EVENTS_PER_POLICY {
-                services.sort_unstable();
-                for service in &services {
-                    self.metrics.recent.record(kind, service, "");
+                services.sort_unstable_by(|a, b| service_name(a).cmp(service_name(b)));
+                for path in &services {
+                    self.metrics.recent.record(kind, service_name(path), "");
                 }
             } else {
                 let detail = format!("{cgroups} services");
@@ -683,14 +699,22 @@ impl Enforcer {
         else {
             return;
         };
-        let desired = policy.limits.to_cgroup_files();
-        let dropped: Files = self
+        let plan = self.plan(&policy);
+        let wanted = |file: &str| plan.desired.iter().any(|(wanted, _)| *wanted == file);
+        let drops = self
             .saved
-            .files(path)
-            .into_iter()
-            .filter(|(file, _)| !desired.iter().any(|(wanted, _)| wanted == file))
-            .collect();
-        self.restore(path, &dropped);
+            .cgroups
+            .get(path)
+            .is_some_and(|saved| saved.0.iter().any(|(file, _)| !wanted(file)));
+        if drops {
+            let dropped: Files = self
+                .saved
+                .files(path)
+                .into_iter()
+                .filter(|(file, _)| !wanted(file))
+                .collect();
+            self.restore(path, &dropped);
+        }
         self.apply_to_cgroupfs(path, id, policy, &expected);
     }
 
@@ -704,9 +728,8 @@ impl Enforcer {
         in_place: &Files,
     ) {
         let service = service_name(path).to_string();
-        let desired = policy.limits.to_cgroup_files();
         if policy.mode == Mode::Observe {
-            for (file, value) in &desired {
+            for (file, value) in &policy.limits.to_cgroup_files() {
                 let current = self.fs.read(path, file).unwrap_or_else(|_| "?".into());
                 if current != *value {
                     info!(
@@ -720,21 +743,15 @@ impl Enforcer {
                 }
             }
             self.metrics.action(&service, Action::WouldSetLimits);
-            let tracked = self.tracked(id, policy, Writer::Cgroupfs, Vec::new());
+            let nothing = self.kept_values.share(Vec::new());
+            let tracked = self.tracked(id, policy, Writer::Cgroupfs, nothing);
             self.keep(self.path_of(path), tracked);
             return;
         }
-        match self.write_limits(path, &desired, in_place) {
-            Ok((expected, originals)) => {
+        let plan = self.plan(&policy);
+        match self.write_limits(path, &plan, in_place) {
+            Ok(saved) => {
                 let shared = self.path_of(path);
-                let saved = SavedFiles(
-                    self.original_values.share(
-                        originals
-                            .into_iter()
-                            .map(|(file, value)| (Cow::Borrowed(file), value))
-                            .collect(),
-                    ),
-                );
                 match self.saved.cgroups.get_mut(path) {
                     Some(kept) => *kept = saved,
                     None => {
@@ -744,12 +761,12 @@ impl Enforcer {
                 self.saved_file.mark_changed();
                 match self.pass.as_mut() {
                     Some(pass) => {
-                        debug!(service, policy = policy.name, limits = ?desired, "limits applied");
+                        debug!(service, policy = policy.name, limits = ?plan.desired, "limits applied");
                         match pass.by_policy.get_mut(&policy.name) {
-                            Some(services) => services.push(service.clone()),
+                            Some(cgroups) => cgroups.push(shared.clone()),
                             None => {
                                 pass.by_policy
-                                    .insert(policy.name.clone(), vec![service.clone()]);
+                                    .insert(policy.name.clone(), vec![shared.clone()]);
                             }
                         }
                         pass.unread.insert(shared.clone());
@@ -758,13 +775,14 @@ impl Enforcer {
                         }
                     }
                     None => {
-                        info!(service, policy = policy.name, limits = ?desired, "limits applied");
+                        info!(service, policy = policy.name, limits = ?plan.desired, "limits applied");
                         self.metrics
                             .recent
                             .record(Action::SetLimits.label(), &service, "");
                     }
                 }
                 self.metrics.count(&service, Action::SetLimits);
+                let expected = Arc::clone(&plan.expected);
                 let tracked = self.tracked(id, policy, Writer::Cgroupfs, expected);
                 self.keep(shared, tracked);
             }
@@ -818,7 +836,8 @@ impl Enforcer {
                 }
             }
             self.metrics.action(&service, Action::WouldSetLimits);
-            let tracked = self.tracked(id, policy, Writer::Systemd { unit }, Vec::new());
+            let nothing = self.kept_values.share(Vec::new());
+            let tracked = self.tracked(id, policy, Writer::Systemd { unit }, nothing);
             self.keep(self.path_of(path), tracked);
             return;
         }
@@ -836,6 +855,7 @@ impl Enforcer {
                     "limits applied through systemd"
                 );
                 self.metrics.action(&service, Action::SetLimits);
+                let expected = self.kept_values.share(expected);
                 let tracked = self.tracked(id, policy, Writer::Systemd { unit }, expected);
                 self.keep(self.path_of(path), tracked);
             }
@@ -997,9 +1017,8 @@ impl Enforcer {
         id: u64,
         policy: Arc<ServicePolicy>,
         writer: Writer,
-        expected: Files,
+        expected: Arc<Files>,
     ) -> Applied {
-        let expected = self.kept_values.share(expected);
         let guard = policy.graceful_stop.map(|stop| {
             MemoryGuard::new(GuardLimits {
                 threshold_bytes: stop.terminate_above,
@@ -1052,44 +1071,92 @@ impl Enforcer {
         self.applied.remove(path)
     }
 
-    /// Writes the values of `desired` that `in_place` does not hold already, each file opened
-    /// once; returns what the kernel reads back for `desired` and what each file held before
-    /// Sentinel first wrote it.
+    /// How `policy` is written directly, worked out once for every cgroup it applies to.
+    fn plan(&mut self, policy: &Arc<ServicePolicy>) -> Arc<Plan> {
+        if let Some(plan) = self
+            .plans
+            .iter()
+            .find(|plan| Arc::ptr_eq(&plan.policy, policy))
+        {
+            return Arc::clone(plan);
+        }
+        let desired = policy.limits.to_cgroup_files();
+        let read_back = desired
+            .iter()
+            .map(|(file, value)| (*file, as_read_back(file, value, self.page_size)))
+            .collect();
+        let plan = Arc::new(Plan {
+            policy: Arc::clone(policy),
+            expected: self.kept_values.share(read_back),
+            controllers: CONTROLLERS
+                .iter()
+                .copied()
+                .filter(|controller| desired.iter().any(|(file, _)| file.starts_with(controller)))
+                .collect(),
+            desired,
+        });
+        self.plans.push(Arc::clone(&plan));
+        plan
+    }
+
+    /// Writes the values of `plan` that `in_place` does not hold already, each file opened
+    /// once; returns what each file held before Sentinel first wrote it. A cgroup whose
+    /// originals are saved for exactly these files, as each of thousands retargeted by a
+    /// reload is, keeps the list it has.
     fn write_limits(
         &mut self,
         path: &str,
-        desired: &Files,
+        plan: &Plan,
         in_place: &Files,
-    ) -> Result<(Files, Files), crate::Error> {
-        let needed: Vec<&str> = CONTROLLERS
-            .iter()
-            .copied()
-            .filter(|controller| desired.iter().any(|(file, _)| file.starts_with(controller)))
-            .collect();
+    ) -> Result<SavedFiles, crate::Error> {
         self.fs
-            .enable_controllers(path, &needed, &mut self.subtree_controls)?;
+            .enable_controllers(path, &plan.controllers, &mut self.subtree_controls)?;
         // Written before a restart, or kept now: what is there now is Sentinel's own value.
-        let saved = self.saved.files(path);
-        let mut originals = Vec::new();
-        let mut expected = Vec::new();
-        for (file, value) in desired {
-            let read_back = as_read_back(file, value, self.page_size);
-            let original = match saved.iter().find(|(saved, _)| saved == file) {
-                Some((_, original)) => {
+        let saved = self
+            .saved
+            .cgroups
+            .get(path)
+            .map(|saved| Arc::clone(&saved.0));
+        let saved_for = |file: &str| {
+            saved
+                .as_deref()
+                .and_then(|saved| saved.iter().find(|(name, _)| name == file))
+                .map(|(_, original)| original)
+        };
+        let mut originals = Vec::with_capacity(plan.desired.len());
+        for ((file, value), (_, read_back)) in plan.desired.iter().zip(plan.expected.iter()) {
+            let original = match saved_for(file) {
+                Some(_) => {
                     if !in_place
                         .iter()
-                        .any(|(kept, value)| kept == file && *value == read_back)
+                        .any(|(kept, value)| kept == file && value == read_back)
                     {
                         self.fs.write(path, file, value)?;
                     }
-                    original.clone()
+                    None
                 }
-                None => self.fs.swap(path, file, value)?,
+                None => Some(self.fs.swap(path, file, value)?),
             };
             originals.push((*file, original));
-            expected.push((*file, read_back));
         }
-        Ok((expected, originals))
+        let same_files = |saved: &SavedList| {
+            saved.len() == plan.desired.len()
+                && saved
+                    .iter()
+                    .zip(&plan.desired)
+                    .all(|((name, _), (file, _))| name == file)
+        };
+        if let Some(saved) = saved.as_ref().filter(|saved| same_files(saved)) {
+            return Ok(SavedFiles(Arc::clone(saved)));
+        }
+        let list = originals
+            .into_iter()
+            .map(|(file, original)| {
+                let original = original.or_else(|| saved_for(file).cloned());
+                (Cow::Borrowed(file), original.unwrap_or_default())
+            })
+            .collect();
+        Ok(SavedFiles(self.original_values.share(list)))
     }
 
     /// Stops enforcing on `path`, restoring its previous limits if it still exists. A unit's
