@@ -30,7 +30,7 @@ pub fn collect(
     let policed = Arc::clone(&applied.lock().expect("applied view lock").cgroups);
     for (path, applied, stats) in snapshot.along(&policed) {
         let row = rows.entry(service_name(path).to_string()).or_default();
-        row.policy = Some(applied.policy.clone());
+        row.policy = Some(applied.policy.to_string());
         // Applied since the last refresh: no figures until the next.
         let Some(stats) = stats else {
             continue;

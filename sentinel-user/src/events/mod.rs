@@ -131,6 +131,7 @@ impl EventHandler {
                 let (policy, memory_max) = applied
                     .map(|a| (a.policy, a.memory_max.unwrap_or_else(|| "max".into())))
                     .unwrap_or_else(|| ("none".into(), "not set by Sentinel".into()));
+                let (policy, memory_max) = (&*policy, &*memory_max);
                 warn!(
                     pid,
                     comm, service, policy, memory_max, "OOM killer killed a process"

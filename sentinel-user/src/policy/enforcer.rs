@@ -85,12 +85,13 @@ pub struct AppliedView {
     pub cgroups: Arc<BTreeMap<CgroupPath, AppliedSummary>>,
 }
 
+/// Shared by the cgroups of one policy that keep the same `memory.max`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedSummary {
-    pub policy: String,
+    pub policy: Arc<str>,
     pub mode: Mode,
     /// `memory.max` as written (`max` or bytes), for OOM reports.
-    pub memory_max: Option<String>,
+    pub memory_max: Option<Arc<str>>,
 }
 
 /// A policy, in file order, and how it stands on each cgroup it matches.
@@ -503,21 +504,39 @@ impl Enforcer {
             .map(|policy| &policy.target)
             .eq(self.policy.services.iter().map(|policy| &policy.target));
         self.subtree_controls = SubtreeControls::default();
-        // Thousands of cgroups share a few policies: each pair is compared once.
+        // With the same targets, a cgroup's policy is the one at the place of its previous one
+        // (no pattern is matched again); a cgroup whose policy is unchanged takes the new
+        // entry, so that the next reload finds it there too. Thousands of cgroups share a few
+        // policies: each pair is compared once.
+        let places: HashMap<*const ServicePolicy, usize> = if same_targets {
+            previous
+                .services
+                .iter()
+                .enumerate()
+                .map(|(place, policy)| (Arc::as_ptr(policy), place))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let policies = &self.policy.services;
         let mut same = HashMap::new();
-        let changed: Vec<(CgroupPath, Option<Arc<ServicePolicy>>)> = self
-            .applied
-            .iter()
-            .filter_map(|(path, applied)| {
-                let wanted = self.policy_for(path);
-                let unchanged = wanted.is_some_and(|wanted| {
-                    *same
+        let mut changed: Vec<(CgroupPath, Option<Arc<ServicePolicy>>)> = Vec::new();
+        for (path, applied) in &mut self.applied {
+            let wanted = match places.get(&Arc::as_ptr(&applied.policy)) {
+                Some(&place) => policies.get(place),
+                None => first_match(policies, path),
+            };
+            match wanted {
+                Some(wanted)
+                    if *same
                         .entry((Arc::as_ptr(wanted), Arc::as_ptr(&applied.policy)))
-                        .or_insert_with(|| wanted == &applied.policy)
-                });
-                (!unchanged).then(|| (CgroupPath::clone(path), wanted.cloned()))
-            })
-            .collect();
+                        .or_insert_with(|| wanted == &applied.policy) =>
+                {
+                    applied.policy = Arc::clone(wanted);
+                }
+                _ => changed.push((CgroupPath::clone(path), wanted.cloned())),
+            }
+        }
         let mut released = Vec::new();
         for (path, wanted) in changed {
             let Some(applied) = self.applied.get(&path) else {
@@ -611,10 +630,7 @@ impl Enforcer {
 
     /// The first policy, in file order, that matches `path`.
     fn policy_for(&self, path: &str) -> Option<&Arc<ServicePolicy>> {
-        self.policy
-            .services
-            .iter()
-            .find(|service| service.target.matches(path))
+        first_match(&self.policy.services, path)
     }
 
     /// Brings one cgroup in line with the policy.
@@ -1441,27 +1457,32 @@ impl Enforcer {
     }
 
     fn publish(&self) {
+        // One summary per policy and kept values, shared by their cgroups.
+        let mut summaries: HashMap<(*const ServicePolicy, *const Files), AppliedSummary> =
+            HashMap::new();
         let cgroups = self
             .applied
             .iter()
             .map(|(path, applied)| {
-                let memory_max = |files: &Files| {
-                    files
-                        .iter()
-                        .find(|(file, _)| *file == "memory.max")
-                        .map(|(_, value)| value.clone())
-                };
-                // What is kept there; for a policy that only observes, what it would write.
-                let memory_max = memory_max(&applied.expected)
-                    .or_else(|| memory_max(&applied.policy.limits.to_cgroup_files()));
-                (
-                    path.clone(),
-                    AppliedSummary {
-                        policy: applied.policy.name.clone(),
-                        mode: applied.policy.mode,
-                        memory_max,
-                    },
-                )
+                let summary = summaries
+                    .entry((Arc::as_ptr(&applied.policy), Arc::as_ptr(&applied.expected)))
+                    .or_insert_with(|| {
+                        let memory_max = |files: &Files| {
+                            files
+                                .iter()
+                                .find(|(file, _)| *file == "memory.max")
+                                .map(|(_, value)| Arc::from(value.as_str()))
+                        };
+                        // What is kept there; for a policy that only observes, what it would
+                        // write.
+                        AppliedSummary {
+                            policy: Arc::from(applied.policy.name.as_str()),
+                            mode: applied.policy.mode,
+                            memory_max: memory_max(&applied.expected)
+                                .or_else(|| memory_max(&applied.policy.limits.to_cgroup_files())),
+                        }
+                    });
+                (CgroupPath::clone(path), summary.clone())
             })
             .collect();
         self.view.lock().expect("applied view lock").cgroups = Arc::new(cgroups);
@@ -1586,6 +1607,14 @@ pub fn give_back_everything(
 
 /// Writes `files` (originals, or limits that drifted) back to `path`, every file even when one
 /// fails; the last failure.
+/// The first of `policies`, in file order, that matches `path`.
+fn first_match<'a>(
+    policies: &'a [Arc<ServicePolicy>],
+    path: &str,
+) -> Option<&'a Arc<ServicePolicy>> {
+    policies.iter().find(|policy| policy.target.matches(path))
+}
+
 /// `value` as the kernel reads it back once written to `file`: memory sizes in whole pages,
 /// the rest as written.
 fn as_read_back(file: &str, value: &str, page_size: u64) -> String {
@@ -1770,6 +1799,22 @@ mod tests {
             assert_eq!((kept.len(), had.len()), (3, 3));
             assert!(kept.iter().all(|each| Arc::ptr_eq(each, kept[0])));
             assert!(had.iter().all(|each| Arc::ptr_eq(each, had[0])));
+            let view = Arc::clone(&enforcer.view.lock().unwrap().cgroups);
+            let summaries: Vec<&AppliedSummary> = view.values().collect();
+            assert!(summaries.iter().all(|each| {
+                Arc::ptr_eq(&each.policy, &summaries[0].policy)
+                    && Arc::ptr_eq(
+                        each.memory_max.as_ref().unwrap(),
+                        summaries[0].memory_max.as_ref().unwrap(),
+                    )
+            }));
+            // Each cgroup holds the policy file's entry in force, not a copy or an older one.
+            assert!(
+                enforcer
+                    .applied
+                    .values()
+                    .all(|applied| Arc::ptr_eq(&applied.policy, &enforcer.policy.services[0]))
+            );
             ((*kept[0]).to_vec(), (*had[0]).to_vec())
         };
         assert_eq!(
@@ -1787,6 +1832,9 @@ mod tests {
                 vec![("memory.max".into(), "max".to_owned())]
             )
         );
+        // A reload that changes nothing: each cgroup takes the new entry (checked by `shared`).
+        enforcer.reload(Config::parse("c.yaml", &policy("32M")).unwrap().policies);
+        assert_eq!(shared(&enforcer).0, [("memory.max", "33554432".to_owned())]);
         // What no cgroup keeps any more is forgotten.
         assert_eq!(
             (
