@@ -264,10 +264,8 @@ impl FixRetry {
 /// A pass over every cgroup (start, reload).
 #[derive(Default)]
 struct Pass {
-    /// How many cgroups each policy's limits were written to, logged once per policy when the
-    /// pass ends rather than once per cgroup.
-    /// The services whose cgroups each policy's limits were written to: logged and put in the
-    /// recent events once per policy when the pass ends, rather than once per cgroup.
+    /// The cgroups each policy's limits were written to: logged and put in the recent events
+    /// once per policy when the pass ends, rather than once per cgroup.
     by_policy: BTreeMap<String, Vec<CgroupPath>>,
     /// The cgroups it wrote since the kernel's notices were last read: notices of these are
     /// taken for Sentinel's own writes. Read every [`OWN_NOTICES_BATCH`] cgroups, so that a
