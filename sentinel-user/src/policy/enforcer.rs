@@ -65,6 +65,10 @@ const OWN_NOTICES_BATCH: usize = 64;
 /// such a cgroup gets its policy at most this late. A walk reads one directory entry and one
 /// `stat` per cgroup.
 const CATCH_UP: Duration = Duration::from_secs(300);
+/// The soonest a walk follows the last when cgroups with paths too long for the kernel's record
+/// ask for one: a user making such cgroups in a subtree delegated to them cannot keep the
+/// enforcer walking.
+const RESCAN_SPACING: Duration = Duration::from_secs(1);
 
 pub enum Input {
     /// A cgroup was created (path relative to the cgroup2 root).
@@ -298,7 +302,9 @@ pub struct Enforcer {
     plans: Vec<Arc<Plan>>,
     /// Which applied cgroups were written since the last tick.
     drift: DriftWatch,
-    /// When the hierarchy is walked next for cgroups the enforcer was not told of.
+    /// When the hierarchy was walked last, and is walked next, for cgroups the enforcer was
+    /// not told of.
+    last_catch_up: Instant,
     next_catch_up: Instant,
     /// Applied cgroups found drifted and not yet put back (a fix failing, or waiting).
     drifting: BTreeSet<CgroupPath>,
@@ -356,6 +362,7 @@ impl Enforcer {
             original_values: Shared::new(),
             plans: Vec::new(),
             drift: DriftWatch::new(),
+            last_catch_up: Instant::now(),
             next_catch_up: Instant::now() + CATCH_UP,
             drifting: BTreeSet::new(),
             sweep: Sweep::new(Instant::now()),
@@ -423,8 +430,7 @@ impl Enforcer {
                     self.publish();
                 }
                 Ok(Input::Reload(policy)) => self.reload(policy),
-                // Several before the next tick make one walk.
-                Ok(Input::Rescan) => self.next_catch_up = Instant::now(),
+                Ok(Input::Rescan) => self.rescan(),
                 Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {
                     self.tick();
@@ -1276,9 +1282,15 @@ impl Enforcer {
         }
     }
 
+    /// Asks for a walk as soon as [`RESCAN_SPACING`] allows; several before it make one.
+    fn rescan(&mut self) {
+        self.next_catch_up = self.next_catch_up.min(self.last_catch_up + RESCAN_SPACING);
+    }
+
     /// Applies the policy to the cgroups the hierarchy's walk finds that the enforcer was not
     /// told of; those it failed on wait for a reload, as after a pass.
     fn catch_up(&mut self, now: Instant) {
+        self.last_catch_up = now;
         self.next_catch_up = now + CATCH_UP;
         if self.policy.services.is_empty() {
             return;
@@ -1925,6 +1937,13 @@ mod tests {
         assert!(enforcer.next_catch_up > Instant::now() + CATCH_UP / 2);
         let view = Arc::clone(&enforcer.view.lock().unwrap().cgroups);
         assert!(view.contains_key("/b"));
+        // A path too long for the kernel's record asks for a walk: no sooner than the spacing
+        // after the last, however many ask.
+        let walked = enforcer.last_catch_up;
+        for _ in 0..100 {
+            enforcer.rescan();
+        }
+        assert_eq!(enforcer.next_catch_up, walked + RESCAN_SPACING);
     }
 
     #[test]
