@@ -98,14 +98,17 @@ impl CgroupFs {
         known: &mut SubtreeControls,
     ) -> Result<(), Error> {
         let relative = path.trim_matches('/');
+        // The root has no parent.
+        if relative.is_empty() {
+            return Ok(());
+        }
         // Each ancestor as a prefix of the path, the root (``) first: no copy of a parent's
         // name or of what it enables on the way, so that thousands of cgroups under a few
         // parents cost a lookup each.
-        let ancestors = std::iter::once(0)
-            .chain(relative.match_indices('/').map(|(at, _)| at))
-            .map(|end| &relative[..end])
+        let ancestors = std::iter::once("")
+            .chain(relative.match_indices('/').map(|(at, _)| &relative[..at]))
             .filter(|parent| !parent.ends_with('/'));
-        for parent in ancestors.take_while(|_| !relative.is_empty()) {
+        for parent in ancestors {
             if !known.0.contains_key(parent) {
                 let enabled = self.read(parent, "cgroup.subtree_control")?;
                 known.0.insert(parent.to_owned(), enabled);

@@ -74,7 +74,7 @@ pub enum Input {
     /// A cgroup was created (path relative to the cgroup2 root).
     CgroupCreated(String),
     /// A cgroup was created whose path the kernel's record could not hold: the hierarchy is
-    /// walked at the next tick.
+    /// walked as soon as [`RESCAN_SPACING`] allows.
     Rescan,
     /// A new, already validated policy replaces the current one.
     Reload(Policy),
@@ -296,6 +296,7 @@ pub struct Enforcer {
     /// The parents' enabled controllers, as seen during the current pass.
     subtree_controls: SubtreeControls,
     applied: HashMap<CgroupPath, Applied>,
+    /// The values kept in place and the saved originals, each list held once.
     kept_values: Shared<Files>,
     original_values: Shared<SavedList>,
     /// The policies written directly since the last reload.
@@ -564,13 +565,12 @@ impl Enforcer {
             // What was let go (its mode or writer changed) and what failed is applied again;
             // a cgroup whose creation was missed waits for the periodic walk, as without a
             // reload.
-            let again: Vec<String> = released
-                .iter()
-                .map(|path| path.to_string())
-                .chain(std::mem::take(&mut self.unapplied).into_keys())
-                .collect();
-            for path in again {
-                self.reconcile(&path);
+            let failed = std::mem::take(&mut self.unapplied);
+            for path in &released {
+                self.reconcile(path);
+            }
+            for path in failed.keys() {
+                self.reconcile(path);
             }
             self.publish();
         } else {
@@ -1033,7 +1033,7 @@ impl Enforcer {
     }
 
     fn tracked(
-        &mut self,
+        &self,
         id: u64,
         policy: Arc<ServicePolicy>,
         writer: Writer,
@@ -1143,40 +1143,34 @@ impl Enforcer {
                 .and_then(|saved| saved.iter().find(|(name, _)| name == file))
                 .map(|(_, original)| original)
         };
-        let mut originals = Vec::with_capacity(plan.desired.len());
+        // Saved for exactly these files: the list stays as it is.
+        let keeps_saved = saved.as_deref().is_some_and(|saved| {
+            saved.len() == plan.desired.len()
+                && saved
+                    .iter()
+                    .zip(&plan.desired)
+                    .all(|((name, _), (file, _))| name == file)
+        });
+        let mut originals = Vec::new();
         for ((file, value), (_, read_back)) in plan.desired.iter().zip(plan.expected.iter()) {
             let original = match saved_for(file) {
-                Some(_) => {
+                Some(original) => {
                     if !in_place
                         .iter()
                         .any(|(kept, value)| kept == file && value == read_back)
                     {
                         self.fs.write(path, file, value)?;
                     }
-                    None
+                    (!keeps_saved).then(|| original.clone())
                 }
                 None => Some(self.fs.swap(path, file, value)?),
             };
-            originals.push((*file, original));
+            originals.extend(original.map(|original| (Cow::Borrowed(*file), original)));
         }
-        let same_files = |saved: &SavedList| {
-            saved.len() == plan.desired.len()
-                && saved
-                    .iter()
-                    .zip(&plan.desired)
-                    .all(|((name, _), (file, _))| name == file)
-        };
-        if let Some(saved) = saved.as_ref().filter(|saved| same_files(saved)) {
-            return Ok(SavedFiles(Arc::clone(saved)));
-        }
-        let list = originals
-            .into_iter()
-            .map(|(file, original)| {
-                let original = original.or_else(|| saved_for(file).cloned());
-                (Cow::Borrowed(file), original.unwrap_or_default())
-            })
-            .collect();
-        Ok(SavedFiles(self.original_values.share(list)))
+        Ok(SavedFiles(match saved {
+            Some(saved) if keeps_saved => saved,
+            _ => self.original_values.share(originals),
+        }))
     }
 
     /// Stops enforcing on `path`, restoring its previous limits if it still exists. A unit's
@@ -2201,6 +2195,19 @@ mod tests {
         let loaded = enforcer(&dir, &saved, "policies: []\n").saved;
         assert_eq!(loaded.units, saved.units);
         assert_eq!(loaded.cgroups, saved.cgroups);
+    }
+
+    #[test]
+    fn a_saved_original_of_a_file_this_version_does_not_know_is_kept() {
+        // Written by a later version that also sets io.max.
+        let text = r#"{"cgroups":{"/a":{"io.max":"8:0 rbps=max","memory.max":"max"}}}"#;
+        let saved: SavedOriginals = serde_json::from_str(text).unwrap();
+        assert_eq!(saved.files("/a"), [("memory.max", "max".to_owned())]);
+        let written = serde_json::to_value(&saved).unwrap();
+        assert_eq!(
+            written["cgroups"]["/a"],
+            serde_json::json!({"io.max": "8:0 rbps=max", "memory.max": "max"})
+        );
     }
 
     #[test]
