@@ -103,6 +103,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", value_delimiter = ',', default_values_t = [500, 5_000],
           value_parser = clap::value_parser!(u32).range(1..))]
     policy_services: Vec<u32>,
+    /// Where the policy section's services are: each a cgroup of its own at the top of the
+    /// hierarchy, or all in one slice, as systemd places services.
+    #[arg(long, value_enum, value_name = "LAYOUT", default_value = "top-level")]
+    policy_layout: policy::Layout,
     /// Run these sections only (repeat or separate with commas).
     #[arg(long, value_enum, value_name = "SECTION", value_delimiter = ',')]
     only: Vec<Section>,
@@ -217,7 +221,12 @@ pub fn bench(args: &BenchArgs, workspace: &Path, driver: &dyn Driver) -> Result<
         note_failure(&mut failed, "scale", outcome)?;
     }
     if args.runs(Section::Policy) {
-        let outcome = policy::bench(driver, &args.policy_services, &mut summary);
+        let outcome = policy::bench(
+            driver,
+            &args.policy_services,
+            args.policy_layout,
+            &mut summary,
+        );
         note_failure(&mut failed, "policy", outcome)?;
     }
     if let Some(tools) = &fleet_tools {

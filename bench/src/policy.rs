@@ -19,13 +19,39 @@ const VM_TIMEOUT: Duration = Duration::from_secs(1800);
 const APPLY_TARGET_RATIO: f64 = 1.5;
 const SCRAPE_TARGET_RATIO: f64 = 2.0;
 
-pub fn bench(driver: &dyn Driver, sizes: &[u32], summary: &mut Summary) -> Result<()> {
+/// Where the policed services' cgroups are (the guest program's second argument).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// Each service a cgroup at the top of the hierarchy.
+    TopLevel,
+    /// Every service in one slice.
+    Slice,
+}
+
+impl Layout {
+    fn argument(self) -> &'static str {
+        match self {
+            Self::TopLevel => "top-level",
+            Self::Slice => "slice",
+        }
+    }
+}
+
+pub fn bench(
+    driver: &dyn Driver,
+    sizes: &[u32],
+    layout: Layout,
+    summary: &mut Summary,
+) -> Result<()> {
     let mut raw = serde_json::Map::new();
     for &services in sizes {
-        crate::step(&format!("bench: policy of {services} services, in a VM"));
+        crate::step(&format!(
+            "bench: policy of {services} services ({}), in a VM",
+            layout.argument()
+        ));
         let output = driver.run_vm_job(
             &format!("policy-bench-{services}"),
-            &format!("{GUEST_PROGRAM} {services}"),
+            &format!("{GUEST_PROGRAM} {services} {}", layout.argument()),
             VM_TIMEOUT,
         )?;
         let results = PolicyResults::parse(&output)?;
@@ -41,6 +67,8 @@ pub fn bench(driver: &dyn Driver, sizes: &[u32], summary: &mut Summary) -> Resul
 struct PolicyResults {
     cpu_model: String,
     controllers: String,
+    /// `top-level` or `slice` (see [`Layout`]).
+    layout: String,
     cgroups: u32,
     policies: u32,
     applied_cgroups: u32,
@@ -99,6 +127,7 @@ impl PolicyResults {
         Ok(Self {
             cpu_model: text("cpu_model")?.to_owned(),
             controllers: text("controllers")?.replace(',', ", "),
+            layout: text("layout")?.to_owned(),
             cgroups: count("cgroups")?,
             policies: count("policies")?,
             applied_cgroups: count("applied_cgroups")?,
@@ -133,7 +162,10 @@ impl PolicyResults {
     }
 
     fn summarize(&self, summary: &mut Summary) {
-        let section = format!("{} policed services, VM", self.cgroups);
+        let section = match self.layout.as_str() {
+            "slice" => format!("{} policed services in one slice, VM", self.cgroups),
+            _ => format!("{} policed services, VM", self.cgroups),
+        };
         let floor = "the same cgroupfs writes";
         summary.compare(
             &section,
@@ -189,6 +221,7 @@ impl PolicyResults {
     fn to_json(&self) -> Value {
         json!({
             "cpu_model": self.cpu_model,
+            "layout": self.layout,
             "cgroups": self.cgroups,
             "policies": self.policies,
             "applied_cgroups": self.applied_cgroups,

@@ -307,7 +307,51 @@ pub struct KernelOffsets {
     pub skb_dev: u32,
     pub net_device_net: u32,
     pub net_inum: u32,
+    /// `cgroup.subsys` (an array of `struct cgroup_subsys_state *`, by subsystem id), and the
+    /// ids of the memory, pids and cpu controllers (`enum cgroup_subsys_id`).
+    pub cgroup_subsys: u32,
+    pub memory_subsys_id: u32,
+    pub pids_subsys_id: u32,
+    pub cpu_subsys_id: u32,
+    /// From a controller's `cgroup_subsys_state` to its figures: `mem_cgroup.memory.usage`
+    /// and `.memory.max` (pages), `pids_cgroup.counter` (tasks),
+    /// `task_group.cfs_bandwidth.throttled_time` (ns) and `.nr_throttled` (periods).
+    pub memcg_usage: u32,
+    pub memcg_max: u32,
+    pub pids_counter: u32,
+    pub cpu_throttled_time: u32,
+    pub cpu_throttled_periods: u32,
+    /// `cgroup.bstat.cputime.sum_exec_runtime` (ns), as of the last statistics flush.
+    pub cgroup_cpu_usage: u32,
 }
+
+/// One cgroup's resource figures, as the `iter/cgroup` program writes them for every cgroup
+/// v2, in kernel units; the daemon converts them to what the interface files show.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupFigures {
+    pub cgroup_id: u64,
+    /// `FIGURES_*` bits: the controllers enabled on this cgroup, whose figures follow.
+    pub present: u32,
+    pub cpu_throttled_periods: u32,
+    pub memory_pages: u64,
+    pub memory_max_pages: u64,
+    pub pids: u64,
+    pub cpu_usage_ns: u64,
+    pub cpu_throttled_ns: u64,
+}
+
+/// Records the cgroup iterator writes per walk: a cgroup iterator cannot resume a walk across
+/// reads, and one read returns at most the kernel's eight-page buffer. A walk writes the
+/// records of the cgroups from the index in `FIGURES_FROM` on, and ends after this many.
+pub const FIGURES_PER_WALK: u32 = 512;
+
+/// `CgroupFigures::present`: the memory controller's figures were read.
+pub const FIGURES_MEMORY: u32 = 1;
+/// The pids controller's.
+pub const FIGURES_PIDS: u32 = 2;
+/// The cpu controller's (throttled time; CPU usage is kept for every cgroup).
+pub const FIGURES_CPU: u32 = 4;
 
 /// Which per-event records the exec and TCP programs write to `EVENTS`, written into their
 /// read-only data before load. Both count every event either way; a record costs a ring

@@ -40,6 +40,16 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     skb_dev: 0,
     net_device_net: 0,
     net_inum: 0,
+    cgroup_subsys: 0,
+    memory_subsys_id: 0,
+    pids_subsys_id: 0,
+    cpu_subsys_id: 0,
+    memcg_usage: 0,
+    memcg_max: 0,
+    pids_counter: 0,
+    cpu_throttled_time: 0,
+    cpu_throttled_periods: 0,
+    cgroup_cpu_usage: 0,
 };
 
 /// One field of `OFFSETS`, read through a volatile load so the compiler cannot fold the zero

@@ -9,6 +9,7 @@ mod exec;
 mod kernel;
 mod maps;
 mod oom;
+mod resources;
 mod scan;
 mod ssh;
 mod tcp;

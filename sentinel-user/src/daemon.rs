@@ -169,7 +169,11 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
             resources_rx.clone(),
             config.metrics.resource_detail,
         )));
-    let stats_reader = StatsReader::new(cgroupfs.clone(), config.metrics.resource_detail);
+    let stats_reader = StatsReader::new(
+        cgroupfs.clone(),
+        config.metrics.resource_detail,
+        probes.cgroup_iterator(&cgroup_root),
+    );
     let enforcer = Enforcer::new(
         cgroupfs.clone(),
         config.policies.clone(),

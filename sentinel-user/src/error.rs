@@ -45,6 +45,8 @@ pub enum Error {
     Map(#[from] aya::maps::MapError),
     #[error("the eBPF object has no map named {0}")]
     MissingMap(&'static str),
+    #[error("the kernel's cgroup iterator is unavailable: {0}")]
+    CgroupIterator(String),
     #[error("{file}: {source}")]
     CgroupIo { file: PathBuf, source: io::Error },
     #[error(

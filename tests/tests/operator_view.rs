@@ -102,7 +102,7 @@ fn status_names_each_probe_policy_and_service_and_its_exit_status_says_whether_a
     }));
     let text = &status.stdout;
     assert!(text.starts_with("sentinel 0.1.0, up "), "{text}");
-    assert!(text.contains("probes: 9 of 10 attached\n"), "{text}");
+    assert!(text.contains("probes: 10 of 11 attached\n"), "{text}");
     assert!(
         text.contains("\n  exec                   attached\n"),
         "{text}"
@@ -158,7 +158,7 @@ fn status_names_each_probe_policy_and_service_and_its_exit_status_says_whether_a
     assert_eq!(document["version"], "0.1.0");
     assert_eq!(document["problems"], json!(problems));
     let probes = document["probes"].as_array().expect("probes");
-    assert_eq!(probes.len(), 10);
+    assert_eq!(probes.len(), 11);
     let tcp_state = probes
         .iter()
         .find(|probe| probe["name"] == "tcp_state")

@@ -827,3 +827,110 @@ fn unit_memory_high_and_cpu_weight_on_a_real_cgroup_with_their_metrics() {
     hog.kill().expect("stop the hog");
     hog.wait().expect("reap the hog");
 }
+
+/// What each basic resource series must equal: the interface file's figure, in the unit the
+/// series exports.
+fn basic_figures(cgroup: &TestCgroup) -> [(&'static str, Option<f64>); 5] {
+    let number = |file| read(cgroup, file).parse::<f64>().ok();
+    [
+        ("sentinel_memory_current_bytes", number("memory.current")),
+        ("sentinel_memory_limit_bytes", number("memory.max")),
+        (
+            "sentinel_cpu_usage_seconds_total",
+            Some(flat_key(cgroup, "cpu.stat", "usage_usec") as f64 / 1e6),
+        ),
+        (
+            "sentinel_cpu_throttled_seconds_total",
+            Some(flat_key(cgroup, "cpu.stat", "throttled_usec") as f64 / 1e6),
+        ),
+        ("sentinel_pids_current", number("pids.current")),
+    ]
+}
+
+/// Two services at rest, a top-level cgroup and a unit below a parent, each with a hog that
+/// holds its memory and sleeps: every basic series of each must come to equal the kernel's
+/// files exactly, read from `source` as the daemon's log and `sentinel_probe_attached` say;
+/// and so again once the first is made anew at its path.
+fn figures_equal_the_files(env: &[(&str, &str)], source: &str, attached: f64) {
+    let _serial = serial();
+    require_controllers();
+    let top = TestCgroup::new("figures");
+    let parent = TestCgroup::new("units-of-figures");
+    let unit = parent.child("sentinel-figures.service");
+    let limits = "    memory.max: 64M\n    pids.max: 50\n    cpu.max: 50%\n";
+    let daemon = Daemon::start_with_config(
+        &format!(
+            "{NO_FIREWALL}metrics:\n  resource_refresh: 1s\nservices:\n  cgroup_backend: cgroupfs\n\
+             policies:\n  - name: top\n    cgroup: sentinel-test-figures-*\n{limits}\
+             \x20 - name: unit\n    unit: sentinel-figures.service\n{limits}"
+        ),
+        env,
+    );
+    let hogs = [&top, &unit].map(|cgroup| {
+        wait_for(cgroup, "memory.max", &(64 * MIB).to_string());
+        hog(cgroup, 8)
+    });
+    let [mut top_hog, mut unit_hog] = hogs;
+    assert_figures_equal(&daemon, &[&top, &unit]);
+    // The top-level service restarts: the same path, a new cgroup (a new id).
+    top_hog.kill().expect("stop the hog");
+    top_hog.wait().expect("reap the hog");
+    fs::remove_dir(top.path()).expect("remove the cgroup");
+    fs::create_dir(top.path()).expect("make the cgroup again");
+    wait_for(&top, "memory.max", &(64 * MIB).to_string());
+    let mut top_hog = hog(&top, 4);
+    assert_figures_equal(&daemon, &[&top]);
+    let log = daemon.log();
+    assert!(
+        log.contains(source),
+        "the log does not say {source:?}:\n{log}"
+    );
+    let program = [("program", "cgroup_figures")];
+    let scrape = daemon.scrape();
+    assert_eq!(scrape.value("sentinel_probe_attached", &program), attached);
+    assert_eq!(scrape.value("sentinel_probe_wanted", &program), 1.0);
+    for hog in [&mut top_hog, &mut unit_hog] {
+        hog.kill().expect("stop the hog");
+        hog.wait().expect("reap the hog");
+    }
+}
+
+/// Waits until every basic series of each of `cgroups` equals its interface file.
+fn assert_figures_equal(daemon: &Daemon, cgroups: &[&TestCgroup]) {
+    for cgroup in cgroups {
+        let labels = [("service", cgroup.service())];
+        let mut seen = Vec::new();
+        let equal = eventually(HANG_GUARD, || {
+            let scrape = daemon.scrape();
+            seen = basic_figures(cgroup)
+                .into_iter()
+                .map(|(series, file)| (series, file, scrape.find(series, &labels)))
+                .collect();
+            seen.iter()
+                .all(|(_, file, exported)| file.is_some() && file == exported)
+        });
+        assert!(
+            equal,
+            "{}: (series, file, exported): {seen:?}",
+            cgroup.service()
+        );
+    }
+}
+
+#[test]
+fn the_kernels_cgroup_iterator_gives_exactly_the_files_figures() {
+    figures_equal_the_files(
+        &[],
+        "resource figures come from the kernel's cgroup iterator",
+        1.0,
+    );
+}
+
+#[test]
+fn without_the_iterator_the_files_give_the_same_figures() {
+    figures_equal_the_files(
+        &[("SENTINEL_FAULT_INJECT_PROBE", "cgroup_figures")],
+        "resource figures are read from each service's interface files",
+        0.0,
+    );
+}

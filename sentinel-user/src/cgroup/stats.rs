@@ -1,9 +1,21 @@
 //! Per-cgroup resource figures from the cgroup v2 interface files, for `/metrics`. A refresh
 //! task reads them in the background (`policy::resources`); a scrape only encodes its snapshot.
 
-use std::{fs::File, path::PathBuf};
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+};
 
-use super::cgroupfs::{CgroupFs, read_interface_file};
+use sentinel_common::{CgroupFigures, FIGURES_CPU, FIGURES_MEMORY, FIGURES_PIDS};
+use tracing::warn;
+
+use super::{
+    CgroupPath,
+    cgroupfs::{CgroupFs, read_interface_file},
+};
+use crate::kernel::CgroupIterator;
 
 /// Which resource series `/metrics` carries per policed service, and so which files are read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -98,26 +110,68 @@ const PRESSURE_FILES: [(&str, &str); 3] = [
     ("io", "io.pressure"),
 ];
 
-/// Reads cgroups' interface files with one open, one read and one close each, into a buffer
-/// kept across files and passes.
+/// Reads the figures of policed cgroups: the basic ones of every cgroup at once from the
+/// kernel's cgroup iterator where it could be attached, else from each cgroup's interface
+/// files with one open, one read and one close each, into a buffer kept across files and
+/// passes; `resource_detail: full` adds its files either way.
 #[derive(Debug)]
 pub struct StatsReader {
     fs: CgroupFs,
     detail: ResourceDetail,
     buffer: Vec<u8>,
+    kernel: Option<KernelFigures>,
 }
 
 impl StatsReader {
-    pub fn new(fs: CgroupFs, detail: ResourceDetail) -> Self {
+    pub fn new(fs: CgroupFs, detail: ResourceDetail, iterator: Option<CgroupIterator>) -> Self {
         Self {
             fs,
             detail,
             buffer: Vec::new(),
+            kernel: iterator.map(KernelFigures::new),
         }
     }
 
-    /// The figures of the cgroup at `path` that `detail` exports.
-    pub fn read(&mut self, path: &str) -> CgroupStats {
+    /// The figures that `detail` exports of each cgroup of `paths`, in order.
+    pub fn read_all<'a>(
+        &mut self,
+        paths: impl Iterator<Item = &'a CgroupPath> + Clone,
+    ) -> Vec<CgroupStats> {
+        let Some(mut kernel) = self.kernel.take() else {
+            return paths.map(|path| self.read(path)).collect();
+        };
+        let read = match kernel.walk(self, paths.clone()) {
+            // A cgroup the walk missed (made meanwhile) is read from its files.
+            Ok(()) => paths
+                .map(|path| match kernel.figures(&self.fs, path) {
+                    Some((mut stats, throttled_periods)) => {
+                        if self.detail == ResourceDetail::Full {
+                            let mut dir = self.fs.dir(path);
+                            let detail = self.detail_figures(&mut dir, throttled_periods);
+                            stats.detail = Some(Box::new(detail));
+                        }
+                        stats
+                    }
+                    None => self.read(path),
+                })
+                .collect(),
+            Err(error) => {
+                if !kernel.failing {
+                    warn!(
+                        "cannot walk the kernel's cgroup iterator ({error}); reading the \
+                         interface files until it works again"
+                    );
+                }
+                kernel.failing = true;
+                paths.map(|path| self.read(path)).collect()
+            }
+        };
+        self.kernel = Some(kernel);
+        read
+    }
+
+    /// The figures of the cgroup at `path` that `detail` exports, from its interface files.
+    fn read(&mut self, path: &str) -> CgroupStats {
         let mut dir = self.fs.dir(path);
         let mut stats = CgroupStats::default();
         let memory_current = self.file(&mut dir, "memory.current").and_then(parse_number);
@@ -132,23 +186,29 @@ impl StatsReader {
             stats.set(Figure::CpuThrottled, flat_key(cpu_stat, "throttled_usec"));
             throttled_periods = flat_key(cpu_stat, "nr_throttled");
         }
-        if self.detail == ResourceDetail::Basic {
-            return stats;
+        if self.detail == ResourceDetail::Full {
+            stats.detail = Some(Box::new(self.detail_figures(&mut dir, throttled_periods)));
         }
+        stats
+    }
+
+    /// What `resource_detail: full` adds: the throttled periods (from `cpu.stat`, read with
+    /// the basic figures), and the other files of the cgroup at `dir`.
+    fn detail_figures(&mut self, dir: &mut PathBuf, throttled_periods: Option<u64>) -> DetailStats {
         let mut detail = DetailStats {
             cpu_throttled_periods: throttled_periods,
-            memory_high_bytes: self.file(&mut dir, "memory.high").and_then(parse_limit),
-            pids_max: self.file(&mut dir, "pids.max").and_then(parse_limit),
+            memory_high_bytes: self.file(dir, "memory.high").and_then(parse_limit),
+            pids_max: self.file(dir, "pids.max").and_then(parse_limit),
             ..DetailStats::default()
         };
-        if let Some(events) = self.file(&mut dir, "memory.events") {
+        if let Some(events) = self.file(dir, "memory.events") {
             detail.memory_events = MEMORY_EVENTS
                 .iter()
                 .filter_map(|event| Some((*event, flat_key(events, event)?)))
                 .collect();
         }
         for (resource, file) in PRESSURE_FILES {
-            if let Some(text) = self.file(&mut dir, file) {
+            if let Some(text) = self.file(dir, file) {
                 detail.pressure_stall_seconds.extend(
                     pressure_totals(text)
                         .into_iter()
@@ -156,8 +216,7 @@ impl StatsReader {
                 );
             }
         }
-        stats.detail = Some(Box::new(detail));
-        stats
+        detail
     }
 
     /// The whole text of `dir/name`, or `None` when it cannot be read. `dir` is lent to hold
@@ -168,6 +227,128 @@ impl StatsReader {
         dir.pop();
         read_interface_file(&mut opened.ok()?, &mut self.buffer).ok()
     }
+}
+
+/// The basic figures of every cgroup from one walk of the kernel's cgroup iterator, matched to
+/// policed cgroups by id.
+#[derive(Debug)]
+struct KernelFigures {
+    iterator: CgroupIterator,
+    /// The last walk's output and records, kept for their capacity.
+    output: Vec<u8>,
+    /// Sorted by cgroup id.
+    records: Vec<CgroupFigures>,
+    /// Each policed cgroup's id (its directory's inode number), learnt once, and the last
+    /// pass that asked for it: what a pass did not ask for is forgotten at its end.
+    ids: HashMap<CgroupPath, (u64, u64)>,
+    pass: u64,
+    page_size: u64,
+    /// The last walk failed: its warning is not repeated until one works.
+    failing: bool,
+}
+
+impl KernelFigures {
+    fn new(iterator: CgroupIterator) -> Self {
+        // SAFETY: sysconf without preconditions.
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        Self {
+            iterator,
+            output: Vec::new(),
+            records: Vec::new(),
+            ids: HashMap::new(),
+            pass: 0,
+            page_size: u64::try_from(page_size).unwrap_or(4096),
+            failing: false,
+        }
+    }
+
+    /// Walks every cgroup. CPU time is summed into a cgroup's figure when the kernel flushes
+    /// its statistics, which reading `cpu.stat` does for the cgroup's whole subtree: so the
+    /// `cpu.stat` of each top-level cgroup above `paths` is read first.
+    fn walk<'a>(
+        &mut self,
+        files: &mut StatsReader,
+        paths: impl Iterator<Item = &'a CgroupPath>,
+    ) -> std::io::Result<()> {
+        let mut flushed = HashSet::new();
+        for path in paths {
+            let top = top_level(path);
+            if flushed.insert(top) {
+                files.file(&mut files.fs.dir(top), "cpu.stat");
+            }
+        }
+        let pass = self.pass;
+        self.ids.retain(|_, (_, asked)| *asked == pass);
+        self.pass += 1;
+        self.iterator.read_all(&mut self.output)?;
+        self.records.clear();
+        self.records.extend(
+            self.output
+                .chunks_exact(size_of::<CgroupFigures>())
+                // SAFETY: each chunk holds one record as the program wrote it, plain data.
+                .map(|chunk| unsafe { chunk.as_ptr().cast::<CgroupFigures>().read_unaligned() }),
+        );
+        self.records.sort_unstable_by_key(|record| record.cgroup_id);
+        self.failing = false;
+        Ok(())
+    }
+
+    /// The figures of the cgroup at `path` from the last walk, and its throttled periods, or
+    /// `None` when the walk has no record of it. A cgroup made again at its path has a new id,
+    /// looked up again.
+    fn figures(&mut self, fs: &CgroupFs, path: &CgroupPath) -> Option<(CgroupStats, Option<u64>)> {
+        let pass = self.pass;
+        let known = self.ids.get_mut(path).map(|(id, asked)| {
+            *asked = pass;
+            *id
+        });
+        let record = known.and_then(|id| self.record(id)).or_else(|| {
+            let id = std::fs::metadata(fs.dir(path)).ok()?.ino();
+            self.ids.insert(path.clone(), (id, pass));
+            self.record(id)
+        });
+        let record = record?;
+        let throttled_periods =
+            (record.present & FIGURES_CPU != 0).then_some(u64::from(record.cpu_throttled_periods));
+        Some((file_figures(record, self.page_size), throttled_periods))
+    }
+
+    fn record(&self, id: u64) -> Option<CgroupFigures> {
+        let at = self
+            .records
+            .binary_search_by_key(&id, |record| record.cgroup_id)
+            .ok()?;
+        Some(self.records[at])
+    }
+}
+
+/// A record's figures as the interface files show them: bytes, not pages; microseconds, not
+/// nanoseconds; no memory limit when it is the kernel's largest page count, `LONG_MAX /
+/// PAGE_SIZE`, which `memory.max` shows as `max`.
+fn file_figures(record: CgroupFigures, page_size: u64) -> CgroupStats {
+    let mut stats = CgroupStats::default().with(Figure::CpuUsage, record.cpu_usage_ns / 1000);
+    if record.present & FIGURES_MEMORY != 0 {
+        stats.set(Figure::MemoryCurrent, Some(record.memory_pages * page_size));
+        let unlimited = i64::MAX as u64 / page_size;
+        stats.set(
+            Figure::MemoryMax,
+            (record.memory_max_pages != unlimited).then(|| record.memory_max_pages * page_size),
+        );
+    }
+    if record.present & FIGURES_PIDS != 0 {
+        stats.set(Figure::PidsCurrent, Some(record.pids));
+    }
+    if record.present & FIGURES_CPU != 0 {
+        stats.set(Figure::CpuThrottled, Some(record.cpu_throttled_ns / 1000));
+    }
+    stats
+}
+
+/// The top-level cgroup `path` is in (`/a` for `/a/b`).
+fn top_level(path: &str) -> &str {
+    let below_root = path.trim_start_matches('/');
+    let end = below_root.find('/').unwrap_or(below_root.len());
+    &path[..path.len() - below_root.len() + end]
 }
 
 fn parse_number(text: &str) -> Option<u64> {
@@ -237,7 +418,7 @@ mod tests {
         }
 
         fn read(&self, detail: ResourceDetail) -> CgroupStats {
-            StatsReader::new(CgroupFs::new(self.0.clone()), detail).read("/svc")
+            StatsReader::new(CgroupFs::new(self.0.clone()), detail, None).read("/svc")
         }
     }
 
@@ -326,6 +507,51 @@ mod tests {
         let cpu_stat = format!("{padding} 0\nusage_usec 42\n");
         let stats = FakeCgroup::new(&[("cpu.stat", &cpu_stat)]).read(ResourceDetail::Basic);
         assert_eq!(stats.seconds(Figure::CpuUsage), Some(0.000_042));
+    }
+
+    #[test]
+    fn a_kernel_record_reads_as_the_files_would() {
+        let record = CgroupFigures {
+            cgroup_id: 7,
+            present: FIGURES_MEMORY | FIGURES_PIDS | FIGURES_CPU,
+            cpu_throttled_periods: 0,
+            memory_pages: 256,
+            memory_max_pages: 16384,
+            pids: 3,
+            cpu_usage_ns: 2_500_000_999,
+            cpu_throttled_ns: 1_500_000_999,
+        };
+        let expected = CgroupStats::default()
+            .with(Figure::MemoryCurrent, 1_048_576)
+            .with(Figure::MemoryMax, 64 << 20)
+            .with(Figure::CpuUsage, 2_500_000)
+            .with(Figure::CpuThrottled, 1_500_000)
+            .with(Figure::PidsCurrent, 3);
+        assert_eq!(file_figures(record, 4096), expected);
+        // `memory.max` reads `max`: no limit figure.
+        let unlimited = CgroupFigures {
+            memory_max_pages: i64::MAX as u64 / 4096,
+            ..record
+        };
+        let mut no_limit = expected.clone();
+        no_limit.set(Figure::MemoryMax, None);
+        assert_eq!(file_figures(unlimited, 4096), no_limit);
+        // Without its controllers a cgroup has only its CPU usage, as its files.
+        let bare = CgroupFigures {
+            present: 0,
+            ..record
+        };
+        assert_eq!(
+            file_figures(bare, 4096),
+            CgroupStats::default().with(Figure::CpuUsage, 2_500_000)
+        );
+    }
+
+    #[test]
+    fn a_cgroup_is_flushed_through_its_top_level_cgroup() {
+        assert_eq!(top_level("/web"), "/web");
+        assert_eq!(top_level("/system.slice/web.service"), "/system.slice");
+        assert_eq!(top_level("/a/b/c"), "/a");
     }
 
     #[test]

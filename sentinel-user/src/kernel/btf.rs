@@ -17,6 +17,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -49,6 +50,7 @@ struct Record {
 const RECORD_BYTES: usize = 12;
 const MEMBER_BYTES: usize = 12;
 const PARAM_BYTES: usize = 8;
+const ENUM_VALUE_BYTES: usize = 8;
 
 impl Btf {
     pub fn from_sys_fs() -> Result<Self, Error> {
@@ -141,6 +143,31 @@ impl Btf {
         Ok(self
             .record(self.resolve_alias(param))
             .is_some_and(|record| record.kind == KIND_PTR))
+    }
+
+    /// The value of `name` in the enum named `enum_name`.
+    pub fn enum_value(&self, enum_name: &str, name: &str) -> Result<u32, Error> {
+        let missing = || Error::MissingKernelField(format!("{enum_name}.{name}"));
+        self.ids_named(enum_name)
+            .filter_map(|id| self.record(id).filter(|record| record.kind == KIND_ENUM))
+            .find_map(|record| {
+                (0..record.vlen).find_map(|index| {
+                    let at = record.rest + index * ENUM_VALUE_BYTES;
+                    self.name_is(u32_at(&self.data, at)?, name)
+                        .then(|| u32_at(&self.data, at + 4))?
+                })
+            })
+            .ok_or_else(missing)
+    }
+
+    /// The type id of the kernel function `name`, as programs that attach to one name it.
+    pub fn function_id(&self, name: &str) -> Result<u32, Error> {
+        self.ids_named(name)
+            .find(|&id| {
+                self.record(id)
+                    .is_some_and(|record| record.kind == KIND_FUNC)
+            })
+            .ok_or_else(|| Error::MissingKernelField(format!("function {name}")))
     }
 
     fn record(&self, id: u32) -> Option<Record> {

@@ -2,9 +2,11 @@
 
 mod batch;
 mod btf;
+mod iterator;
 
 pub use batch::PerCpuBatchReader;
 pub use btf::Btf;
+pub use iterator::CgroupIterator;
 use sentinel_common::KernelOffsets;
 use tracing::{info, warn};
 
@@ -101,10 +103,15 @@ pub fn release_freed_memory() {
 /// What `resolve_offsets` reports missing on kernels whose `tcp_send_reset` has no reason.
 pub const TCP_SEND_RESET_REASON: &str = "tcp_send_reset's reason argument";
 
+/// The kernel function a cgroup iterator program attaches to.
+pub const CGROUP_ITERATOR_FUNCTION: &str = "bpf_iter_cgroup";
+
 /// Struct offsets for the eBPF programs, and the `type.member` names this kernel lacks.
 pub struct ResolvedOffsets {
     pub offsets: KernelOffsets,
     pub missing: Vec<String>,
+    /// The type id of the kernel function cgroup iterators attach to (Linux 6.1 and later).
+    pub cgroup_iterator: Option<u32>,
 }
 
 pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
@@ -150,7 +157,42 @@ pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
         skb_dev: field("sk_buff", "dev"),
         net_device_net: field("net_device", "nd_net.net"),
         net_inum: field("net", "ns.inum"),
+        cgroup_subsys: field("cgroup", "subsys"),
+        memory_subsys_id: 0,
+        pids_subsys_id: 0,
+        cpu_subsys_id: 0,
+        memcg_usage: 0,
+        memcg_max: 0,
+        pids_counter: 0,
+        cpu_throttled_time: 0,
+        cpu_throttled_periods: 0,
+        cgroup_cpu_usage: field("cgroup", "bstat.cputime.sum_exec_runtime"),
     };
+    // A controller's figures, from the `cgroup_subsys_state` the cgroup points at, which is
+    // a member of the controller's own struct.
+    let mut from_state =
+        |ty: &str, path: &str| match (btf.member_offset(ty, "css"), btf.member_offset(ty, path)) {
+            (Ok(state), Ok(figure)) if figure >= state => figure - state,
+            _ => {
+                missing.push(format!("{ty}.{path}"));
+                0
+            }
+        };
+    offsets.memcg_usage = from_state("mem_cgroup", "memory.usage");
+    offsets.memcg_max = from_state("mem_cgroup", "memory.max");
+    offsets.pids_counter = from_state("pids_cgroup", "counter");
+    offsets.cpu_throttled_time = from_state("task_group", "cfs_bandwidth.throttled_time");
+    offsets.cpu_throttled_periods = from_state("task_group", "cfs_bandwidth.nr_throttled");
+    for (id, name) in [
+        (&mut offsets.memory_subsys_id, "memory_cgrp_id"),
+        (&mut offsets.pids_subsys_id, "pids_cgrp_id"),
+        (&mut offsets.cpu_subsys_id, "cpu_cgrp_id"),
+    ] {
+        match btf.enum_value("cgroup_subsys_id", name) {
+            Ok(value) => *id = value,
+            Err(_) => missing.push(format!("cgroup_subsys_id.{name}")),
+        }
+    }
     match btf.tracepoint_param_is_pointer("mark_victim", 0) {
         Ok(has_task) => offsets.mark_victim_has_task = u32::from(has_task),
         Err(_) => missing.push("btf_trace_mark_victim".into()),
@@ -162,5 +204,13 @@ pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
     {
         missing.push(TCP_SEND_RESET_REASON.into());
     }
-    ResolvedOffsets { offsets, missing }
+    let cgroup_iterator = btf.function_id(CGROUP_ITERATOR_FUNCTION).ok();
+    if cgroup_iterator.is_none() {
+        missing.push(format!("function {CGROUP_ITERATOR_FUNCTION}"));
+    }
+    ResolvedOffsets {
+        offsets,
+        missing,
+        cgroup_iterator,
+    }
 }

@@ -144,7 +144,7 @@ pub async fn refresh(
         let policed = Arc::clone(&view.lock().expect("applied view lock").cgroups);
         let read_at = Instant::now();
         let pass = tokio::task::spawn_blocking(move || {
-            let stats = policed.keys().map(|path| reader.read(path)).collect();
+            let stats = reader.read_all(policed.keys());
             (reader, policed, stats)
         });
         let Ok((returned, policed, stats)) = pass.await else {

@@ -18,7 +18,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use self::ssh::{DEFAULT_SSHD_PATHS, SshFiles};
-use crate::{Error, kernel::ResolvedOffsets};
+use crate::{
+    Error,
+    kernel::{CgroupIterator, ResolvedOffsets},
+};
 
 /// Set to a probe's name to make its attachment fail, so that tests can prove a failed probe
 /// does not take the others down.
@@ -68,6 +71,23 @@ const SSHD_FIELDS: [&str; 4] = [
 ];
 
 const CGROUP_ID_FIELDS: [&str; 2] = ["cgroup.kn", "kernfs_node.id"];
+
+/// What the cgroup iterator reads, and the name that makes its attachment fail in tests.
+const CGROUP_FIGURES_FIELDS: [&str; 12] = [
+    CGROUP_ID_FIELDS[0],
+    CGROUP_ID_FIELDS[1],
+    "cgroup.subsys",
+    "cgroup.bstat.cputime.sum_exec_runtime",
+    "mem_cgroup.memory.usage",
+    "mem_cgroup.memory.max",
+    "pids_cgroup.counter",
+    "task_group.cfs_bandwidth.throttled_time",
+    "task_group.cfs_bandwidth.nr_throttled",
+    "cgroup_subsys_id.memory_cgrp_id",
+    "cgroup_subsys_id.pids_cgrp_id",
+    "cgroup_subsys_id.cpu_cgrp_id",
+];
+const CGROUP_FIGURES: &str = "cgroup_figures";
 const CGROUP_LIFECYCLE_FIELDS: [&str; 4] = [
     "cgroup.root",
     "cgroup_root.hierarchy_id",
@@ -318,6 +338,73 @@ fn page_size() -> u32 {
 }
 
 impl Probes {
+    /// The cgroup iterator, attached to the hierarchy under `root`, for the resource figures;
+    /// reported as the `cgroup_figures` probe, wanted where the kernel has cgroup iterators.
+    /// `None`: the interface files have to be read instead, as the log says.
+    pub fn cgroup_iterator(&mut self, root: &Path) -> Option<CgroupIterator> {
+        let result = self.attach_cgroup_iterator(root);
+        match &result {
+            Ok(_) => info!(
+                probe = CGROUP_FIGURES,
+                "probe attached: resource figures come from the kernel's cgroup iterator, one \
+                 walk per 512 cgroups"
+            ),
+            Err(error) => warn!(
+                probe = CGROUP_FIGURES,
+                "{error}; resource figures are read from each service's interface files"
+            ),
+        }
+        let status = ProbeStatus {
+            name: Cow::Borrowed(CGROUP_FIGURES),
+            attached: result.is_ok(),
+            wanted: self.offsets.cgroup_iterator.is_some(),
+            reason: result.as_ref().err().map(ToString::to_string),
+        };
+        let program = vec![("program", CGROUP_FIGURES.to_owned())];
+        self.attached
+            .get_or_create(&program)
+            .set(i64::from(status.attached));
+        self.wanted
+            .get_or_create(&program)
+            .set(i64::from(status.wanted));
+        self.statuses.send_modify(|statuses| statuses.push(status));
+        result.ok()
+    }
+
+    fn attach_cgroup_iterator(&mut self, root: &Path) -> Result<CgroupIterator, Error> {
+        let unavailable = |reason: String| Error::CgroupIterator(reason);
+        if std::env::var(FAULT_INJECTION_ENV).is_ok_and(|fault| fault == CGROUP_FIGURES) {
+            return Err(unavailable(
+                "its attachment was made to fail (fault injection)".into(),
+            ));
+        }
+        if let Some(field) = CGROUP_FIGURES_FIELDS
+            .iter()
+            .find(|field| self.offsets.missing.iter().any(|missing| missing == *field))
+        {
+            return Err(unavailable(format!("this kernel's BTF has no {field}")));
+        }
+        let function = self.offsets.cgroup_iterator.ok_or_else(|| {
+            unavailable(format!(
+                "this kernel has no {}",
+                crate::kernel::CGROUP_ITERATOR_FUNCTION
+            ))
+        })?;
+        let from = self
+            .ebpf
+            .take_map("FIGURES_FROM")
+            .ok_or_else(|| unavailable("the eBPF object has no FIGURES_FROM".into()))?
+            .try_into()
+            .map_err(|error: aya::maps::MapError| unavailable(error.to_string()))?;
+        let program = self
+            .ebpf
+            .program_mut("sentinel_figures")
+            .ok_or_else(|| unavailable("the eBPF object has no sentinel_figures".into()))?
+            .try_into()
+            .map_err(|error: aya::programs::ProgramError| unavailable(error.to_string()))?;
+        CgroupIterator::attach(program, from, function, root)
+    }
+
     /// Each probe, attached or not and why; republished when libpam's probes are re-attached.
     pub fn subscribe(&self) -> watch::Receiver<Vec<ProbeStatus>> {
         self.statuses.subscribe()

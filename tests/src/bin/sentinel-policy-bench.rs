@@ -1,6 +1,7 @@
 //! The policy benchmark, run as root where cgroup v2 has the memory, cpu and pids controllers
 //! (`cargo xtask bench` runs it in the VM): N cgroups (the first argument, 500 by default),
-//! one policy per 100 of them. Measures the time the daemon takes to apply them from its start
+//! one policy per 100 of them, each at the top of the hierarchy (`top-level`, the second
+//! argument's default) or all in one slice (`slice`). Measures the time the daemon takes to apply them from its start
 //! and to reload them after every `memory.max` changed, `/metrics` scrapes, and the daemon's
 //! memory and CPU; then the floor of each, with the daemon stopped: the same cgroupfs writes
 //! done directly (apply, reload), one read of the files the daemon's stats pass reads, and the
@@ -72,18 +73,27 @@ fn main() -> Result<()> {
         );
     let controllers = fs::read_to_string(cgroup2_mount().join("cgroup.subtree_control"))
         .context("cannot read cgroup.subtree_control at the cgroup2 root")?;
+    let slice = match std::env::args().nth(2).as_deref() {
+        None | Some("top-level") => None,
+        Some("slice") => Some(TestCgroup::new("bench-slice")),
+        Some(other) => anyhow::bail!("the layout {other:?} is neither top-level nor slice"),
+    };
     let cgroups: Vec<TestCgroup> = (0..services)
         .map(|index| {
-            TestCgroup::new(&format!(
-                "bench-{:03}-{index:05}",
-                index / SERVICES_PER_POLICY
-            ))
+            let name = format!("bench-{:03}-{index:05}", index / SERVICES_PER_POLICY);
+            match &slice {
+                Some(slice) => slice.child(&name),
+                None => TestCgroup::new(&name),
+            }
         })
         .collect();
 
     let started = Instant::now();
-    let mut daemon =
-        Daemon::spawn_with_config(free_port(), &config(services, MEMORY_MAX_AT_START), &[]);
+    let mut daemon = Daemon::spawn_with_config(
+        free_port(),
+        &config(services, slice.as_ref(), MEMORY_MAX_AT_START),
+        &[],
+    );
     watch_for_a_hang(daemon.pid(), daemon.log_path());
     let apply_observed = wait_for_memory_max(&cgroups, MEMORY_MAX_AT_START, started)?;
     let applied = log_record(&daemon, "policies applied")?;
@@ -92,7 +102,7 @@ fn main() -> Result<()> {
     let reload_started = Instant::now();
     fs::write(
         daemon.config_path(),
-        config(services, MEMORY_MAX_AFTER_RELOAD),
+        config(services, slice.as_ref(), MEMORY_MAX_AFTER_RELOAD),
     )
     .context("cannot rewrite the daemon's configuration")?;
     daemon.signal(libc::SIGHUP);
@@ -143,6 +153,15 @@ fn main() -> Result<()> {
             controllers.split_whitespace().collect::<Vec<_>>().join(","),
         ),
         ("cgroups", services.to_string()),
+        (
+            "layout",
+            if slice.is_some() {
+                "slice"
+            } else {
+                "top-level"
+            }
+            .to_owned(),
+        ),
         (
             "policies",
             services.div_ceil(SERVICES_PER_POLICY).to_string(),
@@ -200,8 +219,13 @@ fn main() -> Result<()> {
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0";
 
-/// One policy per `SERVICES_PER_POLICY` cgroups, each selecting them by a glob on their names.
-fn config(services: usize, memory_max: u64) -> String {
+/// One policy per `SERVICES_PER_POLICY` cgroups, each selecting them by a glob on their names
+/// (in `slice`, when they are there).
+fn config(services: usize, slice: Option<&TestCgroup>, memory_max: u64) -> String {
+    let (parent, prefix) = match slice {
+        Some(slice) => (format!("{}/", slice.service()), ""),
+        None => (String::new(), "sentinel-test-"),
+    };
     let mut config = format!(
         "{NO_FIREWALL}metrics:\n  resource_refresh: {RESOURCE_REFRESH_SECONDS}s\n\
          services:\n  max_labels: 10000\npolicies:\n"
@@ -209,7 +233,7 @@ fn config(services: usize, memory_max: u64) -> String {
     for policy in 0..services.div_ceil(SERVICES_PER_POLICY) {
         write!(
             config,
-            "  - name: bench-{policy:03}\n    cgroup: sentinel-test-bench-{policy:03}-*\n    \
+            "  - name: bench-{policy:03}\n    cgroup: {parent}{prefix}bench-{policy:03}-*\n    \
              memory.max: {memory_max}\n    memory.high: 128M\n    cpu.max: 50%\n    \
              pids.max: 100\n"
         )

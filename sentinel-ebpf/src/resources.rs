@@ -1,0 +1,94 @@
+//! Resource figures of every cgroup v2: an `iter/cgroup` program. A few walks of its
+//! iterator give the daemon's stats pass one record per cgroup, where the interface files
+//! cost an open, a read and a close for each figure of each service.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{bindings::seq_file, helpers::bpf_seq_write, macros::map, maps::Array};
+use sentinel_common::{CgroupFigures, FIGURES_CPU, FIGURES_MEMORY, FIGURES_PER_WALK, FIGURES_PIDS};
+
+use crate::kernel::{cgroup_id, offset, offsets_ready, read};
+
+/// `struct bpf_iter_meta`.
+#[repr(C)]
+struct IterMeta {
+    seq: *mut seq_file,
+    session_id: u64,
+    seq_num: u64,
+}
+
+/// `struct bpf_iter__cgroup`: the cgroup is null once the walk is over.
+#[repr(C)]
+struct IterCgroup {
+    meta: *mut IterMeta,
+    cgroup: *const u8,
+}
+
+/// The index, in the walk's order, of the first cgroup this walk writes: set by the daemon
+/// before each walk.
+#[map]
+static FIGURES_FROM: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Returning 1 ends the walk after this cgroup.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/cgroup")]
+pub extern "C" fn sentinel_figures(ctx: *mut c_void) -> i32 {
+    let ctx = ctx.cast::<IterCgroup>();
+    // SAFETY: the kernel passes a `bpf_iter__cgroup`; the verifier checks the loads.
+    let (seq, index, cgroup) = unsafe {
+        let meta = (*ctx).meta;
+        ((*meta).seq, (*meta).seq_num, (*ctx).cgroup)
+    };
+    let from = FIGURES_FROM.get(0).copied().unwrap_or(0);
+    if cgroup.is_null() || index < from || !offsets_ready() {
+        return 0;
+    }
+    // One record per cgroup, so that the daemon tells a full walk from the last one; a
+    // cgroup whose figures cannot be read has a record with the id 0, which none has.
+    let figures = figures(cgroup).unwrap_or_default();
+    // SAFETY: `figures` lives on the stack for the call; the kernel copies it.
+    unsafe {
+        bpf_seq_write(
+            seq,
+            (&raw const figures).cast::<c_void>(),
+            size_of::<CgroupFigures>() as u32,
+        )
+    };
+    i32::from(index + 1 >= from + u64::from(FIGURES_PER_WALK))
+}
+
+#[inline(always)]
+fn figures(cgroup: *const u8) -> Result<CgroupFigures, i32> {
+    let mut figures = CgroupFigures {
+        cgroup_id: cgroup_id(cgroup)?,
+        cpu_usage_ns: read(cgroup, offset!(cgroup_cpu_usage))?,
+        ..CgroupFigures::default()
+    };
+    let memory = controller(cgroup, offset!(memory_subsys_id))?;
+    if !memory.is_null() {
+        figures.present |= FIGURES_MEMORY;
+        figures.memory_pages = read(memory, offset!(memcg_usage))?;
+        figures.memory_max_pages = read(memory, offset!(memcg_max))?;
+    }
+    let pids = controller(cgroup, offset!(pids_subsys_id))?;
+    if !pids.is_null() {
+        figures.present |= FIGURES_PIDS;
+        figures.pids = read(pids, offset!(pids_counter))?;
+    }
+    let cpu = controller(cgroup, offset!(cpu_subsys_id))?;
+    if !cpu.is_null() {
+        figures.present |= FIGURES_CPU;
+        figures.cpu_throttled_ns = read(cpu, offset!(cpu_throttled_time))?;
+        figures.cpu_throttled_periods = read(cpu, offset!(cpu_throttled_periods))?;
+    }
+    Ok(figures)
+}
+
+/// `cgroup->subsys[id]`: the controller's state on this cgroup, null where it is not enabled.
+#[inline(always)]
+fn controller(cgroup: *const u8, id: u32) -> Result<*const u8, i32> {
+    read(
+        cgroup,
+        offset!(cgroup_subsys) + id * size_of::<usize>() as u32,
+    )
+}

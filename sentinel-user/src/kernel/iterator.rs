@@ -1,0 +1,246 @@
+//! A BPF iterator over cgroups (`iter/cgroup`, Linux 6.1): attached once to the cgroup2
+//! hierarchy the daemon sees, parents first. A cgroup iterator cannot resume a walk across
+//! reads, and one read returns at most eight pages: so a pass is a few walks, each a new
+//! iterator file read to its end, each writing the next `FIGURES_PER_WALK` cgroups' records.
+//! aya 0.14 attaches an iterator without the link information a cgroup iterator requires,
+//! and loads one only with aya's own parse of the kernel's BTF, which the daemon does not
+//! keep (see `probes::Loader`): both are done here.
+
+use std::{
+    fs::File,
+    io::{self, Read},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+use aya::{
+    maps::{Array, MapData},
+    programs::{Iter, ProgramFd},
+};
+use sentinel_common::{CgroupFigures, FIGURES_PER_WALK};
+
+use super::CGROUP_ITERATOR_FUNCTION;
+use crate::Error;
+
+/// `BPF_LINK_CREATE` and `BPF_ITER_CREATE` in `enum bpf_cmd`, `BPF_TRACE_ITER` in
+/// `enum bpf_attach_type`, `BPF_CGROUP_ITER_DESCENDANTS_PRE` in `enum bpf_cgroup_iter_order`.
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_ITER_CREATE: libc::c_long = 33;
+const BPF_TRACE_ITER: u32 = 28;
+const DESCENDANTS_PRE: u32 = 2;
+/// What one walk writes at most, and so what one read takes.
+const WALK_BYTES: usize = FIGURES_PER_WALK as usize * size_of::<CgroupFigures>();
+
+/// The `link_create` member of `union bpf_attr`, for an iterator.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    iter_info: u64,
+    iter_info_len: u32,
+    _pad: u32,
+}
+
+/// The `cgroup` member of `union bpf_iter_link_info`.
+#[repr(C)]
+struct CgroupIterInfo {
+    order: u32,
+    cgroup_fd: u32,
+    cgroup_id: u64,
+}
+
+/// The `iter_create` member of `union bpf_attr`.
+#[repr(C)]
+struct IterCreateAttr {
+    link_fd: u32,
+    flags: u32,
+}
+
+/// A loaded and attached cgroup iterator.
+pub struct CgroupIterator {
+    /// Keeps the program loaded, whatever becomes of the object it came from.
+    _program: ProgramFd,
+    link: OwnedFd,
+    /// Where the next walk starts (`FIGURES_FROM`).
+    from: Array<MapData, u64>,
+}
+
+impl std::fmt::Debug for CgroupIterator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CgroupIterator")
+            .field("link", &self.link)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CgroupIterator {
+    /// Loads `program` and attaches it to walk the hierarchy under `root`, a directory of the
+    /// cgroup2 mount; `function` is the type id of `bpf_iter_cgroup` in the kernel's BTF.
+    pub fn attach(
+        program: &mut Iter,
+        from: Array<MapData, u64>,
+        function: u32,
+        root: &Path,
+    ) -> Result<Self, Error> {
+        let failed = |what: &str, reason: &dyn std::fmt::Display| {
+            Error::CgroupIterator(format!("{what}: {reason}"))
+        };
+        let stand_in = aya::Btf::parse(&naming_only(function), aya::Endianness::Little)
+            .map_err(|error| failed("cannot name the iterator's kernel function", &error))?;
+        program
+            .load("cgroup", &stand_in)
+            .map_err(|error| failed("the verifier refused it", &error))?;
+        drop(stand_in);
+        let program = program
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(Into::into))
+            .map_err(|error| failed("the loaded program has no descriptor", &error))?;
+        let root_dir =
+            File::open(root).map_err(|error| failed(&root.display().to_string(), &error))?;
+        let info = CgroupIterInfo {
+            order: DESCENDANTS_PRE,
+            cgroup_fd: root_dir.as_raw_fd() as u32,
+            cgroup_id: 0,
+        };
+        let mut attr = LinkCreateAttr {
+            prog_fd: program.as_fd().as_raw_fd() as u32,
+            attach_type: BPF_TRACE_ITER,
+            iter_info: (&raw const info) as u64,
+            iter_info_len: size_of::<CgroupIterInfo>() as u32,
+            ..LinkCreateAttr::default()
+        };
+        // SAFETY: `attr` and the `info` it points at outlive the call; the kernel copies both.
+        let link = unsafe {
+            bpf(
+                BPF_LINK_CREATE,
+                (&raw mut attr).cast(),
+                size_of::<LinkCreateAttr>(),
+            )
+        }
+        .map_err(|error| failed("attaching it failed", &error))?;
+        Ok(Self {
+            _program: program,
+            link,
+            from,
+        })
+    }
+
+    /// Every cgroup's record, in the walk's order, into `records` (cleared first). A cgroup
+    /// made or removed meanwhile may be missed or written twice.
+    pub fn read_all(&mut self, records: &mut Vec<u8>) -> io::Result<()> {
+        records.clear();
+        for first in (0..).step_by(FIGURES_PER_WALK as usize) {
+            self.from.set(0, first, 0).map_err(io::Error::other)?;
+            let before = records.len();
+            self.walk(records)?;
+            if records.len() - before < WALK_BYTES {
+                return Ok(());
+            }
+        }
+        unreachable!("the walks end at the last cgroup")
+    }
+
+    /// One walk, appended to `records`.
+    fn walk(&self, records: &mut Vec<u8>) -> io::Result<()> {
+        let mut attr = IterCreateAttr {
+            link_fd: self.link.as_raw_fd() as u32,
+            flags: 0,
+        };
+        // SAFETY: `attr` outlives the call.
+        let walk = unsafe {
+            bpf(
+                BPF_ITER_CREATE,
+                (&raw mut attr).cast(),
+                size_of::<IterCreateAttr>(),
+            )
+        }?;
+        let mut walk = File::from(walk);
+        loop {
+            let filled = records.len();
+            // One byte more than a walk writes, so that its end is a read of 0 bytes.
+            records.resize(filled + WALK_BYTES + 1, 0);
+            let read = walk.read(&mut records[filled..]);
+            records.truncate(filled + *read.as_ref().unwrap_or(&0));
+            if read? == 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// `bpf(2)` for a command that answers with a new descriptor.
+///
+/// # Safety
+/// `attr` must point at `size` bytes of a valid `union bpf_attr` member for `command`.
+unsafe fn bpf(command: libc::c_long, attr: *mut libc::c_void, size: usize) -> io::Result<OwnedFd> {
+    // SAFETY: the caller vouches for `attr`.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, command, attr, size) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A BTF whose only named type is the function `CGROUP_ITERATOR_FUNCTION`, at the kernel's type id
+/// `function`, for aya to name it by: every type before it is a blank pointer. It takes a
+/// few MB while the program loads, where aya's parse of the kernel's BTF took tens.
+fn naming_only(function: u32) -> Vec<u8> {
+    const HEADER_BYTES: u32 = 24;
+    const RECORD_BYTES: usize = 12;
+    const KIND_PTR: u32 = 2;
+    const KIND_FUNC: u32 = 12;
+    let strings = format!("\0{CGROUP_ITERATOR_FUNCTION}\0");
+    let types = function as usize * RECORD_BYTES;
+    let mut data = Vec::with_capacity(HEADER_BYTES as usize + types + strings.len());
+    data.extend_from_slice(&0xeb9f_u16.to_le_bytes());
+    data.extend_from_slice(&[1, 0]);
+    for value in [
+        HEADER_BYTES,
+        0,
+        types as u32,
+        types as u32,
+        strings.len() as u32,
+    ] {
+        data.extend_from_slice(&value.to_le_bytes());
+    }
+    let mut record = |name: u32, kind: u32| {
+        for value in [name, kind << 24, 0] {
+            data.extend_from_slice(&value.to_le_bytes());
+        }
+    };
+    for _ in 1..function {
+        record(0, KIND_PTR);
+    }
+    record(1, KIND_FUNC);
+    data.extend_from_slice(strings.as_bytes());
+    data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::Btf;
+
+    /// The stand-in names the function at the kernel's id, read by this crate's BTF reader,
+    /// and aya reads it; the VM suite's iterator tests prove the kernel takes what aya made of it.
+    #[test]
+    fn the_stand_in_names_the_function_at_the_kernels_id() {
+        let function = Btf::from_sys_fs()
+            .expect("this kernel's BTF")
+            .function_id(CGROUP_ITERATOR_FUNCTION)
+            .expect("a cgroup iterator in this kernel");
+        let stand_in = naming_only(function);
+        assert_eq!(
+            Btf::parse(stand_in.clone())
+                .unwrap()
+                .function_id(CGROUP_ITERATOR_FUNCTION)
+                .unwrap(),
+            function
+        );
+        aya::Btf::parse(&stand_in, aya::Endianness::Little).unwrap();
+    }
+}
