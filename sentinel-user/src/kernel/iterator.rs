@@ -94,6 +94,7 @@ impl CgroupIterator {
             .load("cgroup", &stand_in)
             .map_err(|error| failed("the verifier refused it", &error))?;
         drop(stand_in);
+        super::release_freed_memory();
         let program = program
             .fd()
             .and_then(|fd| fd.try_clone().map_err(Into::into))

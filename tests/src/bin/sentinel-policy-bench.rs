@@ -393,16 +393,22 @@ fn wait_for_memory_max(cgroups: &[TestCgroup], value: u64, since: Instant) -> Re
     for cgroup in cgroups {
         let memory_max = cgroup.path().join("memory.max");
         loop {
-            let current = fs::read_to_string(&memory_max)
-                .with_context(|| format!("cannot read {}", memory_max.display()))?;
-            if current.trim() == wanted {
+            // In a slice, the file appears once the daemon has enabled the controller there.
+            let current = match fs::read_to_string(&memory_max) {
+                Ok(current) => current.trim().to_owned(),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => "absent".to_owned(),
+                Err(error) => {
+                    return Err(error)
+                        .with_context(|| format!("cannot read {}", memory_max.display()));
+                }
+            };
+            if current == wanted {
                 break;
             }
             ensure!(
                 since.elapsed() < PATIENCE,
-                "{} still reads {} instead of {wanted} after {} s",
+                "{} still reads {current} instead of {wanted} after {} s",
                 memory_max.display(),
-                current.trim(),
                 PATIENCE.as_secs()
             );
             std::thread::sleep(Duration::from_millis(1));
