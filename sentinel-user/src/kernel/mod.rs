@@ -158,15 +158,9 @@ pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
         net_device_net: field("net_device", "nd_net.net"),
         net_inum: field("net", "ns.inum"),
         cgroup_subsys: field("cgroup", "subsys"),
-        memory_subsys_id: 0,
-        pids_subsys_id: 0,
-        cpu_subsys_id: 0,
-        memcg_usage: 0,
-        memcg_max: 0,
-        pids_counter: 0,
-        cpu_throttled_time: 0,
-        cpu_throttled_periods: 0,
         cgroup_cpu_usage: field("cgroup", "bstat.cputime.sum_exec_runtime"),
+        // Filled in below.
+        ..KernelOffsets::default()
     };
     // A controller's figures, from the `cgroup_subsys_state` the cgroup points at, which is
     // a member of the controller's own struct.
