@@ -15,7 +15,7 @@ use super::{
     CgroupPath,
     cgroupfs::{CgroupFs, read_interface_file},
 };
-use crate::kernel::CgroupIterator;
+use crate::kernel::{CgroupIterator, MAX_WALKS, Walked};
 
 /// Which resource series `/metrics` carries per policed service, and so which files are read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -245,6 +245,9 @@ struct KernelFigures {
     page_size: u64,
     /// The last walk failed: its warning is not repeated until one works.
     failing: bool,
+    /// The last pass's walks stopped at their bound: its warning is not repeated until one
+    /// does not.
+    bounded: bool,
 }
 
 impl KernelFigures {
@@ -259,6 +262,7 @@ impl KernelFigures {
             pass: 0,
             page_size: u64::try_from(page_size).unwrap_or(4096),
             failing: false,
+            bounded: false,
         }
     }
 
@@ -280,7 +284,14 @@ impl KernelFigures {
         let pass = self.pass;
         self.ids.retain(|_, (_, asked)| *asked == pass);
         self.pass += 1;
-        self.iterator.read_all(&mut self.output)?;
+        let walked = self.iterator.read_all(&mut self.output)?;
+        if walked == Walked::Bounded && !self.bounded {
+            warn!(
+                "more cgroups than {MAX_WALKS} walks of the kernel's cgroup iterator cover; the \
+                 policed cgroups past them are read from their files"
+            );
+        }
+        self.bounded = walked == Walked::Bounded;
         self.records.clear();
         self.records.extend(
             self.output

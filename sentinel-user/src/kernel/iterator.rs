@@ -129,19 +129,17 @@ impl CgroupIterator {
         })
     }
 
-    /// Every cgroup's record, in the walk's order, into `records` (cleared first). A cgroup
-    /// made or removed meanwhile may be missed or written twice.
-    pub fn read_all(&mut self, records: &mut Vec<u8>) -> io::Result<()> {
+    /// The records of the first `MAX_WALKS * FIGURES_PER_WALK` cgroups, in the walk's order,
+    /// into `records` (cleared first); whether that was every cgroup. A cgroup made or removed
+    /// meanwhile may be missed or written twice.
+    pub fn read_all(&mut self, records: &mut Vec<u8>) -> io::Result<Walked> {
         records.clear();
-        for first in (0..).step_by(FIGURES_PER_WALK as usize) {
+        walk_pages(|first| {
             self.from.set(0, first, 0).map_err(io::Error::other)?;
             let before = records.len();
             self.walk(records)?;
-            if records.len() - before < WALK_BYTES {
-                return Ok(());
-            }
-        }
-        unreachable!("the walks end at the last cgroup")
+            Ok(records.len() - before)
+        })
     }
 
     /// One walk, appended to `records`.
@@ -170,6 +168,31 @@ impl CgroupIterator {
             }
         }
     }
+}
+
+/// Walks a pass makes at most. Each walk starts again at the top of the hierarchy, so a pass
+/// costs the kernel about cgroups² / 1,024 steps: bounded here, so that users who make cgroups
+/// in their delegated subtrees cannot make each pass cost ever more. What lies past the
+/// 16,384th cgroup is read from the files of the policed ones.
+pub const MAX_WALKS: u64 = 32;
+
+/// Whether a pass's walks reached the last cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Walked {
+    Every,
+    /// `MAX_WALKS` were made and the last was full.
+    Bounded,
+}
+
+/// Calls `walk` with the index of the first cgroup of each walk, until one writes less than a
+/// full walk (`walk` answers the bytes written) or `MAX_WALKS` were made.
+fn walk_pages(mut walk: impl FnMut(u64) -> io::Result<usize>) -> io::Result<Walked> {
+    for page in 0..MAX_WALKS {
+        if walk(page * u64::from(FIGURES_PER_WALK))? < WALK_BYTES {
+            return Ok(Walked::Every);
+        }
+    }
+    Ok(Walked::Bounded)
 }
 
 /// `bpf(2)` for a command that answers with a new descriptor.
@@ -225,6 +248,25 @@ fn naming_only(function: u32) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::kernel::Btf;
+
+    #[test]
+    fn walks_go_on_until_one_is_short_and_stop_at_the_bound() {
+        let mut firsts = Vec::new();
+        let walked = walk_pages(|first| {
+            firsts.push(first);
+            Ok(if firsts.len() < 3 { WALK_BYTES } else { 56 })
+        });
+        assert_eq!(walked.unwrap(), Walked::Every);
+        assert_eq!(firsts, [0, 512, 1024]);
+        // A hierarchy of a thousand full walks: the walks stop at the bound.
+        let mut walks = 0;
+        let walked = walk_pages(|_| {
+            walks += 1;
+            Ok(if walks > 1000 { 0 } else { WALK_BYTES })
+        });
+        assert_eq!(walked.unwrap(), Walked::Bounded);
+        assert_eq!(walks, MAX_WALKS);
+    }
 
     /// The stand-in names the function at the kernel's id, read by this crate's BTF reader,
     /// and aya reads it; the VM suite's iterator tests prove the kernel takes what aya made of it.

@@ -6,7 +6,7 @@ mod iterator;
 
 pub use batch::PerCpuBatchReader;
 pub use btf::Btf;
-pub use iterator::CgroupIterator;
+pub use iterator::{CgroupIterator, MAX_WALKS, Walked};
 use sentinel_common::KernelOffsets;
 use tracing::{info, warn};
 
