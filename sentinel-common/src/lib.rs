@@ -343,7 +343,7 @@ pub struct CgroupFigures {
 
 /// Records the cgroup iterator writes per walk: a cgroup iterator cannot resume a walk across
 /// reads, and one read returns at most the kernel's eight-page buffer. A walk writes the
-/// records of the cgroups from the index in `FIGURES_FROM` on, and ends after this many.
+/// records of the cgroups from the index in `FIGURES_WALK` on, and ends after this many.
 pub const FIGURES_PER_WALK: u32 = 512;
 
 /// `CgroupFigures::present`: the memory controller's figures were read.

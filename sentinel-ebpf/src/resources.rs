@@ -24,10 +24,14 @@ struct IterCgroup {
     cgroup: *const u8,
 }
 
-/// The index, in the walk's order, of the first cgroup this walk writes: set by the daemon
-/// before each walk.
+/// The walk's state, shared with the daemon: at `WALK_FROM` the index, in the walk's order,
+/// of the first cgroup this walk writes (set by the daemon); at `WALK_CUT` 1 when the walk was
+/// ended before the last cgroup (set here). The kernel's walk skips removed cgroups without
+/// calling this program, so how many records a walk wrote does not tell whether it was the last.
 #[map]
-static FIGURES_FROM: Array<u64> = Array::with_max_entries(1, 0);
+static FIGURES_WALK: Array<u64> = Array::with_max_entries(2, 0);
+const WALK_FROM: u32 = 0;
+const WALK_CUT: u32 = 1;
 
 /// Returning 1 ends the walk after this cgroup.
 #[unsafe(no_mangle)]
@@ -39,22 +43,28 @@ pub extern "C" fn sentinel_figures(ctx: *mut c_void) -> i32 {
         let meta = (*ctx).meta;
         ((*meta).seq, (*meta).seq_num, (*ctx).cgroup)
     };
-    let from = FIGURES_FROM.get(0).copied().unwrap_or(0);
+    let from = FIGURES_WALK.get(WALK_FROM).copied().unwrap_or(0);
     if cgroup.is_null() || index < from || !offsets_ready() {
         return 0;
     }
-    // One record per cgroup, so that the daemon tells a full walk from the last one; a
-    // cgroup whose figures cannot be read has a record with the id 0, which none has.
-    let figures = figures(cgroup).unwrap_or_default();
-    // SAFETY: `figures` lives on the stack for the call; the kernel copies it.
-    unsafe {
-        bpf_seq_write(
-            seq,
-            (&raw const figures).cast::<c_void>(),
-            size_of::<CgroupFigures>() as u32,
-        )
-    };
-    i32::from(index + 1 >= from + u64::from(FIGURES_PER_WALK))
+    if let Ok(figures) = figures(cgroup) {
+        // SAFETY: `figures` lives on the stack for the call; the kernel copies it.
+        unsafe {
+            bpf_seq_write(
+                seq,
+                (&raw const figures).cast::<c_void>(),
+                size_of::<CgroupFigures>() as u32,
+            )
+        };
+    }
+    if index + 1 < from + u64::from(FIGURES_PER_WALK) {
+        return 0;
+    }
+    if let Some(cut) = FIGURES_WALK.get_ptr_mut(WALK_CUT) {
+        // SAFETY: a slot of this array, written only by this program during a walk.
+        unsafe { *cut = 1 };
+    }
+    1
 }
 
 #[inline(always)]

@@ -850,7 +850,7 @@ fn basic_figures(cgroup: &TestCgroup) -> [(&'static str, Option<f64>); 5] {
 /// Two services at rest, a top-level cgroup and a unit below a parent, each with a hog that
 /// holds its memory and sleeps: every basic series of each must come to equal the kernel's
 /// files exactly, read from `source` as the daemon's log and `sentinel_probe_attached` say;
-/// and so again once the first is made anew at its path.
+/// and so again once the first is made anew at its path while the removed one lingers.
 fn figures_equal_the_files(env: &[(&str, &str)], source: &str, attached: f64) {
     let _serial = serial();
     require_controllers();
@@ -872,7 +872,21 @@ fn figures_equal_the_files(env: &[(&str, &str)], source: &str, attached: f64) {
     });
     let [mut top_hog, mut unit_hog] = hogs;
     assert_figures_equal(&daemon, &[&top, &unit]);
-    // The top-level service restarts: the same path, a new cgroup (a new id).
+    // The top-level service restarts: the same path, a new cgroup (a new id). A file it
+    // wrote keeps memory charged to the removed cgroup, which so stays in the hierarchy,
+    // offline, with figures of its own.
+    let cache = TempDir::new("figures-cache");
+    let written = top
+        .command("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {} /dev/zero > {}/cache",
+            12 * MIB,
+            cache.path().display()
+        ))
+        .status()
+        .expect("write a file from the service");
+    assert!(written.success(), "{written:?}");
     top_hog.kill().expect("stop the hog");
     top_hog.wait().expect("reap the hog");
     fs::remove_dir(top.path()).expect("remove the cgroup");

@@ -229,20 +229,13 @@ impl StatsReader {
     }
 }
 
-/// The basic figures of every cgroup from one walk of the kernel's cgroup iterator, matched to
-/// policed cgroups by id.
+/// The basic figures of every cgroup from the walks of the kernel's cgroup iterator.
 #[derive(Debug)]
 struct KernelFigures {
     iterator: CgroupIterator,
-    /// The last walk's output and records, kept for their capacity.
+    /// The last pass's output, kept for its capacity.
     output: Vec<u8>,
-    /// Sorted by cgroup id.
-    records: Vec<CgroupFigures>,
-    /// Each policed cgroup's id (its directory's inode number), learnt once, and the last
-    /// pass that asked for it: what a pass did not ask for is forgotten at its end.
-    ids: HashMap<CgroupPath, (u64, u64)>,
-    pass: u64,
-    page_size: u64,
+    records: Records,
     /// The last walk failed: its warning is not repeated until one works.
     failing: bool,
     /// The last pass's walks stopped at their bound: its warning is not repeated until one
@@ -257,10 +250,7 @@ impl KernelFigures {
         Self {
             iterator,
             output: Vec::new(),
-            records: Vec::new(),
-            ids: HashMap::new(),
-            pass: 0,
-            page_size: u64::try_from(page_size).unwrap_or(4096),
+            records: Records::new(u64::try_from(page_size).unwrap_or(4096)),
             failing: false,
             bounded: false,
         }
@@ -281,9 +271,6 @@ impl KernelFigures {
                 files.file(&mut files.fs.dir(top), "cpu.stat");
             }
         }
-        let pass = self.pass;
-        self.ids.retain(|_, (_, asked)| *asked == pass);
-        self.pass += 1;
         let walked = self.iterator.read_all(&mut self.output)?;
         if walked == Walked::Bounded && !self.bounded {
             warn!(
@@ -292,20 +279,55 @@ impl KernelFigures {
             );
         }
         self.bounded = walked == Walked::Bounded;
+        self.records.begin_pass(&self.output);
+        self.failing = false;
+        Ok(())
+    }
+
+    fn figures(&mut self, fs: &CgroupFs, path: &CgroupPath) -> Option<(CgroupStats, Option<u64>)> {
+        self.records.figures(fs, path)
+    }
+}
+
+/// A pass's records, by cgroup id, and the ids of the policed cgroups, matched by path.
+#[derive(Debug)]
+struct Records {
+    /// Sorted by cgroup id.
+    records: Vec<CgroupFigures>,
+    /// Each policed cgroup's id (its directory's inode number), learnt once, and the last
+    /// pass that asked for it: what a pass did not ask for is forgotten at the next.
+    ids: HashMap<CgroupPath, (u64, u64)>,
+    pass: u64,
+    page_size: u64,
+}
+
+impl Records {
+    fn new(page_size: u64) -> Self {
+        Self {
+            records: Vec::new(),
+            ids: HashMap::new(),
+            pass: 0,
+            page_size,
+        }
+    }
+
+    /// Takes a pass's `output`, the records as the program wrote them.
+    fn begin_pass(&mut self, output: &[u8]) {
+        let pass = self.pass;
+        self.ids.retain(|_, (_, asked)| *asked == pass);
+        self.pass += 1;
         self.records.clear();
         self.records.extend(
-            self.output
+            output
                 .chunks_exact(size_of::<CgroupFigures>())
                 // SAFETY: each chunk holds one record as the program wrote it, plain data.
                 .map(|chunk| unsafe { chunk.as_ptr().cast::<CgroupFigures>().read_unaligned() }),
         );
         self.records.sort_unstable_by_key(|record| record.cgroup_id);
-        self.failing = false;
-        Ok(())
     }
 
-    /// The figures of the cgroup at `path` from the last walk, and its throttled periods, or
-    /// `None` when the walk has no record of it. A cgroup made again at its path has a new id,
+    /// The figures of the cgroup at `path` from this pass, and its throttled periods, or
+    /// `None` when the pass has no record of it. A cgroup made again at its path has a new id,
     /// looked up again.
     fn figures(&mut self, fs: &CgroupFs, path: &CgroupPath) -> Option<(CgroupStats, Option<u64>)> {
         let pass = self.pass;
@@ -556,6 +578,63 @@ mod tests {
             file_figures(bare, 4096),
             CgroupStats::default().with(Figure::CpuUsage, 2_500_000)
         );
+    }
+
+    /// What the iterator program writes for `records`.
+    fn output(records: &[CgroupFigures]) -> Vec<u8> {
+        records
+            .iter()
+            .flat_map(|record| {
+                // SAFETY: plain data, read as bytes.
+                unsafe {
+                    std::slice::from_raw_parts(
+                        (record as *const CgroupFigures).cast::<u8>(),
+                        size_of::<CgroupFigures>(),
+                    )
+                }
+                .to_vec()
+            })
+            .collect()
+    }
+
+    fn pages(cgroup_id: u64, memory_pages: u64) -> CgroupFigures {
+        CgroupFigures {
+            cgroup_id,
+            present: FIGURES_MEMORY,
+            memory_pages,
+            ..CgroupFigures::default()
+        }
+    }
+
+    #[test]
+    fn a_cgroup_is_found_by_its_id_and_by_its_new_one_once_made_again() {
+        let tree = FakeCgroup::new(&[]);
+        let fs = CgroupFs::new(tree.0.clone());
+        let inode = |name: &str| std::fs::metadata(tree.0.join(name)).unwrap().ino();
+        let path: CgroupPath = "/svc".into();
+        let memory = |found: Option<(CgroupStats, Option<u64>)>| {
+            found.and_then(|(stats, _)| stats.get(Figure::MemoryCurrent))
+        };
+        let mut records = Records::new(4096);
+        let first = inode("svc");
+        records.begin_pass(&output(&[pages(1, 9), pages(first, 2)]));
+        assert_eq!(memory(records.figures(&fs, &path)), Some(8192));
+        // The service restarts: another directory (another id) at the same path. The removed
+        // cgroup, still in the hierarchy while memory is charged to it, has no record: the
+        // kernel's walk skips removed cgroups.
+        std::fs::create_dir(tree.0.join("again")).unwrap();
+        let second = inode("again");
+        std::fs::remove_dir(tree.0.join("svc")).unwrap();
+        std::fs::rename(tree.0.join("again"), tree.0.join("svc")).unwrap();
+        records.begin_pass(&output(&[pages(second, 3)]));
+        assert_eq!(memory(records.figures(&fs, &path)), Some(12288));
+        // Made after the walks: no record, so its files are read instead.
+        records.begin_pass(&output(&[pages(1, 9)]));
+        assert_eq!(records.figures(&fs, &path), None);
+        // Not asked for in a pass: forgotten at the next.
+        records.begin_pass(&[]);
+        records.begin_pass(&[]);
+        assert!(records.ids.is_empty());
     }
 
     #[test]

@@ -27,6 +27,9 @@ use crate::Error;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_ITER_CREATE: libc::c_long = 33;
 const BPF_TRACE_ITER: u32 = 28;
+/// Slots of `FIGURES_WALK`: where a walk starts, and whether it was cut short.
+const WALK_FROM: u32 = 0;
+const WALK_CUT: u32 = 1;
 const DESCENDANTS_PRE: u32 = 2;
 /// What one walk writes at most, and so what one read takes.
 const WALK_BYTES: usize = FIGURES_PER_WALK as usize * size_of::<CgroupFigures>();
@@ -64,8 +67,8 @@ pub struct CgroupIterator {
     /// Keeps the program loaded, whatever becomes of the object it came from.
     _program: ProgramFd,
     link: OwnedFd,
-    /// Where the next walk starts (`FIGURES_FROM`).
-    from: Array<MapData, u64>,
+    /// Where the next walk starts, and whether the last was cut short (`FIGURES_WALK`).
+    state: Array<MapData, u64>,
 }
 
 impl std::fmt::Debug for CgroupIterator {
@@ -81,7 +84,7 @@ impl CgroupIterator {
     /// cgroup2 mount; `function` is the type id of `bpf_iter_cgroup` in the kernel's BTF.
     pub fn attach(
         program: &mut Iter,
-        from: Array<MapData, u64>,
+        state: Array<MapData, u64>,
         function: u32,
         root: &Path,
     ) -> Result<Self, Error> {
@@ -125,7 +128,7 @@ impl CgroupIterator {
         Ok(Self {
             _program: program,
             link,
-            from,
+            state,
         })
     }
 
@@ -135,10 +138,13 @@ impl CgroupIterator {
     pub fn read_all(&mut self, records: &mut Vec<u8>) -> io::Result<Walked> {
         records.clear();
         walk_pages(|first| {
-            self.from.set(0, first, 0).map_err(io::Error::other)?;
-            let before = records.len();
+            self.state
+                .set(WALK_FROM, first, 0)
+                .and_then(|()| self.state.set(WALK_CUT, 0, 0))
+                .map_err(io::Error::other)?;
             self.walk(records)?;
-            Ok(records.len() - before)
+            let cut = self.state.get(&WALK_CUT, 0).map_err(io::Error::other)?;
+            Ok(cut != 0)
         })
     }
 
@@ -184,11 +190,11 @@ pub enum Walked {
     Bounded,
 }
 
-/// Calls `walk` with the index of the first cgroup of each walk, until one writes less than a
-/// full walk (`walk` answers the bytes written) or `MAX_WALKS` were made.
-fn walk_pages(mut walk: impl FnMut(u64) -> io::Result<usize>) -> io::Result<Walked> {
+/// Calls `walk` with the index of the first cgroup of each walk, until one reaches the last
+/// cgroup (`walk` answers whether it was cut short) or `MAX_WALKS` were made.
+fn walk_pages(mut walk: impl FnMut(u64) -> io::Result<bool>) -> io::Result<Walked> {
     for page in 0..MAX_WALKS {
-        if walk(page * u64::from(FIGURES_PER_WALK))? < WALK_BYTES {
+        if !walk(page * u64::from(FIGURES_PER_WALK))? {
             return Ok(Walked::Every);
         }
     }
@@ -250,19 +256,19 @@ mod tests {
     use crate::kernel::Btf;
 
     #[test]
-    fn walks_go_on_until_one_is_short_and_stop_at_the_bound() {
+    fn walks_go_on_until_one_reaches_the_last_cgroup_and_stop_at_the_bound() {
         let mut firsts = Vec::new();
         let walked = walk_pages(|first| {
             firsts.push(first);
-            Ok(if firsts.len() < 3 { WALK_BYTES } else { 56 })
+            Ok(firsts.len() < 3)
         });
         assert_eq!(walked.unwrap(), Walked::Every);
         assert_eq!(firsts, [0, 512, 1024]);
-        // A hierarchy of a thousand full walks: the walks stop at the bound.
+        // A hierarchy of a thousand walks: the walks stop at the bound.
         let mut walks = 0;
         let walked = walk_pages(|_| {
             walks += 1;
-            Ok(if walks > 1000 { 0 } else { WALK_BYTES })
+            Ok(walks <= 1000)
         });
         assert_eq!(walked.unwrap(), Walked::Bounded);
         assert_eq!(walks, MAX_WALKS);

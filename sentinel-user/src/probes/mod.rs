@@ -392,8 +392,8 @@ impl Probes {
         })?;
         let from = self
             .ebpf
-            .take_map("FIGURES_FROM")
-            .ok_or_else(|| unavailable("the eBPF object has no FIGURES_FROM".into()))?
+            .take_map("FIGURES_WALK")
+            .ok_or_else(|| unavailable("the eBPF object has no FIGURES_WALK".into()))?
             .try_into()
             .map_err(|error: aya::maps::MapError| unavailable(error.to_string()))?;
         let program = self
