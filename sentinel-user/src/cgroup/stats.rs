@@ -137,7 +137,8 @@ impl StatsReader {
         &mut self,
         paths: impl Iterator<Item = &'a CgroupPath> + Clone,
     ) -> Vec<CgroupStats> {
-        let Some(mut kernel) = self.kernel.take() else {
+        // With nothing policed, nothing is walked.
+        let Some(mut kernel) = self.kernel.take_if(|_| paths.clone().next().is_some()) else {
             return paths.map(|path| self.read(path)).collect();
         };
         let read = match kernel.walk(self, paths.clone()) {
