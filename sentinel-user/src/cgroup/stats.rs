@@ -141,10 +141,11 @@ impl StatsReader {
         let Some(mut kernel) = self.kernel.take_if(|_| paths.clone().next().is_some()) else {
             return paths.map(|path| self.read(path)).collect();
         };
-        let read = match kernel.walk(self, paths.clone()) {
+        self.flush_cpu_totals(paths.clone());
+        let read = match kernel.walk() {
             // A cgroup the walk missed (made meanwhile) is read from its files.
             Ok(()) => paths
-                .map(|path| match kernel.figures(&self.fs, path) {
+                .map(|path| match kernel.records.figures(&self.fs, path) {
                     Some((mut stats, throttled_periods)) => {
                         if self.detail == ResourceDetail::Full {
                             let mut dir = self.fs.dir(path);
@@ -169,6 +170,19 @@ impl StatsReader {
         };
         self.kernel = Some(kernel);
         read
+    }
+
+    /// CPU time is summed into a cgroup's figure when the kernel flushes its statistics, which
+    /// reading `cpu.stat` does for the cgroup's whole subtree: so the `cpu.stat` of each
+    /// top-level cgroup above `paths` is read before the kernel's walk.
+    fn flush_cpu_totals<'a>(&mut self, paths: impl Iterator<Item = &'a CgroupPath>) {
+        let mut flushed = HashSet::new();
+        for path in paths {
+            let top = top_level(path);
+            if flushed.insert(top) {
+                self.file(&mut self.fs.dir(top), "cpu.stat");
+            }
+        }
     }
 
     /// The figures of the cgroup at `path` that `detail` exports, from its interface files.
@@ -257,21 +271,8 @@ impl KernelFigures {
         }
     }
 
-    /// Walks every cgroup. CPU time is summed into a cgroup's figure when the kernel flushes
-    /// its statistics, which reading `cpu.stat` does for the cgroup's whole subtree: so the
-    /// `cpu.stat` of each top-level cgroup above `paths` is read first.
-    fn walk<'a>(
-        &mut self,
-        files: &mut StatsReader,
-        paths: impl Iterator<Item = &'a CgroupPath>,
-    ) -> std::io::Result<()> {
-        let mut flushed = HashSet::new();
-        for path in paths {
-            let top = top_level(path);
-            if flushed.insert(top) {
-                files.file(&mut files.fs.dir(top), "cpu.stat");
-            }
-        }
+    /// Walks every cgroup, into `records`.
+    fn walk(&mut self) -> std::io::Result<()> {
         let walked = self.iterator.read_all(&mut self.output)?;
         if walked == Walked::Bounded && !self.bounded {
             warn!(
@@ -283,10 +284,6 @@ impl KernelFigures {
         self.records.begin_pass(&self.output);
         self.failing = false;
         Ok(())
-    }
-
-    fn figures(&mut self, fs: &CgroupFs, path: &CgroupPath) -> Option<(CgroupStats, Option<u64>)> {
-        self.records.figures(fs, path)
     }
 }
 

@@ -313,11 +313,7 @@ pub fn load(
     let attached = Family::<Labels, Gauge>::default();
     let wanted = Family::<Labels, Gauge>::default();
     for status in &statuses {
-        let program = vec![("program", status.name.to_string())];
-        attached
-            .get_or_create(&program)
-            .set(i64::from(status.attached));
-        wanted.get_or_create(&program).set(i64::from(status.wanted));
+        set_gauges(&attached, &wanted, status);
     }
     Ok(Probes {
         ebpf,
@@ -328,6 +324,19 @@ pub fn load(
         wanted,
         reattached: Counter::default(),
     })
+}
+
+/// `sentinel_probe_attached` and `sentinel_probe_wanted` of one probe.
+fn set_gauges(
+    attached: &Family<Labels, Gauge>,
+    wanted: &Family<Labels, Gauge>,
+    status: &ProbeStatus,
+) {
+    let program = vec![("program", status.name.to_string())];
+    attached
+        .get_or_create(&program)
+        .set(i64::from(status.attached));
+    wanted.get_or_create(&program).set(i64::from(status.wanted));
 }
 
 /// The smallest ring buffer the kernel makes.
@@ -360,13 +369,7 @@ impl Probes {
             wanted: self.offsets.cgroup_iterator.is_some(),
             reason: result.as_ref().err().map(ToString::to_string),
         };
-        let program = vec![("program", CGROUP_FIGURES.to_owned())];
-        self.attached
-            .get_or_create(&program)
-            .set(i64::from(status.attached));
-        self.wanted
-            .get_or_create(&program)
-            .set(i64::from(status.wanted));
+        set_gauges(&self.attached, &self.wanted, &status);
         self.statuses.send_modify(|statuses| statuses.push(status));
         result.ok()
     }
@@ -390,7 +393,7 @@ impl Probes {
                 crate::kernel::CGROUP_ITERATOR_FUNCTION
             ))
         })?;
-        let from = self
+        let walk_state = self
             .ebpf
             .take_map("FIGURES_WALK")
             .ok_or_else(|| unavailable("the eBPF object has no FIGURES_WALK".into()))?
@@ -402,7 +405,7 @@ impl Probes {
             .ok_or_else(|| unavailable("the eBPF object has no sentinel_figures".into()))?
             .try_into()
             .map_err(|error: aya::programs::ProgramError| unavailable(error.to_string()))?;
-        CgroupIterator::attach(program, from, function, root)
+        CgroupIterator::attach(program, walk_state, function, root)
     }
 
     /// Each probe, attached or not and why; republished when libpam's probes are re-attached.
