@@ -346,6 +346,12 @@ pub struct CgroupFigures {
 /// records of the cgroups from the index in `FIGURES_WALK` on, and ends after this many.
 pub const FIGURES_PER_WALK: u32 = 512;
 
+/// The helper number the cgroup iterator calls to have the kernel sum CPU time up the
+/// hierarchy before a pass. No helper has it: before load, the daemon rewrites that one call
+/// into a call of the kernel's statistics flush (a kfunc, whose BTF id only the running
+/// kernel knows; aya 0.14 has no kfunc calls), or into `r0 = 0` where the kernel has none.
+pub const FLUSH_CALL_PLACEHOLDER: u32 = 0x5e57_f105;
+
 /// `CgroupFigures::present`: the memory controller's figures were read.
 pub const FIGURES_MEMORY: u32 = 1;
 /// The pids controller's.

@@ -5,7 +5,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{bindings::seq_file, helpers::bpf_seq_write, macros::map, maps::Array};
-use sentinel_common::{CgroupFigures, FIGURES_CPU, FIGURES_MEMORY, FIGURES_PER_WALK, FIGURES_PIDS};
+use sentinel_common::{
+    CgroupFigures, FIGURES_CPU, FIGURES_MEMORY, FIGURES_PER_WALK, FIGURES_PIDS,
+    FLUSH_CALL_PLACEHOLDER,
+};
 
 use crate::kernel::{cgroup_id, offset, offsets_ready, read};
 
@@ -33,9 +36,9 @@ static FIGURES_WALK: Array<u64> = Array::with_max_entries(2, 0);
 const WALK_FROM: u32 = 0;
 const WALK_CUT: u32 = 1;
 
-/// Returning 1 ends the walk after this cgroup.
+/// Returning 1 ends the walk after this cgroup. Sleepable, for the statistics flush.
 #[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/cgroup")]
+#[unsafe(link_section = "iter.s/cgroup")]
 pub extern "C" fn sentinel_figures(ctx: *mut c_void) -> i32 {
     let ctx = ctx.cast::<IterCgroup>();
     // SAFETY: the kernel passes a `bpf_iter__cgroup`; the verifier checks the loads.
@@ -46,6 +49,9 @@ pub extern "C" fn sentinel_figures(ctx: *mut c_void) -> i32 {
     let from = FIGURES_WALK.get(WALK_FROM).copied().unwrap_or(0);
     if cgroup.is_null() || index < from || !offsets_ready() {
         return 0;
+    }
+    if index == 0 && from == 0 {
+        flush_statistics(cgroup);
     }
     if let Ok(figures) = figures(cgroup) {
         // SAFETY: `figures` lives on the stack for the call; the kernel copies it.
@@ -65,6 +71,21 @@ pub extern "C" fn sentinel_figures(ctx: *mut c_void) -> i32 {
         unsafe { *cut = 1 };
     }
     1
+}
+
+/// Has the kernel sum up the CPU time of every cgroup below `root`, the first of a pass's
+/// walks: the kernel adds a cgroup's CPU time into its figure only when asked. The daemon
+/// turns this call into the kernel's flush (`cgroup_rstat_flush`, from Linux 6.16
+/// `css_rstat_flush`, whose `css` is the cgroup's first member), or into nothing.
+#[inline(always)]
+fn flush_statistics(root: *const u8) {
+    // SAFETY: the call's number is rewritten before load, as `FLUSH_CALL_PLACEHOLDER` says;
+    // aya's helpers are called the same way. The flush takes the cgroup and returns nothing.
+    unsafe {
+        let flush: unsafe extern "C" fn(*const u8) =
+            core::mem::transmute(FLUSH_CALL_PLACEHOLDER as usize);
+        flush(root);
+    }
 }
 
 #[inline(always)]

@@ -141,7 +141,9 @@ impl StatsReader {
         let Some(mut kernel) = self.kernel.take_if(|_| paths.clone().next().is_some()) else {
             return paths.map(|path| self.read(path)).collect();
         };
-        self.flush_cpu_totals(paths.clone());
+        if !kernel.iterator.flushes_statistics() {
+            self.flush_cpu_totals(paths.clone());
+        }
         let read = match kernel.walk() {
             // A cgroup the walk missed (made meanwhile) is read from its files.
             Ok(()) => paths
@@ -173,8 +175,9 @@ impl StatsReader {
     }
 
     /// CPU time is summed into a cgroup's figure when the kernel flushes its statistics, which
-    /// reading `cpu.stat` does for the cgroup's whole subtree: so the `cpu.stat` of each
-    /// top-level cgroup above `paths` is read before the kernel's walk.
+    /// reading `cpu.stat` does for the cgroup's whole subtree: so where the walks cannot flush
+    /// (a kernel without the flush kfunc), the `cpu.stat` of each top-level cgroup above
+    /// `paths` is read before them.
     fn flush_cpu_totals<'a>(&mut self, paths: impl Iterator<Item = &'a CgroupPath>) {
         let mut flushed = HashSet::new();
         for path in paths {

@@ -17,7 +17,7 @@ use aya::{
     maps::{Array, MapData},
     programs::{Iter, ProgramFd},
 };
-use sentinel_common::{CgroupFigures, FIGURES_PER_WALK};
+use sentinel_common::{CgroupFigures, FIGURES_PER_WALK, FLUSH_CALL_PLACEHOLDER};
 
 use super::CGROUP_ITERATOR_FUNCTION;
 use crate::Error;
@@ -69,6 +69,8 @@ pub struct CgroupIterator {
     link: OwnedFd,
     /// Where the next walk starts, and whether the last was cut short (`FIGURES_WALK`).
     state: Array<MapData, u64>,
+    /// Whether the first walk of a pass sums up the kernel's CPU figures itself.
+    flushes_statistics: bool,
 }
 
 impl std::fmt::Debug for CgroupIterator {
@@ -81,12 +83,14 @@ impl std::fmt::Debug for CgroupIterator {
 
 impl CgroupIterator {
     /// Loads `program` and attaches it to walk the hierarchy under `root`, a directory of the
-    /// cgroup2 mount; `function` is the type id of `bpf_iter_cgroup` in the kernel's BTF.
+    /// cgroup2 mount; `function` is the type id of `bpf_iter_cgroup` in the kernel's BTF;
+    /// `flushes_statistics` what [`link_statistics_flush`] answered for the program's object.
     pub fn attach(
         program: &mut Iter,
         state: Array<MapData, u64>,
         function: u32,
         root: &Path,
+        flushes_statistics: bool,
     ) -> Result<Self, Error> {
         let failed = |what: &str, reason: &dyn std::fmt::Display| {
             Error::CgroupIterator(format!("{what}: {reason}"))
@@ -129,7 +133,14 @@ impl CgroupIterator {
             _program: program,
             link,
             state,
+            flushes_statistics,
         })
+    }
+
+    /// Whether a pass's walks sum up the kernel's CPU figures themselves; if not, reading a
+    /// cgroup's `cpu.stat` does it for its subtree.
+    pub fn flushes_statistics(&self) -> bool {
+        self.flushes_statistics
     }
 
     /// The records of the first `MAX_WALKS * FIGURES_PER_WALK` cgroups, in the walk's order,
@@ -215,6 +226,36 @@ unsafe fn bpf(command: libc::c_long, attr: *mut libc::c_void, size: usize) -> io
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Rewrites the cgroup iterator's call of [`FLUSH_CALL_PLACEHOLDER`] in the eBPF `object`
+/// into a call of the kfunc at type id `flush` in the kernel's BTF or, without one, into
+/// `r0 = 0`. Whether the walks now sum up the kernel's CPU figures themselves.
+pub fn link_statistics_flush(object: &mut [u8], flush: Option<u32>) -> bool {
+    /// `BPF_JMP | BPF_CALL`, and `BPF_ALU64 | BPF_MOV | BPF_K`.
+    const CALL: u8 = 0x85;
+    const MOVE_IMMEDIATE: u8 = 0xb7;
+    /// `BPF_PSEUDO_KFUNC_CALL`, in the source register's bits.
+    const KFUNC: u8 = 2 << 4;
+    let instruction = |code: u8, registers: u8, immediate: u32| {
+        let mut bytes = [code, registers, 0, 0, 0, 0, 0, 0];
+        bytes[4..].copy_from_slice(&immediate.to_le_bytes());
+        bytes
+    };
+    let placeholder = instruction(CALL, 0, FLUSH_CALL_PLACEHOLDER);
+    let linked = match flush {
+        Some(function) => instruction(CALL, KFUNC, function),
+        None => instruction(MOVE_IMMEDIATE, 0, 0),
+    };
+    // Instructions sit at multiples of eight bytes: ELF aligns their sections so.
+    let mut found = false;
+    for slot in object.chunks_exact_mut(8) {
+        if *slot == placeholder {
+            slot.copy_from_slice(&linked);
+            found = true;
+        }
+    }
+    found && flush.is_some()
+}
+
 /// A BTF whose only named type is the function `CGROUP_ITERATOR_FUNCTION`, at the kernel's type id
 /// `function`, for aya to name it by: every type before it is a blank pointer. It takes a
 /// few MB while the program loads, where aya's parse of the kernel's BTF took tens.
@@ -272,6 +313,29 @@ mod tests {
         });
         assert_eq!(walked.unwrap(), Walked::Bounded);
         assert_eq!(walks, MAX_WALKS);
+    }
+
+    /// The built object's one placeholder call becomes the kfunc call, or `r0 = 0`; nothing
+    /// else changes. The VM suite's iterator test proves the kernel accepts the call.
+    #[test]
+    fn the_flush_placeholder_becomes_the_kfunc_call_or_nothing() {
+        let built = crate::probes::OBJECT;
+        let changed = |linked: &[u8]| {
+            built
+                .chunks_exact(8)
+                .zip(linked.chunks_exact(8))
+                .filter(|(before, after)| before != after)
+                .map(|(_, after)| after.to_vec())
+                .collect::<Vec<_>>()
+        };
+        let mut linked = built.to_vec();
+        assert!(link_statistics_flush(&mut linked, Some(0x0001_2345)));
+        assert_eq!(changed(&linked), [[0x85, 0x20, 0, 0, 0x45, 0x23, 0x01, 0]]);
+        let mut linked = built.to_vec();
+        assert!(!link_statistics_flush(&mut linked, None));
+        assert_eq!(changed(&linked), [[0xb7, 0, 0, 0, 0, 0, 0, 0]]);
+        // Linked once, there is nothing left to link.
+        assert!(!link_statistics_flush(&mut linked, Some(0x0001_2345)));
     }
 
     /// The stand-in names the function at the kernel's id, read by this crate's BTF reader,

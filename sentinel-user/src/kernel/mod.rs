@@ -6,7 +6,7 @@ mod iterator;
 
 pub use batch::PerCpuBatchReader;
 pub use btf::Btf;
-pub use iterator::{CgroupIterator, MAX_WALKS, Walked};
+pub use iterator::{CgroupIterator, MAX_WALKS, Walked, link_statistics_flush};
 use sentinel_common::KernelOffsets;
 use tracing::{info, warn};
 
@@ -106,12 +106,17 @@ pub const TCP_SEND_RESET_REASON: &str = "tcp_send_reset's reason argument";
 /// The kernel function a cgroup iterator program attaches to.
 pub const CGROUP_ITERATOR_FUNCTION: &str = "bpf_iter_cgroup";
 
+/// The kfuncs that sum up a cgroup subtree's statistics: from Linux 6.16, and before.
+const STATISTICS_FLUSH_FUNCTIONS: [&str; 2] = ["css_rstat_flush", "cgroup_rstat_flush"];
+
 /// Struct offsets for the eBPF programs, and the `type.member` names this kernel lacks.
 pub struct ResolvedOffsets {
     pub offsets: KernelOffsets,
     pub missing: Vec<String>,
     /// The type id of the kernel function cgroup iterators attach to (Linux 6.1 and later).
     pub cgroup_iterator: Option<u32>,
+    /// The type id of the kernel's cgroup statistics flush, a kfunc (Linux 6.1 and later).
+    pub statistics_flush: Option<u32>,
 }
 
 pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
@@ -202,9 +207,13 @@ pub fn resolve_offsets(btf: &Btf) -> ResolvedOffsets {
     if cgroup_iterator.is_none() {
         missing.push(format!("function {CGROUP_ITERATOR_FUNCTION}"));
     }
+    let statistics_flush = STATISTICS_FLUSH_FUNCTIONS
+        .iter()
+        .find_map(|name| btf.function_id(name).ok());
     ResolvedOffsets {
         offsets,
         missing,
         cgroup_iterator,
+        statistics_flush,
     }
 }

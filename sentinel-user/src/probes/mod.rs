@@ -20,7 +20,7 @@ use tracing::{info, warn};
 pub use self::ssh::{DEFAULT_SSHD_PATHS, SshFiles};
 use crate::{
     Error,
-    kernel::{CgroupIterator, ResolvedOffsets},
+    kernel::{CgroupIterator, ResolvedOffsets, link_statistics_flush},
 };
 
 /// Set to a probe's name to make its attachment fail, so that tests can prove a failed probe
@@ -227,11 +227,17 @@ pub struct Probes {
     statuses: watch::Sender<Vec<ProbeStatus>>,
     offsets: ResolvedOffsets,
     /// libpam's path and the inode its uprobes are attached to.
+    /// Whether the cgroup iterator's first walk of a pass sums up the kernel's CPU figures.
+    statistics_flush: bool,
     libpam: Option<(std::path::PathBuf, Option<u64>)>,
     attached: Family<Labels, Gauge>,
     wanted: Family<Labels, Gauge>,
     reattached: Counter,
 }
+
+/// The eBPF object, as built.
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sentinel"));
 
 /// An eBPF loader without the kernel BTF that making one parses.
 pub struct Loader(EbpfLoader<'static>);
@@ -265,14 +271,14 @@ pub fn load(
     if scan.is_none() {
         loader.map_max_entries("SCAN_EVENTS", page_size());
     }
+    let mut object = OBJECT.to_vec();
+    let statistics_flush = link_statistics_flush(&mut object, resolved.statistics_flush);
     let mut ebpf = loader
         .override_global("OFFSETS", &resolved.offsets, true)
         .override_global("RECORDS", &records, true)
         .override_global("SCAN_TARGET", &scan.unwrap_or_default(), true)
-        .load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/sentinel"
-        )))?;
+        .load(&object)?;
+    drop(object);
     crate::kernel::release_freed_memory();
     let libpam = ssh::find_libpam();
     if libpam.is_none() {
@@ -319,6 +325,7 @@ pub fn load(
         ebpf,
         statuses: watch::Sender::new(statuses),
         offsets: resolved,
+        statistics_flush,
         libpam: libpam.map(|path| (path, libpam_inode)),
         attached,
         wanted,
@@ -353,10 +360,15 @@ impl Probes {
     pub fn cgroup_iterator(&mut self, root: &Path) -> Option<CgroupIterator> {
         let result = self.attach_cgroup_iterator(root);
         match &result {
-            Ok(_) => info!(
+            Ok(iterator) => info!(
                 probe = CGROUP_FIGURES,
                 "probe attached: resource figures come from the kernel's cgroup iterator, one \
-                 walk per 512 cgroups"
+                 walk per 512 cgroups; {}",
+                if iterator.flushes_statistics() {
+                    "the first walk of a pass sums up CPU time in the kernel"
+                } else {
+                    "CPU time is summed up by reading each top-level cgroup's cpu.stat"
+                }
             ),
             Err(error) => warn!(
                 probe = CGROUP_FIGURES,
@@ -405,7 +417,7 @@ impl Probes {
             .ok_or_else(|| unavailable("the eBPF object has no sentinel_figures".into()))?
             .try_into()
             .map_err(|error: aya::programs::ProgramError| unavailable(error.to_string()))?;
-        CgroupIterator::attach(program, walk_state, function, root)
+        CgroupIterator::attach(program, walk_state, function, root, self.statistics_flush)
     }
 
     /// Each probe, attached or not and why; republished when libpam's probes are re-attached.
