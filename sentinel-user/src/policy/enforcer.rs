@@ -969,13 +969,22 @@ impl Enforcer {
     /// Units with saved drop-ins whose policy went away or now sets other properties, and
     /// that no cgroup in force belongs to.
     fn stale_units(&self) -> Vec<String> {
+        if self.saved.units.is_empty() {
+            return Vec::new();
+        }
+        let in_force: HashSet<&str> = self
+            .applied
+            .values()
+            .filter_map(|applied| match &applied.writer {
+                Writer::Systemd { unit } => Some(unit.as_str()),
+                Writer::Cgroupfs => None,
+            })
+            .collect();
         self.saved
             .units
             .iter()
             .filter(|(unit, record)| {
-                let in_force = self.applied.values().any(|applied| {
-                    matches!(&applied.writer, Writer::Systemd { unit: owner } if owner == *unit)
-                });
+                let in_force = in_force.contains(unit.as_str());
                 let wanted = self
                     .policy_for(&record.cgroup)
                     .filter(|policy| policy.mode == Mode::Enforce)
@@ -1215,11 +1224,14 @@ impl Enforcer {
         if now >= self.next_retry {
             self.next_retry = now + SYSTEMD_RETRY;
             let units = self.stale_units();
-            self.give_back_units(&units);
-            for path in std::mem::take(&mut self.retry) {
-                self.reconcile(&path);
+            let retried = std::mem::take(&mut self.retry);
+            if !(units.is_empty() && retried.is_empty()) {
+                self.give_back_units(&units);
+                for path in retried {
+                    self.reconcile(&path);
+                }
+                self.publish();
             }
-            self.publish();
         }
         // The cgroups written or removed since the last tick, those still drifted, and this
         // tick's share of the sweep; every one when notices were lost.
@@ -1262,14 +1274,23 @@ impl Enforcer {
         }
         let unapplied_before = self.unapplied.len();
         self.unapplied.retain(|path, _| self.fs.exists(path));
-        let guarded: Vec<CgroupPath> = self
-            .applied
+        // A cgroup's guard comes from its policy, one of the policy file's: without a guard
+        // there, the thousands of kept cgroups are not looked through twice a second.
+        if self
+            .policy
+            .services
             .iter()
-            .filter(|(_, applied)| applied.guard.is_some())
-            .map(|(path, _)| path.clone())
-            .collect();
-        for path in guarded {
-            self.guard_memory(&path, now);
+            .any(|policy| policy.graceful_stop.is_some())
+        {
+            let guarded: Vec<CgroupPath> = self
+                .applied
+                .iter()
+                .filter(|(_, applied)| applied.guard.is_some())
+                .map(|(path, _)| path.clone())
+                .collect();
+            for path in guarded {
+                self.guard_memory(&path, now);
+            }
         }
         if forgotten || self.unapplied.len() != unapplied_before {
             self.publish();
