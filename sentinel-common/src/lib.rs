@@ -346,6 +346,21 @@ pub struct CgroupFigures {
 /// records of the cgroups from the index in `FIGURES_WALK` on, and ends after this many.
 pub const FIGURES_PER_WALK: u32 = 512;
 
+/// Cgroups whose last record the cgroup iterator remembers, so as to write only what changed
+/// since: one more is forgotten (and written again) only when a newer one needs its place.
+pub const FIGURES_REMEMBERED: u32 = 8192;
+
+/// Slots of the cgroup iterator's `FIGURES_WALK` map. Set by the daemon before each walk: the
+/// index, in the walk's order, of the first cgroup the walk looks at (`WALK_FROM`); the number
+/// of the daemon's table of records (`WALK_GENERATION`), a new one when it starts afresh; 0 at
+/// `WALK_WRITTEN` and `WALK_CUT`. Set by the program: how many records the walk wrote
+/// (`WALK_WRITTEN`) and, when it ended the walk early, the index to go on from (`WALK_CUT`).
+pub const WALK_FROM: u32 = 0;
+pub const WALK_CUT: u32 = 1;
+pub const WALK_WRITTEN: u32 = 2;
+pub const WALK_GENERATION: u32 = 3;
+pub const WALK_SLOTS: u32 = 4;
+
 /// The helper number the cgroup iterator calls to have the kernel sum CPU time up the
 /// hierarchy before a pass. No helper has it: before load, the daemon rewrites that one call
 /// into a call of the kernel's statistics flush (a kfunc, whose BTF id only the running

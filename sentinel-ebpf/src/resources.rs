@@ -1,13 +1,19 @@
 //! Resource figures of every cgroup v2: an `iter/cgroup` program. A few walks of its
-//! iterator give the daemon's stats pass one record per cgroup, where the interface files
-//! cost an open, a read and a close for each figure of each service.
+//! iterator give the daemon's stats pass one record per cgroup whose figures changed since
+//! it last wrote one, where the interface files cost an open, a read and a close for each
+//! figure of each service.
 
 use core::ffi::c_void;
 
-use aya_ebpf::{bindings::seq_file, helpers::bpf_seq_write, macros::map, maps::Array};
+use aya_ebpf::{
+    bindings::seq_file,
+    helpers::bpf_seq_write,
+    macros::map,
+    maps::{Array, LruHashMap},
+};
 use sentinel_common::{
-    CgroupFigures, FIGURES_CPU, FIGURES_MEMORY, FIGURES_PER_WALK, FIGURES_PIDS,
-    FLUSH_CALL_PLACEHOLDER,
+    CgroupFigures, FIGURES_CPU, FIGURES_MEMORY, FIGURES_PER_WALK, FIGURES_PIDS, FIGURES_REMEMBERED,
+    FLUSH_CALL_PLACEHOLDER, WALK_CUT, WALK_FROM, WALK_GENERATION, WALK_SLOTS, WALK_WRITTEN,
 };
 
 use crate::kernel::{cgroup_id, offset, offsets_ready, read};
@@ -27,14 +33,22 @@ struct IterCgroup {
     cgroup: *const u8,
 }
 
-/// The walk's state, shared with the daemon: at `WALK_FROM` the index, in the walk's order,
-/// of the first cgroup this walk writes (set by the daemon); at `WALK_CUT` 1 when the walk was
-/// ended before the last cgroup (set here). The kernel's walk skips removed cgroups without
-/// calling this program, so how many records a walk wrote does not tell whether it was the last.
+/// The walk's state, shared with the daemon: see `WALK_SLOTS`. The kernel's walk skips
+/// removed cgroups without calling this program, so indexes alone do not tell where a walk
+/// ended.
 #[map]
-static FIGURES_WALK: Array<u64> = Array::with_max_entries(2, 0);
-const WALK_FROM: u32 = 0;
-const WALK_CUT: u32 = 1;
+static FIGURES_WALK: Array<u64> = Array::with_max_entries(WALK_SLOTS, 0);
+
+/// The last record written of each cgroup, and the daemon's table it went to.
+#[derive(Clone, Copy)]
+struct Written {
+    generation: u64,
+    figures: CgroupFigures,
+}
+
+#[map]
+static FIGURES_WRITTEN: LruHashMap<u64, Written> =
+    LruHashMap::with_max_entries(FIGURES_REMEMBERED, 0);
 
 /// Returning 1 ends the walk after this cgroup. Sleepable, for the statistics flush.
 #[unsafe(no_mangle)]
@@ -46,31 +60,76 @@ pub extern "C" fn sentinel_figures(ctx: *mut c_void) -> i32 {
         let meta = (*ctx).meta;
         ((*meta).seq, (*meta).seq_num, (*ctx).cgroup)
     };
-    let from = FIGURES_WALK.get(WALK_FROM).copied().unwrap_or(0);
+    let from = slot(WALK_FROM);
     if cgroup.is_null() || index < from || !offsets_ready() {
         return 0;
     }
     if index == 0 && from == 0 {
         flush_statistics(cgroup);
     }
-    if let Ok(figures) = figures(cgroup) {
-        // SAFETY: `figures` lives on the stack for the call; the kernel copies it.
-        unsafe {
-            bpf_seq_write(
-                seq,
-                (&raw const figures).cast::<c_void>(),
-                size_of::<CgroupFigures>() as u32,
-            )
-        };
-    }
-    if index + 1 < from + u64::from(FIGURES_PER_WALK) {
+    let Ok(figures) = figures(cgroup) else {
+        return 0;
+    };
+    let generation = slot(WALK_GENERATION);
+    // SAFETY: copied out at once; only this program writes the map, one walk at a time.
+    let last = unsafe { FIGURES_WRITTEN.get(figures.cgroup_id) }.copied();
+    if last.is_some_and(|last| last.generation == generation && same(&last.figures, &figures)) {
         return 0;
     }
-    if let Some(cut) = FIGURES_WALK.get_ptr_mut(WALK_CUT) {
-        // SAFETY: a slot of this array, written only by this program during a walk.
-        unsafe { *cut = 1 };
+    // SAFETY: `figures` lives on the stack for the call; the kernel copies it.
+    let written = unsafe {
+        bpf_seq_write(
+            seq,
+            (&raw const figures).cast::<c_void>(),
+            size_of::<CgroupFigures>() as u32,
+        )
+    };
+    if written != 0 {
+        return 0;
+    }
+    // Not remembered (the map full of newer ones): written again next time, which is all.
+    let _ = FIGURES_WRITTEN.insert(
+        figures.cgroup_id,
+        Written {
+            generation,
+            figures,
+        },
+        0,
+    );
+    let Some(count) = FIGURES_WALK.get_ptr_mut(WALK_WRITTEN) else {
+        return 1;
+    };
+    // SAFETY: slots of this array are written only by this program during a walk, and by
+    // the daemon between walks.
+    unsafe {
+        *count += 1;
+        if *count < u64::from(FIGURES_PER_WALK) {
+            return 0;
+        }
+        if let Some(cut) = FIGURES_WALK.get_ptr_mut(WALK_CUT) {
+            *cut = index + 1;
+        }
     }
     1
+}
+
+#[inline(always)]
+fn slot(at: u32) -> u64 {
+    FIGURES_WALK.get(at).copied().unwrap_or(0)
+}
+
+/// Field by field, so that no call to `memcmp` (which eBPF lacks) is made of it.
+#[inline(always)]
+fn same(a: &CgroupFigures, b: &CgroupFigures) -> bool {
+    ((a.cgroup_id ^ b.cgroup_id)
+        | u64::from(a.present ^ b.present)
+        | u64::from(a.cpu_throttled_periods ^ b.cpu_throttled_periods)
+        | (a.memory_pages ^ b.memory_pages)
+        | (a.memory_max_pages ^ b.memory_max_pages)
+        | (a.pids ^ b.pids)
+        | (a.cpu_usage_ns ^ b.cpu_usage_ns)
+        | (a.cpu_throttled_ns ^ b.cpu_throttled_ns))
+        == 0
 }
 
 /// Has the kernel sum up the CPU time of every cgroup below `root`, the first of a pass's

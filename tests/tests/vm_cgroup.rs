@@ -854,6 +854,13 @@ fn basic_figures(cgroup: &TestCgroup) -> [(&'static str, Option<f64>); 5] {
 fn figures_equal_the_files(env: &[(&str, &str)], source: &str, attached: f64) {
     let _serial = serial();
     require_controllers();
+    // More cgroups ahead of the services in the walk's order (parents first, each parent's
+    // children in the order they were made) than one walk writes: the services' first
+    // records come from a later walk than the first.
+    let fillers = TestCgroup::new("fillers-of-figures");
+    let _fillers: Vec<TestCgroup> = (0..600)
+        .map(|n| fillers.child(&format!("filler-{n}")))
+        .collect();
     let top = TestCgroup::new("figures");
     let parent = TestCgroup::new("units-of-figures");
     let unit = parent.child("sentinel-figures.service");
@@ -903,6 +910,14 @@ fn figures_equal_the_files(env: &[(&str, &str)], source: &str, attached: f64) {
     let scrape = daemon.scrape();
     assert_eq!(scrape.value("sentinel_probe_attached", &program), attached);
     assert_eq!(scrape.value("sentinel_probe_wanted", &program), 1.0);
+    // Every figure came from the kernel's records, the first pass's too, whose walks had to go
+    // on past the 600 cgroups ahead; without the iterator, every figure from the files.
+    let from_files = scrape.value("sentinel_resource_cgroups_from_files_total", &[]);
+    if attached == 1.0 {
+        assert_eq!(from_files, 0.0, "figures read from files");
+    } else {
+        assert!(from_files >= 2.0, "{from_files} figures read from files");
+    }
     for hog in [&mut top_hog, &mut unit_hog] {
         hog.kill().expect("stop the hog");
         hog.wait().expect("reap the hog");

@@ -4,7 +4,6 @@
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
-    os::unix::fs::MetadataExt,
     path::PathBuf,
 };
 
@@ -120,6 +119,8 @@ pub struct StatsReader {
     detail: ResourceDetail,
     buffer: Vec<u8>,
     kernel: Option<KernelFigures>,
+    /// How many times a pass read a cgroup from its files, not from the kernel's records.
+    from_files: u64,
 }
 
 impl StatsReader {
@@ -129,14 +130,24 @@ impl StatsReader {
             detail,
             buffer: Vec::new(),
             kernel: iterator.map(KernelFigures::new),
+            from_files: 0,
         }
     }
 
-    /// The figures that `detail` exports of each cgroup of `paths`, in order.
+    /// How many times a pass read a cgroup from its interface files since the start: every
+    /// cgroup at every pass without the kernel's cgroup iterator, else those it had no record
+    /// of (made after the walks, or past their bound).
+    pub fn from_files(&self) -> u64 {
+        self.from_files
+    }
+
+    /// The figures that `detail` exports of each cgroup of `cgroups` (its path and id), in
+    /// order.
     pub fn read_all<'a>(
         &mut self,
-        paths: impl Iterator<Item = &'a CgroupPath> + Clone,
+        cgroups: impl Iterator<Item = (&'a CgroupPath, u64)> + Clone,
     ) -> Vec<CgroupStats> {
+        let paths = cgroups.clone().map(|(path, _)| path);
         // With nothing policed, nothing is walked.
         let Some(mut kernel) = self.kernel.take_if(|_| paths.clone().next().is_some()) else {
             return paths.map(|path| self.read(path)).collect();
@@ -146,8 +157,8 @@ impl StatsReader {
         }
         let read = match kernel.walk() {
             // A cgroup the walk missed (made meanwhile) is read from its files.
-            Ok(()) => paths
-                .map(|path| match kernel.records.figures(&self.fs, path) {
+            Ok(()) => cgroups
+                .map(|(path, id)| match kernel.records.figures(id) {
                     Some((mut stats, throttled_periods)) => {
                         if self.detail == ResourceDetail::Full {
                             let mut dir = self.fs.dir(path);
@@ -190,6 +201,7 @@ impl StatsReader {
 
     /// The figures of the cgroup at `path` that `detail` exports, from its interface files.
     fn read(&mut self, path: &str) -> CgroupStats {
+        self.from_files += 1;
         let mut dir = self.fs.dir(path);
         let mut stats = CgroupStats::default();
         let memory_current = self.file(&mut dir, "memory.current").and_then(parse_number);
@@ -247,6 +259,10 @@ impl StatsReader {
     }
 }
 
+/// Passes after which the table of records starts afresh, so that the records of removed
+/// cgroups go: every 5 minutes at the default refresh.
+const PASSES_PER_TABLE: u32 = 30;
+
 /// The basic figures of every cgroup from the walks of the kernel's cgroup iterator.
 #[derive(Debug)]
 struct KernelFigures {
@@ -254,6 +270,9 @@ struct KernelFigures {
     /// The last pass's output, kept for its capacity.
     output: Vec<u8>,
     records: Records,
+    /// Passes left before the table starts afresh; 0 after a failed or bounded pass, whose
+    /// records may not all have come in.
+    passes_left: u32,
     /// The last walk failed: its warning is not repeated until one works.
     failing: bool,
     /// The last pass's walks stopped at their bound: its warning is not repeated until one
@@ -269,90 +288,79 @@ impl KernelFigures {
             iterator,
             output: Vec::new(),
             records: Records::new(u64::try_from(page_size).unwrap_or(4096)),
+            passes_left: 0,
             failing: false,
             bounded: false,
         }
     }
 
-    /// Walks every cgroup, into `records`.
+    /// Walks every cgroup, into `records`: the changed ones, or every one when the table
+    /// starts afresh.
     fn walk(&mut self) -> std::io::Result<()> {
-        let walked = self.iterator.read_all(&mut self.output)?;
+        let left = std::mem::take(&mut self.passes_left);
+        let mut afresh = left == 0;
+        let mut walked = self.iterator.read_all(&mut self.output, afresh)?;
+        if walked == Walked::Bounded && !afresh {
+            // The cgroups past the bound may have changed unseen: the table starts afresh,
+            // with only the cgroups the walks reach.
+            afresh = true;
+            walked = self.iterator.read_all(&mut self.output, afresh)?;
+        }
         if walked == Walked::Bounded && !self.bounded {
             warn!(
-                "more cgroups than {MAX_WALKS} walks of the kernel's cgroup iterator cover; the \
-                 policed cgroups past them are read from their files"
+                "more cgroups changed than {MAX_WALKS} walks of the kernel's cgroup iterator \
+                 cover; the policed cgroups past them are read from their files"
             );
         }
         self.bounded = walked == Walked::Bounded;
-        self.records.begin_pass(&self.output);
+        self.records.begin_pass(&self.output, afresh);
+        self.passes_left = match (self.bounded, afresh) {
+            (true, _) => 0,
+            (false, true) => PASSES_PER_TABLE - 1,
+            (false, false) => left - 1,
+        };
         self.failing = false;
         Ok(())
     }
 }
 
-/// A pass's records, by cgroup id, and the ids of the policed cgroups, matched by path.
+/// The last record of each cgroup, by cgroup id.
 #[derive(Debug)]
 struct Records {
-    /// Sorted by cgroup id.
-    records: Vec<CgroupFigures>,
-    /// Each policed cgroup's id (its directory's inode number), learnt once, and the last
-    /// pass that asked for it: what a pass did not ask for is forgotten at the next.
-    ids: HashMap<CgroupPath, (u64, u64)>,
-    pass: u64,
+    records: HashMap<u64, CgroupFigures>,
     page_size: u64,
 }
 
 impl Records {
     fn new(page_size: u64) -> Self {
         Self {
-            records: Vec::new(),
-            ids: HashMap::new(),
-            pass: 0,
+            records: HashMap::new(),
             page_size,
         }
     }
 
-    /// Takes a pass's `output`, the records as the program wrote them.
-    fn begin_pass(&mut self, output: &[u8]) {
-        let pass = self.pass;
-        self.ids.retain(|_, (_, asked)| *asked == pass);
-        self.pass += 1;
-        self.records.clear();
+    /// Takes a pass's `output`, the records as the program wrote them: those of the cgroups
+    /// that changed, or of every cgroup `afresh`.
+    fn begin_pass(&mut self, output: &[u8], afresh: bool) {
+        if afresh {
+            self.records.clear();
+        }
         self.records.extend(
             output
                 .chunks_exact(size_of::<CgroupFigures>())
                 // SAFETY: each chunk holds one record as the program wrote it, plain data.
-                .map(|chunk| unsafe { chunk.as_ptr().cast::<CgroupFigures>().read_unaligned() }),
+                .map(|chunk| unsafe { chunk.as_ptr().cast::<CgroupFigures>().read_unaligned() })
+                .map(|record| (record.cgroup_id, record)),
         );
-        self.records.sort_unstable_by_key(|record| record.cgroup_id);
     }
 
-    /// The figures of the cgroup at `path` from this pass, and its throttled periods, or
-    /// `None` when the pass has no record of it. A cgroup made again at its path has a new id,
-    /// looked up again.
-    fn figures(&mut self, fs: &CgroupFs, path: &CgroupPath) -> Option<(CgroupStats, Option<u64>)> {
-        let pass = self.pass;
-        let known = self.ids.get_mut(path).map(|(id, asked)| {
-            *asked = pass;
-            *id
-        });
-        let record = known.and_then(|id| self.record(id)).or_else(|| {
-            let id = std::fs::metadata(fs.dir(path)).ok()?.ino();
-            self.ids.insert(path.clone(), (id, pass));
-            self.record(id)
-        });
-        let record = record?;
+    /// The figures of the cgroup `id`, and its throttled periods, or `None` without a record
+    /// of it (made after the walks).
+    fn figures(&self, id: u64) -> Option<(CgroupStats, Option<u64>)> {
+        let record = self.records.get(&id)?;
         let throttled_periods =
             (record.present & FIGURES_CPU != 0).then_some(u64::from(record.cpu_throttled_periods));
-        Some((file_figures(record, self.page_size), throttled_periods))
-    }
-
-    fn record(&self, id: u64) -> Option<CgroupFigures> {
-        let at = self
-            .records
-            .binary_search_by_key(&id, |record| record.cgroup_id)
-            .ok()?;
-        Some(self.records[at])
+        Some((file_figures(*record, self.page_size), throttled_periods))
     }
 }
 
@@ -608,34 +616,30 @@ mod tests {
     }
 
     #[test]
-    fn a_cgroup_is_found_by_its_id_and_by_its_new_one_once_made_again() {
-        let tree = FakeCgroup::new(&[]);
-        let fs = CgroupFs::new(tree.0.clone());
-        let inode = |name: &str| std::fs::metadata(tree.0.join(name)).unwrap().ino();
-        let path: CgroupPath = "/svc".into();
-        let memory = |found: Option<(CgroupStats, Option<u64>)>| {
-            found.and_then(|(stats, _)| stats.get(Figure::MemoryCurrent))
+    fn a_cgroup_keeps_its_last_record_until_the_table_starts_afresh() {
+        let memory = |records: &Records, id| {
+            records
+                .figures(id)
+                .and_then(|(stats, _)| stats.get(Figure::MemoryCurrent))
         };
         let mut records = Records::new(4096);
-        let first = inode("svc");
-        records.begin_pass(&output(&[pages(1, 9), pages(first, 2)]));
-        assert_eq!(memory(records.figures(&fs, &path)), Some(8192));
-        // The service restarts: another directory (another id) at the same path. The removed
-        // cgroup, still in the hierarchy while memory is charged to it, has no record: the
-        // kernel's walk skips removed cgroups.
-        std::fs::create_dir(tree.0.join("again")).unwrap();
-        let second = inode("again");
-        std::fs::remove_dir(tree.0.join("svc")).unwrap();
-        std::fs::rename(tree.0.join("again"), tree.0.join("svc")).unwrap();
-        records.begin_pass(&output(&[pages(second, 3)]));
-        assert_eq!(memory(records.figures(&fs, &path)), Some(12288));
+        records.begin_pass(&output(&[pages(1, 9), pages(7, 2)]), true);
+        assert_eq!(memory(&records, 7), Some(8192));
+        // Unchanged, so not written again: the last record stands.
+        records.begin_pass(&output(&[pages(1, 10)]), false);
+        assert_eq!(memory(&records, 7), Some(8192));
+        // Changed: the new record.
+        records.begin_pass(&output(&[pages(7, 4)]), false);
+        assert_eq!(memory(&records, 7), Some(16384));
+        // The service restarts: a new cgroup, a new id, written as new.
+        records.begin_pass(&output(&[pages(8, 3)]), false);
+        assert_eq!(memory(&records, 8), Some(12288));
         // Made after the walks: no record, so its files are read instead.
-        records.begin_pass(&output(&[pages(1, 9)]));
-        assert_eq!(records.figures(&fs, &path), None);
-        // Not asked for in a pass: forgotten at the next.
-        records.begin_pass(&[]);
-        records.begin_pass(&[]);
-        assert!(records.ids.is_empty());
+        assert_eq!(records.figures(9), None);
+        // Afresh, the records of removed cgroups (and any not written) are gone.
+        records.begin_pass(&output(&[pages(1, 9), pages(8, 3)]), true);
+        assert_eq!(records.figures(7), None);
+        assert_eq!(memory(&records, 8), Some(12288));
     }
 
     #[test]

@@ -144,9 +144,11 @@ fn view(guard: Queue<Input>) -> DaemonView {
                 policy: "web".into(),
                 mode: Mode::Enforce,
                 memory_max: None,
+                id: 0,
             },
         )])),
         stats: vec![CgroupStats::default().with(Figure::MemoryCurrent, 4096)],
+        from_files: 0,
     };
     let mut events = RecentLog::default();
     events.push(sigterm_event());

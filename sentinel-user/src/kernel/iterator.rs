@@ -1,7 +1,8 @@
 //! A BPF iterator over cgroups (`iter/cgroup`, Linux 6.1): attached once to the cgroup2
 //! hierarchy the daemon sees, parents first. A cgroup iterator cannot resume a walk across
-//! reads, and one read returns at most eight pages: so a pass is a few walks, each a new
-//! iterator file read to its end, each writing the next `FIGURES_PER_WALK` cgroups' records.
+//! reads, and one read returns at most eight pages: so a pass is one walk or a few, each a
+//! new iterator file read to its end, each writing at most `FIGURES_PER_WALK` records, of the
+//! cgroups whose figures changed since their last record.
 //! aya 0.14 attaches an iterator without the link information a cgroup iterator requires,
 //! and loads one only with aya's own parse of the kernel's BTF, which the daemon does not
 //! keep (see `probes::Loader`): both are done here.
@@ -17,7 +18,10 @@ use aya::{
     maps::{Array, MapData},
     programs::{Iter, ProgramFd},
 };
-use sentinel_common::{CgroupFigures, FIGURES_PER_WALK, FLUSH_CALL_PLACEHOLDER};
+use sentinel_common::{
+    CgroupFigures, FIGURES_PER_WALK, FLUSH_CALL_PLACEHOLDER, WALK_CUT, WALK_FROM, WALK_GENERATION,
+    WALK_WRITTEN,
+};
 
 use super::CGROUP_ITERATOR_FUNCTION;
 use crate::Error;
@@ -27,9 +31,6 @@ use crate::Error;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_ITER_CREATE: libc::c_long = 33;
 const BPF_TRACE_ITER: u32 = 28;
-/// Slots of `FIGURES_WALK`: where a walk starts, and whether it was cut short.
-const WALK_FROM: u32 = 0;
-const WALK_CUT: u32 = 1;
 const DESCENDANTS_PRE: u32 = 2;
 /// What one walk writes at most, and so what one read takes.
 const WALK_BYTES: usize = FIGURES_PER_WALK as usize * size_of::<CgroupFigures>();
@@ -67,8 +68,11 @@ pub struct CgroupIterator {
     /// Keeps the program loaded, whatever becomes of the object it came from.
     _program: ProgramFd,
     link: OwnedFd,
-    /// Where the next walk starts, and whether the last was cut short (`FIGURES_WALK`).
+    /// Where the next walk starts, and where the last was cut short (`FIGURES_WALK`).
     state: Array<MapData, u64>,
+    /// The number of the reader's table of records: the program writes a cgroup's record
+    /// when its figures changed since the last one of this table.
+    generation: u64,
     /// Whether the first walk of a pass sums up the kernel's CPU figures itself.
     flushes_statistics: bool,
 }
@@ -133,6 +137,7 @@ impl CgroupIterator {
             _program: program,
             link,
             state,
+            generation: 0,
             flushes_statistics,
         })
     }
@@ -143,19 +148,28 @@ impl CgroupIterator {
         self.flushes_statistics
     }
 
-    /// The records of the first `MAX_WALKS * FIGURES_PER_WALK` cgroups, in the walk's order,
-    /// into `records` (cleared first); whether that was every cgroup. A cgroup made or removed
-    /// meanwhile may be missed or written twice.
-    pub fn read_all(&mut self, records: &mut Vec<u8>) -> io::Result<Walked> {
+    /// Into `records` (cleared first), in the walk's order, the records of the cgroups whose
+    /// figures changed since their last record, or of every cgroup when the reader starts
+    /// `afresh` (a new table); whether the walks reached the last cgroup. A cgroup made or
+    /// removed meanwhile may be missed or looked at twice.
+    pub fn read_all(&mut self, records: &mut Vec<u8>, afresh: bool) -> io::Result<Walked> {
         records.clear();
-        walk_pages(|first| {
-            self.state
-                .set(WALK_FROM, first, 0)
-                .and_then(|()| self.state.set(WALK_CUT, 0, 0))
-                .map_err(io::Error::other)?;
+        if afresh {
+            self.generation += 1;
+        }
+        let generation = self.generation;
+        walk_pages(|from| {
+            for (slot, value) in [
+                (WALK_FROM, from),
+                (WALK_GENERATION, generation),
+                (WALK_WRITTEN, 0),
+                (WALK_CUT, 0),
+            ] {
+                self.state.set(slot, value, 0).map_err(io::Error::other)?;
+            }
             self.walk(records)?;
             let cut = self.state.get(&WALK_CUT, 0).map_err(io::Error::other)?;
-            Ok(cut != 0)
+            Ok((cut != 0).then_some(cut))
         })
     }
 
@@ -187,26 +201,29 @@ impl CgroupIterator {
     }
 }
 
-/// Walks a pass makes at most. Each walk starts again at the top of the hierarchy, so a pass
-/// costs the kernel about cgroups² / 1,024 steps: bounded here, so that users who make cgroups
-/// in their delegated subtrees cannot make each pass cost ever more. What lies past the
-/// 16,384th cgroup is read from the files of the policed ones.
+/// Walks a pass makes at most. A walk that writes `FIGURES_PER_WALK` records ends, and the
+/// next starts again at the top of the hierarchy: so when many cgroups change at once, a pass
+/// costs the kernel about cgroups² / 1,024 steps. Bounded here, so that users who make
+/// cgroups in their delegated subtrees cannot make each pass cost ever more. What lies past
+/// the bound is read from the files of the policed cgroups.
 pub const MAX_WALKS: u64 = 32;
 
 /// Whether a pass's walks reached the last cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Walked {
     Every,
-    /// `MAX_WALKS` were made and the last was full.
+    /// `MAX_WALKS` were made and the last was cut short.
     Bounded,
 }
 
-/// Calls `walk` with the index of the first cgroup of each walk, until one reaches the last
-/// cgroup (`walk` answers whether it was cut short) or `MAX_WALKS` were made.
-fn walk_pages(mut walk: impl FnMut(u64) -> io::Result<bool>) -> io::Result<Walked> {
-    for page in 0..MAX_WALKS {
-        if !walk(page * u64::from(FIGURES_PER_WALK))? {
-            return Ok(Walked::Every);
+/// Calls `walk` with the index of the first cgroup each walk looks at, until one reaches the
+/// last cgroup (`walk` answers where it was cut short, if it was) or `MAX_WALKS` were made.
+fn walk_pages(mut walk: impl FnMut(u64) -> io::Result<Option<u64>>) -> io::Result<Walked> {
+    let mut from = 0;
+    for _ in 0..MAX_WALKS {
+        match walk(from)? {
+            Some(cut) => from = cut,
+            None => return Ok(Walked::Every),
         }
     }
     Ok(Walked::Bounded)
@@ -301,15 +318,15 @@ mod tests {
         let mut firsts = Vec::new();
         let walked = walk_pages(|first| {
             firsts.push(first);
-            Ok(firsts.len() < 3)
+            Ok((firsts.len() < 3).then_some(first + 700))
         });
         assert_eq!(walked.unwrap(), Walked::Every);
-        assert_eq!(firsts, [0, 512, 1024]);
+        assert_eq!(firsts, [0, 700, 1400]);
         // A hierarchy of a thousand walks: the walks stop at the bound.
         let mut walks = 0;
-        let walked = walk_pages(|_| {
+        let walked = walk_pages(|first| {
             walks += 1;
-            Ok(walks <= 1000)
+            Ok((walks <= 1000).then_some(first + 512))
         });
         assert_eq!(walked.unwrap(), Walked::Bounded);
         assert_eq!(walks, MAX_WALKS);

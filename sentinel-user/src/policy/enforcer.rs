@@ -89,13 +89,17 @@ pub struct AppliedView {
     pub cgroups: Arc<BTreeMap<CgroupPath, AppliedSummary>>,
 }
 
-/// Shared by the cgroups of one policy that keep the same `memory.max`.
+/// The policy in force on a cgroup; all but the id shared by the cgroups of one policy that
+/// keep the same `memory.max`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedSummary {
     pub policy: Arc<str>,
     pub mode: Mode,
     /// `memory.max` as written (`max` or bytes), for OOM reports.
     pub memory_max: Option<Arc<str>>,
+    /// The cgroup's id when the policy was applied (a restarted service's is new): what the
+    /// kernel's records of resource figures are found by.
+    pub id: u64,
 }
 
 /// A policy, in file order, and how it stands on each cgroup it matches.
@@ -1505,9 +1509,14 @@ impl Enforcer {
                             mode: applied.policy.mode,
                             memory_max: memory_max(&applied.expected)
                                 .or_else(|| memory_max(&applied.policy.limits.to_cgroup_files())),
+                            id: 0,
                         }
                     });
-                (CgroupPath::clone(path), summary.clone())
+                let summary = AppliedSummary {
+                    id: applied.id,
+                    ..summary.clone()
+                };
+                (CgroupPath::clone(path), summary)
             })
             .collect();
         self.view.lock().expect("applied view lock").cgroups = Arc::new(cgroups);

@@ -35,6 +35,8 @@ pub struct ResourceSnapshot {
     pub policed: Arc<BTreeMap<CgroupPath, AppliedSummary>>,
     /// What the pass read of each, in the same order.
     pub stats: Vec<CgroupStats>,
+    /// How many times a pass read a cgroup from its interface files, since the start.
+    pub from_files: u64,
 }
 
 impl ResourceSnapshot {
@@ -144,7 +146,7 @@ pub async fn refresh(
         let policed = Arc::clone(&view.lock().expect("applied view lock").cgroups);
         let read_at = Instant::now();
         let pass = tokio::task::spawn_blocking(move || {
-            let stats = reader.read_all(policed.keys());
+            let stats = reader.read_all(policed.iter().map(|(path, applied)| (path, applied.id)));
             (reader, policed, stats)
         });
         let Ok((returned, policed, stats)) = pass.await else {
@@ -156,6 +158,7 @@ pub async fn refresh(
             read_at: Some(read_at),
             policed,
             stats,
+            from_files: reader.from_files(),
         }));
     }
 }
@@ -194,6 +197,13 @@ impl Collector for ResourceCollector {
             .filter_map(|(path, _, stats)| Some((service_name(path), stats?)))
             .collect();
 
+        ConstCounter::new(snapshot.from_files).encode(encoder.encode_descriptor(
+            "sentinel_resource_cgroups_from_files",
+            "Times a refresh read a policed cgroup's resource figures from its interface files, \
+             not from the kernel's cgroup iterator",
+            None,
+            MetricType::Counter,
+        )?)?;
         let mut family = encoder.encode_descriptor(
             "sentinel_policy_applied",
             "Cgroups a policy applies to (1), by service and policy",
@@ -310,6 +320,7 @@ mod tests {
                     policy: policy.into(),
                     mode: Mode::Enforce,
                     memory_max: None,
+                    id: 0,
                 },
             );
         }
@@ -322,6 +333,7 @@ mod tests {
             read_at: Some(Instant::now()),
             policed: Arc::new(read),
             stats,
+            from_files: 1,
         }));
         let mut registry = Registry::default();
         registry.register_collector(Box::new(ResourceCollector::new(view, snapshot, detail)));
@@ -340,6 +352,7 @@ mod tests {
             policy: policy.into(),
             mode: Mode::Enforce,
             memory_max: None,
+            id: 0,
         };
         let read = |bytes| CgroupStats::default().with(Figure::MemoryCurrent, bytes);
         let snapshot = ResourceSnapshot {
@@ -350,6 +363,7 @@ mod tests {
                 ("/web".into(), summary("web")),
             ])),
             stats: vec![read(1), read(2), read(3)],
+            from_files: 0,
         };
         // Since the pass: `/gone` let go, `/b` and `/z` policed.
         let view =
@@ -379,6 +393,7 @@ mod tests {
         assert_eq!(
             samples(&scrape(ResourceDetail::Basic)),
             [
+                "sentinel_resource_cgroups_from_files_total 1",
                 "sentinel_policy_applied{service=\"new\",policy=\"new\"} 1",
                 "sentinel_policy_applied{service=\"web\",policy=\"web\"} 1",
                 "sentinel_memory_current_bytes{service=\"web\"} 1024.0",
@@ -395,7 +410,7 @@ mod tests {
         let body = scrape(ResourceDetail::Full);
         let full = samples(&body);
         assert_eq!(
-            full[7..],
+            full[8..],
             [
                 "sentinel_cpu_throttled_periods_total{service=\"web\"} 7.0",
                 "sentinel_pids_limit{service=\"web\"} 32.0",
