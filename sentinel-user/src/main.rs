@@ -5,6 +5,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
+    time::Duration,
 };
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum, error::ErrorKind};
@@ -280,6 +281,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     daemon::bound_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // The resource refresh (every 10 s by default) and the housekeeping (every minute) run
+        // on blocking threads: kept between runs rather than made again for each.
+        .thread_keep_alive(Duration::from_secs(600))
         .enable_all()
         .build()?;
     runtime.block_on(daemon::run(RunOptions {
