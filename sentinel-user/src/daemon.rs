@@ -185,8 +185,10 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     )?;
     let policy_states = enforcer.subscribe();
     let (enforcer_tx, enforcer_rx) = queue::bounded("enforcer", ENFORCER_QUEUE, &queue_drops);
-    let enforcer_thread =
-        spawn_component(&components, "enforcer", move || enforcer.run(enforcer_rx))?;
+    let notices = enforcer_tx.clone();
+    let enforcer_thread = spawn_component(&components, "enforcer", move || {
+        enforcer.run(enforcer_rx, notices)
+    })?;
 
     let containment = start_containment(
         &config,

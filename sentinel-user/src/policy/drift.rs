@@ -8,15 +8,26 @@
 //! tick, as all were before; an overflowing event queue makes every cgroup a candidate. As a
 //! safety net, a [`Sweep`] reads every policed cgroup once per [`SWEEP_ROUND`], a few at each
 //! tick, so that even 5,000 cgroups cost an idle host a few file reads a second, never a burst.
+//!
+//! The notices wake the enforcer ([`DriftWatch::wake_with`]): with nothing else to do, it does
+//! not wake to look for them.
 
 use std::{
     collections::{BTreeSet, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use nix::{
     errno::Errno,
-    sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor},
+    sys::{
+        epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout},
+        eventfd::{EfdFlags, EventFd},
+        inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor},
+    },
 };
 use tracing::warn;
 
@@ -32,7 +43,21 @@ pub struct DriftWatch {
     polled: BTreeSet<CgroupPath>,
     /// The queue overflowed since the last look: a notice may be lost.
     overflowed: bool,
+    waker: Option<Waker>,
 }
+
+/// A thread that calls back when the kernel has notices: it waits on the inotify descriptor,
+/// armed for one wake at a time, so that notices read in a burst make one call.
+struct Waker {
+    epoll: Arc<Epoll>,
+    stop: Arc<EventFd>,
+    /// Cleared when the thread ended on an error: notices must then be looked for.
+    alive: Arc<AtomicBool>,
+}
+
+/// The epoll data of the two descriptors the waker waits on.
+const NOTICES: u64 = 0;
+const STOP: u64 = 1;
 
 /// What changed since the last look.
 #[derive(Debug, PartialEq, Eq)]
@@ -58,6 +83,90 @@ impl DriftWatch {
             watches: HashMap::new(),
             polled: BTreeSet::new(),
             overflowed: false,
+            waker: None,
+        }
+    }
+
+    /// Calls `wake` from a thread of its own when notices come in, once until [`Self::rearm`];
+    /// the thread ends when `wake` answers false or the watch is dropped. Without it (no
+    /// inotify, or the thread cannot be made), [`Self::wakes`] stays false.
+    pub fn wake_with(&mut self, mut wake: impl FnMut() -> bool + Send + 'static) {
+        let Some(inotify) = &self.inotify else {
+            return;
+        };
+        let made = (|| -> Result<Waker, String> {
+            let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| e.to_string())?;
+            let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| e.to_string())?;
+            let once = EpollFlags::EPOLLIN | EpollFlags::EPOLLONESHOT;
+            epoll
+                .add(inotify, EpollEvent::new(once, NOTICES))
+                .and_then(|()| epoll.add(&stop, EpollEvent::new(EpollFlags::EPOLLIN, STOP)))
+                .map_err(|e| e.to_string())?;
+            let waker = Waker {
+                epoll: Arc::new(epoll),
+                stop: Arc::new(stop),
+                alive: Arc::new(AtomicBool::new(true)),
+            };
+            let (epoll, stop, alive) = (
+                Arc::clone(&waker.epoll),
+                Arc::clone(&waker.stop),
+                Arc::clone(&waker.alive),
+            );
+            std::thread::Builder::new()
+                .name("drift-notices".into())
+                .spawn(move || {
+                    let _stop = stop;
+                    let mut events = [EpollEvent::empty(); 2];
+                    loop {
+                        match epoll.wait(&mut events, EpollTimeout::NONE) {
+                            Err(Errno::EINTR) => continue,
+                            Err(errno) => {
+                                warn!("cannot wait for cgroup limit notices ({errno})");
+                                alive.store(false, Ordering::SeqCst);
+                                // Once more, so that the enforcer looks for notices itself.
+                                wake();
+                                return;
+                            }
+                            Ok(ready) => {
+                                if events[..ready].iter().any(|event| event.data() == STOP)
+                                    || !wake()
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            Ok(waker)
+        })();
+        match made {
+            Ok(waker) => self.waker = Some(waker),
+            Err(reason) => warn!(
+                "cannot wait for cgroup limit notices ({reason}); they are looked for twice a second"
+            ),
+        }
+    }
+
+    /// Whether notices wake the enforcer; if not, it must look for them at every tick.
+    pub fn wakes(&self) -> bool {
+        self.waker
+            .as_ref()
+            .is_some_and(|waker| waker.alive.load(Ordering::SeqCst))
+    }
+
+    /// Lets the next notice wake the enforcer again (at once, if one is waiting).
+    pub fn rearm(&mut self) {
+        let (Some(inotify), Some(waker)) = (&self.inotify, &self.waker) else {
+            return;
+        };
+        let mut once = EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLONESHOT, NOTICES);
+        if let Err(errno) = waker.epoll.modify(inotify, &mut once) {
+            warn!(
+                "cannot wait for cgroup limit notices ({errno}); they are looked for twice a second"
+            );
+            waker.alive.store(false, Ordering::SeqCst);
         }
     }
 
@@ -163,6 +272,15 @@ impl DriftWatch {
     }
 }
 
+impl Drop for DriftWatch {
+    fn drop(&mut self) {
+        if let Some(waker) = &self.waker {
+            // Ends the thread; it holds no lock and needs no joining.
+            let _ = waker.stop.write(1);
+        }
+    }
+}
+
 /// How long a sweep takes to read every policed cgroup once.
 pub const SWEEP_ROUND: Duration = Duration::from_secs(300);
 
@@ -183,6 +301,16 @@ impl Sweep {
             per_tick: 0,
             next_round: now + SWEEP_ROUND,
         }
+    }
+
+    /// Whether a round is under way: its share is read at each tick.
+    pub fn in_round(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// When the next round begins.
+    pub fn next_round(&self) -> Instant {
+        self.next_round
     }
 
     /// The cgroups to read at this tick (one `tick` apart); `policed` gives every cgroup when a
@@ -244,6 +372,40 @@ mod tests {
         watch.forget("/a");
         // Notices of a forgotten cgroup are dropped.
         assert_eq!(watch.changed(), only(&[]));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Notices wake the enforcer once per arming, so that it need not look for them.
+    #[test]
+    fn a_write_wakes_once_until_rearmed_and_the_waker_ends_with_the_watch() {
+        let root = std::env::temp_dir().join(format!("sentinel-wake-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("a")).unwrap();
+        let cgroupfs = CgroupFs::new(root.clone());
+        let mut watch = DriftWatch::new();
+        watch.watch(&cgroupfs, &"/a".into());
+        let (wakes, woken) = std::sync::mpsc::channel();
+        watch.wake_with(move || wakes.send(()).is_ok());
+        assert!(watch.wakes());
+        let hang_guard = Duration::from_secs(60);
+        fs::write(root.join("a/memory.max"), "1048576").unwrap();
+        woken.recv_timeout(hang_guard).expect("a write wakes");
+        // Two writes before the notices are read: one wake; read, rearmed, the next wakes.
+        fs::write(root.join("a/memory.max"), "max").unwrap();
+        let only = |path: &str| Changed::Cgroups(BTreeSet::from([path.into()]));
+        assert_eq!(watch.changed(), only("/a"));
+        watch.rearm();
+        fs::write(root.join("a/memory.max"), "2097152").unwrap();
+        woken
+            .recv_timeout(hang_guard)
+            .expect("a write wakes once rearmed");
+        assert_eq!(woken.try_recv(), Err(std::sync::mpsc::TryRecvError::Empty));
+        // Dropped, the watch ends the waker's thread, which drops its sender.
+        drop(watch);
+        assert_eq!(
+            woken.recv_timeout(hang_guard),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+        );
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -35,7 +35,7 @@ use crate::{
         guardian::{GuardAction, GuardLimits, MemoryGuard, ProcessHandle, largest_process},
         service_name, walk_hierarchy,
     },
-    queue::Inbox,
+    queue::{Inbox, Queue},
     state::StateFile,
     systemd::{
         self, RUNTIME_CONTROL_DIR, RuntimeDropIns, SystemdBus, UnitProperty, UnitRecord,
@@ -78,6 +78,8 @@ pub enum Input {
     Rescan,
     /// A new, already validated policy replaces the current one.
     Reload(Policy),
+    /// The kernel has notices of writes to kept cgroups (see [`DriftWatch::wake_with`]).
+    Noticed,
     Stop,
 }
 
@@ -412,22 +414,20 @@ impl Enforcer {
         );
     }
 
-    /// Handles inputs until `Stop`; limits stay in place when the daemon stops.
-    pub fn run(mut self, inputs: Inbox<Input>) {
+    /// Handles inputs until `Stop`; limits stay in place when the daemon stops. `notices` is
+    /// the queue of `inputs`: the kernel's notices of writes to kept cgroups come through it.
+    pub fn run(mut self, inputs: Inbox<Input>, notices: Queue<Input>) {
+        self.drift
+            .wake_with(move || notices.send(Input::Noticed).is_ok());
         self.give_back_unclaimed();
         self.apply_all();
         let mut next_tick = Instant::now() + TICK;
         loop {
             self.save_originals();
-            // With nothing to keep, only the walk for missed cgroups wakes the thread, and only
-            // when a policy could match one.
-            let wait = if self.needs_ticks() {
-                next_tick.saturating_duration_since(Instant::now())
-            } else if self.policy.services.is_empty() {
-                Duration::MAX
-            } else {
-                self.next_catch_up.saturating_duration_since(Instant::now())
-            };
+            self.drift.rearm();
+            let wait = self.next_wake(next_tick).map_or(Duration::MAX, |at| {
+                at.saturating_duration_since(Instant::now())
+            });
             match inputs.recv_timeout(wait) {
                 Ok(Input::CgroupCreated(path)) => {
                     self.subtree_controls = SubtreeControls::default();
@@ -437,7 +437,7 @@ impl Enforcer {
                 Ok(Input::Reload(policy)) => self.reload(policy),
                 Ok(Input::Rescan) => self.rescan(),
                 Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-                Err(RecvTimeoutError::Timeout) => {
+                Ok(Input::Noticed) | Err(RecvTimeoutError::Timeout) => {
                     self.tick();
                     next_tick = Instant::now() + TICK;
                 }
@@ -445,13 +445,42 @@ impl Enforcer {
         }
     }
 
-    /// Whether anything waits for a tick: limits to keep (drift, memory guards), cgroups or
-    /// units to try again, cgroups not applied that may go away, units to give back.
-    fn needs_ticks(&self) -> bool {
-        !(self.applied.is_empty()
-            && self.retry.is_empty()
-            && self.unapplied.is_empty()
-            && self.saved.units.is_empty())
+    /// When the thread must wake with no input: at the next tick while anything needs ticks,
+    /// else when the next walk, retry or sweep round is due; `None`: only an input wakes it.
+    /// A kept cgroup's drift wakes it through `Input::Noticed`.
+    fn next_wake(&self, next_tick: Instant) -> Option<Instant> {
+        if self.needs_every_tick() {
+            return Some(next_tick);
+        }
+        [
+            (!self.policy.services.is_empty()).then_some(self.next_catch_up),
+            (!(self.retry.is_empty() && self.saved.units.is_empty())).then_some(self.next_retry),
+            (!self.applied.is_empty()).then(|| self.sweep.next_round()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Whether something is looked at every tick: drift without notices (none at all, or
+    /// cgroups without a watch), drift not yet put back, memory guards, cgroups not applied
+    /// that may go away, a sweep round, everything after lost notices.
+    fn needs_every_tick(&self) -> bool {
+        let guards = || {
+            self.policy
+                .services
+                .iter()
+                .any(|policy| policy.graceful_stop.is_some())
+        };
+        let kept = !self.applied.is_empty();
+        (kept
+            && (!self.drift.wakes()
+                || self.drift.polled() > 0
+                || self.sweep.in_round()
+                || guards()))
+            || !self.drifting.is_empty()
+            || !self.unapplied.is_empty()
+            || self.check_everything
     }
 
     /// Cgroups and units changed before a restart that no policy wants any more (the policy was
@@ -2018,16 +2047,30 @@ mod tests {
     }
 
     #[test]
-    fn an_enforcer_with_nothing_to_keep_has_no_timer() {
+    fn an_enforcer_wakes_only_for_what_it_keeps() {
         let dir = StateDir::new("no-timer");
         memory_cgroups(&dir, &["a"]);
+        let next_tick = Instant::now() + TICK;
         let mut idle = enforcer(&dir, &SavedOriginals::default(), "");
         idle.apply_all();
-        assert!(!idle.needs_ticks());
+        assert_eq!(idle.next_wake(next_tick), None);
         let policy = "policies:\n  - name: all\n    cgroup: \"*\"\n    memory.max: 64M\n";
         let mut keeping = enforcer(&dir, &SavedOriginals::default(), policy);
         keeping.apply_all();
-        assert!(keeping.needs_ticks());
+        // Without the kernel's notices, the limits kept are looked at every tick.
+        assert_eq!(keeping.next_wake(next_tick), Some(next_tick));
+        // With them, it wakes for the next walk or sweep round, or a notice.
+        keeping.drift.wake_with(|| true);
+        assert_eq!(
+            keeping.next_wake(next_tick),
+            Some(keeping.next_catch_up.min(keeping.sweep.next_round()))
+        );
+        // A memory guard is looked at every tick.
+        let guarded = format!("{policy}    terminate_above: 32M\n    for: 10s\n    grace: 5s\n");
+        let mut guarding = enforcer(&dir, &SavedOriginals::default(), &guarded);
+        guarding.apply_all();
+        guarding.drift.wake_with(|| true);
+        assert_eq!(guarding.next_wake(next_tick), Some(next_tick));
     }
 
     #[test]
