@@ -30,6 +30,7 @@ use crate::{
     control::{ControlSocket, DaemonView, ReloadRequest, report::ReloadReport, stats},
     crowdsec::{Fleet, FleetMetrics},
     events::{self, EventHandler, read_ring, readable},
+    files::{self, DirectoryWatch},
     http,
     kernel::{self, Btf},
     metrics::{ConnectionMetrics, KernelCounters, Metrics},
@@ -68,9 +69,11 @@ const SAFETY_POLL: Duration = Duration::from_secs(10);
 const HOUSEKEEPING: Duration = Duration::from_secs(60);
 /// `sentinel reload` requests waiting for the main loop; more are told to try again.
 const RELOAD_REQUESTS: usize = 4;
-/// How often the configuration file is checked for changes; a change is read once two polls
-/// in a row agree, so a file an editor is still writing is left alone.
+/// How often the configuration file is looked at while a change settles; a change is read
+/// once two looks in a row agree, so a file an editor is still writing is left alone.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
+/// How often it is looked at without a change in its directory: a safety net.
+const CONFIG_SAFETY_POLL: Duration = Duration::from_secs(10);
 
 /// What `sentinel run` was asked to do.
 pub struct RunOptions {
@@ -359,8 +362,9 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
         )
     };
     let (keeper_tx, keeper_rx) = mpsc::channel();
+    let changes = keeper_tx.clone();
     let keeper_thread = spawn_component(&components, "probe keeper", move || {
-        keep_probes(probes, ssh_files, keeper_rx)
+        keep_probes(probes, ssh_files, keeper_rx, changes)
     })?;
     // Served last, so that the first scrape already sees every part running.
     let serve_metrics = http::serve(listener, metrics, connections, cancel.clone());
@@ -404,7 +408,7 @@ pub async fn run(options: RunOptions) -> Result<(), Error> {
     join(enforcer_thread, "enforcer");
     let _ = containment.inputs.send(ContainmentInput::Stop);
     join(containment.thread, "containment");
-    let _ = keeper_tx.send(());
+    let _ = keeper_tx.send(Keeper::Stop);
     let probes = keeper_thread.join();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
         .await
@@ -581,21 +585,64 @@ fn scan_target(netns: Option<&std::path::Path>) -> Result<ScanTarget, Error> {
     })
 }
 
-/// How often the files the SSH probes follow (libpam, the sshd executables) are looked at.
-const FOLLOW_FILES: Duration = Duration::from_secs(1);
+/// How often the files the SSH probes follow (libpam, the sshd executables) are looked at
+/// without a change in their directories: a safety net.
+const FOLLOW_FILES: Duration = Duration::from_secs(10);
+
+/// What wakes the probe keeper.
+enum Keeper {
+    /// A directory of a followed file changed.
+    FilesChanged,
+    Stop,
+}
 
 /// Owns the loaded programs: follows libpam and the sshd executables through package upgrades
-/// until told to stop, then hands the programs back for detaching.
+/// (a change in their directories wakes it) until told to stop, then hands the programs back
+/// for detaching.
 fn keep_probes(
     mut probes: probes::Probes,
     mut ssh_files: SshFiles,
-    stop: mpsc::Receiver<()>,
+    inputs: mpsc::Receiver<Keeper>,
+    changes: mpsc::Sender<Keeper>,
 ) -> probes::Probes {
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(FOLLOW_FILES) {
-        probes.follow_libpam();
-        ssh_files.refresh();
+    let followed = |probes: &probes::Probes, ssh_files: &SshFiles| {
+        files::directories(&followed_paths(probes, ssh_files))
+    };
+    let mut watch = DirectoryWatch::new()
+        .inspect_err(|errno| {
+            warn!("cannot watch libpam's and sshd's directories ({errno}); they are looked at every 10 s")
+        })
+        .ok();
+    if let Some(watch) = &mut watch {
+        watch.watch(&followed(&probes, &ssh_files));
+        let waiter = watch.waiter();
+        // Blocks in read for the daemon's whole life; the process exit ends it.
+        let _ = std::thread::Builder::new()
+            .name("probe-files".into())
+            .spawn(move || waiter.notify(|| changes.send(Keeper::FilesChanged).is_ok()));
     }
+    loop {
+        match inputs.recv_timeout(FOLLOW_FILES) {
+            Ok(Keeper::FilesChanged) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                probes.follow_libpam();
+                ssh_files.refresh();
+                if let Some(watch) = &mut watch {
+                    watch.watch(&followed(&probes, &ssh_files));
+                }
+            }
+            Ok(Keeper::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return probes,
+        }
+    }
+}
+
+/// libpam's path and the sshd executables' paths.
+fn followed_paths(probes: &probes::Probes, ssh_files: &SshFiles) -> Vec<PathBuf> {
     probes
+        .libpam_path()
+        .into_iter()
+        .chain(ssh_files.paths())
+        .cloned()
+        .collect()
 }
 
 fn join(thread: std::thread::JoinHandle<()>, name: &str) {
@@ -809,27 +856,61 @@ impl Reloader {
     }
 
     /// Reloads when the file's size, modification time or inode changes and then stays put
-    /// for one poll.
+    /// for one poll. A change in the file's directory (or its symlink target's) wakes the
+    /// watcher; without one, it looks every [`CONFIG_SAFETY_POLL`].
     async fn watch_file(self, cancel: CancellationToken) {
         let stamp = |path: &PathBuf| {
             std::fs::metadata(path)
                 .ok()
                 .map(|meta| (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()))
         };
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let directories = || files::directories(std::slice::from_ref(&self.path));
+        let mut watch = DirectoryWatch::new()
+            .inspect_err(|errno| {
+                warn!(
+                    "cannot watch the configuration file's directory ({errno}); it is looked \
+                     at every {} s",
+                    CONFIG_SAFETY_POLL.as_secs()
+                )
+            })
+            .ok();
+        if let Some(watch) = &mut watch {
+            watch.watch(&directories());
+            let waiter = watch.waiter();
+            let wake = Arc::clone(&changed);
+            // Blocks in read for the daemon's whole life; the process exit ends it.
+            let _ = std::thread::Builder::new()
+                .name("config-files".into())
+                .spawn(move || {
+                    waiter.notify(|| {
+                        wake.notify_one();
+                        true
+                    })
+                });
+        }
         let mut handled = stamp(&self.path);
         let mut previous = handled;
-        let mut tick = tokio::time::interval(CONFIG_POLL);
         loop {
+            // A change is read once it stays put for a poll.
+            let wait = if previous == handled {
+                CONFIG_SAFETY_POLL
+            } else {
+                CONFIG_POLL
+            };
             tokio::select! {
                 () = cancel.cancelled() => return,
-                _ = tick.tick() => {
-                    let now = stamp(&self.path);
-                    if now != handled && now == previous {
-                        handled = now;
-                        self.reload("the configuration file changed");
-                    }
-                    previous = now;
-                }
+                () = changed.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            let now = stamp(&self.path);
+            if now != handled && now == previous {
+                handled = now;
+                self.reload("the configuration file changed");
+            }
+            previous = now;
+            if let Some(watch) = &mut watch {
+                watch.watch(&directories());
             }
         }
     }

@@ -10,6 +10,7 @@ pub mod crowdsec;
 pub mod daemon;
 mod error;
 pub mod events;
+pub mod files;
 pub mod firewall;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

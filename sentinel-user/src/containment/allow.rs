@@ -3,11 +3,7 @@
 //! directories holding the allowed files are watched, so the new inode is listed as soon as
 //! the rename lands.
 
-use std::{
-    collections::BTreeSet,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeSet, os::unix::fs::MetadataExt, path::PathBuf};
 
 use sentinel_common::AllowedExecutable;
 
@@ -33,19 +29,6 @@ pub(super) fn resolve(
         }
     }
     missing
-}
-
-/// The directories whose changes can replace an allowed file: each path's own directory, and
-/// the directory of the file a symlink leads to.
-pub(super) fn directories(paths: &[PathBuf]) -> BTreeSet<PathBuf> {
-    let mut dirs = BTreeSet::new();
-    for path in paths {
-        dirs.extend(path.parent().map(Path::to_path_buf));
-        if let Ok(target) = std::fs::canonicalize(path) {
-            dirs.extend(target.parent().map(Path::to_path_buf));
-        }
-    }
-    dirs
 }
 
 /// `st_dev` as the kernel keeps it in `super_block.s_dev`: `MKDEV(major, minor)`, the minor

@@ -13,13 +13,12 @@ mod metrics;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
-    sync::{Arc, mpsc::RecvTimeoutError},
+    sync::mpsc::RecvTimeoutError,
     time::{Duration, Instant, SystemTime},
 };
 
 use aya::maps::{HashMap as KernelMap, MapData};
 pub use metrics::ContainmentMetrics;
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use sentinel_common::{AllowedExecutable, ContainedCgroup};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
@@ -28,6 +27,7 @@ use tracing::{error, info, warn};
 use crate::{
     Error,
     cgroup::{cgroupfs::CgroupFs, walk_hierarchy},
+    files::{self, DirectoryWatch},
     firewall::Isolation,
     policy::{Mode, OnViolation, Policy, ServicePolicy},
     queue::{Inbox, Queue},
@@ -168,8 +168,8 @@ pub struct Containment {
     isolation_netns: Option<PathBuf>,
     audit: Option<AuditLog>,
     metrics: ContainmentMetrics,
-    watcher: Arc<Inotify>,
-    watched: HashMap<PathBuf, WatchDescriptor>,
+    /// The directories of the allowed executables, for upgrades.
+    files: DirectoryWatch,
     /// On a host booted with systemd: a unit's cgroup is frozen through systemd
     /// (`FreezeUnit`), never behind its back.
     systemd: Option<SystemdBus>,
@@ -191,8 +191,7 @@ impl Containment {
         audit: Option<AuditLog>,
         metrics: ContainmentMetrics,
     ) -> Result<Self, Error> {
-        let watcher =
-            Inotify::init(InitFlags::IN_CLOEXEC).map_err(|errno| Error::ExecWatch(errno.into()))?;
+        let files = DirectoryWatch::new().map_err(|errno| Error::ExecWatch(errno.into()))?;
         let mut containment = Self {
             cgroupfs,
             kernel,
@@ -204,8 +203,7 @@ impl Containment {
             isolation_netns: netns,
             audit,
             metrics,
-            watcher: Arc::new(watcher),
-            watched: HashMap::new(),
+            files,
             systemd,
             missing: BTreeSet::new(),
             published: watch::Sender::new(Vec::new()),
@@ -225,17 +223,12 @@ impl Containment {
     /// Blocks until a directory holding an allowed executable changes, then tells `inputs`;
     /// for a thread of its own, for the daemon's whole life.
     pub fn watch_files(&self, inputs: Queue<Input>) -> impl FnOnce() -> Result<(), Error> + use<> {
-        let watcher = self.watcher.clone();
+        let waiter = self.files.waiter();
         move || {
-            loop {
-                watcher
-                    .read_events()
-                    .map_err(|errno| Error::ExecWatch(errno.into()))?;
-                // Waits for room: a missed change could leave an upgraded binary unlisted.
-                if inputs.send(Input::FilesChanged).is_err() {
-                    return Ok(());
-                }
-            }
+            // Waits for room: a missed change could leave an upgraded binary unlisted.
+            waiter
+                .notify(|| inputs.send(Input::FilesChanged).is_ok())
+                .map_err(|errno| Error::ExecWatch(errno.into()))
         }
     }
 
@@ -393,13 +386,13 @@ impl Containment {
                 &containment.allow,
                 &mut wanted,
             ));
-            directories.extend(allow::directories(&containment.allow));
+            directories.extend(files::directories(&containment.allow));
         }
         for path in missing.difference(&self.missing) {
             warn!(path = %path.display(), "an allowed executable does not exist (yet); it is listed once it does");
         }
         self.missing = missing;
-        self.watch_directories(&directories);
+        self.files.watch(&directories);
         if wanted == self.allowed {
             return;
         }
@@ -417,32 +410,6 @@ impl Containment {
         );
         self.allowed = wanted;
         self.metrics.allow_list_updates.inc();
-    }
-
-    fn watch_directories(&mut self, directories: &BTreeSet<PathBuf>) {
-        let changes = AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_MOVED_TO
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_CLOSE_WRITE
-            | AddWatchFlags::IN_ATTRIB
-            | AddWatchFlags::IN_ONLYDIR;
-        self.watched.retain(|dir, descriptor| {
-            let keep = directories.contains(dir);
-            if !keep {
-                let _ = self.watcher.rm_watch(*descriptor);
-            }
-            keep
-        });
-        for dir in directories {
-            if self.watched.contains_key(dir) {
-                continue;
-            }
-            // A directory that does not exist yet is looked at every tick instead.
-            if let Ok(descriptor) = self.watcher.add_watch(dir.as_path(), changes) {
-                self.watched.insert(dir.clone(), descriptor);
-            }
-        }
     }
 
     fn violation(&mut self, violation: &Violation) {

@@ -448,6 +448,11 @@ impl Probes {
     /// upgrade writes a new file and renames it over the old one): uprobes belong to an inode,
     /// and processes started after the upgrade map the new one. The old attachments stay for
     /// the processes still mapping the old library.
+    /// The libpam the SSH programs are attached to, when there is one.
+    pub fn libpam_path(&self) -> Option<&std::path::PathBuf> {
+        self.libpam.as_ref().map(|(path, _)| path)
+    }
+
     pub fn follow_libpam(&mut self) {
         let Some((path, attached_inode)) = &self.libpam else {
             return;

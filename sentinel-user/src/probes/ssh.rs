@@ -73,6 +73,11 @@ pub struct SshFiles {
 }
 
 impl SshFiles {
+    /// Where the sshd executables are looked for.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.sshd_paths
+    }
+
     pub fn new(executables: HashMap<MapData, u64, u8>, sshd_paths: Vec<PathBuf>) -> Self {
         let mut files = Self {
             executables,

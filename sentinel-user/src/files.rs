@@ -1,0 +1,138 @@
+//! Files the daemon follows through replacement: allowed executables, libpam and the sshd
+//! executables (package upgrades), the configuration file (editors). A replacement is a change
+//! in a file's directory, or in the directory of the file a symlink leads to; the kernel reports
+//! those (inotify), so the followers wake when something changed, not on a timer.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use nix::{
+    errno::Errno,
+    sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor},
+};
+
+/// The directories whose changes can replace one of `paths`: each path's own directory, and
+/// the directory of the file a symlink leads to.
+pub fn directories<P: AsRef<Path>>(paths: &[P]) -> BTreeSet<PathBuf> {
+    let mut dirs = BTreeSet::new();
+    for path in paths {
+        let path = path.as_ref();
+        dirs.extend(path.parent().map(Path::to_path_buf));
+        if let Ok(target) = std::fs::canonicalize(path) {
+            dirs.extend(target.parent().map(Path::to_path_buf));
+        }
+    }
+    dirs
+}
+
+/// The kernel's notices of files made, replaced, written or removed in some directories.
+pub struct DirectoryWatch {
+    inotify: Arc<Inotify>,
+    watched: HashMap<PathBuf, WatchDescriptor>,
+}
+
+impl DirectoryWatch {
+    pub fn new() -> nix::Result<Self> {
+        Ok(Self {
+            inotify: Arc::new(Inotify::init(InitFlags::IN_CLOEXEC)?),
+            watched: HashMap::new(),
+        })
+    }
+
+    /// Watches exactly `directories` from now on. A directory that does not exist (yet) is not
+    /// watched: the follower's own look every few seconds finds what appears there.
+    pub fn watch(&mut self, directories: &BTreeSet<PathBuf>) {
+        let changes = AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_ATTRIB
+            | AddWatchFlags::IN_ONLYDIR;
+        self.watched.retain(|dir, descriptor| {
+            let keep = directories.contains(dir);
+            if !keep {
+                let _ = self.inotify.rm_watch(*descriptor);
+            }
+            keep
+        });
+        for dir in directories {
+            if self.watched.contains_key(dir) {
+                continue;
+            }
+            if let Ok(descriptor) = self.inotify.add_watch(dir.as_path(), changes) {
+                self.watched.insert(dir.clone(), descriptor);
+            }
+        }
+    }
+
+    /// Blocks until something changed in a watched directory, for a thread of its own: calls
+    /// `changed` after each batch of notices until it answers false (its receiver gone).
+    pub fn notify(&self, mut changed: impl FnMut() -> bool) -> nix::Result<()> {
+        loop {
+            match self.inotify.read_events() {
+                Ok(_) => {
+                    if !changed() {
+                        return Ok(());
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(errno) => return Err(errno),
+            }
+        }
+    }
+
+    /// A handle on the same notices, for the thread that waits on them.
+    pub fn waiter(&self) -> Self {
+        Self {
+            inotify: Arc::clone(&self.inotify),
+            watched: HashMap::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{os::unix::fs::symlink, sync::mpsc, time::Duration};
+
+    use super::*;
+
+    #[test]
+    fn a_replaced_file_is_noticed_in_its_directory_and_its_links_target() {
+        let root = std::env::temp_dir().join(format!("sentinel-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for dir in ["etc", "lib"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::fs::write(root.join("lib/libpam.so.0.85.1"), "old").unwrap();
+        symlink(
+            root.join("lib/libpam.so.0.85.1"),
+            root.join("etc/libpam.so.0"),
+        )
+        .unwrap();
+        let followed = [root.join("etc/libpam.so.0")];
+        assert_eq!(
+            directories(&followed),
+            BTreeSet::from([root.join("etc"), root.join("lib")])
+        );
+        let mut watch = DirectoryWatch::new().unwrap();
+        watch.watch(&directories(&followed));
+        let (changes, changed) = mpsc::channel();
+        let waiter = watch.waiter();
+        std::thread::spawn(move || waiter.notify(|| changes.send(()).is_ok()));
+        // An upgrade: the new library beside the old, renamed over it.
+        std::fs::write(root.join("lib/libpam.so.0.85.1.new"), "new").unwrap();
+        std::fs::rename(
+            root.join("lib/libpam.so.0.85.1.new"),
+            root.join("lib/libpam.so.0.85.1"),
+        )
+        .unwrap();
+        changed
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the rename is noticed");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
