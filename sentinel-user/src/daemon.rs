@@ -615,11 +615,9 @@ fn keep_probes(
         .ok();
     if let Some(watch) = &mut watch {
         watch.watch(&followed(&probes, &ssh_files));
-        let waiter = watch.waiter();
-        // Blocks in read for the daemon's whole life; the process exit ends it.
-        let _ = std::thread::Builder::new()
-            .name("probe-files".into())
-            .spawn(move || waiter.notify(|| changes.send(Keeper::FilesChanged).is_ok()));
+        watch.notify_from_thread("probe-files", move || {
+            changes.send(Keeper::FilesChanged).is_ok()
+        });
     }
     loop {
         match inputs.recv_timeout(FOLLOW_FILES) {
@@ -877,17 +875,11 @@ impl Reloader {
             .ok();
         if let Some(watch) = &mut watch {
             watch.watch(&directories());
-            let waiter = watch.waiter();
             let wake = Arc::clone(&changed);
-            // Blocks in read for the daemon's whole life; the process exit ends it.
-            let _ = std::thread::Builder::new()
-                .name("config-files".into())
-                .spawn(move || {
-                    waiter.notify(|| {
-                        wake.notify_one();
-                        true
-                    })
-                });
+            watch.notify_from_thread("config-files", move || {
+                wake.notify_one();
+                true
+            });
         }
         let mut handled = stamp(&self.path);
         let mut previous = handled;

@@ -13,6 +13,7 @@ use nix::{
     errno::Errno,
     sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor},
 };
+use tracing::warn;
 
 /// The directories whose changes can replace one of `paths`: each path's own directory, and
 /// the directory of the file a symlink leads to.
@@ -82,6 +83,30 @@ impl DirectoryWatch {
                 Err(Errno::EINTR) => {}
                 Err(errno) => return Err(errno),
             }
+        }
+    }
+
+    /// Calls `changed` from a thread of its own, named `name`, after each batch of notices,
+    /// for the daemon's whole life (the process exit ends the thread). If reading them fails,
+    /// it says so and ends: the follower's own look every few seconds is left.
+    pub fn notify_from_thread(&self, name: &str, changed: impl FnMut() -> bool + Send + 'static) {
+        let waiter = self.waiter();
+        let thread = name.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                if let Err(errno) = waiter.notify(changed) {
+                    warn!(
+                        thread,
+                        "cannot read the notices of followed files' directories ({errno})"
+                    );
+                }
+            });
+        if let Err(error) = spawned {
+            warn!(
+                name,
+                "cannot wait for notices of followed files' directories ({error})"
+            );
         }
     }
 
