@@ -91,11 +91,19 @@ struct Room {
 impl Room {
     /// Counts one more message in, unless the queue is full.
     fn reserve(&self) -> bool {
-        self.queued
-            .fetch_update(SeqCst, SeqCst, |queued| {
-                (queued < self.capacity).then_some(queued + 1)
-            })
-            .is_ok()
+        // A compare-and-swap loop: `fetch_update` is deprecated on newer toolchains (the fuzz
+        // targets' nightly), and its replacement is not on the pinned stable one.
+        let mut queued = self.queued.load(SeqCst);
+        while queued < self.capacity {
+            match self
+                .queued
+                .compare_exchange_weak(queued, queued + 1, SeqCst, SeqCst)
+            {
+                Ok(_) => return true,
+                Err(now) => queued = now,
+            }
+        }
+        false
     }
 
     /// Counts one message out, and wakes the senders waiting for room.
