@@ -272,6 +272,39 @@ impl FixRetry {
 }
 
 /// A pass over every cgroup (start, reload).
+/// Paces the checks that drift notices ask for. A notice after a quiet spell is checked at
+/// once; one within a `TICK` of the last check is held until a `TICK` has passed, and the
+/// kernel is not asked for more notices meanwhile. So a user who can write a delegated policed
+/// cgroup's files gets at most one check per `TICK`, however fast they write.
+struct NoticePace {
+    next_tick: Instant,
+    held: bool,
+}
+
+impl NoticePace {
+    fn new(now: Instant) -> Self {
+        Self {
+            next_tick: now + TICK,
+            held: false,
+        }
+    }
+
+    /// Whether a notice at `now` is checked at once; if not, it is held until `next_tick`.
+    fn noticed(&mut self, now: Instant) -> bool {
+        self.held = now < self.next_tick;
+        !self.held
+    }
+
+    /// When the held notice is checked; `None` when none is held.
+    fn held(&self) -> Option<Instant> {
+        self.held.then_some(self.next_tick)
+    }
+
+    fn ticked(&mut self, now: Instant) {
+        *self = Self::new(now);
+    }
+}
+
 #[derive(Default)]
 struct Pass {
     /// The cgroups each policy's limits were written to: logged and put in the recent events
@@ -421,11 +454,16 @@ impl Enforcer {
             .wake_with(move || notices.send(Input::Noticed).is_ok());
         self.give_back_unclaimed();
         self.apply_all();
-        let mut next_tick = Instant::now() + TICK;
+        let mut checks = NoticePace::new(Instant::now());
         loop {
             self.save_originals();
-            self.drift.rearm();
-            let wait = self.next_wake(next_tick).map_or(Duration::MAX, |at| {
+            let mut wake = self.next_wake(checks.next_tick);
+            if let Some(at) = checks.held() {
+                wake = Some(wake.map_or(at, |wake| wake.min(at)));
+            } else {
+                self.drift.rearm();
+            }
+            let wait = wake.map_or(Duration::MAX, |at| {
                 at.saturating_duration_since(Instant::now())
             });
             match inputs.recv_timeout(wait) {
@@ -437,9 +475,10 @@ impl Enforcer {
                 Ok(Input::Reload(policy)) => self.reload(policy),
                 Ok(Input::Rescan) => self.rescan(),
                 Ok(Input::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(Input::Noticed) if !checks.noticed(Instant::now()) => {}
                 Ok(Input::Noticed) | Err(RecvTimeoutError::Timeout) => {
                     self.tick();
-                    next_tick = Instant::now() + TICK;
+                    checks.ticked(Instant::now());
                 }
             }
         }
@@ -2071,6 +2110,32 @@ mod tests {
         guarding.apply_all();
         guarding.drift.wake_with(|| true);
         assert_eq!(guarding.next_wake(next_tick), Some(next_tick));
+    }
+
+    #[test]
+    fn a_flood_of_notices_is_checked_once_per_tick_and_a_lone_one_at_once() {
+        let start = Instant::now();
+        let mut pace = NoticePace::new(start);
+        // A writer who writes every millisecond for ten ticks, from a tick after the last
+        // check: the loop checks when a notice is not held, and when the held one is due.
+        let tick = TICK.as_millis() as u64;
+        let mut checks = 0;
+        for ms in tick..11 * tick {
+            let now = start + Duration::from_millis(ms);
+            if pace.held().is_some_and(|due| now >= due) || pace.noticed(now) {
+                checks += 1;
+                pace.ticked(now);
+            }
+        }
+        assert_eq!(checks, 10);
+        // After a quiet spell, a notice is checked at once and nothing is held.
+        let quiet = start + 20 * TICK;
+        assert!(pace.noticed(quiet));
+        pace.ticked(quiet);
+        assert_eq!(pace.held(), None);
+        // One within a tick is held until the tick is out.
+        assert!(!pace.noticed(quiet + TICK / 2));
+        assert_eq!(pace.held(), Some(quiet + TICK));
     }
 
     #[test]
