@@ -6,10 +6,12 @@
 use std::{
     collections::HashMap,
     fs,
-    io::{ErrorKind, Read},
+    io::{ErrorKind, Read, Write},
     os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
 };
+
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
 
 use crate::Error;
 
@@ -25,11 +27,21 @@ pub struct SubtreeControls(HashMap<String, String>);
 #[derive(Debug, Clone)]
 pub struct CgroupFs {
     root: PathBuf,
+    /// The root is a cgroup2 mount, whose interface files take each write whole: they are
+    /// opened without `O_CREAT` and `O_TRUNC`, so that the open stays on the kernel's lockless
+    /// path lookup and no truncation is made for the file to ignore. Elsewhere (a test's tree of
+    /// regular files) a write replaces the file's content.
+    interface_files: bool,
 }
 
 impl CgroupFs {
     pub fn new(root: PathBuf) -> Self {
-        Self { root }
+        let interface_files =
+            statfs(&root).is_ok_and(|found| found.filesystem_type() == CGROUP2_SUPER_MAGIC);
+        Self {
+            root,
+            interface_files,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -52,7 +64,14 @@ impl CgroupFs {
 
     pub fn write(&self, path: &str, file: &str, value: &str) -> Result<(), Error> {
         let file = self.dir(path).join(file);
-        fs::write(&file, value).map_err(|source| Error::CgroupIo { file, source })
+        let replaces = !self.interface_files;
+        fs::OpenOptions::new()
+            .write(true)
+            .create(replaces)
+            .truncate(replaces)
+            .open(&file)
+            .and_then(|mut opened| opened.write_all(value.as_bytes()))
+            .map_err(|source| Error::CgroupIo { file, source })
     }
 
     /// Writes `value` and returns what the file held before, opening it once.
