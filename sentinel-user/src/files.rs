@@ -70,22 +70,6 @@ impl DirectoryWatch {
         }
     }
 
-    /// Blocks until something changed in a watched directory, for a thread of its own: calls
-    /// `changed` after each batch of notices until it answers false (its receiver gone).
-    pub fn notify(&self, mut changed: impl FnMut() -> bool) -> nix::Result<()> {
-        loop {
-            match self.inotify.read_events() {
-                Ok(_) => {
-                    if !changed() {
-                        return Ok(());
-                    }
-                }
-                Err(Errno::EINTR) => {}
-                Err(errno) => return Err(errno),
-            }
-        }
-    }
-
     /// Calls `changed` from a thread of its own, named `name`, after each batch of notices,
     /// for the daemon's whole life (the process exit ends the thread). If reading them fails,
     /// it says so and ends: the follower's own look every few seconds is left.
@@ -111,10 +95,28 @@ impl DirectoryWatch {
     }
 
     /// A handle on the same notices, for the thread that waits on them.
-    pub fn waiter(&self) -> Self {
-        Self {
-            inotify: Arc::clone(&self.inotify),
-            watched: HashMap::new(),
+    pub fn waiter(&self) -> Notices {
+        Notices(Arc::clone(&self.inotify))
+    }
+}
+
+/// The notices of a [`DirectoryWatch`], waited on by a thread of their own.
+pub struct Notices(Arc<Inotify>);
+
+impl Notices {
+    /// Blocks until something changed in a watched directory: calls `changed` after each batch
+    /// of notices until it answers false (its receiver gone).
+    pub fn notify(&self, mut changed: impl FnMut() -> bool) -> nix::Result<()> {
+        loop {
+            match self.0.read_events() {
+                Ok(_) => {
+                    if !changed() {
+                        return Ok(());
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(errno) => return Err(errno),
+            }
         }
     }
 }
