@@ -1,11 +1,16 @@
 //! The policy benchmark, run as root where cgroup v2 has the memory, cpu and pids controllers
 //! (`cargo xtask bench` runs it in the VM): N cgroups (the first argument, 500 by default),
 //! one policy per 100 of them, each at the top of the hierarchy (`top-level`, the second
-//! argument's default) or all in one slice (`slice`). Measures the time the daemon takes to apply them from its start
-//! and to reload them after every `memory.max` changed, `/metrics` scrapes, and the daemon's
-//! memory and CPU; then the floor of each, with the daemon stopped: the same cgroupfs writes
-//! done directly (apply, reload), one read of the files the daemon's stats pass reads, and the
-//! scraped body encoded from memory.
+//! argument's default) or all in one slice (`slice`). Measures the time the daemon takes to
+//! apply them from its start and to reload them after every `memory.max` changed, `/metrics`
+//! scrapes, and the daemon's memory and CPU; then the floor of each, with the daemon stopped:
+//! the same cgroupfs writes done directly (apply, reload), one read of the files the daemon's
+//! stats pass reads, and the scraped body encoded from memory.
+//!
+//! Apply, reload and their floors are measured in [`ROUNDS`] alternating rounds, and each is
+//! reported as its median: under emulation the same writes take up to twice as long from one
+//! minute to the next, and one round of each would compare the daemon and its floor at
+//! different moments.
 //!
 //! Prints its results as `BENCH key=value` lines on stdout.
 
@@ -13,7 +18,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     fs,
-    io::Read,
+    io::{Read, Write},
     os::{
         fd::{AsRawFd, FromRawFd},
         unix::{ffi::OsStrExt, fs::FileExt},
@@ -33,6 +38,8 @@ const DEFAULT_SERVICES: usize = 500;
 /// Cgroups each policy selects, by a glob on their names.
 const SERVICES_PER_POLICY: usize = 100;
 const SCRAPES: usize = 200;
+/// Rounds of the daemon's apply and reload, each followed by their floors.
+const ROUNDS: usize = 3;
 const MEMORY_MAX_AT_START: u64 = 256 << 20;
 const MEMORY_MAX_AFTER_RELOAD: u64 = 192 << 20;
 /// The limits every policy sets, as the daemon writes them to the cgroup files.
@@ -42,6 +49,13 @@ const LIMITS: [(&str, &str); 3] = [
     ("pids.max", "100"),
 ];
 /// The files the daemon's stats pass reads per service (`resource_detail: basic`).
+/// What a new cgroup's limit files hold, written back before each of the daemon's rounds.
+const DEFAULTS: [(&str, &str); 4] = [
+    ("memory.max", "max"),
+    ("memory.high", "max"),
+    ("cpu.max", "max 100000"),
+    ("pids.max", "max"),
+];
 const STATS_FILES: [&str; 4] = ["memory.current", "memory.max", "cpu.stat", "pids.current"];
 /// `metrics.resource_refresh` (its default): the idle daemon reads every service's stats files
 /// this often.
@@ -88,28 +102,8 @@ fn main() -> Result<()> {
         })
         .collect();
 
-    let started = Instant::now();
-    let mut daemon = Daemon::spawn_with_config(
-        free_port(),
-        &config(services, slice.as_ref(), MEMORY_MAX_AT_START),
-        &[],
-    );
-    watch_for_a_hang(daemon.pid(), daemon.log_path());
-    let apply_observed = wait_for_memory_max(&cgroups, MEMORY_MAX_AT_START, started)?;
-    let applied = log_record(&daemon, "policies applied")?;
-
-    let threads_before_reload = thread_cpu(daemon.pid())?;
-    let reload_started = Instant::now();
-    fs::write(
-        daemon.config_path(),
-        config(services, slice.as_ref(), MEMORY_MAX_AFTER_RELOAD),
-    )
-    .context("cannot rewrite the daemon's configuration")?;
-    daemon.signal(libc::SIGHUP);
-    let reload_observed = wait_for_memory_max(&cgroups, MEMORY_MAX_AFTER_RELOAD, reload_started)?;
-    let reloaded = log_record(&daemon, "policy reloaded")?;
-    let threads_after_reload = thread_cpu(daemon.pid())?;
-
+    let mut rounds = Rounds::default();
+    let (daemon, reload_cpu) = rounds.daemon(&cgroups, slice.as_ref())?;
     ensure!(
         eventually(PATIENCE, || http_get(daemon.addr, "/metrics", None).is_ok()),
         "the daemon does not serve /metrics; its log:\n{}",
@@ -133,16 +127,13 @@ fn main() -> Result<()> {
         .context("the /metrics body is not UTF-8")?;
     let usage = process_usage(daemon.pid())?;
 
-    daemon.signal(libc::SIGTERM);
-    ensure!(
-        daemon.wait_exit(Duration::from_secs(60)).is_some(),
-        "the daemon did not stop within 60 s of SIGTERM"
-    );
-
-    // The floor, on the same cgroups, with the daemon gone.
-    let apply_floor = timed(|| write_limits(&cgroups, MEMORY_MAX_AT_START, true))?;
-    let apply_job_floor = timed(|| swap_and_watch(&cgroups, MEMORY_MAX_AT_START))?;
-    let reload_floor = timed(|| write_limits(&cgroups, MEMORY_MAX_AFTER_RELOAD, false))?;
+    stop(daemon)?;
+    rounds.floors(&cgroups)?;
+    for _ in 1..ROUNDS {
+        let (daemon, _) = rounds.daemon(&cgroups, slice.as_ref())?;
+        stop(daemon)?;
+        rounds.floors(&cgroups)?;
+    }
     let stats_floor = timed(|| read_stats_files(&cgroups))?;
     let (encode_floor, _) = encode_from_memory(&body, SCRAPES);
 
@@ -166,11 +157,14 @@ fn main() -> Result<()> {
             "policies",
             services.div_ceil(SERVICES_PER_POLICY).to_string(),
         ),
-        ("applied_cgroups", field(&applied, "cgroups")?.to_string()),
-        ("apply_log_ms", field(&applied, "took_ms")?.to_string()),
-        ("apply_observed_ms", milliseconds(apply_observed)),
-        ("reload_log_ms", field(&reloaded, "took_ms")?.to_string()),
-        ("reload_observed_ms", milliseconds(reload_observed)),
+        ("applied_cgroups", rounds.applied_cgroups.to_string()),
+        ("rounds", ROUNDS.to_string()),
+        ("apply_log_ms", median(&rounds.apply)),
+        ("apply_log_rounds_ms", listed(&rounds.apply)),
+        ("apply_observed_ms", median(&rounds.apply_observed)),
+        ("reload_log_ms", median(&rounds.reload)),
+        ("reload_log_rounds_ms", listed(&rounds.reload)),
+        ("reload_observed_ms", median(&rounds.reload_observed)),
         ("scrapes", SCRAPES.to_string()),
         ("scrape_median_ms", percentile(&latencies, 0.5)),
         ("scrape_p99_ms", percentile(&latencies, 0.99)),
@@ -190,12 +184,7 @@ fn main() -> Result<()> {
                 seconds / IDLE_WINDOW.as_secs_f64() * 100.0
             }),
         ),
-        (
-            "reload_cpu_ms_by_thread",
-            by_thread(&threads_before_reload, &threads_after_reload, |seconds| {
-                seconds * 1000.0
-            }),
-        ),
+        ("reload_cpu_ms_by_thread", reload_cpu),
         (
             "cpu_ms_per_scrape",
             format!(
@@ -203,9 +192,12 @@ fn main() -> Result<()> {
                 (usage.cpu_seconds - idle_end) / SCRAPES as f64 * 1000.0
             ),
         ),
-        ("floor_apply_ms", milliseconds(apply_floor)),
-        ("floor_apply_job_ms", milliseconds(apply_job_floor)),
-        ("floor_reload_ms", milliseconds(reload_floor)),
+        ("floor_apply_ms", median(&rounds.floor_apply)),
+        ("floor_apply_rounds_ms", listed(&rounds.floor_apply)),
+        ("floor_apply_job_ms", median(&rounds.floor_apply_job)),
+        ("floor_apply_job_rounds_ms", listed(&rounds.floor_apply_job)),
+        ("floor_reload_ms", median(&rounds.floor_reload)),
+        ("floor_reload_rounds_ms", listed(&rounds.floor_reload)),
         ("floor_stats_pass_ms", milliseconds(stats_floor)),
         ("resource_refresh_s", RESOURCE_REFRESH_SECONDS.to_string()),
         ("floor_encode_median_ms", percentile(&encode_floor, 0.5)),
@@ -276,14 +268,122 @@ fn watch_for_a_hang(pid: u32, log: std::path::PathBuf) {
     });
 }
 
+/// Apply, reload and their floors, one figure per round, in milliseconds.
+#[derive(Default)]
+struct Rounds {
+    applied_cgroups: u64,
+    apply: Vec<f64>,
+    apply_observed: Vec<f64>,
+    reload: Vec<f64>,
+    reload_observed: Vec<f64>,
+    floor_apply: Vec<f64>,
+    floor_apply_job: Vec<f64>,
+    floor_reload: Vec<f64>,
+}
+
+impl Rounds {
+    /// Starts the daemon on cgroups at their defaults, with state of its own (so that it takes
+    /// them as new), and reloads its policy once applied. Returns it running, with its CPU by
+    /// thread during the reload.
+    fn daemon(
+        &mut self,
+        cgroups: &[TestCgroup],
+        slice: Option<&TestCgroup>,
+    ) -> Result<(Daemon, String)> {
+        for cgroup in cgroups {
+            for (file, default) in DEFAULTS {
+                let path = cgroup.path().join(file);
+                // In a slice, the files come with the controllers the daemon enables.
+                if path.exists() {
+                    fs::write(&path, default)
+                        .with_context(|| format!("cannot reset {}", path.display()))?;
+                }
+            }
+        }
+        let services = cgroups.len();
+        let started = Instant::now();
+        let daemon = Daemon::spawn_with_config(
+            free_port(),
+            &config(services, slice, MEMORY_MAX_AT_START),
+            &[],
+        );
+        watch_for_a_hang(daemon.pid(), daemon.log_path());
+        let (applied, apply_observed) = log_record(&daemon, "policies applied", started)?;
+        check_memory_max(cgroups, MEMORY_MAX_AT_START)?;
+
+        let threads_before_reload = thread_cpu(daemon.pid())?;
+        let reload_started = Instant::now();
+        fs::write(
+            daemon.config_path(),
+            config(services, slice, MEMORY_MAX_AFTER_RELOAD),
+        )
+        .context("cannot rewrite the daemon's configuration")?;
+        daemon.signal(libc::SIGHUP);
+        let (reloaded, reload_observed) = log_record(&daemon, "policy reloaded", reload_started)?;
+        check_memory_max(cgroups, MEMORY_MAX_AFTER_RELOAD)?;
+        let threads_after_reload = thread_cpu(daemon.pid())?;
+
+        self.applied_cgroups = field(&applied, "cgroups")?;
+        self.apply.push(field(&applied, "took_ms")? as f64);
+        self.apply_observed
+            .push(apply_observed.as_secs_f64() * 1000.0);
+        self.reload.push(field(&reloaded, "took_ms")? as f64);
+        self.reload_observed
+            .push(reload_observed.as_secs_f64() * 1000.0);
+        let reload_cpu = by_thread(&threads_before_reload, &threads_after_reload, |seconds| {
+            seconds * 1000.0
+        });
+        Ok((daemon, reload_cpu))
+    }
+
+    /// The floors of apply and reload, on the same cgroups, with the daemon gone.
+    fn floors(&mut self, cgroups: &[TestCgroup]) -> Result<()> {
+        let apply = timed(|| write_limits(cgroups, MEMORY_MAX_AT_START, true))?;
+        let apply_job = timed(|| swap_and_watch(cgroups, MEMORY_MAX_AT_START))?;
+        let reload = timed(|| write_limits(cgroups, MEMORY_MAX_AFTER_RELOAD, false))?;
+        self.floor_apply.push(apply.as_secs_f64() * 1000.0);
+        self.floor_apply_job.push(apply_job.as_secs_f64() * 1000.0);
+        self.floor_reload.push(reload.as_secs_f64() * 1000.0);
+        Ok(())
+    }
+}
+
+fn stop(mut daemon: Daemon) -> Result<()> {
+    daemon.signal(libc::SIGTERM);
+    ensure!(
+        daemon.wait_exit(Duration::from_secs(60)).is_some(),
+        "the daemon did not stop within 60 s of SIGTERM"
+    );
+    Ok(())
+}
+
+fn median(figures: &[f64]) -> String {
+    let mut sorted = figures.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    format!("{:.2}", sorted[sorted.len() / 2])
+}
+
+fn listed(figures: &[f64]) -> String {
+    figures
+        .iter()
+        .map(|figure| format!("{figure:.0}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// What the daemon writes to each cgroup, written directly: every limit at start, only
-/// `memory.max` on reload.
+/// `memory.max` on reload. Each file is opened for writing only: no `O_CREAT` or `O_TRUNC`,
+/// which cost the kernel a locked lookup and a truncation the file ignores.
 fn write_limits(cgroups: &[TestCgroup], memory_max: u64, every_limit: bool) -> Result<()> {
     let memory_max = memory_max.to_string();
     for cgroup in cgroups {
         let write = |file: &str, value: &str| {
             let path = cgroup.path().join(file);
-            fs::write(&path, value).with_context(|| format!("cannot write {}", path.display()))
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|mut opened| opened.write_all(value.as_bytes()))
+                .with_context(|| format!("cannot write {}", path.display()))
         };
         write("memory.max", &memory_max)?;
         if every_limit {
@@ -386,48 +486,49 @@ fn timed(work: impl FnOnce() -> Result<()>) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// Time from `since` until every cgroup's memory.max reads `value`. A cgroup that shows it
-/// keeps it, so each is polled until it does, in turn.
-fn wait_for_memory_max(cgroups: &[TestCgroup], value: u64, since: Instant) -> Result<Duration> {
+/// Every cgroup's `memory.max` reads `value` (in a slice, the file exists only once the daemon
+/// has enabled the controller there).
+fn check_memory_max(cgroups: &[TestCgroup], value: u64) -> Result<()> {
     let wanted = value.to_string();
     for cgroup in cgroups {
         let memory_max = cgroup.path().join("memory.max");
-        loop {
-            // In a slice, the file appears once the daemon has enabled the controller there.
-            let current = match fs::read_to_string(&memory_max) {
-                Ok(current) => current.trim().to_owned(),
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => "absent".to_owned(),
-                Err(error) => {
-                    return Err(error)
-                        .with_context(|| format!("cannot read {}", memory_max.display()));
-                }
-            };
-            if current == wanted {
-                break;
-            }
-            ensure!(
-                since.elapsed() < PATIENCE,
-                "{} still reads {current} instead of {wanted} after {} s",
-                memory_max.display(),
-                PATIENCE.as_secs()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let current = fs::read_to_string(&memory_max)
+            .with_context(|| format!("cannot read {}", memory_max.display()))?;
+        ensure!(
+            current.trim() == wanted,
+            "{} reads {} instead of {wanted} once the daemon logged its pass",
+            memory_max.display(),
+            current.trim()
+        );
     }
-    Ok(since.elapsed())
+    Ok(())
 }
 
-/// The daemon's first JSON log record with this message, once it is written.
-fn log_record(daemon: &Daemon, message: &str) -> Result<serde_json::Value> {
+/// The daemon's first JSON log record with this message, and the time from `since` until it
+/// was seen. The log is watched, not the cgroups: reading thousands of cgroup files while the
+/// daemon writes them would slow the pass measured.
+fn log_record(
+    daemon: &Daemon,
+    message: &str,
+    since: Instant,
+) -> Result<(serde_json::Value, Duration)> {
     let mut record = None;
-    eventually(Duration::from_secs(10), || {
+    eventually(PATIENCE, || {
         record = daemon
             .log_records(&[("message", message)])
             .into_iter()
             .next();
         record.is_some()
     });
-    record.with_context(|| format!("no {message:?} record in the daemon's log"))
+    let seen = since.elapsed();
+    let record = record.with_context(|| {
+        format!(
+            "no {message:?} record in the daemon's log after {} s; its log:\n{}",
+            PATIENCE.as_secs(),
+            daemon.log()
+        )
+    })?;
+    Ok((record, seen))
 }
 
 fn field(record: &serde_json::Value, name: &str) -> Result<u64> {
