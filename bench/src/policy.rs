@@ -80,6 +80,7 @@ struct PolicyResults {
     floor_apply_rounds: String,
     floor_apply_job_rounds: String,
     floor_reload_rounds: String,
+    floor_reload_watched_rounds: String,
     apply_log: f64,
     apply_observed: f64,
     reload_log: f64,
@@ -102,6 +103,8 @@ struct PolicyResults {
     /// descriptor written, and an inotify watch per cgroup.
     floor_apply_job: f64,
     floor_reload: f64,
+    /// The reload's writes while every cgroup is watched for drift, as the daemon's are.
+    floor_reload_watched: f64,
     floor_stats_pass: f64,
     /// `metrics.resource_refresh` in the daemon's configuration, seconds.
     resource_refresh: f64,
@@ -145,6 +148,7 @@ impl PolicyResults {
             floor_apply_rounds: text("floor_apply_rounds_ms")?.to_owned(),
             floor_apply_job_rounds: text("floor_apply_job_rounds_ms")?.to_owned(),
             floor_reload_rounds: text("floor_reload_rounds_ms")?.to_owned(),
+            floor_reload_watched_rounds: text("floor_reload_watched_rounds_ms")?.to_owned(),
             apply_log: value("apply_log_ms")?,
             apply_observed: value("apply_observed_ms")?,
             reload_log: value("reload_log_ms")?,
@@ -162,6 +166,7 @@ impl PolicyResults {
             floor_apply: value("floor_apply_ms")?,
             floor_apply_job: value("floor_apply_job_ms")?,
             floor_reload: value("floor_reload_ms")?,
+            floor_reload_watched: value("floor_reload_watched_ms")?,
             floor_stats_pass: value("floor_stats_pass_ms")?,
             resource_refresh: value("resource_refresh_s")?,
             floor_encode_median: value("floor_encode_median_ms")?,
@@ -207,6 +212,14 @@ impl PolicyResults {
         );
         summary.compare(
             &section,
+            "reload",
+            "ms",
+            self.reload_log,
+            "writes to watched cgroups",
+            self.floor_reload_watched,
+        );
+        summary.compare(
+            &section,
             "idle CPU",
             "% of a core",
             self.idle_cpu_percent,
@@ -245,6 +258,8 @@ impl PolicyResults {
             "floor_apply_rounds_ms": self.floor_apply_rounds,
             "floor_apply_with_originals_and_watches_rounds_ms": self.floor_apply_job_rounds,
             "floor_reload_rounds_ms": self.floor_reload_rounds,
+            "floor_reload_watched_ms": self.floor_reload_watched,
+            "floor_reload_watched_rounds_ms": self.floor_reload_watched_rounds,
             "apply_log_ms": self.apply_log,
             "apply_observed_ms": self.apply_observed,
             "reload_log_ms": self.reload_log,
@@ -320,6 +335,19 @@ impl fmt::Display for PolicyResults {
                 ),
                 format!("{} ms", self.reload_log),
                 ratio(self.reload_log, self.floor_reload, APPLY_TARGET_RATIO),
+            ),
+            (
+                format!(
+                    "Reload against the same writes while every cgroup is watched for drift, as \
+                     the daemon's are ({} ms)",
+                    self.floor_reload_watched_rounds
+                ),
+                format!("{} ms", self.reload_log),
+                format!(
+                    "{} ms: {:.2}x",
+                    self.floor_reload_watched,
+                    self.reload_log / self.floor_reload_watched
+                ),
             ),
             (
                 "Reload, observed from the file's rewrite and SIGHUP until the daemon's log says \
