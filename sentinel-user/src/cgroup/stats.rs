@@ -545,7 +545,7 @@ mod tests {
 
     #[test]
     fn a_file_larger_than_one_read_is_read_whole() {
-        let padding = "x".repeat(crate::cgroup::cgroupfs::READ_CHUNK * 2);
+        let padding = "x".repeat(crate::cgroup::cgroupfs::FIRST_READ * 40);
         let cpu_stat = format!("{padding} 0\nusage_usec 42\n");
         let stats = FakeCgroup::new(&[("cpu.stat", &cpu_stat)]).read(ResourceDetail::Basic);
         assert_eq!(stats.seconds(Figure::CpuUsage), Some(0.000_042));
