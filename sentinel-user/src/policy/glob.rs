@@ -68,7 +68,11 @@ impl CgroupGlob {
 
     /// Whether `cgroup_path` (relative to the cgroup2 root; a leading `/` is ignored) matches.
     pub fn matches(&self, cgroup_path: &str) -> bool {
-        let relative = cgroup_path.trim_matches('/');
+        // By bytes: thousands of cgroups are tried against each policy at every pass.
+        let bytes = cgroup_path.as_bytes();
+        let start = bytes.iter().position(|b| *b != b'/').unwrap_or(bytes.len());
+        let end = bytes.iter().rposition(|b| *b != b'/').map_or(start, |last| last + 1);
+        let relative = &cgroup_path[start..end];
         if !relative.starts_with(&self.literal_prefix) {
             return false;
         }
@@ -96,8 +100,15 @@ pub fn name_matches(pattern: &str, name: &str) -> bool {
 }
 
 fn segment_matches(pattern: &[char], name: &str) -> bool {
+    let is_star = |c: &char| *c == '*';
+    // Names are nearly always ASCII: matched by bytes, without a copy.
+    if name.is_ascii() {
+        return wildcard_match(pattern, name.as_bytes(), is_star, |p, b| {
+            *p == '?' || *p == char::from(*b)
+        });
+    }
     let name: Vec<char> = name.chars().collect();
-    wildcard_match(pattern, &name, |c| *c == '*', |p, c| *p == '?' || p == c)
+    wildcard_match(pattern, &name, is_star, |p, c| *p == '?' || p == c)
 }
 
 /// Matches `text` against `pattern`, where `is_star` elements match any run of text elements
@@ -154,6 +165,16 @@ mod tests {
         ));
         assert!(!matches("system.slice/nginx.service", "system.slice"));
         assert!(!matches("system.slice", "system.slice/nginx.service"));
+    }
+
+    #[test]
+    fn question_mark_is_one_character_in_any_name_and_slashes_around_are_ignored() {
+        assert!(matches("app/caf?.service", "app/café.service"));
+        assert!(!matches("app/caf?.service", "app/cafée.service"));
+        assert!(matches("app/*é", "app/thé"));
+        assert!(matches("app/web-?", "//app/web-1//"));
+        assert!(!matches("app/web-?", "app/web-10"));
+        assert!(!matches("app", "/"));
     }
 
     #[test]
