@@ -56,9 +56,8 @@ impl CgroupFs {
     /// `file` of the cgroup at `path`, made in one allocation: thousands are made per pass.
     fn file(&self, path: &str, file: &str) -> PathBuf {
         let relative = path.trim_matches('/');
-        let mut joined = PathBuf::with_capacity(
-            self.root.as_os_str().len() + relative.len() + file.len() + 2,
-        );
+        let mut joined =
+            PathBuf::with_capacity(self.root.as_os_str().len() + relative.len() + file.len() + 2);
         joined.push(&self.root);
         if !relative.is_empty() {
             joined.push(relative);

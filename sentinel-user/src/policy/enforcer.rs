@@ -1557,36 +1557,51 @@ impl Enforcer {
         // One summary per policy and kept values, shared by their cgroups.
         let mut summaries: HashMap<(*const ServicePolicy, *const Files), AppliedSummary> =
             HashMap::new();
-        let cgroups = self
-            .applied
-            .iter()
-            .map(|(path, applied)| {
-                let summary = summaries
-                    .entry((Arc::as_ptr(&applied.policy), Arc::as_ptr(&applied.expected)))
-                    .or_insert_with(|| {
-                        let memory_max = |files: &Files| {
-                            files
-                                .iter()
-                                .find(|(file, _)| *file == "memory.max")
-                                .map(|(_, value)| Arc::from(value.as_str()))
-                        };
-                        // What is kept there; for a policy that only observes, what it would
-                        // write.
-                        AppliedSummary {
-                            policy: Arc::from(applied.policy.name.as_str()),
-                            mode: applied.policy.mode,
-                            memory_max: memory_max(&applied.expected)
-                                .or_else(|| memory_max(&applied.policy.limits.to_cgroup_files())),
-                            id: 0,
-                        }
-                    });
-                let summary = AppliedSummary {
-                    id: applied.id,
-                    ..summary.clone()
-                };
-                (CgroupPath::clone(path), summary)
-            })
-            .collect();
+        let mut summary = |path: &CgroupPath, applied: &Applied| {
+            let summary = summaries
+                .entry((Arc::as_ptr(&applied.policy), Arc::as_ptr(&applied.expected)))
+                .or_insert_with(|| {
+                    let memory_max = |files: &Files| {
+                        files
+                            .iter()
+                            .find(|(file, _)| *file == "memory.max")
+                            .map(|(_, value)| Arc::from(value.as_str()))
+                    };
+                    // What is kept there; for a policy that only observes, what it would
+                    // write.
+                    AppliedSummary {
+                        policy: Arc::from(applied.policy.name.as_str()),
+                        mode: applied.policy.mode,
+                        memory_max: memory_max(&applied.expected)
+                            .or_else(|| memory_max(&applied.policy.limits.to_cgroup_files())),
+                        id: 0,
+                    }
+                });
+            let summary = AppliedSummary {
+                id: applied.id,
+                ..summary.clone()
+            };
+            (CgroupPath::clone(path), summary)
+        };
+        // The cgroups of the last view first, in its order, then those new since: sorting
+        // thousands of paths anew at every pass would cost more than the pass's own work.
+        let previous = Arc::clone(&self.view.lock().expect("applied view lock").cgroups);
+        let mut cgroups = Vec::with_capacity(self.applied.len());
+        cgroups.extend(previous.keys().filter_map(|path| {
+            let (path, applied) = self.applied.get_key_value(&**path)?;
+            Some(summary(path, applied))
+        }));
+        if cgroups.len() < self.applied.len() {
+            cgroups.extend(
+                self.applied
+                    .iter()
+                    .filter(|(path, _)| !previous.contains_key(&***path))
+                    .map(|(path, applied)| summary(path, applied)),
+            );
+        }
+        drop(previous);
+        // In order but for the new ones at the end: the sort merges them in.
+        let cgroups = cgroups.into_iter().collect();
         self.view.lock().expect("applied view lock").cgroups = Arc::new(cgroups);
         self.states.send_replace(self.policy_states());
     }

@@ -71,7 +71,10 @@ impl CgroupGlob {
         // By bytes: thousands of cgroups are tried against each policy at every pass.
         let bytes = cgroup_path.as_bytes();
         let start = bytes.iter().position(|b| *b != b'/').unwrap_or(bytes.len());
-        let end = bytes.iter().rposition(|b| *b != b'/').map_or(start, |last| last + 1);
+        let end = bytes
+            .iter()
+            .rposition(|b| *b != b'/')
+            .map_or(start, |last| last + 1);
         let relative = &cgroup_path[start..end];
         if !relative.starts_with(&self.literal_prefix) {
             return false;
