@@ -22,7 +22,12 @@ pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 /// over many cgroups under the same parents reads each parent once. Made anew for each pass,
 /// so that what someone else changed between passes is read again.
 #[derive(Debug, Default)]
-pub struct SubtreeControls(HashMap<String, String>);
+pub struct SubtreeControls {
+    enabled: HashMap<String, String>,
+    /// The last cgroup's parent and the controllers found available to its children: the next
+    /// cgroups, nearly always its siblings, need no lookup.
+    confirmed: Option<(String, Vec<String>)>,
+}
 
 #[derive(Debug, Clone)]
 pub struct CgroupFs {
@@ -134,6 +139,15 @@ impl CgroupFs {
         if relative.is_empty() {
             return Ok(());
         }
+        let direct_parent = relative.rsplit_once('/').map_or("", |(parent, _)| parent);
+        if let Some((confirmed, available)) = &known.confirmed
+            && confirmed == direct_parent
+            && controllers
+                .iter()
+                .all(|controller| available.iter().any(|c| c == controller))
+        {
+            return Ok(());
+        }
         // Each ancestor as a prefix of the path, the root (``) first: no copy of a parent's
         // name or of what it enables on the way, so that thousands of cgroups under a few
         // parents cost a lookup each.
@@ -141,11 +155,11 @@ impl CgroupFs {
             .chain(relative.match_indices('/').map(|(at, _)| &relative[..at]))
             .filter(|parent| !parent.ends_with('/'));
         for parent in ancestors {
-            if !known.0.contains_key(parent) {
+            if !known.enabled.contains_key(parent) {
                 let enabled = self.read(parent, "cgroup.subtree_control")?;
-                known.0.insert(parent.to_owned(), enabled);
+                known.enabled.insert(parent.to_owned(), enabled);
             }
-            let enabled = &known.0[parent];
+            let enabled = &known.enabled[parent];
             let has = |controller: &&str| enabled.split_whitespace().any(|c| c == *controller);
             if controllers.iter().all(has) {
                 continue;
@@ -174,11 +188,15 @@ impl CgroupFs {
                 }
                 other => other?,
             }
-            known.0.insert(
+            known.enabled.insert(
                 parent.to_owned(),
                 format!("{enabled} {}", missing.join(" ")),
             );
         }
+        known.confirmed = Some((
+            direct_parent.to_owned(),
+            controllers.iter().map(ToString::to_string).collect(),
+        ));
         Ok(())
     }
 
