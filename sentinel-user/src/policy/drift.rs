@@ -14,6 +14,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
+    os::fd::AsFd,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -37,14 +38,23 @@ use crate::cgroup::{CgroupPath, cgroupfs::CgroupFs};
 pub struct DriftWatch {
     /// `None` when inotify itself is unavailable: every cgroup is then polled.
     inotify: Option<Inotify>,
-    paths: HashMap<WatchDescriptor, CgroupPath>,
+    /// By raw watch descriptor, as notices give it.
+    paths: HashMap<i32, CgroupPath>,
     watches: HashMap<CgroupPath, WatchDescriptor>,
     /// Cgroups without a watch, checked on every tick.
     polled: BTreeSet<CgroupPath>,
     /// The queue overflowed since the last look: a notice may be lost.
     overflowed: bool,
     waker: Option<Waker>,
+    /// Where notices are read into.
+    notices: Vec<u8>,
 }
+
+/// The bytes of notices read at once: 512 of a cgroup file (a 16-byte header and the file's
+/// name, padded to 16).
+const NOTICES_READ: usize = 16 * 1024;
+/// `struct inotify_event` without its name: descriptor, mask, cookie, the name's length.
+const NOTICE_HEADER: usize = 16;
 
 /// A thread that calls back when the kernel has notices: it waits on the inotify descriptor,
 /// armed for one wake at a time, so that notices read in a burst make one call.
@@ -84,6 +94,7 @@ impl DriftWatch {
             polled: BTreeSet::new(),
             overflowed: false,
             waker: None,
+            notices: Vec::new(),
         }
     }
 
@@ -183,7 +194,8 @@ impl DriftWatch {
         let flags = AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ONLYDIR;
         match inotify.add_watch(&fs.dir(path), flags) {
             Ok(descriptor) => {
-                self.paths.insert(descriptor, CgroupPath::clone(path));
+                self.paths
+                    .insert(descriptor.as_raw(), CgroupPath::clone(path));
                 self.watches.insert(CgroupPath::clone(path), descriptor);
             }
             Err(errno) => {
@@ -207,7 +219,7 @@ impl DriftWatch {
     pub fn forget(&mut self, path: &str) {
         self.polled.remove(path);
         if let Some(descriptor) = self.watches.remove(path) {
-            self.paths.remove(&descriptor);
+            self.paths.remove(&descriptor.as_raw());
             if let Some(inotify) = &self.inotify {
                 // Fails harmlessly when the kernel already dropped the watch (directory gone).
                 let _ = inotify.rm_watch(descriptor);
@@ -230,37 +242,47 @@ impl DriftWatch {
     pub fn changed_except(&mut self, own: &BTreeSet<CgroupPath>) -> Changed {
         let mut changed = self.polled.clone();
         if let Some(inotify) = &self.inotify {
+            // Read raw, names skipped: a pass's own writes make one notice per cgroup, which
+            // is all read back here.
+            self.notices.resize(NOTICES_READ, 0);
             loop {
-                match inotify.read_events() {
-                    Ok(events) => {
-                        for event in events {
-                            if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
-                                self.overflowed = true;
-                            }
-                            let gone = event.mask.contains(AddWatchFlags::IN_IGNORED);
-                            if gone {
-                                // The kernel dropped the watch with its directory: a cgroup
-                                // made again at the same path (a restarted service) is a new
-                                // one, watched when the enforcer applies its policy again.
-                                if let Some(path) = self.paths.remove(&event.wd) {
-                                    self.watches.remove(&path);
-                                    if !own.contains(&path) {
-                                        changed.insert(path);
-                                    }
-                                }
-                            } else if let Some(path) = self.paths.get(&event.wd)
-                                && !own.contains(path)
-                                && !changed.contains(path)
-                            {
-                                changed.insert(CgroupPath::clone(path));
-                            }
-                        }
-                    }
+                let read = match nix::unistd::read(inotify.as_fd(), &mut self.notices) {
+                    Ok(read) => read,
+                    Err(Errno::EINTR) => continue,
                     Err(Errno::EAGAIN) => break,
                     Err(errno) => {
                         warn!("cannot read cgroup limit notices ({errno}); checking every cgroup");
                         self.overflowed = true;
                         break;
+                    }
+                };
+                let mut at = 0;
+                while let Some(header) = self.notices[..read].get(at..at + NOTICE_HEADER) {
+                    let field = |offset: usize| {
+                        let bytes = [offset, offset + 1, offset + 2, offset + 3].map(|i| header[i]);
+                        u32::from_ne_bytes(bytes)
+                    };
+                    let (descriptor, mask, name_length) = (field(0) as i32, field(4), field(12));
+                    at += NOTICE_HEADER + name_length as usize;
+                    let mask = AddWatchFlags::from_bits_truncate(mask);
+                    if mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                        self.overflowed = true;
+                    }
+                    if mask.contains(AddWatchFlags::IN_IGNORED) {
+                        // The kernel dropped the watch with its directory: a cgroup made again
+                        // at the same path (a restarted service) is a new one, watched when the
+                        // enforcer applies its policy again.
+                        if let Some(path) = self.paths.remove(&descriptor) {
+                            self.watches.remove(&path);
+                            if !own.contains(&path) {
+                                changed.insert(path);
+                            }
+                        }
+                    } else if let Some(path) = self.paths.get(&descriptor)
+                        && !own.contains(path)
+                        && !changed.contains(path)
+                    {
+                        changed.insert(CgroupPath::clone(path));
                     }
                 }
             }

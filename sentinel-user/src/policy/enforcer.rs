@@ -1601,25 +1601,27 @@ impl Enforcer {
         }
         drop(previous);
         // In order but for the new ones at the end: the sort merges them in.
-        let cgroups = cgroups.into_iter().collect();
-        self.view.lock().expect("applied view lock").cgroups = Arc::new(cgroups);
-        self.states.send_replace(self.policy_states());
+        let cgroups = Arc::new(cgroups.into_iter().collect());
+        self.states.send_replace(self.policy_states(&cgroups));
+        self.view.lock().expect("applied view lock").cgroups = cgroups;
     }
 
-    fn policy_states(&self) -> Vec<PolicyState> {
-        let applied = self.applied.iter().map(|(path, applied)| {
-            let outcome = match applied.policy.mode {
+    /// Each policy's state, from `applied` (the view just made, in path order, so that each
+    /// policy's services come nearly sorted) and what failed.
+    fn policy_states(&self, applied: &BTreeMap<CgroupPath, AppliedSummary>) -> Vec<PolicyState> {
+        let applied = applied.iter().map(|(path, summary)| {
+            let outcome = match summary.mode {
                 Mode::Enforce => ServiceOutcome::Enforcing,
                 Mode::Observe => ServiceOutcome::Observing,
             };
-            (&**path, &applied.policy.name, outcome)
+            (&**path, &*summary.policy, outcome)
         });
         // A cgroup tried again later (systemd retries) may have succeeded since it failed.
         let unapplied = self
             .unapplied
             .iter()
             .filter(|(path, _)| !self.applied.contains_key(path.as_str()))
-            .map(|(path, (policy, outcome))| (path.as_str(), policy, outcome.clone()));
+            .map(|(path, (policy, outcome))| (path.as_str(), policy.as_str(), outcome.clone()));
         let mut states: Vec<PolicyState> = self
             .policy
             .services
@@ -1637,11 +1639,15 @@ impl Enforcer {
             .enumerate()
             .map(|(index, policy)| (policy.name.as_str(), index))
             .collect();
+        // Neighbours in path order nearly always share their policy: looked up once.
+        let mut last: Option<(&str, Option<usize>)> = None;
         for (path, policy, outcome) in applied.chain(unapplied) {
-            if let Some(state) = by_name
-                .get(policy.as_str())
-                .map(|&index| &mut states[index])
-            {
+            let index = match last {
+                Some((name, index)) if std::ptr::eq(name, policy) => index,
+                _ => by_name.get(policy).copied(),
+            };
+            last = Some((policy, index));
+            if let Some(state) = index.map(|index| &mut states[index]) {
                 state.services.push(ServiceState {
                     service: service_name(path).to_string(),
                     outcome,
