@@ -1850,6 +1850,84 @@ mod tests {
         (enforcer, events)
     }
 
+    /// The bench's policies: one per 100 cgroups, selected by a glob on their names.
+    fn policies_per_hundred(cgroups: usize, memory_max: &str) -> String {
+        let mut config = String::from("policies:\n");
+        for policy in 0..cgroups.div_ceil(100) {
+            config.push_str(&format!(
+                "  - name: p{policy:03}\n    cgroup: svc-{policy:03}-*\n    memory.max: {memory_max}\n    \
+                 memory.high: 128M\n    cpu.max: 50%\n    pids.max: 100\n"
+            ));
+        }
+        config
+    }
+
+    /// Also the tree that `valgrind --tool=callgrind --toggle-collect='*Enforcer*apply_all*'`
+    /// (or `*Enforcer*reload*`) counts the enforcer's own instructions on.
+    #[test]
+    fn thousands_of_cgroups_get_their_limits_in_one_pass_and_a_reload_changes_only_what_changed() {
+        const CGROUPS: usize = 5000;
+        let dir = StateDir::new("thousands");
+        let root = dir.0.join("cgroup");
+        let names: Vec<String> = (0..CGROUPS)
+            .map(|index| format!("svc-{:03}-{index:05}", index / 100))
+            .collect();
+        let defaults = [
+            ("memory.max", "max"),
+            ("memory.high", "max"),
+            ("cpu.max", "max 100000"),
+            ("pids.max", "max"),
+        ];
+        for name in std::iter::once("").chain(names.iter().map(String::as_str)) {
+            let cgroup = root.join(name);
+            std::fs::create_dir_all(&cgroup).unwrap();
+            std::fs::write(cgroup.join("cgroup.controllers"), "cpu memory pids").unwrap();
+            std::fs::write(cgroup.join("cgroup.subtree_control"), "cpu memory pids").unwrap();
+            for (file, value) in defaults {
+                std::fs::write(cgroup.join(file), value).unwrap();
+            }
+        }
+        let read =
+            |name: &str, file: &str| std::fs::read_to_string(root.join(name).join(file)).unwrap();
+        let (mut enforcer, _events) = enforcer_with_events(
+            &dir,
+            &SavedOriginals::default(),
+            &policies_per_hundred(CGROUPS, "256M"),
+        );
+        enforcer.drift.wake_with(|| true);
+        enforcer.apply_all();
+        for name in &names {
+            assert_eq!(read(name, "memory.max"), "268435456", "{name}");
+            assert_eq!(read(name, "memory.high"), "134217728", "{name}");
+            assert_eq!(read(name, "cpu.max"), "50000 100000", "{name}");
+            assert_eq!(read(name, "pids.max"), "100", "{name}");
+        }
+        assert_eq!(enforcer.view.lock().unwrap().cgroups.len(), CGROUPS);
+        let states = enforcer.subscribe().borrow().clone();
+        assert_eq!(states.len(), CGROUPS / 100);
+        assert!(states.iter().all(|state| state.services.len() == 100));
+
+        let policy = Config::parse("c.yaml", &policies_per_hundred(CGROUPS, "192M"))
+            .unwrap()
+            .policies;
+        enforcer.reload(policy);
+        for name in &names {
+            assert_eq!(read(name, "memory.max"), "201326592", "{name}");
+            assert_eq!(read(name, "memory.high"), "134217728", "{name}");
+            assert_eq!(
+                enforcer.saved.files(&format!("/{name}")),
+                defaults
+                    .map(|(file, value)| (file, value.to_string()))
+                    .to_vec(),
+                "{name}"
+            );
+        }
+        // Its own writes were not taken for drift.
+        assert!(enforcer.drifting.is_empty(), "{:?}", enforcer.drifting);
+        assert!(!enforcer.check_everything);
+        assert_eq!(enforcer.view.lock().unwrap().cgroups.len(), CGROUPS);
+    }
+
     #[test]
     fn a_failing_drift_fix_is_tried_once_per_retry_period() {
         let start = Instant::now();
