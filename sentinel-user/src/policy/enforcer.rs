@@ -316,6 +316,91 @@ struct Pass {
     unread: BTreeSet<CgroupPath>,
 }
 
+impl Pass {
+    /// Reads the kernel's notices. Those of the cgroups the pass wrote since the last read are
+    /// its own writes and dropped (checking them would read back every cgroup it just wrote);
+    /// any other is drift, checked at the next tick.
+    fn read_notices(
+        &mut self,
+        drift: &mut DriftWatch,
+        drifting: &mut BTreeSet<CgroupPath>,
+        check_everything: &mut bool,
+    ) {
+        let own = std::mem::take(&mut self.unread);
+        match drift.changed_except(&own) {
+            Changed::Cgroups(noticed) => drifting.extend(noticed),
+            Changed::Everything => *check_everything = true,
+        }
+    }
+}
+
+/// The new policy, the previous one and the values kept: the cgroups a reload moves alike.
+type MoveKey = (*const ServicePolicy, *const ServicePolicy, *const Files);
+
+/// What a reload does with the cgroups of one [`MoveKey`].
+enum Move {
+    /// The same policy: the cgroups take its new entry, nothing is written.
+    Keep,
+    /// Written directly before and after, to the same files: only the values that change are
+    /// written, in place. The saved originals (of exactly these files) and the drift watch
+    /// stay as they are.
+    Rewrite(Rewrite),
+    /// Anything else: each cgroup is retargeted or let go on its own.
+    Retarget,
+}
+
+struct Rewrite {
+    plan: Arc<Plan>,
+    /// The places in `plan` whose values differ from those kept now.
+    changes: Vec<usize>,
+    /// The cgroups rewritten, for the pass's records.
+    cgroups: Vec<CgroupPath>,
+}
+
+impl Move {
+    /// How the cgroups that keep `kept.expected` under `kept.policy` move to `wanted`; `plans`
+    /// holds a plan for every enforced policy.
+    fn new(wanted: &Arc<ServicePolicy>, kept: &Applied, plans: &[Arc<Plan>]) -> Self {
+        if *wanted == kept.policy {
+            return Self::Keep;
+        }
+        let enforced = kept.policy.mode == Mode::Enforce && wanted.mode == Mode::Enforce;
+        let plan = plans.iter().find(|plan| Arc::ptr_eq(&plan.policy, wanted));
+        match plan {
+            Some(plan)
+                if enforced
+                    && plan.expected.len() == kept.expected.len()
+                    && plan
+                        .expected
+                        .iter()
+                        .zip(kept.expected.iter())
+                        .all(|((file, _), (kept, _))| file == kept) =>
+            {
+                let changes = (plan.expected.iter().zip(kept.expected.iter()))
+                    .enumerate()
+                    .filter(|(_, ((_, value), (_, kept)))| value != kept)
+                    .map(|(place, _)| place)
+                    .collect();
+                Self::Rewrite(Rewrite {
+                    plan: Arc::clone(plan),
+                    changes,
+                    cgroups: Vec::new(),
+                })
+            }
+            _ => Self::Retarget,
+        }
+    }
+}
+
+impl Rewrite {
+    fn write(&self, fs: &CgroupFs, path: &str) -> Result<(), crate::Error> {
+        self.changes.iter().try_for_each(|&place| {
+            let (file, value) = &self.plan.desired[place];
+            fs.write(path, file, value)
+        })
+    }
+}
+
 /// Who writes a cgroup's interface files.
 enum Writer {
     /// Sentinel, directly; the saved originals are written back when the policy lets go.
@@ -570,7 +655,6 @@ impl Enforcer {
 
     fn reload(&mut self, policy: Policy) {
         let started = Instant::now();
-        self.pass = Some(Pass::default());
         self.plans.clear();
         let previous = std::mem::replace(&mut self.policy, policy);
         // The same targets in the same order: no cgroup matches a policy it did not match
@@ -582,10 +666,8 @@ impl Enforcer {
             .eq(self.policy.services.iter().map(|policy| &policy.target));
         self.subtree_controls = SubtreeControls::default();
         // With the same targets, a cgroup's policy is the one at the place of its previous one
-        // (no pattern is matched again); a cgroup whose policy is unchanged takes the new
-        // entry, so that the next reload finds it there too. Thousands of cgroups share a few
-        // policies: each pair is compared once.
-        let places: HashMap<*const ServicePolicy, usize> = if same_targets {
+        // (no pattern is matched again).
+        let mut places: Vec<(*const ServicePolicy, usize)> = if same_targets {
             previous
                 .services
                 .iter()
@@ -593,27 +675,98 @@ impl Enforcer {
                 .map(|(place, policy)| (Arc::as_ptr(policy), place))
                 .collect()
         } else {
-            HashMap::new()
+            Vec::new()
         };
-        let policies = &self.policy.services;
-        let mut same = HashMap::new();
-        let mut changed: Vec<(CgroupPath, Option<Arc<ServicePolicy>>)> = Vec::new();
-        for (path, applied) in &mut self.applied {
-            let wanted = match places.get(&Arc::as_ptr(&applied.policy)) {
-                Some(&place) => policies.get(place),
-                None => first_match(policies, path),
-            };
-            match wanted {
-                Some(wanted)
-                    if *same
-                        .entry((Arc::as_ptr(wanted), Arc::as_ptr(&applied.policy)))
-                        .or_insert_with(|| wanted == &applied.policy) =>
-                {
-                    applied.policy = Arc::clone(wanted);
-                }
-                _ => changed.push((CgroupPath::clone(path), wanted.cloned())),
+        places.sort_unstable();
+        for place in 0..self.policy.services.len() {
+            let policy = Arc::clone(&self.policy.services[place]);
+            if policy.mode == Mode::Enforce {
+                self.plan(&policy);
             }
         }
+        // Thousands of cgroups share a few policies and kept values: what becomes of them is
+        // worked out once per (new policy, previous policy, kept values).
+        let mut moves: Vec<(MoveKey, Move)> = Vec::new();
+        let mut changed: Vec<(CgroupPath, Option<Arc<ServicePolicy>>)> = Vec::new();
+        let mut pass = Pass::default();
+        let Self {
+            applied,
+            policy,
+            plans,
+            fs,
+            drift,
+            drifting,
+            check_everything,
+            ..
+        } = self;
+        for (path, applied) in applied.iter_mut() {
+            let wanted = match places
+                .binary_search_by_key(&Arc::as_ptr(&applied.policy), |(policy, _)| *policy)
+            {
+                Ok(at) => policy.services.get(places[at].1),
+                Err(_) => first_match(&policy.services, path),
+            };
+            let Some(wanted) = wanted else {
+                changed.push((CgroupPath::clone(path), None));
+                continue;
+            };
+            let key = (
+                Arc::as_ptr(wanted),
+                Arc::as_ptr(&applied.policy),
+                Arc::as_ptr(&applied.expected),
+            );
+            let at = match moves.binary_search_by_key(&key, |(key, _)| *key) {
+                Ok(at) => at,
+                Err(at) => {
+                    moves.insert(at, (key, Move::new(wanted, applied, plans)));
+                    at
+                }
+            };
+            match &mut moves[at].1 {
+                // A cgroup whose policy is unchanged takes the new entry, so that the next
+                // reload finds it there too.
+                Move::Keep => applied.policy = Arc::clone(wanted),
+                Move::Rewrite(rewrite) if matches!(applied.writer, Writer::Cgroupfs) => {
+                    // A write that fails is done again, and reported, by the retarget below.
+                    if rewrite.write(fs, path).is_err() {
+                        changed.push((CgroupPath::clone(path), Some(Arc::clone(wanted))));
+                        continue;
+                    }
+                    debug!(
+                        service = service_name(path),
+                        policy = wanted.name,
+                        limits = ?rewrite.plan.desired,
+                        "limits applied"
+                    );
+                    applied.expected = Arc::clone(&rewrite.plan.expected);
+                    if applied.policy.graceful_stop != wanted.graceful_stop {
+                        applied.guard = memory_guard(wanted);
+                        applied.terminated = None;
+                    }
+                    applied.policy = Arc::clone(wanted);
+                    rewrite.cgroups.push(CgroupPath::clone(path));
+                    pass.unread.insert(CgroupPath::clone(path));
+                    if pass.unread.len() >= OWN_NOTICES_BATCH {
+                        pass.read_notices(drift, drifting, check_everything);
+                    }
+                }
+                _ => changed.push((CgroupPath::clone(path), Some(Arc::clone(wanted)))),
+            }
+        }
+        for (_, step) in moves {
+            if let Move::Rewrite(Rewrite { plan, cgroups, .. }) = step
+                && !cgroups.is_empty()
+            {
+                for path in &cgroups {
+                    self.metrics.count(service_name(path), Action::SetLimits);
+                }
+                pass.by_policy
+                    .entry(plan.policy.name.clone())
+                    .or_default()
+                    .extend(cgroups);
+            }
+        }
+        self.pass = Some(pass);
         let mut released = Vec::new();
         for (path, wanted) in changed {
             let Some(applied) = self.applied.get(&path) else {
@@ -655,17 +808,14 @@ impl Enforcer {
         );
     }
 
-    /// Reads the kernel's notices during a pass. Those of the cgroups the pass wrote since the
-    /// last read are its own writes and dropped (checking them would read back every cgroup it
-    /// just wrote); any other is drift, checked at the next tick.
+    /// Reads the kernel's notices during a pass (see [`Pass::read_notices`]).
     fn read_notices(&mut self) {
-        let Some(pass) = self.pass.as_mut() else {
-            return;
-        };
-        let own = std::mem::take(&mut pass.unread);
-        match self.drift.changed_except(&own) {
-            Changed::Cgroups(noticed) => self.drifting.extend(noticed),
-            Changed::Everything => self.check_everything = true,
+        if let Some(pass) = self.pass.as_mut() {
+            pass.read_notices(
+                &mut self.drift,
+                &mut self.drifting,
+                &mut self.check_everything,
+            );
         }
     }
 
@@ -1120,19 +1270,12 @@ impl Enforcer {
         writer: Writer,
         expected: Arc<Files>,
     ) -> Applied {
-        let guard = policy.graceful_stop.map(|stop| {
-            MemoryGuard::new(GuardLimits {
-                threshold_bytes: stop.terminate_above,
-                sustain: stop.sustained_for,
-                grace: stop.grace,
-            })
-        });
         Applied {
             id,
+            guard: memory_guard(&policy),
             policy,
             writer,
             expected,
-            guard,
             terminated: None,
             fix: FixRetry::default(),
         }
@@ -1726,6 +1869,17 @@ pub fn give_back_everything(
     saved_file.mark_changed();
     saved_file.write(&saved, Instant::now())?;
     Ok(report)
+}
+
+/// The guard that stops `policy`'s runaway processes, when it has one.
+fn memory_guard(policy: &ServicePolicy) -> Option<MemoryGuard> {
+    policy.graceful_stop.map(|stop| {
+        MemoryGuard::new(GuardLimits {
+            threshold_bytes: stop.terminate_above,
+            sustain: stop.sustained_for,
+            grace: stop.grace,
+        })
+    })
 }
 
 /// Writes `files` (originals, or limits that drifted) back to `path`, every file even when one
