@@ -157,7 +157,7 @@ fn view(guard: Queue<Input>) -> DaemonView {
         ssh_guard_enabled: true,
         started,
         probes: tokio::sync::watch::channel(Vec::new()).1,
-        policies: tokio::sync::watch::channel(Vec::new()).1,
+        policies: tokio::sync::watch::channel(Default::default()).1,
         last_reload: tokio::sync::watch::channel(None).1,
         reload,
         stats: Arc::new(|snapshot: &ResourceSnapshot| {

@@ -234,12 +234,17 @@ impl DriftWatch {
 
     /// The cgroups to check now: those with a notice since the last call, and the unwatched.
     pub fn changed(&mut self) -> Changed {
-        self.changed_except(&BTreeSet::new())
+        self.changed_except(&[])
     }
 
     /// [`Self::changed`], without the notices of the cgroups in `own` (the enforcer's own
-    /// writes), which are read and dropped without a copy of their paths.
-    pub fn changed_except(&mut self, own: &BTreeSet<CgroupPath>) -> Changed {
+    /// writes), which are read and dropped without a copy of their paths. `own` are the names
+    /// the cgroups were watched by, known by their address: a cgroup named by another copy
+    /// of its path is not taken for its own write, so at worst it is checked for nothing.
+    pub fn changed_except(&mut self, own: &[CgroupPath]) -> Changed {
+        let mut own: Vec<*const u8> = own.iter().map(|path| Arc::as_ptr(path).cast()).collect();
+        own.sort_unstable();
+        let is_own = |path: &CgroupPath| own.binary_search(&Arc::as_ptr(path).cast()).is_ok();
         let mut changed = self.polled.clone();
         if let Some(inotify) = &self.inotify {
             // Read raw, names skipped: a pass's own writes make one notice per cgroup, which
@@ -274,12 +279,12 @@ impl DriftWatch {
                         // enforcer applies its policy again.
                         if let Some(path) = self.paths.remove(&descriptor) {
                             self.watches.remove(&path);
-                            if !own.contains(&path) {
+                            if !is_own(&path) {
                                 changed.insert(path);
                             }
                         }
                     } else if let Some(path) = self.paths.get(&descriptor)
-                        && !own.contains(path)
+                        && !is_own(path)
                         && !changed.contains(path)
                     {
                         changed.insert(CgroupPath::clone(path));

@@ -6,7 +6,7 @@
 //! cgroup directly in cgroupfs. The enforcer runs on its own thread and owns every limit it
 //! sets and what it must put back; everything else talks to it through [`Input`]. What it
 //! applied is published in an [`AppliedView`] for `/metrics` and for OOM log lines, and how
-//! each policy stands on each cgroup (applied, refused, failed) as a [`PolicyState`] snapshot
+//! each policy stands on each cgroup (applied, refused, failed) in [`PolicyStates`], listed
 //! for `sentinel status`.
 
 use std::{
@@ -110,6 +110,18 @@ pub struct PolicyState {
     pub name: String,
     pub mode: Mode,
     pub services: Vec<ServiceState>,
+}
+
+/// How each policy stands on each cgroup it matches, as of the last change. Listed as
+/// [`PolicyState`]s only when asked (`sentinel status`): listing thousands of services anew at
+/// every pass would cost more than the pass.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyStates {
+    /// In file order.
+    policies: Vec<Arc<ServicePolicy>>,
+    applied: Arc<BTreeMap<CgroupPath, AppliedSummary>>,
+    /// Cgroup path, policy name and why it is not applied.
+    unapplied: Vec<(String, String, ServiceOutcome)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -313,7 +325,7 @@ struct Pass {
     /// The cgroups it wrote since the kernel's notices were last read: notices of these are
     /// taken for Sentinel's own writes. Read every [`OWN_NOTICES_BATCH`] cgroups, so that a
     /// write by someone else to a cgroup written earlier in the pass is seen as drift.
-    unread: BTreeSet<CgroupPath>,
+    unread: Vec<CgroupPath>,
 }
 
 impl Pass {
@@ -449,7 +461,7 @@ pub struct Enforcer {
     unapplied: HashMap<String, (String, ServiceOutcome)>,
     /// The pass over every cgroup (start, reload) under way.
     pass: Option<Pass>,
-    states: watch::Sender<Vec<PolicyState>>,
+    states: watch::Sender<PolicyStates>,
     metrics: PolicyMetrics,
 }
 
@@ -499,13 +511,13 @@ impl Enforcer {
             view,
             unapplied: HashMap::new(),
             pass: None,
-            states: watch::Sender::new(Vec::new()),
+            states: watch::Sender::new(PolicyStates::default()),
             metrics,
         })
     }
 
     /// Each policy's state, republished whenever it changes.
-    pub fn subscribe(&self) -> watch::Receiver<Vec<PolicyState>> {
+    pub fn subscribe(&self) -> watch::Receiver<PolicyStates> {
         self.states.subscribe()
     }
 
@@ -745,7 +757,7 @@ impl Enforcer {
                     }
                     applied.policy = Arc::clone(wanted);
                     rewrite.cgroups.push(CgroupPath::clone(path));
-                    pass.unread.insert(CgroupPath::clone(path));
+                    pass.unread.push(CgroupPath::clone(path));
                     if pass.unread.len() >= OWN_NOTICES_BATCH {
                         pass.read_notices(drift, drifting, check_everything);
                     }
@@ -1011,7 +1023,7 @@ impl Enforcer {
                                     .insert(policy.name.clone(), vec![shared.clone()]);
                             }
                         }
-                        pass.unread.insert(shared.clone());
+                        pass.unread.push(shared.clone());
                         if pass.unread.len() >= OWN_NOTICES_BATCH {
                             self.read_notices();
                         }
@@ -1697,32 +1709,40 @@ impl Enforcer {
     }
 
     fn publish(&self) {
-        // One summary per policy and kept values, shared by their cgroups.
-        let mut summaries: HashMap<(*const ServicePolicy, *const Files), AppliedSummary> =
-            HashMap::new();
+        // One summary per policy and kept values, shared by their cgroups. Neighbours in path
+        // order nearly always share theirs: the last one used is tried first.
+        let mut summaries: Vec<((*const ServicePolicy, *const Files), AppliedSummary)> =
+            Vec::new();
+        let mut last = 0;
         let mut summary = |path: &CgroupPath, applied: &Applied| {
-            let summary = summaries
-                .entry((Arc::as_ptr(&applied.policy), Arc::as_ptr(&applied.expected)))
-                .or_insert_with(|| {
-                    let memory_max = |files: &Files| {
-                        files
-                            .iter()
-                            .find(|(file, _)| *file == "memory.max")
-                            .map(|(_, value)| Arc::from(value.as_str()))
-                    };
-                    // What is kept there; for a policy that only observes, what it would
-                    // write.
-                    AppliedSummary {
-                        policy: Arc::from(applied.policy.name.as_str()),
-                        mode: applied.policy.mode,
-                        memory_max: memory_max(&applied.expected)
-                            .or_else(|| memory_max(&applied.policy.limits.to_cgroup_files())),
-                        id: 0,
+            let key = (Arc::as_ptr(&applied.policy), Arc::as_ptr(&applied.expected));
+            if summaries.get(last).is_none_or(|(shared, _)| *shared != key) {
+                last = match summaries.iter().position(|(shared, _)| *shared == key) {
+                    Some(found) => found,
+                    None => {
+                        let memory_max = |files: &Files| {
+                            files
+                                .iter()
+                                .find(|(file, _)| *file == "memory.max")
+                                .map(|(_, value)| Arc::from(value.as_str()))
+                        };
+                        // What is kept there; for a policy that only observes, what it would
+                        // write.
+                        let summary = AppliedSummary {
+                            policy: Arc::from(applied.policy.name.as_str()),
+                            mode: applied.policy.mode,
+                            memory_max: memory_max(&applied.expected)
+                                .or_else(|| memory_max(&applied.policy.limits.to_cgroup_files())),
+                            id: 0,
+                        };
+                        summaries.push((key, summary));
+                        summaries.len() - 1
                     }
-                });
+                };
+            }
             let summary = AppliedSummary {
                 id: applied.id,
-                ..summary.clone()
+                ..summaries[last].1.clone()
             };
             (CgroupPath::clone(path), summary)
         };
@@ -1745,29 +1765,39 @@ impl Enforcer {
         drop(previous);
         // In order but for the new ones at the end: the sort merges them in.
         let cgroups = Arc::new(cgroups.into_iter().collect());
-        self.states.send_replace(self.policy_states(&cgroups));
+        // A cgroup tried again later (systemd retries) may have succeeded since it failed.
+        let unapplied = self
+            .unapplied
+            .iter()
+            .filter(|(path, _)| !self.applied.contains_key(path.as_str()))
+            .map(|(path, (policy, outcome))| (path.clone(), policy.clone(), outcome.clone()))
+            .collect();
+        self.states.send_replace(PolicyStates {
+            policies: self.policy.services.clone(),
+            applied: Arc::clone(&cgroups),
+            unapplied,
+        });
         self.view.lock().expect("applied view lock").cgroups = cgroups;
     }
+}
 
-    /// Each policy's state, from `applied` (the view just made, in path order, so that each
-    /// policy's services come nearly sorted) and what failed.
-    fn policy_states(&self, applied: &BTreeMap<CgroupPath, AppliedSummary>) -> Vec<PolicyState> {
-        let applied = applied.iter().map(|(path, summary)| {
+impl PolicyStates {
+    /// Each policy's state, in file order, with its services sorted by name.
+    pub fn list(&self) -> Vec<PolicyState> {
+        // In path order, so that each policy's services come nearly sorted.
+        let applied = self.applied.iter().map(|(path, summary)| {
             let outcome = match summary.mode {
                 Mode::Enforce => ServiceOutcome::Enforcing,
                 Mode::Observe => ServiceOutcome::Observing,
             };
             (&**path, &*summary.policy, outcome)
         });
-        // A cgroup tried again later (systemd retries) may have succeeded since it failed.
         let unapplied = self
             .unapplied
             .iter()
-            .filter(|(path, _)| !self.applied.contains_key(path.as_str()))
-            .map(|(path, (policy, outcome))| (path.as_str(), policy.as_str(), outcome.clone()));
+            .map(|(path, policy, outcome)| (path.as_str(), policy.as_str(), outcome.clone()));
         let mut states: Vec<PolicyState> = self
-            .policy
-            .services
+            .policies
             .iter()
             .map(|policy| PolicyState {
                 name: policy.name.clone(),
@@ -1776,8 +1806,7 @@ impl Enforcer {
             })
             .collect();
         let by_name: HashMap<&str, usize> = self
-            .policy
-            .services
+            .policies
             .iter()
             .enumerate()
             .map(|(index, policy)| (policy.name.as_str(), index))
@@ -2057,7 +2086,7 @@ mod tests {
             assert_eq!(read(name, "pids.max"), "100", "{name}");
         }
         assert_eq!(enforcer.view.lock().unwrap().cgroups.len(), CGROUPS);
-        let states = enforcer.subscribe().borrow().clone();
+        let states = enforcer.subscribe().borrow().list();
         assert_eq!(states.len(), CGROUPS / 100);
         assert!(states.iter().all(|state| state.services.len() == 100));
 
