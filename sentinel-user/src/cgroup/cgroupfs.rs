@@ -5,15 +5,29 @@
 
 use std::{
     collections::HashMap,
+    ffi::CStr,
     fs,
     io::{ErrorKind, Read, Write},
-    os::unix::fs::{FileExt, MetadataExt},
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{FileExt, MetadataExt},
+    },
     path::{Path, PathBuf},
 };
 
-use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+use nix::{
+    errno::Errno,
+    fcntl::OFlag,
+    sys::{
+        stat::Mode,
+        statfs::{CGROUP2_SUPER_MAGIC, statfs},
+    },
+};
 
 use crate::Error;
+
+/// The longest interface file path made on the stack, with its NUL.
+const ON_STACK: usize = 256;
 
 /// Controllers Sentinel's limits need, in the order they are enabled.
 pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
@@ -58,12 +72,10 @@ impl CgroupFs {
         self.root.join(path.trim_start_matches('/'))
     }
 
-    /// `file` of the cgroup at `path`, made in one allocation: thousands are made per pass.
+    /// `file` of the cgroup at `path`.
     fn file(&self, path: &str, file: &str) -> PathBuf {
         let relative = path.trim_matches('/');
-        let mut joined =
-            PathBuf::with_capacity(self.root.as_os_str().len() + relative.len() + file.len() + 2);
-        joined.push(&self.root);
+        let mut joined = self.root.clone();
         if !relative.is_empty() {
             joined.push(relative);
         }
@@ -71,45 +83,82 @@ impl CgroupFs {
         joined
     }
 
+    /// Opens `file` of the cgroup at `path`. Thousands are opened per pass: the path is made
+    /// on the stack, unless it is longer than [`ON_STACK`] (deep in a delegated tree).
+    fn open(&self, path: &str, file: &str, flags: OFlag) -> Result<fs::File, Error> {
+        let flags = flags | OFlag::O_CLOEXEC;
+        let mode = Mode::from_bits_truncate(0o666);
+        let relative = path.trim_matches('/');
+        let parts = [
+            self.root.as_os_str().as_bytes(),
+            b"/",
+            relative.as_bytes(),
+            b"/",
+            file.as_bytes(),
+        ];
+        let length: usize = parts.iter().map(|part| part.len()).sum();
+        let opened = if length < ON_STACK {
+            let mut joined = [0; ON_STACK];
+            let mut at = 0;
+            for part in parts {
+                joined[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            // A NUL inside `path` or `file` would name another file: refused.
+            CStr::from_bytes_with_nul(&joined[..=at])
+                .map_err(|_| Errno::EINVAL)
+                .and_then(|joined| nix::fcntl::open(joined, flags, mode))
+        } else {
+            nix::fcntl::open(&self.file(path, file), flags, mode)
+        };
+        opened.map(fs::File::from).map_err(|errno| Error::CgroupIo {
+            file: self.file(path, file),
+            source: errno.into(),
+        })
+    }
+
     pub fn read(&self, path: &str, file: &str) -> Result<String, Error> {
-        let file = self.file(path, file);
         let mut text = Vec::new();
-        fs::File::open(&file)
-            .and_then(|mut opened| read_interface_file(&mut opened, &mut text))
+        let mut opened = self.open(path, file, OFlag::O_RDONLY)?;
+        read_interface_file(&mut opened, &mut text)
             .map(|text| text.trim_end().to_string())
-            .map_err(|source| Error::CgroupIo { file, source })
+            .map_err(|source| Error::CgroupIo {
+                file: self.file(path, file),
+                source,
+            })
     }
 
     pub fn write(&self, path: &str, file: &str, value: &str) -> Result<(), Error> {
-        let file = self.file(path, file);
-        let replaces = !self.interface_files;
-        fs::OpenOptions::new()
-            .write(true)
-            .create(replaces)
-            .truncate(replaces)
-            .open(&file)
-            .and_then(|mut opened| opened.write_all(value.as_bytes()))
-            .map_err(|source| Error::CgroupIo { file, source })
+        let flags = if self.interface_files {
+            OFlag::O_WRONLY
+        } else {
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC
+        };
+        self.open(path, file, flags)?
+            .write_all(value.as_bytes())
+            .map_err(|source| Error::CgroupIo {
+                file: self.file(path, file),
+                source,
+            })
     }
 
     /// Writes `value` and returns what the file held before, opening it once.
     pub fn swap(&self, path: &str, file: &str, value: &str) -> Result<String, Error> {
-        let file = self.file(path, file);
         let mut buffer = Vec::new();
-        fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&file)
-            .and_then(|mut opened| {
-                let previous = read_interface_file(&mut opened, &mut buffer)?
-                    .trim_end()
-                    .to_string();
-                // Interface files take each write whole, wherever the offset; at 0 a regular
-                // file (a test's fake tree) reads the same way.
-                opened.write_all_at(value.as_bytes(), 0)?;
-                Ok(previous)
-            })
-            .map_err(|source| Error::CgroupIo { file, source })
+        let mut opened = self.open(path, file, OFlag::O_RDWR)?;
+        let mut swap = || {
+            let previous = read_interface_file(&mut opened, &mut buffer)?
+                .trim_end()
+                .to_string();
+            // Interface files take each write whole, wherever the offset; at 0 a regular file
+            // (a test's fake tree) reads the same way.
+            opened.write_all_at(value.as_bytes(), 0)?;
+            Ok(previous)
+        };
+        swap().map_err(|source| Error::CgroupIo {
+            file: self.file(path, file),
+            source,
+        })
     }
 
     pub fn exists(&self, path: &str) -> bool {
@@ -350,6 +399,26 @@ mod tests {
         assert_eq!(fs.read("a", "memory.max").unwrap(), "1048576");
         let error = fs.swap("a", "no.such.file", "1").unwrap_err();
         assert!(error.to_string().contains("no.such.file"), "{error}");
+    }
+
+    #[test]
+    fn files_of_deep_cgroups_are_written_and_a_nul_in_a_name_is_refused() {
+        let tree = FakeTree::new("");
+        let fs = CgroupFs::new(tree.0.clone());
+        // Past the paths made on the stack, and at the edge of it.
+        let root_length = tree.0.as_os_str().len();
+        let edge = "e".repeat(ON_STACK - root_length - "//memory.max".len() - 1);
+        for cgroup in ["d/".repeat(ON_STACK), edge] {
+            fs::create_dir_all(tree.0.join(&cgroup)).unwrap();
+            fs.write(&cgroup, "memory.max", "max").unwrap();
+            assert_eq!(fs.swap(&cgroup, "memory.max", "1048576").unwrap(), "max");
+            assert_eq!(fs.read(&cgroup, "memory.max").unwrap(), "1048576");
+        }
+        // Cut at its NUL, this path would name `a`'s memory.max.
+        fs.write("a", "memory.max", "max").unwrap();
+        let error = fs.write("a/memory.max\0", "memory.max", "1").unwrap_err();
+        assert!(error.to_string().contains("memory.max"), "{error}");
+        assert_eq!(fs.read("a", "memory.max").unwrap(), "max");
     }
 
     #[test]

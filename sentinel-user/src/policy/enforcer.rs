@@ -1711,8 +1711,7 @@ impl Enforcer {
     fn publish(&self) {
         // One summary per policy and kept values, shared by their cgroups. Neighbours in path
         // order nearly always share theirs: the last one used is tried first.
-        let mut summaries: Vec<((*const ServicePolicy, *const Files), AppliedSummary)> =
-            Vec::new();
+        let mut summaries: Vec<((*const ServicePolicy, *const Files), AppliedSummary)> = Vec::new();
         let mut last = 0;
         let mut summary = |path: &CgroupPath, applied: &Applied| {
             let key = (Arc::as_ptr(&applied.policy), Arc::as_ptr(&applied.expected));
