@@ -49,12 +49,21 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, Error> {
         .set_read_timeout(Some(ANSWER_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(ANSWER_TIMEOUT)))
         .map_err(io_error)?;
-    stream.write_all(&to_line(request)).map_err(io_error)?;
+    // A daemon that refuses the connection (busy) answers and closes at once, maybe before the
+    // request is written: its answer is read all the same.
+    if let Err(error) = stream.write_all(&to_line(request))
+        && !matches!(
+            error.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        )
+    {
+        return Err(io_error(error));
+    }
     let mut line = String::new();
-    BufReader::new(stream)
+    let read = BufReader::new(stream)
         .read_line(&mut line)
         .map_err(io_error)?;
-    if line.is_empty() {
+    if read == 0 {
         return Err(Error::ControlProtocol(
             "it closed the connection without answering".into(),
         ));

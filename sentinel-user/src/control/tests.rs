@@ -23,8 +23,8 @@ use tokio::{runtime::Runtime, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    ControlSocket, DaemonView, Response, ban, bans, report::ServiceStats, server::MAX_CLIENTS,
-    unban,
+    ControlSocket, DaemonView, Request, Response, ban, bans, protocol::to_line,
+    report::ServiceStats, request, server::MAX_CLIENTS, unban,
 };
 use crate::{
     Error,
@@ -421,6 +421,26 @@ fn clients_beyond_the_cap_are_refused_when_all_are_being_answered() {
         assert_eq!(answer, Response::Bans(Vec::new()));
     }
     daemon.stop();
+}
+
+/// A daemon that refuses a client answers and closes at once, maybe before the request is
+/// written: the client shows that answer, not a broken pipe. A request bigger than the socket
+/// takes makes the race certain.
+#[test]
+fn an_answer_sent_before_the_request_was_read_is_shown() {
+    let dir = TempDir::new();
+    let path = dir.0.join("control.sock");
+    let listener = StdUnixListener::bind(&path).unwrap();
+    let busy = Response::Error("busy: try again".into());
+    let answer = busy.clone();
+    let daemon = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.write_all(&to_line(&answer)).unwrap();
+        // Closed with the request unread.
+    });
+    let service = "s".repeat(4 << 20);
+    assert_eq!(request(&path, &Request::Release { service }).unwrap(), busy);
+    daemon.join().unwrap();
 }
 
 #[test]
