@@ -2574,6 +2574,92 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_on_the_same_files_writes_only_the_changed_values_in_place_and_reports_a_failure() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+
+        let dir = StateDir::new("rewrite");
+        let root = dir.0.join("cgroup");
+        for cgroup in ["", "svc-a", "svc-b"] {
+            std::fs::create_dir_all(root.join(cgroup)).unwrap();
+            for (file, value) in [
+                ("cgroup.controllers", "memory cpu pids"),
+                ("cgroup.subtree_control", ""),
+                ("memory.max", "max"),
+                ("memory.high", "max"),
+            ] {
+                std::fs::write(root.join(cgroup).join(file), value).unwrap();
+            }
+        }
+        let policy = |high: &str, stop: &str| {
+            format!(
+                "policies:\n  - name: svc\n    cgroup: svc-*\n    memory.max: 64M\n    \
+                 memory.high: {high}\n{stop}"
+            )
+        };
+        let mut enforcer = enforcer(&dir, &SavedOriginals::default(), &policy("32M", ""));
+        enforcer.apply_all();
+        let originals = enforcer.saved.files("/svc-a");
+        assert_eq!(
+            originals,
+            [
+                ("memory.max", "max".to_string()),
+                ("memory.high", "max".to_string())
+            ]
+        );
+        assert!(enforcer.applied["/svc-a"].guard.is_none());
+        // svc-b's memory.high can no longer be written.
+        let blocked = root.join("svc-b").join("memory.high");
+        std::fs::remove_file(&blocked).unwrap();
+        std::fs::create_dir(&blocked).unwrap();
+        let writes = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+        let watched: Vec<_> = ["memory.max", "memory.high"]
+            .into_iter()
+            .map(|file| {
+                let flags = AddWatchFlags::IN_CLOSE_WRITE;
+                let file_path = root.join("svc-a").join(file);
+                (writes.add_watch(&file_path, flags).unwrap(), file)
+            })
+            .collect();
+
+        let second = policy("16M", "    terminate_above: 48M\n");
+        enforcer.reload(Config::parse("c.yaml", &second).unwrap().policies);
+        let written: Vec<&str> = writes
+            .read_events()
+            .unwrap()
+            .iter()
+            .map(|event| watched.iter().find(|(wd, _)| *wd == event.wd).unwrap().1)
+            .collect();
+        assert_eq!(written, ["memory.high"]);
+        let read = |file: &str| std::fs::read_to_string(root.join("svc-a").join(file)).unwrap();
+        assert_eq!(
+            [read("memory.max"), read("memory.high")],
+            ["67108864", "16777216"]
+        );
+        // The same files: the originals stay as they were saved.
+        assert_eq!(enforcer.saved.files("/svc-a"), originals);
+        let kept = &enforcer.applied["/svc-a"];
+        assert_eq!(
+            *kept.expected,
+            [
+                ("memory.max", "67108864".to_string()),
+                ("memory.high", "16777216".to_string())
+            ]
+        );
+        // The new policy's graceful stop guards it.
+        assert!(kept.guard.is_some());
+        assert_eq!(kept.policy.graceful_stop.unwrap().terminate_above, 48 << 20);
+        // svc-b is not kept with values it does not hold: it is reported as failed.
+        assert!(!enforcer.applied.contains_key("/svc-b"));
+        let Some((name, ServiceOutcome::Failed { reason })) = enforcer.unapplied.get("/svc-b")
+        else {
+            panic!("{:?}", enforcer.unapplied);
+        };
+        assert_eq!(name, "svc");
+        assert!(reason.contains("memory.high"), "{reason}");
+        assert!(enforcer.drifting.is_empty(), "{:?}", enforcer.drifting);
+    }
+
+    #[test]
     fn a_unit_is_given_back_when_its_policy_goes_away_or_changes() {
         let dir = StateDir::new("stale");
         let saved = SavedOriginals {
