@@ -38,8 +38,9 @@ use crate::cgroup::{CgroupPath, cgroupfs::CgroupFs};
 pub struct DriftWatch {
     /// `None` when inotify itself is unavailable: every cgroup is then polled.
     inotify: Option<Inotify>,
-    /// By raw watch descriptor, as notices give it.
-    paths: HashMap<i32, CgroupPath>,
+    /// By raw watch descriptor, as notices give it. The kernel numbers the watches, so the
+    /// faster hasher of hashbrown's map is safe here: no user picks its keys.
+    paths: hashbrown::HashMap<i32, CgroupPath>,
     watches: HashMap<CgroupPath, WatchDescriptor>,
     /// Cgroups without a watch, checked on every tick.
     polled: BTreeSet<CgroupPath>,
@@ -89,7 +90,7 @@ impl DriftWatch {
             .ok();
         Self {
             inotify,
-            paths: HashMap::new(),
+            paths: hashbrown::HashMap::new(),
             watches: HashMap::new(),
             polled: BTreeSet::new(),
             overflowed: false,
