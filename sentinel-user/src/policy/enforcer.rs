@@ -431,7 +431,8 @@ pub struct Enforcer {
     page_size: u64,
     /// The parents' enabled controllers, as seen during the current pass.
     subtree_controls: SubtreeControls,
-    applied: HashMap<CgroupPath, Applied>,
+    /// In path order, as the view publishes them: made from it without a sort or a lookup.
+    applied: BTreeMap<CgroupPath, Applied>,
     /// The values kept in place and the saved originals, each list held once.
     kept_values: Shared<Files>,
     original_values: Shared<SavedList>,
@@ -494,7 +495,7 @@ impl Enforcer {
             drop_ins: RuntimeDropIns::new(RUNTIME_CONTROL_DIR.into()),
             page_size: page_size(),
             subtree_controls: SubtreeControls::default(),
-            applied: HashMap::new(),
+            applied: BTreeMap::new(),
             kept_values: Shared::new(),
             original_values: Shared::new(),
             plans: Vec::new(),
@@ -1745,25 +1746,13 @@ impl Enforcer {
             };
             (CgroupPath::clone(path), summary)
         };
-        // The cgroups of the last view first, in its order, then those new since: sorting
-        // thousands of paths anew at every pass would cost more than the pass's own work.
-        let previous = Arc::clone(&self.view.lock().expect("applied view lock").cgroups);
-        let mut cgroups = Vec::with_capacity(self.applied.len());
-        cgroups.extend(previous.keys().filter_map(|path| {
-            let (path, applied) = self.applied.get_key_value(&**path)?;
-            Some(summary(path, applied))
-        }));
-        if cgroups.len() < self.applied.len() {
-            cgroups.extend(
-                self.applied
-                    .iter()
-                    .filter(|(path, _)| !previous.contains_key(&***path))
-                    .map(|(path, applied)| summary(path, applied)),
-            );
-        }
-        drop(previous);
-        // In order but for the new ones at the end: the sort merges them in.
-        let cgroups = Arc::new(cgroups.into_iter().collect());
+        // In path order, as the applied cgroups are kept.
+        let cgroups: Arc<BTreeMap<_, _>> = Arc::new(
+            self.applied
+                .iter()
+                .map(|(path, applied)| summary(path, applied))
+                .collect(),
+        );
         // A cgroup tried again later (systemd retries) may have succeeded since it failed.
         let unapplied = self
             .unapplied
