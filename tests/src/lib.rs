@@ -230,16 +230,22 @@ impl Daemon {
         self.dir.path().join("sentinel.yaml")
     }
 
+    /// Waits until `/metrics` answers and the daemon has logged that it runs: the server may
+    /// answer a moment before that line is written.
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if http_get(self.addr, "/metrics", None).is_ok() {
+            if http_get(self.addr, "/metrics", None).is_ok()
+                && !self
+                    .log_records(&[("message", "sentinel is running")])
+                    .is_empty()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!(
-            "sentinel did not serve /metrics within 20 s; log:\n{}",
+            "sentinel did not serve /metrics and say it runs within 20 s; log:\n{}",
             self.log()
         );
     }
