@@ -380,11 +380,13 @@ async fn status(view: &DaemonView, wait: Duration) -> StatusReport {
     } else {
         GuardReport::Disabled
     };
+    // Listed from a copy, so that the enforcer never waits for a status request.
+    let policies = view.policies.borrow().clone();
     StatusReport {
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_seconds: view.started.elapsed().as_secs(),
         probes: view.probes.borrow().clone(),
-        policies: view.policies.borrow().list(),
+        policies: policies.list(),
         ssh_guard,
         last_reload: view.last_reload.borrow().clone(),
         containment: view.contained.borrow().clone(),
