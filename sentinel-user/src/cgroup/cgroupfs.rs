@@ -111,10 +111,17 @@ impl CgroupFs {
         } else {
             nix::fcntl::open(&self.file(path, file), flags, mode)
         };
-        opened.map(fs::File::from).map_err(|errno| Error::CgroupIo {
+        opened
+            .map(fs::File::from)
+            .map_err(|errno| self.io_error(path, file, errno.into()))
+    }
+
+    /// A failed read or write of `file` of the cgroup at `path`, naming the file.
+    fn io_error(&self, path: &str, file: &str, source: std::io::Error) -> Error {
+        Error::CgroupIo {
             file: self.file(path, file),
-            source: errno.into(),
-        })
+            source,
+        }
     }
 
     pub fn read(&self, path: &str, file: &str) -> Result<String, Error> {
@@ -122,10 +129,7 @@ impl CgroupFs {
         let mut opened = self.open(path, file, OFlag::O_RDONLY)?;
         read_interface_file(&mut opened, &mut text)
             .map(|text| text.trim_end().to_string())
-            .map_err(|source| Error::CgroupIo {
-                file: self.file(path, file),
-                source,
-            })
+            .map_err(|source| self.io_error(path, file, source))
     }
 
     pub fn write(&self, path: &str, file: &str, value: &str) -> Result<(), Error> {
@@ -136,10 +140,7 @@ impl CgroupFs {
         };
         self.open(path, file, flags)?
             .write_all(value.as_bytes())
-            .map_err(|source| Error::CgroupIo {
-                file: self.file(path, file),
-                source,
-            })
+            .map_err(|source| self.io_error(path, file, source))
     }
 
     /// Writes `value` and returns what the file held before, opening it once.
@@ -155,10 +156,7 @@ impl CgroupFs {
             opened.write_all_at(value.as_bytes(), 0)?;
             Ok(previous)
         };
-        swap().map_err(|source| Error::CgroupIo {
-            file: self.file(path, file),
-            source,
-        })
+        swap().map_err(|source| self.io_error(path, file, source))
     }
 
     pub fn exists(&self, path: &str) -> bool {

@@ -1716,30 +1716,16 @@ impl Enforcer {
         let mut last = 0;
         let mut summary = |path: &CgroupPath, applied: &Applied| {
             let key = (Arc::as_ptr(&applied.policy), Arc::as_ptr(&applied.expected));
-            if summaries.get(last).is_none_or(|(shared, _)| *shared != key) {
-                last = match summaries.iter().position(|(shared, _)| *shared == key) {
+            last = match summaries.get(last) {
+                Some((shared, _)) if *shared == key => last,
+                _ => match summaries.iter().position(|(shared, _)| *shared == key) {
                     Some(found) => found,
                     None => {
-                        let memory_max = |files: &Files| {
-                            files
-                                .iter()
-                                .find(|(file, _)| *file == "memory.max")
-                                .map(|(_, value)| Arc::from(value.as_str()))
-                        };
-                        // What is kept there; for a policy that only observes, what it would
-                        // write.
-                        let summary = AppliedSummary {
-                            policy: Arc::from(applied.policy.name.as_str()),
-                            mode: applied.policy.mode,
-                            memory_max: memory_max(&applied.expected)
-                                .or_else(|| memory_max(&applied.policy.limits.to_cgroup_files())),
-                            id: 0,
-                        };
-                        summaries.push((key, summary));
+                        summaries.push((key, shared_summary(applied)));
                         summaries.len() - 1
                     }
-                };
-            }
+                },
+            };
             let summary = AppliedSummary {
                 id: applied.id,
                 ..summaries[last].1.clone()
@@ -1886,6 +1872,24 @@ pub fn give_back_everything(
     saved_file.mark_changed();
     saved_file.write(&saved, Instant::now())?;
     Ok(report)
+}
+
+/// What `applied` shares with the cgroups of the same policy and kept values (its id left at 0):
+/// the `memory.max` kept there, or for a policy that only observes, the one it would write.
+fn shared_summary(applied: &Applied) -> AppliedSummary {
+    let memory_max = |files: &Files| {
+        files
+            .iter()
+            .find(|(file, _)| *file == "memory.max")
+            .map(|(_, value)| Arc::from(value.as_str()))
+    };
+    AppliedSummary {
+        policy: Arc::from(applied.policy.name.as_str()),
+        mode: applied.policy.mode,
+        memory_max: memory_max(&applied.expected)
+            .or_else(|| memory_max(&applied.policy.limits.to_cgroup_files())),
+        id: 0,
+    }
 }
 
 /// The guard that stops `policy`'s runaway processes, when it has one.
