@@ -79,6 +79,8 @@ struct PolicyResults {
     reload_rounds: String,
     floor_apply_rounds: String,
     floor_apply_job_rounds: String,
+    floor_walk_rounds: String,
+    floor_watches_rounds: String,
     floor_reload_rounds: String,
     floor_reload_watched_rounds: String,
     apply_log: f64,
@@ -102,6 +104,11 @@ struct PolicyResults {
     /// The writes plus what giving back and watching need: each original read through the
     /// descriptor written, and an inotify watch per cgroup.
     floor_apply_job: f64,
+    /// Finding the cgroups as the daemon does at start: the hierarchy listed, each
+    /// subdirectory's link count read.
+    floor_walk: f64,
+    /// An inotify watch added on every cgroup, alone.
+    floor_watches: f64,
     floor_reload: f64,
     /// The reload's writes while every cgroup is watched for drift, as the daemon's are.
     floor_reload_watched: f64,
@@ -147,6 +154,8 @@ impl PolicyResults {
             reload_rounds: text("reload_log_rounds_ms")?.to_owned(),
             floor_apply_rounds: text("floor_apply_rounds_ms")?.to_owned(),
             floor_apply_job_rounds: text("floor_apply_job_rounds_ms")?.to_owned(),
+            floor_walk_rounds: text("floor_walk_rounds_ms")?.to_owned(),
+            floor_watches_rounds: text("floor_watches_rounds_ms")?.to_owned(),
             floor_reload_rounds: text("floor_reload_rounds_ms")?.to_owned(),
             floor_reload_watched_rounds: text("floor_reload_watched_rounds_ms")?.to_owned(),
             apply_log: value("apply_log_ms")?,
@@ -165,6 +174,8 @@ impl PolicyResults {
             cpu_ms_per_scrape: value("cpu_ms_per_scrape")?,
             floor_apply: value("floor_apply_ms")?,
             floor_apply_job: value("floor_apply_job_ms")?,
+            floor_walk: value("floor_walk_ms")?,
+            floor_watches: value("floor_watches_ms")?,
             floor_reload: value("floor_reload_ms")?,
             floor_reload_watched: value("floor_reload_watched_ms")?,
             floor_stats_pass: value("floor_stats_pass_ms")?,
@@ -178,6 +189,18 @@ impl PolicyResults {
     /// every `resource_refresh`, % of a core.
     fn idle_floor(&self) -> f64 {
         self.floor_stats_pass / (self.resource_refresh * 1000.0) * 100.0
+    }
+
+    /// Everything apply must do in the kernel, with no work of its own: find the cgroups, and
+    /// for each, read the originals, write the limits and add a watch.
+    fn floor_apply_whole(&self) -> f64 {
+        self.floor_walk + self.floor_apply_job
+    }
+
+    /// What reading the originals adds to the writes: the job's floor less the writes and the
+    /// watches, each measured alone.
+    fn floor_originals(&self) -> f64 {
+        self.floor_apply_job - self.floor_apply - self.floor_watches
     }
 
     fn summarize(&self, summary: &mut Summary) {
@@ -201,6 +224,14 @@ impl PolicyResults {
             self.apply_log,
             "writes + originals read + inotify watches",
             self.floor_apply_job,
+        );
+        summary.compare(
+            &section,
+            "apply at start",
+            "ms",
+            self.apply_log,
+            "walk + writes + originals + watches",
+            self.floor_apply_whole(),
         );
         summary.compare(
             &section,
@@ -257,6 +288,8 @@ impl PolicyResults {
             "reload_log_rounds_ms": self.reload_rounds,
             "floor_apply_rounds_ms": self.floor_apply_rounds,
             "floor_apply_with_originals_and_watches_rounds_ms": self.floor_apply_job_rounds,
+            "floor_walk_rounds_ms": self.floor_walk_rounds,
+            "floor_watches_rounds_ms": self.floor_watches_rounds,
             "floor_reload_rounds_ms": self.floor_reload_rounds,
             "floor_reload_watched_ms": self.floor_reload_watched,
             "floor_reload_watched_rounds_ms": self.floor_reload_watched_rounds,
@@ -276,6 +309,9 @@ impl PolicyResults {
             "cpu_ms_per_scrape": self.cpu_ms_per_scrape,
             "floor_apply_ms": self.floor_apply,
             "floor_apply_with_originals_and_watches_ms": self.floor_apply_job,
+            "floor_walk_ms": self.floor_walk,
+            "floor_watches_ms": self.floor_watches,
+            "floor_apply_whole_job_ms": self.floor_apply_whole(),
             "floor_reload_ms": self.floor_reload,
             "floor_stats_pass_ms": self.floor_stats_pass,
             "resource_refresh_s": self.resource_refresh,
@@ -318,6 +354,37 @@ impl fmt::Display for PolicyResults {
                     "{} ms: {:.2}x",
                     self.floor_apply_job,
                     self.apply_log / self.floor_apply_job
+                ),
+            ),
+            (
+                format!(
+                    "Apply at start against the whole job with no work of its own: the walk \
+                     that finds the cgroups ({} ms) added to the floor above",
+                    self.floor_walk_rounds
+                ),
+                format!("{} ms", self.apply_log),
+                format!(
+                    "{:.1} ms: {:.2}x",
+                    self.floor_apply_whole(),
+                    self.apply_log / self.floor_apply_whole()
+                ),
+            ),
+            (
+                format!(
+                    "What the job adds to the writes, each part alone: the walk, reading the \
+                     originals (the job's floor less the writes and the watches), the watches \
+                     ({} ms)",
+                    self.floor_watches_rounds
+                ),
+                format!(
+                    "{} + {:.1} + {} ms",
+                    self.floor_walk,
+                    self.floor_originals(),
+                    self.floor_watches
+                ),
+                format!(
+                    "{:.2}x the writes",
+                    self.floor_apply_whole() / self.floor_apply
                 ),
             ),
             (

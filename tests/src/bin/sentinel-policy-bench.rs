@@ -4,8 +4,9 @@
 //! argument's default) or all in one slice (`slice`). Measures the time the daemon takes to
 //! apply them from its start and to reload them after every `memory.max` changed, `/metrics`
 //! scrapes, and the daemon's memory and CPU; then the floor of each, with the daemon stopped:
-//! the same cgroupfs writes done directly (apply, reload), one read of the files the daemon's
-//! stats pass reads, and the scraped body encoded from memory.
+//! the same cgroupfs writes done directly (apply, reload), the rest of what the daemon must do
+//! at apply (find the cgroups, read their originals, watch them), one read of the files the
+//! daemon's stats pass reads, and the scraped body encoded from memory.
 //!
 //! Apply, reload and their floors are measured in [`ROUNDS`] alternating rounds, and each is
 //! reported as its median: under emulation the same writes take up to twice as long from one
@@ -21,7 +22,10 @@ use std::{
     io::{Read, Write},
     os::{
         fd::{AsRawFd, FromRawFd},
-        unix::{ffi::OsStrExt, fs::FileExt},
+        unix::{
+            ffi::OsStrExt,
+            fs::{FileExt, MetadataExt},
+        },
     },
     time::{Duration, Instant},
 };
@@ -196,6 +200,10 @@ fn main() -> Result<()> {
         ("floor_apply_rounds_ms", listed(&rounds.floor_apply)),
         ("floor_apply_job_ms", median(&rounds.floor_apply_job)),
         ("floor_apply_job_rounds_ms", listed(&rounds.floor_apply_job)),
+        ("floor_walk_ms", median(&rounds.floor_walk)),
+        ("floor_walk_rounds_ms", listed(&rounds.floor_walk)),
+        ("floor_watches_ms", median(&rounds.floor_watches)),
+        ("floor_watches_rounds_ms", listed(&rounds.floor_watches)),
         ("floor_reload_ms", median(&rounds.floor_reload)),
         ("floor_reload_rounds_ms", listed(&rounds.floor_reload)),
         (
@@ -286,6 +294,8 @@ struct Rounds {
     reload_observed: Vec<f64>,
     floor_apply: Vec<f64>,
     floor_apply_job: Vec<f64>,
+    floor_walk: Vec<f64>,
+    floor_watches: Vec<f64>,
     floor_reload: Vec<f64>,
     floor_reload_watched: Vec<f64>,
 }
@@ -349,10 +359,21 @@ impl Rounds {
     fn floors(&mut self, cgroups: &[TestCgroup]) -> Result<()> {
         let apply = timed(|| write_limits(cgroups, MEMORY_MAX_AT_START, true))?;
         let apply_job = timed(|| swap_and_watch(cgroups, MEMORY_MAX_AT_START))?;
+        let walk = timed(|| {
+            let found = walk_hierarchy(&cgroup2_mount());
+            ensure!(
+                found >= cgroups.len(),
+                "the walk found {found} cgroups, fewer than the {} made",
+                cgroups.len()
+            );
+            Ok(())
+        })?;
         let reload = timed(|| write_limits(cgroups, MEMORY_MAX_AFTER_RELOAD, false))?;
-        let reload_watched = write_watched(cgroups, MEMORY_MAX_AT_START)?;
+        let (watches, reload_watched) = write_watched(cgroups, MEMORY_MAX_AT_START)?;
         self.floor_apply.push(apply.as_secs_f64() * 1000.0);
         self.floor_apply_job.push(apply_job.as_secs_f64() * 1000.0);
+        self.floor_walk.push(walk.as_secs_f64() * 1000.0);
+        self.floor_watches.push(watches.as_secs_f64() * 1000.0);
         self.floor_reload.push(reload.as_secs_f64() * 1000.0);
         self.floor_reload_watched
             .push(reload_watched.as_secs_f64() * 1000.0);
@@ -434,14 +455,39 @@ fn swap_and_watch(cgroups: &[TestCgroup], memory_max: u64) -> Result<()> {
     Ok(())
 }
 
-/// The reload's writes while each cgroup is watched, as the daemon's are (the kernel queues a
-/// notice of each): how long they take.
-fn write_watched(cgroups: &[TestCgroup], memory_max: u64) -> Result<Duration> {
+/// How long an inotify watch on every cgroup takes to add, and then the reload's writes while
+/// each cgroup is watched, as the daemon's are (the kernel queues a notice of each).
+fn write_watched(cgroups: &[TestCgroup], memory_max: u64) -> Result<(Duration, Duration)> {
     let inotify = inotify()?;
-    for cgroup in cgroups {
-        watch(&inotify, cgroup)?;
+    let watches = timed(|| {
+        cgroups
+            .iter()
+            .try_for_each(|cgroup| watch(&inotify, cgroup))
+    })?;
+    Ok((watches, timed(|| write_limits(cgroups, memory_max, false))?))
+}
+
+/// How many cgroups are below `root`, found as the daemon finds them when it starts: each
+/// directory listed, and each subdirectory's link count read to know whether it has children
+/// to list (a cgroup directory's count is 2 plus its child cgroups).
+fn walk_hierarchy(root: &std::path::Path) -> usize {
+    let mut found = 0;
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                continue;
+            }
+            found += 1;
+            if entry.metadata().is_ok_and(|meta| meta.nlink() > 2) {
+                pending.push(entry.path());
+            }
+        }
     }
-    timed(|| write_limits(cgroups, memory_max, false))
+    found
 }
 
 fn inotify() -> Result<std::os::fd::OwnedFd> {
