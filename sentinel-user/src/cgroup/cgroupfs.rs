@@ -5,11 +5,11 @@
 
 use std::{
     collections::HashMap,
-    ffi::CStr,
+    ffi::{CStr, CString},
     fs,
     io::{ErrorKind, Read, Write},
     os::unix::{
-        ffi::OsStrExt,
+        ffi::{OsStrExt, OsStringExt},
         fs::{FileExt, MetadataExt},
     },
     path::{Path, PathBuf},
@@ -83,11 +83,15 @@ impl CgroupFs {
         joined
     }
 
-    /// Opens `file` of the cgroup at `path`. Thousands are opened per pass: the path is made
-    /// on the stack, unless it is longer than [`ON_STACK`] (deep in a delegated tree).
-    fn open(&self, path: &str, file: &str, flags: OFlag) -> Result<fs::File, Error> {
-        let flags = flags | OFlag::O_CLOEXEC;
-        let mode = Mode::from_bits_truncate(0o666);
+    /// Calls `call` with the path of `file` of the cgroup at `path`, or of its directory when
+    /// `file` is empty. Thousands are named per pass: the path is made on the stack, unless it
+    /// is longer than [`ON_STACK`] (deep in a delegated tree).
+    fn with_path<T>(
+        &self,
+        path: &str,
+        file: &str,
+        call: impl FnOnce(&CStr) -> nix::Result<T>,
+    ) -> nix::Result<T> {
         let relative = path.trim_matches('/');
         let parts = [
             self.root.as_os_str().as_bytes(),
@@ -97,21 +101,37 @@ impl CgroupFs {
             file.as_bytes(),
         ];
         let length: usize = parts.iter().map(|part| part.len()).sum();
-        let opened = if length < ON_STACK {
-            let mut joined = [0; ON_STACK];
-            let mut at = 0;
-            for part in parts {
-                joined[at..at + part.len()].copy_from_slice(part);
-                at += part.len();
-            }
-            // A NUL inside `path` or `file` would name another file: refused.
-            CStr::from_bytes_with_nul(&joined[..=at])
-                .map_err(|_| Errno::EINVAL)
-                .and_then(|joined| nix::fcntl::open(joined, flags, mode))
-        } else {
-            nix::fcntl::open(&self.file(path, file), flags, mode)
-        };
-        opened
+        if length >= ON_STACK {
+            return call(
+                &CString::new(self.file(path, file).into_os_string().into_vec())
+                    .map_err(|_| Errno::EINVAL)?,
+            );
+        }
+        let mut joined = [0; ON_STACK];
+        let mut at = 0;
+        for part in parts {
+            joined[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        // A NUL inside `path` or `file` would name another file: refused.
+        call(CStr::from_bytes_with_nul(&joined[..=at]).map_err(|_| Errno::EINVAL)?)
+    }
+
+    /// Calls `call` with the path of the cgroup directory at `path`, made as [`Self::with_path`]
+    /// makes it.
+    pub fn with_dir<T>(
+        &self,
+        path: &str,
+        call: impl FnOnce(&CStr) -> nix::Result<T>,
+    ) -> nix::Result<T> {
+        self.with_path(path, "", call)
+    }
+
+    /// Opens `file` of the cgroup at `path`.
+    fn open(&self, path: &str, file: &str, flags: OFlag) -> Result<fs::File, Error> {
+        let flags = flags | OFlag::O_CLOEXEC;
+        let mode = Mode::from_bits_truncate(0o666);
+        self.with_path(path, file, |joined| nix::fcntl::open(joined, flags, mode))
             .map(fs::File::from)
             .map_err(|errno| self.io_error(path, file, errno.into()))
     }
@@ -145,12 +165,21 @@ impl CgroupFs {
 
     /// Writes `value` and returns what the file held before, opening it once.
     pub fn swap(&self, path: &str, file: &str, value: &str) -> Result<String, Error> {
-        let mut buffer = Vec::new();
         let mut opened = self.open(path, file, OFlag::O_RDWR)?;
         let mut swap = || {
-            let previous = read_interface_file(&mut opened, &mut buffer)?
-                .trim_end()
-                .to_string();
+            // A limit is a few bytes: read on the stack, and into a buffer made only for a
+            // longer file.
+            let mut first = [0; FIRST_READ];
+            let read = opened.read(&mut first)?;
+            let mut longer = Vec::new();
+            let text = if read < FIRST_READ {
+                std::str::from_utf8(&first[..read])
+                    .map_err(|_| std::io::Error::from(ErrorKind::InvalidData))?
+            } else {
+                longer.extend_from_slice(&first);
+                read_on(&mut opened, &mut longer, read)?
+            };
+            let previous = text.trim_end().to_string();
             // Interface files take each write whole, wherever the offset; at 0 a regular file
             // (a test's fake tree) reads the same way.
             opened.write_all_at(value.as_bytes(), 0)?;
@@ -280,8 +309,16 @@ pub fn read_interface_file<'a>(
     file: &mut fs::File,
     buffer: &'a mut Vec<u8>,
 ) -> std::io::Result<&'a str> {
+    read_on(file, buffer, 0)
+}
+
+/// [`read_interface_file`] once `buffer[..filled]` is read.
+fn read_on<'a>(
+    file: &mut fs::File,
+    buffer: &'a mut Vec<u8>,
+    mut filled: usize,
+) -> std::io::Result<&'a str> {
     // The buffer keeps its length between reads: zeroed once as it grows, not at every file.
-    let mut filled = 0;
     loop {
         if filled == buffer.len() {
             buffer.resize((2 * filled).max(FIRST_READ), 0);
@@ -395,6 +432,12 @@ mod tests {
         fs.write("a", "memory.max", "max\n").unwrap();
         assert_eq!(fs.swap("a", "memory.max", "1048576").unwrap(), "max");
         assert_eq!(fs.read("a", "memory.max").unwrap(), "1048576");
+        // Read on the stack up to its size, and whole beyond it.
+        for length in [FIRST_READ - 1, FIRST_READ, FIRST_READ + 1, 5 * FIRST_READ] {
+            let long: String = ('a'..='z').cycle().take(length).collect();
+            fs::write(tree.0.join(format!("a/long.{length}")), &long).unwrap();
+            assert_eq!(fs.swap("a", &format!("long.{length}"), "1").unwrap(), long);
+        }
         let error = fs.swap("a", "no.such.file", "1").unwrap_err();
         assert!(error.to_string().contains("no.such.file"), "{error}");
     }

@@ -111,12 +111,13 @@ pub fn walk_hierarchy(root: &Path) -> Vec<(u64, String)> {
             let Ok(meta) = entry.metadata() else {
                 continue;
             };
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let child = if path == "/" {
-                format!("/{name}")
-            } else {
-                format!("{path}/{name}")
-            };
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let parent = if path == "/" { "" } else { path.as_str() };
+            let mut child = String::with_capacity(parent.len() + 1 + name.len());
+            child.push_str(parent);
+            child.push('/');
+            child.push_str(&name);
             // Link count 1: a filesystem that does not count subdirectories.
             if meta.nlink() == 2 {
                 found.push((entry.ino(), child));

@@ -13,7 +13,7 @@
 //! not wake to look for them.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, hash_map::Entry},
     os::fd::AsFd,
     sync::{
         Arc,
@@ -185,19 +185,19 @@ impl DriftWatch {
     /// Starts watching the cgroup at `path` (relative to the cgroup2 root, as the enforcer
     /// names cgroups: `/`-prefixed).
     pub fn watch(&mut self, fs: &CgroupFs, path: &CgroupPath) {
-        if self.watches.contains_key(path) {
+        let Entry::Vacant(unwatched) = self.watches.entry(CgroupPath::clone(path)) else {
             return;
-        }
+        };
         let Some(inotify) = &self.inotify else {
             self.polled.insert(CgroupPath::clone(path));
             return;
         };
         let flags = AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_ONLYDIR;
-        match inotify.add_watch(&fs.dir(path), flags) {
+        match fs.with_dir(path, |dir| inotify.add_watch(dir, flags)) {
             Ok(descriptor) => {
                 self.paths
                     .insert(descriptor.as_raw(), CgroupPath::clone(path));
-                self.watches.insert(CgroupPath::clone(path), descriptor);
+                unwatched.insert(descriptor);
             }
             Err(errno) => {
                 if errno == Errno::ENOSPC && self.polled.is_empty() {

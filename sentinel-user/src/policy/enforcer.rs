@@ -211,25 +211,43 @@ impl<'de> serde::Deserialize<'de> for SavedFiles {
 
 /// Values shared by every cgroup that holds the same: the thousands of cgroups of one policy
 /// keep, and mostly had before, the same few.
-struct Shared<T>(HashSet<Arc<T>>);
+struct Shared<T> {
+    values: HashSet<Arc<T>>,
+    /// The value shared last, compared before any hash: cgroups met one after the other, in a
+    /// pass, nearly always hold the same.
+    last: Option<Arc<T>>,
+}
 
 impl<T: std::hash::Hash + Eq> Shared<T> {
     fn new() -> Self {
-        Self(HashSet::new())
+        Self {
+            values: HashSet::new(),
+            last: None,
+        }
     }
 
     fn share(&mut self, value: T) -> Arc<T> {
-        if let Some(shared) = self.0.get(&value) {
-            return Arc::clone(shared);
+        if let Some(last) = &self.last
+            && **last == value
+        {
+            return Arc::clone(last);
         }
-        let shared = Arc::new(value);
-        self.0.insert(Arc::clone(&shared));
+        let shared = match self.values.get(&value) {
+            Some(shared) => Arc::clone(shared),
+            None => {
+                let shared = Arc::new(value);
+                self.values.insert(Arc::clone(&shared));
+                shared
+            }
+        };
+        self.last = Some(Arc::clone(&shared));
         shared
     }
 
     /// Forgets the values no cgroup holds any more.
     fn prune(&mut self) {
-        self.0.retain(|value| Arc::strong_count(value) > 1);
+        self.last = None;
+        self.values.retain(|value| Arc::strong_count(value) > 1);
     }
 }
 
@@ -2214,8 +2232,8 @@ mod tests {
         // What no cgroup keeps any more is forgotten.
         assert_eq!(
             (
-                enforcer.kept_values.0.len(),
-                enforcer.original_values.0.len()
+                enforcer.kept_values.values.len(),
+                enforcer.original_values.values.len()
             ),
             (1, 1)
         );
