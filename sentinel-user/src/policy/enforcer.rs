@@ -788,9 +788,10 @@ impl Enforcer {
             if let Move::Rewrite(Rewrite { plan, cgroups, .. }) = step
                 && !cgroups.is_empty()
             {
-                for path in &cgroups {
-                    self.metrics.count(service_name(path), Action::SetLimits);
-                }
+                self.metrics.count_each(
+                    cgroups.iter().map(|path| service_name(path)),
+                    Action::SetLimits,
+                );
                 pass.by_policy
                     .entry(plan.policy.name.clone())
                     .or_default()

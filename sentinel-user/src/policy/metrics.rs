@@ -1,7 +1,10 @@
 //! Per-service enforcement metrics, each action also in the daemon's recent events; the
 //! resource figures are `resources`' concern.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
@@ -119,12 +122,23 @@ impl PolicyMetrics {
 
     /// Counts `action` on `service` only; the caller reports it in the recent events.
     pub fn count(&self, service: &str, action: Action) {
-        self.actions
-            .get_or_create(&ActionLabels {
-                service: self.label(service),
-                action,
-            })
-            .inc();
+        self.count_each([service], action);
+    }
+
+    /// Counts `action` once on each of `services`, as [`Self::count`] does, with one lock
+    /// and one label buffer for them all: a reload counts thousands.
+    pub fn count_each<'s>(&self, services: impl IntoIterator<Item = &'s str>, action: Action) {
+        let mut labels = self.labels.lock().expect("attribution lock");
+        let now = Instant::now();
+        let mut key = ActionLabels {
+            service: String::new(),
+            action,
+        };
+        for service in services {
+            key.service.clear();
+            key.service.push_str(labels.label_at(service, now));
+            self.actions.get_or_create(&key).inc();
+        }
     }
 
     /// A limit found changed: `file` was `found`, and is put back to `expected`.
