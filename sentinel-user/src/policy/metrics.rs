@@ -185,6 +185,7 @@ mod tests {
         metrics.count("web.service", Action::SetLimits);
         metrics.count("web.service", Action::SetLimits);
         metrics.count("db.service", Action::WouldTerminate);
+        metrics.count_each(["web.service", "db.service"], Action::SetLimits);
         metrics.drift("web.service", "memory.max", "max", "67108864");
         let mut body = String::new();
         encode(&mut body, &registry).unwrap();
@@ -199,8 +200,9 @@ mod tests {
         assert_eq!(
             samples,
             [
+                "sentinel_actions_total{service=\"db.service\",action=\"set_limits\"} 1",
                 "sentinel_actions_total{service=\"db.service\",action=\"would_sigterm\"} 1",
-                "sentinel_actions_total{service=\"web.service\",action=\"set_limits\"} 2",
+                "sentinel_actions_total{service=\"web.service\",action=\"set_limits\"} 3",
                 "sentinel_policy_drift_total{service=\"web.service\"} 1",
             ]
         );
