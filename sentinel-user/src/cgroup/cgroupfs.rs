@@ -460,6 +460,13 @@ mod tests {
         let error = fs.write("a/memory.max\0", "memory.max", "1").unwrap_err();
         assert!(error.to_string().contains("memory.max"), "{error}");
         assert_eq!(fs.read("a", "memory.max").unwrap(), "max");
+        // Past the stack too: cut at its NUL, this one would name the deep cgroup's file.
+        let deep = "d/".repeat(ON_STACK);
+        let error = fs
+            .write(&format!("{deep}memory.max\0"), "memory.max", "1")
+            .unwrap_err();
+        assert!(error.to_string().contains("memory.max"), "{error}");
+        assert_eq!(fs.read(&deep, "memory.max").unwrap(), "1048576");
     }
 
     #[test]

@@ -125,10 +125,11 @@ impl PolicyMetrics {
         self.count_each([service], action);
     }
 
-    /// Counts `action` once on each of `services`, as [`Self::count`] does, with one lock
-    /// and one label buffer for them all: a reload counts thousands.
+    /// Counts `action` once on each of `services`, as [`Self::count`] does, with one clock
+    /// reading and one label buffer for them all: a reload counts thousands. The attribution
+    /// is locked for each label only, so that a scrape waiting for it is not held up by the
+    /// whole batch.
     pub fn count_each<'s>(&self, services: impl IntoIterator<Item = &'s str>, action: Action) {
-        let mut labels = self.labels.lock().expect("attribution lock");
         let now = Instant::now();
         let mut key = ActionLabels {
             service: String::new(),
@@ -136,7 +137,12 @@ impl PolicyMetrics {
         };
         for service in services {
             key.service.clear();
-            key.service.push_str(labels.label_at(service, now));
+            key.service.push_str(
+                self.labels
+                    .lock()
+                    .expect("attribution lock")
+                    .label_at(service, now),
+            );
             self.actions.get_or_create(&key).inc();
         }
     }

@@ -469,7 +469,8 @@ fn write_watched(cgroups: &[TestCgroup], memory_max: u64) -> Result<(Duration, D
 
 /// How many cgroups are below `root`, found as the daemon finds them when it starts: each
 /// directory listed, and each subdirectory's link count read to know whether it has children
-/// to list (a cgroup directory's count is 2 plus its child cgroups).
+/// to list (a cgroup directory's count is 2 plus its child cgroups). Not the daemon's own
+/// walk, which also names each cgroup: the floor does only what any walk must.
 fn walk_hierarchy(root: &std::path::Path) -> usize {
     let mut found = 0;
     let mut pending = vec![root.to_path_buf()];
