@@ -242,50 +242,100 @@ mod tests {
         assert!(is_within("/anything", "/"));
     }
 
-    /// A child of this process holding `bytes` more resident memory than it shares with the
-    /// parent; returns once the memory is touched. Only raw system calls run in the child.
-    fn child_holding(bytes: usize) -> i32 {
-        let mut ready = [0i32; 2];
-        // SAFETY: plain syscalls; the child writes to memory it mapped itself, then sleeps.
-        unsafe {
-            assert_eq!(libc::pipe(ready.as_mut_ptr()), 0);
-            let pid = libc::fork();
-            assert!(pid >= 0, "fork failed");
-            if pid == 0 {
-                let memory = libc::mmap(
-                    std::ptr::null_mut(),
-                    bytes,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                );
-                if memory != libc::MAP_FAILED {
-                    for offset in (0..bytes).step_by(4096) {
-                        *memory.cast::<u8>().add(offset) = 1;
+    /// Processes holding `sizes` bytes of resident memory each, beyond what they inherit;
+    /// killed when dropped, so that a failed assertion leaves none behind.
+    struct Holders(Vec<i32>);
+
+    impl Holders {
+        /// All are forked from one intermediate child that allocates nothing, so that each
+        /// inherits the same resident pages: forked from this test process, each would also
+        /// inherit whatever the tests running beside it hold at that moment. Returns once
+        /// every one has touched its memory; `self.0[i]` holds `sizes[i]`.
+        fn new(sizes: &[usize]) -> Self {
+            let mut report = [0i32; 2];
+            // SAFETY: plain syscalls; only raw system calls run in the forked processes, which
+            // write to memory they mapped themselves and to the pipe.
+            unsafe {
+                assert_eq!(libc::pipe(report.as_mut_ptr()), 0);
+                let intermediate = libc::fork();
+                assert!(intermediate >= 0, "fork failed");
+                if intermediate == 0 {
+                    for (index, &bytes) in sizes.iter().enumerate() {
+                        match libc::fork() {
+                            0 => hold(bytes, index as i32, report[1]),
+                            -1 => report_holder(report[1], index as i32, -1),
+                            _ => {}
+                        }
                     }
-                    libc::write(ready[1], b"x".as_ptr().cast(), 1);
+                    libc::_exit(0);
                 }
-                loop {
-                    libc::pause();
+                libc::close(report[1]);
+                libc::waitpid(intermediate, std::ptr::null_mut(), 0);
+                let mut holders = Self(vec![0; sizes.len()]);
+                for _ in sizes {
+                    let mut pair = [0i32; 2];
+                    let wanted = size_of_val(&pair);
+                    let read = libc::read(report[0], pair.as_mut_ptr().cast(), wanted);
+                    assert_eq!(read, wanted as isize, "a holder did not report");
+                    assert!(pair[1] > 0, "holder {} could not be made", pair[0]);
+                    holders.0[pair[0] as usize] = pair[1];
                 }
+                libc::close(report[0]);
+                holders
             }
-            let mut byte = 0u8;
-            assert_eq!(libc::read(ready[0], (&raw mut byte).cast(), 1), 1);
-            libc::close(ready[0]);
-            libc::close(ready[1]);
-            pid
+        }
+    }
+
+    impl Drop for Holders {
+        fn drop(&mut self) {
+            for &pid in &self.0 {
+                // SAFETY: a plain syscall on a process this test made.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+
+    /// Writes `(index, pid)` on `report`; a pid of -1 says the holder could not be made.
+    unsafe fn report_holder(report: i32, index: i32, pid: i32) {
+        let pair = [index, pid];
+        // SAFETY: a raw write of a local array.
+        unsafe { libc::write(report, pair.as_ptr().cast(), size_of_val(&pair)) };
+    }
+
+    /// In a forked process: touches `bytes` of fresh memory, reports `(index, pid)` on
+    /// `report` (-1 if the memory cannot be mapped), and sleeps until killed.
+    unsafe fn hold(bytes: usize, index: i32, report: i32) -> ! {
+        // SAFETY: raw system calls on memory this process maps itself.
+        unsafe {
+            let memory = libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if memory == libc::MAP_FAILED {
+                report_holder(report, index, -1);
+                libc::_exit(1);
+            }
+            for offset in (0..bytes).step_by(4096) {
+                *memory.cast::<u8>().add(offset) = 1;
+            }
+            report_holder(report, index, libc::getpid());
+            loop {
+                libc::pause();
+            }
         }
     }
 
     #[test]
     fn finds_the_largest_process() {
         const MIB: usize = 1024 * 1024;
-        let (small, large, medium) = (
-            child_holding(4 * MIB),
-            child_holding(32 * MIB),
-            child_holding(16 * MIB),
-        );
+        let holders = Holders::new(&[4 * MIB, 32 * MIB, 16 * MIB]);
+        let [small, large, medium] = holders.0[..] else {
+            unreachable!("three sizes, three holders");
+        };
         let sizes: Vec<u64> = [small, medium, large]
             .iter()
             .map(|pid| resident_pages(*pid).unwrap())
@@ -301,12 +351,5 @@ mod tests {
         // A pid that is gone, or never was, is passed over.
         assert_eq!(largest_process(&[small, -5]), Some(small));
         assert_eq!(largest_process(&[]), None);
-        for pid in [small, medium, large] {
-            // SAFETY: plain syscalls on this test's own children.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-        }
     }
 }
